@@ -1,0 +1,67 @@
+"""``locmoe``: the command-line entry point. One subcommand per job; ``locmoe --help`` lists them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .bounds import capacity_bounds
+
+
+def _cmd_capacity(args: argparse.Namespace) -> int:
+    b = capacity_bounds(args.delta, args.hidden_size, args.num_experts)
+    if args.json:
+        print(json.dumps(b, indent=2, sort_keys=True))
+        return 0
+    print(f"LocMoE capacity lower bound (Theorem 1), d={args.hidden_size}, n={args.num_experts}, delta={args.delta}")
+    print(f"  p_delta = P(|cos| >= delta) = 1 - I_(delta^2)(1/2, (d-1)/2) : {b['p_delta']:.6g}")
+    print(f"  ec_min exact  1/(n p_delta)                               : {b['ec_min_exact']:.4f}")
+    print(f"  ec_min erfc   1/(n erfc(sqrt(delta^2 d/(2-delta^2))))     : {b['ec_min_erfc']:.4f}")
+    print(f"  lower form    (1/n) exp(delta^2 d/(2-delta^2))            : {b['ec_min_exp']:.4f}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="locmoe",
+        description="LocMoE / LocMoE+ routing and locality-aware All-to-All for Megatron-core and DeepSpeed.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("capacity", help="LocMoE's expert-capacity lower bound (exact and erfc forms)")
+    c.add_argument("--hidden-size", type=int, required=True, help="model hidden size d")
+    c.add_argument("--num-experts", type=int, required=True, help="number of experts n")
+    c.add_argument("--delta", type=float, required=True, help="token-expert affinity threshold (paper: ~0.03)")
+    c.add_argument("--json", action="store_true", help="print JSON")
+    c.set_defaults(func=_cmd_capacity)
+
+    from .demo import add_demo_arguments
+
+    d = sub.add_parser("demo", help="the main job: show what LocMoE routing does, on this machine")
+    add_demo_arguments(d)
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:  # ConfigError and bad numeric input: one clear line, no traceback
+        print(f"locmoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Router losses. Each returns a scalar fp32 tensor already multiplied by its coefficient.
+
+Locality loss (our reading of LocMoE's ``mu * KL(D_c || D_l)``; the paper gives neither mu nor D_l):
+  Taken literally, ``KL(D_c || D_l)`` is infinite wherever the "fully localised" D_l is zero. We use the
+  finite direction ``KL(D_l || D_c)`` and take D_l to be the fully localised distribution *nearest* to
+  D_c: D_c restricted to the experts of the token's own node and renormalised,
+  ``D_l(i) = D_c(i) / m  (i local),  0 otherwise``, with ``m = sum_{i local} D_c(i)``. Then
+
+      KL(D_l || D_c) = sum_{i local} D_c(i)/m * log(1/m) = -log m,
+
+  the negative log of the routing probability that stays on the token's node, averaged over tokens
+  and computed stably from logits as ``logsumexp(all) - logsumexp(local)``. Properties (tested):
+  finite (a node always hosts at least one expert), differentiable, 0 exactly when all of a token's
+  probability sits on its own node (however it is spread there, which leaves intra-node balance to
+  the aux loss), and identically 0 with zero gradient when every expert is local (single node).
+  D_c is the router's full softmax over experts, per token. Default mu: see
+  :data:`locmoe_plugin.config.DEFAULT_LOCALITY_LOSS_COEFF`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def switch_aux_loss(
+    probs: torch.Tensor, requested_per_expert: torch.Tensor, total_pairs, coeff: float
+) -> torch.Tensor:
+    """Switch load-balance loss ``alpha * n * sum_i f_i * P_i``.
+
+    Args:
+        probs: ``[s, n]`` full softmax of this rank's tokens (carries the gradient).
+        requested_per_expert: ``[n]`` routed pairs per expert before capacity; may be summed over the
+            expert-parallel group so the balance is global (see the router).
+        total_pairs: number of routed pairs those counts cover (``s * k``, summed likewise).
+        coeff: alpha.
+
+    ``f_i = requested_i / total_pairs`` (share of pairs), ``P_i = mean_t probs[t, i]``. Equals ``alpha``
+    at perfect balance with uniform probabilities.
+    """
+    n = probs.shape[-1]
+    if coeff == 0 or probs.shape[0] == 0:
+        return probs.sum() * 0.0
+    f = requested_per_expert.to(probs.dtype) / total_pairs
+    p = probs.mean(0)
+    return coeff * n * torch.sum(f * p)
+
+
+def locality_loss(logits: torch.Tensor, local_mask: torch.Tensor, coeff: float) -> torch.Tensor:
+    """``mu * mean_t -log(sum_{i on the token's node} softmax(logits_t)_i)``.
+
+    Args:
+        logits: ``[s, n]`` fp32 gate logits of tokens that all live on one node (one rank's batch).
+        local_mask: ``[n]`` bool, experts hosted by that node.
+    """
+    if coeff == 0 or logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    local = logits.masked_fill(~local_mask, float("-inf"))
+    per_token = torch.logsumexp(logits, -1) - torch.logsumexp(local, -1)
+    return coeff * per_token.mean()
+
+
+def z_loss(logits: torch.Tensor, coeff: float) -> torch.Tensor:
+    """Router z-loss (ST-MoE): ``coeff * mean_t logsumexp(logits_t)^2``; keeps logits small."""
+    if coeff == 0 or logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return coeff * torch.logsumexp(logits, -1).square().mean()

@@ -1,0 +1,184 @@
+"""The framework-free LocMoE router: gate -> capacity -> routing -> losses -> telemetry.
+
+The Megatron and DeepSpeed adapters wrap this one module, so both frameworks get identical math. It
+takes its topology and expert-parallel group as arguments and reads no global state in forward.
+
+Collectives in forward (all on the EP group, all ranks call them in the same order):
+  * ``aux_loss_scope="ep_group"`` with an aux-loss coefficient > 0: one all-reduce of ``n + 1`` counts;
+  * capacity ``bound``/``adaptive``: a tiny all-reduce at estimation steps only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .capacity import CapacityController
+from .config import ConfigError, LocMoEConfig
+from .gate import build_gate
+from .losses import locality_loss, switch_aux_loss, z_loss
+from .routing import Assignment, node_limited_mask, route
+from .telemetry import RoutingStats
+from .topology import Topology
+
+
+@dataclass
+class RouterOutput:
+    """What one router call produces.
+
+    Attributes:
+        assignment: index form (``expert_ids``/``weights`` ``[s, k]``; -1 / 0 for dropped pairs).
+        probs: ``[s, n]`` fp32 full softmax of the gate logits.
+        logits: ``[s, n]`` fp32 gate logits.
+        losses: scaled loss tensors ``{"aux", "locality", "z"}`` (each 0-d, differentiable).
+        stats: telemetry of this call.
+    """
+
+    assignment: Assignment
+    probs: torch.Tensor
+    logits: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    stats: RoutingStats
+
+    @property
+    def total_loss(self) -> torch.Tensor:
+        return sum(self.losses.values())
+
+    def to_megatron(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(probs [s, n], routing_map [s, n] bool)`` as Megatron's router contract returns them."""
+        return self.assignment.to_megatron()
+
+
+def validate_against_topology(config: LocMoEConfig, topology: Topology) -> None:
+    """Checks that need both the config and the placement; raise before any collective."""
+    if topology.num_experts != config.num_experts:
+        raise ConfigError(
+            f"topology was built for {topology.num_experts} experts but the config has "
+            f"num_experts={config.num_experts}; build both from the same expert count"
+        )
+    m = config.max_nodes_per_token
+    if m is not None:
+        if m > topology.num_nodes:
+            raise ConfigError(
+                f"max_nodes_per_token={m} exceeds the {topology.num_nodes} node(s) of the expert-parallel "
+                f"group; use at most {topology.num_nodes} (or None for no limit)"
+            )
+        if config.topk > m * topology.experts_per_node:
+            raise ConfigError(
+                f"topk={config.topk} cannot fit on max_nodes_per_token={m} node(s) of "
+                f"{topology.experts_per_node} experts each; raise max_nodes_per_token or lower topk"
+            )
+
+
+class LocMoERouter(nn.Module):
+    """LocMoE / LocMoE+ router for the tokens of one rank.
+
+    Args:
+        config: routing settings.
+        topology: placement of the EP group (default: one rank, one node: the locality loss is 0).
+        group: the EP process group for the global aux loss and capacity agreement (None: local only).
+        init_method: initialiser of the dense gate's weight ``[n, d]`` (e.g. Megatron's init method).
+        device: where the dense gate's weight lives.
+    """
+
+    def __init__(
+        self,
+        config: LocMoEConfig,
+        topology: Topology | None = None,
+        group=None,
+        init_method: Callable[[torch.Tensor], object] | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        topology = topology or Topology.single_node(1, config.num_experts)
+        validate_against_topology(config, topology)
+        self.config = config
+        self.topology = topology
+        self.group = group
+        self.gate = build_gate(config, init_method=init_method, device=device)
+        self.capacity = CapacityController(config, group)
+        self.register_buffer("expert_to_node", topology.expert_to_node.clone(), persistent=False)
+        self.register_buffer("local_expert_mask", topology.local_expert_mask(), persistent=False)
+        self.last_stats: RoutingStats | None = None
+
+    # ------------------------------------------------------------------------------------------
+    def _global_counts(self, counts: torch.Tensor, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-expert requested counts and total pairs, summed over the EP group when asked."""
+        packed = torch.cat([counts, counts.new_tensor([pairs])])
+        g = self.group
+        if (
+            self.config.aux_loss_scope == "ep_group"
+            and g is not None
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(g) > 1
+        ):
+            dist.all_reduce(packed, group=g)
+        return packed[:-1], packed[-1]
+
+    def forward(self, hidden: torch.Tensor) -> RouterOutput:
+        """Route ``hidden [..., d]`` (flattened to ``[s, d]``)."""
+        c = self.config
+        x = hidden.reshape(-1, c.hidden_size)
+        s = x.shape[0]
+        logits = self.gate(x)
+
+        need_aff = c.routing == "hybrid" or self.capacity.needs_affinity(self.training)
+        affinity = self.gate.affinity(x, logits) if need_aff else None
+        capacity = self.capacity.capacity(s, affinity, self.training)
+
+        allowed = None
+        if c.max_nodes_per_token is not None and c.max_nodes_per_token < self.topology.num_nodes:
+            node_scores = affinity if c.routing == "hybrid" else torch.softmax(logits, -1)
+            allowed = node_limited_mask(
+                node_scores, self.expert_to_node, self.topology.num_nodes, c.max_nodes_per_token, c.topk
+            )
+
+        assignment, probs = route(
+            logits,
+            topk=c.topk,
+            mode=c.routing,
+            renormalize=c.renormalize,
+            affinity=affinity,
+            capacity=capacity,
+            drop_policy=c.drop_policy,
+            allowed=allowed,
+        )
+
+        requested = assignment.requested_per_expert()
+        losses = {}
+        if c.aux_loss_coeff > 0:
+            counts, pairs = self._global_counts(requested, s * c.topk)
+            losses["aux"] = switch_aux_loss(probs, counts, pairs, c.aux_loss_coeff)
+        if c.locality_loss_coeff > 0:
+            losses["locality"] = locality_loss(logits, self.local_expert_mask, c.locality_loss_coeff)
+        if c.z_loss_coeff > 0:
+            losses["z"] = z_loss(logits, c.z_loss_coeff)
+
+        kept = assignment.kept
+        remote = kept & (self.expert_to_node[assignment.expert_ids.clamp_min(0)] != self.topology.node)
+        stats = RoutingStats(
+            tokens_per_expert=assignment.tokens_per_expert(),
+            requested_per_expert=requested,
+            num_tokens=s,
+            dropped_pairs=(~kept).sum(),
+            cross_node_pairs=remote.sum(),
+            capacity=capacity,
+            capacity_factor=self.capacity.factor,
+            delta=self.capacity.delta,
+            p_hat=self.capacity.p_hat,
+            losses={k: v.detach() for k, v in losses.items()},
+        )
+        self.last_stats = stats
+        return RouterOutput(assignment, probs, logits, losses, stats)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"routing={c.routing}, gate={c.gate}, topk={c.topk}, capacity={c.capacity}, "
+            f"topology=({self.topology.describe()})"
+        )

@@ -1,0 +1,166 @@
+"""The framework-free router: losses, telemetry, capacity modes, locality learning, CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from locmoe_plugin import LocMoEConfig, LocMoERouter, Topology, collect_stats, format_stats
+from locmoe_plugin.bounds import ec_min_exact, p_delta
+from locmoe_plugin.capacity import CapacityController, capacity_from_factor
+from locmoe_plugin.cli import main as cli_main
+
+
+def test_cross_node_pairs_hand_example():
+    # d = n = 4: GrAP logits are the features themselves. Experts 0,1 on node 0 (this rank), 2,3 on node 1.
+    topo = Topology.from_ranks_per_node(2, 1, 4, ep_rank=0)
+    cfg = LocMoEConfig(num_experts=4, hidden_size=4, topk=2, routing="locmoe")
+    x = torch.tensor([[5.0, 4.0, 0.0, 0.0], [0.0, 0.0, 5.0, 4.0], [5.0, 0.0, 4.0, 0.0]])
+    out = LocMoERouter(cfg, topo)(x)
+    assert out.assignment.expert_ids.tolist() == [[0, 1], [2, 3], [0, 2]]
+    d = out.stats.to_dict()
+    assert d["cross_node_pairs"] == 3 and d["routed_pairs"] == 6 and d["cross_node_share"] == 0.5
+    assert d["tokens_per_expert"] == [2, 1, 2, 1]
+    assert d["max_over_mean_load"] == pytest.approx(2 / 1.5)
+    assert set(out.losses) == {"aux", "locality"}
+
+
+@pytest.mark.parametrize("routing", ["topk", "locmoe", "hybrid"])
+@pytest.mark.parametrize("gate", ["grap", "dense"])
+def test_zero_tokens_and_zero_norm_give_no_nan(routing, gate):
+    topo = Topology.from_ranks_per_node(2, 1, 8, ep_rank=1)
+    cfg = LocMoEConfig(num_experts=8, hidden_size=32, topk=2, routing=routing, gate=gate, z_loss_coeff=1e-3)
+    router = LocMoERouter(cfg, topo)
+    x = torch.zeros(6, 32, requires_grad=True)
+    out = router(x)
+    assert torch.isfinite(out.assignment.weights).all() and torch.isfinite(out.probs).all()
+    out.total_loss.backward()
+    assert torch.isfinite(x.grad).all()
+    empty = router(torch.zeros(0, 32))
+    assert empty.assignment.expert_ids.shape == (0, 2) and torch.isfinite(empty.total_loss)
+
+
+def test_single_node_locality_loss_is_exactly_zero():
+    cfg = LocMoEConfig(num_experts=8, hidden_size=64, topk=2)
+    x = torch.randn(16, 64, requires_grad=True)
+    out = LocMoERouter(cfg, Topology.single_node(4, 8))(x)
+    assert out.losses["locality"].item() == 0.0
+    (g,) = torch.autograd.grad(out.losses["locality"], x)
+    assert (g == 0).all()
+
+
+def test_drops_are_counted_never_silent():
+    topo = Topology.from_ranks_per_node(4, 2, 8, ep_rank=0)
+    cfg = LocMoEConfig(num_experts=8, hidden_size=64, topk=2, capacity="factor", capacity_factor=0.5, min_capacity=0)
+    out = LocMoERouter(cfg, topo)(torch.randn(64, 64))
+    st = out.stats
+    assert st.capacity == capacity_from_factor(0.5, 64, 2, 8, 0) == 8
+    assert int(st.tokens_per_expert.max()) <= 8
+    assert int(st.dropped_pairs) == 64 * 2 - int(st.tokens_per_expert.sum()) > 0
+    assert torch.equal(st.requested_per_expert - st.tokens_per_expert, (st.requested_per_expert - 8).clamp_min(0))
+
+
+def test_locality_loss_teaches_grap_routing_to_stay_on_node():
+    """Through the parameter-free GrAP gate, the locality loss moves hidden states so that tokens pick
+    experts on their own node: the cross-node share drops from ~50 % to near 0 (while aux keeps balance)."""
+    torch.manual_seed(0)
+    topo = Topology.from_ranks_per_node(2, 1, 8, ep_rank=0)
+    cfg = LocMoEConfig(num_experts=8, hidden_size=64, topk=2, locality_loss_coeff=1.0)
+    router = LocMoERouter(cfg, topo)
+    x = torch.nn.Parameter(torch.randn(256, 64))
+    opt = torch.optim.Adam([x], lr=0.05)
+    first = router(x).stats.to_dict()["cross_node_share"]
+    for _ in range(60):
+        opt.zero_grad()
+        router(x).losses["locality"].backward()
+        opt.step()
+    last = router(x).stats.to_dict()["cross_node_share"]
+    assert first > 0.3 and last < 0.05
+
+
+# ----------------------------------------------------------------------------- capacity modes
+def test_capacity_factor_mode_formula():
+    cfg = LocMoEConfig(num_experts=8, hidden_size=64, topk=2, capacity="factor", capacity_factor=1.25)
+    assert CapacityController(cfg).capacity(100, None, True) == math.ceil(1.25 * 100 * 2 / 8) == 32
+    assert CapacityController(cfg).capacity(1, None, True) == 4  # min_capacity
+
+
+def test_capacity_bound_mode_uses_theorem_once():
+    cfg = LocMoEConfig(num_experts=16, hidden_size=5120, topk=1, capacity="bound", delta=0.03)
+    ctl = CapacityController(cfg)
+    assert not ctl.needs_affinity(True) or ctl.factor is None
+    assert ctl.capacity(1000, torch.rand(1000, 16), True) == math.ceil(1.9648101763405457 * 1000 / 16)
+    assert ctl.factor == pytest.approx(1.9648, abs=1e-4)
+    # estimated delta: mean top-1 affinity of the first batch, then frozen
+    cfg2 = LocMoEConfig(num_experts=4, hidden_size=512, topk=1, capacity="bound")
+    ctl2 = CapacityController(cfg2)
+    aff = torch.tensor([[0.10, 0.0, 0.0, 0.0], [0.0, 0.30, 0.0, 0.0]])
+    ctl2.capacity(2, aff, True)
+    assert ctl2.delta == pytest.approx(0.2)
+    assert ctl2.factor == pytest.approx(min(4.0, max(0.5, ec_min_exact(0.2, 512, 4))))
+    assert not ctl2.needs_affinity(True)
+
+
+def test_capacity_adaptive_reestimates_every_interval():
+    cfg = LocMoEConfig(num_experts=4, hidden_size=64, topk=1, capacity="adaptive", delta=0.2, adaptive_interval=3)
+    ctl = CapacityController(cfg)
+    aff = torch.tensor([[0.3, -0.25, 0.1, 0.0], [0.0, 0.05, 0.2, 0.1]])  # |aff| >= 0.2: 3 of 8
+    ctl.capacity(2, aff, True)
+    assert ctl.p_hat == pytest.approx(3 / 8) and ctl.factor == pytest.approx(1 / (4 * 3 / 8))
+    ctl.capacity(2, aff, True)
+    assert not ctl.needs_affinity(True)  # step 2 of 3: no estimate
+    ctl.capacity(2, aff, True)
+    assert ctl.steps == 3 and ctl.needs_affinity(True)  # step 3: re-estimate
+    assert not ctl.needs_affinity(False)  # eval forwards never re-estimate
+    many = torch.full((2, 4), 0.5)  # every pair above delta -> factor 1/4 -> clamped to 0.5
+    ctl.capacity(2, many, True)
+    assert ctl.factor == 0.5 and ctl.steps == 4
+    assert not ctl.needs_affinity(True)
+
+
+def test_adaptive_matches_bound_on_isotropic_tokens():
+    """Monte Carlo: on tokens uniform on the sphere the measured share equals p_delta, so LocMoE+'s
+    adaptive factor starts where LocMoE's bound is."""
+    d, n, delta = 512, 16, 0.1
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20000, d, generator=g)
+    cfg = LocMoEConfig(num_experts=n, hidden_size=d, topk=1, routing="hybrid", capacity="adaptive", delta=delta)
+    router = LocMoERouter(cfg)
+    router.train()(x)
+    assert router.capacity.p_hat == pytest.approx(p_delta(delta, d), rel=0.03)
+    assert router.capacity.factor == pytest.approx(ec_min_exact(delta, d, n), rel=0.03)
+
+
+def test_capacity_state_roundtrip():
+    cfg = LocMoEConfig(num_experts=4, hidden_size=64, topk=1, capacity="adaptive", delta=0.2)
+    a = CapacityController(cfg)
+    a.capacity(2, torch.full((2, 4), 0.3), True)
+    b = CapacityController(cfg)
+    b.load_state_dict(a.state_dict())
+    assert b.state_dict() == a.state_dict()
+
+
+# ----------------------------------------------------------------------------- telemetry / CLI
+def test_collect_and_format_stats():
+    model = torch.nn.ModuleDict({"layer0": LocMoERouter(LocMoEConfig(num_experts=4, hidden_size=16, topk=1))})
+    assert collect_stats(model) == {}
+    model["layer0"](torch.randn(8, 16))
+    stats = collect_stats(model)
+    assert list(stats) == ["layer0"]
+    line = format_stats(stats)
+    assert line.startswith("layer0: cross_node_share=0")
+
+
+def test_cli_capacity_json(capsys):
+    assert cli_main(["capacity", "--hidden-size", "5120", "--num-experts", "16", "--delta", "0.03", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ec_min_exact"] == pytest.approx(1.9648, rel=1e-3)
+    assert out["ec_min_erfc"] == pytest.approx(1.9664, rel=1e-3)
+    assert 0 < out["p_delta"] < 1
+
+
+def test_cli_bad_input_is_one_line(capsys):
+    assert cli_main(["capacity", "--hidden-size", "5120", "--num-experts", "16", "--delta", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "delta" in err and "Traceback" not in err

@@ -1,0 +1,69 @@
+"""Router on 4 gloo ranks emulating 2 nodes x 2: the global aux loss and capacity agreement."""
+
+import pytest
+import torch
+
+from locmoe_plugin.bounds import ec_min_exact
+from locmoe_plugin.capacity import estimate_delta
+
+from ._dist import run_workers
+
+pytestmark = pytest.mark.multiproc
+
+N, D, K, S = 8, 64, 2, 48
+
+
+def _worker(rank, world):
+    import torch.distributed as dist
+
+    from locmoe_plugin import LocMoEConfig, LocMoERouter, Topology
+
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(S + 8 * rank, D, generator=g)  # uneven batch sizes
+    topo = Topology.from_ranks_per_node(world, 2, N, ep_rank=rank)
+    out = {}
+    # case 1: aux loss over the EP group
+    cfg = LocMoEConfig(num_experts=N, hidden_size=D, topk=K, aux_loss_coeff=0.01)
+    r = LocMoERouter(cfg, topo, group=dist.group.WORLD)
+    res = r(x)
+    out["aux"] = res.losses["aux"].item()
+    out["probs_mean"] = res.probs.mean(0)
+    out["requested"] = res.stats.requested_per_expert
+    out["pairs"] = x.shape[0] * K
+    out["reduced_tokens"] = res.stats.reduced(dist.group.WORLD).tokens_per_expert
+    out["local_tokens"] = res.stats.tokens_per_expert
+    # case 2: capacity "bound" with estimated delta and "adaptive": every rank agrees
+    for mode in ("bound", "adaptive"):
+        cfg = LocMoEConfig(num_experts=N, hidden_size=D, topk=K, routing="hybrid", capacity=mode)
+        r = LocMoERouter(cfg, topo, group=dist.group.WORLD).train()
+        r(x)
+        out[mode] = (r.capacity.delta, r.capacity.factor, r.capacity.p_hat)
+    out["x"] = x
+    return out
+
+
+def test_router_on_four_ranks():
+    res = run_workers(_worker, 4)
+    total = sum(r["requested"] for r in res)
+    pairs = sum(r["pairs"] for r in res)
+    for r in res:
+        expected = 0.01 * N * torch.sum(total.double() / pairs * r["probs_mean"].double()).item()
+        assert r["aux"] == pytest.approx(expected, rel=1e-5)
+        # and it differs from the local-only loss (so the reduction really happened)
+        local = 0.01 * N * torch.sum(r["requested"].double() / r["pairs"] * r["probs_mean"].double()).item()
+        assert abs(local - expected) > 1e-6
+        assert torch.equal(r["reduced_tokens"], sum(q["local_tokens"] for q in res))
+    # capacity agreement
+    for mode in ("bound", "adaptive"):
+        assert len({r[mode] for r in res}) == 1, [r[mode] for r in res]
+    # delta = mean over ranks of each rank's mean top-1 affinity
+    from locmoe_plugin.gate import GrAPGate
+
+    gate = GrAPGate(D, N)
+    deltas = [estimate_delta(gate.affinity(r["x"])).item() for r in res]
+    delta = sum(deltas) / 4
+    assert res[0]["bound"][0] == pytest.approx(delta, rel=1e-5)
+    assert res[0]["bound"][1] == pytest.approx(min(4.0, max(0.5, ec_min_exact(delta, D, N))), rel=1e-5)
+    aff = torch.cat([gate.affinity(r["x"]) for r in res])
+    p_hat = (aff.abs() >= res[0]["adaptive"][0]).float().mean().item()
+    assert res[0]["adaptive"][2] == pytest.approx(p_hat, rel=1e-6)
