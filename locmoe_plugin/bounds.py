@@ -42,8 +42,6 @@ This module is pure math and depends only on the standard library ``math``.
 from __future__ import annotations
 
 import math
-import operator
-from typing import Any, Dict, Tuple
 
 __all__ = [
     "regularized_incomplete_beta",
@@ -152,7 +150,7 @@ def _betacf(a: float, b: float, x: float, y: float, lam: float) -> float:
     )
 
 
-def _check_beta_args(a: Any, b: Any, x: Any) -> Tuple[float, float, float]:
+def _check_beta_args(a: object, b: object, x: object) -> tuple[float, float, float]:
     try:
         a_f, b_f, x_f = float(a), float(b), float(x)
     except (TypeError, ValueError) as exc:
@@ -168,7 +166,7 @@ def _check_beta_args(a: Any, b: Any, x: Any) -> Tuple[float, float, float]:
     return a_f, b_f, x_f
 
 
-def _beta_cdf_sf(a: float, b: float, x: float) -> Tuple[float, float]:
+def _beta_cdf_sf(a: float, b: float, x: float) -> tuple[float, float]:
     """Return ``(I_x(a, b), 1 - I_x(a, b))``, each computed without cancellation
     on the side where it is small."""
     if x == 0.0:
@@ -190,13 +188,17 @@ def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
     """Regularised incomplete beta function ``I_x(a, b)`` (the Beta(a, b) CDF at x).
 
     Pure-Python implementation: the Numerical Recipes ``betacf`` continued
-    fraction evaluated with the modified Lentz method, the prefactor
+    fraction (in the even-contracted form of TOMS 708 ``BFRAC``, which avoids
+    the cancellation NR's form suffers after the swap for ``b`` ~ 1e6),
+    evaluated with the modified Lentz method; the prefactor
     ``x^a (1-x)^b / B(a, b)`` computed in log space with ``math.lgamma`` (plus a
-    Stirling-difference form of ``log B`` that stays accurate for ``b`` ~ 1e6),
+    Stirling-difference form of ``log B`` that stays accurate for ``b`` ~ 1e6);
     and the symmetry ``I_x(a, b) = 1 - I_{1-x}(b, a)`` when
     ``x > (a + 1) / (a + b + 2)``.
 
-    Accurate to ~1e-12 relative for ``a = 1/2``, ``b`` up to 1e6, ``x`` in [0, 1].
+    Relative error ~1e-14 for ``a`` in [0.5, 2.5], ``b`` up to 1e6, ``x`` in
+    [0, 1] (checked against scipy / mpmath); it grows to ~1e-11 when both
+    ``a`` and ``b`` are >= 1e4 (rounding in ``log B``).
 
     Raises:
         ValueError: ``x`` outside [0, 1], or ``a``/``b`` not finite and positive.
@@ -212,7 +214,7 @@ def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
 # ---------------------------------------------------------------------------
 
 
-def _check_delta(delta: Any) -> float:
+def _check_delta(delta: object) -> float:
     if isinstance(delta, bool):
         raise ValueError(
             f"delta {delta!r} is not a number: delta is a cosine similarity "
@@ -233,7 +235,7 @@ def _check_delta(delta: Any) -> float:
     return delta_f
 
 
-def _check_int(value: Any, name: str, minimum: int, hint: str) -> int:
+def _check_int(value: object, name: str, minimum: int, hint: str) -> int:
     msg = f"{name} must be an integer >= {minimum} ({hint}), got {value!r}"
     if isinstance(value, bool):
         raise ValueError(msg)
@@ -242,20 +244,20 @@ def _check_int(value: Any, name: str, minimum: int, hint: str) -> int:
             raise ValueError(msg)
         ivalue = int(value)
     else:
-        try:
-            ivalue = operator.index(value)
-        except TypeError as exc:
-            raise ValueError(msg) from exc
+        index = getattr(type(value), "__index__", None)  # int, numpy ints, ...
+        if index is None:
+            raise ValueError(msg)
+        ivalue = int(index(value))
     if ivalue < minimum:
         raise ValueError(msg)
     return ivalue
 
 
-def _check_d(d: Any) -> int:
+def _check_d(d: object) -> int:
     return _check_int(d, "hidden size d", 2, "the token/gate dimension, e.g. 5120")
 
 
-def _check_n(n: Any) -> int:
+def _check_n(n: object) -> int:
     return _check_int(n, "number of experts n", 1, "e.g. 16")
 
 
@@ -336,7 +338,7 @@ def ec_min_exp(delta: float, d: int, n: int) -> float:
         return math.inf
 
 
-def capacity_bounds(delta: float, d: int, n: int) -> Dict[str, Any]:
+def capacity_bounds(delta: float, d: int, n: int) -> dict[str, object]:
     """All LocMoE Theorem 1 quantities for one ``(delta, d, n)``.
 
     Returns a JSON-serialisable dict (bounds may be ``math.inf``, see

@@ -1,0 +1,356 @@
+"""Routing plans: how token rows travel from their source rank to expert pairs and back.
+
+A plan is a chain of *hops*. Each hop gathers rows of the previous level by an index (a copy) and, for
+a communication hop, exchanges them with one ``all_to_all_single`` on a process group. Going forward
+(:meth:`Plan.broadcast`) every step is a copy. Going back (:meth:`Plan.reduce`) each hop reverses its
+all-to-all and sums the returned rows into the previous level with ``index_add_`` block by block;
+inside one block every previous-level row occurs at most once, so the sum order is fixed by the
+block order: deterministic on every device, and the *same tree of additions* in every mode:
+
+    y[t] = sum over nodes (node order) of
+             sum over ranks of that node (local order) of
+               sum over that rank's experts (local expert order) of  w * expert(x[t])
+
+That is why the hierarchical and the flat (exact) plans give bitwise-equal outputs and input gradients
+in fp32, the property ``locmoe check-comm`` checks on a new cluster.
+
+Plans (rank p on node a with local index j; N nodes x R ranks; E_r experts per rank):
+  * hierarchical: [rail hop: each token once to each node hosting one of its experts, to the rank with
+    the same local index there ("rail-aligned"; own-node rows go to p itself, no network)]
+    -> [node hop: fan out over the node to the ranks holding the experts, once per rank]
+    -> [local hop: one row per (token, expert) pair, in canonical order].
+  * flat exact: local hops that build the same tree at the source, then one EP-wide all-to-all of
+    (token, expert) pairs (Megatron's alltoall dispatcher sends the same pairs), then the canonical
+    local hop at the expert rank.
+  * flat fast: the EP-wide all-to-all of pairs only; its reduce is one ``index_add_`` per peer with
+    repeated rows (atomics on GPU: not bitwise reproducible). The benchmark baseline.
+
+Canonical pair order at an expert rank: (local expert, source EP rank, source token index), so the
+expert MLPs see identical input tensors whatever the plan.
+
+Host syncs: one per plan (``# device-to-host sync: split sizes``), after an all-gather of every rank's
+counts; all later index work sizes its outputs from those host counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .groups import CommGroups
+
+SRC_SHIFT = 1 << 31  # source key = ep_rank * SRC_SHIFT + token index (tokens per rank < 2**31)
+
+
+def all_to_all_rows(x: torch.Tensor, out_splits, in_splits, group) -> torch.Tensor:
+    """``all_to_all_single`` over dim 0 (no autograd). ``group=None`` means a local copy."""
+    if group is None:
+        return x.clone()
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), list(out_splits), list(in_splits), group=group)
+    return out
+
+
+def true_positions(mask: torch.Tensor, total: int) -> torch.Tensor:
+    """Row-major flat indices of the True entries of ``mask``; ``total`` (their count) is known on the
+    host, so no device-to-host sync: ``[total]`` int64."""
+    flat = mask.reshape(-1)
+    pos = torch.cumsum(flat, 0) - 1
+    out = torch.empty(total + 1, dtype=torch.long, device=mask.device)
+    # entries that are False all land on the phantom slot ``total``, which is cut off
+    out.scatter_(0, torch.where(flat, pos, total), torch.arange(flat.numel(), device=mask.device))
+    return out[:total]
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One step of a plan.
+
+    Attributes:
+        index: ``[rows_sent]`` int64 rows of the previous level in send order (a gather).
+        blocks: rows of ``index`` per destination / reduction block, in order (host ints).
+        prev_rows: number of rows of the previous level.
+        group: process group of the all-to-all, or None for a local hop.
+        out_splits: rows received from each peer of ``group`` (host ints).
+    """
+
+    index: torch.Tensor
+    blocks: tuple[int, ...]
+    prev_rows: int
+    group: object | None = None
+    out_splits: tuple[int, ...] | None = None
+
+    @property
+    def rows(self) -> int:
+        return sum(self.out_splits) if self.group is not None else self.index.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.index_select(0, self.index)
+        if self.group is None:
+            return rows
+        return all_to_all_rows(rows, self.out_splits, self.blocks, self.group)
+
+    def backward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.group is not None:
+            y = all_to_all_rows(y, self.blocks, self.out_splits, self.group)
+        out = y.new_zeros((self.prev_rows,) + tuple(y.shape[1:]))
+        start = 0
+        for size in self.blocks:
+            if size:
+                out.index_add_(0, self.index[start : start + size], y[start : start + size])
+            start += size
+        return out
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Payload rows this rank sends per dispatch (a combine sends the same rows back).
+
+    ``inter_rows``: rows to ranks on other nodes; ``intra_rows``: rows to other ranks of this node.
+    Multiply by ``hidden * element size`` for bytes (:meth:`bytes`).
+    """
+
+    inter_rows: int = 0
+    intra_rows: int = 0
+
+    def bytes(self, hidden: int, element_size: int) -> tuple[int, int]:
+        """``(inter_node_bytes, intra_node_bytes)`` of one direction."""
+        return self.inter_rows * hidden * element_size, self.intra_rows * hidden * element_size
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A built plan (this rank's part). ``pair_slot [n_pairs]``: the slot of ``expert_ids`` each final
+    row came from; ``tokens_per_expert``: rows per local expert (host ints), in canonical order."""
+
+    hops: tuple[Hop, ...]
+    num_tokens: int
+    pair_slot: torch.Tensor
+    tokens_per_expert: tuple[int, ...]
+    traffic: Traffic
+    mode: str
+    _bcast: tuple = field(default=(), repr=False)
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(self.tokens_per_expert)
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [s, F]`` -> ``[num_pairs, F]`` rows in canonical pair order (copies only)."""
+        for index, hop in self._bcast:
+            x = x.index_select(0, index)
+            if hop is not None:
+                x = all_to_all_rows(x, hop.out_splits, hop.blocks, hop.group)
+        return x
+
+    def reduce(self, y: torch.Tensor) -> torch.Tensor:
+        """``y [num_pairs, F]`` -> ``[s, F]``: sums in the fixed node / rank / expert tree."""
+        for hop in reversed(self.hops):
+            y = hop.backward(y)
+        return y
+
+
+def _fused_broadcast(hops: tuple[Hop, ...]) -> tuple:
+    """Compose consecutive local gathers so broadcast does one gather before each all-to-all."""
+    steps = []
+    pending: torch.Tensor | None = None
+    for hop in hops:
+        idx = hop.index if pending is None else pending.index_select(0, hop.index)
+        if hop.group is None:
+            pending = idx
+        else:
+            steps.append((idx, hop))
+            pending = None
+    if pending is not None:
+        steps.append((pending, None))
+    return tuple(steps)
+
+
+# ---------------------------------------------------------------------------------------- builders
+class _Counts:
+    """Every rank's routing counts, all-gathered once. Per rank: rows to each node ``U [N]``, rows to
+    each EP rank ``T [P]``, pairs per expert ``C [E]``, and the number of invalid expert ids."""
+
+    def __init__(self, groups: CommGroups, node_mask, rank_mask, has_expert, bad_ids):
+        t = groups.topology
+        local = torch.cat(
+            [node_mask.sum(0), rank_mask.sum(0), has_expert.sum(0), bad_ids.reshape(1)]
+        ).to(torch.int64)
+        if groups.ep is not None and t.ep_size > 1:
+            parts = [torch.empty_like(local) for _ in range(t.ep_size)]
+            dist.all_gather(parts, local, group=groups.ep)
+            table = torch.stack(parts)
+        else:
+            table = local.reshape(1, -1)
+        rows = table.tolist()  # device-to-host sync: split sizes
+        n, p, e = t.num_nodes, t.ep_size, t.num_experts
+        self.U = [r[:n] for r in rows]
+        self.T = [r[n : n + p] for r in rows]
+        self.C = [r[n + p : n + p + e] for r in rows]
+        bad = [r[-1] for r in rows]
+        if any(bad):
+            # every rank saw the same table: all raise together, nobody hangs in a later collective
+            raise ValueError(
+                f"expert ids outside [-1, {e}) on EP rank(s) "
+                f"{[i for i, b in enumerate(bad) if b]}: ids must be expert indices or -1 (dropped)"
+            )
+
+
+def _masks(expert_ids: torch.Tensor, groups: CommGroups):
+    """``has_expert [s, E]``, ``rank_mask [s, P]``, ``node_mask [s, N]`` (bool) and the invalid count."""
+    t = groups.topology
+    s, _ = expert_ids.shape
+    e = t.num_experts
+    valid = (expert_ids >= 0) & (expert_ids < e)
+    bad = ((expert_ids < -1) | (expert_ids >= e)).sum()
+    col = torch.where(valid, expert_ids, e)
+    has = torch.zeros(s, e + 1, dtype=torch.bool, device=expert_ids.device).scatter_(1, col, True)[:, :e]
+    rank_mask = has.reshape(s, t.ep_size, t.experts_per_rank).any(-1)
+    node_of_rank = torch.tensor(t.node_of_rank, device=expert_ids.device)
+    per_node = torch.zeros(s, t.num_nodes, dtype=torch.int32, device=expert_ids.device)
+    node_mask = per_node.index_add_(1, node_of_rank, rank_mask.to(torch.int32)) > 0
+    return has, rank_mask, node_mask, bad
+
+
+def _canonical_hop(ids: torch.Tensor, src_key: torch.Tensor, groups: CommGroups, counts: _Counts):
+    """At this expert rank: ``ids [m, k]`` of the rows received (all slots), ``src_key [m]``. Returns
+    the local hop rows -> pairs in (local expert, source) order, and each pair's slot."""
+    t = groups.topology
+    me = t.ep_rank
+    m, k = ids.shape
+    first = me * t.experts_per_rank
+    local_e = ids - first
+    mine = (local_e >= 0) & (local_e < t.experts_per_rank)
+    key = torch.where(mine, local_e * (t.ep_size * SRC_SHIFT) + src_key.unsqueeze(1), torch.iinfo(torch.int64).max)
+    tpe = tuple(sum(c[e] for c in counts.C) for e in range(first, first + t.experts_per_rank))
+    order = torch.argsort(key.reshape(-1), stable=True)[: sum(tpe)]
+    hop = Hop(index=order // k, blocks=tpe, prev_rows=m)
+    return hop, order % k, tpe
+
+
+def build_plan(expert_ids: torch.Tensor, groups: CommGroups, mode: str = "hierarchical") -> Plan:
+    """Build this rank's plan for ``expert_ids [s, k]`` (int64, -1 = not routed). Collective over the
+    EP group (all-gather of counts, then the metadata all-to-alls); every EP rank must call it.
+
+    ``mode``: ``"hierarchical"``, ``"flat"`` (exact tree) or ``"flat_fast"``.
+    """
+    if mode not in ("hierarchical", "flat", "flat_fast"):
+        raise ValueError(f"dispatch mode {mode!r} is not 'hierarchical', 'flat' or 'flat_fast'")
+    t = groups.topology
+    if mode == "hierarchical" and not groups.hierarchical:
+        mode = "flat"  # one node: the hierarchy has a single level
+    expert_ids = expert_ids.long()
+    s, k = expert_ids.shape
+    has, rank_mask, node_mask, bad = _masks(expert_ids, groups)
+    counts = _Counts(groups, node_mask, rank_mask, has, bad)
+    me, a, j = t.ep_rank, t.node, t.local_index
+    dev = expert_ids.device
+    tok = torch.arange(s, device=dev)
+    src_key = me * SRC_SHIFT + tok
+    meta = torch.cat([expert_ids, src_key.unsqueeze(1)], 1)  # [s, k + 1]
+
+    def node_of(r):
+        return t.node_of_rank[r]
+
+    if mode == "hierarchical":
+        rail = t.rail(j)  # EP rank of local index j on each node
+        node_a = t.ranks_of_node(a)
+        # hop 1 (rail): token rows to each node hosting one of its experts, node-major
+        h1 = Hop(
+            index=true_positions(node_mask.t(), sum(counts.U[me])) % max(s, 1),
+            blocks=tuple(counts.U[me]),
+            prev_rows=s,
+            group=groups.rail,
+            out_splits=tuple(counts.U[rail[b]][a] for b in range(t.num_nodes)),
+        )
+        meta1 = h1.forward(meta)
+        ids1 = meta1[:, :k]
+        mrows = ids1.shape[0]
+        # hop 2 (node): node rows to each local rank holding one of their experts, rank-major
+        rank1 = torch.where(ids1 >= 0, ids1 // t.experts_per_rank, t.ep_size)
+        local_of = torch.full((t.ep_size + 1,), t.ranks_per_node, dtype=torch.long, device=dev)
+        local_of[list(node_a)] = torch.arange(t.ranks_per_node, device=dev)
+        need = torch.zeros(mrows, t.ranks_per_node + 1, dtype=torch.bool, device=dev)
+        need.scatter_(1, local_of[rank1], True)
+        need = need[:, : t.ranks_per_node]
+        src_rails = [t.rail(jj) for jj in range(t.ranks_per_node)]
+        blocks2 = tuple(sum(counts.T[rail[b]][q] for b in range(t.num_nodes)) for q in node_a)
+        h2 = Hop(
+            index=true_positions(need.t(), sum(blocks2)) % max(mrows, 1),
+            blocks=blocks2,
+            prev_rows=mrows,
+            group=groups.node,
+            out_splits=tuple(sum(counts.T[src_rails[jj][b]][me] for b in range(t.num_nodes)) for jj in range(t.ranks_per_node)),
+        )
+        meta2 = h2.forward(meta1)
+        h3, slot, tpe = _canonical_hop(meta2[:, :k], meta2[:, k], groups, counts)
+        hops = (h1, h2, h3)
+        inter = sum(c for b, c in enumerate(counts.U[me]) if b != a)
+        intra = sum(c for q, c in zip(node_a, blocks2) if q != me)
+        traffic = Traffic(inter_rows=inter, intra_rows=intra)
+    else:
+        e_r = t.experts_per_rank
+        pairs_to = [sum(counts.C[me][q * e_r : (q + 1) * e_r]) for q in range(t.ep_size)]
+        from_ = [sum(counts.C[q][me * e_r : (me + 1) * e_r]) for q in range(t.ep_size)]
+        n_pairs_src = sum(pairs_to)
+        slot_of = torch.zeros(s, t.num_experts + 1, dtype=torch.long, device=dev)
+        slot_of.scatter_(1, torch.where(expert_ids >= 0, expert_ids, t.num_experts), torch.arange(k, device=dev).expand(s, k))
+        slot_of = slot_of[:, : t.num_experts]
+        if mode == "flat_fast":
+            # pairs in (destination rank, token, expert) order: one gather, one all-to-all
+            pos = true_positions(has.reshape(s, t.num_experts).t(), n_pairs_src)  # expert-major
+            pair_e, pair_t = pos // max(s, 1), pos % max(s, 1)
+            local_hops: tuple[Hop, ...] = ()
+            send = Hop(index=pair_t, blocks=tuple(pairs_to), prev_rows=s, group=groups.ep, out_splits=tuple(from_))
+            pair_meta = torch.stack([pair_e, me * SRC_SHIFT + pair_t, slot_of[pair_t, pair_e]], 1)
+            recv = all_to_all_rows(pair_meta, send.out_splits, send.blocks, send.group)
+        else:
+            # exact: build the node / rank / expert levels at the source (see module doc)
+            ranks_ib = [[t.ranks_of_node(b)[i] for b in range(t.num_nodes)] for i in range(t.ranks_per_node)]
+            q_ib = torch.tensor(ranks_ib, device=dev)  # [R, N]
+            h_q = has.reshape(s, t.ep_size, e_r)  # [s, P, E_r]
+            pair_mask = h_q[:, q_ib.reshape(-1), :].reshape(s, t.ranks_per_node, t.num_nodes, e_r).permute(3, 1, 2, 0)
+            rank_ibt = rank_mask[:, q_ib.reshape(-1)].reshape(s, t.ranks_per_node, t.num_nodes).permute(1, 2, 0)
+            node_bt = node_mask.t()
+            node_row_of = torch.cumsum(node_bt.reshape(-1), 0).reshape(node_bt.shape) - 1  # [N, s]
+            rank_row_of = torch.cumsum(rank_ibt.reshape(-1), 0).reshape(rank_ibt.shape) - 1  # [R, N, s]
+            n_node_rows = sum(counts.U[me])
+            blocks_i = tuple(sum(counts.T[me][q] for q in ranks_ib[i]) for i in range(t.ranks_per_node))
+            blocks_e = tuple(sum(counts.C[me][q * e_r + ee] for q in range(t.ep_size)) for ee in range(e_r))
+            l1 = Hop(index=true_positions(node_bt, n_node_rows) % max(s, 1), blocks=tuple(counts.U[me]), prev_rows=s)
+            p2 = true_positions(rank_ibt, sum(blocks_i))
+            bt2 = p2 % (t.num_nodes * max(s, 1))
+            l2 = Hop(index=node_row_of.reshape(-1)[bt2], blocks=blocks_i, prev_rows=n_node_rows)
+            p3 = true_positions(pair_mask, n_pairs_src)
+            ibt3 = p3 % (t.ranks_per_node * t.num_nodes * max(s, 1))
+            l3 = Hop(index=rank_row_of.reshape(-1)[ibt3], blocks=blocks_e, prev_rows=sum(blocks_i))
+            # decode each pair: expert id, token
+            ee3 = p3 // (t.ranks_per_node * t.num_nodes * max(s, 1))
+            ib3 = ibt3 // max(s, 1)
+            pair_t = ibt3 % max(s, 1)
+            pair_q = q_ib.reshape(-1)[ib3]
+            pair_e = pair_q * e_r + ee3
+            to_rank = torch.argsort(pair_q, stable=True)
+            local_hops = (l1, l2, l3)
+            send = Hop(index=to_rank, blocks=tuple(pairs_to), prev_rows=n_pairs_src, group=groups.ep, out_splits=tuple(from_))
+            pair_meta = torch.stack([pair_e, me * SRC_SHIFT + pair_t, slot_of[pair_t, pair_e]], 1)
+            recv = send.forward(pair_meta)
+        # recv [m, 3]: expert id, source key, slot of each pair received
+        h_can, _, tpe = _canonical_hop(recv[:, :1], recv[:, 1], groups, counts)
+        slot = recv[:, 2].index_select(0, h_can.index)
+        hops = local_hops + (send, h_can)
+        inter = sum(c for q, c in enumerate(pairs_to) if node_of(q) != a)
+        intra = sum(c for q, c in enumerate(pairs_to) if node_of(q) == a and q != me)
+        traffic = Traffic(inter_rows=inter, intra_rows=intra)
+
+    return Plan(
+        hops=hops,
+        num_tokens=s,
+        pair_slot=slot,
+        tokens_per_expert=tpe,
+        traffic=traffic,
+        mode=mode,
+        _bcast=_fused_broadcast(hops),
+    )
