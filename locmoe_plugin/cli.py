@@ -28,6 +28,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_check_comm(args: argparse.Namespace) -> int:
+    from .comm.selfcheck import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="locmoe",
@@ -41,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--delta", type=float, required=True, help="token-expert affinity threshold (paper: ~0.03)")
     c.add_argument("--json", action="store_true", help="print JSON")
     c.set_defaults(func=_cmd_capacity)
+
+    from .comm.selfcheck import add_arguments as add_check_arguments
+
+    cc = sub.add_parser(
+        "check-comm",
+        help="hierarchical vs flat all-to-all self-test: exact parity, bytes across nodes, time",
+        description="Spawn ranks (or run under torchrun), route random tokens, run hierarchical and flat "
+        "dispatch+combine forward and backward; exit 1 unless they agree exactly.",
+    )
+    add_check_arguments(cc)
+    cc.set_defaults(func=_cmd_check_comm)
 
     from .demo import add_demo_arguments
 

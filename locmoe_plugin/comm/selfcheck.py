@@ -1,0 +1,199 @@
+"""``locmoe check-comm``: hierarchical vs flat dispatch+combine on this machine or cluster.
+
+Routes random tokens with a seeded generator, runs both modes forward and backward through a small
+deterministic expert function, and reports the largest absolute difference of outputs, input
+gradients and combine-weight gradients (must be exactly 0 in fp32), bytes that cross nodes in each
+mode, and the median time of each. Exit status 1 on any mismatch.
+
+Run it standalone (``--nproc P`` spawns P local processes) or under a launcher that sets RANK /
+WORLD_SIZE / LOCAL_RANK (torchrun, ``launch/emulate_nodes.sh``); then ``--nproc`` is ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..device import Accelerator, backend_for, get_accelerator
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=4, help="processes to spawn (ignored under torchrun)")
+    p.add_argument("--gpus-per-node", type=int, default=2, help="ranks per (emulated) node")
+    p.add_argument("--backend", choices=("gloo", "nccl", "hccl"), default=None,
+                   help="default: from the device (nccl on CUDA, hccl on Ascend, gloo on CPU)")
+    p.add_argument("--tokens", type=int, default=512, help="tokens per rank")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--topk", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iters", type=int, default=5, help="timed iterations per mode (after 1 warm-up)")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+
+
+def _device_for(backend: str) -> Accelerator:
+    return get_accelerator({"gloo": "cpu", "nccl": "cuda", "hccl": "npu"}[backend])
+
+
+def _expert(inp: torch.Tensor, tpe, first: int, W: torch.Tensor) -> torch.Tensor:
+    outs, start = [], 0
+    for le, c in enumerate(tpe):
+        outs.append(torch.tanh(inp[start : start + c] @ W[first + le]))
+        start += c
+    return torch.cat(outs) if outs else inp[:0]
+
+
+def _check_worker(args: argparse.Namespace, result_path: str | None) -> int:
+    from ..topology import Topology
+    from .dispatcher import TokenDispatcher
+    from .groups import build_comm_groups
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    acc = _device_for(args.backend)
+    dev = acc.device(int(os.environ.get("LOCAL_RANK", 0)) if not acc.is_cpu else None)
+    topo = Topology.from_ranks_per_node(world, args.gpus_per_node, args.experts, ep_rank=rank)
+    groups = build_comm_groups(topo, dist.group.WORLD)
+
+    g = torch.Generator().manual_seed(args.seed * 1000 + rank)
+    s, d, e, k = args.tokens, args.hidden, args.experts, args.topk
+    x = torch.randn(s, d, generator=g).to(dev)
+    ids = torch.rand(s, e, generator=g).argsort(-1)[:, :k]  # uniform random distinct experts
+    drop = torch.rand(s, k, generator=g) < 0.1  # some slots dropped, as capacity would
+    ids = torch.where(drop, -1, ids).to(dev)
+    w = torch.where(drop, 0.0, torch.rand(s, k, generator=g)).to(dev)
+    W = (torch.randn(e, d, d, generator=torch.Generator().manual_seed(args.seed)) / d**0.5).to(dev)
+    cot = torch.randn(s, d, generator=g).to(dev)  # fixed upstream gradient
+
+    results, times, traffic = {}, {}, {}
+    for mode in ("hierarchical", "flat"):
+        disp = TokenDispatcher(groups, mode)
+        samples = []
+        for it in range(args.iters + 1):
+            xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            dist.barrier()
+            acc.synchronize()
+            t0 = time.perf_counter()
+            inp, h = disp.dispatch(xx, ids, ww)
+            y = disp.combine(_expert(inp, h.tokens_per_expert, rank * topo.experts_per_rank, W), h)
+            y.backward(cot)
+            acc.synchronize()
+            if it:
+                samples.append(time.perf_counter() - t0)
+        results[mode] = (y.detach(), xx.grad, ww.grad)
+        times[mode] = statistics.median(samples) * 1e3 if samples else 0.0
+        per_call = {k2: v // disp.traffic.calls for k2, v in disp.traffic.to_dict().items() if k2 != "calls"}
+        traffic[mode] = per_call
+
+    diffs = torch.stack([
+        (results["hierarchical"][i].float() - results["flat"][i].float()).abs().max()
+        if results["flat"][i].numel() else torch.zeros((), device=dev)
+        for i in range(3)
+    ])
+    dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
+    sums = torch.tensor([traffic[m][key] for m in ("hierarchical", "flat") for key in ("inter_bytes", "intra_bytes")],
+                        dtype=torch.float64, device=dev)
+    dist.all_reduce(sums)
+    tms = torch.tensor([times["hierarchical"], times["flat"]], dtype=torch.float64, device=dev)
+    dist.all_reduce(tms, op=dist.ReduceOp.MAX)
+    d_out, d_gx, d_gw = diffs.tolist()
+    report = {
+        "ranks": world, "nodes": topo.num_nodes, "ranks_per_node": topo.ranks_per_node,
+        "backend": args.backend, "tokens_per_rank": s, "hidden": d, "experts": e, "topk": k,
+        "max_abs_diff": {"output": d_out, "grad_input": d_gx, "grad_weights": d_gw},
+        "inter_node_bytes": {"hierarchical": int(sums[0]), "flat": int(sums[2])},
+        "intra_node_bytes": {"hierarchical": int(sums[1]), "flat": int(sums[3])},
+        "time_ms": {"hierarchical": tms[0].item(), "flat": tms[1].item()},
+        "ok": d_out == 0 and d_gx == 0 and d_gw == 0,
+    }
+    if rank == 0:
+        _print_report(report)
+        for path in (result_path, args.json):
+            if path:
+                with open(path, "w") as f:
+                    json.dump(report, f, indent=2)
+    return 0 if report["ok"] else 1
+
+
+def _print_report(r: dict) -> None:
+    mb = 1 / 2**20
+    print(f"check-comm: {r['ranks']} ranks = {r['nodes']} node(s) x {r['ranks_per_node']}, backend {r['backend']}, "
+          f"{r['tokens_per_rank']} tokens/rank, hidden {r['hidden']}, {r['experts']} experts, top-{r['topk']}")
+    print(f"{'mode':<13} {'inter-node MiB':>15} {'intra-node MiB':>15} {'fwd+bwd ms':>11}")
+    for m in ("hierarchical", "flat"):
+        print(f"{m:<13} {r['inter_node_bytes'][m] * mb:>15.3f} {r['intra_node_bytes'][m] * mb:>15.3f} "
+              f"{r['time_ms'][m]:>11.2f}")
+    dd = r["max_abs_diff"]
+    print(f"max |hierarchical - flat|: output {dd['output']:.3g}, input grad {dd['grad_input']:.3g}, "
+          f"weight grad {dd['grad_weights']:.3g}  ->  {'OK' if r['ok'] else 'MISMATCH'}")
+
+
+def _spawn_entry(local_rank: int, args: argparse.Namespace, port: int, result_path: str) -> None:
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(args.nproc),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(args.nproc))
+    torch.set_num_threads(1)
+    _init(args)
+    try:
+        rc = _check_worker(args, result_path if local_rank == 0 else None)
+    finally:
+        dist.destroy_process_group()
+    if rc:
+        sys.exit(rc)
+
+
+def _init(args: argparse.Namespace) -> None:
+    acc = _device_for(args.backend)
+    if not acc.is_cpu:
+        acc.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=args.backend)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def validate(args: argparse.Namespace, world: int) -> None:
+    """Every check that needs no collective, before any process group exists."""
+    from ..topology import Topology
+
+    Topology.from_ranks_per_node(world, args.gpus_per_node, args.experts)  # divisibility errors
+    if not 1 <= args.topk <= args.experts:
+        raise ValueError(f"--topk {args.topk} must be between 1 and --experts {args.experts}")
+    if args.tokens < 0 or args.hidden < 1 or args.iters < 1:
+        raise ValueError("--tokens must be >= 0, --hidden >= 1 and --iters >= 1")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.backend is None:
+        args.backend = backend_for(get_accelerator().device_type)
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    world = int(os.environ["WORLD_SIZE"]) if launched else args.nproc
+    validate(args, world)
+    if launched:
+        _init(args)
+        try:
+            return _check_worker(args, None)
+        finally:
+            dist.destroy_process_group()
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "report.json")
+        try:
+            mp.start_processes(_spawn_entry, args=(args, _free_port(), path), nprocs=args.nproc, start_method="spawn")
+        except mp.ProcessExitedException as exc:
+            if not os.path.exists(path):
+                print(f"check-comm: a rank failed: {exc}", file=sys.stderr)
+                return 1
+        with open(path) as f:
+            return 0 if json.load(f)["ok"] else 1
