@@ -28,7 +28,8 @@ from ..device import Accelerator, backend_for, get_accelerator
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=4, help="processes to spawn (ignored under torchrun)")
-    p.add_argument("--gpus-per-node", type=int, default=2, help="ranks per (emulated) node")
+    p.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("LOCMOE_GPUS_PER_NODE", 2)),
+                   help="ranks per (emulated) node (default: $LOCMOE_GPUS_PER_NODE, else 2)")
     p.add_argument("--backend", choices=("gloo", "nccl", "hccl"), default=None,
                    help="default: from the device (nccl on CUDA, hccl on Ascend, gloo on CPU)")
     p.add_argument("--tokens", type=int, default=512, help="tokens per rank")

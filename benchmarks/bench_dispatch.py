@@ -1,0 +1,190 @@
+"""Dispatch + combine, forward and backward: hierarchical vs flat all-to-all vs Megatron's dispatcher.
+
+Run on one host with torchrun; add node emulation with launch/emulate_nodes.sh:
+
+  torchrun --standalone --nproc-per-node 8 benchmarks/bench_dispatch.py --gpus-per-node 8
+  launch/emulate_nodes.sh --nodes 2 --nproc-per-node 8 -- benchmarks/bench_dispatch.py --gpus-per-node 4
+
+Same routing for every system: each rank draws uniform random distinct experts per token (seeded) and
+random combine weights. The "expert" is the multiplication by the combine weight (Megatron applies
+probs in its experts; our combine applies them), so only data movement and its bookkeeping is timed.
+
+Systems:
+  hierarchical  this package, rail-aligned inter-node stage + intra-node fan-out (TokenDispatcher)
+  flat          this package, one EP-wide NCCL all-to-all of (token, expert) pairs ("flat_fast" plan)
+  megatron      megatron-core's MoEAlltoAllTokenDispatcher (the 'alltoall' dispatcher), unfused permute
+Prints a table (rank 0) and writes JSON (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from locmoe_plugin import Topology
+from locmoe_plugin.comm import TokenDispatcher, build_comm_groups
+from locmoe_plugin.device import get_accelerator
+from locmoe_plugin.routing import index_to_dense
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("LOCMOE_GPUS_PER_NODE", 8)))
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--experts", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--topk", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--systems", nargs="+", default=["hierarchical", "flat", "megatron"])
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--json", default=None)
+    return p.parse_args()
+
+
+def megatron_dispatcher(num_experts: int, topk: int, hidden: int, dtype):
+    from megatron.core import parallel_state
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    ep = dist.get_world_size()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(expert_model_parallel_size=ep)
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=hidden, num_attention_heads=8, num_moe_experts=num_experts,
+        moe_router_topk=topk, moe_token_dispatcher_type="alltoall", expert_model_parallel_size=ep,
+        bf16=dtype == torch.bfloat16, params_dtype=dtype, moe_permute_fusion=False,
+        add_bias_linear=False,
+    )
+    local = num_experts // ep
+    first = dist.get_rank() * local
+    return MoEAlltoAllTokenDispatcher(local, list(range(first, first + local)), cfg, get_default_pg_collection())
+
+
+def run_megatron(disp, x, routing_map, probs):
+    h, p = disp.dispatch_preprocess(x, routing_map, probs)
+    h, p = disp.token_dispatch(h, p)
+    h, _, p = disp.dispatch_postprocess(h, p)
+    out = h * p.unsqueeze(-1).to(h.dtype)
+    out = disp.combine_preprocess(out)
+    out = disp.token_combine(out)
+    return disp.combine_postprocess(out)
+
+
+def main() -> None:
+    args = parse()
+    acc = get_accelerator()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if not acc.is_cpu:
+        acc.set_device(local_rank)
+    dist.init_process_group(backend=acc.backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = acc.device(None if acc.is_cpu else local_rank)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    rows = []
+    for E in args.experts:
+        topo = Topology.from_ranks_per_node(world, min(args.gpus_per_node, world), E, ep_rank=rank)
+        groups = build_comm_groups(topo, dist.group.WORLD)
+        for k in args.topk:
+            g = torch.Generator().manual_seed(1000 * E + 10 * k + rank)
+            s, d = args.tokens, args.hidden
+            x = torch.randn(s, d, generator=g).to(dev, dtype)
+            ids = torch.rand(s, E, generator=g).argsort(-1)[:, :k].to(dev)
+            w = torch.softmax(torch.randn(s, k, generator=g), -1).to(dev)
+            cot = torch.randn(s, d, generator=g).to(dev, dtype)
+            probs, rmap = index_to_dense(ids, w, E)
+            outs, res = {}, {}
+            for system in args.systems:
+                if system == "megatron":
+                    try:
+                        mdisp = megatron_dispatcher(E, k, d, dtype)
+                    except Exception as exc:  # report, keep the other rows
+                        res[system] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+                        continue
+
+                    def step():
+                        xx = x.clone().requires_grad_(True)
+                        pp = probs.clone().requires_grad_(True)
+                        y = run_megatron(mdisp, xx, rmap, pp)
+                        y.backward(cot)
+                        return y
+                else:
+                    disp = TokenDispatcher(groups, "hierarchical" if system == "hierarchical" else "flat_fast")
+
+                    def step(disp=disp):
+                        xx = x.clone().requires_grad_(True)
+                        ww = w.clone().requires_grad_(True)
+                        inp, h = disp.dispatch(xx, ids, ww)
+                        y = disp.combine(inp, h)
+                        y.backward(cot)
+                        return y
+                samples = []
+                for it in range(args.warmup + args.iters):
+                    dist.barrier()
+                    acc.synchronize()
+                    t0 = time.perf_counter()
+                    y = step()
+                    acc.synchronize()
+                    if it >= args.warmup:
+                        samples.append(time.perf_counter() - t0)
+                outs[system] = y.detach()
+                ms = torch.tensor([statistics.median(samples) * 1e3], device=dev, dtype=torch.float64)
+                dist.all_reduce(ms, op=dist.ReduceOp.MAX)
+                res[system] = {"ms": ms.item()}
+                if system != "megatron":
+                    tr = disp.traffic
+                    calls = max(tr.calls, 1)
+                    b = torch.tensor([tr.inter_bytes / calls, tr.intra_bytes / calls], device=dev, dtype=torch.float64)
+                    dist.all_reduce(b)
+                    res[system].update(inter_node_MiB=b[0].item() / 2**20, intra_node_MiB=b[1].item() / 2**20)
+            if "hierarchical" in outs:
+                for other in outs:
+                    diff = (outs[other].float() - outs["hierarchical"].float()).abs().max().reshape(1)
+                    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+                    res[other]["max_abs_diff_vs_hierarchical"] = diff.item()
+            e2n = topo.expert_to_node.to(dev)
+            cross = (e2n[ids] != topo.node).float().mean().reshape(1)
+            dist.all_reduce(cross)
+            rows.append({"experts": E, "topk": k, "cross_node_pair_share": cross.item() / world, "systems": res})
+            if rank == 0:
+                print(json.dumps(rows[-1]), flush=True)
+    if rank == 0:
+        meta = {
+            "ranks": world, "nodes": world // min(args.gpus_per_node, world), "tokens_per_rank": args.tokens,
+            "hidden": args.hidden, "dtype": args.dtype, "iters": args.iters, "warmup": args.warmup,
+            "device": torch.cuda.get_device_name() if not acc.is_cpu else "cpu",
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+        }
+        print_table(meta, rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    dist.destroy_process_group()
+
+
+def print_table(meta, rows) -> None:
+    print(f"\n{meta['ranks']} ranks as {meta['nodes']} node(s), {meta['tokens_per_rank']} tokens/rank, hidden "
+          f"{meta['hidden']}, {meta['dtype']}, {meta['device']}; dispatch+combine fwd+bwd, median ms (max over ranks)")
+    print(f"{'E':>3} {'k':>2} {'cross':>6} {'hier ms':>8} {'flat ms':>8} {'mcore ms':>9} {'flat/hier':>9} "
+          f"{'mcore/hier':>10} {'hier inter MiB':>14} {'flat inter MiB':>14}")
+    for r in rows:
+        s = r["systems"]
+
+        def ms(name):
+            return s.get(name, {}).get("ms", float("nan"))
+
+        h, f, m = ms("hierarchical"), ms("flat"), ms("megatron")
+        print(f"{r['experts']:>3} {r['topk']:>2} {r['cross_node_pair_share']:>6.2f} {h:>8.2f} {f:>8.2f} {m:>9.2f} "
+              f"{f / h:>9.2f} {m / h:>10.2f} {s.get('hierarchical', {}).get('inter_node_MiB', float('nan')):>14.1f} "
+              f"{s.get('flat', {}).get('inter_node_MiB', float('nan')):>14.1f}")
+
+
+if __name__ == "__main__":
+    main()
