@@ -45,6 +45,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", default=None, help="write rank 0's torch.profiler table of the last config here")
     return p.parse_args()
 
 
@@ -61,7 +62,7 @@ def megatron_dispatcher(num_experts: int, topk: int, hidden: int, dtype):
         num_layers=1, hidden_size=hidden, num_attention_heads=8, num_moe_experts=num_experts,
         moe_router_topk=topk, moe_token_dispatcher_type="alltoall", expert_model_parallel_size=ep,
         bf16=dtype == torch.bfloat16, params_dtype=dtype, moe_permute_fusion=False,
-        add_bias_linear=False,
+        add_bias_linear=False, moe_router_pre_softmax=topk == 1,  # Megatron refuses top-1 otherwise
     )
     local = num_experts // ep
     first = dist.get_rank() * local
@@ -135,6 +136,19 @@ def main() -> None:
                     if it >= args.warmup:
                         samples.append(time.perf_counter() - t0)
                 outs[system] = y.detach()
+                if args.profile and E == args.experts[-1] and k == args.topk[-1]:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    acts = [ProfilerActivity.CPU] + ([] if acc.is_cpu else [ProfilerActivity.CUDA])
+                    with profile(activities=acts) as prof:
+                        for _ in range(3):
+                            step()
+                        acc.synchronize()
+                    if rank == 0:
+                        sort = "cpu_time_total" if acc.is_cpu else "cuda_time_total"
+                        with open(args.profile, "a") as f:
+                            f.write(f"\n===== {system} E={E} k={k} (3 steps)\n")
+                            f.write(prof.key_averages().table(sort_by=sort, row_limit=30))
                 ms = torch.tensor([statistics.median(samples) * 1e3], device=dev, dtype=torch.float64)
                 dist.all_reduce(ms, op=dist.ReduceOp.MAX)
                 res[system] = {"ms": ms.item()}

@@ -127,8 +127,8 @@ def _check(results):
     assert any(broken)
 
 
-def test_hierarchical_equals_flat_4_ranks_2x2():
-    _check(run_workers(_worker, 4, [(2, 8, 3), (2, 4, 2)]))
+def test_hierarchical_equals_flat_4_ranks_2x2_and_one_node():
+    _check(run_workers(_worker, 4, [(2, 8, 3), (2, 4, 2), (4, 8, 3)]))
 
 
 def test_hierarchical_equals_flat_8_ranks_2x4_and_4x2():

@@ -43,6 +43,22 @@ class _Reduce(torch.autograd.Function):
         return ctx.plan.broadcast(grad.contiguous()), None
 
 
+class _PairWeights(torch.autograd.Function):
+    """``weights [s, k]`` -> ``[num_pairs]``: the values travelled with the plan's metadata; the
+    gradient goes back as a one-hot ``[num_pairs, k]`` through the same fixed-order reduce (each slot
+    receives exactly one value, so the sum is exact)."""
+
+    @staticmethod
+    def forward(ctx, weights, plan: Plan):
+        ctx.plan, ctx.k = plan, weights.shape[1]
+        return plan.pair_weight.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        onehot = grad.new_zeros(grad.shape[0], ctx.k).scatter_(1, ctx.plan.pair_slot.unsqueeze(1), grad.unsqueeze(1))
+        return ctx.plan.reduce(onehot), None
+
+
 @dataclass(frozen=True)
 class DispatchHandle:
     """What :meth:`TokenDispatcher.combine` needs from its dispatch.
@@ -102,7 +118,8 @@ class TokenDispatcher:
 
     Args:
         groups: from :func:`locmoe_plugin.comm.build_comm_groups`.
-        mode: ``"hierarchical"`` (default; flat on a one-node group), ``"flat"`` (one EP-wide
+        mode: ``"hierarchical"`` (default; on a one-node group: each token once per destination rank),
+            ``"flat"`` (one EP-wide
             all-to-all of (token, expert) pairs, sums in the same fixed tree, bitwise equal to
             hierarchical) or ``"flat_fast"`` (the same pairs, one unordered ``index_add_``: the baseline
             Megatron-style dispatcher; not bitwise reproducible on GPU).
@@ -140,10 +157,9 @@ class TokenDispatcher:
                 f"expert_ids {tuple(expert_ids.shape)} and weights {tuple(weights.shape)} must both be "
                 f"[tokens, k] with tokens = {x.shape[0]} (hidden {tuple(hidden.shape)})"
             )
-        plan = build_plan(expert_ids, self.groups, self.mode)
+        plan = build_plan(expert_ids, self.groups, self.mode, weights)
         expert_input = _Broadcast.apply(x, plan)
-        w_rows = _Broadcast.apply(weights.float(), plan)  # [num_pairs, k]
-        pair_w = w_rows.gather(1, plan.pair_slot.unsqueeze(1)).squeeze(1)
+        pair_w = _PairWeights.apply(weights.float(), plan)
         inter, intra = plan.traffic.bytes(d, x.element_size())
         self.traffic.dispatch_inter_bytes += inter
         self.traffic.dispatch_intra_bytes += intra

@@ -81,6 +81,8 @@ class Hop:
     prev_rows: int
     group: object | None = None
     out_splits: tuple[int, ...] | None = None
+    #: False: blocks may repeat rows and are summed by one unordered index_add_ (flat_fast only)
+    ordered: bool = True
 
     @property
     def rows(self) -> int:
@@ -96,6 +98,8 @@ class Hop:
         if self.group is not None:
             y = all_to_all_rows(y, self.blocks, self.out_splits, self.group)
         out = y.new_zeros((self.prev_rows,) + tuple(y.shape[1:]))
+        if not self.ordered:
+            return out.index_add_(0, self.index, y)
         start = 0
         for size in self.blocks:
             if size:
@@ -123,11 +127,14 @@ class Traffic:
 @dataclass(frozen=True)
 class Plan:
     """A built plan (this rank's part). ``pair_slot [n_pairs]``: the slot of ``expert_ids`` each final
-    row came from; ``tokens_per_expert``: rows per local expert (host ints), in canonical order."""
+    row came from; ``pair_weight [n_pairs]`` fp32: its combine weight (carried with the metadata, no
+    autograd: see the dispatcher); ``tokens_per_expert``: rows per local expert (host ints), in
+    canonical order."""
 
     hops: tuple[Hop, ...]
     num_tokens: int
     pair_slot: torch.Tensor
+    pair_weight: torch.Tensor
     tokens_per_expert: tuple[int, ...]
     traffic: Traffic
     mode: str
@@ -230,26 +237,38 @@ def _canonical_hop(ids: torch.Tensor, src_key: torch.Tensor, groups: CommGroups,
     return hop, order % k, tpe
 
 
-def build_plan(expert_ids: torch.Tensor, groups: CommGroups, mode: str = "hierarchical") -> Plan:
-    """Build this rank's plan for ``expert_ids [s, k]`` (int64, -1 = not routed). Collective over the
-    EP group (all-gather of counts, then the metadata all-to-alls); every EP rank must call it.
+def _bits(w: torch.Tensor) -> torch.Tensor:
+    """fp32 values -> int64 holding their bit patterns (to ride in the int64 metadata exactly)."""
+    return w.float().contiguous().view(torch.int32).long()
+
+
+def _unbits(b: torch.Tensor) -> torch.Tensor:
+    return b.to(torch.int32).view(torch.float32)
+
+
+def build_plan(
+    expert_ids: torch.Tensor, groups: CommGroups, mode: str = "hierarchical", weights: torch.Tensor | None = None
+) -> Plan:
+    """Build this rank's plan for ``expert_ids [s, k]`` (int64, -1 = not routed) and combine
+    ``weights [s, k]`` (default 1). Collective over the EP group (all-gather of counts, then the
+    metadata all-to-alls); every EP rank must call it.
 
     ``mode``: ``"hierarchical"``, ``"flat"`` (exact tree) or ``"flat_fast"``.
     """
     if mode not in ("hierarchical", "flat", "flat_fast"):
         raise ValueError(f"dispatch mode {mode!r} is not 'hierarchical', 'flat' or 'flat_fast'")
     t = groups.topology
-    if mode == "hierarchical" and not groups.hierarchical:
-        mode = "flat"  # one node: the hierarchy has a single level
     expert_ids = expert_ids.long()
     s, k = expert_ids.shape
+    if weights is None:
+        weights = torch.ones(s, k, device=expert_ids.device)
     has, rank_mask, node_mask, bad = _masks(expert_ids, groups)
     counts = _Counts(groups, node_mask, rank_mask, has, bad)
     me, a, j = t.ep_rank, t.node, t.local_index
     dev = expert_ids.device
     tok = torch.arange(s, device=dev)
     src_key = me * SRC_SHIFT + tok
-    meta = torch.cat([expert_ids, src_key.unsqueeze(1)], 1)  # [s, k + 1]
+    meta = torch.cat([expert_ids, src_key.unsqueeze(1), _bits(weights.detach())], 1)  # [s, 2k + 1]
 
     def node_of(r):
         return t.node_of_rank[r]
@@ -257,15 +276,19 @@ def build_plan(expert_ids: torch.Tensor, groups: CommGroups, mode: str = "hierar
     if mode == "hierarchical":
         rail = t.rail(j)  # EP rank of local index j on each node
         node_a = t.ranks_of_node(a)
-        # hop 1 (rail): token rows to each node hosting one of its experts, node-major
-        h1 = Hop(
-            index=true_positions(node_mask.t(), sum(counts.U[me])) % max(s, 1),
-            blocks=tuple(counts.U[me]),
-            prev_rows=s,
-            group=groups.rail,
-            out_splits=tuple(counts.U[rail[b]][a] for b in range(t.num_nodes)),
-        )
-        meta1 = h1.forward(meta)
+        if t.num_nodes > 1:
+            # hop 1 (rail): token rows to each node hosting one of its experts, node-major
+            h1 = Hop(
+                index=true_positions(node_mask.t(), sum(counts.U[me])) % max(s, 1),
+                blocks=tuple(counts.U[me]),
+                prev_rows=s,
+                group=groups.rail,
+                out_splits=tuple(counts.U[rail[b]][a] for b in range(t.num_nodes)),
+            )
+            meta1 = h1.forward(meta)
+            first_hops: tuple[Hop, ...] = (h1,)
+        else:  # one node: no rail stage, the node hop starts from the tokens (once per rank)
+            meta1, first_hops = meta, ()
         ids1 = meta1[:, :k]
         mrows = ids1.shape[0]
         # hop 2 (node): node rows to each local rank holding one of their experts, rank-major
@@ -281,12 +304,13 @@ def build_plan(expert_ids: torch.Tensor, groups: CommGroups, mode: str = "hierar
             index=true_positions(need.t(), sum(blocks2)) % max(mrows, 1),
             blocks=blocks2,
             prev_rows=mrows,
-            group=groups.node,
+            group=groups.node if t.num_nodes > 1 else groups.ep,
             out_splits=tuple(sum(counts.T[src_rails[jj][b]][me] for b in range(t.num_nodes)) for jj in range(t.ranks_per_node)),
         )
         meta2 = h2.forward(meta1)
         h3, slot, tpe = _canonical_hop(meta2[:, :k], meta2[:, k], groups, counts)
-        hops = (h1, h2, h3)
+        pair_w = _unbits(meta2[:, k + 1 :].index_select(0, h3.index).gather(1, slot.unsqueeze(1)).squeeze(1))
+        hops = first_hops + (h2, h3)
         inter = sum(c for b, c in enumerate(counts.U[me]) if b != a)
         intra = sum(c for q, c in zip(node_a, blocks2) if q != me)
         traffic = Traffic(inter_rows=inter, intra_rows=intra)
@@ -303,8 +327,10 @@ def build_plan(expert_ids: torch.Tensor, groups: CommGroups, mode: str = "hierar
             pos = true_positions(has.reshape(s, t.num_experts).t(), n_pairs_src)  # expert-major
             pair_e, pair_t = pos // max(s, 1), pos % max(s, 1)
             local_hops: tuple[Hop, ...] = ()
-            send = Hop(index=pair_t, blocks=tuple(pairs_to), prev_rows=s, group=groups.ep, out_splits=tuple(from_))
-            pair_meta = torch.stack([pair_e, me * SRC_SHIFT + pair_t, slot_of[pair_t, pair_e]], 1)
+            send = Hop(index=pair_t, blocks=tuple(pairs_to), prev_rows=s, group=groups.ep,
+                       out_splits=tuple(from_), ordered=False)
+            pair_slot = slot_of[pair_t, pair_e]
+            pair_meta = torch.stack([pair_e, me * SRC_SHIFT + pair_t, pair_slot, meta[pair_t, k + 1 + pair_slot]], 1)
             recv = all_to_all_rows(pair_meta, send.out_splits, send.blocks, send.group)
         else:
             # exact: build the node / rank / expert levels at the source (see module doc)
@@ -335,11 +361,13 @@ def build_plan(expert_ids: torch.Tensor, groups: CommGroups, mode: str = "hierar
             to_rank = torch.argsort(pair_q, stable=True)
             local_hops = (l1, l2, l3)
             send = Hop(index=to_rank, blocks=tuple(pairs_to), prev_rows=n_pairs_src, group=groups.ep, out_splits=tuple(from_))
-            pair_meta = torch.stack([pair_e, me * SRC_SHIFT + pair_t, slot_of[pair_t, pair_e]], 1)
+            pair_slot = slot_of[pair_t, pair_e]
+            pair_meta = torch.stack([pair_e, me * SRC_SHIFT + pair_t, pair_slot, meta[pair_t, k + 1 + pair_slot]], 1)
             recv = send.forward(pair_meta)
-        # recv [m, 3]: expert id, source key, slot of each pair received
+        # recv [m, 4]: expert id, source key, slot and weight bits of each pair received
         h_can, _, tpe = _canonical_hop(recv[:, :1], recv[:, 1], groups, counts)
         slot = recv[:, 2].index_select(0, h_can.index)
+        pair_w = _unbits(recv[:, 3].index_select(0, h_can.index))
         hops = local_hops + (send, h_can)
         inter = sum(c for q, c in enumerate(pairs_to) if node_of(q) != a)
         intra = sum(c for q, c in enumerate(pairs_to) if node_of(q) == a and q != me)
@@ -349,6 +377,7 @@ def build_plan(expert_ids: torch.Tensor, groups: CommGroups, mode: str = "hierar
         hops=hops,
         num_tokens=s,
         pair_slot=slot,
+        pair_weight=pair_w,
         tokens_per_expert=tpe,
         traffic=traffic,
         mode=mode,
