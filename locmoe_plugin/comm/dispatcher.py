@@ -121,8 +121,8 @@ class TokenDispatcher:
         mode: ``"hierarchical"`` (default; on a one-node group: each token once per destination rank),
             ``"flat"`` (one EP-wide
             all-to-all of (token, expert) pairs, sums in the same fixed tree, bitwise equal to
-            hierarchical) or ``"flat_fast"`` (the same pairs, one unordered ``index_add_``: the baseline
-            Megatron-style dispatcher; not bitwise reproducible on GPU).
+            hierarchical) or ``"flat_fast"`` (the same pairs with one gather per side: the baseline
+            Megatron-style dispatcher; deterministic, but its sums are not the node/rank tree).
     """
 
     def __init__(self, groups: CommGroups, mode: str = "hierarchical") -> None:

@@ -3,9 +3,10 @@
 A plan is a chain of *hops*. Each hop gathers rows of the previous level by an index (a copy) and, for
 a communication hop, exchanges them with one ``all_to_all_single`` on a process group. Going forward
 (:meth:`Plan.broadcast`) every step is a copy. Going back (:meth:`Plan.reduce`) each hop reverses its
-all-to-all and sums the returned rows into the previous level with ``index_add_`` block by block;
-inside one block every previous-level row occurs at most once, so the sum order is fixed by the
-block order: deterministic on every device, and the *same tree of additions* in every mode:
+all-to-all and sums the returned copies of each previous-level row in send order; inside one
+destination block every previous-level row occurs at most once, so the sum order is fixed by the
+block order (gathers and adds, no atomics): deterministic on every device, and the *same tree of
+additions* in every mode:
 
     y[t] = sum over nodes (node order) of
              sum over ranks of that node (local order) of
@@ -22,8 +23,8 @@ Plans (rank p on node a with local index j; N nodes x R ranks; E_r experts per r
   * flat exact: local hops that build the same tree at the source, then one EP-wide all-to-all of
     (token, expert) pairs (Megatron's alltoall dispatcher sends the same pairs), then the canonical
     local hop at the expert rank.
-  * flat fast: the EP-wide all-to-all of pairs only; its reduce is one ``index_add_`` per peer with
-    repeated rows (atomics on GPU: not bitwise reproducible). The benchmark baseline.
+  * flat fast: the EP-wide all-to-all of pairs only; its reduce sums a token's pairs in send order
+    (deterministic, but not the node / rank tree). The benchmark baseline.
 
 Canonical pair order at an expert rank: (local expert, source EP rank, source token index), so the
 expert MLPs see identical input tensors whatever the plan.
@@ -64,29 +65,51 @@ def true_positions(mask: torch.Tensor, total: int) -> torch.Tensor:
     return out[:total]
 
 
+def _gather_table(index: torch.Tensor, prev_rows: int, fan_in: int) -> torch.Tensor:
+    """``[prev_rows, fan_in]`` positions in ``index`` of each previous-level row's occurrences, in
+    send order (pad: ``len(index)``, which points at an appended zero row). No host sync."""
+    n = index.numel()
+    dev = index.device
+    order = torch.argsort(index, stable=True)
+    srt = index[order]
+    ar = torch.arange(n, device=dev)
+    first = torch.ones(n, dtype=torch.bool, device=dev)
+    first[1:] = srt[1:] != srt[:-1]
+    group_start = torch.cummax(torch.where(first, ar, 0), 0).values if n else ar
+    occurrence = torch.empty_like(ar).scatter_(0, order, ar - group_start)
+    table = torch.full((prev_rows, fan_in), n, dtype=torch.long, device=dev)
+    table.index_put_((index, occurrence), ar)
+    return table
+
+
 @dataclass(frozen=True)
 class Hop:
     """One step of a plan.
 
     Attributes:
         index: ``[rows_sent]`` int64 rows of the previous level in send order (a gather).
-        blocks: rows of ``index`` per destination / reduction block, in order (host ints).
+        blocks: rows of ``index`` per destination, in order (host ints).
         prev_rows: number of rows of the previous level.
+        table: ``[prev_rows, fan_in]`` where each previous row's copies sit in send order (the adjoint
+            gather; pad = ``rows_sent``). A row has at most ``fan_in`` copies.
         group: process group of the all-to-all, or None for a local hop.
         out_splits: rows received from each peer of ``group`` (host ints).
+
+    The reduce sums a row's copies in send order, i.e. in destination-block order, with gathers and
+    adds (no atomics): deterministic on every device.
     """
 
     index: torch.Tensor
     blocks: tuple[int, ...]
     prev_rows: int
+    table: torch.Tensor
     group: object | None = None
     out_splits: tuple[int, ...] | None = None
-    #: False: blocks may repeat rows and are summed by one unordered index_add_ (flat_fast only)
-    ordered: bool = True
 
-    @property
-    def rows(self) -> int:
-        return sum(self.out_splits) if self.group is not None else self.index.numel()
+    @classmethod
+    def build(cls, index, blocks, prev_rows, fan_in, group=None, out_splits=None) -> "Hop":
+        table = _gather_table(index, prev_rows, max(1, fan_in))
+        return cls(index, tuple(blocks), prev_rows, table, group, None if out_splits is None else tuple(out_splits))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.index_select(0, self.index)
@@ -95,16 +118,17 @@ class Hop:
         return all_to_all_rows(rows, self.out_splits, self.blocks, self.group)
 
     def backward(self, y: torch.Tensor) -> torch.Tensor:
+        n = self.index.numel()
+        tail = tuple(y.shape[1:])
         if self.group is not None:
-            y = all_to_all_rows(y, self.blocks, self.out_splits, self.group)
-        out = y.new_zeros((self.prev_rows,) + tuple(y.shape[1:]))
-        if not self.ordered:
-            return out.index_add_(0, self.index, y)
-        start = 0
-        for size in self.blocks:
-            if size:
-                out.index_add_(0, self.index[start : start + size], y[start : start + size])
-            start += size
+            ext = y.new_empty((n + 1,) + tail)
+            dist.all_to_all_single(ext[:n], y.contiguous(), list(self.blocks), list(self.out_splits), group=self.group)
+            ext[n].zero_()
+        else:
+            ext = torch.cat([y, y.new_zeros((1,) + tail)])
+        out = ext.index_select(0, self.table[:, 0])
+        for c in range(1, self.table.shape[1]):
+            out.add_(ext.index_select(0, self.table[:, c]))
         return out
 
 
@@ -233,7 +257,7 @@ def _canonical_hop(ids: torch.Tensor, src_key: torch.Tensor, groups: CommGroups,
     key = torch.where(mine, local_e * (t.ep_size * SRC_SHIFT) + src_key.unsqueeze(1), torch.iinfo(torch.int64).max)
     tpe = tuple(sum(c[e] for c in counts.C) for e in range(first, first + t.experts_per_rank))
     order = torch.argsort(key.reshape(-1), stable=True)[: sum(tpe)]
-    hop = Hop(index=order // k, blocks=tpe, prev_rows=m)
+    hop = Hop.build(order // k, tpe, m, min(k, t.experts_per_rank))
     return hop, order % k, tpe
 
 
@@ -278,12 +302,13 @@ def build_plan(
         node_a = t.ranks_of_node(a)
         if t.num_nodes > 1:
             # hop 1 (rail): token rows to each node hosting one of its experts, node-major
-            h1 = Hop(
+            h1 = Hop.build(
                 index=true_positions(node_mask.t(), sum(counts.U[me])) % max(s, 1),
-                blocks=tuple(counts.U[me]),
+                blocks=counts.U[me],
                 prev_rows=s,
+                fan_in=min(t.num_nodes, k),
                 group=groups.rail,
-                out_splits=tuple(counts.U[rail[b]][a] for b in range(t.num_nodes)),
+                out_splits=[counts.U[rail[b]][a] for b in range(t.num_nodes)],
             )
             meta1 = h1.forward(meta)
             first_hops: tuple[Hop, ...] = (h1,)
@@ -300,12 +325,13 @@ def build_plan(
         need = need[:, : t.ranks_per_node]
         src_rails = [t.rail(jj) for jj in range(t.ranks_per_node)]
         blocks2 = tuple(sum(counts.T[rail[b]][q] for b in range(t.num_nodes)) for q in node_a)
-        h2 = Hop(
+        h2 = Hop.build(
             index=true_positions(need.t(), sum(blocks2)) % max(mrows, 1),
             blocks=blocks2,
             prev_rows=mrows,
+            fan_in=min(t.ranks_per_node, k),
             group=groups.node if t.num_nodes > 1 else groups.ep,
-            out_splits=tuple(sum(counts.T[src_rails[jj][b]][me] for b in range(t.num_nodes)) for jj in range(t.ranks_per_node)),
+            out_splits=[sum(counts.T[src_rails[jj][b]][me] for b in range(t.num_nodes)) for jj in range(t.ranks_per_node)],
         )
         meta2 = h2.forward(meta1)
         h3, slot, tpe = _canonical_hop(meta2[:, :k], meta2[:, k], groups, counts)
@@ -327,8 +353,7 @@ def build_plan(
             pos = true_positions(has.reshape(s, t.num_experts).t(), n_pairs_src)  # expert-major
             pair_e, pair_t = pos // max(s, 1), pos % max(s, 1)
             local_hops: tuple[Hop, ...] = ()
-            send = Hop(index=pair_t, blocks=tuple(pairs_to), prev_rows=s, group=groups.ep,
-                       out_splits=tuple(from_), ordered=False)
+            send = Hop.build(pair_t, pairs_to, s, k, group=groups.ep, out_splits=from_)
             pair_slot = slot_of[pair_t, pair_e]
             pair_meta = torch.stack([pair_e, me * SRC_SHIFT + pair_t, pair_slot, meta[pair_t, k + 1 + pair_slot]], 1)
             recv = all_to_all_rows(pair_meta, send.out_splits, send.blocks, send.group)
@@ -345,13 +370,13 @@ def build_plan(
             n_node_rows = sum(counts.U[me])
             blocks_i = tuple(sum(counts.T[me][q] for q in ranks_ib[i]) for i in range(t.ranks_per_node))
             blocks_e = tuple(sum(counts.C[me][q * e_r + ee] for q in range(t.ep_size)) for ee in range(e_r))
-            l1 = Hop(index=true_positions(node_bt, n_node_rows) % max(s, 1), blocks=tuple(counts.U[me]), prev_rows=s)
+            l1 = Hop.build(true_positions(node_bt, n_node_rows) % max(s, 1), counts.U[me], s, min(t.num_nodes, k))
             p2 = true_positions(rank_ibt, sum(blocks_i))
             bt2 = p2 % (t.num_nodes * max(s, 1))
-            l2 = Hop(index=node_row_of.reshape(-1)[bt2], blocks=blocks_i, prev_rows=n_node_rows)
+            l2 = Hop.build(node_row_of.reshape(-1)[bt2], blocks_i, n_node_rows, min(t.ranks_per_node, k))
             p3 = true_positions(pair_mask, n_pairs_src)
             ibt3 = p3 % (t.ranks_per_node * t.num_nodes * max(s, 1))
-            l3 = Hop(index=rank_row_of.reshape(-1)[ibt3], blocks=blocks_e, prev_rows=sum(blocks_i))
+            l3 = Hop.build(rank_row_of.reshape(-1)[ibt3], blocks_e, sum(blocks_i), min(e_r, k))
             # decode each pair: expert id, token
             ee3 = p3 // (t.ranks_per_node * t.num_nodes * max(s, 1))
             ib3 = ibt3 // max(s, 1)
@@ -360,7 +385,7 @@ def build_plan(
             pair_e = pair_q * e_r + ee3
             to_rank = torch.argsort(pair_q, stable=True)
             local_hops = (l1, l2, l3)
-            send = Hop(index=to_rank, blocks=tuple(pairs_to), prev_rows=n_pairs_src, group=groups.ep, out_splits=tuple(from_))
+            send = Hop.build(to_rank, pairs_to, n_pairs_src, 1, group=groups.ep, out_splits=from_)
             pair_slot = slot_of[pair_t, pair_e]
             pair_meta = torch.stack([pair_e, me * SRC_SHIFT + pair_t, pair_slot, meta[pair_t, k + 1 + pair_slot]], 1)
             recv = send.forward(pair_meta)
