@@ -65,9 +65,8 @@ def true_positions(mask: torch.Tensor, total: int) -> torch.Tensor:
     return out[:total]
 
 
-def _gather_table(index: torch.Tensor, prev_rows: int, fan_in: int) -> torch.Tensor:
-    """``[prev_rows, fan_in]`` positions in ``index`` of each previous-level row's occurrences, in
-    send order (pad: ``len(index)``, which points at an appended zero row). No host sync."""
+def _occurrence(index: torch.Tensor) -> torch.Tensor:
+    """For each entry of ``index``, how many earlier entries hold the same row (0 for the first)."""
     n = index.numel()
     dev = index.device
     order = torch.argsort(index, stable=True)
@@ -76,10 +75,7 @@ def _gather_table(index: torch.Tensor, prev_rows: int, fan_in: int) -> torch.Ten
     first = torch.ones(n, dtype=torch.bool, device=dev)
     first[1:] = srt[1:] != srt[:-1]
     group_start = torch.cummax(torch.where(first, ar, 0), 0).values if n else ar
-    occurrence = torch.empty_like(ar).scatter_(0, order, ar - group_start)
-    table = torch.full((prev_rows, fan_in), n, dtype=torch.long, device=dev)
-    table.index_put_((index, occurrence), ar)
-    return table
+    return torch.empty_like(ar).scatter_(0, order, ar - group_start)
 
 
 @dataclass(frozen=True)
@@ -90,26 +86,47 @@ class Hop:
         index: ``[rows_sent]`` int64 rows of the previous level in send order (a gather).
         blocks: rows of ``index`` per destination, in order (host ints).
         prev_rows: number of rows of the previous level.
-        table: ``[prev_rows, fan_in]`` where each previous row's copies sit in send order (the adjoint
-            gather; pad = ``rows_sent``). A row has at most ``fan_in`` copies.
+        first: ``[prev_rows]`` position of each previous row's first copy (``rows_sent`` = none).
+        more: for c = 1, 2, ...: ``(rows, positions)`` of the rows' (c+1)-th copies.
         group: process group of the all-to-all, or None for a local hop.
         out_splits: rows received from each peer of ``group`` (host ints).
 
-    The reduce sums a row's copies in send order, i.e. in destination-block order, with gathers and
-    adds (no atomics): deterministic on every device.
+    The reduce takes each row's first copy with one gather and adds its later copies level by level
+    (copies sit in send order, i.e. destination-block order): no atomics, the same order on every
+    device. Rows that were never sent get 0.
     """
 
     index: torch.Tensor
     blocks: tuple[int, ...]
     prev_rows: int
-    table: torch.Tensor
+    first: torch.Tensor
+    more: tuple
     group: object | None = None
     out_splits: tuple[int, ...] | None = None
 
     @classmethod
-    def build(cls, index, blocks, prev_rows, fan_in, group=None, out_splits=None) -> "Hop":
-        table = _gather_table(index, prev_rows, max(1, fan_in))
-        return cls(index, tuple(blocks), prev_rows, table, group, None if out_splits is None else tuple(out_splits))
+    def build(cls, index, blocks, prev_rows, fan_in, group=None, out_splits=None, level_counts=None) -> "Hop":
+        """``fan_in``: most copies one previous row can have. ``level_counts[c]``: entries that are a
+        row's (c+1)-th copy (host ints); when given, later levels gather only those rows, else a
+        padded ``[prev_rows]`` gather per level."""
+        n = index.numel()
+        dev = index.device
+        occ = _occurrence(index)
+        ar = torch.arange(n, device=dev)
+        first = torch.full((prev_rows + 1,), n, dtype=torch.long, device=dev)
+        first.scatter_(0, torch.where(occ == 0, index, prev_rows), ar)  # phantom slot prev_rows
+        first = first[:prev_rows]
+        more = []
+        for c in range(1, max(1, fan_in)):
+            if level_counts is None:
+                col = torch.full((prev_rows + 1,), n, dtype=torch.long, device=dev)
+                col.scatter_(0, torch.where(occ == c, index, prev_rows), ar)
+                more.append((None, col[:prev_rows]))
+            elif level_counts[c]:
+                pos = true_positions(occ == c, level_counts[c])
+                more.append((index[pos], pos))
+        blocks = tuple(blocks)
+        return cls(index, blocks, prev_rows, first, tuple(more), group, None if out_splits is None else tuple(out_splits))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.index_select(0, self.index)
@@ -126,9 +143,12 @@ class Hop:
             ext[n].zero_()
         else:
             ext = torch.cat([y, y.new_zeros((1,) + tail)])
-        out = ext.index_select(0, self.table[:, 0])
-        for c in range(1, self.table.shape[1]):
-            out.add_(ext.index_select(0, self.table[:, c]))
+        out = ext.index_select(0, self.first)
+        for rows, pos in self.more:
+            if rows is None:  # padded level: every previous row, pad -> the zero row
+                out.add_(ext.index_select(0, pos))
+            else:  # compact level: rows are distinct, so this is a plain (deterministic) update
+                out.index_put_((rows,), out.index_select(0, rows) + ext.index_select(0, pos))
         return out
 
 
@@ -200,14 +220,29 @@ def _fused_broadcast(hops: tuple[Hop, ...]) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------- builders
+def _at_least(per_token: torch.Tensor, levels: int) -> torch.Tensor:
+    """``per_token [s, *]`` counts -> ``[*, levels]``: tokens with more than c, for c < levels."""
+    c = torch.arange(levels, device=per_token.device)
+    return (per_token.unsqueeze(-1) > c).sum(0)
+
+
 class _Counts:
     """Every rank's routing counts, all-gathered once. Per rank: rows to each node ``U [N]``, rows to
-    each EP rank ``T [P]``, pairs per expert ``C [E]``, and the number of invalid expert ids."""
+    each EP rank ``T [P]``, pairs per expert ``C [E]``, the number of invalid expert ids, and for the
+    hierarchical reduce the copies per level: tokens with more than c destination nodes ``H1 [L1]``,
+    with more than c ranks on node b ``H2 [N, L2]``, with more than c experts on rank q ``H3 [P, L3]``."""
 
-    def __init__(self, groups: CommGroups, node_mask, rank_mask, has_expert, bad_ids):
+    def __init__(self, groups: CommGroups, node_mask, rank_mask, has_expert, bad_ids, k: int):
         t = groups.topology
+        s = has_expert.shape[0]
+        self.L1, self.L2, self.L3 = min(t.num_nodes, k), min(t.ranks_per_node, k), min(t.experts_per_rank, k)
+        ranks_by_node = rank_mask[:, [r for n in range(t.num_nodes) for r in t.ranks_of_node(n)]]
+        h1 = _at_least(node_mask.sum(1), self.L1)
+        h2 = _at_least(ranks_by_node.reshape(s, t.num_nodes, t.ranks_per_node).sum(-1), self.L2)
+        h3 = _at_least(has_expert.reshape(s, t.ep_size, t.experts_per_rank).sum(-1), self.L3)
         local = torch.cat(
-            [node_mask.sum(0), rank_mask.sum(0), has_expert.sum(0), bad_ids.reshape(1)]
+            [node_mask.sum(0), rank_mask.sum(0), has_expert.sum(0), bad_ids.reshape(1),
+             h1.reshape(-1), h2.reshape(-1), h3.reshape(-1)]
         ).to(torch.int64)
         if groups.ep is not None and t.ep_size > 1:
             parts = [torch.empty_like(local) for _ in range(t.ep_size)]
@@ -220,7 +255,14 @@ class _Counts:
         self.U = [r[:n] for r in rows]
         self.T = [r[n : n + p] for r in rows]
         self.C = [r[n + p : n + p + e] for r in rows]
-        bad = [r[-1] for r in rows]
+        o = n + p + e
+        bad = [r[o] for r in rows]
+        o += 1
+        self.H1 = [r[o : o + self.L1] for r in rows]
+        o += self.L1
+        self.H2 = [[r[o + b * self.L2 : o + (b + 1) * self.L2] for b in range(n)] for r in rows]
+        o += n * self.L2
+        self.H3 = [[r[o + q * self.L3 : o + (q + 1) * self.L3] for q in range(p)] for r in rows]
         if any(bad):
             # every rank saw the same table: all raise together, nobody hangs in a later collective
             raise ValueError(
@@ -257,7 +299,9 @@ def _canonical_hop(ids: torch.Tensor, src_key: torch.Tensor, groups: CommGroups,
     key = torch.where(mine, local_e * (t.ep_size * SRC_SHIFT) + src_key.unsqueeze(1), torch.iinfo(torch.int64).max)
     tpe = tuple(sum(c[e] for c in counts.C) for e in range(first, first + t.experts_per_rank))
     order = torch.argsort(key.reshape(-1), stable=True)[: sum(tpe)]
-    hop = Hop.build(order // k, tpe, m, min(k, t.experts_per_rank))
+    # rows here are (token, this rank) rows (k slots) or single pairs (k == 1)
+    levels = [sum(h[me][c] for h in counts.H3) for c in range(counts.L3)] if k > 1 else None
+    hop = Hop.build(order // k, tpe, m, min(k, t.experts_per_rank), level_counts=levels)
     return hop, order % k, tpe
 
 
@@ -287,7 +331,7 @@ def build_plan(
     if weights is None:
         weights = torch.ones(s, k, device=expert_ids.device)
     has, rank_mask, node_mask, bad = _masks(expert_ids, groups)
-    counts = _Counts(groups, node_mask, rank_mask, has, bad)
+    counts = _Counts(groups, node_mask, rank_mask, has, bad, k)
     me, a, j = t.ep_rank, t.node, t.local_index
     dev = expert_ids.device
     tok = torch.arange(s, device=dev)
@@ -307,6 +351,7 @@ def build_plan(
                 blocks=counts.U[me],
                 prev_rows=s,
                 fan_in=min(t.num_nodes, k),
+                level_counts=counts.H1[me],
                 group=groups.rail,
                 out_splits=[counts.U[rail[b]][a] for b in range(t.num_nodes)],
             )
@@ -330,6 +375,7 @@ def build_plan(
             blocks=blocks2,
             prev_rows=mrows,
             fan_in=min(t.ranks_per_node, k),
+            level_counts=[sum(counts.H2[rail[b]][a][c] for b in range(t.num_nodes)) for c in range(counts.L2)],
             group=groups.node if t.num_nodes > 1 else groups.ep,
             out_splits=[sum(counts.T[src_rails[jj][b]][me] for b in range(t.num_nodes)) for jj in range(t.ranks_per_node)],
         )
