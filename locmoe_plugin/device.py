@@ -38,6 +38,14 @@ def backend_for(device_type: str) -> str:
         raise ValueError(f"unknown device_type {device_type!r}; allowed: {allowed}") from None
 
 
+def device_type_for_backend(backend: str) -> str:
+    """The device type a collective backend runs on: nccl->cuda, hccl->npu, gloo->cpu."""
+    for device_type, b in _BACKENDS.items():
+        if b == backend:
+            return device_type
+    raise ValueError(f"unknown backend {backend!r}; allowed: {sorted(_BACKENDS.values())}")
+
+
 def _npu_install_hint() -> str:
     # torch_npu releases track torch releases one-to-one, so the matching version is torch's own
     # version without the local build suffix (e.g. "2.5.1+cpu" -> "2.5.1").

@@ -242,3 +242,12 @@ def test_fake_cleaned_up_after_npu_tests():
     assert dev.get_accelerator().is_cpu
     assert TRANSFER not in sys.modules
     assert not isinstance(getattr(torch, "npu", None), types.SimpleNamespace)
+
+
+def test_device_type_for_backend_roundtrip():
+    from locmoe_plugin.device import backend_for, device_type_for_backend
+
+    for dt in ("cuda", "npu", "cpu"):
+        assert device_type_for_backend(backend_for(dt)) == dt
+    with pytest.raises(ValueError, match="unknown backend 'mpi'"):
+        device_type_for_backend("mpi")

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..device import Accelerator, backend_for, get_accelerator
+from ..device import Accelerator, backend_for, device_type_for_backend, get_accelerator
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _device_for(backend: str) -> Accelerator:
-    return get_accelerator({"gloo": "cpu", "nccl": "cuda", "hccl": "npu"}[backend])
+    return get_accelerator(device_type_for_backend(backend))
 
 
 def _expert(inp: torch.Tensor, tpe, first: int, W: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,41 @@
+"""The ``locmoe`` console script as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def _run(*args, timeout=120):
+    env = {**os.environ, "LOCMOE_DEVICE": "cpu"}
+    return subprocess.run([sys.executable, "-m", "locmoe_plugin.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_help_lists_every_subcommand():
+    out = _run("--help")
+    assert out.returncode == 0
+    for sub in ("capacity", "check-comm", "demo"):
+        assert sub in out.stdout
+
+
+@pytest.mark.multiproc
+def test_check_comm_passes_on_cpu_in_under_a_minute(tmp_path):
+    t0 = time.time()
+    out = _run("check-comm", "--nproc", "4", "--gpus-per-node", "2", "--json", str(tmp_path / "r.json"))
+    elapsed = time.time() - t0
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.rstrip().endswith("->  OK")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["max_abs_diff"] == {"output": 0.0, "grad_input": 0.0, "grad_weights": 0.0}
+    assert report["inter_node_bytes"]["hierarchical"] < report["inter_node_bytes"]["flat"]
+    assert elapsed < 60, f"check-comm took {elapsed:.1f} s"
+
+
+def test_check_comm_rejects_bad_layout_before_spawning():
+    out = _run("check-comm", "--nproc", "4", "--gpus-per-node", "3")
+    assert out.returncode == 2
+    assert "ranks per node 3 does not divide the expert-parallel size 4" in out.stderr
