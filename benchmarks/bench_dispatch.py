@@ -7,12 +7,14 @@ Run on one host with torchrun; add node emulation with launch/emulate_nodes.sh:
 
 Same routing for every system: each rank draws uniform random distinct experts per token (seeded) and
 random combine weights. The "expert" is the multiplication by the combine weight (Megatron applies
-probs in its experts; our combine applies them), so only data movement and its bookkeeping is timed.
+probs in its experts; our combine applies them), so only data movement and its bookkeeping is timed;
+with --expert-ffn N each local expert is a d -> N -> d GELU MLP (same weights for every system).
 
 Systems:
   hierarchical  this package, rail-aligned inter-node stage + intra-node fan-out (TokenDispatcher)
   flat          this package, one EP-wide NCCL all-to-all of (token, expert) pairs ("flat_fast" plan)
   megatron      megatron-core's MoEAlltoAllTokenDispatcher (the 'alltoall' dispatcher), unfused permute
+  hier_overlap  hierarchical, TokenDispatcher.forward with --chunks chunks pipelined on side streams
 Prints a table (rank 0) and writes JSON (--json).
 """
 
@@ -46,6 +48,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--json", default=None)
     p.add_argument("--profile", default=None, help="write rank 0's torch.profiler table of the last config here")
+    p.add_argument("--expert-ffn", type=int, default=0,
+                   help="0: the expert only scales by the weight; N: each local expert is a SwiGLU-free MLP "
+                        "d -> N -> d (GELU), so chunked overlap has compute to hide transfers behind")
+    p.add_argument("--chunks", type=int, default=4, help="chunks of the 'hier_overlap' system")
     return p.parse_args()
 
 
@@ -69,11 +75,30 @@ def megatron_dispatcher(num_experts: int, topk: int, hidden: int, dtype):
     return MoEAlltoAllTokenDispatcher(local, list(range(first, first + local)), cfg, get_default_pg_collection())
 
 
-def run_megatron(disp, x, routing_map, probs):
+def make_experts(num_local: int, hidden: int, ffn: int, dev, dtype, seed: int):
+    """Local expert MLPs (or None): list of (W1 [d, ffn], W2 [ffn, d])."""
+    if not ffn:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return [((torch.randn(hidden, ffn, generator=g) / hidden**0.5).to(dev, dtype),
+             (torch.randn(ffn, hidden, generator=g) / ffn**0.5).to(dev, dtype)) for _ in range(num_local)]
+
+
+def apply_experts(experts, inp, tokens_per_expert):
+    if experts is None:
+        return inp * 1.0
+    outs, start = [], 0
+    for (w1, w2), c in zip(experts, tokens_per_expert):
+        outs.append(torch.nn.functional.gelu(inp[start : start + c] @ w1) @ w2)
+        start += c
+    return torch.cat(outs)
+
+
+def run_megatron(disp, x, routing_map, probs, experts=None):
     h, p = disp.dispatch_preprocess(x, routing_map, probs)
     h, p = disp.token_dispatch(h, p)
-    h, _, p = disp.dispatch_postprocess(h, p)
-    out = h * p.unsqueeze(-1).to(h.dtype)
+    h, tpe, p = disp.dispatch_postprocess(h, p)
+    out = apply_experts(experts, h, [int(v) for v in tpe.tolist()]) * p.unsqueeze(-1).to(h.dtype)
     out = disp.combine_preprocess(out)
     out = disp.token_combine(out)
     return disp.combine_postprocess(out)
@@ -101,6 +126,7 @@ def main() -> None:
             w = torch.softmax(torch.randn(s, k, generator=g), -1).to(dev)
             cot = torch.randn(s, d, generator=g).to(dev, dtype)
             probs, rmap = index_to_dense(ids, w, E)
+            experts = make_experts(E // world, d, args.expert_ffn, dev, dtype, seed=E * 100 + rank)
             outs, res = {}, {}
             for system in args.systems:
                 if system == "megatron":
@@ -113,7 +139,16 @@ def main() -> None:
                     def step():
                         xx = x.clone().requires_grad_(True)
                         pp = probs.clone().requires_grad_(True)
-                        y = run_megatron(mdisp, xx, rmap, pp)
+                        y = run_megatron(mdisp, xx, rmap, pp, experts)
+                        y.backward(cot)
+                        return y
+                elif system == "hier_overlap":
+                    disp = TokenDispatcher(groups, "hierarchical")
+
+                    def step(disp=disp):
+                        xx = x.clone().requires_grad_(True)
+                        ww = w.clone().requires_grad_(True)
+                        y = disp.forward(xx, ids, ww, lambda inp, tpe: apply_experts(experts, inp, tpe), args.chunks)
                         y.backward(cot)
                         return y
                 else:
@@ -123,7 +158,7 @@ def main() -> None:
                         xx = x.clone().requires_grad_(True)
                         ww = w.clone().requires_grad_(True)
                         inp, h = disp.dispatch(xx, ids, ww)
-                        y = disp.combine(inp, h)
+                        y = disp.combine(apply_experts(experts, inp, h.tokens_per_expert), h)
                         y.backward(cot)
                         return y
                 samples = []
@@ -152,7 +187,7 @@ def main() -> None:
                 ms = torch.tensor([statistics.median(samples) * 1e3], device=dev, dtype=torch.float64)
                 dist.all_reduce(ms, op=dist.ReduceOp.MAX)
                 res[system] = {"ms": ms.item()}
-                if system != "megatron":
+                if system in ("hierarchical", "flat", "hier_overlap"):
                     tr = disp.traffic
                     calls = max(tr.calls, 1)
                     b = torch.tensor([tr.inter_bytes / calls, tr.intra_bytes / calls], device=dev, dtype=torch.float64)
@@ -186,7 +221,7 @@ def main() -> None:
 def print_table(meta, rows) -> None:
     print(f"\n{meta['ranks']} ranks as {meta['nodes']} node(s), {meta['tokens_per_rank']} tokens/rank, hidden "
           f"{meta['hidden']}, {meta['dtype']}, {meta['device']}; dispatch+combine fwd+bwd, median ms (max over ranks)")
-    print(f"{'E':>3} {'k':>2} {'cross':>6} {'hier ms':>8} {'flat ms':>8} {'mcore ms':>9} {'flat/hier':>9} "
+    print(f"{'E':>3} {'k':>2} {'cross':>6} {'hier ms':>8} {'flat ms':>8} {'mcore ms':>9} {'overlap ms':>9} {'flat/hier':>9} "
           f"{'mcore/hier':>10} {'hier inter MiB':>14} {'flat inter MiB':>14}")
     for r in rows:
         s = r["systems"]
@@ -194,8 +229,9 @@ def print_table(meta, rows) -> None:
         def ms(name):
             return s.get(name, {}).get("ms", float("nan"))
 
-        h, f, m = ms("hierarchical"), ms("flat"), ms("megatron")
+        h, f, m, o = ms("hierarchical"), ms("flat"), ms("megatron"), ms("hier_overlap")
         print(f"{r['experts']:>3} {r['topk']:>2} {r['cross_node_pair_share']:>6.2f} {h:>8.2f} {f:>8.2f} {m:>9.2f} "
+              f"{o:>9.2f} "
               f"{f / h:>9.2f} {m / h:>10.2f} {s.get('hierarchical', {}).get('inter_node_MiB', float('nan')):>14.1f} "
               f"{s.get('flat', {}).get('inter_node_MiB', float('nan')):>14.1f}")
 

@@ -135,6 +135,33 @@ def test_hierarchical_equals_flat_8_ranks_2x4_and_4x2():
     _check(run_workers(_worker, 8, [(4, 16, 4), (2, 8, 3)]))
 
 
+def _chunks_worker(rank, world):
+    import torch.distributed as dist
+
+    from locmoe_plugin import Topology
+    from locmoe_plugin.comm import TokenDispatcher, build_comm_groups
+
+    topo = Topology.from_ranks_per_node(world, 2, 8, ep_rank=rank)
+    groups = build_comm_groups(topo, dist.group.WORLD)
+    W = torch.randn(8, D, D, generator=torch.Generator().manual_seed(5)) / 4
+    x, ids, w = _case_inputs(rank, 8, 3, 11 + rank, 9, 0.2)
+    first = rank * topo.experts_per_rank
+    out = {}
+    for chunks in (1, 3):
+        xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        disp = TokenDispatcher(groups, "hierarchical")
+        y = disp.forward(xx, ids, ww, lambda inp, tpe: _expert_fn(inp, tpe, first, W), chunks=chunks)
+        (y * torch.linspace(-1, 1, D)).sum().backward()
+        out[chunks] = (y.detach(), xx.grad, ww.grad)
+    return out
+
+
+def test_chunked_forward_matches_one_chunk():
+    for res in run_workers(_chunks_worker, 4):
+        for a, b in zip(res[1], res[3]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def _bytes_worker(rank, world):
     import torch.distributed as dist
 

@@ -12,9 +12,11 @@ way, so gradients reach the router through them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
+from ..device import get_accelerator
 from .groups import CommGroups
 from .plan import Plan, build_plan
 
@@ -136,8 +138,13 @@ class TokenDispatcher:
     def topology(self):
         return self.groups.topology
 
+    def prepare(self, expert_ids: torch.Tensor, weights: torch.Tensor) -> Plan:
+        """Build the routing plan (the count exchange, its one host sync, the metadata exchange)
+        without moving payload; pass it to :meth:`dispatch` as ``plan``."""
+        return build_plan(expert_ids, self.groups, self.mode, weights)
+
     def dispatch(
-        self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+        self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, plan: Plan | None = None
     ) -> tuple[torch.Tensor, DispatchHandle]:
         """Send token rows to the ranks of their experts.
 
@@ -157,7 +164,8 @@ class TokenDispatcher:
                 f"expert_ids {tuple(expert_ids.shape)} and weights {tuple(weights.shape)} must both be "
                 f"[tokens, k] with tokens = {x.shape[0]} (hidden {tuple(hidden.shape)})"
             )
-        plan = build_plan(expert_ids, self.groups, self.mode, weights)
+        if plan is None:
+            plan = self.prepare(expert_ids, weights)
         expert_input = _Broadcast.apply(x, plan)
         pair_w = _PairWeights.apply(weights.float(), plan)
         inter, intra = plan.traffic.bytes(d, x.element_size())
@@ -180,3 +188,68 @@ class TokenDispatcher:
         self.traffic.combine_intra_bytes += intra
         self.traffic.last.update(combine_inter_bytes=inter, combine_intra_bytes=intra)
         return out.reshape(handle.hidden_shape[:-1] + (expert_output.shape[-1],))
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        expert_fn: Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor],
+        chunks: int = 1,
+    ) -> torch.Tensor:
+        """Dispatch, run ``expert_fn(expert_input, tokens_per_expert)``, combine; pipelined in chunks.
+
+        The tokens are split into ``chunks`` contiguous chunks (each with its own plan). On a GPU or
+        NPU, chunk c+1's dispatch (its inter-node transfer first) runs on a side stream while the
+        experts compute chunk c on the current stream and chunk c-1's combine runs on a third stream;
+        autograd replays each op on the stream it ran on, so the backward overlaps the same way. On
+        CPU, or with ``chunks=1``, the chunks run one after another. Results equal the unchunked call
+        up to the expert function's own dependence on batch composition (none for row-wise MLPs).
+        """
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"chunks={chunks!r} must be an integer >= 1 (1 = no overlap)")
+        d = hidden.shape[-1]
+        x = hidden.reshape(-1, d)
+        s = x.shape[0]
+        # every rank must use the same number of chunks (each chunk is a collective); empty chunks are fine
+        bounds = [(c * s) // chunks for c in range(chunks + 1)]
+        parts = [slice(bounds[c], bounds[c + 1]) for c in range(chunks)]
+        acc = get_accelerator(x.device.type)
+        if acc.is_cpu or chunks == 1:
+            outs = []
+            for sl in parts:
+                inp, handle = self.dispatch(x[sl], expert_ids[sl], weights[sl])
+                outs.append(self.combine(expert_fn(inp, handle.tokens_per_expert), handle))
+            return torch.cat(outs).reshape(hidden.shape[:-1] + (outs[0].shape[-1],))
+
+        main, s_disp, s_comb = acc.current_stream(), acc.Stream(), acc.Stream()
+        s_disp.wait_stream(main)
+        s_comb.wait_stream(main)
+        with acc.stream(s_disp):
+            plans = [self.prepare(expert_ids[sl], weights[sl]) for sl in parts]
+
+        def launch(c):
+            with acc.stream(s_disp):
+                inp, handle = self.dispatch(x[parts[c]], expert_ids[parts[c]], weights[parts[c]], plans[c])
+                done = acc.Event()
+                done.record(s_disp)
+            return inp, handle, done
+
+        outs = []
+        pending = launch(0)
+        for c in range(chunks):
+            inp, handle, done = pending
+            if c + 1 < chunks:
+                pending = launch(c + 1)  # its transfers overlap the expert compute below
+            main.wait_event(done)
+            inp.record_stream(main)
+            out = expert_fn(inp, handle.tokens_per_expert)
+            s_comb.wait_stream(main)
+            out.record_stream(s_comb)
+            with acc.stream(s_comb):
+                y = self.combine(out, handle)
+            outs.append(y)
+        main.wait_stream(s_comb)
+        for y in outs:
+            y.record_stream(main)
+        return torch.cat(outs).reshape(hidden.shape[:-1] + (outs[0].shape[-1],))
