@@ -8,7 +8,7 @@ NGPU=${NGPU:-8}
 mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 half=$(( NGPU / 2 ))
-args=(--experts 32 --topk 2 4 8 --expert-ffn 1408 --chunks 4 --systems hierarchical hier_overlap flat megatron)
+args=(--experts 32 --topk ${OVERLAP_TOPK:-2 4 8} --expert-ffn 1408 --chunks 4 --systems hierarchical hier_overlap flat megatron)
 python3 -m torch.distributed.run --standalone --nproc-per-node "$NGPU" benchmarks/bench_dispatch.py \
   --gpus-per-node "$NGPU" --json "$out/overlap_1node_${NGPU}gpu.json" "${args[@]}" 2>&1 \
   | grep -v -E "Warning|warn" > "$out/overlap_1node.log"; tail -6 "$out/overlap_1node.log"

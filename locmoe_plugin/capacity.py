@@ -108,7 +108,7 @@ class CapacityController:
             self.factor = self._clamp(ec_min_exact(delta, c.hidden_size, c.num_experts))
             return
         count, total = share_above(affinity.detach(), delta)
-        both = torch.stack([count.float(), count.new_tensor(total).float()])
+        both = torch.stack([count.float(), torch.full((), float(total), device=count.device)])
         if _group_active(self.group):
             dist.all_reduce(both, group=self.group)
         # device-to-host sync: measured share (every adaptive_interval steps)

@@ -108,7 +108,7 @@ class LocMoERouter(nn.Module):
     # ------------------------------------------------------------------------------------------
     def _global_counts(self, counts: torch.Tensor, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-expert requested counts and total pairs, summed over the EP group when asked."""
-        packed = torch.cat([counts, counts.new_tensor([pairs])])
+        packed = torch.cat([counts, torch.full((1,), pairs, dtype=counts.dtype, device=counts.device)])
         g = self.group
         if (
             self.config.aux_loss_scope == "ep_group"

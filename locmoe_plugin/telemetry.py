@@ -53,7 +53,8 @@ class RoutingStats:
                 self.tokens_per_expert,
                 self.requested_per_expert,
                 torch.stack([self.dropped_pairs, self.cross_node_pairs]).to(self.tokens_per_expert.dtype),
-                self.tokens_per_expert.new_tensor([self.num_tokens]),
+                torch.full((1,), self.num_tokens, dtype=self.tokens_per_expert.dtype,
+                           device=self.tokens_per_expert.device),
             ]
         )
         dist.all_reduce(packed, group=group)

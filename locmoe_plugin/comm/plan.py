@@ -35,11 +35,13 @@ counts; all later index work sizes its outputs from those host counts.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from ..topology import Topology
 from .groups import CommGroups
 
 SRC_SHIFT = 1 << 31  # source key = ep_rank * SRC_SHIFT + token index (tokens per rank < 2**31)
@@ -220,6 +222,22 @@ def _fused_broadcast(hops: tuple[Hop, ...]) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------- builders
+@functools.lru_cache(maxsize=64)
+def _topology_tensors(t: Topology, device: torch.device) -> dict[str, torch.Tensor]:
+    """Index tensors that depend only on the topology, made once per device: building them from
+    Python lists in every call would be a host-to-device copy (a hidden sync) per dispatch."""
+    node_order = [r for n in range(t.num_nodes) for r in t.ranks_of_node(n)]
+    local_of = torch.full((t.ep_size + 1,), t.ranks_per_node, dtype=torch.long)  # phantom: not this node
+    local_of[list(t.ranks_of_node(t.node))] = torch.arange(t.ranks_per_node)
+    ranks_ib = [[t.ranks_of_node(b)[i] for b in range(t.num_nodes)] for i in range(t.ranks_per_node)]
+    return {
+        "node_of_rank": torch.tensor(t.node_of_rank, device=device),
+        "ranks_node_major": torch.tensor(node_order, device=device),
+        "local_of": local_of.to(device),
+        "q_ib": torch.tensor(ranks_ib, device=device),  # [R, N]: EP rank of local index i on node b
+    }
+
+
 def _at_least(per_token: torch.Tensor, levels: int) -> torch.Tensor:
     """``per_token [s, *]`` counts -> ``[*, levels]``: tokens with more than c, for c < levels."""
     c = torch.arange(levels, device=per_token.device)
@@ -236,7 +254,7 @@ class _Counts:
         t = groups.topology
         s = has_expert.shape[0]
         self.L1, self.L2, self.L3 = min(t.num_nodes, k), min(t.ranks_per_node, k), min(t.experts_per_rank, k)
-        ranks_by_node = rank_mask[:, [r for n in range(t.num_nodes) for r in t.ranks_of_node(n)]]
+        ranks_by_node = rank_mask.index_select(1, _topology_tensors(t, rank_mask.device)["ranks_node_major"])
         h1 = _at_least(node_mask.sum(1), self.L1)
         h2 = _at_least(ranks_by_node.reshape(s, t.num_nodes, t.ranks_per_node).sum(-1), self.L2)
         h3 = _at_least(has_expert.reshape(s, t.ep_size, t.experts_per_rank).sum(-1), self.L3)
@@ -281,7 +299,7 @@ def _masks(expert_ids: torch.Tensor, groups: CommGroups):
     col = torch.where(valid, expert_ids, e)
     has = torch.zeros(s, e + 1, dtype=torch.bool, device=expert_ids.device).scatter_(1, col, True)[:, :e]
     rank_mask = has.reshape(s, t.ep_size, t.experts_per_rank).any(-1)
-    node_of_rank = torch.tensor(t.node_of_rank, device=expert_ids.device)
+    node_of_rank = _topology_tensors(t, expert_ids.device)["node_of_rank"]
     per_node = torch.zeros(s, t.num_nodes, dtype=torch.int32, device=expert_ids.device)
     node_mask = per_node.index_add_(1, node_of_rank, rank_mask.to(torch.int32)) > 0
     return has, rank_mask, node_mask, bad
@@ -363,8 +381,7 @@ def build_plan(
         mrows = ids1.shape[0]
         # hop 2 (node): node rows to each local rank holding one of their experts, rank-major
         rank1 = torch.where(ids1 >= 0, ids1 // t.experts_per_rank, t.ep_size)
-        local_of = torch.full((t.ep_size + 1,), t.ranks_per_node, dtype=torch.long, device=dev)
-        local_of[list(node_a)] = torch.arange(t.ranks_per_node, device=dev)
+        local_of = _topology_tensors(t, dev)["local_of"]
         need = torch.zeros(mrows, t.ranks_per_node + 1, dtype=torch.bool, device=dev)
         need.scatter_(1, local_of[rank1], True)
         need = need[:, : t.ranks_per_node]
@@ -406,7 +423,7 @@ def build_plan(
         else:
             # exact: build the node / rank / expert levels at the source (see module doc)
             ranks_ib = [[t.ranks_of_node(b)[i] for b in range(t.num_nodes)] for i in range(t.ranks_per_node)]
-            q_ib = torch.tensor(ranks_ib, device=dev)  # [R, N]
+            q_ib = _topology_tensors(t, dev)["q_ib"]  # [R, N]
             h_q = has.reshape(s, t.ep_size, e_r)  # [s, P, E_r]
             pair_mask = h_q[:, q_ib.reshape(-1), :].reshape(s, t.ranks_per_node, t.num_nodes, e_r).permute(3, 1, 2, 0)
             rank_ibt = rank_mask[:, q_ib.reshape(-1)].reshape(s, t.ranks_per_node, t.num_nodes).permute(1, 2, 0)
