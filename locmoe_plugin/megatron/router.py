@@ -1,0 +1,144 @@
+"""LocMoE router for megatron-core's ``MoELayer`` (0.16 to 0.19), plugged in through the official seam
+``MoESubmodules(router=...)``.
+
+It wraps the framework-free :class:`locmoe_plugin.router.LocMoERouter` (the same math the DeepSpeed
+adapter uses) and honours Megatron's router contract: built as ``router(config=..., pg_collection=...
+[, is_mtp_layer=...])``, ``forward(hidden, padding_mask=None) -> (probs [s, n] fp32, routing_map [s, n]
+bool)``, ``set_layer_number(n)``. Its losses ride on ``probs`` through Megatron's
+``MoEAuxLossAutoScaler`` (so they follow the pipeline schedule's loss scaling) and are logged with
+Megatron's aux-loss tracker, next to LocMoE's telemetry (cross-node share, drops, capacity, delta),
+which therefore appears in Megatron's training log like ``load_balancing_loss`` does.
+
+Use: ``MoESubmodules(experts=..., router=functools.partial(LocMoEMegatronRouter, locmoe=settings))``
+where ``settings`` is a dict of :class:`~locmoe_plugin.config.LocMoEConfig` fields beyond what the
+TransformerConfig already says (experts, hidden size, top-k, aux / z-loss coefficients).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import torch
+
+from ..config import ConfigError, LocMoEConfig
+from ..router import LocMoERouter
+from ..topology import Topology
+from .compat import aux_loss_coeff, check_supported
+
+def locmoe_config_from_megatron(config, overrides: Mapping[str, Any] | None = None) -> LocMoEConfig:
+    """A :class:`LocMoEConfig` from a Megatron ``TransformerConfig`` plus LocMoE-only ``overrides``.
+
+    Taken from Megatron: ``num_moe_experts``, ``hidden_size``, ``moe_router_topk``,
+    ``moe_aux_loss_coeff`` and ``moe_z_loss_coeff`` (overrides win). Capacity: Megatron's
+    ``moe_expert_capacity_factor`` maps to ``capacity="factor"`` unless the overrides choose a mode.
+    """
+    if not getattr(config, "num_moe_experts", None):
+        raise ConfigError("LocMoE needs an MoE model: set num_moe_experts (--num-experts) in the Megatron config")
+    values: dict[str, Any] = dict(
+        num_experts=config.num_moe_experts,
+        hidden_size=config.hidden_size,
+        topk=config.moe_router_topk,
+        aux_loss_coeff=aux_loss_coeff(config),
+        z_loss_coeff=float(getattr(config, "moe_z_loss_coeff", None) or 0.0),
+    )
+    cf = getattr(config, "moe_expert_capacity_factor", None)
+    if cf is not None:
+        values.update(capacity="factor", capacity_factor=float(cf))
+    values.update(overrides or {})
+    if values.get("capacity") not in (None, "factor"):
+        values.pop("capacity_factor", None)
+    return LocMoEConfig.from_dict(values)
+
+
+def _ep_topology(pg_collection, num_experts: int, gpus_per_node: int | None) -> tuple[Topology, Any]:
+    import torch.distributed as dist
+
+    ep = getattr(pg_collection, "ep", None) if pg_collection is not None else None
+    if ep is None or not dist.is_initialized():
+        return Topology.single_node(1, num_experts), None
+    ranks = dist.get_process_group_ranks(ep)
+    if gpus_per_node is None:
+        env = os.environ.get("LOCMOE_GPUS_PER_NODE") or os.environ.get("LOCAL_WORLD_SIZE")
+        gpus_per_node = int(env) if env else None
+    if gpus_per_node is None:
+        return Topology.detect(ep, num_experts), ep
+    return Topology.from_global_ranks(ranks, gpus_per_node, num_experts, dist.get_rank(ep)), ep
+
+
+class LocMoEMegatronRouter(torch.nn.Module):
+    """Megatron router wrapping :class:`LocMoERouter`.
+
+    Args:
+        config: Megatron ``TransformerConfig``.
+        pg_collection: Megatron's process groups (``ep`` for the topology and the global aux loss,
+            ``tp_cp`` for loss logging). Default: Megatron's globals (``get_default_pg_collection``).
+        is_mtp_layer: accepted for megatron-core >= 0.19; LocMoE routes MTP layers the same way.
+        locmoe: LocMoE-only settings (dict of ``LocMoEConfig`` fields), e.g. ``{"routing": "hybrid"}``.
+    """
+
+    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, locmoe: Mapping | None = None):
+        check_supported()
+        super().__init__()
+        if pg_collection is None:
+            from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+            pg_collection = get_default_pg_collection()
+        self.config = config
+        self.is_mtp_layer = is_mtp_layer
+        self.layer_number: int | None = None
+        self.locmoe_config = locmoe_config_from_megatron(config, locmoe)
+        topology, ep_group = _ep_topology(pg_collection, config.num_moe_experts, self.locmoe_config.gpus_per_node)
+        self.tp_cp_group = getattr(pg_collection, "tp_cp", None)
+        self.core = LocMoERouter(
+            self.locmoe_config,
+            topology=topology,
+            group=ep_group,
+            init_method=getattr(config, "init_method", None),
+            device=torch.device("cpu") if getattr(config, "use_cpu_initialization", False) else None,
+        )
+        weight = getattr(self.core.gate, "weight", None)
+        if weight is not None:  # dense gate: like TopKRouter's weight (fp32, sequence-parallel grads)
+            setattr(weight, "sequence_parallel", bool(getattr(config, "sequence_parallel", False)))
+
+    @property
+    def topology(self) -> Topology:
+        return self.core.topology
+
+    @property
+    def last_stats(self):
+        return self.core.last_stats
+
+    def set_layer_number(self, layer_number: int) -> None:
+        self.layer_number = layer_number
+
+    def _log(self, name: str, value: torch.Tensor) -> None:
+        from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
+
+        num_layers = self.config.num_layers + (getattr(self.config, "mtp_num_layers", None) or 0)
+        save_to_aux_losses_tracker(name, value.detach().float(), self.layer_number, num_layers,
+                                   reduce_group=self.tp_cp_group)
+
+    def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        """``hidden [S, B, d]`` (or ``[s, d]``) -> ``(probs [s, n] fp32, routing_map [s, n] bool)``.
+
+        ``padding_mask [S, B]`` (True = real token) is accepted for the contract; padding tokens are
+        routed and counted like the others (TopKRouter leaves them out of its aux loss).
+        """
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        out = self.core(hidden)
+        probs, routing_map = out.to_megatron()
+        c = self.locmoe_config
+        coeffs = {"aux": c.aux_loss_coeff, "locality": c.locality_loss_coeff, "z": c.z_loss_coeff}
+        names = {"aux": "load_balancing_loss", "locality": "locmoe_locality_loss", "z": "z_loss"}
+        for key, loss in out.losses.items():
+            probs = MoEAuxLossAutoScaler.apply(probs, loss)
+            self._log(names[key], loss / coeffs[key])
+        st = out.stats
+        routed = st.tokens_per_expert.sum().clamp_min(1).float()
+        self._log("locmoe_cross_node_share", st.cross_node_pairs.float() / routed)
+        self._log("locmoe_dropped_share", st.dropped_pairs.float() / (routed + st.dropped_pairs.float()))
+        load = st.tokens_per_expert.float()
+        self._log("locmoe_max_over_mean_load", load.max() / load.mean().clamp_min(1e-9))
+        return probs, routing_map
