@@ -166,14 +166,29 @@ class TokenDispatcher:
             )
         if plan is None:
             plan = self.prepare(expert_ids, weights)
+        expert_input, pair_w = self.send(x, weights, plan)
+        return expert_input, DispatchHandle(plan, pair_w, plan.tokens_per_expert, hidden.shape)
+
+    def send(self, x: torch.Tensor, weights: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """The payload half of :meth:`dispatch`: ``x [s, d]`` -> ``expert_input [num_pairs, d]`` and the
+        pairs' combine weights ``[num_pairs]`` fp32 (autograd to ``weights [s, k]``)."""
         expert_input = _Broadcast.apply(x, plan)
         pair_w = _PairWeights.apply(weights.float(), plan)
-        inter, intra = plan.traffic.bytes(d, x.element_size())
+        inter, intra = plan.traffic.bytes(x.shape[-1], x.element_size())
         self.traffic.dispatch_inter_bytes += inter
         self.traffic.dispatch_intra_bytes += intra
         self.traffic.calls += 1
         self.traffic.last = {"mode": plan.mode, "dispatch_inter_bytes": inter, "dispatch_intra_bytes": intra}
-        return expert_input, DispatchHandle(plan, pair_w, plan.tokens_per_expert, hidden.shape)
+        return expert_input, pair_w
+
+    def reduce(self, rows: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """The payload half of :meth:`combine`, without weights: ``rows [num_pairs, d]`` -> ``[s, d]``."""
+        out = _Reduce.apply(rows, plan)
+        inter, intra = plan.traffic.bytes(rows.shape[-1], rows.element_size())
+        self.traffic.combine_inter_bytes += inter
+        self.traffic.combine_intra_bytes += intra
+        self.traffic.last.update(combine_inter_bytes=inter, combine_intra_bytes=intra)
+        return out
 
     def combine(self, expert_output: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """Weight each expert row by its combine weight and sum back to the tokens.
@@ -182,11 +197,7 @@ class TokenDispatcher:
         dispatched hidden states. Dropped slots contribute nothing; a token with no kept slot gets 0.
         """
         weighted = expert_output * handle.pair_weights.unsqueeze(1).to(expert_output.dtype)
-        out = _Reduce.apply(weighted, handle.plan)
-        inter, intra = handle.plan.traffic.bytes(expert_output.shape[-1], expert_output.element_size())
-        self.traffic.combine_inter_bytes += inter
-        self.traffic.combine_intra_bytes += intra
-        self.traffic.last.update(combine_inter_bytes=inter, combine_intra_bytes=intra)
+        out = self.reduce(weighted, handle.plan)
         return out.reshape(handle.hidden_shape[:-1] + (expert_output.shape[-1],))
 
     def forward(

@@ -75,11 +75,22 @@ class LocMoEMegatronRouter(torch.nn.Module):
             ``tp_cp`` for loss logging). Default: Megatron's globals (``get_default_pg_collection``).
         is_mtp_layer: accepted for megatron-core >= 0.19; LocMoE routes MTP layers the same way.
         locmoe: LocMoE-only settings (dict of ``LocMoEConfig`` fields), e.g. ``{"routing": "hybrid"}``.
+        dispatcher: token dispatcher mode used by ``LocMoELayer`` (``"hierarchical"`` or ``"flat"``).
     """
 
-    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, locmoe: Mapping | None = None):
+    def __init__(
+        self,
+        config,
+        pg_collection=None,
+        is_mtp_layer: bool = False,
+        locmoe: Mapping | None = None,
+        dispatcher: str = "hierarchical",
+    ):
         check_supported()
+        if dispatcher not in ("hierarchical", "flat"):
+            raise ConfigError(f"dispatcher={dispatcher!r} is not 'hierarchical' or 'flat'")
         super().__init__()
+        self.dispatcher_mode = dispatcher
         if pg_collection is None:
             from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 

@@ -1,0 +1,158 @@
+"""Megatron's six-phase token-dispatcher contract on top of the core hierarchical dispatcher.
+
+``dispatch_preprocess`` -> ``token_dispatch`` -> ``dispatch_postprocess`` -> experts ->
+``combine_preprocess`` -> ``token_combine`` -> ``combine_postprocess``, as ``MoELayer`` calls them, so
+the layer, its shared-expert handling and Megatron's 1F1B all-to-all overlap schedule keep working.
+The payload moves only in ``token_dispatch`` / ``token_combine``; ``dispatch_preprocess`` exchanges
+the routing counts and metadata (as Megatron's own alltoall dispatcher exchanges its counts there).
+
+Megatron's dispatchers keep the current micro-batch's routing on ``self`` between phases (MoELayer
+calls the phases in order on one instance); this adapter does the same with the core dispatcher's
+handle. Megatron's experts apply the routing probabilities themselves, so ``token_combine`` sums
+unweighted rows.
+
+Limits (refused with a clear error at construction): expert tensor parallelism > 1, tensor
+parallelism without sequence parallelism, drop-and-pad capacity (``moe_pad_expert_input_to_capacity``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..comm.dispatcher import TokenDispatcher
+from ..comm.groups import build_comm_groups
+from ..config import ConfigError
+from ..routing import dense_to_index
+
+
+def validate_parallel_config(config) -> None:
+    """Layouts the LocMoE dispatcher does not handle; raise before any collective."""
+    etp = getattr(config, "expert_tensor_parallel_size", None) or 1
+    if etp > 1:
+        raise ConfigError(
+            f"expert_tensor_parallel_size={etp}: the LocMoE dispatcher needs whole experts per rank; "
+            f"set --expert-tensor-parallel-size 1 (tensor parallelism of the dense layers is fine)"
+        )
+    tp = getattr(config, "tensor_model_parallel_size", 1) or 1
+    if tp > 1 and not getattr(config, "sequence_parallel", False):
+        raise ConfigError(
+            f"tensor_model_parallel_size={tp} without sequence parallelism: each TP rank must route its "
+            f"own sequence shard; add --sequence-parallel"
+        )
+    if getattr(config, "moe_pad_expert_input_to_capacity", False):
+        raise ConfigError(
+            "moe_pad_expert_input_to_capacity (drop-and-pad) is not supported by the LocMoE dispatcher; "
+            "use LocMoE's capacity modes (--locmoe-capacity) instead"
+        )
+
+
+def all_ep_groups(ep_size: int) -> list[list[int]]:
+    """Global ranks of every expert-parallel group, from Megatron's parallel state (the rail and
+    node subgroups of all of them are created together, see ``build_comm_groups``)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    world = dist.get_world_size()
+    mine = dist.get_process_group_ranks(parallel_state.get_expert_model_parallel_group())
+    groups: list[list[int]] = []
+    # every rank contributes its EP group; the distinct ones are all groups
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine)
+    for g in gathered:
+        if list(g) not in groups:
+            groups.append(list(g))
+    if any(len(g) != ep_size for g in groups):
+        raise ConfigError(f"expert-parallel groups of unequal size: {groups}")
+    return groups
+
+
+class LocMoETokenDispatcher:
+    """Drop-in for megatron-core's ``MoEAlltoAllTokenDispatcher``.
+
+    Args:
+        num_local_experts / local_expert_indices / config / pg_collection: as Megatron passes them.
+        topology: the router's topology (same EP group, same nodes).
+        mode: ``"hierarchical"`` or ``"flat"``.
+    """
+
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, topology, mode="hierarchical"):
+        validate_parallel_config(config)
+        self.config = config
+        self.num_local_experts = num_local_experts
+        self.local_expert_indices = list(local_expert_indices)
+        self.topk = config.moe_router_topk
+        self.shared_experts = None
+        ep_ranks = all_ep_groups(topology.ep_size) if topology.ep_size > 1 else None
+        groups = build_comm_groups(topology, pg_collection.ep, ep_ranks)
+        self.core = TokenDispatcher(groups, mode)
+        self._plan = None
+        self._hidden_shape = None
+
+    @property
+    def traffic(self):
+        return self.core.traffic
+
+    def set_shared_experts(self, shared_experts):  # Megatron's overlap hook; we run them in MoELayer
+        self.shared_experts = shared_experts
+
+    # ---------------------------------------------------------------------------- dispatch
+    def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
+        self._hidden_shape = hidden_states.shape
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        ids, weights = dense_to_index(probs, routing_map, self.topk)
+        self._plan = self.core.prepare(ids, weights)  # count + metadata exchange (one host sync)
+        return x, weights
+
+    def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        return self.core.send(hidden_states, probs, self._plan)
+
+    def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        tokens_per_expert = torch.tensor(self._plan.tokens_per_expert, dtype=torch.long)
+        return hidden_states, tokens_per_expert, probs
+
+    # ---------------------------------------------------------------------------- combine
+    def combine_preprocess(self, hidden_states: torch.Tensor):
+        return hidden_states
+
+    def token_combine(self, hidden_states: torch.Tensor):
+        return self.core.reduce(hidden_states, self._plan)
+
+    def combine_postprocess(self, hidden_states: torch.Tensor):
+        out = hidden_states.reshape(self._hidden_shape[:-1] + (hidden_states.shape[-1],))
+        self._plan = None
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def make_locmoe_layer_class():
+    """``LocMoELayer``: megatron-core's ``MoELayer`` whose token dispatcher is the LocMoE one (built
+    lazily so importing this module does not import Megatron)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from .router import LocMoEMegatronRouter
+
+    class LocMoELayer(MoELayer):
+        """``MoELayer`` + LocMoE dispatcher. Needs the LocMoE router (for its topology). The dispatcher
+        mode comes from the router's settings (``locmoe={"dispatcher": ...}``, default hierarchical)."""
+
+        def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, **kwargs):
+            validate_parallel_config(config)
+            super().__init__(config, submodules=submodules, layer_number=layer_number,
+                             pg_collection=pg_collection, **kwargs)
+            if not isinstance(self.router, LocMoEMegatronRouter):
+                raise ConfigError(
+                    "LocMoELayer needs the LocMoE router: MoESubmodules(router=partial(LocMoEMegatronRouter, ...))"
+                )
+            pgc = pg_collection
+            if pgc is None:
+                from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+                pgc = get_default_pg_collection()
+            self.token_dispatcher = LocMoETokenDispatcher(
+                self.num_local_experts, self.local_expert_indices, config, pgc,
+                self.router.topology, mode=self.router.dispatcher_mode,
+            )
+
+    return LocMoELayer

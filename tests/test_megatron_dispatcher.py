@@ -1,0 +1,150 @@
+"""The LocMoE six-phase dispatcher inside megatron-core's MoELayer (CPU, gloo, 4 ranks):
+EP=4 as 2 nodes x 2 against Megatron's own alltoall dispatcher, and TP=2 x EP=2 with sequence
+parallelism against a dense reference."""
+
+import functools
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from ._dist import run_workers  # noqa: E402
+
+pytestmark = pytest.mark.multiproc
+D = 32
+
+
+def _build(layer_cls, tp, ep, locmoe, topk, dispatcher="hierarchical"):
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_layer import MoESubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from locmoe_plugin.megatron.router import LocMoEMegatronRouter
+
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=D, num_attention_heads=4, num_moe_experts=8, moe_router_topk=topk,
+        moe_token_dispatcher_type="alltoall", tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=1, sequence_parallel=tp > 1, use_cpu_initialization=True,
+        moe_aux_loss_coeff=0.01, add_bias_linear=False, ffn_hidden_size=16, moe_ffn_hidden_size=16,
+    )
+    spec = MoESubmodules(
+        experts=ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                                           linear_fc2=RowParallelLinear)),
+        router=functools.partial(LocMoEMegatronRouter, locmoe=locmoe, dispatcher=dispatcher),
+    )
+    layer = layer_cls(cfg, submodules=spec, layer_number=1, pg_collection=moe_utils.get_default_pg_collection())
+    layer.set_layer_number(1)
+    return layer
+
+
+def _fwd_bwd(layer, x, cot):
+    x = x.clone().requires_grad_(True)
+    y, _ = layer(x)
+    (y * cot).sum().backward()
+    return y.detach(), x.grad
+
+
+def _dense_reference(layer, x, cot, world_ep_group):
+    import torch.distributed as dist
+
+    def gather(w):
+        parts = [torch.empty_like(w) for _ in range(dist.get_world_size(world_ep_group))]
+        dist.all_gather(parts, w.detach().contiguous(), group=world_ep_group)
+        return parts
+
+    fc1 = [w for ws in zip(*[gather(e.linear_fc1.weight) for e in layer.experts.local_experts]) for w in ws]
+    fc2 = [w for ws in zip(*[gather(e.linear_fc2.weight) for e in layer.experts.local_experts]) for w in ws]
+    xr = x.clone().requires_grad_(True)
+    out = layer.router.core(xr.reshape(-1, D))
+    probs, _ = out.to_megatron()
+    flat = xr.reshape(-1, D)
+    ref = sum(probs[:, e : e + 1] * (torch.nn.functional.gelu(flat @ fc1[e].t()) @ fc2[e].t()) for e in range(8))
+    ((ref.reshape(x.shape) * cot).sum() + out.total_loss).backward()
+    return ref.detach().reshape(x.shape), xr.grad
+
+
+def _worker(rank, world):
+    from tests import megatron_cpu
+
+    megatron_cpu.install()
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from locmoe_plugin.megatron.dispatcher import make_locmoe_layer_class
+
+    LocMoELayer = make_locmoe_layer_class()
+    out = {}
+    # A: EP=4 as 2 nodes x 2, Megatron's alltoall dispatcher vs ours (hierarchical and flat), same weights
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=4)
+    ep = parallel_state.get_expert_model_parallel_group()
+    for topk in (2, 4):
+        locmoe = {"gpus_per_node": 2}
+        torch.manual_seed(7)
+        mega = _build(MoELayer, 1, 4, locmoe, topk)
+        ours = {m: _build(LocMoELayer, 1, 4, locmoe, topk, dispatcher=m) for m in ("hierarchical", "flat")}
+        for layer in ours.values():
+            layer.load_state_dict(mega.state_dict())
+        torch.manual_seed(100 + rank)
+        x = torch.randn(5 + rank, 2, D)
+        cot = torch.randn_like(x)
+        res = {"megatron": _fwd_bwd(mega, x, cot)}
+        for m, layer in ours.items():
+            res[m] = _fwd_bwd(layer, x, cot)
+            res[m + "_traffic"] = layer.token_dispatcher.traffic.to_dict()
+        res["ref"] = _dense_reference(mega, x, cot, ep)
+        out[("ep4", topk)] = res
+    parallel_state.destroy_model_parallel()
+    # B: TP=2 with sequence parallelism x EP=2 (ETP=1); each rank its own node: the rail stage is used
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2, expert_model_parallel_size=2,
+                                             expert_tensor_parallel_size=1)
+    ep = parallel_state.get_expert_model_parallel_group()
+    torch.manual_seed(8)
+    layer = _build(LocMoELayer, 2, 2, {"gpus_per_node": 1}, 2)
+    torch.manual_seed(200 + rank)
+    x = torch.randn(4, 2, D)  # this TP rank's sequence shard
+    cot = torch.randn_like(x)
+    out[("tp2ep2", 2)] = {"ours": _fwd_bwd(layer, x, cot), "ref": _dense_reference(layer, x, cot, ep),
+                          "nodes": layer.router.topology.num_nodes}
+    parallel_state.destroy_model_parallel()
+    return out
+
+
+def test_locmoe_dispatcher_in_megatron_moe_layer():
+    results = run_workers(_worker, 4)
+    for res in results:
+        for topk in (2, 4):
+            r = res[("ep4", topk)]
+            y_ref, g_ref = r["ref"]
+            for name in ("megatron", "hierarchical", "flat"):
+                torch.testing.assert_close(r[name][0], y_ref, rtol=1e-5, atol=1e-6, msg=f"{name} k={topk}")
+                torch.testing.assert_close(r[name][1], g_ref, rtol=1e-5, atol=1e-6, msg=f"{name} k={topk}")
+            # hierarchical and flat: bitwise equal; top-2 sums have one order: equal to Megatron's too
+            assert torch.equal(r["hierarchical"][0], r["flat"][0]) and torch.equal(r["hierarchical"][1], r["flat"][1])
+            if topk == 2:
+                assert torch.equal(r["hierarchical"][0], r["megatron"][0])
+            assert r["hierarchical_traffic"]["inter_bytes"] <= r["flat_traffic"]["inter_bytes"]
+        r = res[("tp2ep2", 2)]
+        assert r["nodes"] == 2
+        torch.testing.assert_close(r["ours"][0], r["ref"][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["ours"][1], r["ref"][1], rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_layouts_are_refused():
+    from types import SimpleNamespace
+
+    from locmoe_plugin.config import ConfigError
+    from locmoe_plugin.megatron.dispatcher import validate_parallel_config
+
+    ok = SimpleNamespace(expert_tensor_parallel_size=1, tensor_model_parallel_size=2, sequence_parallel=True)
+    validate_parallel_config(ok)
+    with pytest.raises(ConfigError, match="set --expert-tensor-parallel-size 1"):
+        validate_parallel_config(SimpleNamespace(expert_tensor_parallel_size=2))
+    with pytest.raises(ConfigError, match="add --sequence-parallel"):
+        validate_parallel_config(SimpleNamespace(tensor_model_parallel_size=2, sequence_parallel=False))
+    with pytest.raises(ConfigError, match="drop-and-pad"):
+        validate_parallel_config(SimpleNamespace(moe_pad_expert_input_to_capacity=True))
