@@ -1,17 +1,30 @@
 """Megatron-core adapter (megatron-core >= 0.16, < 0.20). Importing this package does not import
-Megatron; the classes do, when built.
+Megatron; the functions and classes do, when called or built.
 
-Done: the LocMoE router through ``MoESubmodules(router=...)``. Still to come: the hierarchical token
-dispatcher inside MoELayer, the ``--locmoe`` flags / ``enable()`` / wrapper, and checkpoint mapping.
+Three ways in (README, "Megatron"): ``locmoe-megatron pretrain_gpt.py ... --locmoe`` (wrapper),
+``import locmoe_plugin.megatron.auto`` or ``enable()`` (patch objects, see ``enable.py``), or, for your
+own megatron-core script, ``locmoe_spec(spec, ...)`` / ``MoESubmodules(router=partial(LocMoEMegatronRouter,
+...))`` and ``add_arguments`` as ``extra_args_provider``.
 """
 
+from .args import add_arguments, settings_from_args
 from .compat import UnsupportedMegatronError, check_supported, megatron_core_version
+from .enable import PATCHES, disable, enable, status
 from .router import LocMoEMegatronRouter, locmoe_config_from_megatron
+from .spec import count_locmoe_layers, locmoe_spec
 
 __all__ = [
     "LocMoEMegatronRouter",
+    "PATCHES",
     "UnsupportedMegatronError",
+    "add_arguments",
     "check_supported",
+    "count_locmoe_layers",
+    "disable",
+    "enable",
     "locmoe_config_from_megatron",
+    "locmoe_spec",
     "megatron_core_version",
+    "settings_from_args",
+    "status",
 ]

@@ -1,0 +1,102 @@
+"""``--locmoe`` command-line flags for Megatron-LM (an ``extra_args_provider``), and their translation
+into router settings. Defaults and help text come from :class:`~locmoe_plugin.config.LocMoEConfig`;
+Megatron's own flags keep their meaning (``--num-experts``, ``--moe-router-topk``,
+``--moe-aux-loss-coeff``, ``--moe-z-loss-coeff``, ``--expert-model-parallel-size``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..config import AUX_SCOPES, CAPACITIES, DROP_POLICIES, GATES, ROUTINGS, ConfigError, LocMoEConfig
+
+_DEFAULTS = {f.name: f.default for f in LocMoEConfig.__dataclass_fields__.values()}
+DISPATCHERS = ("hierarchical", "flat")
+
+#: flag -> LocMoEConfig field
+_FIELDS = {
+    "locmoe_gate": "gate",
+    "locmoe_routing": "routing",
+    "locmoe_locality_loss_coeff": "locality_loss_coeff",
+    "locmoe_aux_loss_scope": "aux_loss_scope",
+    "locmoe_capacity": "capacity",
+    "locmoe_capacity_factor": "capacity_factor",
+    "locmoe_min_capacity": "min_capacity",
+    "locmoe_delta": "delta",
+    "locmoe_adaptive_interval": "adaptive_interval",
+    "locmoe_drop_policy": "drop_policy",
+    "locmoe_max_nodes_per_token": "max_nodes_per_token",
+    "locmoe_gpus_per_node": "gpus_per_node",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the LocMoE flags to ``parser`` (use as Megatron-LM's ``extra_args_provider``)."""
+    g = parser.add_argument_group("LocMoE", "LocMoE / LocMoE+ routing and hierarchical all-to-all (locmoe-plugin)")
+    g.add_argument("--locmoe", action="store_true", help="use the LocMoE router and dispatcher in every MoE layer")
+    g.add_argument("--locmoe-gate", choices=GATES, default=_DEFAULTS["gate"],
+                   help="grap: parameter-free grouped average pooling (LocMoE); dense: learned linear gate")
+    g.add_argument("--locmoe-routing", choices=ROUTINGS, default=_DEFAULTS["routing"],
+                   help="topk: plain top-k; locmoe: top-k + locality loss; hybrid: LocMoE+ token/expert choice")
+    g.add_argument("--locmoe-locality-loss-coeff", type=float, default=None,
+                   help="mu of the locality loss (default 0.01 for locmoe/hybrid, 0 for topk)")
+    g.add_argument("--locmoe-aux-loss-scope", choices=AUX_SCOPES, default=_DEFAULTS["aux_loss_scope"],
+                   help="balance measured over the expert-parallel group (default) or this rank's tokens")
+    g.add_argument("--locmoe-capacity", choices=CAPACITIES, default=None,
+                   help="none (dropless), factor, bound (LocMoE Theorem 1), adaptive (LocMoE+); "
+                        "default: none, or adaptive for hybrid; --moe-expert-capacity-factor implies factor")
+    g.add_argument("--locmoe-capacity-factor", type=float, default=None, help="capacity factor for --locmoe-capacity factor")
+    g.add_argument("--locmoe-min-capacity", type=int, default=_DEFAULTS["min_capacity"], help="smallest capacity per expert")
+    g.add_argument("--locmoe-delta", type=float, default=None,
+                   help="affinity threshold of the capacity bound (default: estimated from the first batch)")
+    g.add_argument("--locmoe-adaptive-interval", type=int, default=_DEFAULTS["adaptive_interval"],
+                   help="steps between re-estimations of the adaptive capacity")
+    g.add_argument("--locmoe-drop-policy", choices=DROP_POLICIES, default=_DEFAULTS["drop_policy"],
+                   help="which pairs an over-full expert keeps: highest score or first position")
+    g.add_argument("--locmoe-max-nodes-per-token", type=int, default=None,
+                   help="node-limited routing: each token's experts on at most this many nodes")
+    g.add_argument("--locmoe-gpus-per-node", type=int, default=None,
+                   help="GPUs per node (default: LOCMOE_GPUS_PER_NODE, LOCAL_WORLD_SIZE, or host names)")
+    g.add_argument("--locmoe-dispatcher", choices=DISPATCHERS, default="hierarchical",
+                   help="hierarchical: each token crosses to a remote node once; flat: one all-to-all of pairs")
+    g.add_argument("--locmoe-overlap-chunks", type=int, default=1,
+                   help="chunked overlap; must be 1 under Megatron (MoELayer drives the dispatcher's phases)")
+    return parser
+
+
+def settings_from_args(args: Any) -> tuple[dict, str]:
+    """``(locmoe overrides for LocMoEConfig, dispatcher mode)`` from parsed arguments. Validates
+    everything that can be checked before a process group exists; raises :class:`ConfigError`."""
+    if not getattr(args, "locmoe", False):
+        raise ConfigError("--locmoe is not set")
+    if not getattr(args, "num_experts", None):
+        raise ConfigError("--locmoe needs an MoE model: add --num-experts N (and --moe-router-topk K)")
+    if getattr(args, "locmoe_overlap_chunks", 1) != 1:
+        raise ConfigError(
+            f"--locmoe-overlap-chunks {args.locmoe_overlap_chunks}: under Megatron the MoELayer calls the "
+            f"dispatcher phase by phase (use Megatron's --overlap-moe-expert-parallel-comm); set it to 1"
+        )
+    overrides = {}
+    for flag, field in _FIELDS.items():
+        value = getattr(args, flag, None)
+        if value is not None and value != _DEFAULTS.get(field, object()):
+            overrides[field] = value
+    if "capacity_factor" in overrides and "capacity" not in overrides:
+        overrides["capacity"] = "factor"
+    # the full config must validate now (hidden size vs experts, coefficients, capacity...)
+    cf = getattr(args, "moe_expert_capacity_factor", None)
+    base = dict(num_experts=args.num_experts, hidden_size=args.hidden_size, topk=getattr(args, "moe_router_topk", 2))
+    if cf is not None and "capacity" not in overrides:
+        base.update(capacity="factor", capacity_factor=cf)
+    LocMoEConfig.from_dict({**base, **overrides})
+    ep = getattr(args, "expert_model_parallel_size", 1) or 1
+    if args.num_experts % ep:
+        raise ConfigError(f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size {ep}")
+    gpn = overrides.get("gpus_per_node")
+    if gpn is not None:
+        # with expert tensor parallelism 1 (required), an EP group is ep consecutive ranks
+        from ..topology import Topology
+
+        Topology.from_global_ranks(range(ep), gpn, args.num_experts)
+    return overrides, args.locmoe_dispatcher

@@ -1,0 +1,66 @@
+"""Turn any megatron-core layer / block spec into one whose MoE layers are LocMoE layers.
+
+``locmoe_spec(spec, locmoe, dispatcher)`` walks a ``ModuleSpec`` tree (transformer layer specs, block
+specs with their per-layer lists) and replaces every ``MoELayer`` spec by ``LocMoELayer`` with the LocMoE
+router; everything else (attention, experts, shared experts, norms) is kept. Users with their own
+megatron-core scripts call it on the spec they already build; ``enable()`` applies it to Megatron-LM's
+GPT specs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+
+def locmoe_spec(spec: Any, locmoe: Mapping | None = None, dispatcher: str = "hierarchical") -> Any:
+    """A copy of ``spec`` with every ``MoELayer`` replaced by ``LocMoELayer`` + ``LocMoEMegatronRouter``."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from .dispatcher import make_locmoe_layer_class
+    from .router import LocMoEMegatronRouter
+
+    layer_cls = make_locmoe_layer_class()
+    router = functools.partial(LocMoEMegatronRouter, locmoe=dict(locmoe or {}), dispatcher=dispatcher)
+
+    def walk(node):
+        if isinstance(node, ModuleSpec):
+            sub = walk(node.submodules)
+            if isinstance(node.module, type) and issubclass(node.module, MoELayer):
+                sub = dataclasses.replace(sub, router=router)
+                return dataclasses.replace(node, module=layer_cls, submodules=sub)
+            return dataclasses.replace(node, submodules=sub) if sub is not node.submodules else node
+        if isinstance(node, (list, tuple)):
+            items = [walk(x) for x in node]
+            return node if all(a is b for a, b in zip(items, node)) else type(node)(items)
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
+            changes = {}
+            for f in dataclasses.fields(node):
+                if not f.init:
+                    continue
+                old = getattr(node, f.name)
+                new = walk(old)
+                if new is not old:
+                    changes[f.name] = new
+            return dataclasses.replace(node, **changes) if changes else node
+        return node
+
+    return walk(spec)
+
+
+def count_locmoe_layers(spec: Any) -> int:
+    """How many ``LocMoELayer`` specs ``spec`` holds (for tests and logs)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from .dispatcher import make_locmoe_layer_class
+
+    cls = make_locmoe_layer_class()
+    if isinstance(spec, ModuleSpec):
+        return (spec.module is cls) + count_locmoe_layers(spec.submodules)
+    if isinstance(spec, (list, tuple)):
+        return sum(count_locmoe_layers(x) for x in spec)
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        return sum(count_locmoe_layers(getattr(spec, f.name)) for f in dataclasses.fields(spec))
+    return 0

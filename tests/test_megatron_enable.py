@@ -1,0 +1,157 @@
+"""Flags, settings, enable()/disable() idempotence, the spec rewrite, the wrapper, and Ascend (mocked)."""
+
+import argparse
+import sys
+import types
+
+import pytest
+
+pytest.importorskip("megatron.core")
+
+from locmoe_plugin.config import ConfigError  # noqa: E402
+from locmoe_plugin.megatron import (  # noqa: E402
+    add_arguments,
+    count_locmoe_layers,
+    disable,
+    enable,
+    locmoe_spec,
+    settings_from_args,
+    status,
+)
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    disable()
+    yield
+    disable()
+
+
+def _args(*argv, **megatron):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    ns = p.parse_args(list(argv))
+    base = dict(num_experts=8, hidden_size=64, moe_router_topk=2, expert_model_parallel_size=4,
+                moe_expert_capacity_factor=None)
+    base.update(megatron)
+    for k, v in base.items():
+        setattr(ns, k, v)
+    return ns
+
+
+def test_flags_parse_and_reach_the_settings():
+    ns = _args("--locmoe", "--locmoe-routing", "hybrid", "--locmoe-locality-loss-coeff", "0.05",
+               "--locmoe-capacity", "bound", "--locmoe-gpus-per-node", "2", "--locmoe-dispatcher", "flat")
+    overrides, dispatcher = settings_from_args(ns)
+    assert overrides == {"routing": "hybrid", "locality_loss_coeff": 0.05, "capacity": "bound", "gpus_per_node": 2}
+    assert dispatcher == "flat"
+    # defaults come from the core config
+    ns = _args("--locmoe")
+    assert settings_from_args(ns) == ({}, "hierarchical")
+    assert ns.locmoe_gate == "grap" and ns.locmoe_min_capacity == 4
+    help_text = argparse.ArgumentParser()
+    add_arguments(help_text)
+    assert "LocMoE+ token/expert choice" in help_text.format_help()
+
+
+@pytest.mark.parametrize(
+    "argv, megatron, message",
+    [
+        (("--locmoe",), {"num_experts": None}, r"--locmoe needs an MoE model: add --num-experts"),
+        (("--locmoe", "--locmoe-gpus-per-node", "3"), {}, r"ranks per node 3 does not divide|different numbers"),
+        (("--locmoe",), {"hidden_size": 100}, r"hidden_size 100 is not divisible by num_experts 8: GrAP"),
+        (("--locmoe",), {"expert_model_parallel_size": 3}, r"--num-experts 8 is not divisible by --expert-model-parallel-size 3"),
+        (("--locmoe", "--locmoe-overlap-chunks", "2"), {}, r"set it to 1"),
+        (("--locmoe", "--locmoe-routing", "hybrid", "--locmoe-capacity", "none"), {}, r"needs a capacity"),
+    ],
+)
+def test_invalid_combinations_fail_with_one_message(argv, megatron, message):
+    with pytest.raises(ConfigError, match=message):
+        settings_from_args(_args(*argv, **megatron))
+
+
+def test_spec_rewrite_and_enable_disable_are_idempotent():
+    from megatron.core.models.gpt import gpt_layer_specs, moe_module_specs
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    original = moe_module_specs.get_moe_module_spec_for_backend
+    plain = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
+    assert plain.submodules.mlp.module is MoELayer and count_locmoe_layers(plain) == 0
+    assert count_locmoe_layers(locmoe_spec(plain, {"routing": "hybrid"})) == 1
+
+    applied = enable(settings={"routing": "locmoe"}, dispatcher="flat")
+    assert "megatron-moe-spec" in applied and status()["megatron-moe-spec"]
+    assert enable(settings={"routing": "locmoe"}) == []  # idempotent
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
+    assert count_locmoe_layers(spec) == 1
+    router = spec.submodules.mlp.submodules.router
+    assert router.keywords == {"locmoe": {"routing": "locmoe"}, "dispatcher": "hierarchical"}
+    # dense (non-MoE) specs are untouched
+    assert count_locmoe_layers(gpt_layer_specs.get_gpt_layer_local_spec()) == 0
+
+    assert "megatron-moe-spec" in disable()
+    assert disable() == []
+    assert moe_module_specs.get_moe_module_spec_for_backend is original
+    assert gpt_layer_specs.get_moe_module_spec_for_backend is original
+    assert count_locmoe_layers(gpt_layer_specs.get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)) == 0
+
+
+def test_args_patch_registers_flags_in_megatron_parser(monkeypatch):
+    """megatron.training is not in the CPU wheel of megatron-core 0.16: a stand-in module with
+    Megatron-LM's ``add_megatron_arguments`` shows the flags land in Megatron's own parser."""
+    training = types.ModuleType("megatron.training")
+    training.__path__ = []
+    arguments = types.ModuleType("megatron.training.arguments")
+
+    def add_megatron_arguments(parser):
+        parser.add_argument("--num-experts", type=int)
+        return parser
+
+    def parse_args(argv):
+        return arguments.add_megatron_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+    arguments.add_megatron_arguments = add_megatron_arguments
+    arguments.parse_args = parse_args
+    training.arguments = arguments
+    monkeypatch.setitem(sys.modules, "megatron.training", training)
+    monkeypatch.setitem(sys.modules, "megatron.training.arguments", arguments)
+
+    assert "megatron-args" in enable()
+    ns = arguments.parse_args(["--num-experts", "8", "--locmoe", "--locmoe-routing", "hybrid"])
+    assert ns.locmoe and ns.locmoe_routing == "hybrid" and ns.num_experts == 8
+    assert enable() == []
+    disable()
+    assert arguments.add_megatron_arguments is add_megatron_arguments
+    with pytest.raises(SystemExit):
+        arguments.parse_args(["--locmoe"])
+
+
+def test_enable_on_ascend_applies_transfer_to_npu(fake_npu, monkeypatch):
+    from locmoe_plugin import device as dev
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    dev.reset_accelerator_cache()
+    try:
+        _, torch_npu = fake_npu
+        assert dev.get_accelerator().backend == "hccl"
+        enable(settings={})
+        assert torch_npu.transfer_applied == 1
+        enable(settings={})
+        assert torch_npu.transfer_applied == 1
+    finally:
+        dev.reset_accelerator_cache()
+
+
+def test_wrapper_runs_a_script_with_locmoe_enabled(tmp_path, capsys):
+    from locmoe_plugin.megatron.launcher import main
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys\n"
+        "from locmoe_plugin.megatron import status\n"
+        "print('ARGS', sys.argv[1:], 'PATCHED', status()['megatron-moe-spec'])\n"
+    )
+    assert main([str(script), "--num-experts", "8", "--locmoe"]) == 0
+    out = capsys.readouterr().out
+    assert "ARGS ['--num-experts', '8', '--locmoe'] PATCHED True" in out
+    assert main([str(tmp_path / "missing.py")]) == 2
