@@ -105,6 +105,15 @@ class LocMoERouter(nn.Module):
         self.register_buffer("local_expert_mask", topology.local_expert_mask(), persistent=False)
         self.last_stats: RoutingStats | None = None
 
+    def get_extra_state(self) -> dict:
+        """Saved with the module: the capacity controller's delta / factor / step count, so a resumed
+        run keeps its ``bound`` / ``adaptive`` capacity."""
+        return {"capacity": self.capacity.state_dict()}
+
+    def set_extra_state(self, state) -> None:
+        if state:
+            self.capacity.load_state_dict(state.get("capacity", {}))
+
     # ------------------------------------------------------------------------------------------
     def _global_counts(self, counts: torch.Tensor, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-expert requested counts and total pairs, summed over the EP group when asked."""

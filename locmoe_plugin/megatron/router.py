@@ -112,6 +112,28 @@ class LocMoEMegatronRouter(torch.nn.Module):
         if weight is not None:  # dense gate: like TopKRouter's weight (fp32, sequence-parallel grads)
             setattr(weight, "sequence_parallel", bool(getattr(config, "sequence_parallel", False)))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """Accept checkpoints of Megatron's ``TopKRouter``: its ``weight`` [n, d] is the dense gate."""
+        legacy, ours = prefix + "weight", prefix + "core.gate.weight"
+        if legacy in state_dict and ours not in state_dict:
+            if self.locmoe_config.gate != "dense":
+                error_msgs.append(
+                    f"{legacy}: the checkpoint holds a learned (TopKRouter) gate, but this LocMoE router uses "
+                    f"gate={self.locmoe_config.gate!r}; load it with --locmoe-gate dense"
+                )
+                state_dict.pop(legacy)
+            else:
+                state_dict[ours] = state_dict.pop(legacy)
+            state_dict.setdefault(prefix + "core._extra_state", None)  # TopKRouter has no capacity state
+        for key in ("expert_bias", "bias"):
+            if prefix + key in state_dict:
+                error_msgs.append(
+                    f"{prefix + key}: the checkpoint's router has a {key.replace('_', ' ')} "
+                    f"(TopKRouter option) that the LocMoE router does not implement"
+                )
+                state_dict.pop(prefix + key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
     @property
     def topology(self) -> Topology:
         return self.core.topology
