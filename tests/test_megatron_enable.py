@@ -155,3 +155,24 @@ def test_wrapper_runs_a_script_with_locmoe_enabled(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ARGS ['--num-experts', '8', '--locmoe'] PATCHED True" in out
     assert main([str(tmp_path / "missing.py")]) == 2
+
+
+def test_megatron_lm_patch_applies_and_reverts(tmp_path):
+    import pathlib
+    import shutil
+    import subprocess
+
+    patch_bin = shutil.which("patch")
+    if patch_bin is None:
+        pytest.skip("GNU patch is not installed")
+    target = tmp_path / "pretrain_gpt.py"
+    original = '# Copyright\n"""Pretrain GPT."""\nimport torch\n'
+    target.write_text(original)
+    patch_file = pathlib.Path(__file__).resolve().parents[1] / "patches" / "megatron-lm-pretrain_gpt.patch"
+    subprocess.run([patch_bin, "-p1", "-i", str(patch_file)], cwd=tmp_path, check=True, capture_output=True)
+    patched = target.read_text()
+    assert patched.splitlines()[0].startswith("import locmoe_plugin.megatron.auto")
+    assert patched.endswith(original)
+    compile(patched, "pretrain_gpt.py", "exec")
+    subprocess.run([patch_bin, "-p1", "-R", "-i", str(patch_file)], cwd=tmp_path, check=True, capture_output=True)
+    assert target.read_text() == original
