@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("megatron.core")
 
 from ._dist import run_workers  # noqa: E402
-from .test_megatron_dispatcher import _build, _fwd_bwd  # noqa: E402
+from .megatron_helpers import build_layer as _build, fwd_bwd as _fwd_bwd  # noqa: E402
 
 pytestmark = pytest.mark.multiproc
 
