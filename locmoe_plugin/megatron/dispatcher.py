@@ -69,7 +69,9 @@ def all_ep_groups(ep_size: int) -> list[list[int]]:
 
 
 class LocMoETokenDispatcher:
-    """Drop-in for megatron-core's ``MoEAlltoAllTokenDispatcher``.
+    """The six phases over the core dispatcher (mixed into Megatron's ``MoETokenDispatcher`` base by
+    :func:`make_dispatcher_class`, which supplies the version's other hooks, e.g. 0.19's
+    ``get_expert_zero_copy_buffers``). Drop-in for megatron-core's ``MoEAlltoAllTokenDispatcher``.
 
     Args:
         num_local_experts / local_expert_indices / config / pg_collection: as Megatron passes them.
@@ -83,7 +85,6 @@ class LocMoETokenDispatcher:
         self.num_local_experts = num_local_experts
         self.local_expert_indices = list(local_expert_indices)
         self.topk = config.moe_router_topk
-        self.shared_experts = None
         ep_ranks = all_ep_groups(topology.ep_size) if topology.ep_size > 1 else None
         groups = build_comm_groups(topology, pg_collection.ep, ep_ranks)
         self.core = TokenDispatcher(groups, mode)
@@ -93,9 +94,6 @@ class LocMoETokenDispatcher:
     @property
     def traffic(self):
         return self.core.traffic
-
-    def set_shared_experts(self, shared_experts):  # Megatron's overlap hook; we run them in MoELayer
-        self.shared_experts = shared_experts
 
     # ---------------------------------------------------------------------------- dispatch
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
@@ -126,6 +124,21 @@ class LocMoETokenDispatcher:
 
 
 @functools.lru_cache(maxsize=None)
+def make_dispatcher_class():
+    """``LocMoETokenDispatcher`` on top of the installed Megatron's ``MoETokenDispatcher`` base."""
+    from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
+
+    class MegatronLocMoETokenDispatcher(LocMoETokenDispatcher, MoETokenDispatcher):
+        def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, topology, mode="hierarchical"):
+            MoETokenDispatcher.__init__(self, config=config, pg_collection=pg_collection)
+            LocMoETokenDispatcher.__init__(self, num_local_experts, local_expert_indices, config, pg_collection,
+                                           topology, mode)
+
+    MegatronLocMoETokenDispatcher.__name__ = MegatronLocMoETokenDispatcher.__qualname__ = "LocMoETokenDispatcher"
+    return MegatronLocMoETokenDispatcher
+
+
+@functools.lru_cache(maxsize=None)
 def make_locmoe_layer_class():
     """``LocMoELayer``: megatron-core's ``MoELayer`` whose token dispatcher is the LocMoE one (built
     lazily so importing this module does not import Megatron)."""
@@ -150,7 +163,7 @@ def make_locmoe_layer_class():
                 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
                 pgc = get_default_pg_collection()
-            self.token_dispatcher = LocMoETokenDispatcher(
+            self.token_dispatcher = make_dispatcher_class()(
                 self.num_local_experts, self.local_expert_indices, config, pgc,
                 self.router.topology, mode=self.router.dispatcher_mode,
             )
