@@ -25,6 +25,9 @@ def build_layer(layer_cls, tp, ep, locmoe, topk, dispatcher="hierarchical"):
         moe_token_dispatcher_type="alltoall", tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
         expert_tensor_parallel_size=1, sequence_parallel=tp > 1, use_cpu_initialization=True,
         moe_aux_loss_coeff=0.01, add_bias_linear=False, ffn_hidden_size=16, moe_ffn_hidden_size=16,
+        # with a dropping LocMoE capacity, Megatron's own dispatchers (0.19) must be told the token
+        # count is dynamic; LocMoE's capacity settings still decide (they override this value)
+        moe_expert_capacity_factor=locmoe.get("capacity_factor") if locmoe.get("capacity") == "factor" else None,
     )
     spec = MoESubmodules(
         experts=ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,

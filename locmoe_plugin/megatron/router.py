@@ -9,6 +9,10 @@ bool)``, ``set_layer_number(n)``. Its losses ride on ``probs`` through Megatron'
 Megatron's aux-loss tracker, next to LocMoE's telemetry (cross-node share, drops, capacity, delta),
 which therefore appears in Megatron's training log like ``load_balancing_loss`` does.
 
+With a LocMoE capacity that drops tokens and *Megatron's own* dispatchers (``MoELayer`` rather than
+``LocMoELayer``), also set ``moe_expert_capacity_factor`` (``--moe-expert-capacity-factor``): megatron-core
+0.19 otherwise sizes its buffers as tokens x top-k. LocMoE's capacity settings still decide the drops.
+
 Use: ``MoESubmodules(experts=..., router=functools.partial(LocMoEMegatronRouter, locmoe=settings))``
 where ``settings`` is a dict of :class:`~locmoe_plugin.config.LocMoEConfig` fields beyond what the
 TransformerConfig already says (experts, hidden size, top-k, aux / z-loss coefficients).
