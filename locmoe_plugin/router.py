@@ -46,7 +46,8 @@ class RouterOutput:
 
     @property
     def total_loss(self) -> torch.Tensor:
-        return sum(self.losses.values())
+        """Sum of the scaled losses (a 0-d tensor, 0 when every coefficient is 0)."""
+        return sum(self.losses.values(), self.logits.new_zeros(()))
 
     def to_megatron(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(probs [s, n], routing_map [s, n] bool)`` as Megatron's router contract returns them."""

@@ -164,3 +164,9 @@ def test_cli_bad_input_is_one_line(capsys):
     assert cli_main(["capacity", "--hidden-size", "5120", "--num-experts", "16", "--delta", "2"]) == 2
     err = capsys.readouterr().err
     assert "delta" in err and "Traceback" not in err
+
+
+def test_total_loss_is_a_tensor_even_without_losses():
+    cfg = LocMoEConfig(num_experts=4, hidden_size=16, topk=1, routing="topk", aux_loss_coeff=0.0)
+    out = LocMoERouter(cfg)(torch.randn(3, 16))
+    assert out.losses == {} and torch.is_tensor(out.total_loss) and out.total_loss.item() == 0.0
