@@ -182,6 +182,13 @@ def _bytes_worker(rank, world):
         inp, h = disp.dispatch(x, ids, w)
         disp.combine(inp, h)
         out[mode] = disp.traffic.to_dict()
+    # bad input on one rank: every rank raises the same error after the count exchange, none hangs
+    bad = torch.tensor([[99, 0]]) if rank == 1 else torch.zeros(0, 2, dtype=torch.long)
+    try:
+        TokenDispatcher(groups, "hierarchical").dispatch(torch.ones(bad.shape[0], D), bad, torch.ones(bad.shape))
+        out["bad_ids_error"] = None
+    except ValueError as exc:
+        out["bad_ids_error"] = str(exc)
     return out
 
 
@@ -201,3 +208,5 @@ def test_hand_worked_bytes():
     assert res[2]["hierarchical"]["inter_bytes"] == 0
     for r in (1, 3):
         assert res[r]["hierarchical"]["inter_bytes"] == res[r]["hierarchical"]["intra_bytes"] == 0
+    for r in range(4):
+        assert "expert ids outside [-1, 8) on EP rank(s) [1]" in res[r]["bad_ids_error"]
