@@ -31,11 +31,6 @@ class CommGroups:
     node: object | None
     ep_global_ranks: tuple[int, ...]
 
-    @property
-    def hierarchical(self) -> bool:
-        """True when the EP group spans more than one node (else flat is all there is)."""
-        return self.topology.num_nodes > 1
-
 
 def _subgroups(rank_lists: list[list[int]], backend=None):
     mine, _ = dist.new_subgroups_by_enumeration(rank_lists, backend=backend)

@@ -186,10 +186,6 @@ class Plan:
     mode: str
     _bcast: tuple = field(default=(), repr=False)
 
-    @property
-    def num_pairs(self) -> int:
-        return sum(self.tokens_per_expert)
-
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """``x [s, F]`` -> ``[num_pairs, F]`` rows in canonical pair order (copies only)."""
         for index, hop in self._bcast:
