@@ -119,6 +119,20 @@ class Topology:
         dist.all_gather_object(hosts, socket.gethostname(), group=group)
         return cls(tuple(hosts), num_experts, ep_rank)
 
+    @classmethod
+    def for_group(cls, group, num_experts: int, gpus_per_node: int | None = None) -> "Topology":
+        """Topology of an expert-parallel process ``group`` (None or no distributed run: one rank).
+
+        ``gpus_per_node`` (explicit) wins, then ``LOCMOE_GPUS_PER_NODE`` (set by
+        ``launch/emulate_nodes.sh``), then :meth:`detect` (``LOCAL_WORLD_SIZE`` or host names)."""
+        import torch.distributed as dist
+
+        if group is None or not (dist.is_available() and dist.is_initialized()):
+            return cls.single_node(1, num_experts)
+        if gpus_per_node is None and os.environ.get("LOCMOE_GPUS_PER_NODE"):
+            gpus_per_node = int(os.environ["LOCMOE_GPUS_PER_NODE"])
+        return cls.detect(group, num_experts, gpus_per_node)
+
     def with_rank(self, ep_rank: int) -> "Topology":
         return Topology(self.node_of_rank, self.num_experts, ep_rank)
 

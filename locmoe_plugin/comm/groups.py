@@ -78,3 +78,19 @@ def build_comm_groups(
     rail = _subgroups(rails, backend) if t.num_nodes > 1 else None
     node = _subgroups(nodes, backend) if t.num_nodes > 1 else None
     return CommGroups(topology=t, ep=ep_group, rail=rail, node=node, ep_global_ranks=ep_ranks)
+
+
+def all_group_ranks(group) -> list[list[int]]:
+    """Global ranks of every group of the same kind as ``group`` across the world (e.g. all
+    data-parallel replicas' EP groups), by one all-gather of each rank's member list: a world-wide
+    collective, for :func:`build_comm_groups`."""
+    mine = list(dist.get_process_group_ranks(group))
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    groups: list[list[int]] = []
+    for g in gathered:
+        if list(g) not in groups:
+            groups.append(list(g))
+    if len({len(g) for g in groups}) != 1:
+        raise ValueError(f"process groups of unequal size: {groups}")
+    return groups

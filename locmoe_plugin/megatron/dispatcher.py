@@ -22,7 +22,7 @@ import functools
 import torch
 
 from ..comm.dispatcher import TokenDispatcher
-from ..comm.groups import build_comm_groups
+from ..comm.groups import all_group_ranks, build_comm_groups
 from ..config import ConfigError
 from ..routing import dense_to_index
 
@@ -48,26 +48,6 @@ def validate_parallel_config(config) -> None:
         )
 
 
-def all_ep_groups(ep_size: int) -> list[list[int]]:
-    """Global ranks of every expert-parallel group, from Megatron's parallel state (the rail and
-    node subgroups of all of them are created together, see ``build_comm_groups``)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    world = dist.get_world_size()
-    mine = dist.get_process_group_ranks(parallel_state.get_expert_model_parallel_group())
-    groups: list[list[int]] = []
-    # every rank contributes its EP group; the distinct ones are all groups
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, mine)
-    for g in gathered:
-        if list(g) not in groups:
-            groups.append(list(g))
-    if any(len(g) != ep_size for g in groups):
-        raise ConfigError(f"expert-parallel groups of unequal size: {groups}")
-    return groups
-
-
 class LocMoETokenDispatcher:
     """The six phases over the core dispatcher (mixed into Megatron's ``MoETokenDispatcher`` base by
     :func:`make_dispatcher_class`, which supplies the version's other hooks, e.g. 0.19's
@@ -85,7 +65,7 @@ class LocMoETokenDispatcher:
         self.num_local_experts = num_local_experts
         self.local_expert_indices = list(local_expert_indices)
         self.topk = config.moe_router_topk
-        ep_ranks = all_ep_groups(topology.ep_size) if topology.ep_size > 1 else None
+        ep_ranks = all_group_ranks(pg_collection.ep) if topology.ep_size > 1 else None
         groups = build_comm_groups(topology, pg_collection.ep, ep_ranks)
         self.core = TokenDispatcher(groups, mode)
         self._plan = None

@@ -20,7 +20,6 @@ TransformerConfig already says (experts, hidden size, top-k, aux / z-loss coeffi
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 import torch
@@ -53,21 +52,6 @@ def locmoe_config_from_megatron(config, overrides: Mapping[str, Any] | None = No
     if values.get("capacity") not in (None, "factor"):
         values.pop("capacity_factor", None)
     return LocMoEConfig.from_dict(values)
-
-
-def _ep_topology(pg_collection, num_experts: int, gpus_per_node: int | None) -> tuple[Topology, Any]:
-    import torch.distributed as dist
-
-    ep = getattr(pg_collection, "ep", None) if pg_collection is not None else None
-    if ep is None or not dist.is_initialized():
-        return Topology.single_node(1, num_experts), None
-    ranks = dist.get_process_group_ranks(ep)
-    if gpus_per_node is None:
-        env = os.environ.get("LOCMOE_GPUS_PER_NODE") or os.environ.get("LOCAL_WORLD_SIZE")
-        gpus_per_node = int(env) if env else None
-    if gpus_per_node is None:
-        return Topology.detect(ep, num_experts), ep
-    return Topology.from_global_ranks(ranks, gpus_per_node, num_experts, dist.get_rank(ep)), ep
 
 
 class LocMoEMegatronRouter(torch.nn.Module):
@@ -103,7 +87,10 @@ class LocMoEMegatronRouter(torch.nn.Module):
         self.is_mtp_layer = is_mtp_layer
         self.layer_number: int | None = None
         self.locmoe_config = locmoe_config_from_megatron(config, locmoe)
-        topology, ep_group = _ep_topology(pg_collection, config.num_moe_experts, self.locmoe_config.gpus_per_node)
+        ep_group = getattr(pg_collection, "ep", None)
+        topology = Topology.for_group(ep_group, config.num_moe_experts, self.locmoe_config.gpus_per_node)
+        if topology.ep_size == 1:
+            ep_group = None
         self.tp_cp_group = getattr(pg_collection, "tp_cp", None)
         self.core = LocMoERouter(
             self.locmoe_config,
