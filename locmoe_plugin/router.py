@@ -106,6 +106,17 @@ class LocMoERouter(nn.Module):
         self.register_buffer("local_expert_mask", topology.local_expert_mask(), persistent=False)
         self.last_stats: RoutingStats | None = None
 
+    def bind(self, topology: Topology, group=None) -> None:
+        """Place the router on an expert-parallel group known only after construction (DeepSpeed
+        creates its groups later): new topology (locality mask, cross-node counts) and group."""
+        validate_against_topology(self.config, topology)
+        self.topology = topology
+        self.group = group
+        self.capacity.group = group
+        device = self.expert_to_node.device
+        self.expert_to_node = topology.expert_to_node.to(device)
+        self.local_expert_mask = topology.local_expert_mask().to(device)
+
     def get_extra_state(self) -> dict:
         """Saved with the module: the capacity controller's delta / factor / step count, so a resumed
         run keeps its ``bound`` / ``adaptive`` capacity."""

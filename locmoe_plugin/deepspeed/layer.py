@@ -1,0 +1,144 @@
+"""``LocMoE``: a drop-in for ``deepspeed.moe.layer.MoE`` with LocMoE routing and the hierarchical
+dispatcher.
+
+It *is* a ``deepspeed.moe.layer.MoE`` (so ``deepspeed.initialize``, the MoE optimizer parameter groups
+and checkpointing find it): DeepSpeed's ``Experts`` are kept as they are (expert parameters keep
+``allreduce=False`` and their group name), and DeepSpeed's expert-parallel groups
+(``deepspeed.utils.groups``, created by ``set_deepspeed_parallelism`` / ``deepspeed.initialize``) are
+split into nodes for the dispatcher. ``forward`` returns ``(output, l_aux, exp_counts)`` like DeepSpeed's
+MoE, with LocMoE's locality loss (and z-loss) inside ``l_aux``; ``exp_counts`` are the tokens each
+expert kept (after capacity).
+
+Differences from DeepSpeed's TopKGate (intended): LocMoE's capacity modes (``none`` = dropless by
+default) replace DeepSpeed's ``capacity_factor`` / ``drop_tokens``; no random token selection or
+second-expert sampling; combine weights are renormalised over a token's top-k before any drop.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+try:
+    from deepspeed.moe.layer import MoE as _DeepSpeedMoE
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("locmoe_plugin.deepspeed needs deepspeed: pip install 'locmoe-plugin[deepspeed]'") from exc
+
+from ..comm import TokenDispatcher, build_comm_groups
+from ..comm.groups import all_group_ranks
+from ..config import ConfigError, LocMoEConfig
+from ..router import LocMoERouter
+from ..topology import Topology
+
+#: keys of the ``"locmoe"`` config section that are not LocMoEConfig fields
+LAYER_KEYS = ("dispatcher", "overlap_chunks")
+
+
+def locmoe_settings_from_ds_config(ds_config: Mapping | str | None) -> dict:
+    """The ``"locmoe"`` section of a DeepSpeed config (a dict or a JSON file path), or ``{}``."""
+    if ds_config is None:
+        return {}
+    if isinstance(ds_config, str):
+        with open(ds_config) as f:
+            ds_config = json.load(f)
+    section = ds_config.get("locmoe", {})
+    if not isinstance(section, Mapping):
+        raise ConfigError(f'the "locmoe" section of the DeepSpeed config must be an object, got {type(section).__name__}')
+    return dict(section)
+
+
+class _LocMoELayer(nn.Module):
+    """Replaces DeepSpeed's ``MOELayer`` inside :class:`LocMoE` (router + dispatcher + DeepSpeed's experts)."""
+
+    def __init__(self, config: LocMoEConfig, experts: nn.Module, ep_size: int, dispatcher: str, chunks: int) -> None:
+        super().__init__()
+        if dispatcher not in ("hierarchical", "flat"):
+            raise ConfigError(f"dispatcher={dispatcher!r} is not 'hierarchical' or 'flat'")
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ConfigError(f"overlap_chunks={chunks!r} must be an integer >= 1 (1 = no overlap)")
+        self.config = config
+        self.router = LocMoERouter(config)  # one-rank topology until the EP group exists
+        self.experts = experts
+        self.ep_size = ep_size
+        self.mode = dispatcher
+        self.chunks = chunks
+        self.dispatcher: TokenDispatcher | None = None
+        self.l_aux = None
+        self.exp_counts = None
+
+    def _set_ep_group(self, ep_group) -> None:
+        """Called by ``MoE._create_process_groups`` once DeepSpeed's EP group exists (a collective)."""
+        topo = Topology.for_group(ep_group, self.config.num_experts, self.config.gpus_per_node)
+        if topo.ep_size != self.ep_size:
+            raise ConfigError(f"DeepSpeed's expert-parallel group has {topo.ep_size} ranks, the layer ep_size={self.ep_size}")
+        self.router.bind(topo, ep_group if topo.ep_size > 1 else None)
+        groups = build_comm_groups(topo, ep_group, all_group_ranks(ep_group))
+        self.dispatcher = TokenDispatcher(groups, self.mode)
+
+    def _run_experts(self, inp: torch.Tensor, tokens_per_expert) -> torch.Tensor:
+        outs, start = [], 0
+        for expert, count in zip(self.experts.deepspeed_experts, tokens_per_expert):
+            out = expert(inp[start : start + count])
+            outs.append(out[0] if isinstance(out, tuple) else out)
+            start += count
+        return torch.cat(outs)
+
+    def forward(self, hidden: torch.Tensor, used_token: torch.Tensor | None = None) -> torch.Tensor:
+        if used_token is not None:
+            raise NotImplementedError("LocMoE does not support DeepSpeed's used_token mask; pass None")
+        if self.dispatcher is None:
+            raise RuntimeError(
+                "the LocMoE layer has no expert-parallel group yet: run deepspeed.initialize(...) or call "
+                "layer.set_deepspeed_parallelism() first"
+            )
+        x = hidden.reshape(-1, hidden.shape[-1])
+        out = self.router(x)
+        a = out.assignment
+        y = self.dispatcher.forward(x, a.expert_ids, a.weights, self._run_experts, chunks=self.chunks)
+        self.l_aux = out.total_loss
+        self.exp_counts = out.stats.tokens_per_expert
+        return y.reshape(hidden.shape)
+
+
+class LocMoE(_DeepSpeedMoE):
+    """``deepspeed.moe.layer.MoE`` with LocMoE routing.
+
+    Args:
+        hidden_size, expert, num_experts, ep_size, k: as DeepSpeed's MoE (``k`` is LocMoE's top-k / l).
+        locmoe: LocMoE settings: a :class:`LocMoEConfig`, or a dict of its fields plus ``"dispatcher"``
+            (``"hierarchical"`` | ``"flat"``) and ``"overlap_chunks"`` - e.g. the ``"locmoe"`` section of the
+            DeepSpeed config (:func:`locmoe_settings_from_ds_config`).
+        **moe_kwargs: passed to DeepSpeed's MoE (``use_residual``, ``enable_expert_tensor_parallelism``...);
+            its gate options (``capacity_factor``, ``drop_tokens``, ``use_rts``...) do not apply.
+    """
+
+    def __init__(self, hidden_size: int, expert: nn.Module, num_experts: int = 1, ep_size: int = 1, k: int = 1,
+                 locmoe: LocMoEConfig | Mapping[str, Any] | None = None, **moe_kwargs) -> None:
+        super().__init__(hidden_size, expert, num_experts=num_experts, ep_size=ep_size, k=k, **moe_kwargs)
+        settings = {} if locmoe is None else locmoe
+        if isinstance(settings, LocMoEConfig):
+            config, dispatcher, chunks = settings, "hierarchical", 1
+        else:
+            settings = dict(settings)
+            dispatcher = settings.pop("dispatcher", "hierarchical")
+            chunks = settings.pop("overlap_chunks", 1)
+            config = LocMoEConfig.from_dict({"num_experts": num_experts, "hidden_size": hidden_size, "topk": k, **settings})
+        if (config.num_experts, config.hidden_size, config.topk) != (num_experts, hidden_size, k):
+            raise ConfigError(
+                f"the LocMoE config (experts {config.num_experts}, hidden {config.hidden_size}, topk {config.topk}) "
+                f"disagrees with the layer (num_experts {num_experts}, hidden_size {hidden_size}, k {k})"
+            )
+        # keep DeepSpeed's Experts (allreduce=False, group name); drop its TopKGate and MOELayer
+        self.deepspeed_moe = _LocMoELayer(config, self.deepspeed_moe.experts, ep_size, dispatcher, chunks)
+
+    @property
+    def router(self) -> LocMoERouter:
+        return self.deepspeed_moe.router
+
+    @property
+    def traffic(self):
+        d = self.deepspeed_moe.dispatcher
+        return None if d is None else d.traffic
