@@ -8,7 +8,7 @@
 # its socket transport (over loopback) between groups, like a cluster whose nodes are joined by a slow
 # network. The script sees GPUS_PER_NODE=P/K and LOCMOE_GPUS_PER_NODE=P/K (pass them on as
 # --gpus-per-node / --locmoe-gpus-per-node). For a deepspeed job use the same per-rank wrapper:
-#   deepspeed --no_python --num_gpus P launch/emulate_nodes.sh --rank-wrapper script.py [args]
+#   deepspeed --no_python --no_local_rank --num_gpus P launch/emulate_nodes.sh --rank-wrapper script.py [args]
 # with GPUS_PER_NODE exported. Never enable NVLink multicast on shared machines (kept off here).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
