@@ -148,7 +148,7 @@ def main() -> int:
         same_opt = _nested_equal(sd1, sd2)
         if not same_opt and rank == 0:
             print("optimizer state entries that differ:", [k for k in sd1 if not _nested_equal(sd1[k], sd2.get(k))])
-        flags = torch.tensor([float(same_params), float(same_opt)])
+        flags = torch.tensor([float(same_params), float(same_opt)], device=device)
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
         summary.update(checkpoint_params_equal=bool(flags[0]), checkpoint_optimizer_equal=bool(flags[1]))
     if rank == 0:
