@@ -21,7 +21,7 @@ from .capacity import CapacityController
 from .config import ConfigError, LocMoEConfig
 from .gate import build_gate
 from .losses import locality_loss, switch_aux_loss, z_loss
-from .routing import Assignment, node_limited_mask, route
+from .routing import Assignment, route
 from .telemetry import RoutingStats
 from .topology import Topology
 
@@ -152,12 +152,9 @@ class LocMoERouter(nn.Module):
         affinity = self.gate.affinity(x, logits) if need_aff else None
         capacity = self.capacity.capacity(s, affinity, self.training)
 
-        allowed = None
+        node_limit = None
         if c.max_nodes_per_token is not None and c.max_nodes_per_token < self.topology.num_nodes:
-            node_scores = affinity if c.routing == "hybrid" else torch.softmax(logits, -1)
-            allowed = node_limited_mask(
-                node_scores, self.expert_to_node, self.topology.num_nodes, c.max_nodes_per_token, c.topk
-            )
+            node_limit = (self.expert_to_node, self.topology.num_nodes, c.max_nodes_per_token)
 
         assignment, probs = route(
             logits,
@@ -167,7 +164,7 @@ class LocMoERouter(nn.Module):
             affinity=affinity,
             capacity=capacity,
             drop_policy=c.drop_policy,
-            allowed=allowed,
+            node_limit=node_limit,
         )
 
         requested = assignment.requested_per_expert()

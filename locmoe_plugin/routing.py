@@ -30,14 +30,12 @@ class Assignment:
         expert_ids: ``[s, k]`` int64, the expert of each kept pair, ``-1`` where dropped by capacity.
         weights: ``[s, k]`` fp32 combine weights, 0 where ``expert_ids == -1``. Carries autograd.
         requested_ids: ``[s, k]`` int64, the experts the tokens chose before capacity (never -1).
-        scores: ``[s, k]`` fp32, the score each pair was ranked by for capacity (prob or affinity).
         num_experts: n.
     """
 
     expert_ids: torch.Tensor
     weights: torch.Tensor
     requested_ids: torch.Tensor
-    scores: torch.Tensor
     num_experts: int
 
     @property
@@ -153,6 +151,7 @@ def route(
     capacity=None,
     drop_policy: str = "score",
     allowed: torch.Tensor | None = None,
+    node_limit: tuple[torch.Tensor, int, int] | None = None,
 ) -> tuple[Assignment, torch.Tensor]:
     """Route one batch.
 
@@ -163,7 +162,9 @@ def route(
             by affinity, then expert choice of at most ``capacity`` tokens by affinity).
         affinity: ``[s, n]`` fp32 token-expert cosine; required for ``hybrid``.
         capacity: max pairs per expert (int or 0-d tensor) or None for dropless.
-        allowed: ``[s, n]`` bool experts a token may choose (node-limited routing), or None.
+        allowed: ``[s, n]`` bool experts a token may choose, or None.
+        node_limit: ``(expert_to_node [n], num_nodes, max_nodes)``: node-limited routing, the open nodes
+            chosen by the same scores the experts are selected by (see :func:`node_limited_mask`).
 
     Returns:
         ``(assignment, probs)`` with ``probs [s, n]`` the full softmax (for the losses).
@@ -175,16 +176,20 @@ def route(
         rank_by = affinity
     else:
         rank_by = probs
+    if node_limit is not None:
+        expert_to_node, num_nodes, max_nodes = node_limit
+        limited = node_limited_mask(rank_by, expert_to_node, num_nodes, max_nodes, topk)
+        allowed = limited if allowed is None else allowed & limited
     select_by = rank_by if allowed is None else rank_by.masked_fill(~allowed, NEG_INF)
     ids = torch.topk(select_by, topk, dim=-1).indices  # [s, k]
     weights = torch.gather(probs, 1, ids)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
-    scores = torch.gather(rank_by, 1, ids)
     if capacity is None:
         kept_ids = ids
     else:
+        scores = torch.gather(rank_by, 1, ids)
         keep = capacity_keep(ids, scores, capacity, logits.shape[-1], drop_policy)
         kept_ids = torch.where(keep, ids, -1)
         weights = torch.where(keep, weights, 0.0)
-    return Assignment(kept_ids, weights, ids, scores, logits.shape[-1]), probs
+    return Assignment(kept_ids, weights, ids, logits.shape[-1]), probs

@@ -133,9 +133,6 @@ class Topology:
             gpus_per_node = int(os.environ["LOCMOE_GPUS_PER_NODE"])
         return cls.detect(group, num_experts, gpus_per_node)
 
-    def with_rank(self, ep_rank: int) -> "Topology":
-        return Topology(self.node_of_rank, self.num_experts, ep_rank)
-
     # ---------------------------------------------------------------- derived facts
     @property
     def ep_size(self) -> int:

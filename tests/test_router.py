@@ -170,3 +170,12 @@ def test_total_loss_is_a_tensor_even_without_losses():
     cfg = LocMoEConfig(num_experts=4, hidden_size=16, topk=1, routing="topk", aux_loss_coeff=0.0)
     out = LocMoERouter(cfg)(torch.randn(3, 16))
     assert out.losses == {} and torch.is_tensor(out.total_loss) and out.total_loss.item() == 0.0
+
+
+def test_node_limited_router_keeps_each_token_on_one_node():
+    topo = Topology.from_ranks_per_node(4, 1, 8, ep_rank=0)  # 4 nodes, 2 experts each
+    for routing in ("locmoe", "hybrid"):
+        cfg = LocMoEConfig(num_experts=8, hidden_size=64, topk=2, routing=routing, max_nodes_per_token=1)
+        ids = LocMoERouter(cfg, topo)(torch.randn(50, 64)).assignment.requested_ids
+        nodes = topo.expert_to_node[ids]
+        assert (nodes[:, 0] == nodes[:, 1]).all()

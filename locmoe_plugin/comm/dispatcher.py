@@ -11,7 +11,7 @@ way, so gradients reach the router through them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -88,7 +88,6 @@ class TrafficCounter:
     combine_inter_bytes: int = 0
     combine_intra_bytes: int = 0
     calls: int = 0
-    last: dict = field(default_factory=dict)
 
     @property
     def inter_bytes(self) -> int:
@@ -178,7 +177,6 @@ class TokenDispatcher:
         self.traffic.dispatch_inter_bytes += inter
         self.traffic.dispatch_intra_bytes += intra
         self.traffic.calls += 1
-        self.traffic.last = {"mode": plan.mode, "dispatch_inter_bytes": inter, "dispatch_intra_bytes": intra}
         return expert_input, pair_w
 
     def reduce(self, rows: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -187,7 +185,6 @@ class TokenDispatcher:
         inter, intra = plan.traffic.bytes(rows.shape[-1], rows.element_size())
         self.traffic.combine_inter_bytes += inter
         self.traffic.combine_intra_bytes += intra
-        self.traffic.last.update(combine_inter_bytes=inter, combine_intra_bytes=intra)
         return out
 
     def combine(self, expert_output: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
