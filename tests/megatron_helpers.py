@@ -32,7 +32,8 @@ def build_layer(layer_cls, tp, ep, locmoe, topk, dispatcher="hierarchical"):
     spec = MoESubmodules(
         experts=ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                                            linear_fc2=RowParallelLinear)),
-        router=functools.partial(LocMoEMegatronRouter, locmoe=locmoe, dispatcher=dispatcher),
+        router=functools.partial(LocMoEMegatronRouter, locmoe=locmoe, dispatcher=dispatcher,
+                                 with_locmoe_dispatcher=layer_cls.__name__ == "LocMoELayer"),
     )
     layer = layer_cls(cfg, submodules=spec, layer_number=1, pg_collection=moe_utils.get_default_pg_collection())
     layer.set_layer_number(1)

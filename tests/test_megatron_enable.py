@@ -85,7 +85,7 @@ def test_spec_rewrite_and_enable_disable_are_idempotent():
     spec = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
     assert count_locmoe_layers(spec) == 1
     router = spec.submodules.mlp.submodules.router
-    assert router.keywords == {"locmoe": {"routing": "locmoe"}, "dispatcher": "hierarchical"}
+    assert router.keywords == {"locmoe": {"routing": "locmoe"}, "dispatcher": "hierarchical", "with_locmoe_dispatcher": True}
     # dense (non-MoE) specs are untouched
     assert count_locmoe_layers(gpt_layer_specs.get_gpt_layer_local_spec()) == 0
 

@@ -67,6 +67,7 @@ def _layer_worker(rank, world, cases):
             num_layers=1, hidden_size=32, num_attention_heads=4, num_moe_experts=8, moe_router_topk=2,
             moe_token_dispatcher_type="alltoall", expert_model_parallel_size=world, use_cpu_initialization=True,
             moe_aux_loss_coeff=0.01, add_bias_linear=False, ffn_hidden_size=16, moe_ffn_hidden_size=16,
+            moe_expert_capacity_factor=locmoe.get("capacity_factor"),  # Megatron's dispatcher with drops
         )
         spec = MoESubmodules(
             experts=ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
@@ -126,3 +127,14 @@ def test_locmoe_router_in_megatron_moe_layer_matches_dense_reference():
             assert 0 <= r["tracked"]["locmoe_cross_node_share"][0] <= 1
             if case["gate"] == "dense":
                 assert r["sp_attr"] is False and r["tracked"]["z_loss"][0] > 0
+
+
+def test_dropping_capacity_with_megatrons_dispatcher_is_refused():
+    from megatron.core.transformer import TransformerConfig
+
+    from locmoe_plugin.megatron.router import LocMoEMegatronRouter
+
+    tc = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_moe_experts=8,
+                           moe_router_topk=2, moe_token_dispatcher_type="alltoall")
+    with pytest.raises(ConfigError, match="set --moe-expert-capacity-factor"):
+        LocMoEMegatronRouter(tc, locmoe={"capacity": "bound"})

@@ -10,8 +10,8 @@ Megatron's aux-loss tracker, next to LocMoE's telemetry (cross-node share, drops
 which therefore appears in Megatron's training log like ``load_balancing_loss`` does.
 
 With a LocMoE capacity that drops tokens and *Megatron's own* dispatchers (``MoELayer`` rather than
-``LocMoELayer``), also set ``moe_expert_capacity_factor`` (``--moe-expert-capacity-factor``): megatron-core
-0.19 otherwise sizes its buffers as tokens x top-k. LocMoE's capacity settings still decide the drops.
+``LocMoELayer``), ``moe_expert_capacity_factor`` must be set (Megatron otherwise sizes its buffers as
+tokens x top-k); the router refuses the combination at construction. LocMoE's capacity decides the drops.
 
 Use: ``MoESubmodules(experts=..., router=functools.partial(LocMoEMegatronRouter, locmoe=settings))``
 where ``settings`` is a dict of :class:`~locmoe_plugin.config.LocMoEConfig` fields beyond what the
@@ -64,6 +64,7 @@ class LocMoEMegatronRouter(torch.nn.Module):
         is_mtp_layer: accepted for megatron-core >= 0.19; LocMoE routes MTP layers the same way.
         locmoe: LocMoE-only settings (dict of ``LocMoEConfig`` fields), e.g. ``{"routing": "hybrid"}``.
         dispatcher: token dispatcher mode used by ``LocMoELayer`` (``"hierarchical"`` or ``"flat"``).
+        with_locmoe_dispatcher: True when the layer is ``LocMoELayer`` (set by :func:`locmoe_spec`).
     """
 
     def __init__(
@@ -73,20 +74,32 @@ class LocMoEMegatronRouter(torch.nn.Module):
         is_mtp_layer: bool = False,
         locmoe: Mapping | None = None,
         dispatcher: str = "hierarchical",
+        with_locmoe_dispatcher: bool = False,
     ):
         check_supported()
         if dispatcher not in ("hierarchical", "flat"):
             raise ConfigError(f"dispatcher={dispatcher!r} is not 'hierarchical' or 'flat'")
         super().__init__()
         self.dispatcher_mode = dispatcher
-        if pg_collection is None:
-            from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
-
-            pg_collection = get_default_pg_collection()
         self.config = config
         self.is_mtp_layer = is_mtp_layer
         self.layer_number: int | None = None
         self.locmoe_config = locmoe_config_from_megatron(config, locmoe)
+        if (
+            self.locmoe_config.drops_tokens
+            and not with_locmoe_dispatcher
+            and getattr(config, "moe_expert_capacity_factor", None) is None
+        ):
+            raise ConfigError(
+                f"LocMoE capacity {self.locmoe_config.capacity!r} drops tokens, but Megatron's own token "
+                f"dispatchers size their buffers as tokens x top-k unless moe_expert_capacity_factor is set: "
+                f"set --moe-expert-capacity-factor (any value; LocMoE's capacity decides) or use LocMoELayer "
+                f"(--locmoe / locmoe_spec), whose dispatcher handles drops"
+            )
+        if pg_collection is None:
+            from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+            pg_collection = get_default_pg_collection()
         ep_group = getattr(pg_collection, "ep", None)
         topology = Topology.for_group(ep_group, config.num_moe_experts, self.locmoe_config.gpus_per_node)
         if topology.ep_size == 1:

@@ -23,7 +23,9 @@ def locmoe_spec(spec: Any, locmoe: Mapping | None = None, dispatcher: str = "hie
     from .router import LocMoEMegatronRouter
 
     layer_cls = make_locmoe_layer_class()
-    router = functools.partial(LocMoEMegatronRouter, locmoe=dict(locmoe or {}), dispatcher=dispatcher)
+    router = functools.partial(
+        LocMoEMegatronRouter, locmoe=dict(locmoe or {}), dispatcher=dispatcher, with_locmoe_dispatcher=True
+    )
 
     def walk(node):
         if isinstance(node, ModuleSpec):
