@@ -246,10 +246,13 @@ class _Counts:
     hierarchical reduce the copies per level: tokens with more than c destination nodes ``H1 [L1]``,
     with more than c ranks on node b ``H2 [N, L2]``, with more than c experts on rank q ``H3 [P, L3]``."""
 
-    def __init__(self, groups: CommGroups, node_mask, rank_mask, has_expert, bad_ids, k: int):
+    def __init__(self, groups: CommGroups, node_mask, rank_mask, has_expert, bad_ids, k: int, levels: bool = True):
         t = groups.topology
         s = has_expert.shape[0]
-        self.L1, self.L2, self.L3 = min(t.num_nodes, k), min(t.ranks_per_node, k), min(t.experts_per_rank, k)
+        # the per-level histograms serve the hierarchical reduce only; flat plans skip them
+        self.L1, self.L2, self.L3 = (
+            (min(t.num_nodes, k), min(t.ranks_per_node, k), min(t.experts_per_rank, k)) if levels else (0, 0, 0)
+        )
         ranks_by_node = rank_mask.index_select(1, _topology_tensors(t, rank_mask.device)["ranks_node_major"])
         h1 = _at_least(node_mask.sum(1), self.L1)
         h2 = _at_least(ranks_by_node.reshape(s, t.num_nodes, t.ranks_per_node).sum(-1), self.L2)
@@ -345,7 +348,7 @@ def build_plan(
     if weights is None:
         weights = torch.ones(s, k, device=expert_ids.device)
     has, rank_mask, node_mask, bad = _masks(expert_ids, groups)
-    counts = _Counts(groups, node_mask, rank_mask, has, bad, k)
+    counts = _Counts(groups, node_mask, rank_mask, has, bad, k, levels=mode == "hierarchical")
     me, a, j = t.ep_rank, t.node, t.local_index
     dev = expert_ids.device
     tok = torch.arange(s, device=dev)
