@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 GATES = ("grap", "dense")
-ROUTINGS = ("topk", "locmoe", "hybrid")
+ROUTINGS = ("topk", "locmoe", "hybrid", "hash")
 CAPACITIES = ("none", "factor", "bound", "adaptive")
 DROP_POLICIES = ("score", "position")
 AUX_SCOPES = ("ep_group", "local")
@@ -50,11 +50,22 @@ class LocMoEConfig:
 
     Routing modes:
       * ``topk``   - plain token choice: softmax over gate logits, top-k, Switch aux loss. The baseline.
-      * ``locmoe`` - LocMoE: the same selection, plus the locality loss that teaches the (GrAP) gate to
-        prefer experts on the token's own node. Locality is learned, not forced.
+      * ``locmoe`` - LocMoE: the same selection, plus the locality loss that teaches the router to
+        prefer experts on the token's own node. Locality is learned, not forced: the loss acts through
+        the gate and through the *locality bias* (see ``locality_bias``).
       * ``hybrid`` - LocMoE+: token choice of the top-``topk`` (the paper's l) experts by token-expert
         affinity, then expert choice: each expert keeps at most C of the tokens that chose it, ranked by
         highest affinity. Needs a capacity mode other than "none" (default "adaptive").
+      * ``hash``   - Hash Layers (Roller et al. 2021), the LocMoE paper's baseline: each token goes to
+        ``topk`` distinct experts picked by a fixed hash of its token id (seeded by ``hash_seed``), with
+        weight 1/k each. No gate is built (the model gets no router parameters), so the gate-only
+        settings do not apply: ``gate`` must stay "grap" (its d % n rule is not checked),
+        ``renormalize`` and ``aux_loss_scope`` are unused, and ``aux_loss_coeff`` is accepted but unused
+        (Megatron's ``--moe-aux-loss-coeff`` feeds it; there are no gate probabilities to balance and
+        the hash already spreads token ids evenly). ``locality_loss_coeff`` (default 0 here) and
+        ``z_loss_coeff`` must be 0, ``max_nodes_per_token`` unset, and capacity "none" or "factor"
+        (``bound`` / ``adaptive`` derive the capacity from gate affinities). The router needs the token
+        ids in forward (``LocMoERouter.forward(hidden, token_ids)``).
 
     Capacity modes (C = tokens one expert may take from one rank's batch):
       * ``none``     - dropless (Megatron's default).
@@ -98,8 +109,23 @@ class LocMoEConfig:
     drop_policy: str = "score"
     #: Node-limited routing: each token's experts lie on at most this many nodes (None = no limit).
     max_nodes_per_token: int | None = None
+    #: A learned routing-score offset per expert-parallel rank (``[ep_size, n]``, zero at start, this
+    #: rank's row added to its gate logits; for "hybrid" also to the affinities it ranks by). It is the
+    #: router's only rank-aware input: the gate sees token content only and is replicated over data-
+    #: parallel ranks, so on data that is distributed alike on every rank the expected cross-node share
+    #: is (N-1)/N for N nodes whatever the gate learns (a token's node is independent of its content);
+    #: the locality loss can move traffic only through this bias. None -> on when the locality loss is.
+    locality_bias: bool | None = None
+    #: The bias is read as ``locality_bias_scale * parameter``. Adam-type optimizers move a parameter by
+    #: about ``lr`` per step whatever its gradient's size, so the scale makes the bias move by about
+    #: ``scale * lr`` per step: routing scores need offsets of order 1, which at lr 1e-4..1e-3 and scale
+    #: 1 would take thousands of steps. (Plain SGD would see an effective lr of ``scale**2 * lr``.)
+    locality_bias_scale: float = 10.0
     #: Ranks of the expert-parallel group per node; None = detect (LOCAL_WORLD_SIZE or host names).
     gpus_per_node: int | None = None
+    #: Seed of the token-id hash for routing="hash", in [0, 2**32); a different seed is a different
+    #: fixed token -> experts map.
+    hash_seed: int = 0
 
     def __post_init__(self) -> None:
         _int_at_least("num_experts", self.num_experts, 1)
@@ -112,7 +138,13 @@ class LocMoEConfig:
             )
         _choice("gate", self.gate, GATES)
         _choice("routing", self.routing, ROUTINGS)
-        if self.gate == "grap" and self.hidden_size % self.num_experts:
+        hashed = self.routing == "hash"
+        if hashed and self.gate != "grap":
+            raise ConfigError(
+                f"gate={self.gate!r} with routing='hash': hash routing picks experts from the token id and "
+                f"builds no gate, so a learned gate would never be trained or used; leave gate at 'grap'"
+            )
+        if self.gate == "grap" and not hashed and self.hidden_size % self.num_experts:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_experts {self.num_experts}: "
                 f"GrAP needs d % n == 0 (one group of d/n features per expert); use gate='dense' or "
@@ -121,14 +153,31 @@ class LocMoEConfig:
         _non_negative("aux_loss_coeff", self.aux_loss_coeff)
         _choice("aux_loss_scope", self.aux_loss_scope, AUX_SCOPES)
         _non_negative("z_loss_coeff", self.z_loss_coeff)
+        if hashed and self.z_loss_coeff > 0:
+            raise ConfigError(
+                f"z_loss_coeff={self.z_loss_coeff} with routing='hash': the z-loss regularises gate logits "
+                f"and hash routing has no gate; set z_loss_coeff=0 (--moe-z-loss-coeff) or change routing"
+            )
         if self.locality_loss_coeff is None:
-            mu = 0.0 if self.routing == "topk" else DEFAULT_LOCALITY_LOSS_COEFF
+            mu = 0.0 if self.routing in ("topk", "hash") else DEFAULT_LOCALITY_LOSS_COEFF
             object.__setattr__(self, "locality_loss_coeff", mu)
         _non_negative("locality_loss_coeff", self.locality_loss_coeff)
-        if self.routing == "topk" and self.locality_loss_coeff > 0:
+        if self.routing in ("topk", "hash") and self.locality_loss_coeff > 0:
+            why = "is the plain baseline" if self.routing == "topk" else "has no gate to teach locality"
             raise ConfigError(
                 f"locality_loss_coeff={self.locality_loss_coeff} needs routing='locmoe' or 'hybrid': "
-                f"routing='topk' is the plain baseline; set locality_loss_coeff=0 or change routing"
+                f"routing={self.routing!r} {why}; set locality_loss_coeff=0 or change routing"
+            )
+
+        _non_negative("locality_bias_scale", self.locality_bias_scale)
+        if self.locality_bias is None:
+            object.__setattr__(self, "locality_bias", self.locality_loss_coeff > 0)
+        elif not isinstance(self.locality_bias, bool):
+            raise ConfigError(f"locality_bias={self.locality_bias!r} must be True, False or None (automatic)")
+        elif self.locality_bias and self.locality_loss_coeff == 0:
+            raise ConfigError(
+                "locality_bias is trained by the locality loss, which is off (locality_loss_coeff=0): set "
+                "locality_loss_coeff > 0 with routing 'locmoe' or 'hybrid', or locality_bias=False"
             )
 
         if self.capacity is None:
@@ -138,6 +187,12 @@ class LocMoEConfig:
             raise ConfigError(
                 "routing='hybrid' (LocMoE+) needs a capacity for its expert-choice step: "
                 "set capacity to 'factor', 'bound' or 'adaptive'"
+            )
+        if hashed and self.capacity in ("bound", "adaptive"):
+            raise ConfigError(
+                f"capacity={self.capacity!r} with routing='hash': it sets the capacity from token-expert "
+                f"affinities of the gate, and hash routing has no gate; use capacity='factor' (with "
+                f"capacity_factor) or 'none'"
             )
         if self.capacity == "factor":
             if self.capacity_factor is None:
@@ -165,8 +220,22 @@ class LocMoEConfig:
         _choice("drop_policy", self.drop_policy, DROP_POLICIES)
         if self.max_nodes_per_token is not None:
             _int_at_least("max_nodes_per_token", self.max_nodes_per_token, 1)
+            if hashed:
+                raise ConfigError(
+                    f"max_nodes_per_token={self.max_nodes_per_token} with routing='hash': node-limited "
+                    f"routing ranks nodes by gate scores, and the hash fixes each token's experts; "
+                    f"remove max_nodes_per_token or change routing"
+                )
         if self.gpus_per_node is not None:
             _int_at_least("gpus_per_node", self.gpus_per_node, 1)
+        seed = self.hash_seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ConfigError(f"hash_seed={self.hash_seed!r} must be an integer in [0, 2**32)")
+        if self.hash_seed and not hashed:
+            raise ConfigError(
+                f"hash_seed={self.hash_seed} is only used with routing='hash' (routing is "
+                f"{self.routing!r}); remove it or set routing='hash'"
+            )
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -3,6 +3,10 @@
 The Megatron and DeepSpeed adapters wrap this one module, so both frameworks get identical math. It
 takes its topology and expert-parallel group as arguments and reads no global state in forward.
 
+Hash routing (``routing="hash"``) builds no gate: ``forward`` takes the token ids, the experts come from
+:func:`locmoe_plugin.routing.hash_experts`, and no loss is computed (there are no gate probabilities for
+the aux or z-loss and no gate to teach locality; ``aux_loss_coeff`` is accepted and unused).
+
 Collectives in forward (all on the EP group, all ranks call them in the same order):
   * ``aux_loss_scope="ep_group"`` with an aux-loss coefficient > 0: one all-reduce of ``n + 1`` counts;
   * capacity ``bound``/``adaptive``: a tiny all-reduce at estimation steps only.
@@ -32,22 +36,23 @@ class RouterOutput:
 
     Attributes:
         assignment: index form (``expert_ids``/``weights`` ``[s, k]``; -1 / 0 for dropped pairs).
-        probs: ``[s, n]`` fp32 full softmax of the gate logits.
-        logits: ``[s, n]`` fp32 gate logits.
+        probs: ``[s, n]`` fp32 full softmax of the gate logits (hash routing: 1/k on each requested
+            expert).
+        logits: ``[s, n]`` fp32 gate logits; None for hash routing (no gate).
         losses: scaled loss tensors ``{"aux", "locality", "z"}`` (each 0-d, differentiable).
         stats: telemetry of this call.
     """
 
     assignment: Assignment
     probs: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     losses: dict[str, torch.Tensor]
     stats: RoutingStats
 
     @property
     def total_loss(self) -> torch.Tensor:
         """Sum of the scaled losses (a 0-d tensor, 0 when every coefficient is 0)."""
-        return sum(self.losses.values(), self.logits.new_zeros(()))
+        return sum(self.losses.values(), self.probs.new_zeros(()))
 
     def to_megatron(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(probs [s, n], routing_map [s, n] bool)`` as Megatron's router contract returns them."""
@@ -84,6 +89,8 @@ class LocMoERouter(nn.Module):
         group: the EP process group for the global aux loss and capacity agreement (None: local only).
         init_method: initialiser of the dense gate's weight ``[n, d]`` (e.g. Megatron's init method).
         device: where the dense gate's weight lives.
+
+    ``gate`` is None for hash routing.
     """
 
     def __init__(
@@ -100,16 +107,31 @@ class LocMoERouter(nn.Module):
         self.config = config
         self.topology = topology
         self.group = group
-        self.gate = build_gate(config, init_method=init_method, device=device)
+        self.gate = None if config.routing == "hash" else build_gate(config, init_method=init_method, device=device)
         self.capacity = CapacityController(config, group)
         self.register_buffer("expert_to_node", topology.expert_to_node.clone(), persistent=False)
         self.register_buffer("local_expert_mask", topology.local_expert_mask(), persistent=False)
+        self.register_parameter("locality_bias", self._new_locality_bias(topology, device))
         self.last_stats: RoutingStats | None = None
+
+    def _new_locality_bias(self, topology: Topology, device) -> nn.Parameter | None:
+        """``[ep_size, n]`` zeros when ``config.locality_bias`` and the EP group has several ranks."""
+        if not self.config.locality_bias or topology.ep_size < 2:
+            return None
+        return nn.Parameter(torch.zeros(topology.ep_size, self.config.num_experts, device=device))
 
     def bind(self, topology: Topology, group=None) -> None:
         """Place the router on an expert-parallel group known only after construction (DeepSpeed
         creates its groups later): new topology (locality mask, cross-node counts) and group."""
         validate_against_topology(self.config, topology)
+        old = self.locality_bias
+        if (None if old is None else old.shape[0]) != (topology.ep_size if self.config.locality_bias and
+                                                        topology.ep_size > 1 else None):
+            raise ConfigError(
+                f"the router was built for {self.topology.ep_size} expert-parallel ranks and its locality "
+                f"bias has one row per rank; bind() got {topology.ep_size}: build the router with a topology "
+                f"of the final EP size (e.g. Topology.single_node(ep_size, n)) before creating the optimizer"
+            )
         self.topology = topology
         self.group = group
         self.capacity.group = group
@@ -141,16 +163,38 @@ class LocMoERouter(nn.Module):
             dist.all_reduce(packed, group=g)
         return packed[:-1], packed[-1]
 
-    def forward(self, hidden: torch.Tensor) -> RouterOutput:
-        """Route ``hidden [..., d]`` (flattened to ``[s, d]``)."""
+    def forward(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> RouterOutput:
+        """Route ``hidden [..., d]`` (flattened to ``[s, d]``).
+
+        ``token_ids [...]`` (the leading shape of ``hidden``, any integer dtype) is required by hash
+        routing and ignored by the other modes.
+        """
         c = self.config
         x = hidden.reshape(-1, c.hidden_size)
         s = x.shape[0]
-        logits = self.gate(x)
+        if c.routing == "hash":
+            if token_ids is None:
+                raise ValueError(
+                    "routing='hash' picks experts from the token ids: call the router as "
+                    "router(hidden, token_ids) with one id per token"
+                )
+            if token_ids.numel() != s:
+                raise ValueError(
+                    f"token_ids has {token_ids.numel()} ids for {s} tokens: pass one id per token, "
+                    f"shaped like hidden without its last dimension"
+                )
+            token_ids, logits = token_ids.reshape(-1).to(x.device), None
+        else:
+            token_ids, logits = None, self.gate(x)
 
         need_aff = c.routing == "hybrid" or self.capacity.needs_affinity(self.training)
         affinity = self.gate.affinity(x, logits) if need_aff else None
         capacity = self.capacity.capacity(s, affinity, self.training)
+        if self.locality_bias is not None:
+            bias = self.locality_bias[self.topology.ep_rank].to(logits.dtype) * c.locality_bias_scale
+            logits = logits + bias
+            if c.routing == "hybrid":
+                affinity = affinity + bias
 
         node_limit = None
         if c.max_nodes_per_token is not None and c.max_nodes_per_token < self.topology.num_nodes:
@@ -165,11 +209,14 @@ class LocMoERouter(nn.Module):
             capacity=capacity,
             drop_policy=c.drop_policy,
             node_limit=node_limit,
+            token_ids=token_ids,
+            num_experts=c.num_experts,
+            seed=c.hash_seed,
         )
 
         requested = assignment.requested_per_expert()
         losses = {}
-        if c.aux_loss_coeff > 0:
+        if logits is not None and c.aux_loss_coeff > 0:
             counts, pairs = self._global_counts(requested, s * c.topk)
             losses["aux"] = switch_aux_loss(probs, counts, pairs, c.aux_loss_coeff)
         if c.locality_loss_coeff > 0:
@@ -197,6 +244,7 @@ class LocMoERouter(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (
-            f"routing={c.routing}, gate={c.gate}, topk={c.topk}, capacity={c.capacity}, "
+            f"routing={c.routing}, gate={c.gate if self.gate is not None else None}, topk={c.topk}, "
+            f"capacity={c.capacity}, "
             f"topology=({self.topology.describe()})"
         )

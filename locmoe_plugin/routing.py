@@ -11,6 +11,10 @@ Two output forms describe the same assignment:
 
 Drop rule: a pair an expert does not keep loses its weight; the token's other weights are *not*
 renormalised (as Switch / Megatron / DeepSpeed do), so the layer output is the kept experts' part.
+
+Hash routing (:func:`hash_experts`, ``route(None, mode="hash", ...)``) needs no gate: the experts come
+from a fixed hash of the token id, computed with exact integer arithmetic (no overflow), so every
+process, run and device agrees on them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 import torch
 
 NEG_INF = float("-inf")
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9  # odd 2**32 / phi: spaces the per-slot hash inputs
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,49 @@ def node_limited_mask(
     return torch.gather(open_node, 1, expert_to_node.expand(s, n))
 
 
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32): c is split into 16-bit halves so no product
+    exceeds 2**49 (int64 overflow is never relied on)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (C. Wellons' hash prospector): a bijective 32-bit multiply-xorshift mix on int64
+    tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hash_experts(token_ids: torch.Tensor, num_experts: int, topk: int, seed: int = 0) -> torch.Tensor:
+    """The ``topk`` distinct experts of each token under hash routing: ``token_ids [...]`` ->
+    ``[..., topk]`` int64.
+
+    Slot j hashes ``h_j = mix32(((id mod 2**32) xor seed) + j * 0x9E3779B9 mod 2**32)``, draws
+    ``r_j = floor(h_j * (n - j) / 2**32)`` (the well-mixed high bits) and takes the r_j-th smallest
+    expert not taken by slots 0..j-1 (a partial Fisher-Yates draw), so the k experts are distinct
+    and each token's set is uniform over the k-subsets up to the mix's quality (bias <= n / 2**32).
+    Deterministic across processes, runs and devices (exact int64 arithmetic, no Python ``hash()``).
+    Balanced over token *ids*: frequent tokens still load their experts more (Roller et al. 2021).
+    """
+    if not 1 <= topk <= num_experts:
+        raise ValueError(f"topk={topk} must be in [1, num_experts={num_experts}]")
+    base = (token_ids.long() & _M32) ^ seed
+    taken: list[torch.Tensor] = []
+    ascending: list[torch.Tensor] = []  # the same experts, sorted per token
+    for j in range(topk):
+        e = (mix32((base + j * _GOLDEN) & _M32) * (num_experts - j)) >> 32
+        for prev in ascending:
+            e = e + (e >= prev)  # skip the taken experts, smallest first: e becomes the r_j-th free one
+        taken.append(e)
+        for i, prev in enumerate(ascending):  # insertion step, keeps `ascending` sorted
+            ascending[i], e = torch.minimum(prev, e), torch.maximum(prev, e)
+        ascending.append(e)
+    return torch.stack(taken, -1)
+
+
 def capacity_keep(
     expert_ids: torch.Tensor,
     scores: torch.Tensor,
@@ -142,7 +191,7 @@ def capacity_keep(
 
 
 def route(
-    logits: torch.Tensor,
+    logits: torch.Tensor | None,
     *,
     topk: int,
     mode: str = "locmoe",
@@ -152,23 +201,47 @@ def route(
     drop_policy: str = "score",
     allowed: torch.Tensor | None = None,
     node_limit: tuple[torch.Tensor, int, int] | None = None,
+    token_ids: torch.Tensor | None = None,
+    num_experts: int | None = None,
+    seed: int = 0,
 ) -> tuple[Assignment, torch.Tensor]:
     """Route one batch.
 
     Args:
-        logits: ``[s, n]`` fp32 gate logits.
+        logits: ``[s, n]`` fp32 gate logits; unused (may be None) for ``hash``.
         topk: k (the paper's l for ``hybrid``).
-        mode: ``"topk"`` / ``"locmoe"`` (top-k by probability) or ``"hybrid"`` (LocMoE+: token choice
-            by affinity, then expert choice of at most ``capacity`` tokens by affinity).
+        mode: ``"topk"`` / ``"locmoe"`` (top-k by probability), ``"hybrid"`` (LocMoE+: token choice
+            by affinity, then expert choice of at most ``capacity`` tokens by affinity) or ``"hash"``
+            (the experts of :func:`hash_experts`, weight ``1/k`` each - 1.0 for k = 1 - so the output
+            is the mean of the token's experts; every pair scores alike, so over-full experts keep
+            their first pairs in token order whatever ``drop_policy`` says).
         affinity: ``[s, n]`` fp32 token-expert cosine; required for ``hybrid``.
         capacity: max pairs per expert (int or 0-d tensor) or None for dropless.
         allowed: ``[s, n]`` bool experts a token may choose, or None.
         node_limit: ``(expert_to_node [n], num_nodes, max_nodes)``: node-limited routing, the open nodes
             chosen by the same scores the experts are selected by (see :func:`node_limited_mask`).
+        token_ids: ``[s]`` token ids, required for ``hash``.
+        num_experts: n, required for ``hash``.
+        seed: the hash seed for ``hash``.
 
     Returns:
-        ``(assignment, probs)`` with ``probs [s, n]`` the full softmax (for the losses).
+        ``(assignment, probs)`` with ``probs [s, n]`` the full softmax (for the losses); for ``hash``
+        the routing distribution before capacity (``1/k`` on each requested expert).
     """
+    if mode == "hash":
+        if token_ids is None or num_experts is None:
+            raise ValueError("hash routing needs token_ids and num_experts")
+        if allowed is not None or node_limit is not None:
+            raise ValueError("hash routing fixes each token's experts: allowed / node_limit do not apply")
+        ids = hash_experts(token_ids.reshape(-1), num_experts, topk, seed)
+        weights = torch.full(ids.shape, 1.0 / topk, dtype=torch.float32, device=ids.device)
+        probs, _ = index_to_dense(ids, weights, num_experts)
+        kept_ids = ids
+        if capacity is not None:
+            keep = capacity_keep(ids, weights, capacity, num_experts, "position")
+            kept_ids = torch.where(keep, ids, -1)
+            weights = torch.where(keep, weights, 0.0)
+        return Assignment(kept_ids, weights, ids, num_experts), probs
     probs = torch.softmax(logits, dim=-1)
     if mode == "hybrid":
         if affinity is None:

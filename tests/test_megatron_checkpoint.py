@@ -13,9 +13,9 @@ pytestmark = pytest.mark.multiproc
 
 
 def _worker(rank, world, ckpt_dir):
-    from tests import megatron_cpu
+    from locmoe_plugin.demo import cpu_shims
 
-    megatron_cpu.install()
+    cpu_shims.install()
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.moe.router import TopKRouter

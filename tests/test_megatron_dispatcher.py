@@ -15,9 +15,9 @@ pytestmark = pytest.mark.multiproc
 
 
 def _worker(rank, world):
-    from tests import megatron_cpu
+    from locmoe_plugin.demo import cpu_shims
 
-    megatron_cpu.install()
+    cpu_shims.install()
     from megatron.core import parallel_state
     from megatron.core.transformer.moe.moe_layer import MoELayer
 

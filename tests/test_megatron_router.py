@@ -43,9 +43,9 @@ def test_config_mapping_from_transformer_config():
 
 
 def _layer_worker(rank, world, cases):
-    from tests import megatron_cpu
+    from locmoe_plugin.demo import cpu_shims
 
-    megatron_cpu.install()
+    cpu_shims.install()
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer import TransformerConfig

@@ -60,7 +60,9 @@ class _LocMoELayer(nn.Module):
         if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
             raise ConfigError(f"overlap_chunks={chunks!r} must be an integer >= 1 (1 = no overlap)")
         self.config = config
-        self.router = LocMoERouter(config)  # one-rank topology until the EP group exists
+        # placeholder topology of the final EP size until DeepSpeed's EP group exists (bind() then places
+        # it); the locality bias, one row per EP rank, is thus created before the optimizer is built
+        self.router = LocMoERouter(config, Topology.single_node(ep_size, config.num_experts))
         self.experts = experts
         self.ep_size = ep_size
         self.mode = dispatcher

@@ -19,6 +19,7 @@ _FIELDS = {
     "locmoe_gate": "gate",
     "locmoe_routing": "routing",
     "locmoe_locality_loss_coeff": "locality_loss_coeff",
+    "locmoe_locality_bias": "locality_bias",
     "locmoe_aux_loss_scope": "aux_loss_scope",
     "locmoe_capacity": "capacity",
     "locmoe_capacity_factor": "capacity_factor",
@@ -28,6 +29,7 @@ _FIELDS = {
     "locmoe_drop_policy": "drop_policy",
     "locmoe_max_nodes_per_token": "max_nodes_per_token",
     "locmoe_gpus_per_node": "gpus_per_node",
+    "locmoe_hash_seed": "hash_seed",
 }
 
 
@@ -38,9 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--locmoe-gate", choices=GATES, default=_DEFAULTS["gate"],
                    help="grap: parameter-free grouped average pooling (LocMoE); dense: learned linear gate")
     g.add_argument("--locmoe-routing", choices=ROUTINGS, default=_DEFAULTS["routing"],
-                   help="topk: plain top-k; locmoe: top-k + locality loss; hybrid: LocMoE+ token/expert choice")
+                   help="topk: plain top-k; locmoe: top-k + locality loss; hybrid: LocMoE+ token/expert choice; "
+                        "hash: experts from a fixed hash of the token id (Hash Layers baseline; needs "
+                        "locmoe_plugin.megatron.router.attach_token_ids(model))")
     g.add_argument("--locmoe-locality-loss-coeff", type=float, default=None,
-                   help="mu of the locality loss (default 0.01 for locmoe/hybrid, 0 for topk)")
+                   help="mu of the locality loss (default 0.01 for locmoe/hybrid, 0 for topk/hash)")
+    g.add_argument("--locmoe-locality-bias", type=lambda v: {"on": True, "off": False}[v], default=None,
+                   metavar="{on,off}",
+                   help="learned per-rank routing-score offset through which the locality loss moves traffic "
+                        "onto the token's node (default: on with the locality loss)")
     g.add_argument("--locmoe-aux-loss-scope", choices=AUX_SCOPES, default=_DEFAULTS["aux_loss_scope"],
                    help="balance measured over the expert-parallel group (default) or this rank's tokens")
     g.add_argument("--locmoe-capacity", choices=CAPACITIES, default=None,
@@ -58,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="node-limited routing: each token's experts on at most this many nodes")
     g.add_argument("--locmoe-gpus-per-node", type=int, default=None,
                    help="GPUs per node (default: LOCMOE_GPUS_PER_NODE, LOCAL_WORLD_SIZE, or host names)")
+    g.add_argument("--locmoe-hash-seed", type=int, default=_DEFAULTS["hash_seed"],
+                   help="seed of the token-id hash for --locmoe-routing hash")
     g.add_argument("--locmoe-dispatcher", choices=DISPATCHERS, default="hierarchical",
                    help="hierarchical: each token crosses to a remote node once; flat: one all-to-all of pairs")
     g.add_argument("--locmoe-overlap-chunks", type=int, default=1,

@@ -11,6 +11,11 @@ Each says what it replaces, is idempotent (applying twice changes nothing) and r
   (and the name ``gpt_layer_specs`` imported from it) so that, when LocMoE is on, the MoE spec of every
   GPT layer is turned into ``LocMoELayer`` + ``LocMoEMegatronRouter`` by :func:`locmoe_spec` - the
   official ``MoESubmodules.router`` seam, applied where Megatron-LM builds its specs.
+* ``megatron-moe-metrics`` (megatron-core >= 0.18: ``MoEMetricsTracker.report``) and
+  ``megatron-moe-metrics-legacy`` (0.16 / 0.17: ``moe_utils.track_moe_metrics``): Megatron-LM's
+  ``training_log`` reports only the tracker names it knows (``load_balancing_loss``, ``z_loss``...);
+  with LocMoE on, the LocMoE metrics (:data:`LOCMOE_METRICS`) are added to that list, so they are
+  reduced across ranks and printed in the training log like ``load_balancing_loss``.
 
 On Ascend (``torch_npu`` importable), ``enable()`` also applies ``torch_npu.contrib.transfer_to_npu``
 so Megatron's own ``torch.cuda`` calls run on the NPU, and process groups use HCCL.
@@ -19,6 +24,7 @@ so Megatron's own ``torch.cuda`` calls run on the NPU, and process groups use HC
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -26,9 +32,18 @@ from ..device import apply_transfer_to_npu, get_accelerator
 from .compat import check_supported
 
 
+def _owner(obj, attr: str):
+    """``(object holding the last part of the dotted attr, last part)``; AttributeError if absent."""
+    *path, name = attr.split(".")
+    for part in path:
+        obj = getattr(obj, part)
+    return obj, name
+
+
 @dataclass
 class Patch:
-    """Replace ``module.attr`` (and the same object imported by name into ``also``) by ``wrap(original)``."""
+    """Replace ``module.attr`` (and the same object imported by name into ``also``) by ``wrap(original)``.
+    ``attr`` may be dotted (``Class.method``)."""
 
     name: str
     module: str
@@ -54,20 +69,26 @@ class Patch:
         """Apply once; returns False if it was already applied."""
         if self.applied:
             return False
-        original = getattr(importlib.import_module(self.module), self.attr)
+        owner, name = _owner(importlib.import_module(self.module), self.attr)
+        original = getattr(owner, name)
         wrapped = self.wrap(original)
         wrapped.__locmoe_patch__ = self.name
         for mod in self._targets():
-            if getattr(mod, self.attr, None) is original:
+            try:
+                owner, name = _owner(mod, self.attr)
+            except AttributeError:
+                continue
+            if getattr(owner, name, None) is original:
                 self._saved[mod.__name__] = original
-                setattr(mod, self.attr, wrapped)
+                setattr(owner, name, wrapped)
         return True
 
     def remove(self) -> bool:
         if not self.applied:
             return False
         for modname, original in self._saved.items():
-            setattr(importlib.import_module(modname), self.attr, original)
+            owner, name = _owner(importlib.import_module(modname), self.attr)
+            setattr(owner, name, original)
         self._saved.clear()
         return True
 
@@ -122,6 +143,26 @@ def _wrap_moe_spec(original):
     return get_moe_module_spec_for_backend
 
 
+#: what LocMoEMegatronRouter records in Megatron's MoE metrics tracker besides the standard losses
+LOCMOE_METRICS = ("locmoe_locality_loss", "locmoe_cross_node_share", "locmoe_dropped_share", "locmoe_max_over_mean_load")
+
+
+def _wrap_track_names(original):
+    """Add :data:`LOCMOE_METRICS` to an explicit ``track_names`` when LocMoE is on (the same list on
+    every rank, as the tracker's all-reduces need)."""
+    sig = inspect.signature(original)
+
+    def with_locmoe_metrics(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        names = bound.arguments.get("track_names")
+        if names is not None and _current_settings() is not None:
+            names = [names] if isinstance(names, str) else list(names)
+            bound.arguments["track_names"] = names + [n for n in LOCMOE_METRICS if n not in names]
+        return original(*bound.args, **bound.kwargs)
+
+    return with_locmoe_metrics
+
+
 PATCHES = (
     Patch(
         name="megatron-args",
@@ -137,6 +178,21 @@ PATCHES = (
         wrap=_wrap_moe_spec,
         replaces="the MoE layer spec of GPT layers: MoELayer -> LocMoELayer with the LocMoE router",
         also=("megatron.core.models.gpt.gpt_layer_specs",),
+    ),
+    Patch(
+        name="megatron-moe-metrics",
+        module="megatron.core.transformer.moe.moe_logging",
+        attr="MoEMetricsTracker.report",
+        wrap=_wrap_track_names,
+        replaces="the MoE metrics report (megatron-core >= 0.18): LocMoE metrics join track_names",
+    ),
+    Patch(
+        name="megatron-moe-metrics-legacy",
+        module="megatron.core.transformer.moe.moe_utils",
+        attr="track_moe_metrics",
+        wrap=_wrap_track_names,
+        replaces="track_moe_metrics (megatron-core 0.16 / 0.17): LocMoE metrics join track_names",
+        also=("megatron.training.training",),
     ),
 )
 
@@ -155,8 +211,8 @@ def enable(settings: dict | None = None, dispatcher: str = "hierarchical") -> li
         try:
             if p.apply():
                 applied.append(p.name)
-        except ImportError:  # megatron.training absent (plain megatron-core): flags come from the caller
-            continue
+        except (ImportError, AttributeError):  # not in this megatron version (e.g. megatron.training
+            continue  # absent in plain megatron-core: flags come from the caller)
     return applied
 
 

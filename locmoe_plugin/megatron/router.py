@@ -16,6 +16,14 @@ tokens x top-k); the router refuses the combination at construction. LocMoE's ca
 Use: ``MoESubmodules(experts=..., router=functools.partial(LocMoEMegatronRouter, locmoe=settings))``
 where ``settings`` is a dict of :class:`~locmoe_plugin.config.LocMoEConfig` fields beyond what the
 TransformerConfig already says (experts, hidden size, top-k, aux / z-loss coefficients).
+
+Hash routing (``{"routing": "hash"}``) needs each token's id, which Megatron's router contract does not
+pass. :func:`attach_token_ids` adds that, explicitly and removably: a forward pre-hook on the
+``GPTModel`` keeps its ``input_ids`` in this module's context, in the order the routers see tokens,
+until the model's forward returns. Limits: the routers must run inside ``GPTModel.forward`` (no
+activation recomputation of the router - refused at construction -, no CUDA graph replay of it, and
+the ``input_ids`` must reach every pipeline stage, which Megatron-LM's ``get_batch`` gives to the
+first and last stages only); MTP layers hash the input token at the same position.
 """
 
 from __future__ import annotations
@@ -28,6 +36,65 @@ from ..config import ConfigError, LocMoEConfig
 from ..router import LocMoERouter
 from ..topology import Topology
 from .compat import aux_loss_coeff, check_supported
+
+_token_ids: torch.Tensor | None = None  # set by attach_token_ids' hooks during GPTModel.forward
+
+
+class TokenIdsHandle:
+    """What :func:`attach_token_ids` returns: ``remove()`` takes both hooks off and clears the ids."""
+
+    def __init__(self, *handles) -> None:
+        self._handles = handles
+
+    def remove(self) -> None:
+        global _token_ids
+        for h in self._handles:
+            h.remove()
+        _token_ids = None
+
+
+def attach_token_ids(gpt_model) -> TokenIdsHandle:
+    """Let LocMoE hash routers in ``gpt_model`` see the token ids (see the module doc).
+
+    A forward pre-hook stores ``input_ids [b, s]`` as ``[s, b]`` (Megatron's token order), cut to this
+    tensor-parallel rank's sequence shard under sequence parallelism (as the embedding scatters the
+    hidden states); a forward hook clears them when the forward returns or raises. Call once after
+    building the model, on the ``GPTModel`` itself (not a DDP / Float16Module wrapper); with virtual
+    pipeline stages, on every model chunk.
+    """
+    tp = gpt_model.tp_group
+    shard = gpt_model.config.sequence_parallel and tp.size() > 1
+
+    def keep(module, args, kwargs):
+        global _token_ids
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
+        if ids is not None:
+            ids = ids.t()
+            if shard:
+                ids = ids.chunk(tp.size(), dim=0)[tp.rank()]
+        _token_ids = ids
+
+    def clear(module, args, kwargs, output):
+        global _token_ids
+        _token_ids = None
+
+    return TokenIdsHandle(
+        gpt_model.register_forward_pre_hook(keep, with_kwargs=True),
+        gpt_model.register_forward_hook(clear, with_kwargs=True, always_call=True),
+    )
+
+
+def current_token_ids() -> torch.Tensor:
+    """The ``[s, b]`` token ids of the ``GPTModel`` forward in progress; a clear error without them."""
+    if _token_ids is None:
+        raise RuntimeError(
+            "LocMoE routing='hash' needs the token ids, and none are set: call "
+            "locmoe_plugin.megatron.router.attach_token_ids(gpt_model) once after building the model, run the "
+            "router inside GPTModel.forward (not in activation recomputation), and pass input_ids to "
+            "every pipeline stage"
+        )
+    return _token_ids
+
 
 def locmoe_config_from_megatron(config, overrides: Mapping[str, Any] | None = None) -> LocMoEConfig:
     """A :class:`LocMoEConfig` from a Megatron ``TransformerConfig`` plus LocMoE-only ``overrides``.
@@ -52,6 +119,17 @@ def locmoe_config_from_megatron(config, overrides: Mapping[str, Any] | None = No
     if values.get("capacity") not in (None, "factor"):
         values.pop("capacity_factor", None)
     return LocMoEConfig.from_dict(values)
+
+
+def _param_device(config) -> torch.device:
+    """Where Megatron puts router parameters: the CPU with ``use_cpu_initialization``, else the
+    current accelerator (as ``TopKRouter`` does)."""
+    from ..device import get_accelerator
+
+    acc = get_accelerator()
+    if getattr(config, "use_cpu_initialization", False) or acc.is_cpu:
+        return torch.device("cpu")
+    return acc.device(acc.current_device())
 
 
 class LocMoEMegatronRouter(torch.nn.Module):
@@ -96,6 +174,15 @@ class LocMoEMegatronRouter(torch.nn.Module):
                 f"set --moe-expert-capacity-factor (any value; LocMoE's capacity decides) or use LocMoELayer "
                 f"(--locmoe / locmoe_spec), whose dispatcher handles drops"
             )
+        recompute = getattr(config, "recompute_granularity", None)
+        if self.locmoe_config.routing == "hash" and (
+            recompute == "full" or (recompute == "selective" and "moe" in (config.recompute_modules or ()))
+        ):
+            raise ConfigError(
+                f"LocMoE routing='hash' reads the token ids that attach_token_ids() keeps only while "
+                f"GPTModel.forward runs, but recompute_granularity={recompute!r} reruns the router during "
+                f"backward: drop --recompute-granularity full / 'moe' from --recompute-modules, or change routing"
+            )
         if pg_collection is None:
             from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
@@ -110,11 +197,12 @@ class LocMoEMegatronRouter(torch.nn.Module):
             topology=topology,
             group=ep_group,
             init_method=getattr(config, "init_method", None),
-            device=torch.device("cpu") if getattr(config, "use_cpu_initialization", False) else None,
+            device=_param_device(config),
         )
-        weight = getattr(self.core.gate, "weight", None)
-        if weight is not None:  # dense gate: like TopKRouter's weight (fp32, sequence-parallel grads)
-            setattr(weight, "sequence_parallel", bool(getattr(config, "sequence_parallel", False)))
+        # dense gate weight and locality bias: like TopKRouter's weight (sequence-parallel grads)
+        for param in (getattr(self.core.gate, "weight", None), self.core.locality_bias):
+            if param is not None:
+                setattr(param, "sequence_parallel", bool(getattr(config, "sequence_parallel", False)))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         """Accept checkpoints of Megatron's ``TopKRouter``: its ``weight`` [n, d] is the dense gate."""
@@ -129,6 +217,8 @@ class LocMoEMegatronRouter(torch.nn.Module):
             else:
                 state_dict[ours] = state_dict.pop(legacy)
             state_dict.setdefault(prefix + "core._extra_state", None)  # TopKRouter has no capacity state
+            if self.core.locality_bias is not None:  # nor a locality bias: start it neutral
+                state_dict.setdefault(prefix + "core.locality_bias", torch.zeros_like(self.core.locality_bias))
         for key in ("expert_bias", "bias"):
             if prefix + key in state_dict:
                 error_msgs.append(
@@ -160,11 +250,13 @@ class LocMoEMegatronRouter(torch.nn.Module):
         """``hidden [S, B, d]`` (or ``[s, d]``) -> ``(probs [s, n] fp32, routing_map [s, n] bool)``.
 
         ``padding_mask [S, B]`` (True = real token) is accepted for the contract; padding tokens are
-        routed and counted like the others (TopKRouter leaves them out of its aux loss).
+        routed and counted like the others (TopKRouter leaves them out of its aux loss). Hash routing
+        reads the token ids from :func:`current_token_ids`.
         """
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-        out = self.core(hidden)
+        token_ids = current_token_ids() if self.locmoe_config.routing == "hash" else None
+        out = self.core(hidden, token_ids)
         probs, routing_map = out.to_megatron()
         c = self.locmoe_config
         coeffs = {"aux": c.aux_loss_coeff, "locality": c.locality_loss_coeff, "z": c.z_loss_coeff}

@@ -2,7 +2,10 @@
 
 ``locmoe_spec(spec, locmoe, dispatcher)`` walks a ``ModuleSpec`` tree (transformer layer specs, block
 specs with their per-layer lists) and replaces every ``MoELayer`` spec by ``LocMoELayer`` with the LocMoE
-router; everything else (attention, experts, shared experts, norms) is kept. Users with their own
+router; everything else (attention, experts, shared experts, norms) is kept. An MoE layer is found in
+both forms megatron-core uses: ``ModuleSpec(module=MoELayer, submodules=MoESubmodules(...))`` (0.16)
+and ``functools.partial(MoELayer, submodules=MoESubmodules(...))`` (0.19's
+``get_moe_module_spec_for_backend``). Users with their own
 megatron-core scripts call it on the spec they already build; ``enable()`` applies it to Megatron-LM's
 GPT specs.
 """
@@ -28,6 +31,19 @@ def locmoe_spec(spec: Any, locmoe: Mapping | None = None, dispatcher: str = "hie
     )
 
     def walk(node):
+        if isinstance(node, functools.partial):
+            kwargs = {k: walk(v) for k, v in node.keywords.items()}
+            if isinstance(node.func, type) and issubclass(node.func, MoELayer):
+                sub = kwargs.get("submodules")
+                if sub is None:
+                    from megatron.core.transformer.moe.moe_layer import MoESubmodules
+
+                    sub = MoESubmodules()
+                kwargs["submodules"] = dataclasses.replace(sub, router=router)
+                return functools.partial(layer_cls, *node.args, **kwargs)
+            if any(kwargs[k] is not v for k, v in node.keywords.items()):
+                return functools.partial(node.func, *node.args, **kwargs)
+            return node
         if isinstance(node, ModuleSpec):
             sub = walk(node.submodules)
             if isinstance(node.module, type) and issubclass(node.module, MoELayer):
@@ -59,6 +75,8 @@ def count_locmoe_layers(spec: Any) -> int:
     from .dispatcher import make_locmoe_layer_class
 
     cls = make_locmoe_layer_class()
+    if isinstance(spec, functools.partial):
+        return (spec.func is cls) + sum(count_locmoe_layers(v) for v in spec.keywords.values())
     if isinstance(spec, ModuleSpec):
         return (spec.module is cls) + count_locmoe_layers(spec.submodules)
     if isinstance(spec, (list, tuple)):

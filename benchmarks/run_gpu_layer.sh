@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU-machine run behind benchmarks/RESULTS.md's MoE-layer table: bench_layer.py on NGPU GPUs as
+# 2 emulated nodes (launch/emulate_nodes.sh) and as one node. Usage (from the repo root, wheels
+# installed, corpus in data/python-doc-corpus):
+#   NGPU=4 bash benchmarks/run_gpu_layer.sh "$OUT"
+# LAYOUTS="2nodes 1node" (default) picks the layouts; BENCH_ARGS adds bench_layer.py options to both.
+set -uo pipefail
+out=${1:-benchmarks/results}
+NGPU=${NGPU:-4}
+LAYOUTS=${LAYOUTS:-2nodes 1node}
+mkdir -p "$out"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export LOCMOE_COMMIT=${LOCMOE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+nvidia-smi -L | tee "$out/gpus.txt"
+half=$(( NGPU / 2 ))
+filter() { grep -v -E "Warning|warn\(|return func|No existing process group|^\s*$" ; }
+for layout in $LAYOUTS; do
+  start=$(date +%s)
+  if [ "$layout" = 2nodes ]; then
+    launch/emulate_nodes.sh --nodes 2 --nproc-per-node "$NGPU" -- benchmarks/bench_layer.py \
+      --gpus-per-node "$half" --ablations ${ABLATIONS-nobias mu0} --json "$out/layer_2nodes_${NGPU}gpu.json" \
+      ${BENCH_ARGS:-} 2>&1 | filter > "$out/layer_2nodes.log"
+  else
+    python3 -m torch.distributed.run --standalone --nproc-per-node "$NGPU" benchmarks/bench_layer.py \
+      --gpus-per-node "$NGPU" --json "$out/layer_1node_${NGPU}gpu.json" ${BENCH_ARGS:-} 2>&1 \
+      | filter > "$out/layer_${layout}.log"
+  fi
+  echo "$layout: $(( $(date +%s) - start )) s"
+done
+for layout in $LAYOUTS; do
+  echo; sed -n '/^== /,$p' "$out/layer_${layout}.log"
+done

@@ -1,0 +1,84 @@
+"""Shims that let megatron-core's GPT model and MoELayer run forward and backward on CPU (gloo).
+
+For the CPU demo and the tests only: the training path on GPUs / NPUs never imports this module.
+Megatron places weights with ``torch.cuda.current_device()``, creates CUDA streams in its alltoall
+dispatcher, keeps its dropout RNG states with ``torch.cuda`` RNG calls, and moves split sizes to the host
+only if they are CUDA tensors; these shims make each of those work on CPU (RNG states map to the CPU
+generator). ``install()`` is idempotent and refuses to run when an accelerator is present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_installed = False
+
+
+class _Event:
+    def record(self, *a, **k):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait(self, *a, **k):
+        pass
+
+    def query(self):
+        return True
+
+
+class _Stream:
+    def __init__(self, *a, **k):
+        pass
+
+    def wait_stream(self, *a, **k):
+        pass
+
+    def wait_event(self, *a, **k):
+        pass
+
+    def record_event(self, event=None):
+        return event or _Event()
+
+    def synchronize(self):
+        pass
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("the CPU shims must not be installed on a machine with CUDA devices")
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.Stream = _Stream
+    torch.cuda.Event = lambda *a, **k: _Event()
+    torch.cuda.current_stream = lambda *a, **k: _Stream()
+    torch.cuda.stream = lambda s=None: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    def to_cpu(tensor, as_numpy=False, record_stream=False):
+        if tensor is None or not torch.is_tensor(tensor):
+            return tensor
+        out = tensor.cpu()
+        return out.numpy() if as_numpy else out
+
+    moe_utils.maybe_move_tensor_to_cpu = to_cpu
+    from megatron.core.transformer.moe import token_dispatcher
+
+    if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):
+        token_dispatcher.maybe_move_tensor_to_cpu = to_cpu
+    _installed = True

@@ -1,0 +1,115 @@
+"""The demo's megatron-core systems: a small GPT (``GPTModel``, local spec, RoPE) whose MLPs are MoE layers.
+
+- ``baseline``: megatron-core ``MoELayer`` with ``TopKRouter`` (softmax top-k, Switch aux loss) and the
+  flat ``alltoall`` dispatcher: what a Megatron user runs today;
+- ``locmoe``: ``LocMoELayer`` + LocMoE router (GrAP gate, top-k, locality loss) and the hierarchical
+  dispatcher;
+- ``locmoe+``: LocMoE+ (hybrid token/expert choice, adaptive capacity) on the hierarchical dispatcher.
+
+Data parallelism = expert parallelism = all ranks (TP = PP = 1): dense gradients are averaged over the
+data-parallel group by hand (Megatron's DDP wrapper is not needed at this size), expert gradients stay
+on their rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from .corpus import VOCAB_SIZE
+
+
+def locmoe_settings(system: str, opts) -> dict:
+    """The LocMoE settings of a demo system (shared with the DeepSpeed job)."""
+    settings = {"gpus_per_node": opts.gpus_per_node, "locality_loss_coeff": opts.locality_coeff, "gate": "grap"}
+    if system == "locmoe":
+        settings.update(routing="locmoe", capacity=opts.locmoe_capacity)
+    else:
+        settings.update(routing="hybrid", capacity="adaptive", adaptive_interval=max(1, opts.steps // 10))
+    return settings
+
+
+class MegatronSystem:
+    def __init__(self, name: str, opts, accel, dev):
+        from megatron.core import parallel_state as ps
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.transformer import TransformerConfig
+
+        from ..megatron.spec import locmoe_spec
+
+        cfg = TransformerConfig(
+            num_layers=opts.num_layers, hidden_size=opts.hidden_size, num_attention_heads=opts.num_heads,
+            ffn_hidden_size=opts.ffn_hidden_size, moe_ffn_hidden_size=opts.ffn_hidden_size,
+            num_moe_experts=opts.num_experts, moe_router_topk=opts.topk, moe_aux_loss_coeff=opts.aux_loss_coeff,
+            moe_router_load_balancing_type="aux_loss", moe_token_dispatcher_type="alltoall",
+            expert_model_parallel_size=dist.get_world_size(), use_cpu_initialization=accel.is_cpu,
+            add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False,
+            masked_softmax_fusion=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
+            persist_layer_norm=False,
+        )
+        spec = get_gpt_layer_local_spec(num_experts=opts.num_experts)
+        if name != "baseline":
+            spec = locmoe_spec(spec, locmoe_settings(name, opts), dispatcher="hierarchical")
+        self.model = GPTModel(cfg, spec, vocab_size=VOCAB_SIZE, max_sequence_length=opts.seq_len,
+                              position_embedding_type="rope").to(dev)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.01)
+        self.dp_group = ps.get_data_parallel_group()
+        self.routers = [m for n, m in self.model.named_modules() if n.endswith("mlp.router")]
+        self.mask = torch.triu(torch.ones(opts.seq_len, opts.seq_len, dtype=torch.bool, device=dev), 1)[None, None]
+
+    @staticmethod
+    def routing_map(output):
+        return output[1]
+
+    def train(self, mode: bool) -> None:
+        self.model.train(mode)
+
+    def loss(self, tokens, labels):
+        pos = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return self.model(tokens, pos, self.mask, labels=labels).float().mean()
+
+    def step(self, loss) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None and getattr(p, "allreduce", True)]
+        if grads and dist.get_world_size(self.dp_group) > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.dp_group)
+            flat /= dist.get_world_size(self.dp_group)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                offset += g.numel()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+
+
+def run_rank(opts, accel, dev, corpus) -> list[dict]:
+    """Train every system of ``opts.systems`` in turn (same seed each) on this rank."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from .train import train_system
+
+    logging.getLogger("megatron").setLevel(logging.ERROR)  # per-layer construction notices
+    warnings.filterwarnings("ignore")
+    if accel.is_cpu:
+        from .cpu_shims import install
+
+        install()
+    ps.initialize_model_parallel(expert_model_parallel_size=dist.get_world_size())
+    results = []
+    try:
+        for name in opts.systems:
+            torch.manual_seed(opts.seed)
+            model_parallel_cuda_manual_seed(opts.seed)
+            system = MegatronSystem(name, opts, accel, dev)
+            results.append(train_system(name, system, opts, corpus, accel, dev))
+            del system
+    finally:
+        ps.destroy_model_parallel()
+    return results

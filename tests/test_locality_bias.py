@@ -1,0 +1,93 @@
+"""The locality bias: the one rank-aware part of the LocMoE router, through which the locality loss can
+actually move traffic onto the token's own node.
+
+Without it, a router replicated over data-parallel ranks sees only token content; when every rank's data
+come from the same distribution, the expected share of routed pairs crossing nodes is 1 - 1/N whatever the
+router learns (the token's node is independent of its content). The multi-process test shows both sides.
+"""
+
+import pytest
+import torch
+
+from locmoe_plugin import ConfigError, LocMoEConfig, LocMoERouter, Topology
+
+from ._dist import run_workers
+
+N, D, K = 8, 32, 2
+
+
+def _cfg(**kw):
+    base = dict(num_experts=N, hidden_size=D, topk=K, routing="locmoe", gate="dense")
+    return LocMoEConfig(**{**base, **kw})
+
+
+def test_bias_is_one_row_per_ep_rank_and_only_this_ranks_row_acts():
+    topo = Topology.from_ranks_per_node(4, 2, N, ep_rank=3)
+    r = LocMoERouter(_cfg(), topo)
+    assert r.locality_bias is not None and r.locality_bias.shape == (4, N)
+    assert torch.count_nonzero(r.locality_bias) == 0  # starts neutral: routing as without it
+    x = torch.randn(16, D, generator=torch.Generator().manual_seed(0))
+    before = r(x).assignment.expert_ids.clone()
+    with torch.no_grad():
+        r.locality_bias[0, 5] = 100.0  # another rank's row: no effect here
+    assert torch.equal(r(x).assignment.expert_ids, before)
+    with torch.no_grad():
+        r.locality_bias[3, 5] = 100.0  # this rank's row: expert 5 wins for every token
+    assert (r(x).assignment.expert_ids[:, 0] == 5).all()
+
+
+def test_locality_loss_trains_only_this_ranks_row_towards_local_experts():
+    topo = Topology.from_ranks_per_node(4, 2, N, ep_rank=1)  # node 0 hosts experts 0-3
+    r = LocMoERouter(_cfg(aux_loss_coeff=0.0, locality_loss_coeff=1.0), topo)
+    out = r(torch.randn(32, D, generator=torch.Generator().manual_seed(1)))
+    out.total_loss.backward()
+    g = r.locality_bias.grad
+    assert torch.count_nonzero(g[[0, 2, 3]]) == 0
+    assert (g[1, :4] < 0).all() and (g[1, 4:] > 0).all()  # descent raises local experts, lowers remote ones
+
+
+def test_no_bias_where_it_cannot_help_or_is_not_asked_for():
+    assert LocMoERouter(_cfg(), Topology.single_node(1, N)).locality_bias is None  # one rank: no rows to learn
+    two = Topology.from_ranks_per_node(4, 2, N, ep_rank=0)
+    assert LocMoERouter(_cfg(routing="topk"), two).locality_bias is None  # no locality loss
+    assert LocMoERouter(_cfg(locality_bias=False), two).locality_bias is None
+    assert "locality_bias" not in dict(LocMoERouter(_cfg(locality_bias=False), two).named_parameters())
+
+
+def test_bias_without_locality_loss_is_refused():
+    with pytest.raises(ConfigError, match="locality_bias is trained by the locality loss"):
+        _cfg(locality_bias=True, locality_loss_coeff=0.0)
+
+
+def _train_worker(rank, world):
+    import torch.distributed as dist
+
+    topo = Topology.from_ranks_per_node(world, 2, N, ep_rank=rank)
+    shares = {}
+    for bias in (False, True):
+        torch.manual_seed(0)  # replicated router, as under data parallelism
+        r = LocMoERouter(_cfg(locality_loss_coeff=1.0, locality_bias=bias), topo, group=dist.group.WORLD).train()
+        opt = torch.optim.Adam(r.parameters(), lr=0.05)
+        cross = routed = 0.0
+        for step in range(60):
+            g = torch.Generator().manual_seed(1000 * step + rank)  # i.i.d. data on every rank
+            out = r(torch.randn(64, D, generator=g))
+            opt.zero_grad()
+            out.total_loss.backward()
+            for p in r.parameters():  # data-parallel gradient average
+                dist.all_reduce(p.grad)
+                p.grad /= world
+            opt.step()
+            if step >= 50:
+                c = torch.tensor([float(out.stats.cross_node_pairs), float(out.stats.tokens_per_expert.sum())])
+                dist.all_reduce(c)
+                cross, routed = cross + float(c[0]), routed + float(c[1])
+        shares[bias] = cross / routed
+    return shares
+
+
+@pytest.mark.multiproc
+def test_locality_needs_the_bias_on_iid_data():
+    shares = run_workers(_train_worker, 4)[0]
+    assert shares[False] == pytest.approx(0.5, abs=0.06)  # content-only router: 1 - 1/N, whatever it learns
+    assert shares[True] < 0.15
