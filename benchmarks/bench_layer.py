@@ -34,7 +34,7 @@ model's layers before its MoE layer, and times fwd+bwd of one MoE layer on those
                      (the router was trained without the group limit)
   deepspeed_moe      (e) deepspeed.moe.layer.MoE, TopKGate k, capacity factor --ds-capacity-factor; its
                      gate weight = the trained TopKRouter's, on the same hidden states; its own experts
-  locmoe_ds          (e') locmoe_plugin.deepspeed.LocMoE (dropless), router and hidden states of the
+  locmoe_ds          (e') locmoe_plugin.deepspeed.LocMoE (dropless), router (gate, locality bias) and hidden states of the
                      first trained gate, its own experts
   locmoe_ds_chunks<C> the same with overlap_chunks=C, i.e. TokenDispatcher.forward(chunks=C) (the
                      Megatron adapter has no chunked mode: its flag must be 1 under Megatron)
@@ -592,6 +592,9 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
         if gate == "dense":
             w = trained[gate]["state"]["router.core.gate.weight"]
             layer.router.gate.weight.data.copy_(w)
+        bias = trained[gate]["state"].get("router.core.locality_bias")
+        if bias is not None:  # the trained router's locality bias (one row per EP rank)
+            layer.router.locality_bias.data.copy_(bias)
         layer.train()
         ms = time_deepspeed(ctx, layer, x, cot)
         layer.traffic.reset()

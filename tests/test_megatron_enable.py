@@ -176,3 +176,42 @@ def test_megatron_lm_patch_applies_and_reverts(tmp_path):
     compile(patched, "pretrain_gpt.py", "exec")
     subprocess.run([patch_bin, "-p1", "-R", "-i", str(patch_file)], cwd=tmp_path, check=True, capture_output=True)
     assert target.read_text() == original
+
+
+def test_spec_rewrite_handles_the_partial_form_of_megatron_019():
+    """megatron-core 0.19 builds the MoE layer spec as functools.partial(MoELayer, submodules=...)."""
+    import dataclasses
+    import functools
+
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+
+    plain = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
+    partial_mlp = functools.partial(MoELayer, submodules=MoESubmodules())
+    layer = dataclasses.replace(plain, submodules=dataclasses.replace(plain.submodules, mlp=partial_mlp))
+    assert count_locmoe_layers(layer) == 0
+    out = locmoe_spec(layer, {"routing": "locmoe"})
+    mlp = out.submodules.mlp
+    assert isinstance(mlp, functools.partial) and mlp.func.__name__ == "LocMoELayer"
+    assert mlp.keywords["submodules"].router.keywords["locmoe"] == {"routing": "locmoe"}
+    assert count_locmoe_layers(out) == 1
+    other = functools.partial(dict, a=1)  # any other partial is kept as is
+    assert locmoe_spec(other) is other
+
+
+def test_metrics_patch_adds_locmoe_names_only_when_locmoe_is_on():
+    from locmoe_plugin.megatron.enable import LOCMOE_METRICS, _wrap_track_names
+
+    seen = []
+
+    def report(tracker, loss_scale, iteration, track_names=None, num_layers=None):
+        seen.append(track_names)
+
+    wrapped = _wrap_track_names(report)
+    wrapped(None, 1.0, 3, track_names=["load_balancing_loss"])
+    assert seen[-1] == ["load_balancing_loss"]  # LocMoE off: untouched
+    enable(settings={"routing": "locmoe"})
+    wrapped(None, 1.0, 3, track_names="load_balancing_loss")
+    assert seen[-1] == ["load_balancing_loss", *LOCMOE_METRICS]
+    wrapped(None, 1.0, 3)  # no explicit names: Megatron reports everything tracked
+    assert seen[-1] is None

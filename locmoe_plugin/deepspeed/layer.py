@@ -128,6 +128,11 @@ class LocMoE(_DeepSpeedMoE):
             dispatcher = settings.pop("dispatcher", "hierarchical")
             chunks = settings.pop("overlap_chunks", 1)
             config = LocMoEConfig.from_dict({"num_experts": num_experts, "hidden_size": hidden_size, "topk": k, **settings})
+        if config.routing == "hash":
+            raise ConfigError(
+                "routing='hash' needs token ids, which DeepSpeed's MoE layer does not receive; use it with "
+                "Megatron (attach_token_ids) or call LocMoERouter(hidden, token_ids) yourself"
+            )
         if (config.num_experts, config.hidden_size, config.topk) != (num_experts, hidden_size, k):
             raise ConfigError(
                 f"the LocMoE config (experts {config.num_experts}, hidden {config.hidden_size}, topk {config.topk}) "

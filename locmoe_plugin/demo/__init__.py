@@ -44,9 +44,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per rank per step")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--aux-loss-coeff", type=float, default=0.01)
-    p.add_argument("--locality-coeff", type=float, default=0.05,
-                   help="mu of the locality loss (the library default is 0.01; 0.05 shows the effect within a "
-                        "150-step run)")
+    p.add_argument("--locality-coeff", type=float, default=0.01, help="mu of LocMoE's locality loss")
     p.add_argument("--locmoe-capacity", choices=("none", "factor", "bound"), default="none",
                    help="LocMoE's expert capacity (locmoe+ always uses adaptive)")
     p.add_argument("--eval-interval", type=int, default=50)
@@ -150,6 +148,7 @@ def run_demo(args: argparse.Namespace) -> int:
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if launched else args.nproc
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # spawned ranks: no import-time fallback notices
     validate(args, world)
     if args.corpus is None:
         args.corpus = str(fetch_corpus(quiet=True))  # once, before any rank starts

@@ -10,7 +10,7 @@ own megatron-core script, ``locmoe_spec(spec, ...)`` / ``MoESubmodules(router=pa
 from .args import add_arguments, settings_from_args
 from .compat import UnsupportedMegatronError, check_supported, megatron_core_version
 from .enable import PATCHES, disable, enable, status
-from .router import LocMoEMegatronRouter, locmoe_config_from_megatron
+from .router import LocMoEMegatronRouter, attach_token_ids, locmoe_config_from_megatron
 from .spec import count_locmoe_layers, locmoe_spec
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "PATCHES",
     "UnsupportedMegatronError",
     "add_arguments",
+    "attach_token_ids",
     "check_supported",
     "count_locmoe_layers",
     "disable",
