@@ -62,10 +62,17 @@ class Assignment:
         return index_to_dense(self.expert_ids, self.weights, self.num_experts)
 
 
+def count_ids(key: torch.Tensor, bins: int) -> torch.Tensor:
+    """``[bins]`` int64 occurrences of each value of ``key`` (values in ``[0, bins)``). A scatter-add, not
+    ``torch.bincount``, whose CUDA version reads the maximum back to the host (a sync per call)."""
+    key = key.reshape(-1)
+    return torch.zeros(bins, dtype=torch.long, device=key.device).scatter_add_(0, key, torch.ones_like(key))
+
+
 def _bincount_valid(ids: torch.Tensor, n: int) -> torch.Tensor:
     flat = ids.reshape(-1)
     # -1 goes to an extra bin n that is cut off: no boolean indexing, so no host sync.
-    return torch.bincount(torch.where(flat >= 0, flat, n), minlength=n + 1)[:n]
+    return count_ids(torch.where(flat >= 0, flat, n), n + 1)[:n]
 
 
 def index_to_dense(
@@ -183,7 +190,7 @@ def capacity_keep(
         order = torch.argsort(key, stable=True)
     else:
         raise ValueError(f"drop policy {policy!r} is not 'score' or 'position'")
-    counts = torch.bincount(key, minlength=num_experts + 1)
+    counts = count_ids(key, num_experts + 1)
     starts = torch.cumsum(counts, 0) - counts
     rank_sorted = torch.arange(m, device=flat.device) - starts[key[order]]
     rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..config import LocMoEConfig
 from ..router import LocMoERouter
+from ..routing import count_ids
 from ..topology import Topology
 
 
@@ -39,7 +40,7 @@ def buffer_locations(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor
     flat = expert_ids.reshape(-1)
     key = torch.where(flat >= 0, flat, num_experts)
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_experts + 1)
+    counts = count_ids(key, num_experts + 1)
     starts = torch.cumsum(counts, 0) - counts
     rank_sorted = torch.arange(flat.numel(), device=flat.device) - starts[key[order]]
     rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)

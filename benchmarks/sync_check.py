@@ -1,0 +1,101 @@
+"""List the device-to-host syncs in one forward + backward of a LocMoE MoE layer (and of megatron-core's
+own alltoall MoELayer for comparison), on CUDA, with ``torch.cuda.set_sync_debug_mode("warn")``.
+
+  torchrun --standalone --nproc-per-node 4 benchmarks/sync_check.py [--gpus-per-node 2]
+
+Rank 0 prints each sync's call site (the innermost frame inside locmoe_plugin or megatron) and a count
+per layer. A sync stalls the host until the GPU queue drains, so the kernels queued after it cannot
+overlap the host's Python work: the fewer, the better (Megatron's alltoall dispatcher needs one, for
+the split sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--gpus-per-node", type=int, default=None)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--experts", type=int, default=32)
+    p.add_argument("--topk", type=int, default=4)
+    a = p.parse_args()
+    from locmoe_plugin.device import get_accelerator
+
+    acc = get_accelerator()
+    acc.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(acc.backend)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, model_parallel_cuda_manual_seed
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+    from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from locmoe_plugin.megatron.dispatcher import make_locmoe_layer_class
+    from locmoe_plugin.megatron.router import LocMoEMegatronRouter
+
+    ps.initialize_model_parallel(expert_model_parallel_size=world)
+    model_parallel_cuda_manual_seed(0)
+    cfg = TransformerConfig(num_layers=1, hidden_size=a.hidden, num_attention_heads=8, num_moe_experts=a.experts,
+                            moe_router_topk=a.topk, moe_token_dispatcher_type="alltoall",
+                            expert_model_parallel_size=world, moe_aux_loss_coeff=0.01, add_bias_linear=False,
+                            ffn_hidden_size=a.hidden, moe_ffn_hidden_size=a.hidden, bf16=True,
+                            params_dtype=torch.bfloat16, moe_router_load_balancing_type="aux_loss")
+    experts = ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                                       linear_fc2=RowParallelLinear))
+    pgc = moe_utils.get_default_pg_collection()
+    router = functools.partial(LocMoEMegatronRouter, locmoe={"gpus_per_node": a.gpus_per_node or world},
+                               with_locmoe_dispatcher=True)
+    layers = {
+        "megatron alltoall": MoELayer(cfg, submodules=MoESubmodules(experts=experts, router=TopKRouter),
+                                      layer_number=1, pg_collection=pgc),
+        "locmoe": make_locmoe_layer_class()(cfg, submodules=MoESubmodules(experts=experts, router=router),
+                                            layer_number=1, pg_collection=pgc),
+    }
+    dev = acc.device(acc.current_device())
+    x = torch.randn(a.tokens, 1, a.hidden, device=dev, dtype=torch.bfloat16)
+    for name, layer in layers.items():
+        layer = layer.to(dev)
+        layer.set_layer_number(1)
+        for _ in range(2):  # warm-up: lazy inits and caches
+            y, _ = layer(x.clone().requires_grad_())
+            y.float().sum().backward()
+        acc.synchronize()
+        sites: collections.Counter = collections.Counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            y, _ = layer(x.clone().requires_grad_())
+            y.float().sum().backward()
+            torch.cuda.set_sync_debug_mode("default")
+        for w in caught:
+            if "synchroniz" not in str(w.message):
+                continue
+            sites[f"{os.path.relpath(w.filename)}:{w.lineno}"] += 1
+        if rank == 0:
+            print(f"== {name}: {sum(sites.values())} device-to-host syncs in one forward + backward")
+            for site, n in sites.most_common():
+                print(f"   {n} x {site}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
