@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SYSTEMS = ("baseline", "locmoe", "locmoe+")
+from .megatron_job import BASE_SETTINGS, parse_system
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="gloo runs on CPU; nccl / hccl put one rank per GPU / NPU")
     p.add_argument("--steps", type=int, default=150, help="training steps per system")
     p.add_argument("--systems", default="baseline,locmoe",
-                   help=f"comma-separated, from {', '.join(SYSTEMS)}")
+                   help=f"';'-separated (or ',' without options), from {', '.join(BASE_SETTINGS)}, each optionally "
+                        f"with LocMoE options: 'baseline;locmoe:mu=0.03,gate=dense;locmoe+;hash'")
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--num-heads", type=int, default=4)
@@ -64,9 +65,18 @@ def validate(opts: argparse.Namespace, world: int) -> None:
     """All checks that need no process group, before any is created."""
     from ..topology import Topology
 
-    bad = [s for s in opts.systems if s not in SYSTEMS]
-    if bad:
-        raise ValueError(f"--systems: unknown {', '.join(bad)}; choose from {', '.join(SYSTEMS)}")
+    from ..config import LocMoEConfig
+    from .megatron_job import locmoe_settings
+
+    for system in opts.systems:
+        parse_system(system)
+        settings = locmoe_settings(system, opts)
+        if settings is None:
+            continue
+        if opts.framework == "deepspeed" and settings["routing"] == "hash":
+            raise ValueError("--systems: hash routing needs token ids, which DeepSpeed's MoE layer does not get; "
+                             "use --framework megatron")
+        LocMoEConfig(num_experts=opts.num_experts, hidden_size=opts.hidden_size, topk=opts.topk, **settings)
     Topology.from_ranks_per_node(world, opts.gpus_per_node, opts.num_experts)
     if opts.hidden_size % opts.num_experts:
         raise ValueError(f"--hidden-size {opts.hidden_size} is not divisible by --num-experts {opts.num_experts}: "
@@ -145,14 +155,17 @@ def run_demo(args: argparse.Namespace) -> int:
     from . import report
     from .corpus import fetch_corpus
 
-    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    sep = ";" if ";" in args.systems or ":" in args.systems else ","
+    args.systems = [s.strip() for s in args.systems.split(sep) if s.strip()]
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if launched else args.nproc
     os.environ.setdefault("PYTHONWARNINGS", "ignore")  # spawned ranks: no import-time fallback notices
     validate(args, world)
+    args.world = world
     if args.corpus is None:
         args.corpus = str(fetch_corpus(quiet=True))  # once, before any rank starts
     rank0 = not launched or int(os.environ["RANK"]) == 0
+    args.out = str(args.out or Path("locmoe_runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
     if rank0:
         print(f"locmoe demo: {len(args.systems)} systems x {args.steps} steps, {world} ranks = "
               f"{world // args.gpus_per_node} nodes x {args.gpus_per_node} ({args.backend}); GPT {args.num_layers} "
@@ -176,13 +189,15 @@ def run_demo(args: argparse.Namespace) -> int:
                 return 1
             with open(path) as f:
                 results = json.load(f)
-    out = Path(args.out or Path("locmoe_runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.json", "w") as f:
         json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}, f, indent=1)
     print(f"\nResults ({time.time() - t0:.0f} s; corpus: {results[0]['corpus']}):")
     print(report.format_table(results))
     print(report.notes())
+    if len(results) > 2 or any(v is not None for r in results for v in r["history"]["capacity_factor"]):
+        print(report.capacity_table(results, args))
     png = report.plot(results, out / "demo.png")
     print(f"plot: {png}" if png else "plot: skipped (install matplotlib for the PNG)")
     print(f"results: {out / 'results.json'}")

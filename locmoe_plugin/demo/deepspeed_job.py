@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .corpus import VOCAB_SIZE
-from .megatron_job import locmoe_settings
+from .megatron_job import locmoe_settings, save_partial
 
 BASELINE_CAPACITY_FACTOR = 1.25
 
@@ -36,13 +36,13 @@ class _Block(nn.Module):
         self.attn = nn.MultiheadAttention(h, opts.num_heads, batch_first=True, bias=False)
         expert = nn.Sequential(nn.Linear(h, opts.ffn_hidden_size, bias=False), nn.GELU(),
                                nn.Linear(opts.ffn_hidden_size, h, bias=False))
-        if name == "baseline":
+        settings = locmoe_settings(name, opts)
+        if settings is None:
             self.moe = MoE(h, expert, num_experts=opts.num_experts, ep_size=world, k=opts.topk,
                            capacity_factor=BASELINE_CAPACITY_FACTOR, eval_capacity_factor=BASELINE_CAPACITY_FACTOR,
                            min_capacity=4)
         else:
-            self.moe = LocMoE(h, expert, num_experts=opts.num_experts, ep_size=world, k=opts.topk,
-                              locmoe=locmoe_settings(name, opts))
+            self.moe = LocMoE(h, expert, num_experts=opts.num_experts, ep_size=world, k=opts.topk, locmoe=settings)
 
     def forward(self, x, mask):
         a = self.ln1(x)
@@ -102,7 +102,7 @@ class DeepSpeedSystem:
         config = {"train_micro_batch_size_per_gpu": opts.micro_batch, "gradient_clipping": 1.0,
                   "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
-        self.routers = [b.moe.router if name != "baseline" else b.moe.deepspeed_moe.gate for b in model.blocks]
+        self.routers = [b.moe.deepspeed_moe.gate if name == "baseline" else b.moe.router for b in model.blocks]
         self.routing_map = _routing_map(opts.num_experts)
         self._aux = None
 
@@ -134,4 +134,5 @@ def run_rank(opts, accel, dev, corpus) -> list[dict]:
     for name in opts.systems:
         torch.manual_seed(opts.seed)
         results.append(train_system(name, DeepSpeedSystem(name, opts, dev), opts, corpus, accel, dev))
+        save_partial(results, opts)
     return results

@@ -22,13 +22,55 @@ import torch.distributed as dist
 from .corpus import VOCAB_SIZE
 
 
-def locmoe_settings(system: str, opts) -> dict:
-    """The LocMoE settings of a demo system (shared with the DeepSpeed job)."""
-    settings = {"gpus_per_node": opts.gpus_per_node, "locality_loss_coeff": opts.locality_coeff, "gate": "grap"}
-    if system == "locmoe":
-        settings.update(routing="locmoe", capacity=opts.locmoe_capacity)
-    else:
-        settings.update(routing="hybrid", capacity="adaptive", adaptive_interval=max(1, opts.steps // 10))
+#: demo systems: the LocMoE settings each starts from (None: the framework's own router)
+BASE_SETTINGS = {
+    "baseline": None,
+    "locmoe": {"routing": "locmoe", "gate": "grap"},
+    "locmoe+": {"routing": "hybrid", "gate": "grap", "capacity": "adaptive"},
+    "hash": {"routing": "hash"},
+}
+#: short option names accepted after a system name: ``locmoe:mu=0.03,gate=dense``
+ALIASES = {"mu": "locality_loss_coeff"}
+
+
+def parse_system(spec: str) -> tuple[str, dict]:
+    """``"locmoe:mu=0.03,capacity=bound"`` -> ``("locmoe", {"locality_loss_coeff": 0.03, "capacity":
+    "bound"})``. Values are parsed as numbers where they look like numbers."""
+    name, _, opts = spec.partition(":")
+    if name not in BASE_SETTINGS:
+        raise ValueError(f"--systems: unknown system {name!r}; choose from {', '.join(BASE_SETTINGS)}")
+    overrides = {}
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--systems: {spec!r}: options are key=value (e.g. locmoe:mu=0.03,gate=dense)")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        overrides[ALIASES.get(key, key)] = value
+    if name == "baseline" and overrides:
+        raise ValueError(f"--systems: {spec!r}: the baseline takes no LocMoE options")
+    return name, overrides
+
+
+def locmoe_settings(system: str, opts) -> dict | None:
+    """The full LocMoE settings of a demo system spec (shared with the DeepSpeed job); None for the
+    baseline. ``--locality-coeff`` and ``--locmoe-capacity`` apply unless the spec sets them."""
+    name, overrides = parse_system(system)
+    base = BASE_SETTINGS[name]
+    if base is None:
+        return None
+    settings = {"gpus_per_node": opts.gpus_per_node, **base}
+    if name != "hash":
+        settings["locality_loss_coeff"] = opts.locality_coeff
+    if name == "locmoe":
+        settings["capacity"] = opts.locmoe_capacity
+    if name == "locmoe+":
+        settings["adaptive_interval"] = max(1, opts.steps // 10)
+    settings.update(overrides)
     return settings
 
 
@@ -52,10 +94,15 @@ class MegatronSystem:
             persist_layer_norm=False,
         )
         spec = get_gpt_layer_local_spec(num_experts=opts.num_experts)
-        if name != "baseline":
-            spec = locmoe_spec(spec, locmoe_settings(name, opts), dispatcher="hierarchical")
+        settings = locmoe_settings(name, opts)
+        if settings is not None:
+            spec = locmoe_spec(spec, settings, dispatcher="hierarchical")
         self.model = GPTModel(cfg, spec, vocab_size=VOCAB_SIZE, max_sequence_length=opts.seq_len,
                               position_embedding_type="rope").to(dev)
+        if settings is not None and settings["routing"] == "hash":
+            from ..megatron.router import attach_token_ids
+
+            attach_token_ids(self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.01)
         self.dp_group = ps.get_data_parallel_group()
         self.routers = [m for n, m in self.model.named_modules() if n.endswith("mlp.router")]
@@ -88,6 +135,17 @@ class MegatronSystem:
         self.optimizer.step()
 
 
+def save_partial(results: list[dict], opts) -> None:
+    """Rank 0 keeps the finished systems' results in ``OUT/partial.json`` (a long run cut short keeps them)."""
+    if dist.get_rank() == 0 and opts.out:
+        import json
+        import os
+
+        os.makedirs(opts.out, exist_ok=True)
+        with open(os.path.join(opts.out, "partial.json"), "w") as f:
+            json.dump(results, f)
+
+
 def run_rank(opts, accel, dev, corpus) -> list[dict]:
     """Train every system of ``opts.systems`` in turn (same seed each) on this rank."""
     from megatron.core import parallel_state as ps
@@ -110,6 +168,7 @@ def run_rank(opts, accel, dev, corpus) -> list[dict]:
             system = MegatronSystem(name, opts, accel, dev)
             results.append(train_system(name, system, opts, corpus, accel, dev))
             del system
+            save_partial(results, opts)
     finally:
         ps.destroy_model_parallel()
     return results

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 COLUMNS = (  # key, width, format, title
-    ("system", 9, "", "system"),
+    ("system", 28, "", "system"),
     ("train_loss", 10, ".3f", "train loss"),
     ("val_loss", 9, ".3f", "val loss"),
     ("tokens_per_s", 9, ".0f", "tokens/s"),
@@ -22,6 +22,24 @@ def format_table(results: list[dict]) -> str:
         row = dict(r, inter_node_mib=r["inter_node_bytes_per_step"] / 2**20)
         lines.append(" ".join(f"{row[key]:<{w}{f}}" if key == "system" else f"{row[key]:>{w}{f}}"
                               for key, w, f, _ in COLUMNS))
+    return "\n".join(lines)
+
+
+def capacity_table(results: list[dict], args) -> str:
+    """Tokens each expert processes (kept pairs per expert, per layer and step, last 20 % of steps) and,
+    for LocMoE's capacity modes, the capacity factor and affinity threshold delta at the end; beside the
+    buffer a capacity factor of 1.0 / 1.25 would give."""
+    per_rank_pairs = args.micro_batch * args.seq_len * args.topk
+    ideal = per_rank_pairs * args.world / args.num_experts  # balanced tokens per expert (all ranks)
+    lines = [f"tokens per expert per layer and step (all ranks); balanced = {ideal:.0f}, capacity factor 1.0 / "
+             f"1.25 buffers = {ideal:.0f} / {1.25 * ideal:.0f}",
+             f"{'system':<28} {'mean':>8} {'max':>8} {'cap. factor':>12} {'delta':>8}"]
+    for r in results:
+        tpe = [t / args.num_layers for t in r["tokens_per_expert"]]
+        cf = next((v for v in reversed(r["history"]["capacity_factor"]) if v is not None), None)
+        delta = next((v for v in reversed(r["history"]["delta"]) if v is not None), None)
+        lines.append(f"{r['system']:<28} {sum(tpe) / len(tpe):>8.1f} {max(tpe):>8.1f} "
+                     f"{'-' if cf is None else f'{cf:.3f}':>12} {'-' if delta is None else f'{delta:.4f}':>8}")
     return "\n".join(lines)
 
 

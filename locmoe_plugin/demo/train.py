@@ -48,6 +48,17 @@ def _lr(step: int, opts) -> float:
     return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def _capacity_state(routers) -> dict:
+    """Mean over layers of the LocMoE routers' capacity factor and affinity threshold delta (None for
+    routers without them: the frameworks' own, or a dropless LocMoE router)."""
+    out = {}
+    for key in ("capacity_factor", "delta"):
+        values = [getattr(r.last_stats, key, None) for r in routers if getattr(r, "last_stats", None) is not None]
+        values = [float(v) for v in values if v is not None]
+        out[key] = sum(values) / len(values) if values else None
+    return out
+
+
 def train_system(name: str, system, opts, corpus, accel, dev) -> dict:
     """Train ``system`` (built by a framework job: ``loss(tokens, labels)``, ``step(loss)``, ``train(mode)``,
     ``routers``, ``routing_map(output)``, ``optimizer``) for ``opts.steps`` steps; rank 0's dict is the
@@ -69,7 +80,8 @@ def train_system(name: str, system, opts, corpus, accel, dev) -> dict:
         dist.all_reduce(v)
         return float(v) / world
 
-    history = {"step": [], "loss": [], "cross_node_share": [], "max_over_mean_load": [], "dropped_pairs": []}
+    history = {"step": [], "loss": [], "cross_node_share": [], "max_over_mean_load": [], "dropped_pairs": [],
+               "capacity_factor": [], "delta": []}
     val_curve = {"step": [], "loss": []}
     tail_from = opts.steps - max(1, opts.steps // 5)
     tail_tokens = torch.zeros(opts.num_experts, dtype=torch.float64)
@@ -96,6 +108,8 @@ def train_system(name: str, system, opts, corpus, accel, dev) -> dict:
         history["loss"].append(float(lv) / world)
         for key in ("cross_node_share", "max_over_mean_load", "dropped_pairs"):
             history[key].append(routing[key])
+        for key, value in _capacity_state(system.routers).items():
+            history[key].append(value)
         if step >= tail_from:
             tail_tokens += torch.tensor(routing["tokens_per_expert"], dtype=torch.float64)
         if (step + 1) % opts.eval_interval == 0 or step + 1 == opts.steps:

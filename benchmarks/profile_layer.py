@@ -1,12 +1,12 @@
-"""List the device-to-host syncs in one forward + backward of a LocMoE MoE layer (and of megatron-core's
-own alltoall MoELayer for comparison), on CUDA, with ``torch.cuda.set_sync_debug_mode("warn")``.
+"""Where a LocMoE MoE layer's forward + backward spends its time, next to megatron-core's own alltoall
+MoELayer, on CUDA: device-to-host syncs (``torch.cuda.set_sync_debug_mode("warn")``, each call site),
+then a ``torch.profiler`` trace of a few iterations (wall time per iteration, GPU kernel time and count,
+host time, the top kernels and the top host-side ops).
 
-  torchrun --standalone --nproc-per-node 4 benchmarks/sync_check.py [--gpus-per-node 2]
+  torchrun --standalone --nproc-per-node 4 benchmarks/profile_layer.py [--gpus-per-node 2] [--profile-dir D]
 
-Rank 0 prints each sync's call site (the innermost frame inside locmoe_plugin or megatron) and a count
-per layer. A sync stalls the host until the GPU queue drains, so the kernels queued after it cannot
-overlap the host's Python work: the fewer, the better (Megatron's alltoall dispatcher needs one, for
-the split sizes).
+A sync stalls the host until the GPU queue drains, so kernels queued after it cannot overlap the host's
+Python work (Megatron's alltoall dispatcher needs one, for the split sizes; so does LocMoE's plan).
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--gpus-per-node", type=int, default=None)
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--ffn", type=int, default=1408)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--profile-dir", default=None, help="write a Chrome trace per layer (rank 0)")
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--topk", type=int, default=4)
     a = p.parse_args()
@@ -56,7 +59,7 @@ def main() -> None:
     cfg = TransformerConfig(num_layers=1, hidden_size=a.hidden, num_attention_heads=8, num_moe_experts=a.experts,
                             moe_router_topk=a.topk, moe_token_dispatcher_type="alltoall",
                             expert_model_parallel_size=world, moe_aux_loss_coeff=0.01, add_bias_linear=False,
-                            ffn_hidden_size=a.hidden, moe_ffn_hidden_size=a.hidden, bf16=True,
+                            ffn_hidden_size=a.ffn, moe_ffn_hidden_size=a.ffn, bf16=True,
                             params_dtype=torch.bfloat16, moe_router_load_balancing_type="aux_loss")
     experts = ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                                        linear_fc2=RowParallelLinear))
@@ -93,8 +96,51 @@ def main() -> None:
             print(f"== {name}: {sum(sites.values())} device-to-host syncs in one forward + backward")
             for site, n in sites.most_common():
                 print(f"   {n} x {site}")
+        profile_layer(name, layer, x, a, acc, rank)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def profile_layer(name, layer, x, a, acc, rank) -> None:
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        y, _ = layer(x.clone().requires_grad_())
+        y.float().sum().backward()
+
+    walls = []
+    for _ in range(a.iters):
+        acc.synchronize()
+        dist.barrier()
+        t0 = time.perf_counter()
+        step()
+        acc.synchronize()
+        walls.append(time.perf_counter() - t0)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(a.iters):
+            step()
+        acc.synchronize()
+    if rank != 0:
+        return
+    ev = prof.key_averages()
+    kernels = [e for e in ev if e.device_type.name == "CUDA"]
+    gpu_us = sum(e.self_device_time_total for e in kernels) / a.iters
+    n_kernels = sum(e.count for e in kernels) / a.iters
+    cpu_ops = [e for e in ev if e.device_type.name == "CPU" and e.key.startswith(("aten::", "c10d::", "nccl"))]
+    walls.sort()
+    print(f"   wall {walls[len(walls) // 2] * 1e3:.2f} ms / iteration (median of {a.iters}); GPU kernels "
+          f"{gpu_us / 1e3:.2f} ms in {n_kernels:.0f} launches; aten ops {sum(e.count for e in cpu_ops) / a.iters:.0f}")
+    print("   top kernels (ms per iteration, launches):")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]:
+        print(f"     {e.self_device_time_total / a.iters / 1e3:7.3f} {e.count / a.iters:5.0f}  {e.key[:90]}")
+    print("   top host ops (self CPU ms per iteration, calls):")
+    for e in sorted(cpu_ops, key=lambda e: -e.self_cpu_time_total)[:12]:
+        print(f"     {e.self_cpu_time_total / a.iters / 1e3:7.3f} {e.count / a.iters:5.0f}  {e.key[:90]}")
+    if a.profile_dir:
+        os.makedirs(a.profile_dir, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(a.profile_dir, name.replace(" ", "_") + ".json"))
 
 
 if __name__ == "__main__":
