@@ -22,8 +22,17 @@ from __future__ import annotations
 import torch
 
 
+def _token_mean(per_token: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean over tokens, or over the ``valid`` ones (0 when none is)."""
+    if valid is None:
+        return per_token.mean(0)
+    w = valid.to(per_token.dtype).reshape((-1,) + (1,) * (per_token.dim() - 1))
+    return (per_token * w).sum(0) / w.sum().clamp_min(1)
+
+
 def switch_aux_loss(
-    probs: torch.Tensor, requested_per_expert: torch.Tensor, total_pairs, coeff: float
+    probs: torch.Tensor, requested_per_expert: torch.Tensor, total_pairs, coeff: float,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch load-balance loss ``alpha * n * sum_i f_i * P_i``.
 
@@ -33,6 +42,7 @@ def switch_aux_loss(
             expert-parallel group so the balance is global (see the router).
         total_pairs: number of routed pairs those counts cover (``s * k``, summed likewise).
         coeff: alpha.
+        valid: ``[s]`` bool, the tokens that count (padding excluded); None = all.
 
     ``f_i = requested_i / total_pairs`` (share of pairs), ``P_i = mean_t probs[t, i]``. Equals ``alpha``
     at perfect balance with uniform probabilities.
@@ -40,12 +50,13 @@ def switch_aux_loss(
     n = probs.shape[-1]
     if coeff == 0 or probs.shape[0] == 0:
         return probs.sum() * 0.0
-    f = requested_per_expert.to(probs.dtype) / total_pairs
-    p = probs.mean(0)
+    f = requested_per_expert.to(probs.dtype) / torch.as_tensor(total_pairs).clamp_min(1)
+    p = _token_mean(probs, valid)
     return coeff * n * torch.sum(f * p)
 
 
-def locality_loss(logits: torch.Tensor, local_mask: torch.Tensor, coeff: float) -> torch.Tensor:
+def locality_loss(logits: torch.Tensor, local_mask: torch.Tensor, coeff: float,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
     """``mu * mean_t -log(sum_{i on the token's node} softmax(logits_t)_i)``.
 
     Args:
@@ -56,11 +67,11 @@ def locality_loss(logits: torch.Tensor, local_mask: torch.Tensor, coeff: float) 
         return logits.sum() * 0.0
     local = logits.masked_fill(~local_mask, float("-inf"))
     per_token = torch.logsumexp(logits, -1) - torch.logsumexp(local, -1)
-    return coeff * per_token.mean()
+    return coeff * _token_mean(per_token, valid)
 
 
-def z_loss(logits: torch.Tensor, coeff: float) -> torch.Tensor:
+def z_loss(logits: torch.Tensor, coeff: float, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Router z-loss (ST-MoE): ``coeff * mean_t logsumexp(logits_t)^2``; keeps logits small."""
     if coeff == 0 or logits.shape[0] == 0:
         return logits.sum() * 0.0
-    return coeff * torch.logsumexp(logits, -1).square().mean()
+    return coeff * _token_mean(torch.logsumexp(logits, -1).square(), valid)

@@ -25,7 +25,7 @@ from .capacity import CapacityController
 from .config import ConfigError, LocMoEConfig
 from .gate import build_gate
 from .losses import locality_loss, switch_aux_loss, z_loss
-from .routing import Assignment, route
+from .routing import Assignment, count_ids, route
 from .telemetry import RoutingStats
 from .topology import Topology
 
@@ -149,9 +149,11 @@ class LocMoERouter(nn.Module):
             self.capacity.load_state_dict(state.get("capacity", {}))
 
     # ------------------------------------------------------------------------------------------
-    def _global_counts(self, counts: torch.Tensor, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-expert requested counts and total pairs, summed over the EP group when asked."""
-        packed = torch.cat([counts, torch.full((1,), pairs, dtype=counts.dtype, device=counts.device)])
+    def _global_counts(self, counts: torch.Tensor, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-expert requested counts and total pairs (int or 0-d tensor), summed over the EP group when
+        asked."""
+        pairs = torch.as_tensor(pairs, dtype=counts.dtype, device=counts.device).reshape(1)
+        packed = torch.cat([counts, pairs])
         g = self.group
         if (
             self.config.aux_loss_scope == "ep_group"
@@ -163,11 +165,13 @@ class LocMoERouter(nn.Module):
             dist.all_reduce(packed, group=g)
         return packed[:-1], packed[-1]
 
-    def forward(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> RouterOutput:
+    def forward(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None) -> RouterOutput:
         """Route ``hidden [..., d]`` (flattened to ``[s, d]``).
 
         ``token_ids [...]`` (the leading shape of ``hidden``, any integer dtype) is required by hash
-        routing and ignored by the other modes.
+        routing and ignored by the other modes. ``valid [...]`` bool marks the tokens the losses count
+        (padding excluded, as Megatron's TopKRouter does); every token is still routed and dispatched.
         """
         c = self.config
         x = hidden.reshape(-1, c.hidden_size)
@@ -212,17 +216,29 @@ class LocMoERouter(nn.Module):
             token_ids=token_ids,
             num_experts=c.num_experts,
             seed=c.hash_seed,
+            # with the locality loss, capacity follows each node's share of this rank's demand
+            capacity_nodes=(self.expert_to_node, self.topology.num_nodes)
+            if capacity is not None and c.locality_loss_coeff > 0 and self.topology.num_nodes > 1 else None,
         )
 
         requested = assignment.requested_per_expert()
+        if valid is not None:
+            valid = valid.reshape(-1).to(device=x.device, dtype=torch.bool)
+            if valid.numel() != s:
+                raise ValueError(f"valid has {valid.numel()} entries for {s} tokens: one per token")
         losses = {}
         if logits is not None and c.aux_loss_coeff > 0:
-            counts, pairs = self._global_counts(requested, s * c.topk)
-            losses["aux"] = switch_aux_loss(probs, counts, pairs, c.aux_loss_coeff)
+            if valid is None:
+                counts, pairs = self._global_counts(requested, s * c.topk)
+            else:
+                ids = assignment.requested_ids
+                key = torch.where(valid.unsqueeze(1) & (ids >= 0), ids, c.num_experts)  # others: phantom bin
+                counts, pairs = self._global_counts(count_ids(key, c.num_experts + 1)[:-1], valid.sum() * c.topk)
+            losses["aux"] = switch_aux_loss(probs, counts, pairs, c.aux_loss_coeff, valid)
         if c.locality_loss_coeff > 0:
-            losses["locality"] = locality_loss(logits, self.local_expert_mask, c.locality_loss_coeff)
+            losses["locality"] = locality_loss(logits, self.local_expert_mask, c.locality_loss_coeff, valid)
         if c.z_loss_coeff > 0:
-            losses["z"] = z_loss(logits, c.z_loss_coeff)
+            losses["z"] = z_loss(logits, c.z_loss_coeff, valid)
 
         kept = assignment.kept
         remote = kept & (self.expert_to_node[assignment.expert_ids.clamp_min(0)] != self.topology.node)

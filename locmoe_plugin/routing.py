@@ -176,6 +176,7 @@ def capacity_keep(
 ) -> torch.Tensor:
     """Which pairs each expert keeps when it may take at most ``capacity`` of them: ``[s, k]`` bool.
 
+    ``capacity``: one limit for every expert (int or 0-d tensor), or ``[n]`` per-expert limits.
     ``policy="score"`` keeps an expert's highest-scoring pairs (ties: lower token index first);
     ``"position"`` keeps the first pairs in token order. Pairs with id -1 are never kept. Two stable
     argsorts give each pair its rank inside its expert's queue; no host sync.
@@ -194,7 +195,28 @@ def capacity_keep(
     starts = torch.cumsum(counts, 0) - counts
     rank_sorted = torch.arange(m, device=flat.device) - starts[key[order]]
     rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+    if torch.is_tensor(capacity) and capacity.dim() == 1:
+        capacity = torch.cat([capacity, capacity.new_zeros(1)])[key]  # each pair's expert's limit
     return ((rank < capacity) & (flat >= 0)).reshape(expert_ids.shape)
+
+
+def node_demand_capacity(expert_ids: torch.Tensor, capacity: int, expert_to_node: torch.Tensor,
+                         num_nodes: int) -> torch.Tensor:
+    """Per-expert capacity ``[n]`` that follows where this rank's tokens want to go, node by node.
+
+    ``capacity`` is the limit for a balanced batch (``c_f * s * k / n``: every node asked for 1/N of the
+    pairs). Node b's experts get ``ceil(capacity * N * D_b / P)``, with ``D_b`` the pairs requested on
+    node b and ``P`` all requested pairs: the same limit when demand is spread evenly over the nodes, N
+    times it when all of a rank's tokens stay on its node. With the locality loss, a rank's tokens
+    concentrate on its own node's experts (that is the point); a per-rank limit sized for a balanced
+    spread would then drop most of them although the global load is balanced.
+    """
+    n = expert_to_node.numel()
+    key = torch.where(expert_ids >= 0, expert_to_node[expert_ids.clamp_min(0)], num_nodes).reshape(-1)
+    demand = count_ids(key, num_nodes + 1)[:num_nodes].to(torch.float64)
+    share = demand * num_nodes / demand.sum().clamp_min(1)
+    per_node = torch.ceil(capacity * share).long()
+    return per_node[expert_to_node] if n else per_node
 
 
 def route(
@@ -211,6 +233,7 @@ def route(
     token_ids: torch.Tensor | None = None,
     num_experts: int | None = None,
     seed: int = 0,
+    capacity_nodes: tuple[torch.Tensor, int] | None = None,
 ) -> tuple[Assignment, torch.Tensor]:
     """Route one batch.
 
@@ -230,6 +253,8 @@ def route(
         token_ids: ``[s]`` token ids, required for ``hash``.
         num_experts: n, required for ``hash``.
         seed: the hash seed for ``hash``.
+        capacity_nodes: ``(expert_to_node [n], num_nodes)``: scale an int ``capacity`` per expert by the
+            demand on the expert's node (:func:`node_demand_capacity`).
 
     Returns:
         ``(assignment, probs)`` with ``probs [s, n]`` the full softmax (for the losses); for ``hash``
@@ -269,6 +294,8 @@ def route(
         kept_ids = ids
     else:
         scores = torch.gather(rank_by, 1, ids)
+        if capacity_nodes is not None:
+            capacity = node_demand_capacity(ids, capacity, *capacity_nodes)
         keep = capacity_keep(ids, scores, capacity, logits.shape[-1], drop_policy)
         kept_ids = torch.where(keep, ids, -1)
         weights = torch.where(keep, weights, 0.0)

@@ -2,6 +2,7 @@
 corpus, prints the table and writes the PNG; its measurements are consistent with each other."""
 
 import json
+import re
 import math
 import os
 import subprocess
@@ -23,7 +24,7 @@ def _demo(tmp_path, *args, timeout=600):
 
 def _check_common(out, tmp_path, systems):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    table = out.stdout[out.stdout.index("system    train loss"):]
+    table = out.stdout[re.search(r"^system +train loss", out.stdout, re.M).start():]
     for name in systems:
         assert f"\n{name} " in table
     png = tmp_path / "demo.png"

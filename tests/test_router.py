@@ -52,13 +52,22 @@ def test_single_node_locality_loss_is_exactly_zero():
 
 def test_drops_are_counted_never_silent():
     topo = Topology.from_ranks_per_node(4, 2, 8, ep_rank=0)
-    cfg = LocMoEConfig(num_experts=8, hidden_size=64, topk=2, capacity="factor", capacity_factor=0.5, min_capacity=0)
-    out = LocMoERouter(cfg, topo)(torch.randn(64, 64))
+    cfg = LocMoEConfig(num_experts=8, hidden_size=64, topk=2, capacity="factor", capacity_factor=0.5, min_capacity=0,
+                       locality_loss_coeff=0.0)
+    x = torch.randn(64, 64)
+    out = LocMoERouter(cfg, topo)(x)
     st = out.stats
     assert st.capacity == capacity_from_factor(0.5, 64, 2, 8, 0) == 8
     assert int(st.tokens_per_expert.max()) <= 8
     assert int(st.dropped_pairs) == 64 * 2 - int(st.tokens_per_expert.sum()) > 0
     assert torch.equal(st.requested_per_expert - st.tokens_per_expert, (st.requested_per_expert - 8).clamp_min(0))
+    # with the locality loss the limit follows each node's share of the demand (node 0: experts 0-3)
+    st = LocMoERouter(cfg.replace(locality_loss_coeff=0.01), topo)(x).stats
+    req = st.requested_per_expert
+    share0 = float(req[:4].sum()) * 2 / float(req.sum())
+    limit = torch.tensor([math.ceil(8 * share0)] * 4 + [math.ceil(8 * (2 - share0))] * 4)
+    assert torch.equal(st.tokens_per_expert, torch.minimum(req, limit))
+    assert int(st.dropped_pairs) == int((req - limit).clamp_min(0).sum())
 
 
 def test_locality_loss_teaches_grap_routing_to_stay_on_node():
@@ -179,3 +188,24 @@ def test_node_limited_router_keeps_each_token_on_one_node():
         ids = LocMoERouter(cfg, topo)(torch.randn(50, 64)).assignment.requested_ids
         nodes = topo.expert_to_node[ids]
         assert (nodes[:, 0] == nodes[:, 1]).all()
+
+
+@pytest.mark.parametrize("routing", ["topk", "locmoe"])
+def test_padding_is_left_out_of_the_losses(routing):
+    """With ``valid``, every loss equals the loss of the valid tokens alone; all tokens are still routed."""
+    topo = Topology.from_ranks_per_node(4, 2, 8, ep_rank=1)
+    cfg = LocMoEConfig(num_experts=8, hidden_size=32, topk=2, routing=routing, gate="dense", z_loss_coeff=1e-3)
+    torch.manual_seed(0)
+    r = LocMoERouter(cfg, topo)
+    x = torch.randn(24, 32, generator=torch.Generator().manual_seed(3))
+    valid = torch.arange(24) % 3 != 0
+    masked = r(x, valid=valid)
+    alone = r(x[valid])
+    assert masked.losses.keys() == alone.losses.keys() and len(masked.losses) >= 2
+    for key in masked.losses:
+        assert torch.allclose(masked.losses[key], alone.losses[key], rtol=1e-6, atol=0), key
+    assert masked.assignment.expert_ids.shape == (24, 2)  # padding is routed all the same
+    nothing = r(x, valid=torch.zeros(24, dtype=torch.bool))  # all padding: finite zeros, no NaN
+    assert all(torch.isfinite(v) and v == 0 for v in nothing.losses.values())
+    with pytest.raises(ValueError, match="one per token"):
+        r(x, valid=valid[:5])

@@ -109,3 +109,23 @@ def test_routing_properties(s, n, k, mode, cap, policy, seed):
 def test_hybrid_needs_affinity():
     with pytest.raises(ValueError, match="affinity"):
         route(torch.zeros(2, 2), topk=1, mode="hybrid", capacity=1)
+
+
+def test_node_demand_capacity_hand_worked():
+    """4 experts, 2 nodes (experts 0, 1 on node 0; 2, 3 on node 1), balanced capacity 1 (k = 1, 4 tokens)."""
+    from locmoe_plugin.routing import capacity_keep, node_demand_capacity
+
+    e2n = torch.tensor([0, 0, 1, 1])
+    ids = torch.tensor([[0], [0], [1], [1]])  # all on node 0: share 2 -> limit 2 there, 0 on node 1
+    cap = node_demand_capacity(ids, 1, e2n, 2)
+    assert cap.tolist() == [2, 2, 0, 0]
+    assert capacity_keep(ids, torch.ones(4, 1), cap, 4, "position").all()  # nothing dropped
+    assert capacity_keep(ids, torch.ones(4, 1), 1, 4, "position").sum() == 2  # a flat limit drops half
+    ids = torch.tensor([[0], [0], [0], [2]])  # node 0: 3 of 4 -> ceil(1.5) = 2; node 1: ceil(0.5) = 1
+    cap = node_demand_capacity(ids, 1, e2n, 2)
+    assert cap.tolist() == [2, 2, 1, 1]
+    assert capacity_keep(ids, torch.ones(4, 1), cap, 4, "position").reshape(-1).tolist() == [True, True, False, True]
+    ids = torch.tensor([[0], [1], [2], [3]])  # spread evenly: the balanced limit everywhere
+    assert node_demand_capacity(ids, 1, e2n, 2).tolist() == [1, 1, 1, 1]
+    ids = torch.tensor([[-1], [0], [-1], [3]])  # dropped slots ask for nothing
+    assert node_demand_capacity(ids, 3, e2n, 2).tolist() == [3, 3, 3, 3]

@@ -119,14 +119,22 @@ class Hop:
         first.scatter_(0, torch.where(occ == 0, index, prev_rows), ar)  # phantom slot prev_rows
         first = first[:prev_rows]
         more = []
-        for c in range(1, max(1, fan_in)):
-            if level_counts is None:
+        if level_counts is None:
+            for c in range(1, max(1, fan_in)):
                 col = torch.full((prev_rows + 1,), n, dtype=torch.long, device=dev)
                 col.scatter_(0, torch.where(occ == c, index, prev_rows), ar)
                 more.append((None, col[:prev_rows]))
-            elif level_counts[c]:
-                pos = true_positions(occ == c, level_counts[c])
-                more.append((index[pos], pos))
+        elif any(level_counts[1:fan_in]):
+            # every later copy at once: positions grouped by level, in position order inside a level (a
+            # stable sort), then cut by the host-known level sizes (slices, no more kernels)
+            by_level = torch.argsort(occ, stable=True)
+            rows_by_level = index.index_select(0, by_level)
+            start = level_counts[0]
+            for c in range(1, max(1, fan_in)):
+                m = level_counts[c]
+                if m:
+                    more.append((rows_by_level[start : start + m], by_level[start : start + m]))
+                start += m
         blocks = tuple(blocks)
         return cls(index, blocks, prev_rows, first, tuple(more), group, None if out_splits is None else tuple(out_splits))
 

@@ -65,6 +65,17 @@ def validate(opts: argparse.Namespace, world: int) -> None:
     """All checks that need no process group, before any is created."""
     from ..topology import Topology
 
+    Topology.from_ranks_per_node(world, opts.gpus_per_node, opts.num_experts)
+    if opts.hidden_size % opts.num_experts:
+        raise ValueError(f"--hidden-size {opts.hidden_size} is not divisible by --num-experts {opts.num_experts}: "
+                         f"the GrAP gate needs d % n == 0")
+    if opts.hidden_size % opts.num_heads:
+        raise ValueError(f"--hidden-size {opts.hidden_size} is not divisible by --num-heads {opts.num_heads}")
+    if not 1 <= opts.topk <= opts.num_experts:
+        raise ValueError(f"--topk {opts.topk} must be between 1 and --num-experts {opts.num_experts}")
+    for name in ("steps", "seq_len", "micro_batch", "eval_interval", "eval_batches", "num_layers"):
+        if getattr(opts, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     from ..config import LocMoEConfig
     from .megatron_job import locmoe_settings
 
@@ -77,17 +88,6 @@ def validate(opts: argparse.Namespace, world: int) -> None:
             raise ValueError("--systems: hash routing needs token ids, which DeepSpeed's MoE layer does not get; "
                              "use --framework megatron")
         LocMoEConfig(num_experts=opts.num_experts, hidden_size=opts.hidden_size, topk=opts.topk, **settings)
-    Topology.from_ranks_per_node(world, opts.gpus_per_node, opts.num_experts)
-    if opts.hidden_size % opts.num_experts:
-        raise ValueError(f"--hidden-size {opts.hidden_size} is not divisible by --num-experts {opts.num_experts}: "
-                         f"the GrAP gate needs d % n == 0")
-    if opts.hidden_size % opts.num_heads:
-        raise ValueError(f"--hidden-size {opts.hidden_size} is not divisible by --num-heads {opts.num_heads}")
-    if not 1 <= opts.topk <= opts.num_experts:
-        raise ValueError(f"--topk {opts.topk} must be between 1 and --num-experts {opts.num_experts}")
-    for name in ("steps", "seq_len", "micro_batch", "eval_interval", "eval_batches", "num_layers"):
-        if getattr(opts, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
 
 
 def _accelerator(backend: str):

@@ -249,14 +249,16 @@ class LocMoEMegatronRouter(torch.nn.Module):
     def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """``hidden [S, B, d]`` (or ``[s, d]``) -> ``(probs [s, n] fp32, routing_map [s, n] bool)``.
 
-        ``padding_mask [S, B]`` (True = real token) is accepted for the contract; padding tokens are
-        routed and counted like the others (TopKRouter leaves them out of its aux loss). Hash routing
-        reads the token ids from :func:`current_token_ids`.
+        ``padding_mask [S, B]``: True marks padding, as ``MoELayer`` passes it to ``TopKRouter`` (which
+        counts ``~padding_mask`` as the valid tokens). As there, padding tokens are still routed and
+        dispatched but left out of the losses (aux, locality, z). Hash routing reads the token ids from
+        :func:`current_token_ids`.
         """
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         token_ids = current_token_ids() if self.locmoe_config.routing == "hash" else None
-        out = self.core(hidden, token_ids)
+        valid = None if padding_mask is None else ~padding_mask.bool()
+        out = self.core(hidden, token_ids, valid)
         probs, routing_map = out.to_megatron()
         c = self.locmoe_config
         coeffs = {"aux": c.aux_loss_coeff, "locality": c.locality_loss_coeff, "z": c.z_loss_coeff}
