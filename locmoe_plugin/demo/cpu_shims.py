@@ -47,6 +47,21 @@ class _Stream:
         pass
 
 
+class _CpuTorch:
+    """``torch`` as one Megatron module sees it, with ``device="cuda"`` tensor factories on the CPU."""
+
+    def __getattr__(self, name):
+        value = getattr(torch, name)
+        if name in ("zeros", "ones", "empty", "full", "tensor"):
+            def factory(*args, _f=value, **kwargs):
+                if str(kwargs.get("device", "")).startswith("cuda"):
+                    kwargs["device"] = "cpu"
+                return _f(*args, **kwargs)
+
+            return factory
+        return value
+
+
 def install() -> None:
     global _installed
     if _installed:
@@ -77,6 +92,10 @@ def install() -> None:
         return out.numpy() if as_numpy else out
 
     moe_utils.maybe_move_tensor_to_cpu = to_cpu
+    # the pipeline schedules create their token counter with a literal device="cuda"
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _CpuTorch()
     from megatron.core.transformer.moe import token_dispatcher
 
     if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):
