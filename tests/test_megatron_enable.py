@@ -215,3 +215,30 @@ def test_metrics_patch_adds_locmoe_names_only_when_locmoe_is_on():
     assert seen[-1] == ["load_balancing_loss", *LOCMOE_METRICS]
     wrapped(None, 1.0, 3)  # no explicit names: Megatron reports everything tracked
     assert seen[-1] is None
+
+
+def test_gpt_token_ids_patch_attaches_only_for_hash_routing():
+    import types as _types
+
+    import torch
+
+    from locmoe_plugin.megatron.enable import _wrap_gpt_init
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tp_group = None
+            self.config = _types.SimpleNamespace(sequence_parallel=False)
+
+    init = _wrap_gpt_init(Model.__init__)
+    enable(settings={"routing": "locmoe"})
+    m = Model.__new__(Model)
+    init(m)
+    assert getattr(m, "_locmoe_ids", None) is None and not m._forward_pre_hooks
+    disable()
+    enable(settings={"routing": "hash"})
+    m = Model.__new__(Model)
+    init(m)
+    assert m._locmoe_ids is not None and len(m._forward_pre_hooks) == 1
+    m._locmoe_ids.remove()
+    assert not m._forward_pre_hooks

@@ -143,6 +143,20 @@ def _wrap_moe_spec(original):
     return get_moe_module_spec_for_backend
 
 
+def _wrap_gpt_init(original):
+    """After a GPTModel is built, hook its token ids for LocMoE hash routers (``attach_token_ids``)."""
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        settings = _current_settings()
+        if settings is not None and settings[0].get("routing") == "hash" and getattr(self, "_locmoe_ids", None) is None:
+            from .router import attach_token_ids
+
+            self._locmoe_ids = attach_token_ids(self)
+
+    return __init__
+
+
 #: what LocMoEMegatronRouter records in Megatron's MoE metrics tracker besides the standard losses
 LOCMOE_METRICS = ("locmoe_locality_loss", "locmoe_cross_node_share", "locmoe_dropped_share", "locmoe_max_over_mean_load")
 
@@ -178,6 +192,14 @@ PATCHES = (
         wrap=_wrap_moe_spec,
         replaces="the MoE layer spec of GPT layers: MoELayer -> LocMoELayer with the LocMoE router",
         also=("megatron.core.models.gpt.gpt_layer_specs",),
+    ),
+    Patch(
+        name="megatron-gpt-token-ids",
+        module="megatron.core.models.gpt.gpt_model",
+        attr="GPTModel.__init__",
+        wrap=_wrap_gpt_init,
+        replaces="GPTModel construction: with --locmoe-routing hash, the model's token ids reach the LocMoE "
+                 "routers (attach_token_ids); nothing else changes",
     ),
     Patch(
         name="megatron-moe-metrics",
