@@ -98,6 +98,8 @@ def test_config_section_and_errors(tmp_path):
         LocMoE(D, _expert(), num_experts=3, k=1)
     with pytest.raises(ConfigError, match="dispatcher='ring'"):
         LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"dispatcher": "ring"})
+    with pytest.raises(ConfigError, match="routing='hash' needs token ids"):
+        LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"routing": "hash"})
     layer = LocMoE(D, _expert(), num_experts=E, k=2)
     with pytest.raises(RuntimeError, match="set_deepspeed_parallelism"):
         layer(torch.randn(3, D))
