@@ -129,7 +129,9 @@ def load_corpus(path: str | Path | None = None, val_fraction: float = 0.05, seed
         data = train.pop()
         cut = int(len(data) * (1 - val_fraction))
         train, val = [data[:cut]], [data[cut:]]
-    as_tensor = lambda parts: torch.frombuffer(bytearray(b"\n".join(parts)), dtype=torch.uint8)
+    def as_tensor(parts):
+        return torch.frombuffer(bytearray(b"\n".join(parts)), dtype=torch.uint8)
+
     src = (path / "SOURCE").read_text().strip() if (path / "SOURCE").is_file() else str(path)
     return Corpus(train=as_tensor(train), val=as_tensor(val), source=src, documents=len(docs))
 

@@ -5,6 +5,9 @@
 - ``locmoe``: ``LocMoELayer`` + LocMoE router (GrAP gate, top-k, locality loss) and the hierarchical
   dispatcher;
 - ``locmoe+``: LocMoE+ (hybrid token/expert choice, adaptive capacity) on the hierarchical dispatcher.
+- ``hash``: the hash router (token id -> experts; ``attach_token_ids`` feeds it the ids).
+
+Each LocMoE system takes LocMoE options after a colon (:func:`parse_system`), e.g. ``locmoe:mu=0.03,gate=dense``.
 
 Data parallelism = expert parallelism = all ranks (TP = PP = 1): dense gradients are averaged over the
 data-parallel group by hand (Megatron's DDP wrapper is not needed at this size), expert gradients stay
