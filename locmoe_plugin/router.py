@@ -25,7 +25,7 @@ from .capacity import CapacityController
 from .config import ConfigError, LocMoEConfig
 from .gate import build_gate
 from .losses import locality_loss, switch_aux_loss, z_loss
-from .routing import Assignment, count_ids, route
+from .routing import Assignment, count_valid_ids, route
 from .telemetry import RoutingStats
 from .topology import Topology
 
@@ -231,9 +231,8 @@ class LocMoERouter(nn.Module):
             if valid is None:
                 counts, pairs = self._global_counts(requested, s * c.topk)
             else:
-                ids = assignment.requested_ids
-                key = torch.where(valid.unsqueeze(1) & (ids >= 0), ids, c.num_experts)  # others: phantom bin
-                counts, pairs = self._global_counts(count_ids(key, c.num_experts + 1)[:-1], valid.sum() * c.topk)
+                ids = torch.where(valid.unsqueeze(1), assignment.requested_ids, -1)  # padding: not counted
+                counts, pairs = self._global_counts(count_valid_ids(ids, c.num_experts), valid.sum() * c.topk)
             losses["aux"] = switch_aux_loss(probs, counts, pairs, c.aux_loss_coeff, valid)
         if c.locality_loss_coeff > 0:
             losses["locality"] = locality_loss(logits, self.local_expert_mask, c.locality_loss_coeff, valid)

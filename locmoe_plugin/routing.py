@@ -51,11 +51,11 @@ class Assignment:
 
     def tokens_per_expert(self) -> torch.Tensor:
         """``[n]`` int64 kept pairs per expert."""
-        return _bincount_valid(self.expert_ids, self.num_experts)
+        return count_valid_ids(self.expert_ids, self.num_experts)
 
     def requested_per_expert(self) -> torch.Tensor:
         """``[n]`` int64 pairs per expert before capacity (the load the router asked for)."""
-        return _bincount_valid(self.requested_ids, self.num_experts)
+        return count_valid_ids(self.requested_ids, self.num_experts)
 
     def to_megatron(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(probs [s, n] fp32, routing_map [s, n] bool)``; a dropped pair is absent from both."""
@@ -69,7 +69,8 @@ def count_ids(key: torch.Tensor, bins: int) -> torch.Tensor:
     return torch.zeros(bins, dtype=torch.long, device=key.device).scatter_add_(0, key, torch.ones_like(key))
 
 
-def _bincount_valid(ids: torch.Tensor, n: int) -> torch.Tensor:
+def count_valid_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """``[n]`` occurrences of each expert id in ``ids``; ids of -1 are not counted."""
     flat = ids.reshape(-1)
     # -1 goes to an extra bin n that is cut off: no boolean indexing, so no host sync.
     return count_ids(torch.where(flat >= 0, flat, n), n + 1)[:n]
@@ -211,12 +212,11 @@ def node_demand_capacity(expert_ids: torch.Tensor, capacity: int, expert_to_node
     concentrate on its own node's experts (that is the point); a per-rank limit sized for a balanced
     spread would then drop most of them although the global load is balanced.
     """
-    n = expert_to_node.numel()
     key = torch.where(expert_ids >= 0, expert_to_node[expert_ids.clamp_min(0)], num_nodes).reshape(-1)
     demand = count_ids(key, num_nodes + 1)[:num_nodes].to(torch.float64)
     share = demand * num_nodes / demand.sum().clamp_min(1)
     per_node = torch.ceil(capacity * share).long()
-    return per_node[expert_to_node] if n else per_node
+    return per_node[expert_to_node]
 
 
 def route(

@@ -157,7 +157,8 @@ def _init(args: argparse.Namespace) -> None:
     dist.init_process_group(backend=args.backend)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a locally spawned process group."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -191,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "report.json")
         try:
-            mp.start_processes(_spawn_entry, args=(args, _free_port(), path), nprocs=args.nproc, start_method="spawn")
+            mp.start_processes(_spawn_entry, args=(args, free_port(), path), nprocs=args.nproc, start_method="spawn")
         except mp.ProcessExitedException as exc:
             if not os.path.exists(path):
                 print(f"check-comm: a rank failed: {exc}", file=sys.stderr)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -145,12 +144,6 @@ def _spawn_entry(local_rank: int, opts: argparse.Namespace, port: int, result_pa
             json.dump(results, f)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_demo(args: argparse.Namespace) -> int:
     from . import report
     from .corpus import fetch_corpus
@@ -179,10 +172,12 @@ def run_demo(args: argparse.Namespace) -> int:
     else:
         import torch.multiprocessing as mp
 
+        from ..comm.selfcheck import free_port
+
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "results.json")
             try:
-                mp.start_processes(_spawn_entry, args=(args, _free_port(), path), nprocs=args.nproc,
+                mp.start_processes(_spawn_entry, args=(args, free_port(), path), nprocs=args.nproc,
                                    start_method="spawn")
             except mp.ProcessExitedException as exc:
                 print(f"locmoe demo: a rank failed: {exc}", file=sys.stderr)

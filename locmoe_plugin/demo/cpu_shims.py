@@ -66,8 +66,10 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    if torch.cuda.is_available():
-        raise RuntimeError("the CPU shims must not be installed on a machine with CUDA devices")
+    from ..device import get_accelerator
+
+    if not get_accelerator().is_cpu:
+        raise RuntimeError("the CPU shims must not be installed on a machine with an accelerator")
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.Stream = _Stream
     torch.cuda.Event = lambda *a, **k: _Event()

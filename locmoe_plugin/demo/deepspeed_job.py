@@ -18,6 +18,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..routing import index_to_dense
 from .corpus import VOCAB_SIZE
 from .megatron_job import locmoe_settings, save_partial
 
@@ -84,9 +85,7 @@ def _routing_map(num_experts: int):
             ids = output[3].t().long()
         else:
             return output[1].sum(-1) > 0
-        rm = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.bool, device=ids.device)
-        rm.scatter_(1, torch.where(ids < 0, num_experts, ids), True)
-        return rm[:, :num_experts]
+        return index_to_dense(ids, torch.ones(ids.shape, device=ids.device), num_experts)[1]
 
     return extract
 

@@ -35,9 +35,12 @@ class RoutingMonitor:
             if not module.training or self._step is None:
                 return
             rm = self.routing_map(output).detach()
-            self._step[layer, : rm.shape[1]] += rm.sum(0).to(self._step.dtype).cpu()
-            self._step[layer, -2] += rm[:, self.remote.to(rm.device)].sum().cpu()
-            self._step[layer, -1] += rm.shape[0] * self.topk - rm.sum().cpu()
+            if self._step.device != rm.device:  # counts stay on the routing's device: no host sync per layer
+                self._step = self._step.to(rm.device)
+            row = self._step[layer]
+            row[: rm.shape[1]] += rm.sum(0)
+            row[-2] += rm[:, self.remote.to(rm.device)].sum()
+            row[-1] += rm.shape[0] * self.topk - rm.sum()
 
         return hook
 
@@ -45,8 +48,8 @@ class RoutingMonitor:
         self._step = torch.zeros(self.num_layers, self.remote.numel() + 2, dtype=torch.float64)
 
     def end_step(self, device) -> dict:
-        """All-reduce this step's counts; returns global cross-node share, max/mean expert load (mean over
-        layers), dropped pairs and tokens per expert summed over layers."""
+        """All-reduce this step's counts (one transfer to the host); returns global cross-node share,
+        max/mean expert load (mean over layers), dropped pairs and tokens per expert summed over layers."""
         counts = self._step.to(device)
         if dist.is_initialized():
             dist.all_reduce(counts, group=self.group)
