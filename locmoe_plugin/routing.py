@@ -213,7 +213,7 @@ def node_demand_capacity(expert_ids: torch.Tensor, capacity: int, expert_to_node
     spread would then drop most of them although the global load is balanced.
     """
     key = torch.where(expert_ids >= 0, expert_to_node[expert_ids.clamp_min(0)], num_nodes).reshape(-1)
-    demand = count_ids(key, num_nodes + 1)[:num_nodes].to(torch.float64)
+    demand = count_ids(key, num_nodes + 1)[:num_nodes].float()  # fp32: NPUs lack fp64; counts < 2**24
     share = demand * num_nodes / demand.sum().clamp_min(1)
     per_node = torch.ceil(capacity * share).long()
     return per_node[expert_to_node]

@@ -45,7 +45,7 @@ class RoutingMonitor:
         return hook
 
     def begin_step(self) -> None:
-        self._step = torch.zeros(self.num_layers, self.remote.numel() + 2, dtype=torch.float64)
+        self._step = torch.zeros(self.num_layers, self.remote.numel() + 2, dtype=torch.long)
 
     def end_step(self, device) -> dict:
         """All-reduce this step's counts (one transfer to the host); returns global cross-node share,
@@ -53,7 +53,7 @@ class RoutingMonitor:
         counts = self._step.to(device)
         if dist.is_initialized():
             dist.all_reduce(counts, group=self.group)
-        counts = counts.cpu()
+        counts = counts.cpu().double()
         self._step = None
         load = counts[:, :-2]
         routed = load.sum().clamp_min(1)

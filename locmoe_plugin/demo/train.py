@@ -117,9 +117,9 @@ def train_system(name: str, system, opts, corpus, accel, dev) -> dict:
             val_curve["loss"].append(evaluate())
         progress.update(step + 1, history["loss"][-1], routing["cross_node_share"])
     monitor.remove()
-    totals = torch.tensor([wire.inter_bytes, wire.intra_bytes], dtype=torch.float64, device=dev)
+    totals = torch.tensor([wire.inter_bytes, wire.intra_bytes], dtype=torch.long, device=dev)
     dist.all_reduce(totals)
-    slowest = torch.tensor([train_time], dtype=torch.float64, device=dev)
+    slowest = torch.tensor([train_time], dtype=torch.float32, device=dev)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     tail = slice(tail_from, None)
 
