@@ -106,9 +106,12 @@ def profile_layer(name, layer, x, a, acc, rank) -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
+    from torch.profiler import record_function
+
     def step():
         y, _ = layer(x.clone().requires_grad_())
-        y.float().sum().backward()
+        with record_function("phase:backward"):
+            y.float().sum().backward()
 
     walls = []
     for _ in range(a.iters):
@@ -118,12 +121,21 @@ def profile_layer(name, layer, x, a, acc, rank) -> None:
         step()
         acc.synchronize()
         walls.append(time.perf_counter() - t0)
+    undo = _label_phases(layer)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(a.iters):
             step()
         acc.synchronize()
+    undo()
     if rank != 0:
         return
+    phases = collections.Counter()
+    for e in prof.events():
+        if e.name.startswith("phase:"):
+            phases[e.name[6:]] += e.cpu_time_total / a.iters / 1e3
+    print("   host time per phase (ms per iteration, under the profiler; forward phases, then the whole backward):")
+    for k, v in phases.items():
+        print(f"     {v:7.3f}  {k}")
     ev = prof.key_averages()
     kernels = [e for e in ev if e.device_type.name == "CUDA"]
     gpu_us = sum(e.self_device_time_total for e in kernels) / a.iters
@@ -141,6 +153,43 @@ def profile_layer(name, layer, x, a, acc, rank) -> None:
     if a.profile_dir:
         os.makedirs(a.profile_dir, exist_ok=True)
         prof.export_chrome_trace(os.path.join(a.profile_dir, name.replace(" ", "_") + ".json"))
+
+
+def _label_phases(layer):
+    """Wrap the router, the experts, the six dispatcher phases and (LocMoE) the plan's count exchange
+    in profiler ranges; returns a function that takes the wrappers off."""
+    from torch.profiler import record_function
+
+    from locmoe_plugin.comm import plan as plan_mod
+
+    def labelled(fn, label):
+        def run(*args, **kwargs):
+            with record_function("phase:" + label):
+                return fn(*args, **kwargs)
+        return run
+
+    undo = []
+
+    def wrap(obj, attr, label):
+        had = attr in vars(obj)
+        old = getattr(obj, attr)
+        setattr(obj, attr, labelled(old, label))
+        undo.append(lambda: setattr(obj, attr, old) if had else delattr(obj, attr))
+
+    wrap(layer.router, "forward", "router")
+    wrap(layer.experts, "forward", "experts")
+    for ph in ("dispatch_preprocess", "token_dispatch", "dispatch_postprocess", "combine_preprocess",
+               "token_combine", "combine_postprocess"):
+        wrap(layer.token_dispatcher, ph, ph)
+    init = plan_mod._Counts.__init__
+
+    def counts_init(self, *args, **kwargs):
+        with record_function("phase:  plan: count exchange + host sync"):
+            init(self, *args, **kwargs)
+
+    plan_mod._Counts.__init__ = counts_init
+    undo.append(lambda: setattr(plan_mod._Counts, "__init__", init))
+    return lambda: [u() for u in reversed(undo)]
 
 
 if __name__ == "__main__":

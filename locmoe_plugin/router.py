@@ -25,7 +25,7 @@ from .capacity import CapacityController
 from .config import ConfigError, LocMoEConfig
 from .gate import build_gate
 from .losses import locality_loss, switch_aux_loss, z_loss
-from .routing import Assignment, count_valid_ids, route
+from .routing import Assignment, count_ids, count_valid_ids, route
 from .telemetry import RoutingStats
 from .topology import Topology
 
@@ -152,8 +152,10 @@ class LocMoERouter(nn.Module):
     def _global_counts(self, counts: torch.Tensor, pairs) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-expert requested counts and total pairs (int or 0-d tensor), summed over the EP group when
         asked."""
-        pairs = torch.as_tensor(pairs, dtype=counts.dtype, device=counts.device).reshape(1)
-        packed = torch.cat([counts, pairs])
+        if torch.is_tensor(pairs):
+            packed = torch.cat([counts, pairs.to(counts.dtype).reshape(1)])
+        else:  # a Python int: written on the device (a fill), not copied from the host
+            packed = torch.cat([counts, counts.new_full((1,), pairs)])
         g = self.group
         if (
             self.config.aux_loss_scope == "ep_group"
@@ -221,7 +223,7 @@ class LocMoERouter(nn.Module):
             if capacity is not None and c.locality_loss_coeff > 0 and self.topology.num_nodes > 1 else None,
         )
 
-        requested = assignment.requested_per_expert()
+        requested = count_ids(assignment.requested_ids, c.num_experts)  # requested ids are never -1
         if valid is not None:
             valid = valid.reshape(-1).to(device=x.device, dtype=torch.bool)
             if valid.numel() != s:
@@ -239,14 +241,22 @@ class LocMoERouter(nn.Module):
         if c.z_loss_coeff > 0:
             losses["z"] = z_loss(logits, c.z_loss_coeff, valid)
 
-        kept = assignment.kept
-        remote = kept & (self.expert_to_node[assignment.expert_ids.clamp_min(0)] != self.topology.node)
+        # telemetry in few kernels: dropless -> kept = requested, nothing dropped; one node -> no remote pair
+        if capacity is None:
+            kept_per_expert, dropped = requested, requested.new_zeros(())
+        else:
+            kept_per_expert = assignment.tokens_per_expert()
+            dropped = (~assignment.kept).sum()
+        if self.topology.num_nodes > 1:
+            cross = (kept_per_expert * (self.expert_to_node != self.topology.node)).sum()
+        else:
+            cross = requested.new_zeros(())
         stats = RoutingStats(
-            tokens_per_expert=assignment.tokens_per_expert(),
+            tokens_per_expert=kept_per_expert,
             requested_per_expert=requested,
             num_tokens=s,
-            dropped_pairs=(~kept).sum(),
-            cross_node_pairs=remote.sum(),
+            dropped_pairs=dropped,
+            cross_node_pairs=cross,
             capacity=capacity,
             capacity_factor=self.capacity.factor,
             delta=self.capacity.delta,

@@ -50,11 +50,14 @@ def _run_modes(groups, x, ids, w, W, corrupt=False):
         (y * torch.linspace(-1, 1, D)).sum().backward()
         res[mode] = dict(y=y.detach(), gx=xx.grad, gw=ww.grad, traffic=disp.traffic.to_dict())
     ref = torch.zeros_like(x)
+    ref_gw = torch.zeros_like(w)  # d sum(y * c) / d w[tok, j] = c . expert_j(x[tok]); 0 for a dropped slot
     for tok in range(x.shape[0]):
         for j in range(ids.shape[1]):
             if ids[tok, j] >= 0:
                 ref[tok] += w[tok, j] * torch.tanh(x[tok] @ W[ids[tok, j]])
+                ref_gw[tok, j] = (torch.tanh(x[tok] @ W[ids[tok, j]]) * torch.linspace(-1, 1, D)).sum()
     res["ref"] = ref
+    res["ref_gw"] = ref_gw
     # tokens with two or more experts on one remote node: hierarchical must send strictly fewer bytes
     e2n = torch.tensor(t.node_of_rank).repeat_interleave(t.experts_per_rank)
     valid = ids >= 0
@@ -106,6 +109,8 @@ def _check(results):
             assert torch.equal(h["gx"], f["gx"]), tag
             assert torch.equal(h["gw"], f["gw"]), tag
             torch.testing.assert_close(h["y"], r["ref"], rtol=1e-5, atol=1e-5, msg=tag)
+            torch.testing.assert_close(h["gw"], r["ref_gw"], rtol=1e-5, atol=1e-5, msg=tag)
+            torch.testing.assert_close(ff["gw"], r["ref_gw"], rtol=1e-5, atol=1e-5, msg=tag)
             torch.testing.assert_close(ff["y"], h["y"], rtol=1e-5, atol=1e-6, msg=tag)
             torch.testing.assert_close(ff["gx"], h["gx"], rtol=1e-5, atol=1e-6, msg=tag)
             assert f["traffic"] == ff["traffic"], tag

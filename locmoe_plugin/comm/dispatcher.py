@@ -46,19 +46,18 @@ class _Reduce(torch.autograd.Function):
 
 
 class _PairWeights(torch.autograd.Function):
-    """``weights [s, k]`` -> ``[num_pairs]``: the values travelled with the plan's metadata; the
-    gradient goes back as a one-hot ``[num_pairs, k]`` through the same fixed-order reduce (each slot
-    receives exactly one value, so the sum is exact)."""
+    """``weights [s, k]`` -> ``[num_pairs]``: the values travelled with the plan's metadata; each pair's
+    gradient goes straight back to its (token, slot) (:meth:`Plan.pair_values_to_slots`: one slot, one
+    pair, so no sums are involved)."""
 
     @staticmethod
     def forward(ctx, weights, plan: Plan):
-        ctx.plan, ctx.k = plan, weights.shape[1]
+        ctx.plan, ctx.k, ctx.dtype = plan, weights.shape[1], weights.dtype
         return plan.pair_weight.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        onehot = grad.new_zeros(grad.shape[0], ctx.k).scatter_(1, ctx.plan.pair_slot.unsqueeze(1), grad.unsqueeze(1))
-        return ctx.plan.reduce(onehot), None
+        return ctx.plan.pair_values_to_slots(grad, ctx.k).to(ctx.dtype), None
 
 
 @dataclass(frozen=True)

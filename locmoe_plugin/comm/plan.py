@@ -5,8 +5,9 @@ a communication hop, exchanges them with one ``all_to_all_single`` on a process 
 (:meth:`Plan.broadcast`) every step is a copy. Going back (:meth:`Plan.reduce`) each hop reverses its
 all-to-all and sums the returned copies of each previous-level row in send order; inside one
 destination block every previous-level row occurs at most once, so the sum order is fixed by the
-block order (gathers and adds, no atomics): deterministic on every device, and the *same tree of
-additions* in every mode:
+block order (gathers and adds; where a sparse level uses ``index_add_``, its rows are distinct, so no two
+additions into one element race): deterministic on every device, and the *same tree of additions* in
+every mode:
 
     y[t] = sum over nodes (node order) of
              sum over ranks of that node (local order) of
@@ -30,7 +31,16 @@ Canonical pair order at an expert rank: (local expert, source EP rank, source to
 expert MLPs see identical input tensors whatever the plan.
 
 Host syncs: one per plan (``# device-to-host sync: split sizes``), after an all-gather of every rank's
-counts; all later index work sizes its outputs from those host counts.
+counts (one histogram per rank, see :class:`_Counts`); all later index work sizes its outputs from those
+host counts.
+
+The combine weights' gradient does not go through the reduce: each (token, slot) has at most one pair, so
+:meth:`Plan.pair_values_to_slots` sends each pair's value straight back to its source slot (one EP-wide
+all-to-all of 8-byte words, no sums).
+
+Host cost: on one node the layer is bound by the host's kernel launches, not by bytes, so the builders
+avoid sorts where the order is known (:func:`mask_hop`: copy numbers from a cumsum; one node: rows arrive
+sorted by source) and reuse the count pass's masks; ``benchmarks/op_count.py`` counts the ops per phase.
 """
 
 from __future__ import annotations
@@ -107,34 +117,46 @@ class Hop:
     out_splits: tuple[int, ...] | None = None
 
     @classmethod
-    def build(cls, index, blocks, prev_rows, fan_in, group=None, out_splits=None, level_counts=None) -> "Hop":
+    def build(cls, index, blocks, prev_rows, fan_in, group=None, out_splits=None, level_counts=None,
+              occ=None, occ_base=0) -> "Hop":
         """``fan_in``: most copies one previous row can have. ``level_counts[c]``: entries that are a
-        row's (c+1)-th copy (host ints); when given, later levels gather only those rows, else a
-        padded ``[prev_rows]`` gather per level."""
+        row's (c+1)-th copy (host ints; None: every level is gathered padded). ``occ``: each entry's
+        copy number (``occ_base`` = first), when the caller knows it without a sort (see :func:`mask_hop`).
+
+        Copy c of row r is located with one scatter into a ``[fan_in, prev_rows]`` table (unsent:
+        ``rows_sent``, the zero row of the reduce). A level that most rows reach is kept as that padded
+        column (one gather + one add in the reduce); a sparse level keeps only its rows (one gather + one
+        ``index_add_`` of distinct rows, so still deterministic), found with one stable sort of ``occ``."""
         n = index.numel()
         dev = index.device
-        occ = _occurrence(index)
+        levels = max(1, fan_in)
+        if occ is None:
+            occ, occ_base = _occurrence(index), 0
         ar = torch.arange(n, device=dev)
-        first = torch.full((prev_rows + 1,), n, dtype=torch.long, device=dev)
-        first.scatter_(0, torch.where(occ == 0, index, prev_rows), ar)  # phantom slot prev_rows
-        first = first[:prev_rows]
-        more = []
+        # copy c of row r at (c + occ_base) * prev_rows + r: the first occ_base blocks stay unused
+        base = occ_base * prev_rows
+        slot = torch.full((base + levels * prev_rows,), n, dtype=torch.long, device=dev)
+        slot.scatter_(0, occ * prev_rows + index, ar)  # occ - occ_base < fan_in: every entry has its own cell
+        slot = slot[base:]
+        first = slot[:prev_rows]
         if level_counts is None:
-            for c in range(1, max(1, fan_in)):
-                col = torch.full((prev_rows + 1,), n, dtype=torch.long, device=dev)
-                col.scatter_(0, torch.where(occ == c, index, prev_rows), ar)
-                more.append((None, col[:prev_rows]))
-        elif any(level_counts[1:fan_in]):
-            # every later copy at once: positions grouped by level, in position order inside a level (a
-            # stable sort), then cut by the host-known level sizes (slices, no more kernels)
+            level_counts = [prev_rows] * levels  # all padded
+        sparse = [c for c in range(1, levels) if 0 < level_counts[c] and 4 * level_counts[c] <= prev_rows]
+        rows_by_level = by_level = None
+        if sparse:
+            # entries grouped by level, in position order inside a level (a stable sort); the host-known
+            # level sizes cut it with slices (occ_base shifts every key alike: same order)
             by_level = torch.argsort(occ, stable=True)
             rows_by_level = index.index_select(0, by_level)
-            start = level_counts[0]
-            for c in range(1, max(1, fan_in)):
-                m = level_counts[c]
-                if m:
-                    more.append((rows_by_level[start : start + m], by_level[start : start + m]))
-                start += m
+        more = []
+        start = level_counts[0] if sparse else 0
+        for c in range(1, levels):
+            m = level_counts[c]
+            if m and c in sparse:
+                more.append((rows_by_level[start : start + m], by_level[start : start + m]))
+            elif m:
+                more.append((None, slot[c * prev_rows : (c + 1) * prev_rows]))
+            start += m
         blocks = tuple(blocks)
         return cls(index, blocks, prev_rows, first, tuple(more), group, None if out_splits is None else tuple(out_splits))
 
@@ -157,9 +179,28 @@ class Hop:
         for rows, pos in self.more:
             if rows is None:  # padded level: every previous row, pad -> the zero row
                 out.add_(ext.index_select(0, pos))
-            else:  # compact level: rows are distinct, so this is a plain (deterministic) update
-                out.index_put_((rows,), out.index_select(0, rows) + ext.index_select(0, pos))
+            else:  # sparse level: its rows are distinct, so one add per element (deterministic)
+                out.index_add_(0, rows, ext.index_select(0, pos))
         return out
+
+
+def mask_hop(mask: torch.Tensor, n_sent: int, fan_in: int, blocks, level_counts=None, group=None,
+             out_splits=None) -> tuple[Hop, torch.Tensor]:
+    """The hop that sends row r to destination d wherever ``mask [rows, D]`` is True, destination-major
+    (rows in order inside a destination block; ``n_sent`` = the mask's True count, known on the host).
+
+    The copy number of each entry is the row's running count over the destinations (a cumsum), so no
+    sort is needed. Also returns each entry's flat ``d * rows + r`` position (for per-entry lookups)."""
+    rows, d = mask.shape
+    flat = mask.t().reshape(-1)
+    cell = torch.empty(n_sent + 1, dtype=torch.long, device=mask.device)
+    # 1-based send positions; False cells land on the phantom slot 0, which is cut off
+    cell.scatter_(0, torch.where(flat, torch.cumsum(flat, 0), 0), torch.arange(flat.numel(), device=mask.device))
+    cell = cell[1:]
+    index = cell % max(rows, 1)
+    occ1 = torch.cumsum(mask, 1).t().reshape(-1).index_select(0, cell)  # 1-based copy numbers
+    hop = Hop.build(index, blocks, rows, fan_in, group, out_splits, level_counts, occ=occ1, occ_base=1)
+    return hop, cell
 
 
 @dataclass(frozen=True)
@@ -193,6 +234,20 @@ class Plan:
     traffic: Traffic
     mode: str
     _bcast: tuple = field(default=(), repr=False)
+    _ret: tuple = field(default=(), repr=False)
+
+    def pair_values_to_slots(self, v: torch.Tensor, k: int) -> torch.Tensor:
+        """``v [num_pairs]`` (one value per pair, at the expert rank) -> ``[s, k]`` fp32 at the source,
+        each value in its pair's (token, slot), 0 in slots without a kept pair. Every slot has at most
+        one pair, so this is a permutation, not a sum: one EP-wide all-to-all of ``(slot, value)`` int32
+        words (8 bytes a pair, in every mode), no reduce levels. The router's weight gradient goes back
+        this way."""
+        order, slot_key, send_splits, recv_splits, group = self._ret
+        words = torch.stack([slot_key, v.float().index_select(0, order).view(torch.int32)], 1)
+        back = all_to_all_rows(words, recv_splits, send_splits, group)
+        out = torch.zeros(self.num_tokens * k, dtype=torch.float32, device=v.device)
+        out.scatter_(0, back[:, 0].long(), back.view(torch.float32)[:, 1])
+        return out.view(self.num_tokens, k)
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """``x [s, F]`` -> ``[num_pairs, F]`` rows in canonical pair order (copies only)."""
@@ -230,11 +285,17 @@ def _fused_broadcast(hops: tuple[Hop, ...]) -> tuple:
 def _topology_tensors(t: Topology, device: torch.device) -> dict[str, torch.Tensor]:
     """Index tensors that depend only on the topology, made once per device: building them from
     Python lists in every call would be a host-to-device copy (a hidden sync) per dispatch."""
-    node_order = [r for n in range(t.num_nodes) for r in t.ranks_of_node(n)]
+    node_order = _node_order(t)
     local_of = torch.full((t.ep_size + 1,), t.ranks_per_node, dtype=torch.long)  # phantom: not this node
     local_of[list(t.ranks_of_node(t.node))] = torch.arange(t.ranks_per_node)
     ranks_ib = [[t.ranks_of_node(b)[i] for b in range(t.num_nodes)] for i in range(t.ranks_per_node)]
+    local_col = torch.full((t.num_experts + 1,), t.experts_per_rank, dtype=torch.long)  # id + 1 -> local expert
+    local_col[1 + t.ep_rank * t.experts_per_rank : 1 + (t.ep_rank + 1) * t.experts_per_rank] = torch.arange(
+        t.experts_per_rank
+    )
     return {
+        "local_col": local_col.to(device),  # (expert id + 1) -> this rank's local expert, or E_r (id -1 / elsewhere)
+        "arange": torch.arange(max(t.num_experts, 64), device=device),
         "node_of_rank": torch.tensor(t.node_of_rank, device=device),
         "ranks_node_major": torch.tensor(node_order, device=device),
         "local_of": local_of.to(device),
@@ -242,52 +303,88 @@ def _topology_tensors(t: Topology, device: torch.device) -> dict[str, torch.Tens
     }
 
 
-def _at_least(per_token: torch.Tensor, levels: int) -> torch.Tensor:
-    """``per_token [s, *]`` counts -> ``[*, levels]``: tokens with more than c, for c < levels."""
-    c = torch.arange(levels, device=per_token.device)
-    return (per_token.unsqueeze(-1) > c).sum(0)
+@functools.lru_cache(maxsize=64)
+def _count_layout(t: Topology, k: int, device: torch.device) -> dict:
+    """Bins of the routing-count histogram (see :class:`_Counts`) and their device offsets."""
+    l1, l2, l3 = min(t.num_nodes, k), min(t.ranks_per_node, k), min(t.experts_per_rank, k)
+    o2 = l1 + 1
+    o3 = o2 + t.num_nodes * (l2 + 1)
+    o4 = o3 + t.ep_size * (l3 + 1)
+    return {
+        "levels": (l1, l2, l3),
+        "o2": o2, "o3": o3, "o4": o4, "bins": o4 + t.num_experts + 2,
+        "off2": (o2 + torch.arange(t.num_nodes) * (l2 + 1)).to(device),
+        "off3": (o3 + torch.arange(t.ep_size) * (l3 + 1)).to(device),
+        "one": torch.ones((), dtype=torch.long, device=device),
+        "node_major_is_identity": list(_node_order(t)) == list(range(t.ep_size)),
+    }
+
+
+def _node_order(t: Topology) -> list[int]:
+    return [r for n in range(t.num_nodes) for r in t.ranks_of_node(n)]
 
 
 class _Counts:
-    """Every rank's routing counts, all-gathered once. Per rank: rows to each node ``U [N]``, rows to
-    each EP rank ``T [P]``, pairs per expert ``C [E]``, the number of invalid expert ids, and for the
-    hierarchical reduce the copies per level: tokens with more than c destination nodes ``H1 [L1]``,
-    with more than c ranks on node b ``H2 [N, L2]``, with more than c experts on rank q ``H3 [P, L3]``."""
+    """Every rank's routing counts, all-gathered once and read on the host (the plan's one sync).
 
-    def __init__(self, groups: CommGroups, node_mask, rank_mask, has_expert, bad_ids, k: int, levels: bool = True):
+    Per rank: rows to each node ``U [N]``, rows to each EP rank ``T [P]``, pairs per expert ``C [E]``, and
+    for the reduce the copies per level: tokens with more than c destination nodes ``H1 [L1]``, with
+    more than c ranks on node b ``H2 [N, L2]``, with more than c experts on rank q ``H3 [P, L3]``.
+
+    On the device it is one histogram: per token, its number of nodes, its ranks on each node and its
+    experts on each rank (each clamped to its level count), and its expert ids (-1 and invalid ids in
+    two extra bins), scatter-added into one int64 vector; the host turns those histograms into the counts
+    above. ``node_mask [s, N]``: the nodes each token needs (the rail hop's mask)."""
+
+    def __init__(self, groups: CommGroups, expert_ids: torch.Tensor, k: int):
         t = groups.topology
-        s = has_expert.shape[0]
-        # the per-level histograms serve the hierarchical reduce only; flat plans skip them
-        self.L1, self.L2, self.L3 = (
-            (min(t.num_nodes, k), min(t.ranks_per_node, k), min(t.experts_per_rank, k)) if levels else (0, 0, 0)
-        )
-        ranks_by_node = rank_mask.index_select(1, _topology_tensors(t, rank_mask.device)["ranks_node_major"])
-        h1 = _at_least(node_mask.sum(1), self.L1)
-        h2 = _at_least(ranks_by_node.reshape(s, t.num_nodes, t.ranks_per_node).sum(-1), self.L2)
-        h3 = _at_least(has_expert.reshape(s, t.ep_size, t.experts_per_rank).sum(-1), self.L3)
-        local = torch.cat(
-            [node_mask.sum(0), rank_mask.sum(0), has_expert.sum(0), bad_ids.reshape(1),
-             h1.reshape(-1), h2.reshape(-1), h3.reshape(-1)]
-        ).to(torch.int64)
-        if groups.ep is not None and t.ep_size > 1:
-            parts = [torch.empty_like(local) for _ in range(t.ep_size)]
-            dist.all_gather(parts, local, group=groups.ep)
-            table = torch.stack(parts)
+        s = expert_ids.shape[0]
+        dev = expert_ids.device
+        lay = _count_layout(t, k, dev)
+        self.L1, self.L2, self.L3 = l1, l2, l3 = lay["levels"]
+        n, p, e, e_r = t.num_nodes, t.ep_size, t.num_experts, t.experts_per_rank
+        valid = (expert_ids >= 0) & (expert_ids < e)
+        rank = torch.where(valid, expert_ids // e_r, p)
+        one = lay["one"]
+        per_rank = torch.zeros(s, p + 1, dtype=torch.long, device=dev).scatter_add_(1, rank, one.expand(s, k))[:, :p]
+        used = per_rank > 0
+        self.rank_mask = used  # [s, P] the EP ranks each token needs (EP order)
+        if n == 1:
+            per_node = used.sum(1, keepdim=True)
         else:
-            table = local.reshape(1, -1)
-        rows = table.tolist()  # device-to-host sync: split sizes
-        n, p, e = t.num_nodes, t.ep_size, t.num_experts
-        self.U = [r[:n] for r in rows]
-        self.T = [r[n : n + p] for r in rows]
-        self.C = [r[n + p : n + p + e] for r in rows]
-        o = n + p + e
-        bad = [r[o] for r in rows]
-        o += 1
-        self.H1 = [r[o : o + self.L1] for r in rows]
-        o += self.L1
-        self.H2 = [[r[o + b * self.L2 : o + (b + 1) * self.L2] for b in range(n)] for r in rows]
-        o += n * self.L2
-        self.H3 = [[r[o + q * self.L3 : o + (q + 1) * self.L3] for q in range(p)] for r in rows]
+            if not lay["node_major_is_identity"]:
+                used = used.index_select(1, _topology_tensors(t, dev)["ranks_node_major"])
+            per_node = used.reshape(s, n, t.ranks_per_node).sum(-1)
+        self.node_mask = per_node > 0
+        keys = torch.cat(
+            [
+                self.node_mask.sum(1, keepdim=True).clamp_max(l1),
+                per_node.clamp_max(l2) + lay["off2"],
+                per_rank.clamp_max(l3) + lay["off3"],
+                torch.where(valid, expert_ids, e + (expert_ids != -1)) + lay["o4"],  # -1 -> bin e, bad -> e + 1
+            ],
+            1,
+        ).reshape(-1)
+        local = torch.zeros(lay["bins"], dtype=torch.long, device=dev).scatter_add_(0, keys, one.expand(keys.numel()))
+        if groups.ep is not None and t.ep_size > 1:
+            table = local.new_empty(t.ep_size * lay["bins"])
+            dist.all_gather_into_tensor(table, local, group=groups.ep)
+        else:
+            table = local
+        flat = table.tolist()  # device-to-host sync: split sizes
+        rows = [flat[i * lay["bins"] : (i + 1) * lay["bins"]] for i in range(len(flat) // lay["bins"])]
+        o2, o3, o4 = lay["o2"], lay["o3"], lay["o4"]
+
+        def at_least(hist, levels):  # hist[v] = tokens with value v -> tokens with value > c, c < levels
+            return [sum(hist[c + 1 :]) for c in range(levels)]
+
+        self.H1 = [at_least(r[: l1 + 1], l1) for r in rows]
+        self.H2 = [[at_least(r[o2 + b * (l2 + 1) : o2 + (b + 1) * (l2 + 1)], l2) for b in range(n)] for r in rows]
+        self.H3 = [[at_least(r[o3 + q * (l3 + 1) : o3 + (q + 1) * (l3 + 1)], l3) for q in range(p)] for r in rows]
+        self.U = [[h[0] for h in h2] for h2 in self.H2]
+        self.T = [[h[0] for h in h3] for h3 in self.H3]
+        self.C = [r[o4 : o4 + e] for r in rows]
+        bad = [r[o4 + e + 1] for r in rows]
         if any(bad):
             # every rank saw the same table: all raise together, nobody hangs in a later collective
             raise ValueError(
@@ -312,21 +409,36 @@ def _masks(expert_ids: torch.Tensor, groups: CommGroups):
     return has, rank_mask, node_mask, bad
 
 
-def _canonical_hop(ids: torch.Tensor, src_key: torch.Tensor, groups: CommGroups, counts: _Counts):
+def _canonical_hop(ids: torch.Tensor, src_key: torch.Tensor, groups: CommGroups, counts: _Counts,
+                   src_sorted: bool = False):
     """At this expert rank: ``ids [m, k]`` of the rows received (all slots), ``src_key [m]``. Returns
-    the local hop rows -> pairs in (local expert, source) order, and each pair's slot."""
+    the local hop rows -> pairs in (local expert, source) order, and each pair's slot.
+
+    ``src_sorted``: the rows arrive in ascending ``src_key`` order (one node: blocks by source rank,
+    tokens in order), so the canonical order is the local-expert-major listing of the rows, without a
+    sort."""
     t = groups.topology
     me = t.ep_rank
     m, k = ids.shape
-    first = me * t.experts_per_rank
-    local_e = ids - first
-    mine = (local_e >= 0) & (local_e < t.experts_per_rank)
-    key = torch.where(mine, local_e * (t.ep_size * SRC_SHIFT) + src_key.unsqueeze(1), torch.iinfo(torch.int64).max)
-    tpe = tuple(sum(c[e] for c in counts.C) for e in range(first, first + t.experts_per_rank))
-    order = torch.argsort(key.reshape(-1), stable=True)[: sum(tpe)]
+    e_r = t.experts_per_rank
+    first = me * e_r
+    tpe = tuple(sum(c[e] for c in counts.C) for e in range(first, first + e_r))
     # rows here are (token, this rank) rows (k slots) or single pairs (k == 1)
     levels = [sum(h[me][c] for h in counts.H3) for c in range(counts.L3)] if k > 1 else None
-    hop = Hop.build(order // k, tpe, m, min(k, t.experts_per_rank), level_counts=levels)
+    if src_sorted:
+        # slot_of[r, e]: the slot of local expert e in row r, k where the row has none (ids of a row are
+        # distinct); column e_r collects the other experts' slots and is cut off
+        col = _topology_tensors(t, ids.device)["local_col"].index_select(0, (ids + 1).reshape(-1)).view(m, k)
+        slot_of = torch.full((m, e_r + 1), k, dtype=torch.long, device=ids.device)
+        slot_of.scatter_(1, col, _topology_tensors(t, ids.device)["arange"][:k].expand(m, k))
+        slot_of = slot_of[:, :e_r]
+        hop, cell = mask_hop(slot_of < k, sum(tpe), min(k, e_r), tpe, levels)
+        return hop, slot_of.t().reshape(-1).index_select(0, cell), tpe
+    local_e = ids - first
+    mine = (local_e >= 0) & (local_e < e_r)
+    key = torch.where(mine, local_e * (t.ep_size * SRC_SHIFT) + src_key.unsqueeze(1), torch.iinfo(torch.int64).max)
+    order = torch.argsort(key.reshape(-1), stable=True)[: sum(tpe)]
+    hop = Hop.build(order // k, tpe, m, min(k, e_r), level_counts=levels)
     return hop, order % k, tpe
 
 
@@ -337,6 +449,21 @@ def _bits(w: torch.Tensor) -> torch.Tensor:
 
 def _unbits(b: torch.Tensor) -> torch.Tensor:
     return b.to(torch.int32).view(torch.float32)
+
+
+def _return_path(pair_src_key: torch.Tensor, slot: torch.Tensor, k: int, groups: CommGroups,
+                 counts: _Counts) -> tuple:
+    """Pairs at this expert rank grouped by source EP rank (a stable sort), each with its
+    ``token * k + slot`` at the source, and the split sizes both ways (host ints from the counts)."""
+    t = groups.topology
+    me, e_r = t.ep_rank, t.experts_per_rank
+    mine = range(me * e_r, (me + 1) * e_r)
+    send = [sum(counts.C[q][e] for e in mine) for q in range(t.ep_size)]
+    recv = [sum(counts.C[me][q * e_r : (q + 1) * e_r]) for q in range(t.ep_size)]
+    order = torch.argsort(pair_src_key // SRC_SHIFT, stable=True)
+    slot_key = ((pair_src_key % SRC_SHIFT) * k + slot).index_select(0, order).to(torch.int32)
+    group = groups.ep if t.ep_size > 1 else None
+    return order, slot_key, tuple(send), tuple(recv), group
 
 
 def build_plan(
@@ -355,8 +482,8 @@ def build_plan(
     s, k = expert_ids.shape
     if weights is None:
         weights = torch.ones(s, k, device=expert_ids.device)
-    has, rank_mask, node_mask, bad = _masks(expert_ids, groups)
-    counts = _Counts(groups, node_mask, rank_mask, has, bad, k, levels=mode == "hierarchical")
+    counts = _Counts(groups, expert_ids, k)  # raises on invalid ids, on every rank alike
+    node_mask = counts.node_mask
     me, a, j = t.ep_rank, t.node, t.local_index
     dev = expert_ids.device
     tok = torch.arange(s, device=dev)
@@ -371,11 +498,11 @@ def build_plan(
         node_a = t.ranks_of_node(a)
         if t.num_nodes > 1:
             # hop 1 (rail): token rows to each node hosting one of its experts, node-major
-            h1 = Hop.build(
-                index=true_positions(node_mask.t(), sum(counts.U[me])) % max(s, 1),
+            h1, _ = mask_hop(
+                node_mask,
+                sum(counts.U[me]),
+                min(t.num_nodes, k),
                 blocks=counts.U[me],
-                prev_rows=s,
-                fan_in=min(t.num_nodes, k),
                 level_counts=counts.H1[me],
                 group=groups.rail,
                 out_splits=[counts.U[rail[b]][a] for b in range(t.num_nodes)],
@@ -387,30 +514,36 @@ def build_plan(
         ids1 = meta1[:, :k]
         mrows = ids1.shape[0]
         # hop 2 (node): node rows to each local rank holding one of their experts, rank-major
-        rank1 = torch.where(ids1 >= 0, ids1 // t.experts_per_rank, t.ep_size)
-        local_of = _topology_tensors(t, dev)["local_of"]
-        need = torch.zeros(mrows, t.ranks_per_node + 1, dtype=torch.bool, device=dev)
-        need.scatter_(1, local_of[rank1], True)
-        need = need[:, : t.ranks_per_node]
+        if t.num_nodes == 1:  # the rows are this rank's tokens: the counts already hold that mask
+            need = counts.rank_mask
+        else:
+            rank1 = torch.where(ids1 >= 0, ids1 // t.experts_per_rank, t.ep_size)
+            local_of = _topology_tensors(t, dev)["local_of"]
+            need = torch.zeros(mrows, t.ranks_per_node + 1, dtype=torch.bool, device=dev)
+            need.scatter_(1, local_of[rank1], True)
+            need = need[:, : t.ranks_per_node]
         src_rails = [t.rail(jj) for jj in range(t.ranks_per_node)]
         blocks2 = tuple(sum(counts.T[rail[b]][q] for b in range(t.num_nodes)) for q in node_a)
-        h2 = Hop.build(
-            index=true_positions(need.t(), sum(blocks2)) % max(mrows, 1),
+        h2, _ = mask_hop(
+            need,
+            sum(blocks2),
+            min(t.ranks_per_node, k),
             blocks=blocks2,
-            prev_rows=mrows,
-            fan_in=min(t.ranks_per_node, k),
             level_counts=[sum(counts.H2[rail[b]][a][c] for b in range(t.num_nodes)) for c in range(counts.L2)],
             group=groups.node if t.num_nodes > 1 else groups.ep,
             out_splits=[sum(counts.T[src_rails[jj][b]][me] for b in range(t.num_nodes)) for jj in range(t.ranks_per_node)],
         )
         meta2 = h2.forward(meta1)
-        h3, slot, tpe = _canonical_hop(meta2[:, :k], meta2[:, k], groups, counts)
+        # one node: the rows arrive by source rank, tokens in order, i.e. sorted by source key
+        h3, slot, tpe = _canonical_hop(meta2[:, :k], meta2[:, k], groups, counts, src_sorted=t.num_nodes == 1)
         pair_w = _unbits(meta2[:, k + 1 :].index_select(0, h3.index).gather(1, slot.unsqueeze(1)).squeeze(1))
+        ret = _return_path(meta2[:, k].index_select(0, h3.index), slot, k, groups, counts)
         hops = first_hops + (h2, h3)
         inter = sum(c for b, c in enumerate(counts.U[me]) if b != a)
         intra = sum(c for q, c in zip(node_a, blocks2) if q != me)
         traffic = Traffic(inter_rows=inter, intra_rows=intra)
     else:
+        has, rank_mask, _, _ = _masks(expert_ids, groups)
         e_r = t.experts_per_rank
         pairs_to = [sum(counts.C[me][q * e_r : (q + 1) * e_r]) for q in range(t.ep_size)]
         from_ = [sum(counts.C[q][me * e_r : (me + 1) * e_r]) for q in range(t.ep_size)]
@@ -463,6 +596,7 @@ def build_plan(
         h_can, _, tpe = _canonical_hop(recv[:, :1], recv[:, 1], groups, counts)
         slot = recv[:, 2].index_select(0, h_can.index)
         pair_w = _unbits(recv[:, 3].index_select(0, h_can.index))
+        ret = _return_path(recv[:, 1].index_select(0, h_can.index), slot, k, groups, counts)
         hops = local_hops + (send, h_can)
         inter = sum(c for q, c in enumerate(pairs_to) if node_of(q) != a)
         intra = sum(c for q, c in enumerate(pairs_to) if node_of(q) == a and q != me)
@@ -477,4 +611,5 @@ def build_plan(
         traffic=traffic,
         mode=mode,
         _bcast=_fused_broadcast(hops),
+        _ret=ret,
     )

@@ -9,7 +9,8 @@ the routing counts and metadata (as Megatron's own alltoall dispatcher exchanges
 Megatron's dispatchers keep the current micro-batch's routing on ``self`` between phases (MoELayer
 calls the phases in order on one instance); this adapter does the same with the core dispatcher's
 handle. Megatron's experts apply the routing probabilities themselves, so ``token_combine`` sums
-unweighted rows.
+unweighted rows; they get the probabilities in the activations' dtype unless ``moe_router_dtype`` is
+set (Megatron's own behaviour: its router returns probs in that dtype by default).
 
 Limits (refused with a clear error at construction): expert tensor parallelism > 1, tensor
 parallelism without sequence parallelism, drop-and-pad capacity (``moe_pad_expert_input_to_capacity``).
@@ -68,6 +69,7 @@ class LocMoETokenDispatcher:
         ep_ranks = all_group_ranks(pg_collection.ep) if topology.ep_size > 1 else None
         groups = build_comm_groups(topology, pg_collection.ep, ep_ranks)
         self.core = TokenDispatcher(groups, mode)
+        self.router = None  # LocMoELayer sets its LocMoE router: its index-form routing skips a conversion
         self._plan = None
         self._hidden_shape = None
 
@@ -79,7 +81,15 @@ class LocMoETokenDispatcher:
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
         self._hidden_shape = hidden_states.shape
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        ids, weights = dense_to_index(probs, routing_map, self.topk)
+        known = getattr(self.router, "last_index_routing", None)
+        if known is not None and known[0] is routing_map:
+            # the router's own output, unchanged: take its expert ids, and the weights from ``probs`` (the
+            # losses' backward hooks ride on it)
+            ids = known[1]
+            weights = torch.where(ids >= 0, probs.gather(1, ids.clamp_min(0)), 0.0)
+            self.router.last_index_routing = None
+        else:
+            ids, weights = dense_to_index(probs, routing_map, self.topk)
         self._plan = self.core.prepare(ids, weights)  # count + metadata exchange (one host sync)
         return x, weights
 
@@ -88,6 +98,11 @@ class LocMoETokenDispatcher:
 
     def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         tokens_per_expert = torch.tensor(self._plan.tokens_per_expert, dtype=torch.long)
+        if getattr(self.config, "moe_router_dtype", None) is None:
+            # as Megatron's default (router in the activations' dtype): the experts scale their bf16 rows by
+            # probs of that dtype, not by fp32 probs that would promote [tokens, ffn] to fp32 and back. The
+            # routing itself stays fp32; --moe-router-dtype fp32 keeps fp32 probs here too.
+            probs = probs.to(hidden_states.dtype)
         return hidden_states, tokens_per_expert, probs
 
     # ---------------------------------------------------------------------------- combine
@@ -147,5 +162,6 @@ def make_locmoe_layer_class():
                 self.num_local_experts, self.local_expert_indices, config, pgc,
                 self.router.topology, mode=self.router.dispatcher_mode,
             )
+            self.token_dispatcher.router = self.router  # (the dispatcher is not an nn.Module)
 
     return LocMoELayer

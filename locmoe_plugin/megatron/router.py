@@ -162,6 +162,7 @@ class LocMoEMegatronRouter(torch.nn.Module):
         self.config = config
         self.is_mtp_layer = is_mtp_layer
         self.layer_number: int | None = None
+        self.last_index_routing: tuple | None = None
         self.locmoe_config = locmoe_config_from_megatron(config, locmoe)
         if (
             self.locmoe_config.drops_tokens
@@ -260,16 +261,24 @@ class LocMoEMegatronRouter(torch.nn.Module):
         valid = None if padding_mask is None else ~padding_mask.bool()
         out = self.core(hidden, token_ids, valid)
         probs, routing_map = out.to_megatron()
+        # the index form of this routing, for LocMoELayer's dispatcher (saves it converting back)
+        self.last_index_routing = (routing_map, out.assignment.expert_ids)
         c = self.locmoe_config
         coeffs = {"aux": c.aux_loss_coeff, "locality": c.locality_loss_coeff, "z": c.z_loss_coeff}
         names = {"aux": "load_balancing_loss", "locality": "locmoe_locality_loss", "z": "z_loss"}
+        if out.losses:
+            # one autoscaler for the sum: each loss gets the same scaled gradient as with one per loss
+            probs = MoEAuxLossAutoScaler.apply(probs, out.total_loss)
         for key, loss in out.losses.items():
-            probs = MoEAuxLossAutoScaler.apply(probs, loss)
             self._log(names[key], loss / coeffs[key])
+        # the three telemetry values in one vector (few kernels per layer): kept pairs crossing nodes,
+        # dropped share of the requested pairs, max / mean kept load
         st = out.stats
-        routed = st.tokens_per_expert.sum().clamp_min(1).float()
-        self._log("locmoe_cross_node_share", st.cross_node_pairs.float() / routed)
-        self._log("locmoe_dropped_share", st.dropped_pairs.float() / (routed + st.dropped_pairs.float()))
         load = st.tokens_per_expert.float()
-        self._log("locmoe_max_over_mean_load", load.max() / load.mean().clamp_min(1e-9))
+        kept = load.sum()
+        num = torch.stack([st.cross_node_pairs.float(), st.dropped_pairs.float(), load.max() * load.numel()])
+        den = torch.stack([kept, kept + num[1], kept]).clamp_min(1)
+        values = num / den
+        for i, name in enumerate(("locmoe_cross_node_share", "locmoe_dropped_share", "locmoe_max_over_mean_load")):
+            self._log(name, values[i])
         return probs, routing_map

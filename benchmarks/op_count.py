@@ -1,0 +1,239 @@
+"""Host-side op count of one LocMoE MoE layer step, per phase (router, plan, send, experts, reduce and
+their backward): how many aten ops (on a GPU, roughly the kernel launches) each phase issues.
+
+On one node the layer is bound by these launches, not by bytes (``RESULTS.md``, "a profile"), so this is
+the number to drive down. It runs on CPU (gloo) on any machine:
+
+  python3 benchmarks/op_count.py [--nproc 4] [--gpus-per-node 4] [--experts 32 --topk 4 --tokens 512] [--megatron]
+
+"core" is the framework-free router + TokenDispatcher with toy experts; ``--megatron`` adds the two full
+megatron-core layers (labels: the router, the experts and the six dispatcher phases).
+
+Counts are top-level aten ops (an op called inside another op is not counted again), from
+``torch.profiler`` on rank 0, for one forward + backward after a warm-up step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PHASES = ("router", "prepare", "send", "experts", "combine")
+# ops that only make views or allocate (no kernel on a GPU)
+NO_KERNEL = {
+    "aten::" + n
+    for n in ("view", "reshape", "_reshape_alias", "slice", "select", "t", "transpose", "unsqueeze", "squeeze",
+              "expand", "as_strided", "detach", "alias", "resolve_conj", "resolve_neg", "empty", "empty_like",
+              "new_empty", "empty_strided", "narrow", "split", "split_with_sizes", "permute", "lift_fresh",
+              "_unsafe_view", "numpy_T", "unbind", "chunk", "to", "_to_copy_noop", "result_type", "is_nonzero",
+              "item", "_local_scalar_dense", "lift_fresh_copy", "scalar_tensor")
+}
+
+
+def _worker(rank: int, world: int, port: int, a: argparse.Namespace, q) -> None:
+    os.environ["LOCMOE_DEVICE"] = "cpu"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from torch.profiler import record_function
+
+    from locmoe_plugin.comm import TokenDispatcher, build_comm_groups
+    from locmoe_plugin.config import LocMoEConfig
+    from locmoe_plugin.router import LocMoERouter
+    from locmoe_plugin.topology import Topology
+
+    torch.manual_seed(0)
+    topo = Topology.from_ranks_per_node(world, a.gpus_per_node, a.experts, rank)
+    cfg = LocMoEConfig(num_experts=a.experts, hidden_size=a.hidden, topk=a.topk, gate=a.gate, routing=a.routing,
+                       capacity=a.capacity, locality_loss_coeff=a.mu, aux_loss_coeff=0.01)
+    router = LocMoERouter(cfg, topo, group=dist.group.WORLD)
+    disp = TokenDispatcher(build_comm_groups(topo, dist.group.WORLD), a.mode)
+    e_r = a.experts // world
+    # one weight pair per local expert, as megatron-core's SequentialMLP
+    w1 = [torch.nn.Parameter(torch.randn(a.hidden, a.ffn) * 0.02) for _ in range(e_r)]
+    w2 = [torch.nn.Parameter(torch.randn(a.ffn, a.hidden) * 0.02) for _ in range(e_r)]
+
+    def experts(inp, tpe):
+        outs = [torch.nn.functional.gelu(x @ w1[e]) @ w2[e] for e, x in enumerate(inp.split(list(tpe)))]
+        return torch.cat(outs)
+
+    x = torch.randn(a.tokens, a.hidden, requires_grad=True)
+
+    def step():
+        with record_function("phase:router"):
+            out = router(x)
+        a_ = out.assignment
+        with record_function("phase:prepare"):
+            plan = disp.prepare(a_.expert_ids, a_.weights)
+        with record_function("phase:send"):
+            inp, handle = disp.dispatch(x, a_.expert_ids, a_.weights, plan)
+        with record_function("phase:experts"):
+            y = experts(inp, handle.tokens_per_expert)
+        with record_function("phase:combine"):
+            z = disp.combine(y, handle)
+        (z.square().mean() + out.total_loss).backward()
+
+    counted = {"core": _count(step)}
+    if a.megatron:
+        counted.update(_megatron_layers(a, rank, world))
+    if rank == 0:
+        q.put(counted)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _count(step) -> tuple[dict, dict, dict]:
+    """Run ``step`` once (warm-up), then once under the profiler: ops and kernels per phase label."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    counts: dict[str, int] = collections.Counter()
+    kernels: dict[str, int] = collections.Counter()
+    knames: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    events = [ev for ev in prof.events() if ev.name.startswith("aten::")]
+    # a parent whose work is done by a child op (e.g. matmul -> mm) is not counted itself
+    has_child = {id(ev.cpu_parent) for ev in events if ev.cpu_parent is not None and ev.name not in NO_KERNEL}
+    for ev in events:
+        label = "other"
+        p = ev.cpu_parent
+        while p is not None:
+            if p.name.startswith("phase:"):
+                label = p.name[6:]
+                break
+            if p.name.startswith("autograd::engine::evaluate_function: "):
+                label = "bwd " + p.name.split(": ", 1)[1]
+                break
+            p = p.cpu_parent
+        if id(ev) not in has_child and ev.name not in NO_KERNEL:
+            kernels[label] += 1  # an op that does work itself: about one kernel launch on a GPU
+            knames[label][ev.name] += 1
+        par = ev.cpu_parent
+        if par is not None and par.name.startswith("aten::"):
+            continue  # nested in another aten op
+        counts[label] += 1
+    return dict(counts), dict(kernels), {k: dict(v) for k, v in knames.items()}
+
+
+def _megatron_layers(a: argparse.Namespace, rank: int, world: int) -> dict:
+    """megatron-core's MoELayer (TopKRouter + alltoall dispatcher) and LocMoELayer at the same config."""
+    import functools
+
+    from torch.profiler import record_function
+
+    from locmoe_plugin.demo import cpu_shims
+
+    cpu_shims.install()
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+    from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from locmoe_plugin.megatron.dispatcher import make_locmoe_layer_class
+    from locmoe_plugin.megatron.router import LocMoEMegatronRouter
+
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=world)
+    cfg = TransformerConfig(num_layers=1, hidden_size=a.hidden, num_attention_heads=4, num_moe_experts=a.experts,
+                            moe_router_topk=a.topk, moe_token_dispatcher_type="alltoall",
+                            expert_model_parallel_size=world, use_cpu_initialization=True, moe_aux_loss_coeff=0.01,
+                            add_bias_linear=False, ffn_hidden_size=a.ffn, moe_ffn_hidden_size=a.ffn,
+                            moe_router_load_balancing_type="aux_loss")
+    experts = ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                                       linear_fc2=RowParallelLinear))
+    pgc = moe_utils.get_default_pg_collection()
+    router = functools.partial(LocMoEMegatronRouter, with_locmoe_dispatcher=True,
+                               locmoe={"gpus_per_node": a.gpus_per_node, "gate": a.gate, "routing": a.routing,
+                                       "locality_loss_coeff": a.mu})
+    layers = {
+        "megatron alltoall": MoELayer(cfg, submodules=MoESubmodules(experts=experts, router=TopKRouter),
+                                      layer_number=1, pg_collection=pgc),
+        "LocMoELayer": make_locmoe_layer_class()(cfg, submodules=MoESubmodules(experts=experts, router=router),
+                                                 layer_number=1, pg_collection=pgc),
+    }
+    out = {}
+    torch.manual_seed(1 + rank)
+    x = torch.randn(a.tokens, 1, a.hidden)
+
+    def labelled(fn, label):
+        def run(*args, **kwargs):
+            with record_function("phase:" + label):
+                return fn(*args, **kwargs)
+        return run
+
+    for name, layer in layers.items():
+        layer.set_layer_number(1)
+        layer.router.forward = labelled(layer.router.forward, "router")
+        layer.experts.forward = labelled(layer.experts.forward, "experts")
+        td = layer.token_dispatcher
+        for ph in ("dispatch_preprocess", "token_dispatch", "dispatch_postprocess", "combine_preprocess",
+                   "token_combine", "combine_postprocess"):
+            setattr(td, ph, labelled(getattr(td, ph), ph))
+
+        def step(layer=layer):
+            xi = x.clone().requires_grad_(True)
+            y, _ = layer(xi)
+            y.square().mean().backward()
+
+        out[name] = _count(step)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nproc", type=int, default=4)
+    p.add_argument("--gpus-per-node", type=int, default=None, help="default: nproc (one node)")
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--ffn", type=int, default=64)
+    p.add_argument("--experts", type=int, default=32)
+    p.add_argument("--topk", type=int, default=4)
+    p.add_argument("--gate", default="grap")
+    p.add_argument("--routing", default="locmoe")
+    p.add_argument("--capacity", default=None)
+    p.add_argument("--mu", type=float, default=0.01)
+    p.add_argument("--mode", default="hierarchical")
+    p.add_argument("--megatron", action="store_true",
+                   help="also count megatron-core's MoELayer (TopKRouter + alltoall) and LocMoELayer")
+    p.add_argument("--detail", action="store_true", help="list the kernels of each phase")
+    a = p.parse_args()
+    a.gpus_per_node = a.gpus_per_node or a.nproc
+    from locmoe_plugin.comm.selfcheck import free_port
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, a.nproc, port, a, q)) for r in range(a.nproc)]
+    for pr in procs:
+        pr.start()
+    counted = q.get(timeout=600)
+    for pr in procs:
+        pr.join()
+    print(f"{a.nproc} ranks = {a.nproc // a.gpus_per_node} node(s) x {a.gpus_per_node}, {a.tokens} tokens/rank, "
+          f"{a.experts} experts, top-{a.topk}, gate {a.gate}, routing {a.routing}, capacity {a.capacity}, "
+          f"mode {a.mode}")
+    for what, (counts, kernels, names) in counted.items():
+        print(f"== {what}")
+        print(f"  {'phase':40s} {'ops':>5s} {'kernels':>8s}")
+        for label, c in sorted(counts.items(), key=lambda kv: -kernels.get(kv[0], 0)):
+            print(f"  {label:40s} {c:5d} {kernels.get(label, 0):8d}")
+            if a.detail:
+                for n, m in sorted(names.get(label, {}).items(), key=lambda kv: -kv[1]):
+                    print(f"      {n:36s} {m:4d}")
+        print(f"  {'total':40s} {sum(counts.values()):5d} {sum(kernels.values()):8d}")
+    print("ops: top-level aten ops; kernels: aten ops that compute or copy, without such an op inside "
+          "(views and allocations left out)")
+
+if __name__ == "__main__":
+    main()
