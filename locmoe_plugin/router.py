@@ -237,7 +237,10 @@ class LocMoERouter(nn.Module):
                 counts, pairs = self._global_counts(count_valid_ids(ids, c.num_experts), valid.sum() * c.topk)
             losses["aux"] = switch_aux_loss(probs, counts, pairs, c.aux_loss_coeff, valid)
         if c.locality_loss_coeff > 0:
-            losses["locality"] = locality_loss(logits, self.local_expert_mask, c.locality_loss_coeff, valid)
+            if self.topology.num_nodes > 1:
+                losses["locality"] = locality_loss(logits, self.local_expert_mask, c.locality_loss_coeff, valid)
+            else:  # every expert is local: the loss is 0 with zero gradient; a sum over no tokens gives that
+                losses["locality"] = logits[:0].sum()
         if c.z_loss_coeff > 0:
             losses["z"] = z_loss(logits, c.z_loss_coeff, valid)
 

@@ -23,6 +23,20 @@ from .plan import Plan, build_plan
 MODES = ("hierarchical", "flat", "flat_fast")
 
 
+def layer_mode(mode: str, topology) -> str:
+    """The plan an MoE layer uses for a requested dispatcher mode.
+
+    On an EP group that fits in one node, ``"hierarchical"`` has no inter-node bytes to save and only
+    deduplicates rows per rank over NVLink, while the layer is bound by the host's kernel launches (see
+    ``benchmarks/RESULTS.md``): the layers then use ``"flat_fast"``, the pairs plan with the fewest host
+    ops (Megatron's alltoall dispatcher sends the same pairs). Everywhere else the mode as given. The core
+    :class:`TokenDispatcher` itself never switches (``locmoe check-comm`` compares the exact modes).
+    """
+    if mode == "hierarchical" and topology.num_nodes == 1:
+        return "flat_fast"
+    return mode
+
+
 class _Broadcast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, plan: Plan):

@@ -235,6 +235,7 @@ class Plan:
     mode: str
     _bcast: tuple = field(default=(), repr=False)
     _ret: tuple = field(default=(), repr=False)
+    _pairs: "_PairsRoute | None" = field(default=None, repr=False)
 
     def pair_values_to_slots(self, v: torch.Tensor, k: int) -> torch.Tensor:
         """``v [num_pairs]`` (one value per pair, at the expert rank) -> ``[s, k]`` fp32 at the source,
@@ -242,6 +243,8 @@ class Plan:
         one pair, so this is a permutation, not a sum: one EP-wide all-to-all of ``(slot, value)`` int32
         words (8 bytes a pair, in every mode), no reduce levels. The router's weight gradient goes back
         this way."""
+        if self._pairs is not None:
+            return self._pairs.values_to_slots(v, self.num_tokens, k)
         order, slot_key, send_splits, recv_splits, group = self._ret
         words = torch.stack([slot_key, v.float().index_select(0, order).view(torch.int32)], 1)
         back = all_to_all_rows(words, recv_splits, send_splits, group)
@@ -251,6 +254,8 @@ class Plan:
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """``x [s, F]`` -> ``[num_pairs, F]`` rows in canonical pair order (copies only)."""
+        if self._pairs is not None:
+            return self._pairs.broadcast(x)
         for index, hop in self._bcast:
             x = x.index_select(0, index)
             if hop is not None:
@@ -258,10 +263,96 @@ class Plan:
         return x
 
     def reduce(self, y: torch.Tensor) -> torch.Tensor:
-        """``y [num_pairs, F]`` -> ``[s, F]``: sums in the fixed node / rank / expert tree."""
+        """``y [num_pairs, F]`` -> ``[s, F]``: sums in the fixed node / rank / expert tree (``flat_fast``:
+        over each token's slots)."""
+        if self._pairs is not None:
+            return self._pairs.reduce(y, self.num_tokens)
         for hop in reversed(self.hops):
             y = hop.backward(y)
         return y
+
+
+@dataclass(frozen=True)
+class _PairsRoute:
+    """The ``flat_fast`` plan: one EP-wide all-to-all of (token, expert) pairs, built the way Megatron's
+    alltoall dispatcher does it, with no metadata exchange: the source sends its pairs expert-major (one
+    stable sort of its ``s * k`` slots), so each received block (one per source rank) is expert-major too,
+    and the expert rank gets the canonical (local expert, source, token) order by a stable sort of the rows'
+    expert ids, which it knows from the count table. The reduce sums each token's slots (one gather
+    ``[s, k, F]`` and a sum over k: deterministic, but not the node / rank tree of the other plans).
+
+    Attributes: ``send_slot [n_src]`` slot ``t * k + j`` of each pair sent, in send order; ``send_tok`` its
+    token; ``slot_pos [s * k]`` each slot's position in the send order (``n_src`` = none); ``canon_src [m]``
+    received row of each canonical pair; ``recv_src [m]`` canonical pair of each received row; the split
+    sizes both ways and the group."""
+
+    send_slot: torch.Tensor
+    send_tok: torch.Tensor
+    slot_pos: torch.Tensor
+    canon_src: torch.Tensor
+    recv_src: torch.Tensor
+    send_splits: tuple[int, ...]
+    recv_splits: tuple[int, ...]
+    group: object | None
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        rows = all_to_all_rows(x.index_select(0, self.send_tok), self.recv_splits, self.send_splits, self.group)
+        return rows.index_select(0, self.canon_src)
+
+    def _back(self, y: torch.Tensor, extra_row: bool) -> torch.Tensor:
+        """Canonical rows -> the source's send order (plus a zero row at the end when asked)."""
+        recv = y.index_select(0, self.recv_src)
+        n = self.send_slot.numel()
+        out = y.new_empty((n + int(extra_row),) + tuple(y.shape[1:]))
+        if self.group is None:
+            out[:n].copy_(recv)
+        else:
+            dist.all_to_all_single(out[:n], recv.contiguous(), list(self.send_splits), list(self.recv_splits),
+                                   group=self.group)
+        if extra_row:
+            out[n].zero_()
+        return out
+
+    def reduce(self, y: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        ext = self._back(y, extra_row=True)
+        k = self.slot_pos.numel() // max(num_tokens, 1)
+        return ext.index_select(0, self.slot_pos).view((num_tokens, k) + tuple(y.shape[1:])).sum(1)
+
+    def values_to_slots(self, v: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
+        back = self._back(v.float(), extra_row=False)
+        out = torch.zeros(num_tokens * k, dtype=torch.float32, device=v.device)
+        return out.scatter_(0, self.send_slot, back).view(num_tokens, k)
+
+
+def _build_pairs_plan(expert_ids: torch.Tensor, weights: torch.Tensor, groups: CommGroups, counts: _Counts) -> Plan:
+    t = groups.topology
+    s, k = expert_ids.shape
+    me, e_r, p, e = t.ep_rank, t.experts_per_rank, t.ep_size, t.num_experts
+    dev = expert_ids.device
+    send_splits = tuple(sum(counts.C[me][q * e_r : (q + 1) * e_r]) for q in range(p))
+    recv_splits = tuple(sum(counts.C[q][me * e_r : (me + 1) * e_r]) for q in range(p))
+    n_src, m = sum(send_splits), sum(recv_splits)
+    tt = _topology_tensors(t, dev)
+    # source: slots expert-major (stable: tokens in order inside an expert); dropped slots sort last
+    send_slot = torch.argsort(torch.where(expert_ids >= 0, expert_ids, e).reshape(-1), stable=True)[:n_src]
+    slot_pos = torch.full((s * k,), n_src, dtype=torch.long, device=dev)
+    slot_pos.scatter_(0, send_slot, torch.arange(n_src, device=dev))
+    # expert rank: received blocks by source, each expert-major; the rows' local experts come from the counts
+    sizes = counts.local_sizes(me * e_r, e_r)  # [P * E_r] device: pairs from source q for local expert e
+    row_expert = torch.repeat_interleave(tt["local_expert_pattern"], sizes, output_size=m)
+    canon_src = torch.argsort(row_expert, stable=True)
+    recv_src = torch.empty_like(canon_src).scatter_(0, canon_src, torch.arange(m, device=dev))
+    group = groups.ep if p > 1 else None
+    route = _PairsRoute(send_slot, send_slot // k, slot_pos, canon_src, recv_src, send_splits, recv_splits, group)
+    w = all_to_all_rows(weights.detach().float().reshape(-1).index_select(0, send_slot), recv_splits, send_splits,
+                        group)
+    a = t.node
+    tpe = tuple(sum(c[me * e_r + i] for c in counts.C) for i in range(e_r))
+    inter = sum(c for q, c in enumerate(send_splits) if t.node_of_rank[q] != a)
+    intra = sum(c for q, c in enumerate(send_splits) if t.node_of_rank[q] == a and q != me)
+    return Plan(hops=(), num_tokens=s, pair_slot=None, pair_weight=w.index_select(0, canon_src),
+                tokens_per_expert=tpe, traffic=Traffic(inter_rows=inter, intra_rows=intra), mode="flat_fast",
+                _pairs=route)
 
 
 def _fused_broadcast(hops: tuple[Hop, ...]) -> tuple:
@@ -293,9 +384,11 @@ def _topology_tensors(t: Topology, device: torch.device) -> dict[str, torch.Tens
     local_col[1 + t.ep_rank * t.experts_per_rank : 1 + (t.ep_rank + 1) * t.experts_per_rank] = torch.arange(
         t.experts_per_rank
     )
+    ar = torch.arange(max(t.num_experts, 64), device=device)
     return {
+        "local_expert_pattern": torch.arange(t.experts_per_rank).repeat(t.ep_size).to(device),  # [P * E_r]
         "local_col": local_col.to(device),  # (expert id + 1) -> this rank's local expert, or E_r (id -1 / elsewhere)
-        "arange": torch.arange(max(t.num_experts, 64), device=device),
+        "arange": ar,
         "node_of_rank": torch.tensor(t.node_of_rank, device=device),
         "ranks_node_major": torch.tensor(node_order, device=device),
         "local_of": local_of.to(device),
@@ -334,9 +427,10 @@ class _Counts:
     On the device it is one histogram: per token, its number of nodes, its ranks on each node and its
     experts on each rank (each clamped to its level count), and its expert ids (-1 and invalid ids in
     two extra bins), scatter-added into one int64 vector; the host turns those histograms into the counts
-    above. ``node_mask [s, N]``: the nodes each token needs (the rail hop's mask)."""
+    above. ``node_mask [s, N]``: the nodes each token needs (the rail hop's mask). ``per_token=False``
+    (the flat_fast plan) counts only the pairs per expert (``C``)."""
 
-    def __init__(self, groups: CommGroups, expert_ids: torch.Tensor, k: int):
+    def __init__(self, groups: CommGroups, expert_ids: torch.Tensor, k: int, per_token: bool = True):
         t = groups.topology
         s = expert_ids.shape[0]
         dev = expert_ids.device
@@ -344,33 +438,42 @@ class _Counts:
         self.L1, self.L2, self.L3 = l1, l2, l3 = lay["levels"]
         n, p, e, e_r = t.num_nodes, t.ep_size, t.num_experts, t.experts_per_rank
         valid = (expert_ids >= 0) & (expert_ids < e)
-        rank = torch.where(valid, expert_ids // e_r, p)
         one = lay["one"]
-        per_rank = torch.zeros(s, p + 1, dtype=torch.long, device=dev).scatter_add_(1, rank, one.expand(s, k))[:, :p]
-        used = per_rank > 0
-        self.rank_mask = used  # [s, P] the EP ranks each token needs (EP order)
-        if n == 1:
-            per_node = used.sum(1, keepdim=True)
+        id_keys = torch.where(valid, expert_ids, e + (expert_ids != -1))  # -1 -> bin e, bad -> e + 1
+        if not per_token:
+            # pairs per expert only (what the flat_fast plan needs): no per-token, per-node, per-rank levels
+            lay = {"bins": e + 2, "o4": 0, "o2": 0, "o3": 0, "levels": (0, 0, 0)}
+            self.L1 = self.L2 = self.L3 = l1 = l2 = l3 = 0
+            self.rank_mask = self.node_mask = None
+            keys = id_keys.reshape(-1)
         else:
-            if not lay["node_major_is_identity"]:
-                used = used.index_select(1, _topology_tensors(t, dev)["ranks_node_major"])
-            per_node = used.reshape(s, n, t.ranks_per_node).sum(-1)
-        self.node_mask = per_node > 0
-        keys = torch.cat(
-            [
-                self.node_mask.sum(1, keepdim=True).clamp_max(l1),
-                per_node.clamp_max(l2) + lay["off2"],
-                per_rank.clamp_max(l3) + lay["off3"],
-                torch.where(valid, expert_ids, e + (expert_ids != -1)) + lay["o4"],  # -1 -> bin e, bad -> e + 1
-            ],
-            1,
-        ).reshape(-1)
+            rank = torch.where(valid, expert_ids // e_r, p)
+            per_rank = torch.zeros(s, p + 1, dtype=torch.long, device=dev).scatter_add_(1, rank, one.expand(s, k))[:, :p]
+            used = per_rank > 0
+            self.rank_mask = used  # [s, P] the EP ranks each token needs (EP order)
+            if n == 1:
+                per_node = used.sum(1, keepdim=True)
+            else:
+                if not lay["node_major_is_identity"]:
+                    used = used.index_select(1, _topology_tensors(t, dev)["ranks_node_major"])
+                per_node = used.reshape(s, n, t.ranks_per_node).sum(-1)
+            self.node_mask = per_node > 0
+            keys = torch.cat(
+                [
+                    self.node_mask.sum(1, keepdim=True).clamp_max(l1),
+                    per_node.clamp_max(l2) + lay["off2"],
+                    per_rank.clamp_max(l3) + lay["off3"],
+                    id_keys + lay["o4"],
+                ],
+                1,
+            ).reshape(-1)
         local = torch.zeros(lay["bins"], dtype=torch.long, device=dev).scatter_add_(0, keys, one.expand(keys.numel()))
         if groups.ep is not None and t.ep_size > 1:
             table = local.new_empty(t.ep_size * lay["bins"])
             dist.all_gather_into_tensor(table, local, group=groups.ep)
         else:
             table = local
+        self._table, self._bins, self._o4 = table, lay["bins"], lay["o4"]
         flat = table.tolist()  # device-to-host sync: split sizes
         rows = [flat[i * lay["bins"] : (i + 1) * lay["bins"]] for i in range(len(flat) // lay["bins"])]
         o2, o3, o4 = lay["o2"], lay["o3"], lay["o4"]
@@ -378,11 +481,12 @@ class _Counts:
         def at_least(hist, levels):  # hist[v] = tokens with value v -> tokens with value > c, c < levels
             return [sum(hist[c + 1 :]) for c in range(levels)]
 
-        self.H1 = [at_least(r[: l1 + 1], l1) for r in rows]
-        self.H2 = [[at_least(r[o2 + b * (l2 + 1) : o2 + (b + 1) * (l2 + 1)], l2) for b in range(n)] for r in rows]
-        self.H3 = [[at_least(r[o3 + q * (l3 + 1) : o3 + (q + 1) * (l3 + 1)], l3) for q in range(p)] for r in rows]
-        self.U = [[h[0] for h in h2] for h2 in self.H2]
-        self.T = [[h[0] for h in h3] for h3 in self.H3]
+        if per_token:
+            self.H1 = [at_least(r[: l1 + 1], l1) for r in rows]
+            self.H2 = [[at_least(r[o2 + b * (l2 + 1) : o2 + (b + 1) * (l2 + 1)], l2) for b in range(n)] for r in rows]
+            self.H3 = [[at_least(r[o3 + q * (l3 + 1) : o3 + (q + 1) * (l3 + 1)], l3) for q in range(p)] for r in rows]
+            self.U = [[h[0] for h in h2] for h2 in self.H2]
+            self.T = [[h[0] for h in h3] for h3 in self.H3]
         self.C = [r[o4 : o4 + e] for r in rows]
         bad = [r[o4 + e + 1] for r in rows]
         if any(bad):
@@ -391,6 +495,12 @@ class _Counts:
                 f"expert ids outside [-1, {e}) on EP rank(s) "
                 f"{[i for i, b in enumerate(bad) if b]}: ids must be expert indices or -1 (dropped)"
             )
+
+    def local_sizes(self, first_expert: int, n_local: int) -> torch.Tensor:
+        """``[P * n_local]`` (device, source-major): pairs every EP rank routed to experts ``first_expert ..
+        first_expert + n_local - 1``, read from the all-gathered table (no host-to-device copy)."""
+        o = self._o4 + first_expert
+        return self._table.view(-1, self._bins)[:, o : o + n_local].reshape(-1)
 
 
 def _masks(expert_ids: torch.Tensor, groups: CommGroups):
@@ -482,7 +592,10 @@ def build_plan(
     s, k = expert_ids.shape
     if weights is None:
         weights = torch.ones(s, k, device=expert_ids.device)
-    counts = _Counts(groups, expert_ids, k)  # raises on invalid ids, on every rank alike
+    # raises on invalid ids, on every rank alike
+    counts = _Counts(groups, expert_ids, k, per_token=mode != "flat_fast")
+    if mode == "flat_fast":
+        return _build_pairs_plan(expert_ids, weights, groups, counts)
     node_mask = counts.node_mask
     me, a, j = t.ep_rank, t.node, t.local_index
     dev = expert_ids.device
@@ -551,47 +664,37 @@ def build_plan(
         slot_of = torch.zeros(s, t.num_experts + 1, dtype=torch.long, device=dev)
         slot_of.scatter_(1, torch.where(expert_ids >= 0, expert_ids, t.num_experts), torch.arange(k, device=dev).expand(s, k))
         slot_of = slot_of[:, : t.num_experts]
-        if mode == "flat_fast":
-            # pairs in (destination rank, token, expert) order: one gather, one all-to-all
-            pos = true_positions(has.reshape(s, t.num_experts).t(), n_pairs_src)  # expert-major
-            pair_e, pair_t = pos // max(s, 1), pos % max(s, 1)
-            local_hops: tuple[Hop, ...] = ()
-            send = Hop.build(pair_t, pairs_to, s, k, group=groups.ep, out_splits=from_)
-            pair_slot = slot_of[pair_t, pair_e]
-            pair_meta = torch.stack([pair_e, me * SRC_SHIFT + pair_t, pair_slot, meta[pair_t, k + 1 + pair_slot]], 1)
-            recv = all_to_all_rows(pair_meta, send.out_splits, send.blocks, send.group)
-        else:
-            # exact: build the node / rank / expert levels at the source (see module doc)
-            ranks_ib = [[t.ranks_of_node(b)[i] for b in range(t.num_nodes)] for i in range(t.ranks_per_node)]
-            q_ib = _topology_tensors(t, dev)["q_ib"]  # [R, N]
-            h_q = has.reshape(s, t.ep_size, e_r)  # [s, P, E_r]
-            pair_mask = h_q[:, q_ib.reshape(-1), :].reshape(s, t.ranks_per_node, t.num_nodes, e_r).permute(3, 1, 2, 0)
-            rank_ibt = rank_mask[:, q_ib.reshape(-1)].reshape(s, t.ranks_per_node, t.num_nodes).permute(1, 2, 0)
-            node_bt = node_mask.t()
-            node_row_of = torch.cumsum(node_bt.reshape(-1), 0).reshape(node_bt.shape) - 1  # [N, s]
-            rank_row_of = torch.cumsum(rank_ibt.reshape(-1), 0).reshape(rank_ibt.shape) - 1  # [R, N, s]
-            n_node_rows = sum(counts.U[me])
-            blocks_i = tuple(sum(counts.T[me][q] for q in ranks_ib[i]) for i in range(t.ranks_per_node))
-            blocks_e = tuple(sum(counts.C[me][q * e_r + ee] for q in range(t.ep_size)) for ee in range(e_r))
-            l1 = Hop.build(true_positions(node_bt, n_node_rows) % max(s, 1), counts.U[me], s, min(t.num_nodes, k))
-            p2 = true_positions(rank_ibt, sum(blocks_i))
-            bt2 = p2 % (t.num_nodes * max(s, 1))
-            l2 = Hop.build(node_row_of.reshape(-1)[bt2], blocks_i, n_node_rows, min(t.ranks_per_node, k))
-            p3 = true_positions(pair_mask, n_pairs_src)
-            ibt3 = p3 % (t.ranks_per_node * t.num_nodes * max(s, 1))
-            l3 = Hop.build(rank_row_of.reshape(-1)[ibt3], blocks_e, sum(blocks_i), min(e_r, k))
-            # decode each pair: expert id, token
-            ee3 = p3 // (t.ranks_per_node * t.num_nodes * max(s, 1))
-            ib3 = ibt3 // max(s, 1)
-            pair_t = ibt3 % max(s, 1)
-            pair_q = q_ib.reshape(-1)[ib3]
-            pair_e = pair_q * e_r + ee3
-            to_rank = torch.argsort(pair_q, stable=True)
-            local_hops = (l1, l2, l3)
-            send = Hop.build(to_rank, pairs_to, n_pairs_src, 1, group=groups.ep, out_splits=from_)
-            pair_slot = slot_of[pair_t, pair_e]
-            pair_meta = torch.stack([pair_e, me * SRC_SHIFT + pair_t, pair_slot, meta[pair_t, k + 1 + pair_slot]], 1)
-            recv = send.forward(pair_meta)
+        # exact: build the node / rank / expert levels at the source (see module doc)
+        ranks_ib = [[t.ranks_of_node(b)[i] for b in range(t.num_nodes)] for i in range(t.ranks_per_node)]
+        q_ib = _topology_tensors(t, dev)["q_ib"]  # [R, N]
+        h_q = has.reshape(s, t.ep_size, e_r)  # [s, P, E_r]
+        pair_mask = h_q[:, q_ib.reshape(-1), :].reshape(s, t.ranks_per_node, t.num_nodes, e_r).permute(3, 1, 2, 0)
+        rank_ibt = rank_mask[:, q_ib.reshape(-1)].reshape(s, t.ranks_per_node, t.num_nodes).permute(1, 2, 0)
+        node_bt = node_mask.t()
+        node_row_of = torch.cumsum(node_bt.reshape(-1), 0).reshape(node_bt.shape) - 1  # [N, s]
+        rank_row_of = torch.cumsum(rank_ibt.reshape(-1), 0).reshape(rank_ibt.shape) - 1  # [R, N, s]
+        n_node_rows = sum(counts.U[me])
+        blocks_i = tuple(sum(counts.T[me][q] for q in ranks_ib[i]) for i in range(t.ranks_per_node))
+        blocks_e = tuple(sum(counts.C[me][q * e_r + ee] for q in range(t.ep_size)) for ee in range(e_r))
+        l1 = Hop.build(true_positions(node_bt, n_node_rows) % max(s, 1), counts.U[me], s, min(t.num_nodes, k))
+        p2 = true_positions(rank_ibt, sum(blocks_i))
+        bt2 = p2 % (t.num_nodes * max(s, 1))
+        l2 = Hop.build(node_row_of.reshape(-1)[bt2], blocks_i, n_node_rows, min(t.ranks_per_node, k))
+        p3 = true_positions(pair_mask, n_pairs_src)
+        ibt3 = p3 % (t.ranks_per_node * t.num_nodes * max(s, 1))
+        l3 = Hop.build(rank_row_of.reshape(-1)[ibt3], blocks_e, sum(blocks_i), min(e_r, k))
+        # decode each pair: expert id, token
+        ee3 = p3 // (t.ranks_per_node * t.num_nodes * max(s, 1))
+        ib3 = ibt3 // max(s, 1)
+        pair_t = ibt3 % max(s, 1)
+        pair_q = q_ib.reshape(-1)[ib3]
+        pair_e = pair_q * e_r + ee3
+        to_rank = torch.argsort(pair_q, stable=True)
+        local_hops = (l1, l2, l3)
+        send = Hop.build(to_rank, pairs_to, n_pairs_src, 1, group=groups.ep, out_splits=from_)
+        pair_slot = slot_of[pair_t, pair_e]
+        pair_meta = torch.stack([pair_e, me * SRC_SHIFT + pair_t, pair_slot, meta[pair_t, k + 1 + pair_slot]], 1)
+        recv = send.forward(pair_meta)
         # recv [m, 4]: expert id, source key, slot and weight bits of each pair received
         h_can, _, tpe = _canonical_hop(recv[:, :1], recv[:, 1], groups, counts)
         slot = recv[:, 2].index_select(0, h_can.index)

@@ -69,7 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--locmoe-hash-seed", type=int, default=_DEFAULTS["hash_seed"],
                    help="seed of the token-id hash for --locmoe-routing hash")
     g.add_argument("--locmoe-dispatcher", choices=DISPATCHERS, default="hierarchical",
-                   help="hierarchical: each token crosses to a remote node once; flat: one all-to-all of pairs")
+                   help="hierarchical: each token crosses to a remote node once (on a one-node EP group: "
+                        "one all-to-all of (token, expert) pairs, the plan with the fewest host ops); flat: "
+                        "one all-to-all of pairs summed in the hierarchical order (bitwise equal to it)")
     g.add_argument("--locmoe-overlap-chunks", type=int, default=1,
                    help="chunked overlap; must be 1 under Megatron (MoELayer drives the dispatcher's phases)")
     return parser
