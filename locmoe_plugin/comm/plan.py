@@ -54,6 +54,9 @@ import torch.distributed as dist
 from ..topology import Topology
 from .groups import CommGroups
 
+# newer torch (2.13 here) names it all_gather_single and warns on all_gather_into_tensor; older torch: the old name
+_ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 SRC_SHIFT = 1 << 31  # source key = ep_rank * SRC_SHIFT + token index (tokens per rank < 2**31)
 
 
@@ -222,13 +225,13 @@ class Traffic:
 @dataclass(frozen=True)
 class Plan:
     """A built plan (this rank's part). ``pair_slot [n_pairs]``: the slot of ``expert_ids`` each final
-    row came from; ``pair_weight [n_pairs]`` fp32: its combine weight (carried with the metadata, no
-    autograd: see the dispatcher); ``tokens_per_expert``: rows per local expert (host ints), in
-    canonical order."""
+    row came from (None for ``flat_fast``, which keeps the slots at the source); ``pair_weight [n_pairs]``
+    fp32: its combine weight (carried with the metadata, no autograd: see the dispatcher);
+    ``tokens_per_expert``: rows per local expert (host ints), in canonical order."""
 
     hops: tuple[Hop, ...]
     num_tokens: int
-    pair_slot: torch.Tensor
+    pair_slot: torch.Tensor | None
     pair_weight: torch.Tensor
     tokens_per_expert: tuple[int, ...]
     traffic: Traffic
@@ -470,7 +473,7 @@ class _Counts:
         local = torch.zeros(lay["bins"], dtype=torch.long, device=dev).scatter_add_(0, keys, one.expand(keys.numel()))
         if groups.ep is not None and t.ep_size > 1:
             table = local.new_empty(t.ep_size * lay["bins"])
-            dist.all_gather_into_tensor(table, local, group=groups.ep)
+            _ALL_GATHER_SINGLE(table, local, group=groups.ep)
         else:
             table = local
         self._table, self._bins, self._o4 = table, lay["bins"], lay["o4"]
