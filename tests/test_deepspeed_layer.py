@@ -38,6 +38,7 @@ def _worker(rank, world):
         ("hybrid_flat", {"gpus_per_node": 2, "routing": "hybrid", "capacity": "factor", "capacity_factor": 1.0,
                          "min_capacity": 0, "dispatcher": "flat"}, 2),
         ("dense_k4_chunks", {"gpus_per_node": 2, "gate": "dense", "overlap_chunks": 2}, 4),
+        ("one_node", {"gpus_per_node": 4}, 4),  # one node: the layer uses the pairs plan (flat_fast)
     ]:
         torch.manual_seed(11)
         layer = LocMoE(D, _expert(), num_experts=E, ep_size=world, k=k, locmoe=settings)
@@ -68,7 +69,7 @@ def _worker(rank, world):
         ((ref.reshape(x.shape) * cot).sum() + res.total_loss).backward()
         out[name] = dict(y=y.detach(), ref=ref.detach().reshape(x.shape), gx=x.grad, gref=xr.grad,
                          l_aux=float(l_aux), counts=counts.clone(), traffic=layer.traffic.to_dict(),
-                         nodes=layer.router.topology.num_nodes)
+                         nodes=layer.router.topology.num_nodes, plan=layer.deepspeed_moe.dispatcher.mode)
     return out
 
 
@@ -78,7 +79,10 @@ def test_locmoe_layer_on_deepspeed_groups_matches_dense_reference():
         for name, r in res.items():
             torch.testing.assert_close(r["y"], r["ref"], rtol=1e-5, atol=1e-6, msg=name)
             torch.testing.assert_close(r["gx"], r["gref"], rtol=1e-5, atol=1e-6, msg=name)
-            assert r["nodes"] == 2 and r["l_aux"] > 0 and r["counts"].shape == (E,)
+            if name == "one_node":
+                assert r["nodes"] == 1 and r["plan"] == "flat_fast" and r["l_aux"] > 0
+            else:
+                assert r["nodes"] == 2 and r["l_aux"] > 0 and r["counts"].shape == (E,)
             assert r["traffic"]["calls"] >= 1
 
 

@@ -189,11 +189,12 @@ def _bytes_worker(rank, world):
         out[mode] = disp.traffic.to_dict()
     # bad input on one rank: every rank raises the same error after the count exchange, none hangs
     bad = torch.tensor([[99, 0]]) if rank == 1 else torch.zeros(0, 2, dtype=torch.long)
-    try:
-        TokenDispatcher(groups, "hierarchical").dispatch(torch.ones(bad.shape[0], D), bad, torch.ones(bad.shape))
-        out["bad_ids_error"] = None
-    except ValueError as exc:
-        out["bad_ids_error"] = str(exc)
+    for mode in ("hierarchical", "flat_fast"):  # flat_fast counts pairs per expert only: same check
+        try:
+            TokenDispatcher(groups, mode).dispatch(torch.ones(bad.shape[0], D), bad, torch.ones(bad.shape))
+            out[f"bad_ids_error_{mode}"] = None
+        except ValueError as exc:
+            out[f"bad_ids_error_{mode}"] = str(exc)
     return out
 
 
@@ -214,4 +215,38 @@ def test_hand_worked_bytes():
     for r in (1, 3):
         assert res[r]["hierarchical"]["inter_bytes"] == res[r]["hierarchical"]["intra_bytes"] == 0
     for r in range(4):
-        assert "expert ids outside [-1, 8) on EP rank(s) [1]" in res[r]["bad_ids_error"]
+        for mode in ("hierarchical", "flat_fast"):
+            assert "expert ids outside [-1, 8) on EP rank(s) [1]" in res[r][f"bad_ids_error_{mode}"]
+
+
+def _single_rank_worker(rank, world):
+    import torch.distributed as dist
+
+    from locmoe_plugin import Topology
+    from locmoe_plugin.comm import build_comm_groups
+
+    groups = build_comm_groups(Topology.single_node(1, 4), dist.group.WORLD)
+    W = torch.randn(4, D, D, generator=torch.Generator().manual_seed(6)) / 4
+    return [_run_modes(groups, *_case_inputs(0, 4, 2, 9, seed, p), W) for seed, p in ((1, 0.0), (2, 0.4))]
+
+
+def test_one_rank_group_all_modes():
+    """EP = 1 (no peer, no all-to-all): every mode is a local permutation and must still be exact."""
+    for r in run_workers(_single_rank_worker, 1)[0]:
+        h, f, ff = r["hierarchical"], r["flat"], r["flat_fast"]
+        assert torch.equal(h["y"], f["y"]) and torch.equal(h["gx"], f["gx"])
+        for m in (h, ff):
+            torch.testing.assert_close(m["y"], r["ref"], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(m["gw"], r["ref_gw"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ff["gx"], h["gx"], rtol=1e-5, atol=1e-6)
+        assert h["traffic"]["inter_bytes"] == ff["traffic"]["inter_bytes"] == 0
+
+
+def test_layers_use_the_pairs_plan_on_one_node_only():
+    from locmoe_plugin import Topology
+    from locmoe_plugin.comm.dispatcher import layer_mode
+
+    one, two = Topology.single_node(4, 8), Topology.from_ranks_per_node(4, 2, 8)
+    assert layer_mode("hierarchical", one) == "flat_fast"
+    assert layer_mode("hierarchical", two) == "hierarchical"
+    assert layer_mode("flat", one) == "flat" and layer_mode("flat", two) == "flat"

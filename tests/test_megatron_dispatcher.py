@@ -44,6 +44,14 @@ def _worker(rank, world):
             res[m + "_traffic"] = layer.token_dispatcher.traffic.to_dict()
         res["ref"] = _dense_reference(mega, x, cot, ep)
         out[("ep4", topk)] = res
+    # A': EP=4 on one node: LocMoELayer uses the pairs plan (flat_fast) there
+    torch.manual_seed(9)
+    one = _build(LocMoELayer, 1, 4, {"gpus_per_node": 4}, 4)
+    torch.manual_seed(300 + rank)
+    x = torch.randn(3 + 2 * rank, 2, D)
+    cot = torch.randn_like(x)
+    out[("ep4_one_node", 4)] = {"ours": _fwd_bwd(one, x, cot), "ref": _dense_reference(one, x, cot, ep),
+                                "plan": one.token_dispatcher.core.mode}
     parallel_state.destroy_model_parallel()
     # B: TP=2 with sequence parallelism x EP=2 (ETP=1); each rank its own node: the rail stage is used
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2, expert_model_parallel_size=2,
@@ -74,6 +82,10 @@ def test_locmoe_dispatcher_in_megatron_moe_layer():
             if topk == 2:
                 assert torch.equal(r["hierarchical"][0], r["megatron"][0])
             assert r["hierarchical_traffic"]["inter_bytes"] <= r["flat_traffic"]["inter_bytes"]
+        r = res[("ep4_one_node", 4)]
+        assert r["plan"] == "flat_fast"
+        torch.testing.assert_close(r["ours"][0], r["ref"][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["ours"][1], r["ref"][1], rtol=1e-5, atol=1e-6)
         r = res[("tp2ep2", 2)]
         assert r["nodes"] == 2
         torch.testing.assert_close(r["ours"][0], r["ref"][0], rtol=1e-5, atol=1e-6)
