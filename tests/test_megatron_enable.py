@@ -217,6 +217,24 @@ def test_metrics_patch_adds_locmoe_names_only_when_locmoe_is_on():
     assert seen[-1] is None
 
 
+def test_metrics_report_flushes_the_routers_pending_telemetry(monkeypatch):
+    from locmoe_plugin.megatron import router as router_mod
+    from locmoe_plugin.megatron.enable import _wrap_track_names
+
+    class Router:  # stands in for LocMoEMegatronRouter (only flush_telemetry is called)
+        flushed = 0
+
+        def flush_telemetry(self):
+            Router.flushed += 1
+
+    r = Router()
+    router_mod._pending.add(r)
+    order = []
+    monkeypatch.setattr(Router, "flush_telemetry", lambda self: order.append("flush"))
+    _wrap_track_names(lambda tracker, loss_scale, iteration, track_names=None: order.append("report"))(None, 1.0, 1)
+    assert order == ["flush", "report"] and len(router_mod._pending) == 0
+
+
 def test_gpt_token_ids_patch_attaches_only_for_hash_routing():
     import types as _types
 

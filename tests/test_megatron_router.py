@@ -82,7 +82,16 @@ def _layer_worker(rank, world, cases):
         moe_utils.clear_aux_losses_tracker()
         y, _ = layer(x)
         (y * cot).sum().backward()
+        from locmoe_plugin.megatron.router import flush_locmoe_metrics
+
+        before = moe_utils.get_moe_layer_wise_logging_tracker()
+        telemetry_before_flush = [float(before[n]["values"].abs().sum()) if n in before else 0.0
+                                  for n in ("locmoe_cross_node_share", "locmoe_max_over_mean_load")]
+        pending = layer.router._telemetry_sum.clone()
+        flush_locmoe_metrics()  # the telemetry is summed on the device until Megatron reports
         tracked = {k: v["values"].clone() for k, v in moe_utils.get_moe_layer_wise_logging_tracker().items()}
+        flush_locmoe_metrics()  # nothing pending any more: a second flush records nothing
+        again = {k: v["values"].clone() for k, v in moe_utils.get_moe_layer_wise_logging_tracker().items()}
 
         # dense reference: every expert's weights gathered, the same router, the losses added directly
         def gather(w):
@@ -103,6 +112,7 @@ def _layer_worker(rank, world, cases):
         gate_w = getattr(layer.router.core.gate, "weight", None)
         results.append(dict(
             y=y.detach(), ref=ref.detach().reshape(6, 2, 32), gx=x.grad, gref=xr.grad, tracked=tracked,
+            again=again, pending=pending, telemetry_before_flush=telemetry_before_flush,
             sp_attr=None if gate_w is None else getattr(gate_w, "sequence_parallel", "missing"),
             topology=layer.router.topology.node_of_rank,
         ))
@@ -125,6 +135,9 @@ def test_locmoe_router_in_megatron_moe_layer_matches_dense_reference():
             assert r["tracked"]["load_balancing_loss"][0] > 0
             assert r["tracked"]["locmoe_locality_loss"][0] > 0
             assert 0 <= r["tracked"]["locmoe_cross_node_share"][0] <= 1
+            assert r["telemetry_before_flush"] == [0.0, 0.0]  # recorded at flush, not in forward
+            for i, name in enumerate(("locmoe_cross_node_share", "locmoe_dropped_share", "locmoe_max_over_mean_load")):
+                assert r["tracked"][name][0] == r["pending"][i] and torch.equal(r["again"][name], r["tracked"][name])
             if case["gate"] == "dense":
                 assert r["sp_attr"] is False and r["tracked"]["z_loss"][0] > 0
 

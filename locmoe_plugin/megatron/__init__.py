@@ -10,7 +10,7 @@ own megatron-core script, ``locmoe_spec(spec, ...)`` / ``MoESubmodules(router=pa
 from .args import add_arguments, settings_from_args
 from .compat import UnsupportedMegatronError, check_supported, megatron_core_version
 from .enable import PATCHES, disable, enable, status
-from .router import LocMoEMegatronRouter, attach_token_ids, locmoe_config_from_megatron
+from .router import LocMoEMegatronRouter, attach_token_ids, flush_locmoe_metrics, locmoe_config_from_megatron
 from .spec import count_locmoe_layers, locmoe_spec
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "count_locmoe_layers",
     "disable",
     "enable",
+    "flush_locmoe_metrics",
     "locmoe_config_from_megatron",
     "locmoe_spec",
     "megatron_core_version",

@@ -162,11 +162,14 @@ LOCMOE_METRICS = ("locmoe_locality_loss", "locmoe_cross_node_share", "locmoe_dro
 
 
 def _wrap_track_names(original):
-    """Add :data:`LOCMOE_METRICS` to an explicit ``track_names`` when LocMoE is on (the same list on
-    every rank, as the tracker's all-reduces need)."""
+    """Record the LocMoE routers' pending telemetry, then add :data:`LOCMOE_METRICS` to an explicit
+    ``track_names`` when LocMoE is on (the same list on every rank, as the tracker's all-reduces need)."""
     sig = inspect.signature(original)
 
     def with_locmoe_metrics(*args, **kwargs):
+        from .router import flush_locmoe_metrics
+
+        flush_locmoe_metrics()  # the routers' summed telemetry joins the tracker before it is reported
         bound = sig.bind(*args, **kwargs)
         names = bound.arguments.get("track_names")
         if names is not None and _current_settings() is not None:

@@ -6,8 +6,9 @@ adapter uses) and honours Megatron's router contract: built as ``router(config=.
 [, is_mtp_layer=...])``, ``forward(hidden, padding_mask=None) -> (probs [s, n] fp32, routing_map [s, n]
 bool)``, ``set_layer_number(n)``. Its losses ride on ``probs`` through Megatron's
 ``MoEAuxLossAutoScaler`` (so they follow the pipeline schedule's loss scaling) and are logged with
-Megatron's aux-loss tracker, next to LocMoE's telemetry (cross-node share, drops, capacity, delta),
-which therefore appears in Megatron's training log like ``load_balancing_loss`` does.
+Megatron's aux-loss tracker, next to LocMoE's telemetry (cross-node share, drops, max/mean load),
+which therefore appears in Megatron's training log like ``load_balancing_loss`` does. The telemetry is
+summed per layer on the device and recorded when Megatron reports (:func:`flush_locmoe_metrics`).
 
 With a LocMoE capacity that drops tokens and *Megatron's own* dispatchers (``MoELayer`` rather than
 ``LocMoELayer``), ``moe_expert_capacity_factor`` must be set (Megatron otherwise sizes its buffers as
@@ -28,6 +29,7 @@ first and last stages only); MTP layers hash the input token at the same positio
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Mapping
 
 import torch
@@ -38,6 +40,23 @@ from ..topology import Topology
 from .compat import aux_loss_coeff, check_supported
 
 _token_ids: torch.Tensor | None = None  # set by attach_token_ids' hooks during GPTModel.forward
+
+#: LocMoE's telemetry in Megatron's MoE metrics tracker (the losses are recorded as TopKRouter records its own)
+TELEMETRY_METRICS = ("locmoe_cross_node_share", "locmoe_dropped_share", "locmoe_max_over_mean_load")
+_pending: "weakref.WeakSet[LocMoEMegatronRouter]" = weakref.WeakSet()  # routers with unrecorded telemetry
+
+
+def flush_locmoe_metrics() -> None:
+    """Record every LocMoE router's telemetry summed since the last flush into Megatron's MoE metrics
+    tracker (one record per metric and layer, as if recorded at each forward: the tracker only sums).
+
+    The routers keep their telemetry in one small device tensor per layer and add to it in forward (one
+    kernel); Megatron's tracker takes a few host ops per metric and call, which on one node is host time
+    the layer cannot spare. :func:`locmoe_plugin.megatron.enable` patches Megatron's metrics report to call
+    this first; a training loop that reports the tracker itself calls it before reporting."""
+    for router in list(_pending):
+        router.flush_telemetry()
+    _pending.clear()
 
 
 class TokenIdsHandle:
@@ -163,6 +182,7 @@ class LocMoEMegatronRouter(torch.nn.Module):
         self.is_mtp_layer = is_mtp_layer
         self.layer_number: int | None = None
         self.last_index_routing: tuple | None = None
+        self._telemetry_sum: torch.Tensor | None = None  # TELEMETRY_METRICS summed since the last flush
         self.locmoe_config = locmoe_config_from_megatron(config, locmoe)
         if (
             self.locmoe_config.drops_tokens
@@ -279,6 +299,17 @@ class LocMoEMegatronRouter(torch.nn.Module):
         num = torch.stack([st.cross_node_pairs.float(), st.dropped_pairs.float(), load.max() * load.numel()])
         den = torch.stack([kept, kept + num[1], kept]).clamp_min(1)
         values = num / den
-        for i, name in enumerate(("locmoe_cross_node_share", "locmoe_dropped_share", "locmoe_max_over_mean_load")):
-            self._log(name, values[i])
+        if self.layer_number is not None:  # as the tracker: no layer number, nothing recorded
+            if self._telemetry_sum is None:
+                self._telemetry_sum = values
+            else:
+                self._telemetry_sum.add_(values)
+            _pending.add(self)
         return probs, routing_map
+
+    def flush_telemetry(self) -> None:
+        """Record this layer's summed telemetry in Megatron's tracker (see :func:`flush_locmoe_metrics`)."""
+        if self._telemetry_sum is not None and self.layer_number is not None:
+            for i, name in enumerate(TELEMETRY_METRICS):
+                self._log(name, self._telemetry_sum[i])
+        self._telemetry_sum = None
