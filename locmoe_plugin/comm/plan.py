@@ -244,8 +244,8 @@ class Plan:
         """``v [num_pairs]`` (one value per pair, at the expert rank) -> ``[s, k]`` fp32 at the source,
         each value in its pair's (token, slot), 0 in slots without a kept pair. Every slot has at most
         one pair, so this is a permutation, not a sum: one EP-wide all-to-all of ``(slot, value)`` int32
-        words (8 bytes a pair, in every mode), no reduce levels. The router's weight gradient goes back
-        this way."""
+        words (8 bytes a pair; ``flat_fast``: the fp32 values alone, the source knows their slots), no
+        reduce levels. The router's weight gradient goes back this way."""
         if self._pairs is not None:
             return self._pairs.values_to_slots(v, self.num_tokens, k)
         order, slot_key, send_splits, recv_splits, group = self._ret
