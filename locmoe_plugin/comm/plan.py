@@ -46,6 +46,7 @@ sorted by source) and reuse the count pass's masks; ``benchmarks/op_count.py`` c
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -54,8 +55,19 @@ import torch.distributed as dist
 from ..topology import Topology
 from .groups import CommGroups
 
-# newer torch (2.13 here) names it all_gather_single and warns on all_gather_into_tensor; older torch: the old name
-_ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+def _all_gather_single_fn():
+    """Newer torch (2.13 here) names it ``all_gather_single`` and warns on ``all_gather_into_tensor``;
+    older torch has only the old name. The new one is taken only with the ``(output, input, group)``
+    signature the plan calls it with."""
+    fn = getattr(dist, "all_gather_single", None)
+    try:
+        params = list(inspect.signature(fn).parameters)[:3] if fn is not None else []
+    except (TypeError, ValueError):
+        params = []
+    return fn if params == ["output_tensor", "input_tensor", "group"] else dist.all_gather_into_tensor
+
+
+_ALL_GATHER_SINGLE = _all_gather_single_fn()
 
 SRC_SHIFT = 1 << 31  # source key = ep_rank * SRC_SHIFT + token index (tokens per rank < 2**31)
 
