@@ -89,3 +89,36 @@ def test_corpus_split_and_batches(tmp_path):
     assert torch.equal(tokens[:, 1:], labels[:, :-1])  # labels are the next byte
     with pytest.raises(ValueError, match="shorter than seq_len"):
         sample_batch(c.val[:10], 1, 16, torch.Generator())
+
+
+@pytest.mark.multiproc
+def test_quality_study_runs_per_system_and_resumes(tmp_path):
+    """benchmarks/quality/run_quality.sh: one demo per system, merged at the end; a second call skips the
+    finished systems (how a study cut short by a device-call limit resumes)."""
+    env = dict(os.environ, BACKEND="gloo", NPROC="4", GPUS_PER_NODE="2", STEPS="3", SYSTEMS="baseline")
+    small = ["--num-layers", "1", "--hidden-size", "64", "--num-heads", "4", "--num-experts", "8",
+             "--ffn-hidden-size", "64", "--seq-len", "32", "--micro-batch", "2", "--eval-interval", "3",
+             "--eval-batches", "1"]
+    cmd = ["bash", os.path.join(ROOT, "benchmarks", "quality", "run_quality.sh"), str(tmp_path), *small]
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    done = tmp_path / "systems" / "01-baseline" / "results.json"
+    stamp = done.stat().st_mtime_ns
+    assert "\nbaseline " in (tmp_path / "table.txt").read_text()
+    assert (tmp_path / "quality.png").exists()
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "== baseline: done" in again.stdout
+    assert done.stat().st_mtime_ns == stamp  # not trained again
+
+
+def test_report_merges_runs(tmp_path, capsys):
+    """The merge step on the committed per-seed results of the quality rerun (partial.json format)."""
+    from locmoe_plugin.demo import report
+
+    base = os.path.join(ROOT, "benchmarks", "results", "2026-11-22_h200x2_quality_capfix")
+    runs = [os.path.join(base, f"seed{s}", "results.json") for s in (1234, 2345)]
+    assert report.main([*runs, "--png", str(tmp_path / "merged.png")]) == 0
+    table = capsys.readouterr().out
+    assert table.count("\nbaseline ") == 2 and table.count("\nlocmoe+ ") == 2
+    assert "1.981" in table and "1.869" in table  # the two seeds' baseline validation losses
+    assert (tmp_path / "merged.png").exists()

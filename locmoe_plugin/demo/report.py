@@ -84,3 +84,49 @@ def plot(results: list[dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def load_results(paths) -> tuple[list[dict], dict | None]:
+    """Results of finished demo runs: each path a ``results.json`` (``{"args", "results"}``), a
+    ``partial.json`` (a list of results) or a folder holding one of them (``results.json`` first).
+    Returns the results in order and the first run's arguments (None if only partial files were found)."""
+    import json
+
+    results, args = [], None
+    for p in map(Path, paths):
+        if p.is_dir():
+            p = next((c for c in (p / "results.json", p / "partial.json") if c.exists()), p / "results.json")
+        with open(p) as f:
+            data = json.load(f)
+        if isinstance(data, dict):
+            results += data["results"]
+            args = args or data.get("args")
+        else:
+            results += data
+    return results, args
+
+
+def main(argv=None) -> int:
+    """``python -m locmoe_plugin.demo.report RUN [RUN ...] [--png FILE]``: one table (and capacity table,
+    and PNG) from several demo runs, e.g. the per-system runs of ``benchmarks/quality/run_quality.sh``."""
+    import argparse
+    from types import SimpleNamespace
+
+    p = argparse.ArgumentParser(prog="python -m locmoe_plugin.demo.report", description=main.__doc__)
+    p.add_argument("runs", nargs="+", help="results.json / partial.json files or their folders")
+    p.add_argument("--png", default=None, help="write the combined plot here")
+    a = p.parse_args(argv)
+    results, args = load_results(a.runs)
+    print(format_table(results))
+    print(notes())
+    if args is not None:
+        args = SimpleNamespace(**args)
+        print(capacity_table(results, args))
+    if a.png:
+        png = plot(results, Path(a.png))
+        print(f"plot: {png}" if png else "plot: skipped (install matplotlib for the PNG)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
