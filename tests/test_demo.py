@@ -95,7 +95,8 @@ def test_corpus_split_and_batches(tmp_path):
 def test_quality_study_runs_per_system_and_resumes(tmp_path):
     """benchmarks/quality/run_quality.sh: one demo per system, merged at the end; a second call skips the
     finished systems (how a study cut short by a device-call limit resumes)."""
-    env = dict(os.environ, BACKEND="gloo", NPROC="4", GPUS_PER_NODE="2", STEPS="3", SYSTEMS="baseline")
+    env = dict(os.environ, BACKEND="gloo", NPROC="4", GPUS_PER_NODE="2", STEPS="3", SYSTEMS="baseline",
+               PYTHON=sys.executable)
     small = ["--num-layers", "1", "--hidden-size", "64", "--num-heads", "4", "--num-experts", "8",
              "--ffn-hidden-size", "64", "--seq-len", "32", "--micro-batch", "2", "--eval-interval", "3",
              "--eval-batches", "1"]

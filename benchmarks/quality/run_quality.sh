@@ -10,7 +10,7 @@
 # each system takes about 45-50 s on 2-4 H200 at the defaults). At the end the finished systems are merged
 # into OUT/table.txt and OUT/quality.png (`python -m locmoe_plugin.demo.report`).
 #
-# Defaults: NPROC=4 ranks as 2 logical nodes x GPUS_PER_NODE=2 (EP = NPROC), NCCL over NVLink (the node
+# PYTHON picks the interpreter (default python3). Defaults: NPROC=4 ranks as 2 logical nodes x GPUS_PER_NODE=2 (EP = NPROC), NCCL over NVLink (the node
 # split is logical: routing, locality loss and the hierarchical dispatcher see 2 nodes; add
 # --emulate-nodes to also slow the link between them), a 4-layer GPT (hidden 512, 8 heads, 32 experts
 # top-2, expert FFN 1024, RoPE) on the byte-level Python-documentation corpus, seq 256, 8 sequences per
@@ -31,9 +31,9 @@ for sys in "${systems[@]}"; do
   runs+=("$dir")
   if [ -f "$dir/results.json" ]; then echo "== $sys: done ($dir)"; continue; fi
   echo "== $sys"
-  python3 -m locmoe_plugin.cli demo --backend "${BACKEND:-nccl}" --nproc "$NPROC" --gpus-per-node "$GPUS_PER_NODE" \
+  "${PYTHON:-python3}" -m locmoe_plugin.cli demo --backend "${BACKEND:-nccl}" --nproc "$NPROC" --gpus-per-node "$GPUS_PER_NODE" \
     --systems "$sys" --steps "$STEPS" --num-layers 4 --hidden-size 512 --num-heads 8 --num-experts 32 \
     --topk 2 --ffn-hidden-size 1024 --seq-len 256 --micro-batch 8 --eval-interval 50 --eval-batches 8 \
     --no-progress --out "$dir" "$@"
 done
-python3 -m locmoe_plugin.demo.report "${runs[@]}" --png "$out/quality.png" | tee "$out/table.txt"
+"${PYTHON:-python3}" -m locmoe_plugin.demo.report "${runs[@]}" --png "$out/quality.png" | tee "$out/table.txt"
