@@ -25,7 +25,7 @@ from .capacity import CapacityController
 from .config import ConfigError, LocMoEConfig
 from .gate import build_gate
 from .losses import locality_loss, switch_aux_loss, z_loss
-from .routing import Assignment, count_ids, count_valid_ids, route
+from .routing import Assignment, count_valid_ids, route
 from .telemetry import RoutingStats
 from .topology import Topology
 
@@ -223,7 +223,7 @@ class LocMoERouter(nn.Module):
             if capacity is not None and c.locality_loss_coeff > 0 and self.topology.num_nodes > 1 else None,
         )
 
-        requested = count_ids(assignment.requested_ids, c.num_experts)  # requested ids are never -1
+        requested = assignment.requested_per_expert()
         if valid is not None:
             valid = valid.reshape(-1).to(device=x.device, dtype=torch.bool)
             if valid.numel() != s:

@@ -55,7 +55,7 @@ class Assignment:
 
     def requested_per_expert(self) -> torch.Tensor:
         """``[n]`` int64 pairs per expert before capacity (the load the router asked for)."""
-        return count_valid_ids(self.requested_ids, self.num_experts)
+        return count_ids(self.requested_ids, self.num_experts)  # requested ids are never -1
 
     def to_megatron(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(probs [s, n] fp32, routing_map [s, n] bool)``; a dropped pair is absent from both."""

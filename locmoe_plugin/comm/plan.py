@@ -236,14 +236,12 @@ class Traffic:
 
 @dataclass(frozen=True)
 class Plan:
-    """A built plan (this rank's part). ``pair_slot [n_pairs]``: the slot of ``expert_ids`` each final
-    row came from (None for ``flat_fast``, which keeps the slots at the source); ``pair_weight [n_pairs]``
-    fp32: its combine weight (carried with the metadata, no autograd: see the dispatcher);
-    ``tokens_per_expert``: rows per local expert (host ints), in canonical order."""
+    """A built plan (this rank's part). ``pair_weight [n_pairs]`` fp32: each final row's combine weight
+    (carried with the metadata, no autograd: see the dispatcher); ``tokens_per_expert``: rows per local
+    expert (host ints), in canonical order."""
 
     hops: tuple[Hop, ...]
     num_tokens: int
-    pair_slot: torch.Tensor | None
     pair_weight: torch.Tensor
     tokens_per_expert: tuple[int, ...]
     traffic: Traffic
@@ -365,7 +363,7 @@ def _build_pairs_plan(expert_ids: torch.Tensor, weights: torch.Tensor, groups: C
     tpe = tuple(sum(c[me * e_r + i] for c in counts.C) for i in range(e_r))
     inter = sum(c for q, c in enumerate(send_splits) if t.node_of_rank[q] != a)
     intra = sum(c for q, c in enumerate(send_splits) if t.node_of_rank[q] == a and q != me)
-    return Plan(hops=(), num_tokens=s, pair_slot=None, pair_weight=w.index_select(0, canon_src),
+    return Plan(hops=(), num_tokens=s, pair_weight=w.index_select(0, canon_src),
                 tokens_per_expert=tpe, traffic=Traffic(inter_rows=inter, intra_rows=intra), mode="flat_fast",
                 _pairs=route)
 
@@ -399,12 +397,10 @@ def _topology_tensors(t: Topology, device: torch.device) -> dict[str, torch.Tens
     local_col[1 + t.ep_rank * t.experts_per_rank : 1 + (t.ep_rank + 1) * t.experts_per_rank] = torch.arange(
         t.experts_per_rank
     )
-    ar = torch.arange(max(t.num_experts, 64), device=device)
     return {
         "local_expert_pattern": torch.arange(t.experts_per_rank).repeat(t.ep_size).to(device),  # [P * E_r]
         "local_col": local_col.to(device),  # (expert id + 1) -> this rank's local expert, or E_r (id -1 / elsewhere)
-        "arange": ar,
-        "node_of_rank": torch.tensor(t.node_of_rank, device=device),
+        "arange": torch.arange(t.num_experts, device=device),  # [:k] (k <= E)
         "ranks_node_major": torch.tensor(node_order, device=device),
         "local_of": local_of.to(device),
         "q_ib": torch.tensor(ranks_ib, device=device),  # [R, N]: EP rank of local index i on node b
@@ -518,20 +514,12 @@ class _Counts:
         return self._table.view(-1, self._bins)[:, o : o + n_local].reshape(-1)
 
 
-def _masks(expert_ids: torch.Tensor, groups: CommGroups):
-    """``has_expert [s, E]``, ``rank_mask [s, P]``, ``node_mask [s, N]`` (bool) and the invalid count."""
-    t = groups.topology
-    s, _ = expert_ids.shape
-    e = t.num_experts
-    valid = (expert_ids >= 0) & (expert_ids < e)
-    bad = ((expert_ids < -1) | (expert_ids >= e)).sum()
-    col = torch.where(valid, expert_ids, e)
-    has = torch.zeros(s, e + 1, dtype=torch.bool, device=expert_ids.device).scatter_(1, col, True)[:, :e]
-    rank_mask = has.reshape(s, t.ep_size, t.experts_per_rank).any(-1)
-    node_of_rank = _topology_tensors(t, expert_ids.device)["node_of_rank"]
-    per_node = torch.zeros(s, t.num_nodes, dtype=torch.int32, device=expert_ids.device)
-    node_mask = per_node.index_add_(1, node_of_rank, rank_mask.to(torch.int32)) > 0
-    return has, rank_mask, node_mask, bad
+def _expert_mask(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[s, E]`` bool: the experts each token is routed to (ids -1 left out; ids were validated)."""
+    s = expert_ids.shape[0]
+    col = torch.where(expert_ids >= 0, expert_ids, num_experts)
+    mask = torch.zeros(s, num_experts + 1, dtype=torch.bool, device=expert_ids.device)
+    return mask.scatter_(1, col, True)[:, :num_experts]
 
 
 def _canonical_hop(ids: torch.Tensor, src_key: torch.Tensor, groups: CommGroups, counts: _Counts,
@@ -671,7 +659,7 @@ def build_plan(
         intra = sum(c for q, c in zip(node_a, blocks2) if q != me)
         traffic = Traffic(inter_rows=inter, intra_rows=intra)
     else:
-        has, rank_mask, _, _ = _masks(expert_ids, groups)
+        has, rank_mask = _expert_mask(expert_ids, t.num_experts), counts.rank_mask
         e_r = t.experts_per_rank
         pairs_to = [sum(counts.C[me][q * e_r : (q + 1) * e_r]) for q in range(t.ep_size)]
         from_ = [sum(counts.C[q][me * e_r : (me + 1) * e_r]) for q in range(t.ep_size)]
@@ -723,7 +711,6 @@ def build_plan(
     return Plan(
         hops=hops,
         num_tokens=s,
-        pair_slot=slot,
         pair_weight=pair_w,
         tokens_per_expert=tpe,
         traffic=traffic,
