@@ -37,9 +37,10 @@ class RoutingMonitor:
             rm = self.routing_map(output).detach()
             if self._step.device != rm.device:  # counts stay on the routing's device: no host sync per layer
                 self._step = self._step.to(rm.device)
+                self.remote = self.remote.to(rm.device)  # once, not a host-to-device copy per layer
             row = self._step[layer]
             row[: rm.shape[1]] += rm.sum(0)
-            row[-2] += rm[:, self.remote.to(rm.device)].sum()
+            row[-2] += (rm & self.remote).sum()  # a mask product: boolean indexing would sync
             row[-1] += rm.shape[0] * self.topk - rm.sum()
 
         return hook
