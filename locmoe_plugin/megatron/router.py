@@ -291,15 +291,15 @@ class LocMoEMegatronRouter(torch.nn.Module):
             probs = MoEAuxLossAutoScaler.apply(probs, out.total_loss)
         for key, loss in out.losses.items():
             self._log(names[key], loss / coeffs[key])
-        # the three telemetry values in one vector (few kernels per layer): kept pairs crossing nodes,
-        # dropped share of the requested pairs, max / mean kept load
-        st = out.stats
-        load = st.tokens_per_expert.float()
-        kept = load.sum()
-        num = torch.stack([st.cross_node_pairs.float(), st.dropped_pairs.float(), load.max() * load.numel()])
-        den = torch.stack([kept, kept + num[1], kept]).clamp_min(1)
-        values = num / den
         if self.layer_number is not None:  # as the tracker: no layer number, nothing recorded
+            # the three telemetry values in one vector (few kernels per layer): kept pairs crossing nodes,
+            # dropped share of the requested pairs, max / mean kept load
+            st = out.stats
+            load = st.tokens_per_expert.float()
+            kept = load.sum()
+            num = torch.stack([st.cross_node_pairs.float(), st.dropped_pairs.float(), load.max() * load.numel()])
+            den = torch.stack([kept, kept + num[1], kept]).clamp_min(1)
+            values = num / den
             if self._telemetry_sum is None:
                 self._telemetry_sum = values
             else:
