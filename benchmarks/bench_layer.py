@@ -100,6 +100,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--gates", nargs="+", default=["dense", "grap"], choices=["dense", "grap"])
     p.add_argument("--mu", type=float, nargs="+", default=[0.05, 0.1],
                    help="LocMoE locality-loss coefficient of each gate in --gates (one value: all gates)")
+    p.add_argument("--expert-bias-rate", type=float, default=0.0,
+                   help="LocMoE routers: loss-free balancing rate (LocMoEConfig.expert_bias_rate), in training "
+                        "and in the timed training steps; 0 = off")
     p.add_argument("--sync", default="world", choices=["node", "world"])
     p.add_argument("--baseline-router", default="trained", choices=["trained", "untrained"],
                    help="trained: the baselines' TopKRouter (and DeepSpeed's gate) comes from the same training "
@@ -265,7 +268,8 @@ def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: boo
         tensor_parallel.model_parallel_cuda_manual_seed(a.seed)
     locmoe = None if gate == "topk" else {"gate": gate, "routing": "locmoe", "locality_loss_coeff": mu,
                                           "gpus_per_node": ctx.gpn, "aux_loss_scope": "ep_group",
-                                          "locality_bias": bias and mu > 0}
+                                          "locality_bias": bias and mu > 0,
+                                          "expert_bias_rate": a.expert_bias_rate}
     moe = build_megatron_layer(ctx, "alltoall", torch.float32, locmoe)
     model = ByteLM(a.hidden, moe).to(ctx.dev)
     expert_params = list(model.moe.experts.parameters())
@@ -278,7 +282,7 @@ def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: boo
     routed_map = {}
     model.moe.router.register_forward_hook(lambda mod, inp, out: routed_map.__setitem__("map", out[1]))
     remote_mask = ctx.expert_node != ctx.node
-    losses, cross, routed = [], [], []
+    losses, cross, routed, loads = [], [], [], []
     t0 = time.perf_counter()
     for step in range(a.train_steps):
         for g in opt.param_groups:
@@ -302,6 +306,7 @@ def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: boo
         losses.append(loss.detach())
         cross.append((rmap & remote_mask).sum().float())
         routed.append(rmap.sum().float())
+        loads.append(rmap.sum(0).float())
         if (step + 1) % 50 == 0 or step == 0:
             w = slice(max(0, len(losses) - 10), len(losses))
             lm = ctx.allsum([torch.stack(losses[w]).mean().item()])[0] / ctx.world
@@ -314,6 +319,8 @@ def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: boo
     first = ctx.allsum([torch.stack(losses[:n]).mean().item()])[0] / ctx.world
     last = ctx.allsum([torch.stack(losses[-n:]).mean().item()])[0] / ctx.world
     cr = ctx.allsum([torch.stack(cross[-n:]).sum().item(), torch.stack(routed[-n:]).sum().item()])
+    load = torch.stack(loads[-n:]).sum(0)  # per expert over the last n steps, summed over ranks
+    dist.all_reduce(load)
     # held-out LM loss and cross-node share on validation windows
     vgen = torch.Generator().manual_seed(a.seed + 7 + 1000 * ctx.rank)
     model.eval()
@@ -324,13 +331,15 @@ def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: boo
         vcr = ctx.allsum([vloss, (rmap & remote_mask).sum().item(), rmap.sum().item()])
     model.train()
     summary = {"tag": tag, "gate": gate, "mu": mu, "sync": sync, "locality_bias": locmoe is not None and
-               locmoe["locality_bias"], "steps": a.train_steps,
+               locmoe["locality_bias"], "expert_bias_rate": a.expert_bias_rate if locmoe is not None else None,
+               "steps": a.train_steps,
                "tokens_per_rank_per_step": a.train_batch * a.seq, "lm_loss_first10": first, "lm_loss_last10": last,
                "val_lm_loss": vcr[0] / ctx.world, "cross_node_share_last10": cr[0] / max(cr[1], 1),
-               "val_cross_node_share": vcr[1] / max(vcr[2], 1), "train_seconds": train_s}
+               "val_cross_node_share": vcr[1] / max(vcr[2], 1), "train_seconds": train_s,
+               "max_over_mean_load_last10": (load.max() / load.mean()).item()}
     ctx.log(f"  [{tag}] done: LM loss {first:.3f} -> {last:.3f} (val {summary['val_lm_loss']:.3f}), cross-node "
-            f"share {summary['cross_node_share_last10']:.3f} (val {summary['val_cross_node_share']:.3f}), "
-            f"{train_s:.1f} s")
+            f"share {summary['cross_node_share_last10']:.3f} (val {summary['val_cross_node_share']:.3f}), max/mean "
+            f"load {summary['max_over_mean_load_last10']:.2f}, {train_s:.1f} s")
     return model, summary
 
 
@@ -498,11 +507,13 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
     if name.startswith("locmoe_") and not name.startswith("locmoe_ds"):
         gate = name[len("locmoe_"):]
         settings = {"gate": gate, "routing": "locmoe", "locality_loss_coeff": trained[gate]["summary"]["mu"],
-                    "gpus_per_node": ctx.gpn, "aux_loss_scope": "ep_group"}
+                    "gpus_per_node": ctx.gpn, "aux_loss_scope": "ep_group", "expert_bias_rate": a.expert_bias_rate}
         layer = build_megatron_layer(ctx, "alltoall", ctx.dtype, settings)
         missing, unexpected = layer.load_state_dict(trained[gate]["state"], strict=False)
         if [m for m in missing if not m.endswith("_extra_state")] or unexpected:
             raise RuntimeError(f"trained state does not fit: missing {missing}, unexpected {unexpected}")
+        if layer.router.core.expert_bias is not None:  # fp32 offsets, not their bf16 copy
+            layer.router.core.expert_bias.data = trained[gate]["state"]["router.core.expert_bias"].float().clone()
         layer.train()
         ms = time_megatron(ctx, layer, x, cot)
         # routing and traffic of one more forward on the same tokens
@@ -583,7 +594,8 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
         chunks = a.chunks if "chunks" in name else 1
         torch.manual_seed(a.seed + 6)
         settings = {"gate": gate, "routing": "locmoe", "locality_loss_coeff": trained[gate]["summary"]["mu"],
-                    "gpus_per_node": ctx.gpn, "aux_loss_scope": "ep_group", "overlap_chunks": chunks}
+                    "gpus_per_node": ctx.gpn, "aux_loss_scope": "ep_group", "overlap_chunks": chunks,
+                    "expert_bias_rate": a.expert_bias_rate}
         layer = LocMoE(a.hidden, ds_expert(ctx), num_experts=a.experts, ep_size=ctx.world, k=a.topk,
                        locmoe=settings)
         layer.set_deepspeed_parallelism()
@@ -595,6 +607,9 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
         bias = trained[gate]["state"].get("router.core.locality_bias")
         if bias is not None:  # the trained router's locality bias (one row per EP rank)
             layer.router.locality_bias.data.copy_(bias)
+        ebias = trained[gate]["state"].get("router.core.expert_bias")
+        if ebias is not None:  # and its loss-free balancing offsets
+            layer.router.expert_bias.data = ebias.float().clone()
         layer.train()
         ms = time_deepspeed(ctx, layer, x, cot)
         layer.traffic.reset()

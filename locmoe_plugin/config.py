@@ -121,6 +121,15 @@ class LocMoEConfig:
     #: ``scale * lr`` per step: routing scores need offsets of order 1, which at lr 1e-4..1e-3 and scale
     #: 1 would take thousands of steps. (Plain SGD would see an effective lr of ``scale**2 * lr``.)
     locality_bias_scale: float = 10.0
+    #: Loss-free load balancing (Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3): an ``[n]`` fp32 bias
+    #: added to the scores the experts are *selected* by (probabilities; affinities for "hybrid"), never
+    #: to the combine weights, moved by ``rate * sign(mean load - load)`` after every training forward
+    #: (under grad) from the per-expert counts the router already has - summed over the EP group with
+    #: ``aux_loss_scope="ep_group"``, so the bias stays equal on the group's ranks and no extra
+    #: collective is issued. 0 = off. A parameter-free gate (GrAP) can balance only through the hidden
+    #: states; this bias balances it directly. Data-parallel replicas of the EP group each keep their own
+    #: bias (they see different tokens); the bias is saved with the model.
+    expert_bias_rate: float = 0.0
     #: Ranks of the expert-parallel group per node; None = detect (LOCAL_WORLD_SIZE or host names).
     gpus_per_node: int | None = None
     #: Seed of the token-id hash for routing="hash", in [0, 2**32); a different seed is a different
@@ -178,6 +187,13 @@ class LocMoEConfig:
             raise ConfigError(
                 "locality_bias is trained by the locality loss, which is off (locality_loss_coeff=0): set "
                 "locality_loss_coeff > 0 with routing 'locmoe' or 'hybrid', or locality_bias=False"
+            )
+
+        _non_negative("expert_bias_rate", self.expert_bias_rate)
+        if hashed and self.expert_bias_rate > 0:
+            raise ConfigError(
+                f"expert_bias_rate={self.expert_bias_rate} with routing='hash': the bias shifts gate scores "
+                f"and hash routing has no gate; set expert_bias_rate=0 or change routing"
             )
 
         if self.capacity is None:

@@ -8,7 +8,8 @@ Hash routing (``routing="hash"``) builds no gate: ``forward`` takes the token id
 the aux or z-loss and no gate to teach locality; ``aux_loss_coeff`` is accepted and unused).
 
 Collectives in forward (all on the EP group, all ranks call them in the same order):
-  * ``aux_loss_scope="ep_group"`` with an aux-loss coefficient > 0: one all-reduce of ``n + 1`` counts;
+  * ``aux_loss_scope="ep_group"`` with an aux-loss coefficient > 0, or with ``expert_bias_rate > 0`` in a
+    training forward under grad: one all-reduce of ``n + 1`` counts (shared by both);
   * capacity ``bound``/``adaptive``: a tiny all-reduce at estimation steps only.
 """
 
@@ -112,6 +113,9 @@ class LocMoERouter(nn.Module):
         self.register_buffer("expert_to_node", topology.expert_to_node.clone(), persistent=False)
         self.register_buffer("local_expert_mask", topology.local_expert_mask(), persistent=False)
         self.register_parameter("locality_bias", self._new_locality_bias(topology, device))
+        # loss-free balancing offsets (config.expert_bias_rate); fp32, saved with the model
+        self.register_buffer("expert_bias", torch.zeros(config.num_experts, device=device)
+                             if config.expert_bias_rate > 0 else None)
         self.last_stats: RoutingStats | None = None
 
     def _new_locality_bias(self, topology: Topology, device) -> nn.Parameter | None:
@@ -167,6 +171,14 @@ class LocMoERouter(nn.Module):
             dist.all_reduce(packed, group=g)
         return packed[:-1], packed[-1]
 
+    @torch.no_grad()
+    def _update_expert_bias(self, counts: torch.Tensor) -> None:
+        """``b += rate * sign(mean - load)``: under-loaded experts gain, over-loaded ones lose. Only in
+        training forwards under grad (not in evaluation, nor in the no-grad first pass of activation
+        checkpointing, whose recompute updates once)."""
+        load = counts.float()
+        self.expert_bias.add_(torch.sign(load.mean() - load), alpha=self.config.expert_bias_rate)
+
     def forward(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None,
                 valid: torch.Tensor | None = None) -> RouterOutput:
         """Route ``hidden [..., d]`` (flattened to ``[s, d]``).
@@ -193,6 +205,10 @@ class LocMoERouter(nn.Module):
         else:
             token_ids, logits = None, self.gate(x)
 
+        if self.expert_bias is not None and self.expert_bias.dtype != torch.float32:
+            # half-precision wrappers (Megatron's Float16Module, .half()) cast buffers; increments of
+            # ~1e-3 vanish in bf16, so the offsets live in fp32 (as Megatron keeps its expert bias)
+            self.expert_bias.data = self.expert_bias.data.float()
         need_aff = c.routing == "hybrid" or self.capacity.needs_affinity(self.training)
         affinity = self.gate.affinity(x, logits) if need_aff else None
         capacity = self.capacity.capacity(s, affinity, self.training)
@@ -221,6 +237,7 @@ class LocMoERouter(nn.Module):
             # with the locality loss, capacity follows each node's share of this rank's demand
             capacity_nodes=(self.expert_to_node, self.topology.num_nodes)
             if capacity is not None and c.locality_loss_coeff > 0 and self.topology.num_nodes > 1 else None,
+            expert_bias=self.expert_bias,
         )
 
         requested = assignment.requested_per_expert()
@@ -229,13 +246,17 @@ class LocMoERouter(nn.Module):
             if valid.numel() != s:
                 raise ValueError(f"valid has {valid.numel()} entries for {s} tokens: one per token")
         losses = {}
-        if logits is not None and c.aux_loss_coeff > 0:
+        update_bias = self.expert_bias is not None and self.training and torch.is_grad_enabled()
+        if logits is not None and (c.aux_loss_coeff > 0 or update_bias):
             if valid is None:
                 counts, pairs = self._global_counts(requested, s * c.topk)
             else:
                 ids = torch.where(valid.unsqueeze(1), assignment.requested_ids, -1)  # padding: not counted
                 counts, pairs = self._global_counts(count_valid_ids(ids, c.num_experts), valid.sum() * c.topk)
-            losses["aux"] = switch_aux_loss(probs, counts, pairs, c.aux_loss_coeff, valid)
+            if c.aux_loss_coeff > 0:
+                losses["aux"] = switch_aux_loss(probs, counts, pairs, c.aux_loss_coeff, valid)
+            if update_bias:  # after this batch's selection: the next forward routes with the new offsets
+                self._update_expert_bias(counts)
         if c.locality_loss_coeff > 0:
             if self.topology.num_nodes > 1:
                 losses["locality"] = locality_loss(logits, self.local_expert_mask, c.locality_loss_coeff, valid)

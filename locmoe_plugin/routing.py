@@ -234,6 +234,7 @@ def route(
     num_experts: int | None = None,
     seed: int = 0,
     capacity_nodes: tuple[torch.Tensor, int] | None = None,
+    expert_bias: torch.Tensor | None = None,
 ) -> tuple[Assignment, torch.Tensor]:
     """Route one batch.
 
@@ -255,6 +256,10 @@ def route(
         seed: the hash seed for ``hash``.
         capacity_nodes: ``(expert_to_node [n], num_nodes)``: scale an int ``capacity`` per expert by the
             demand on the expert's node (:func:`node_demand_capacity`).
+        expert_bias: ``[n]`` offsets added to the ranking scores (probabilities; affinities for
+            ``hybrid``) for *selection* only - top-k and the node limit; the combine weights stay the
+            unbiased probabilities, and an expert's over-capacity queue is unchanged (one offset per
+            expert). Loss-free balancing; not used by ``hash``.
 
     Returns:
         ``(assignment, probs)`` with ``probs [s, n]`` the full softmax (for the losses); for ``hash``
@@ -281,11 +286,12 @@ def route(
         rank_by = affinity
     else:
         rank_by = probs
+    biased = rank_by if expert_bias is None else rank_by + expert_bias.to(rank_by.dtype)
     if node_limit is not None:
         expert_to_node, num_nodes, max_nodes = node_limit
-        limited = node_limited_mask(rank_by, expert_to_node, num_nodes, max_nodes, topk)
+        limited = node_limited_mask(biased, expert_to_node, num_nodes, max_nodes, topk)
         allowed = limited if allowed is None else allowed & limited
-    select_by = rank_by if allowed is None else rank_by.masked_fill(~allowed, NEG_INF)
+    select_by = biased if allowed is None else biased.masked_fill(~allowed, NEG_INF)
     ids = torch.topk(select_by, topk, dim=-1).indices  # [s, k]
     weights = torch.gather(probs, 1, ids)
     if renormalize:

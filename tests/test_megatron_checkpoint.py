@@ -46,16 +46,18 @@ def _worker(rank, world, ckpt_dir):
         out["grap_error"] = None
     except RuntimeError as exc:
         out["grap_error"] = str(exc)
-    # 3. Megatron distributed checkpointing round trip, with the capacity state
-    layer = _build(LocMoELayer, 1, world, {"gpus_per_node": 2, "capacity": "bound"}, 2)
+    # 3. Megatron distributed checkpointing round trip, with the capacity state and the expert bias
+    settings = {"gpus_per_node": 2, "capacity": "bound", "expert_bias_rate": 0.01}
+    layer = _build(LocMoELayer, 1, world, settings, 2)
     layer.train()
     _fwd_bwd(layer, x, cot)  # estimates delta / factor
     dist_checkpointing.save(layer.sharded_state_dict(), ckpt_dir)
     torch.manual_seed(1000)
-    fresh = _build(LocMoELayer, 1, world, {"gpus_per_node": 2, "capacity": "bound"}, 2)
+    fresh = _build(LocMoELayer, 1, world, settings, 2)
     loaded = dist_checkpointing.load(fresh.sharded_state_dict(), ckpt_dir)
     fresh.load_state_dict(loaded)
     out["ckpt_params_equal"] = all(torch.equal(a, b) for a, b in zip(layer.parameters(), fresh.parameters()))
+    out["ckpt_expert_bias"] = (layer.router.core.expert_bias.clone(), fresh.router.core.expert_bias.clone())
     out["ckpt_capacity"] = (layer.router.core.capacity.state_dict(), fresh.router.core.capacity.state_dict())
     out["ckpt_out"] = (_fwd_bwd(layer.eval(), x, cot)[0], _fwd_bwd(fresh.eval(), x, cot)[0])
     parallel_state.destroy_model_parallel()
@@ -82,4 +84,6 @@ def test_checkpoints(tmp_path):
         assert r["ckpt_params_equal"]
         saved, restored = r["ckpt_capacity"]
         assert saved["factor"] is not None and restored == saved
+        saved_bias, restored_bias = r["ckpt_expert_bias"]
+        assert saved_bias.abs().sum() > 0 and torch.equal(saved_bias, restored_bias)
         assert torch.equal(*r["ckpt_out"])

@@ -38,6 +38,14 @@ def _worker(rank, world):
         r = LocMoERouter(cfg, topo, group=dist.group.WORLD).train()
         r(x)
         out[mode] = (r.capacity.delta, r.capacity.factor, r.capacity.p_hat)
+    # case 3: loss-free balancing offsets move from the EP group's counts: equal on every rank, with no
+    # aux loss (the counts are still all-reduced)
+    cfg = LocMoEConfig(num_experts=N, hidden_size=D, topk=K, gate="dense", aux_loss_coeff=0.0, expert_bias_rate=0.5)
+    torch.manual_seed(7)
+    r = LocMoERouter(cfg, topo, group=dist.group.WORLD).train()
+    res = r(x)
+    out["eb_requested"] = res.stats.requested_per_expert
+    out["eb_bias"] = r.expert_bias.clone()
     out["x"] = x
     return out
 
@@ -53,6 +61,14 @@ def test_router_on_four_ranks():
         local = 0.01 * N * torch.sum(r["requested"].double() / r["pairs"] * r["probs_mean"].double()).item()
         assert abs(local - expected) > 1e-6
         assert torch.equal(r["reduced_tokens"], sum(q["local_tokens"] for q in res))
+    # expert bias: 0.5 * sign(mean - load) of the group's load, the same on every rank
+    load = sum(r["eb_requested"] for r in res).float()
+    want = 0.5 * torch.sign(load.mean() - load)
+    assert want.abs().sum() > 0
+    for r in res:
+        assert torch.equal(r["eb_bias"], want)
+    local = res[0]["eb_requested"].float()
+    assert not torch.equal(0.5 * torch.sign(local.mean() - local), want)  # local counts would differ
     # capacity agreement
     for mode in ("bound", "adaptive"):
         assert len({r[mode] for r in res}) == 1, [r[mode] for r in res]

@@ -30,6 +30,7 @@ _FIELDS = {
     "locmoe_max_nodes_per_token": "max_nodes_per_token",
     "locmoe_gpus_per_node": "gpus_per_node",
     "locmoe_hash_seed": "hash_seed",
+    "locmoe_expert_bias_rate": "expert_bias_rate",
 }
 
 
@@ -68,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="GPUs per node (default: LOCMOE_GPUS_PER_NODE, LOCAL_WORLD_SIZE, or host names)")
     g.add_argument("--locmoe-hash-seed", type=int, default=_DEFAULTS["hash_seed"],
                    help="seed of the token-id hash for --locmoe-routing hash")
+    g.add_argument("--locmoe-expert-bias-rate", type=float, default=_DEFAULTS["expert_bias_rate"],
+                   help="loss-free load balancing: per-expert selection offsets moved by this rate towards "
+                        "balance after every training forward (0 = off; e.g. 1e-3). LocMoE's form of "
+                        "--moe-router-enable-expert-bias, which needs sigmoid scores")
     g.add_argument("--locmoe-dispatcher", choices=DISPATCHERS, default="hierarchical",
                    help="hierarchical: each token crosses to a remote node once (on a one-node EP group: "
                         "one all-to-all of (token, expert) pairs, the plan with the fewest host ops); flat: "
@@ -88,6 +93,11 @@ def settings_from_args(args: Any) -> tuple[dict, str]:
         raise ConfigError(
             f"--locmoe-overlap-chunks {args.locmoe_overlap_chunks}: under Megatron the MoELayer calls the "
             f"dispatcher phase by phase (use Megatron's --overlap-moe-expert-parallel-comm); set it to 1"
+        )
+    if getattr(args, "moe_router_enable_expert_bias", False):
+        raise ConfigError(
+            "--moe-router-enable-expert-bias is TopKRouter's (sigmoid scores); the LocMoE router routes by "
+            "softmax and has its own loss-free balancing: use --locmoe-expert-bias-rate R (e.g. 1e-3) instead"
         )
     overrides = {}
     for flag, field in _FIELDS.items():

@@ -183,6 +183,12 @@ class LocMoEMegatronRouter(torch.nn.Module):
         self.layer_number: int | None = None
         self.last_index_routing: tuple | None = None
         self._telemetry_sum: torch.Tensor | None = None  # TELEMETRY_METRICS summed since the last flush
+        if getattr(config, "moe_router_enable_expert_bias", False):
+            # finalize_model_grads would then update every module with an `expert_bias` by TopKRouter's rules
+            raise ConfigError(
+                "moe_router_enable_expert_bias is TopKRouter's loss-free balancing (sigmoid scores); the LocMoE "
+                "router has its own: set expert_bias_rate (--locmoe-expert-bias-rate) and leave it False"
+            )
         self.locmoe_config = locmoe_config_from_megatron(config, locmoe)
         if (
             self.locmoe_config.drops_tokens
