@@ -103,6 +103,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--expert-bias-rate", type=float, default=0.0,
                    help="LocMoE routers: loss-free balancing rate (LocMoEConfig.expert_bias_rate), in training "
                         "and in the timed training steps; 0 = off")
+    p.add_argument("--aux-scope", default="ep_group", choices=["ep_group", "local"],
+                   help="LocMoE routers' aux_loss_scope: counts summed over the EP group (one all-reduce per "
+                        "layer forward) or this rank's tokens only, as Megatron's 'aux_loss' type")
     p.add_argument("--sync", default="world", choices=["node", "world"])
     p.add_argument("--baseline-router", default="trained", choices=["trained", "untrained"],
                    help="trained: the baselines' TopKRouter (and DeepSpeed's gate) comes from the same training "
@@ -267,7 +270,7 @@ def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: boo
     if not ctx.acc.is_cpu:
         tensor_parallel.model_parallel_cuda_manual_seed(a.seed)
     locmoe = None if gate == "topk" else {"gate": gate, "routing": "locmoe", "locality_loss_coeff": mu,
-                                          "gpus_per_node": ctx.gpn, "aux_loss_scope": "ep_group",
+                                          "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope,
                                           "locality_bias": bias and mu > 0,
                                           "expert_bias_rate": a.expert_bias_rate}
     moe = build_megatron_layer(ctx, "alltoall", torch.float32, locmoe)
@@ -507,7 +510,7 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
     if name.startswith("locmoe_") and not name.startswith("locmoe_ds"):
         gate = name[len("locmoe_"):]
         settings = {"gate": gate, "routing": "locmoe", "locality_loss_coeff": trained[gate]["summary"]["mu"],
-                    "gpus_per_node": ctx.gpn, "aux_loss_scope": "ep_group", "expert_bias_rate": a.expert_bias_rate}
+                    "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope, "expert_bias_rate": a.expert_bias_rate}
         layer = build_megatron_layer(ctx, "alltoall", ctx.dtype, settings)
         missing, unexpected = layer.load_state_dict(trained[gate]["state"], strict=False)
         if [m for m in missing if not m.endswith("_extra_state")] or unexpected:
@@ -594,7 +597,7 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
         chunks = a.chunks if "chunks" in name else 1
         torch.manual_seed(a.seed + 6)
         settings = {"gate": gate, "routing": "locmoe", "locality_loss_coeff": trained[gate]["summary"]["mu"],
-                    "gpus_per_node": ctx.gpn, "aux_loss_scope": "ep_group", "overlap_chunks": chunks,
+                    "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope, "overlap_chunks": chunks,
                     "expert_bias_rate": a.expert_bias_rate}
         layer = LocMoE(a.hidden, ds_expert(ctx), num_experts=a.experts, ep_size=ctx.world, k=a.topk,
                        locmoe=settings)
@@ -713,7 +716,8 @@ def main() -> None:
             "device": torch.cuda.get_device_name() if not ctx.acc.is_cpu else "cpu",
             "date": time.strftime("%Y-%m-%d"), "commit": os.environ.get("LOCMOE_COMMIT", "unknown"),
             "inter_node_bw_GBps": ctx.bw_inter / 1e9, "mu": mus, "sync": args.sync,
-            "train_steps": args.train_steps, "ds_capacity_factor": args.ds_capacity_factor}
+            "train_steps": args.train_steps, "ds_capacity_factor": args.ds_capacity_factor,
+            "aux_scope": args.aux_scope, "expert_bias_rate": args.expert_bias_rate}
     try:
         import deepspeed
 
