@@ -38,7 +38,10 @@ model's layers before its MoE layer, and times fwd+bwd of one MoE layer on those
                      first trained gate, its own experts
   locmoe_ds_chunks<C> the same with overlap_chunks=C, i.e. TokenDispatcher.forward(chunks=C) (the
                      Megatron adapter has no chunked mode: its flag must be 1 under Megatron)
-Median of --iters after --warmup, max over ranks.
+Median of --iters after --warmup, max over ranks. With --rounds R > 1 every system is built first and the
+systems are then timed round-robin R times, so that a machine's drift during the run (measured: the same
+one-node command 1.000 x and 1.265 x Megatron's time in consecutive calls) hits all of them alike; the
+table then gives the median over rounds and the median of the per-round ratios.
 
 Per system: cross-node share of routed (kept) pairs, inter-node MiB (one forward dispatch + combine,
 summed over ranks; backward moves the same again): LocMoE from its dispatcher's TrafficCounter;
@@ -90,6 +93,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="timed layers' dtype")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="> 1: build every system first, then time them round-robin this many times (--iters "
+                        "each) and report the median over rounds and, per system, the median of its per-round "
+                        "ratios to mcore_alltoall; machine drift then hits every system alike")
     p.add_argument("--systems", nargs="*",
                    default=["locmoe", "mcore_alltoall", "mcore_allgather", "mcore_grouplimited", "deepspeed_moe",
                             "locmoe_ds", "locmoe_ds_chunks"])
@@ -137,6 +144,8 @@ class Ctx:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dev = self.acc.device(None if self.acc.is_cpu else self.local_rank)
         self.gpn = args.gpus_per_node or self.world
+        self.current = None  # the system being built (run_systems)
+        self.deferred = {}  # system -> fwd+bwd step, timed in rounds when --rounds > 1
         if self.world % self.gpn:
             raise SystemExit(f"world {self.world} is not divisible by --gpus-per-node {self.gpn}")
         self.nodes = self.world // self.gpn
@@ -416,6 +425,34 @@ def gemm_time(ctx: Ctx, layer, tokens_per_expert: list[int], dtype) -> float:
 
 
 # ------------------------------------------------------------------------------------------ systems
+def time_system(ctx: Ctx, step) -> float:
+    """Time ``step`` now, or (``--rounds`` > 1) keep it for the interleaved rounds and return NaN."""
+    if ctx.args.rounds > 1:
+        ctx.deferred[ctx.current] = step
+        return float("nan")
+    return time_it(ctx, step, ctx.args.warmup, ctx.args.iters)
+
+
+def time_rounds(ctx: Ctx, results: dict) -> None:
+    """Round-robin timing of the deferred systems: ``results[name]["ms"]`` = median over rounds, plus the
+    per-round times and, against mcore_alltoall, the per-round ratios and their median."""
+    a = ctx.args
+    per = {name: [] for name in ctx.deferred}
+    for r in range(a.rounds):
+        for name, step in ctx.deferred.items():
+            per[name].append(time_it(ctx, step, a.warmup if r == 0 else 1, a.iters))
+        ctx.log(f"  round {r + 1}/{a.rounds}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in per.items()))
+    base = per.get("mcore_alltoall")
+    for name, ms in per.items():
+        results[name]["ms"] = statistics.median(ms)
+        results[name]["ms_rounds"] = ms
+        if base:
+            ratios = [x / b for x, b in zip(ms, base)]
+            results[name]["ratio_rounds"] = ratios
+            results[name]["ratio_median"] = statistics.median(ratios)
+    ctx.deferred.clear()
+
+
 def time_megatron(ctx: Ctx, layer, x, cot) -> float:
     params = list(layer.parameters())
 
@@ -426,7 +463,7 @@ def time_megatron(ctx: Ctx, layer, x, cot) -> float:
         y, _ = layer(xx)
         y.backward(cot)
 
-    return time_it(ctx, step, ctx.args.warmup, ctx.args.iters)
+    return time_system(ctx, step)
 
 
 def time_deepspeed(ctx: Ctx, layer, x, cot) -> float:
@@ -439,7 +476,7 @@ def time_deepspeed(ctx: Ctx, layer, x, cot) -> float:
         y, l_aux, _ = layer(xx)
         torch.autograd.backward([y, l_aux], [cot, torch.ones_like(l_aux)])
 
-    return time_it(ctx, step, ctx.args.warmup, ctx.args.iters)
+    return time_system(ctx, step)
 
 
 _DS_READY = False
@@ -490,6 +527,7 @@ def run_systems(ctx: Ctx, trained: dict, hidden: dict, cot, results: dict):
                         if k.startswith("experts.") or (gate == "topk" and k.startswith("router."))}
         x = hidden[gate]
         s = x.shape[0] * x.shape[1]
+        ctx.current = name
         try:
             res = run_one(ctx, name, trained, expert_state, x, cot, d, elt, s)
         except Exception as exc:  # keep the other rows; the error is the result
@@ -499,9 +537,13 @@ def run_systems(ctx: Ctx, trained: dict, hidden: dict, cot, results: dict):
                 traceback.print_exc()
             res = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         results[name] = res
+        if "error" in res:
+            ctx.deferred.pop(name, None)
         ctx.log(f"  {name}: {json.dumps(res)}")
-        if not ctx.acc.is_cpu:
+        if not ctx.acc.is_cpu and not ctx.deferred:
             torch.cuda.empty_cache()
+    if ctx.deferred:
+        time_rounds(ctx, results)
 
 
 def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
@@ -712,7 +754,7 @@ def main() -> None:
 
     meta = {"ranks": ctx.world, "nodes": ctx.nodes, "gpus_per_node": ctx.gpn, "tokens_per_rank": batch * args.seq,
             "hidden": args.hidden, "ffn": args.ffn, "experts": args.experts, "topk": args.topk, "dtype": args.dtype,
-            "iters": args.iters, "warmup": args.warmup, "megatron_core": mcore_version, "torch": torch.__version__,
+            "iters": args.iters, "warmup": args.warmup, "rounds": args.rounds, "megatron_core": mcore_version, "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if not ctx.acc.is_cpu else "cpu",
             "date": time.strftime("%Y-%m-%d"), "commit": os.environ.get("LOCMOE_COMMIT", "unknown"),
             "inter_node_bw_GBps": ctx.bw_inter / 1e9, "mu": mus, "sync": args.sync,
@@ -739,7 +781,9 @@ def print_table(out: dict) -> None:
     m = out["meta"]
     print(f"\n== {m['ranks']} ranks as {m['nodes']} node(s) x {m['gpus_per_node']}, {m['device']}, "
           f"{m['tokens_per_rank']} tokens/rank, d {m['hidden']}, ffn {m['ffn']}, E {m['experts']}, top-{m['topk']}, "
-          f"{m['dtype']}; inter-node bw {m['inter_node_bw_GBps']:.2f} GB/s per rank")
+          f"{m['dtype']}; inter-node bw {m['inter_node_bw_GBps']:.2f} GB/s per rank"
+          + (f"; {m['rounds']} interleaved rounds (ms: median over rounds; x a2a: median of per-round ratios)"
+             if m.get("rounds", 1) > 1 else ""))
     for t in out["training"] + out["ablations"]:
         print(f"trained {t['tag']}: LM loss {t['lm_loss_first10']:.3f} -> {t['lm_loss_last10']:.3f} "
               f"(val {t['val_lm_loss']:.3f}) in {t['steps']} steps, cross-node share {t['cross_node_share_last10']:.3f} "
@@ -751,13 +795,20 @@ def print_table(out: dict) -> None:
         if "error" in r:
             print(f"{name:<22} ERROR {r['error'][:100]}")
             continue
-        ratio = r["ms"] / base if base else float("nan")
+        ratio = r.get("ratio_median", r["ms"] / base if base else float("nan"))
         fl = (f"{r['floor_ms']:>9.2f} {r['floor_inter_ms']:>7.2f}+{r['floor_intra_ms']:.2f}+{r['floor_gemm_ms']:.2f}"
               if "floor_ms" in r else "")
         print(f"{name:<22} {r['ms']:>8.2f} {ratio:>6.2f} {r.get('cross_node_share', float('nan')):>6.3f} "
               f"{r.get('inter_node_MiB', float('nan')):>10.1f} {r.get('max_over_mean_load', float('nan')):>13.2f} {fl}")
     for line in targets(out):
         print(line)
+
+
+def _median_ratio(r: dict, other: dict) -> float:
+    """``r``'s time over ``other``'s: the median of the per-round ratios with --rounds, else of the medians."""
+    if "ms_rounds" in r and "ms_rounds" in other:
+        return statistics.median(x / y for x, y in zip(r["ms_rounds"], other["ms_rounds"]))
+    return r["ms"] / other["ms"]
 
 
 def targets(out: dict) -> list[str]:
@@ -769,12 +820,12 @@ def targets(out: dict) -> list[str]:
         r = sy[name]
         if not a2a:
             break
-        ratio = r["ms"] / a2a
+        ratio = r.get("ratio_median", r["ms"] / a2a)  # with --rounds: the median of the per-round ratios
         if out["meta"]["nodes"] > 1:
             checks = [f"{name} / mcore_alltoall = {ratio:.3f} (target <= 0.25): {'met' if ratio <= 0.25 else 'MISSED'}"]
             for other in ("mcore_grouplimited", "deepspeed_moe"):
                 if other in sy:
-                    q = r["ms"] / sy[other]["ms"]
+                    q = _median_ratio(r, sy[other])
                     checks.append(f"{name} / {other} = {q:.3f} (target < 1): {'met' if q < 1 else 'MISSED'}")
             c = r["cross_node_share"]
             checks.append(f"{name} cross-node share = {c:.3f} (target <= 0.10): {'met' if c <= 0.10 else 'MISSED'}")

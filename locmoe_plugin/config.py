@@ -126,7 +126,8 @@ class LocMoEConfig:
     #: to the combine weights, moved by ``rate * sign(mean load - load)`` after every training forward
     #: (under grad) from the per-expert counts the router already has - summed over the EP group with
     #: ``aux_loss_scope="ep_group"``, so the bias stays equal on the group's ranks and no extra
-    #: collective is issued. 0 = off. A parameter-free gate (GrAP) can balance only through the hidden
+    #: collective is issued. With "local" each rank balances its own tokens over every expert, which
+    #: (like the local aux loss) undoes the locality loss on several nodes. 0 = off. A parameter-free gate (GrAP) can balance only through the hidden
     #: states; this bias balances it directly. Data-parallel replicas of the EP group each keep their own
     #: bias (they see different tokens); the bias is saved with the model.
     expert_bias_rate: float = 0.0
