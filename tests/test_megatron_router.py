@@ -87,7 +87,10 @@ def _layer_worker(rank, world, cases):
         before = moe_utils.get_moe_layer_wise_logging_tracker()
         telemetry_before_flush = [float(before[n]["values"].abs().sum()) if n in before else 0.0
                                   for n in ("locmoe_cross_node_share", "locmoe_max_over_mean_load")]
-        pending = layer.router._telemetry_sum.clone()
+        st = layer.router.last_stats  # this forward's telemetry, by hand
+        kept = st.tokens_per_expert.sum().item()
+        expected = [st.cross_node_pairs.item() / kept, st.dropped_pairs.item() / (kept + st.dropped_pairs.item()),
+                    st.tokens_per_expert.max().item() * 8 / kept]
         flush_locmoe_metrics()  # the telemetry is summed on the device until Megatron reports
         tracked = {k: v["values"].clone() for k, v in moe_utils.get_moe_layer_wise_logging_tracker().items()}
         flush_locmoe_metrics()  # nothing pending any more: a second flush records nothing
@@ -112,7 +115,7 @@ def _layer_worker(rank, world, cases):
         gate_w = getattr(layer.router.core.gate, "weight", None)
         results.append(dict(
             y=y.detach(), ref=ref.detach().reshape(6, 2, 32), gx=x.grad, gref=xr.grad, tracked=tracked,
-            again=again, pending=pending, telemetry_before_flush=telemetry_before_flush,
+            again=again, expected=expected, telemetry_before_flush=telemetry_before_flush,
             sp_attr=None if gate_w is None else getattr(gate_w, "sequence_parallel", "missing"),
             topology=layer.router.topology.node_of_rank,
         ))
@@ -137,7 +140,10 @@ def test_locmoe_router_in_megatron_moe_layer_matches_dense_reference():
             assert 0 <= r["tracked"]["locmoe_cross_node_share"][0] <= 1
             assert r["telemetry_before_flush"] == [0.0, 0.0]  # recorded at flush, not in forward
             for i, name in enumerate(("locmoe_cross_node_share", "locmoe_dropped_share", "locmoe_max_over_mean_load")):
-                assert r["tracked"][name][0] == r["pending"][i] and torch.equal(r["again"][name], r["tracked"][name])
+                assert r["tracked"][name][0].item() == pytest.approx(r["expected"][i], rel=1e-6)
+                assert torch.equal(r["again"][name], r["tracked"][name])
+            if "capacity" in case:  # the hybrid case drops pairs: the dropped share is not trivially 0
+                assert r["tracked"]["locmoe_dropped_share"][0] > 0
             if case["gate"] == "dense":
                 assert r["sp_attr"] is False and r["tracked"]["z_loss"][0] > 0
 
@@ -151,3 +157,25 @@ def test_dropping_capacity_with_megatrons_dispatcher_is_refused():
                            moe_router_topk=2, moe_token_dispatcher_type="alltoall")
     with pytest.raises(ConfigError, match="set --moe-expert-capacity-factor"):
         LocMoEMegatronRouter(tc, locmoe={"capacity": "bound"})
+
+
+def test_telemetry_flush_pools_the_forwards_since_the_last_report():
+    import types
+
+    from locmoe_plugin.megatron.router import TELEMETRY_METRICS, LocMoEMegatronRouter
+
+    logged = {}
+    fake = types.SimpleNamespace(
+        layer_number=1, locmoe_config=types.SimpleNamespace(num_experts=4),
+        _log=lambda name, value: logged.__setitem__(name, value.item()),
+        # two forwards: (cross, dropped, kept, busiest) = (3, 1, 8, 4) + (1, 1, 8, 2)
+        _telemetry_sum=torch.tensor([4, 2, 16, 6]), _telemetry_forwards=2,
+    )
+    LocMoEMegatronRouter.flush_telemetry(fake)
+    # pooled: 4/16 crossing, 2/18 dropped, busiest 6/2 = 3 of a mean 16/2/4 = 2 -> 1.5; times 2 forwards
+    # (the tracker sums one record per forward; Megatron divides by the micro-batches)
+    want = {"locmoe_cross_node_share": 0.5, "locmoe_dropped_share": 4 / 18, "locmoe_max_over_mean_load": 3.0}
+    assert set(logged) == set(TELEMETRY_METRICS)
+    for k, v in want.items():
+        assert logged[k] == pytest.approx(v)
+    assert fake._telemetry_sum is None

@@ -182,7 +182,8 @@ class LocMoEMegatronRouter(torch.nn.Module):
         self.is_mtp_layer = is_mtp_layer
         self.layer_number: int | None = None
         self.last_index_routing: tuple | None = None
-        self._telemetry_sum: torch.Tensor | None = None  # TELEMETRY_METRICS summed since the last flush
+        self._telemetry_sum: torch.Tensor | None = None  # raw telemetry counts summed since the last flush
+        self._telemetry_forwards = 0
         if getattr(config, "moe_router_enable_expert_bias", False):
             # finalize_model_grads would then update every module with an `expert_bias` by TopKRouter's rules
             raise ConfigError(
@@ -298,24 +299,29 @@ class LocMoEMegatronRouter(torch.nn.Module):
         for key, loss in out.losses.items():
             self._log(names[key], loss / coeffs[key])
         if self.layer_number is not None:  # as the tracker: no layer number, nothing recorded
-            # the three telemetry values in one vector (few kernels per layer): kept pairs crossing nodes,
-            # dropped share of the requested pairs, max / mean kept load
+            # raw int64 counts summed per layer on the device (four kernels per forward): kept pairs
+            # crossing nodes, dropped pairs, kept pairs, the busiest expert's kept pairs; ratios at the flush
             st = out.stats
-            load = st.tokens_per_expert.float()
-            kept = load.sum()
-            num = torch.stack([st.cross_node_pairs.float(), st.dropped_pairs.float(), load.max() * load.numel()])
-            den = torch.stack([kept, kept + num[1], kept]).clamp_min(1)
-            values = num / den
+            load = st.tokens_per_expert
+            raw = torch.stack([st.cross_node_pairs, st.dropped_pairs, load.sum(), load.max()])
             if self._telemetry_sum is None:
-                self._telemetry_sum = values
+                self._telemetry_sum, self._telemetry_forwards = raw, 1
             else:
-                self._telemetry_sum.add_(values)
+                self._telemetry_sum.add_(raw)
+                self._telemetry_forwards += 1
             _pending.add(self)
         return probs, routing_map
 
     def flush_telemetry(self) -> None:
-        """Record this layer's summed telemetry in Megatron's tracker (see :func:`flush_locmoe_metrics`)."""
+        """Record this layer's telemetry since the last flush in Megatron's tracker (see
+        :func:`flush_locmoe_metrics`): each share pooled over the forwards (crossing / kept pairs, dropped /
+        requested pairs, mean busiest-expert load / mean load), recorded times the number of forwards
+        because the tracker sums one record per forward and Megatron divides by the micro-batches."""
         if self._telemetry_sum is not None and self.layer_number is not None:
+            cross, dropped, kept, peak = self._telemetry_sum.double()
+            values = torch.stack([cross / kept.clamp_min(1), dropped / (kept + dropped).clamp_min(1),
+                                  peak * self.locmoe_config.num_experts / kept.clamp_min(1)])
+            values = values * self._telemetry_forwards
             for i, name in enumerate(TELEMETRY_METRICS):
-                self._log(name, self._telemetry_sum[i])
+                self._log(name, values[i])
         self._telemetry_sum = None
