@@ -31,7 +31,7 @@ def _worker(rank, world, ckpt_dir):
     ref_layer.router = _topk_router(ref_layer)
     ckpt = ref_layer.state_dict()
     ours = _build(LocMoELayer, 1, world, {"gpus_per_node": 2, "gate": "dense", "routing": "topk",
-                                           "aux_loss_coeff": 0.0}, 2)
+                                           "aux_loss_coeff": 0.0, "expert_bias_rate": 1e-3}, 2)
     ours.load_state_dict(ckpt)
     torch.manual_seed(50 + rank)
     x = torch.randn(5, 2, 32)
@@ -39,6 +39,7 @@ def _worker(rank, world, ckpt_dir):
     out["topk_ref"] = _fwd_bwd(ref_layer, x, cot)[0]
     out["topk_ours"] = _fwd_bwd(ours, x, cot)[0]
     out["weights_equal"] = torch.equal(ours.router.core.gate.weight, ref_layer.router.weight)
+    out["expert_bias_moved"] = bool(ours.router.core.expert_bias.abs().sum() > 0)  # from 0, after one forward
     # 2. the GrAP router refuses a learned gate with a message that names the fix
     grap = _build(LocMoELayer, 1, world, {"gpus_per_node": 2}, 2)
     try:
@@ -78,7 +79,7 @@ def test_checkpoints(tmp_path):
     (tmp_path / "ckpt").mkdir()
     res = run_workers(_worker, 4, str(tmp_path / "ckpt"))
     for r in res:
-        assert r["weights_equal"]
+        assert r["weights_equal"] and r["expert_bias_moved"]
         torch.testing.assert_close(r["topk_ours"], r["topk_ref"], rtol=1e-5, atol=1e-6)
         assert r["grap_error"] and "load it with --locmoe-gate dense" in r["grap_error"]
         assert r["ckpt_params_equal"]

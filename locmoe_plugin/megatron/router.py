@@ -247,6 +247,8 @@ class LocMoEMegatronRouter(torch.nn.Module):
             state_dict.setdefault(prefix + "core._extra_state", None)  # TopKRouter has no capacity state
             if self.core.locality_bias is not None:  # nor a locality bias: start it neutral
                 state_dict.setdefault(prefix + "core.locality_bias", torch.zeros_like(self.core.locality_bias))
+        if self.core.expert_bias is not None:  # a checkpoint without loss-free balancing: start it neutral
+            state_dict.setdefault(prefix + "core.expert_bias", torch.zeros_like(self.core.expert_bias))
         for key in ("expert_bias", "bias"):
             if prefix + key in state_dict:
                 error_msgs.append(
