@@ -127,9 +127,12 @@ class LocMoEConfig:
     #: (under grad) from the per-expert counts the router already has - summed over the EP group with
     #: ``aux_loss_scope="ep_group"``, so the bias stays equal on the group's ranks and no extra
     #: collective is issued. With "local" each rank balances its own tokens over every expert, which
-    #: (like the local aux loss) undoes the locality loss on several nodes. 0 = off. A parameter-free gate (GrAP) can balance only through the hidden
-    #: states; this bias balances it directly. Data-parallel replicas of the EP group each keep their own
-    #: bias (they see different tokens); the bias is saved with the model.
+    #: (like the local aux loss) undoes the locality loss on several nodes. 0 = off. A parameter-free
+    #: gate (GrAP) can balance only through the hidden states; this bias balances it directly.
+    #: Data-parallel replicas of the EP group each keep their own bias (they see different tokens); the
+    #: bias is saved with the model. Updating in forward keeps it framework-free, but an activation
+    #: recompute of the router must route as its forward did: under Megatron, recomputing the MoE layer
+    #: together with pipeline parallelism (several forwards before their recomputes) is refused.
     expert_bias_rate: float = 0.0
     #: Ranks of the expert-parallel group per node; None = detect (LOCAL_WORLD_SIZE or host names).
     gpus_per_node: int | None = None

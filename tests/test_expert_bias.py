@@ -109,3 +109,21 @@ def test_megatron_flag_and_refusal():
     args.moe_router_enable_expert_bias = True
     with pytest.raises(ConfigError, match="--locmoe-expert-bias-rate"):
         settings_from_args(args)
+
+
+def test_megatron_refuses_the_bias_where_a_recompute_would_route_differently():
+    pytest.importorskip("megatron.core")
+    from megatron.core.transformer import TransformerConfig
+
+    from locmoe_plugin.megatron.router import LocMoEMegatronRouter
+
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_moe_experts=8, moe_router_topk=2,
+                moe_token_dispatcher_type="alltoall", recompute_granularity="selective", recompute_modules=["moe"])
+    tc = TransformerConfig(**base)
+    tc.pipeline_model_parallel_size = 2  # set after construction: no pipeline groups are needed to check
+    with pytest.raises(ConfigError, match="recomputed routing would differ"):
+        LocMoEMegatronRouter(tc, locmoe={"expert_bias_rate": 1e-3})
+    tc = TransformerConfig(**base)
+    tc.moe_router_enable_expert_bias = True
+    with pytest.raises(ConfigError, match="--locmoe-expert-bias-rate"):
+        LocMoEMegatronRouter(tc, locmoe={})

@@ -203,9 +203,19 @@ class LocMoEMegatronRouter(torch.nn.Module):
                 f"(--locmoe / locmoe_spec), whose dispatcher handles drops"
             )
         recompute = getattr(config, "recompute_granularity", None)
-        if self.locmoe_config.routing == "hash" and (
-            recompute == "full" or (recompute == "selective" and "moe" in (config.recompute_modules or ()))
+        reruns_router = recompute == "full" or (recompute == "selective" and "moe" in (config.recompute_modules or ()))
+        if self.locmoe_config.expert_bias_rate > 0 and reruns_router and (
+            (getattr(config, "pipeline_model_parallel_size", 1) or 1) > 1
         ):
+            # the offsets move in each training forward under grad, i.e. in the recompute; the pipeline
+            # schedule runs several micro-batches' no-grad forwards before their recomputes, so a recompute
+            # would route with offsets moved since its forward, and the gradients would be of other routing
+            raise ConfigError(
+                f"expert_bias_rate={self.locmoe_config.expert_bias_rate} with recompute_granularity={recompute!r} "
+                f"and pipeline parallelism: the recomputed routing would differ from the forward's; drop "
+                f"--recompute-granularity full / 'moe' from --recompute-modules, or set --locmoe-expert-bias-rate 0"
+            )
+        if self.locmoe_config.routing == "hash" and reruns_router:
             raise ConfigError(
                 f"LocMoE routing='hash' reads the token ids that attach_token_ids() keeps only while "
                 f"GPTModel.forward runs, but recompute_granularity={recompute!r} reruns the router during "
