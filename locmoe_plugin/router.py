@@ -143,6 +143,13 @@ class LocMoERouter(nn.Module):
         self.expert_to_node = topology.expert_to_node.to(device)
         self.local_expert_mask = topology.local_expert_mask().to(device)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A checkpoint saved without loss-free balancing (or one of Megatron's ``TopKRouter``) loads into a
+        router with it: the offsets start at zero, as in a fresh router."""
+        if self.expert_bias is not None:
+            state_dict.setdefault(prefix + "expert_bias", torch.zeros_like(self.expert_bias))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def get_extra_state(self) -> dict:
         """Saved with the module: the capacity controller's delta / factor / step count, so a resumed
         run keeps its ``bound`` / ``adaptive`` capacity."""

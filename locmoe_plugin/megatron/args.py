@@ -12,6 +12,12 @@ from typing import Any
 from ..config import AUX_SCOPES, CAPACITIES, DROP_POLICIES, GATES, ROUTINGS, ConfigError, LocMoEConfig
 
 _DEFAULTS = {f.name: f.default for f in LocMoEConfig.__dataclass_fields__.values()}
+#: why Megatron's expert bias is refused with LocMoE (here and by the router, for configs built in code)
+TOPK_EXPERT_BIAS_ERROR = (
+    "--moe-router-enable-expert-bias (moe_router_enable_expert_bias) is TopKRouter's loss-free balancing, for "
+    "sigmoid scores; the LocMoE router routes by softmax and has its own: use --locmoe-expert-bias-rate R "
+    "(expert_bias_rate, e.g. 1e-3) and leave it off"
+)
 DISPATCHERS = ("hierarchical", "flat")
 
 #: flag -> LocMoEConfig field
@@ -95,10 +101,7 @@ def settings_from_args(args: Any) -> tuple[dict, str]:
             f"dispatcher phase by phase (use Megatron's --overlap-moe-expert-parallel-comm); set it to 1"
         )
     if getattr(args, "moe_router_enable_expert_bias", False):
-        raise ConfigError(
-            "--moe-router-enable-expert-bias is TopKRouter's (sigmoid scores); the LocMoE router routes by "
-            "softmax and has its own loss-free balancing: use --locmoe-expert-bias-rate R (e.g. 1e-3) instead"
-        )
+        raise ConfigError(TOPK_EXPERT_BIAS_ERROR)
     overrides = {}
     for flag, field in _FIELDS.items():
         value = getattr(args, flag, None)

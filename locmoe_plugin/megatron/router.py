@@ -186,10 +186,9 @@ class LocMoEMegatronRouter(torch.nn.Module):
         self._telemetry_forwards = 0
         if getattr(config, "moe_router_enable_expert_bias", False):
             # finalize_model_grads would then update every module with an `expert_bias` by TopKRouter's rules
-            raise ConfigError(
-                "moe_router_enable_expert_bias is TopKRouter's loss-free balancing (sigmoid scores); the LocMoE "
-                "router has its own: set expert_bias_rate (--locmoe-expert-bias-rate) and leave it False"
-            )
+            from .args import TOPK_EXPERT_BIAS_ERROR
+
+            raise ConfigError(TOPK_EXPERT_BIAS_ERROR)
         self.locmoe_config = locmoe_config_from_megatron(config, locmoe)
         if (
             self.locmoe_config.drops_tokens
@@ -257,8 +256,6 @@ class LocMoEMegatronRouter(torch.nn.Module):
             state_dict.setdefault(prefix + "core._extra_state", None)  # TopKRouter has no capacity state
             if self.core.locality_bias is not None:  # nor a locality bias: start it neutral
                 state_dict.setdefault(prefix + "core.locality_bias", torch.zeros_like(self.core.locality_bias))
-        if self.core.expert_bias is not None:  # a checkpoint without loss-free balancing: start it neutral
-            state_dict.setdefault(prefix + "core.expert_bias", torch.zeros_like(self.core.expert_bias))
         for key in ("expert_bias", "bias"):
             if prefix + key in state_dict:
                 error_msgs.append(
