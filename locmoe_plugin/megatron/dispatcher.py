@@ -69,7 +69,6 @@ class LocMoETokenDispatcher:
         ep_ranks = all_group_ranks(pg_collection.ep) if topology.ep_size > 1 else None
         groups = build_comm_groups(topology, pg_collection.ep, ep_ranks)
         self.core = TokenDispatcher(groups, layer_mode(mode, topology))
-        self.router = None  # LocMoELayer sets its LocMoE router: its index-form routing skips a conversion
         self._plan = None
         self._hidden_shape = None
 
@@ -81,14 +80,10 @@ class LocMoETokenDispatcher:
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
         self._hidden_shape = hidden_states.shape
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        known = getattr(self.router, "last_index_routing", None)
-        if known is not None and known[0] is routing_map:
-            # the router's own output, unchanged: take its expert ids, and the weights from ``probs`` (the
-            # losses' backward hooks ride on it)
-            ids = known[1]
-            weights = torch.where(ids >= 0, probs.gather(1, ids.clamp_min(0)), 0.0)
-            self.router.last_index_routing = None
-        else:
+        if routing_map.dtype != torch.bool:
+            # the index form LocMoEMegatronRouter returns inside LocMoELayer: (weights [s, k], ids [s, k])
+            ids, weights = routing_map, probs
+        else:  # Megatron's dense form, from any router
             ids, weights = dense_to_index(probs, routing_map, self.topk)
         self._plan = self.core.prepare(ids, weights)  # count + metadata exchange (one host sync)
         return x, weights
@@ -162,6 +157,6 @@ def make_locmoe_layer_class():
                 self.num_local_experts, self.local_expert_indices, config, pgc,
                 self.router.topology, mode=self.router.dispatcher_mode,
             )
-            self.token_dispatcher.router = self.router  # (the dispatcher is not an nn.Module)
+            self.router.index_form = True  # the router hands this dispatcher (weights, ids) [s, k]
 
     return LocMoELayer

@@ -181,7 +181,8 @@ class LocMoEMegatronRouter(torch.nn.Module):
         self.config = config
         self.is_mtp_layer = is_mtp_layer
         self.layer_number: int | None = None
-        self.last_index_routing: tuple | None = None
+        #: set by ``LocMoELayer``, whose dispatcher reads the index form (see :meth:`forward`)
+        self.index_form = False
         self._telemetry_sum: torch.Tensor | None = None  # raw telemetry counts summed since the last flush
         self._telemetry_forwards = 0
         if getattr(config, "moe_router_enable_expert_bias", False):
@@ -286,6 +287,12 @@ class LocMoEMegatronRouter(torch.nn.Module):
     def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """``hidden [S, B, d]`` (or ``[s, d]``) -> ``(probs [s, n] fp32, routing_map [s, n] bool)``.
 
+        Inside ``LocMoELayer`` (``index_form`` set by the layer) the same routing is returned in index
+        form instead, ``(weights [s, k] fp32, expert_ids [s, k] int64)`` with ``-1`` / 0 for a dropped
+        pair: ``MoELayer`` hands the router's output to its dispatcher unread, and the LocMoE dispatcher
+        takes that form, which saves building the dense form and converting it back (about 15 kernels
+        per layer and forward). Either way the losses' backward rides on the first tensor.
+
         ``padding_mask [S, B]``: True marks padding, as ``MoELayer`` passes it to ``TopKRouter`` (which
         counts ``~padding_mask`` as the valid tokens). As there, padding tokens are still routed and
         dispatched but left out of the losses (aux, locality, z). Hash routing reads the token ids from
@@ -296,9 +303,10 @@ class LocMoEMegatronRouter(torch.nn.Module):
         token_ids = current_token_ids() if self.locmoe_config.routing == "hash" else None
         valid = None if padding_mask is None else ~padding_mask.bool()
         out = self.core(hidden, token_ids, valid)
-        probs, routing_map = out.to_megatron()
-        # the index form of this routing, for LocMoELayer's dispatcher (saves it converting back)
-        self.last_index_routing = (routing_map, out.assignment.expert_ids)
+        if self.index_form:
+            probs, routing_map = out.assignment.weights, out.assignment.expert_ids
+        else:
+            probs, routing_map = out.to_megatron()
         c = self.locmoe_config
         coeffs = {"aux": c.aux_loss_coeff, "locality": c.locality_loss_coeff, "z": c.z_loss_coeff}
         names = {"aux": "load_balancing_loss", "locality": "locmoe_locality_loss", "z": "z_loss"}
