@@ -79,6 +79,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from locmoe_plugin.device import get_accelerator  # noqa: E402
+from locmoe_plugin.megatron.router import dense_routing_map  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -292,7 +293,8 @@ def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: boo
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(a.seed + 1000 * ctx.rank)
     routed_map = {}
-    model.moe.router.register_forward_hook(lambda mod, inp, out: routed_map.__setitem__("map", out[1]))
+    model.moe.router.register_forward_hook(
+        lambda mod, inp, out: routed_map.__setitem__("map", dense_routing_map(out, mod.config.num_moe_experts)))
     remote_mask = ctx.expert_node != ctx.node
     losses, cross, routed, loads = [], [], [], []
     t0 = time.perf_counter()
@@ -598,7 +600,7 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
             raise RuntimeError(f"trained state does not fit: missing {missing}, unexpected {unexpected}")
         layer.train()
         with torch.no_grad():
-            _, rmap = layer.router(x)
+            rmap = dense_routing_map(layer.router(x), a.experts)
         stats = routing_stats(ctx, routing_map_ids(rmap, a.topk))
         ms = time_megatron(ctx, layer, x, cot)
         if dispatcher == "alltoall":

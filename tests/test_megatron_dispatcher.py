@@ -22,6 +22,7 @@ def _worker(rank, world):
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from locmoe_plugin.megatron.dispatcher import make_locmoe_layer_class
+    from locmoe_plugin.megatron.router import dense_routing_map
 
     LocMoELayer = make_locmoe_layer_class()
     out = {}
@@ -43,6 +44,12 @@ def _worker(rank, world):
             res[m] = _fwd_bwd(layer, x, cot)
             res[m + "_traffic"] = layer.token_dispatcher.traffic.to_dict()
         res["ref"] = _dense_reference(mega, x, cot, ep)
+        # inside LocMoELayer the router hands over the index form; dense_routing_map recovers Megatron's map
+        with torch.no_grad():
+            w_ids = ours["hierarchical"].router(x)
+            dense = mega.router(x)
+            res["forms"] = (w_ids[0].shape, w_ids[1].dtype, dense_routing_map(w_ids, 8), dense,
+                            dense_routing_map(dense, 8) is dense[1])
         out[("ep4", topk)] = res
     # A': EP=4 on one node: LocMoELayer uses the pairs plan (flat_fast) there
     torch.manual_seed(9)
@@ -82,6 +89,10 @@ def test_locmoe_dispatcher_in_megatron_moe_layer():
             if topk == 2:
                 assert torch.equal(r["hierarchical"][0], r["megatron"][0])
             assert r["hierarchical_traffic"]["inter_bytes"] <= r["flat_traffic"]["inter_bytes"]
+            w_shape, ids_dtype, ours_map, (mega_probs, mega_map), passed_through = r["forms"]
+            assert w_shape[1] == topk and ids_dtype == torch.int64 and mega_map.dtype == torch.bool
+            assert torch.equal(ours_map, mega_map) and passed_through
+            assert int(ours_map.sum()) == ours_map.shape[0] * topk
         r = res[("ep4_one_node", 4)]
         assert r["plan"] == "flat_fast"
         torch.testing.assert_close(r["ours"][0], r["ref"][0], rtol=1e-5, atol=1e-6)

@@ -108,12 +108,14 @@ class MegatronSystem:
             attach_token_ids(self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.01)
         self.dp_group = ps.get_data_parallel_group()
+        self.num_experts = opts.num_experts
         self.routers = [m for n, m in self.model.named_modules() if n.endswith("mlp.router")]
         self.mask = torch.triu(torch.ones(opts.seq_len, opts.seq_len, dtype=torch.bool, device=dev), 1)[None, None]
 
-    @staticmethod
-    def routing_map(output):
-        return output[1]
+    def routing_map(self, output):
+        from ..megatron.router import dense_routing_map
+
+        return dense_routing_map(output, self.num_experts)
 
     def train(self, mode: bool) -> None:
         self.model.train(mode)

@@ -36,6 +36,7 @@ import torch
 
 from ..config import ConfigError, LocMoEConfig
 from ..router import LocMoERouter
+from ..routing import index_to_dense
 from ..topology import Topology
 from .compat import aux_loss_coeff, check_supported
 
@@ -57,6 +58,16 @@ def flush_locmoe_metrics() -> None:
     for router in list(_pending):
         router.flush_telemetry()
     _pending.clear()
+
+
+def dense_routing_map(output, num_experts: int) -> torch.Tensor:
+    """``[s, n]`` bool routing map of a Megatron router's output ``(probs, routing_map)``, in either form
+    :class:`LocMoEMegatronRouter` returns (dense; or ``(weights, expert_ids)`` [s, k] inside ``LocMoELayer``);
+    for forward hooks that count routing."""
+    probs, routing_map = output
+    if routing_map.dtype == torch.bool:
+        return routing_map
+    return index_to_dense(routing_map, probs.detach(), num_experts)[1]
 
 
 class TokenIdsHandle:
