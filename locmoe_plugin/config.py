@@ -110,7 +110,7 @@ class LocMoEConfig:
     #: Node-limited routing: each token's experts lie on at most this many nodes (None = no limit).
     max_nodes_per_token: int | None = None
     #: A learned routing-score offset per expert-parallel rank (``[ep_size, n]``, zero at start, this
-    #: rank's row added to its gate logits; for "hybrid" also to the affinities it ranks by). It is the
+    #: rank's row added to its gate logits; "hybrid" ranks by the cosine of the biased logits). It is the
     #: router's only rank-aware input: the gate sees token content only and is replicated over data-
     #: parallel ranks, so on data that is distributed alike on every rank the expected cross-node share
     #: is (N-1)/N for N nodes whatever the gate learns (a token's node is independent of its content);

@@ -36,6 +36,24 @@ def test_bias_is_one_row_per_ep_rank_and_only_this_ranks_row_acts():
     assert (r(x).assignment.expert_ids[:, 0] == 5).all()
 
 
+def test_hybrid_ranks_by_the_cosine_of_the_biased_logits():
+    """GrAP, d = 4, n = 2 (groups of 2 features): the bias is a logit offset, so the hybrid ranks by
+    cos = (logit + bias) * sqrt(d/n) / ||x||, not by cos + bias. Hand-worked, bias row [0, 1.5]:
+    x = [3, 3, 1, 1]: logits [3, 1] -> biased [3, 2.5]: expert 0 (cos + bias would give 0.949 < 1.816: 1);
+    x = [1, 1, 1.2, 1.2]: logits [1, 1.2] -> biased [1, 2.7]: expert 1."""
+    topo = Topology.from_ranks_per_node(2, 1, 2, ep_rank=0)
+    cfg = LocMoEConfig(num_experts=2, hidden_size=4, topk=1, routing="hybrid", gate="grap",
+                       capacity="factor", capacity_factor=4.0, locality_loss_coeff=0.01)
+    r = LocMoERouter(cfg, topo)
+    with torch.no_grad():
+        r.locality_bias[0] = torch.tensor([0.0, 0.15])  # x locality_bias_scale 10 = [0, 1.5]
+    x = torch.tensor([[3.0, 3.0, 1.0, 1.0], [1.0, 1.0, 1.2, 1.2]])
+    out = r(x)
+    assert out.assignment.expert_ids[:, 0].tolist() == [0, 1]
+    aff = r.gate.affinity(x, r.gate(x) + torch.tensor([0.0, 1.5]))
+    torch.testing.assert_close(aff[0], torch.tensor([3.0, 2.5]) * 2**0.5 / 20**0.5)
+
+
 def test_locality_loss_trains_only_this_ranks_row_towards_local_experts():
     topo = Topology.from_ranks_per_node(4, 2, N, ep_rank=1)  # node 0 hosts experts 0-3
     r = LocMoERouter(_cfg(aux_loss_coeff=0.0, locality_loss_coeff=1.0), topo)
