@@ -99,6 +99,9 @@ class LocMoEConfig:
     capacity: str | None = None
     capacity_factor: float | None = None
     min_capacity: int = 4
+    #: Floor of the "bound" / "adaptive" factor. LocMoE+'s adaptive factor settles on it; measured
+    #: (benchmarks/RESULTS.md, EP = 2, three seeds): 0.5 -> ~250 tokens per expert of a balanced 512 at
+    #: +3.7 % validation loss, 1.0 -> ~445 tokens at +2.2 % (half the drops).
     capacity_factor_min: float = 0.5
     capacity_factor_max: float = 4.0
     #: Fixed affinity threshold for "bound"/"adaptive"; None -> estimated from the first batch.
