@@ -16,7 +16,7 @@ from typing import Any, Mapping
 GATES = ("grap", "dense")
 ROUTINGS = ("topk", "locmoe", "hybrid", "hash")
 CAPACITIES = ("none", "factor", "bound", "adaptive")
-DROP_POLICIES = ("score", "position")
+DROP_POLICIES = ("score", "choice", "position")
 AUX_SCOPES = ("ep_group", "local")
 
 #: Default locality-loss coefficient mu for routing "locmoe" / "hybrid". The papers give no value.
@@ -108,7 +108,8 @@ class LocMoEConfig:
     delta: float | None = None
     adaptive_interval: int = 100
     #: Which routed (token, expert) pairs an expert keeps when over capacity: highest "score"
-    #: (gate probability; affinity for "hybrid") or first by token "position".
+    #: (gate probability; affinity for "hybrid"), tokens' first "choice"s before their second ones (by
+    #: score inside a choice rank), or first by token "position".
     drop_policy: str = "score"
     #: Node-limited routing: each token's experts lie on at most this many nodes (None = no limit).
     max_nodes_per_token: int | None = None

@@ -179,19 +179,24 @@ def capacity_keep(
 
     ``capacity``: one limit for every expert (int or 0-d tensor), or ``[n]`` per-expert limits.
     ``policy="score"`` keeps an expert's highest-scoring pairs (ties: lower token index first);
-    ``"position"`` keeps the first pairs in token order. Pairs with id -1 are never kept. Two stable
-    argsorts give each pair its rank inside its expert's queue; no host sync.
+    ``"choice"`` keeps the pairs of tokens' first choices (slot 0) before any second choice, and so on,
+    by score inside one choice rank (GShard's priority of first choices: a token loses its later experts
+    before another token loses its first); ``"position"`` keeps the first pairs in token order. Pairs with
+    id -1 are never kept. Stable argsorts give each pair its rank inside its expert's queue; no host sync.
     """
     flat = expert_ids.reshape(-1)
     m = flat.numel()
     key = torch.where(flat >= 0, flat, num_experts)  # invalid pairs queue at a phantom expert n
-    if policy == "score":
-        by_score = torch.argsort(scores.reshape(-1).detach(), descending=True, stable=True)
-        order = by_score[torch.argsort(key[by_score], stable=True)]
+    if policy in ("score", "choice"):
+        order = torch.argsort(scores.reshape(-1).detach(), descending=True, stable=True)
+        if policy == "choice":
+            slot = torch.arange(m, device=flat.device) % expert_ids.shape[-1]
+            order = order[torch.argsort(slot[order], stable=True)]
+        order = order[torch.argsort(key[order], stable=True)]
     elif policy == "position":
         order = torch.argsort(key, stable=True)
     else:
-        raise ValueError(f"drop policy {policy!r} is not 'score' or 'position'")
+        raise ValueError(f"drop policy {policy!r} is not 'score', 'choice' or 'position'")
     counts = count_ids(key, num_experts + 1)
     starts = torch.cumsum(counts, 0) - counts
     rank_sorted = torch.arange(m, device=flat.device) - starts[key[order]]

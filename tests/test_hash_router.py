@@ -230,7 +230,9 @@ def _megatron_worker(rank, world):
     model = GPTModel(cfg, spec, vocab_size=64, max_sequence_length=8)
     seen = []
     for layer in model.decoder.layers:
-        layer.mlp.router.register_forward_hook(lambda m, args, o: seen.append((m, args[0].detach(), o[1])))
+        # inside LocMoELayer the router returns the index form; dense_routing_map gives Megatron's map
+        layer.mlp.router.register_forward_hook(
+            lambda m, args, o: seen.append((m, args[0].detach(), mrouter.dense_routing_map(o, 8))))
     input_ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(10 + rank))
     mask = torch.triu(torch.ones(1, 1, 8, 8, dtype=torch.bool), diagonal=1)
     handle = mrouter.attach_token_ids(model)

@@ -32,6 +32,18 @@ def test_capacity_keep_by_score_and_position_hand_example():
     assert keep.tolist() == [[True, False], [False, True]]
 
 
+def test_capacity_keep_first_choices_first_hand_example():
+    # 3 tokens, k=2, expert 0 may keep 2 pairs. Expert 0 is token 0's and token 1's second choice (scores
+    # 0.9, 0.8) and token 2's first (0.2). "score" keeps tokens 0 and 1 (0.9, 0.8); "choice" keeps token 2's
+    # first choice, then the best second choice (token 0, 0.9); expert 1 (capacity 2) keeps tokens 0, 1.
+    ids = torch.tensor([[1, 0], [1, 0], [0, 1]])
+    scores = torch.tensor([[0.95, 0.9], [0.85, 0.8], [0.2, 0.1]])
+    assert capacity_keep(ids, scores, 2, 2, "score").tolist() == [[True, True], [True, True], [False, False]]
+    assert capacity_keep(ids, scores, 2, 2, "choice").tolist() == [[True, True], [True, False], [True, False]]
+    with pytest.raises(ValueError, match="'score', 'choice' or 'position'"):
+        capacity_keep(ids, scores, 2, 2, "random")
+
+
 def test_hybrid_expert_choice_keeps_highest_affinity_and_reports_drops():
     # 3 tokens, 2 experts, l=1. affinity: all prefer expert 0 with 0.9, 0.2, 0.5; capacity 2
     aff = torch.tensor([[0.9, 0.1], [0.2, 0.1], [0.5, 0.3]])

@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--locmoe-adaptive-interval", type=int, default=_DEFAULTS["adaptive_interval"],
                    help="steps between re-estimations of the adaptive capacity")
     g.add_argument("--locmoe-drop-policy", choices=DROP_POLICIES, default=_DEFAULTS["drop_policy"],
-                   help="which pairs an over-full expert keeps: highest score or first position")
+                   help="which pairs an over-full expert keeps: highest score, first choices first, or first position")
     g.add_argument("--locmoe-max-nodes-per-token", type=int, default=None,
                    help="node-limited routing: each token's experts on at most this many nodes")
     g.add_argument("--locmoe-gpus-per-node", type=int, default=None,
