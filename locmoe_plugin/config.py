@@ -86,6 +86,9 @@ class LocMoEConfig:
     #: Renormalise the combine weights of a token over its selected experts (Megatron's default
     #: softmax-after-top-k gives the same numbers). Irrelevant for topk == 1 when False gives raw prob.
     renormalize: bool = True
+    #: With capacity drops: rescale a token's combine weights to sum to 1 over the experts it kept
+    #: (DeepSpeed's top-2 gate does; Megatron's capacity keeps the weights from before the drops).
+    renormalize_kept: bool = False
     aux_loss_coeff: float = 0.01
     #: Where the aux loss measures balance. "ep_group" (default): expert loads f_i are summed over the
     #: expert-parallel group (one all-reduce of n counts per layer), so balance is global while the
@@ -186,6 +189,9 @@ class LocMoEConfig:
                 f"routing={self.routing!r} {why}; set locality_loss_coeff=0 or change routing"
             )
 
+        for flag in ("renormalize", "renormalize_kept"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag}={getattr(self, flag)!r} must be True or False")
         _non_negative("locality_bias_scale", self.locality_bias_scale)
         if self.locality_bias is None:
             object.__setattr__(self, "locality_bias", self.locality_loss_coeff > 0)

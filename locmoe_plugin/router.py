@@ -238,6 +238,7 @@ class LocMoERouter(nn.Module):
             topk=c.topk,
             mode=c.routing,
             renormalize=c.renormalize,
+            renormalize_kept=c.renormalize_kept,
             affinity=affinity,
             capacity=capacity,
             drop_policy=c.drop_policy,

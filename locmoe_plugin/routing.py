@@ -230,6 +230,7 @@ def route(
     topk: int,
     mode: str = "locmoe",
     renormalize: bool = True,
+    renormalize_kept: bool = False,
     affinity: torch.Tensor | None = None,
     capacity=None,
     drop_policy: str = "score",
@@ -251,6 +252,10 @@ def route(
             (the experts of :func:`hash_experts`, weight ``1/k`` each - 1.0 for k = 1 - so the output
             is the mean of the token's experts; every pair scores alike, so over-full experts keep
             their first pairs in token order whatever ``drop_policy`` says).
+        renormalize: combine weights of a token sum to 1 over its selected experts.
+        renormalize_kept: after capacity drops, rescale a token's weights to sum to 1 over the experts
+            it kept (DeepSpeed's top-2 gate does; Megatron keeps the weights from before the drops).
+            A token that kept nothing keeps weight 0. Not used by ``hash``.
         affinity: ``[s, n]`` fp32 token-expert cosine; required for ``hybrid``.
         capacity: max pairs per expert (int or 0-d tensor) or None for dropless.
         allowed: ``[s, n]`` bool experts a token may choose, or None.
@@ -310,4 +315,6 @@ def route(
         keep = capacity_keep(ids, scores, capacity, logits.shape[-1], drop_policy)
         kept_ids = torch.where(keep, ids, -1)
         weights = torch.where(keep, weights, 0.0)
+        if renormalize_kept:  # a token that lost experts puts their weight on the ones it kept
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
     return Assignment(kept_ids, weights, ids, logits.shape[-1]), probs

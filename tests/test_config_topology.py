@@ -31,7 +31,7 @@ BASE = dict(num_experts=16, hidden_size=1024, topk=2)
         (dict(capacity_factor_min=2.0, capacity_factor_max=1.0), r"must satisfy 0 < min <= max"),
         (dict(delta=1.5), r"delta=1.5 is outside \(0, 1\).*leave it None"),
         (dict(adaptive_interval=0), r"adaptive_interval=0 must be an integer >= 1"),
-        (dict(drop_policy="random"), r"drop_policy='random' is not one of 'score', 'position'"),
+        (dict(drop_policy="random"), r"drop_policy='random' is not one of 'score', 'choice', 'position'"),
         (dict(max_nodes_per_token=0), r"max_nodes_per_token=0 must be an integer >= 1"),
         (dict(gpus_per_node=0), r"gpus_per_node=0 must be an integer >= 1"),
     ],

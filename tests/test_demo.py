@@ -123,3 +123,14 @@ def test_report_merges_runs(tmp_path, capsys):
     assert table.count("\nbaseline ") == 2 and table.count("\nlocmoe+ ") == 2
     assert "1.981" in table and "1.869" in table  # the two seeds' baseline validation losses
     assert (tmp_path / "merged.png").exists()
+
+
+def test_system_specs_parse_numbers_words_and_bools():
+    from locmoe_plugin.demo.megatron_job import parse_system
+
+    assert parse_system("locmoe+:mu=0.03,capacity_factor_min=1,renormalize_kept=true,drop_policy=choice") == (
+        "locmoe+", {"locality_loss_coeff": 0.03, "capacity_factor_min": 1, "renormalize_kept": True,
+                    "drop_policy": "choice"})
+    assert parse_system("locmoe:renormalize=False") == ("locmoe", {"renormalize": False})
+    with pytest.raises(ValueError, match="the baseline takes no LocMoE options"):
+        parse_system("baseline:mu=0.1")

@@ -1,5 +1,7 @@
 """Routing: top-k, LocMoE, LocMoE+ hybrid, capacity, node-limited; index and Megatron forms."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -42,6 +44,21 @@ def test_capacity_keep_first_choices_first_hand_example():
     assert capacity_keep(ids, scores, 2, 2, "choice").tolist() == [[True, True], [True, False], [True, False]]
     with pytest.raises(ValueError, match="'score', 'choice' or 'position'"):
         capacity_keep(ids, scores, 2, 2, "random")
+
+
+def test_renormalize_kept_moves_a_dropped_experts_weight_to_the_kept_one():
+    # k=2 of 3 experts, capacity 1: both tokens want expert 0 (same probability: token 0 keeps it, lower
+    # index first); token 1 keeps only expert 2, whose weight e^1/(e^2+e^1) = 0.269 becomes 1.0
+    logits = torch.tensor([[2.0, 1.0, 0.0], [2.0, 0.0, 1.0]])
+    a, _ = route(logits, topk=2, mode="locmoe", capacity=1)
+    b, _ = route(logits, topk=2, mode="locmoe", capacity=1, renormalize_kept=True)
+    assert a.expert_ids.tolist() == b.expert_ids.tolist() == [[0, 1], [-1, 2]]
+    w = math.exp(1) / (math.exp(2) + math.exp(1))
+    torch.testing.assert_close(a.weights, torch.tensor([[1 - w, w], [0.0, w]]))
+    torch.testing.assert_close(b.weights, torch.tensor([[1 - w, w], [0.0, 1.0]]))
+    # a token that kept nothing stays at weight 0 (no NaN)
+    c, _ = route(logits, topk=2, mode="locmoe", capacity=torch.tensor([0, 1, 0]), renormalize_kept=True)
+    assert c.weights[1].tolist() == [0.0, 0.0] and torch.isfinite(c.weights).all()
 
 
 def test_hybrid_expert_choice_keeps_highest_affinity_and_reports_drops():

@@ -38,7 +38,7 @@ ALIASES = {"mu": "locality_loss_coeff"}
 
 def parse_system(spec: str) -> tuple[str, dict]:
     """``"locmoe:mu=0.03,capacity=bound"`` -> ``("locmoe", {"locality_loss_coeff": 0.03, "capacity":
-    "bound"})``. Values are parsed as numbers where they look like numbers."""
+    "bound"})``. Values are parsed as numbers where they look like numbers, ``true`` / ``false`` as bools."""
     name, _, opts = spec.partition(":")
     if name not in BASE_SETTINGS:
         raise ValueError(f"--systems: unknown system {name!r}; choose from {', '.join(BASE_SETTINGS)}")
@@ -47,12 +47,15 @@ def parse_system(spec: str) -> tuple[str, dict]:
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"--systems: {spec!r}: options are key=value (e.g. locmoe:mu=0.03,gate=dense)")
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                continue
+        if value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(value)
+                    break
+                except ValueError:
+                    continue
         overrides[ALIASES.get(key, key)] = value
     if name == "baseline" and overrides:
         raise ValueError(f"--systems: {spec!r}: the baseline takes no LocMoE options")
