@@ -88,6 +88,7 @@ class LocMoEConfig:
     renormalize: bool = True
     #: With capacity drops: rescale a token's combine weights to sum to 1 over the experts it kept
     #: (DeepSpeed's top-2 gate does; Megatron's capacity keeps the weights from before the drops).
+    #: Off by default: on the CPU demo it raised LocMoE's and LocMoE+'s validation loss (RESULTS.md).
     renormalize_kept: bool = False
     aux_loss_coeff: float = 0.01
     #: Where the aux loss measures balance. "ep_group" (default): expert loads f_i are summed over the

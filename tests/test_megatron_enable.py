@@ -45,6 +45,10 @@ def test_flags_parse_and_reach_the_settings():
     overrides, dispatcher = settings_from_args(ns)
     assert overrides == {"routing": "hybrid", "locality_loss_coeff": 0.05, "capacity": "bound", "gpus_per_node": 2}
     assert dispatcher == "flat"
+    ns = _args("--locmoe", "--locmoe-routing", "hybrid", "--locmoe-capacity-factor-min", "1.0",
+               "--locmoe-renormalize-kept", "--locmoe-drop-policy", "choice")
+    assert settings_from_args(ns)[0] == {"routing": "hybrid", "capacity_factor_min": 1.0, "renormalize_kept": True,
+                                         "drop_policy": "choice"}
     # defaults come from the core config
     ns = _args("--locmoe")
     assert settings_from_args(ns) == ({}, "hierarchical")

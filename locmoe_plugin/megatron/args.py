@@ -30,6 +30,8 @@ _FIELDS = {
     "locmoe_capacity": "capacity",
     "locmoe_capacity_factor": "capacity_factor",
     "locmoe_min_capacity": "min_capacity",
+    "locmoe_capacity_factor_min": "capacity_factor_min",
+    "locmoe_renormalize_kept": "renormalize_kept",
     "locmoe_delta": "delta",
     "locmoe_adaptive_interval": "adaptive_interval",
     "locmoe_drop_policy": "drop_policy",
@@ -67,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="affinity threshold of the capacity bound (default: estimated from the first batch)")
     g.add_argument("--locmoe-adaptive-interval", type=int, default=_DEFAULTS["adaptive_interval"],
                    help="steps between re-estimations of the adaptive capacity")
+    g.add_argument("--locmoe-capacity-factor-min", type=float, default=_DEFAULTS["capacity_factor_min"],
+                   help="floor of the bound/adaptive capacity factor (LocMoE+ settles on it: higher keeps more "
+                        "pairs per expert; see benchmarks/RESULTS.md)")
+    g.add_argument("--locmoe-renormalize-kept", action="store_true",
+                   help="after capacity drops, a token's combine weights sum to 1 over the experts it kept")
     g.add_argument("--locmoe-drop-policy", choices=DROP_POLICIES, default=_DEFAULTS["drop_policy"],
                    help="which pairs an over-full expert keeps: highest score, first choices first, or first position")
     g.add_argument("--locmoe-max-nodes-per-token", type=int, default=None,
