@@ -224,7 +224,10 @@ def build_megatron_layer(ctx: Ctx, dispatcher: str, dtype, locmoe: dict | None =
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     from locmoe_plugin.megatron.dispatcher import make_locmoe_layer_class
+    from locmoe_plugin.megatron.enable import enable_metrics_report
     from locmoe_plugin.megatron.router import LocMoEMegatronRouter
+
+    enable_metrics_report()  # as Megatron-LM with --locmoe: router losses summed for the report (idempotent)
 
     cfg = megatron_config(ctx, dispatcher, dtype, group_limited)
     experts = ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,

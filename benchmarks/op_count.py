@@ -144,6 +144,10 @@ def _megatron_layers(a: argparse.Namespace, rank: int, world: int) -> dict:
     from locmoe_plugin.megatron.dispatcher import make_locmoe_layer_class
     from locmoe_plugin.megatron.router import LocMoEMegatronRouter
 
+    if a.report_flush:  # as Megatron-LM with --locmoe: the routers' losses are recorded at the report
+        from locmoe_plugin.megatron.enable import enable_metrics_report
+
+        enable_metrics_report()
     parallel_state.initialize_model_parallel(expert_model_parallel_size=world)
     cfg = TransformerConfig(num_layers=1, hidden_size=a.hidden, num_attention_heads=4, num_moe_experts=a.experts,
                             moe_router_topk=a.topk, moe_token_dispatcher_type="alltoall",
@@ -207,6 +211,9 @@ def main() -> None:
     p.add_argument("--megatron", action="store_true",
                    help="also count megatron-core's MoELayer (TopKRouter + alltoall) and LocMoELayer")
     p.add_argument("--detail", action="store_true", help="list the kernels of each phase")
+    p.add_argument("--report-flush", action="store_true",
+                   help="with --megatron: apply enable()'s metrics-report patch (as Megatron-LM with --locmoe), "
+                        "so the LocMoE router sums its loss values for the report instead of logging each")
     a = p.parse_args()
     a.gpus_per_node = a.gpus_per_node or a.nproc
     from locmoe_plugin.comm.selfcheck import free_port

@@ -52,7 +52,10 @@ def main() -> None:
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     from locmoe_plugin.megatron.dispatcher import make_locmoe_layer_class
+    from locmoe_plugin.megatron.enable import enable_metrics_report
     from locmoe_plugin.megatron.router import LocMoEMegatronRouter
+
+    enable_metrics_report()  # as Megatron-LM with --locmoe: router losses summed for the report (idempotent)
 
     ps.initialize_model_parallel(expert_model_parallel_size=world)
     model_parallel_cuda_manual_seed(0)

@@ -264,3 +264,20 @@ def test_gpt_token_ids_patch_attaches_only_for_hash_routing():
     assert m._locmoe_ids is not None and len(m._forward_pre_hooks) == 1
     m._locmoe_ids.remove()
     assert not m._forward_pre_hooks
+
+
+def test_enable_metrics_report_alone_turns_on_deferred_loss_records():
+    from locmoe_plugin.megatron import disable, enable_metrics_report, status
+    from locmoe_plugin.megatron.router import _report_flushes
+
+    disable()
+    assert not _report_flushes()
+    names = enable_metrics_report()
+    try:
+        assert names and all(n.startswith("megatron-moe-metrics") for n in names)
+        assert enable_metrics_report() == []  # idempotent
+        assert _report_flushes()
+        assert not status()["megatron-moe-spec"] and not status()["megatron-args"]  # only the report
+    finally:
+        disable()
+    assert not _report_flushes()

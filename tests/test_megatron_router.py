@@ -96,6 +96,28 @@ def _layer_worker(rank, world, cases):
         flush_locmoe_metrics()  # nothing pending any more: a second flush records nothing
         again = {k: v["values"].clone() for k, v in moe_utils.get_moe_layer_wise_logging_tracker().items()}
 
+        # with Megatron's report flushing the routers first (enable()'s metrics patch), the loss values are
+        # summed on the device and recorded at the flush: the same totals as one record per forward
+        import locmoe_plugin.megatron.router as mrouter
+
+        def two_forwards(defer):
+            original = mrouter._report_flushes
+            mrouter._report_flushes = lambda: defer
+            try:
+                moe_utils.clear_aux_losses_tracker()
+                with torch.no_grad():
+                    layer(x)
+                    layer(x)
+                snap = lambda: {k: v["values"].clone() for k, v in moe_utils.get_moe_layer_wise_logging_tracker().items()}
+                pre = snap()
+                flush_locmoe_metrics()
+                return pre, snap()
+            finally:
+                mrouter._report_flushes = original
+
+        deferred = two_forwards(True)
+        immediate = two_forwards(False)
+
         # dense reference: every expert's weights gathered, the same router, the losses added directly
         def gather(w):
             parts = [torch.empty_like(w) for _ in range(world)]
@@ -116,6 +138,7 @@ def _layer_worker(rank, world, cases):
         results.append(dict(
             y=y.detach(), ref=ref.detach().reshape(6, 2, 32), gx=x.grad, gref=xr.grad, tracked=tracked,
             again=again, expected=expected, telemetry_before_flush=telemetry_before_flush,
+            deferred=deferred, immediate=immediate,
             sp_attr=None if gate_w is None else getattr(gate_w, "sequence_parallel", "missing"),
             topology=layer.router.topology.node_of_rank,
         ))
@@ -142,6 +165,11 @@ def test_locmoe_router_in_megatron_moe_layer_matches_dense_reference():
             for i, name in enumerate(("locmoe_cross_node_share", "locmoe_dropped_share", "locmoe_max_over_mean_load")):
                 assert r["tracked"][name][0].item() == pytest.approx(r["expected"][i], rel=1e-6)
                 assert torch.equal(r["again"][name], r["tracked"][name])
+            (pre, post), (_, post_immediate) = r["deferred"], r["immediate"]
+            assert float(pre["load_balancing_loss"].abs().sum()) == 0.0  # deferred: nothing in forward
+            assert post["load_balancing_loss"][0] > 0
+            for name in post_immediate:
+                torch.testing.assert_close(post[name], post_immediate[name], msg=name)
             if "capacity" in case:  # the hybrid case drops pairs: the dropped share is not trivially 0
                 assert r["tracked"]["locmoe_dropped_share"][0] > 0
             if case["gate"] == "dense":
@@ -169,7 +197,7 @@ def test_telemetry_flush_pools_the_forwards_since_the_last_report():
         layer_number=1, locmoe_config=types.SimpleNamespace(num_experts=4),
         _log=lambda name, value: logged.__setitem__(name, value.item()),
         # two forwards: (cross, dropped, kept, busiest) = (3, 1, 8, 4) + (1, 1, 8, 2)
-        _telemetry_sum=torch.tensor([4, 2, 16, 6]), _telemetry_forwards=2,
+        _telemetry_sum=torch.tensor([4, 2, 16, 6]), _telemetry_forwards=2, _loss_sums={},
     )
     LocMoEMegatronRouter.flush_telemetry(fake)
     # pooled: 4/16 crossing, 2/18 dropped, busiest 6/2 = 3 of a mean 16/2/4 = 2 -> 1.5; times 2 forwards

@@ -9,8 +9,14 @@ own megatron-core script, ``locmoe_spec(spec, ...)`` / ``MoESubmodules(router=pa
 
 from .args import add_arguments, settings_from_args
 from .compat import UnsupportedMegatronError, check_supported, megatron_core_version
-from .enable import PATCHES, disable, enable, status
-from .router import LocMoEMegatronRouter, attach_token_ids, flush_locmoe_metrics, locmoe_config_from_megatron
+from .enable import PATCHES, disable, enable, enable_metrics_report, status
+from .router import (
+    LocMoEMegatronRouter,
+    attach_token_ids,
+    dense_routing_map,
+    flush_locmoe_metrics,
+    locmoe_config_from_megatron,
+)
 from .spec import count_locmoe_layers, locmoe_spec
 
 __all__ = [
@@ -21,8 +27,10 @@ __all__ = [
     "attach_token_ids",
     "check_supported",
     "count_locmoe_layers",
+    "dense_routing_map",
     "disable",
     "enable",
+    "enable_metrics_report",
     "flush_locmoe_metrics",
     "locmoe_config_from_megatron",
     "locmoe_spec",

@@ -241,6 +241,22 @@ def enable(settings: dict | None = None, dispatcher: str = "hierarchical") -> li
     return applied
 
 
+def enable_metrics_report() -> list[str]:
+    """Apply only the metrics-report patches (what ``enable()`` does for the report): Megatron's MoE
+    metrics report then flushes the LocMoE routers first, so they sum their losses and telemetry on the
+    device between reports. For scripts that build ``LocMoELayer`` themselves and report Megatron's tracker
+    (benchmarks use it to run as Megatron-LM with ``--locmoe`` does). Returns the names applied."""
+    applied = []
+    for p in PATCHES:
+        if p.name.startswith("megatron-moe-metrics"):
+            try:
+                if p.apply():
+                    applied.append(p.name)
+            except (ImportError, AttributeError):  # not in this megatron version
+                continue
+    return applied
+
+
 def disable() -> list[str]:
     """Remove the patches and explicit settings; returns the names removed."""
     _explicit.clear()

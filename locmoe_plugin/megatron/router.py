@@ -44,7 +44,18 @@ _token_ids: torch.Tensor | None = None  # set by attach_token_ids' hooks during 
 
 #: LocMoE's telemetry in Megatron's MoE metrics tracker (the losses are recorded as TopKRouter records its own)
 TELEMETRY_METRICS = ("locmoe_cross_node_share", "locmoe_dropped_share", "locmoe_max_over_mean_load")
+#: the router's losses in Megatron's tracker (TopKRouter's names where it has the same loss)
+LOSS_METRICS = {"aux": "load_balancing_loss", "locality": "locmoe_locality_loss", "z": "z_loss"}
 _pending: "weakref.WeakSet[LocMoEMegatronRouter]" = weakref.WeakSet()  # routers with unrecorded telemetry
+
+
+def _report_flushes() -> bool:
+    """Whether Megatron's MoE metrics report flushes the LocMoE routers first (:func:`enable`'s metrics
+    patch is on): then the routers also sum their loss values on the device and record them at the flush,
+    instead of recording each forward's (a few host ops per loss and forward saved; the same totals)."""
+    from .enable import PATCHES
+
+    return any(p.applied for p in PATCHES if p.name.startswith("megatron-moe-metrics"))
 
 
 def flush_locmoe_metrics() -> None:
@@ -54,7 +65,8 @@ def flush_locmoe_metrics() -> None:
     The routers keep their telemetry in one small device tensor per layer and add to it in forward (one
     kernel); Megatron's tracker takes a few host ops per metric and call, which on one node is host time
     the layer cannot spare. :func:`locmoe_plugin.megatron.enable` patches Megatron's metrics report to call
-    this first; a training loop that reports the tracker itself calls it before reporting."""
+    this first; a training loop that reports the tracker itself calls it before reporting. With that patch
+    on, the routers' loss values are summed the same way and recorded here too (:func:`_report_flushes`)."""
     for router in list(_pending):
         router.flush_telemetry()
     _pending.clear()
@@ -195,6 +207,7 @@ class LocMoEMegatronRouter(torch.nn.Module):
         #: set by ``LocMoELayer``, whose dispatcher reads the index form (see :meth:`forward`)
         self.index_form = False
         self._telemetry_sum: torch.Tensor | None = None  # raw telemetry counts summed since the last flush
+        self._loss_sums: dict[str, torch.Tensor] = {}  # loss values summed since the last flush (deferred)
         self._telemetry_forwards = 0
         if getattr(config, "moe_router_enable_expert_bias", False):
             # finalize_model_grads would then update every module with an `expert_bias` by TopKRouter's rules
@@ -295,6 +308,13 @@ class LocMoEMegatronRouter(torch.nn.Module):
         save_to_aux_losses_tracker(name, value.detach().float(), self.layer_number, num_layers,
                                    reduce_group=self.tp_cp_group)
 
+    def _log_loss(self, key: str, value: torch.Tensor) -> None:
+        """A loss value (coefficient included) into the tracker as Megatron logs its own: without the
+        coefficient, under Megatron's names."""
+        c = self.locmoe_config
+        coeff = {"aux": c.aux_loss_coeff, "locality": c.locality_loss_coeff, "z": c.z_loss_coeff}[key]
+        self._log(LOSS_METRICS[key], value / coeff)
+
     def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """``hidden [S, B, d]`` (or ``[s, d]``) -> ``(probs [s, n] fp32, routing_map [s, n] bool)``.
 
@@ -318,14 +338,19 @@ class LocMoEMegatronRouter(torch.nn.Module):
             probs, routing_map = out.assignment.weights, out.assignment.expert_ids
         else:
             probs, routing_map = out.to_megatron()
-        c = self.locmoe_config
-        coeffs = {"aux": c.aux_loss_coeff, "locality": c.locality_loss_coeff, "z": c.z_loss_coeff}
-        names = {"aux": "load_balancing_loss", "locality": "locmoe_locality_loss", "z": "z_loss"}
         if out.losses:
             # one autoscaler for the sum: each loss gets the same scaled gradient as with one per loss
             probs = MoEAuxLossAutoScaler.apply(probs, out.total_loss)
-        for key, loss in out.losses.items():
-            self._log(names[key], loss / coeffs[key])
+        if self.layer_number is not None and out.losses and _report_flushes():
+            for key, loss in out.losses.items():  # one kernel per loss; recorded at the flush
+                if key in self._loss_sums:
+                    self._loss_sums[key].add_(loss.detach())
+                else:
+                    self._loss_sums[key] = loss.detach().float().clone()
+            _pending.add(self)
+        else:
+            for key, loss in out.losses.items():
+                self._log_loss(key, loss)
         if self.layer_number is not None:  # as the tracker: no layer number, nothing recorded
             # raw int64 counts summed per layer on the device (four kernels per forward): kept pairs
             # crossing nodes, dropped pairs, kept pairs, the busiest expert's kept pairs; ratios at the flush
@@ -345,6 +370,10 @@ class LocMoEMegatronRouter(torch.nn.Module):
         :func:`flush_locmoe_metrics`): each share pooled over the forwards (crossing / kept pairs, dropped /
         requested pairs, mean busiest-expert load / mean load), recorded times the number of forwards
         because the tracker sums one record per forward and Megatron divides by the micro-batches."""
+        if self.layer_number is not None:
+            for key, total in self._loss_sums.items():  # the tracker sums records: one record of the sum
+                self._log_loss(key, total)
+        self._loss_sums = {}
         if self._telemetry_sum is not None and self.layer_number is not None:
             cross, dropped, kept, peak = self._telemetry_sum.double()
             values = torch.stack([cross / kept.clamp_min(1), dropped / (kept + dropped).clamp_min(1),
