@@ -216,18 +216,18 @@ class LocMoERouter(nn.Module):
             # half-precision wrappers (Megatron's Float16Module, .half()) cast buffers; increments of
             # ~1e-3 vanish in bf16, so the offsets live in fp32 (as Megatron keeps its expert bias)
             self.expert_bias.data = self.expert_bias.data.float()
-        need_aff = c.routing == "hybrid" or self.capacity.needs_affinity(self.training)
         # the capacity estimate reads the token features' own affinity, without the locality bias
-        affinity = self.gate.affinity(x, logits) if need_aff else None
+        affinity = self.gate.affinity(x, logits) if self.capacity.needs_affinity(self.training) else None
         capacity = self.capacity.capacity(s, affinity, self.training)
         if self.locality_bias is not None:
             bias = self.locality_bias[self.topology.ep_rank].to(logits.dtype) * c.locality_bias_scale
             logits = logits + bias
-            if c.routing == "hybrid":
-                # the bias is a logit offset: the hybrid ranks by the cosine of the biased logits (the
-                # gate's per-token, per-expert normalisation applied to the offset too). Added to the
-                # cosine as is, an offset of order 1 outweighs every token's content (cosines ~0.1).
-                affinity = self.gate.affinity(x, logits)
+            # the bias is a logit offset: the hybrid ranks by the cosine of the biased logits (the gate's
+            # per-token, per-expert normalisation applied to the offset too). Added to the cosine as is, an
+            # offset of order 1 outweighs every token's content (cosines ~0.1).
+            affinity = None
+        if c.routing == "hybrid" and affinity is None:
+            affinity = self.gate.affinity(x, logits)
 
         node_limit = None
         if c.max_nodes_per_token is not None and c.max_nodes_per_token < self.topology.num_nodes:

@@ -224,6 +224,11 @@ def node_demand_capacity(expert_ids: torch.Tensor, capacity: int, expert_to_node
     return per_node[expert_to_node]
 
 
+def _rows_sum_to_one(w: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its sum; an all-zero row stays 0 (no NaN)."""
+    return w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+
+
 def route(
     logits: torch.Tensor | None,
     *,
@@ -305,7 +310,7 @@ def route(
     ids = torch.topk(select_by, topk, dim=-1).indices  # [s, k]
     weights = torch.gather(probs, 1, ids)
     if renormalize:
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+        weights = _rows_sum_to_one(weights)
     if capacity is None:
         kept_ids = ids
     else:
@@ -316,5 +321,5 @@ def route(
         kept_ids = torch.where(keep, ids, -1)
         weights = torch.where(keep, weights, 0.0)
         if renormalize_kept:  # a token that lost experts puts their weight on the ones it kept
-            weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+            weights = _rows_sum_to_one(weights)
     return Assignment(kept_ids, weights, ids, logits.shape[-1]), probs

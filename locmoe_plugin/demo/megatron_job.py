@@ -22,6 +22,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from ..megatron.router import dense_routing_map  # imports no Megatron module itself
 from .corpus import VOCAB_SIZE
 
 
@@ -116,8 +117,6 @@ class MegatronSystem:
         self.mask = torch.triu(torch.ones(opts.seq_len, opts.seq_len, dtype=torch.bool, device=dev), 1)[None, None]
 
     def routing_map(self, output):
-        from ..megatron.router import dense_routing_map
-
         return dense_routing_map(output, self.num_experts)
 
     def train(self, mode: bool) -> None:

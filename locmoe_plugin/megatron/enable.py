@@ -222,6 +222,10 @@ PATCHES = (
 )
 
 
+#: the patches through which Megatron's MoE metrics report flushes the LocMoE routers first
+METRICS_PATCHES = tuple(p for p in PATCHES if p.name.startswith("megatron-moe-metrics"))
+
+
 def enable(settings: dict | None = None, dispatcher: str = "hierarchical") -> list[str]:
     """Apply the patches (idempotent). ``settings``: LocMoE overrides to use without Megatron-LM's
     argument parser (megatron-core scripts); without it, ``--locmoe`` on the command line decides.
@@ -247,13 +251,12 @@ def enable_metrics_report() -> list[str]:
     device between reports. For scripts that build ``LocMoELayer`` themselves and report Megatron's tracker
     (benchmarks use it to run as Megatron-LM with ``--locmoe`` does). Returns the names applied."""
     applied = []
-    for p in PATCHES:
-        if p.name.startswith("megatron-moe-metrics"):
-            try:
-                if p.apply():
-                    applied.append(p.name)
-            except (ImportError, AttributeError):  # not in this megatron version
-                continue
+    for p in METRICS_PATCHES:
+        try:
+            if p.apply():
+                applied.append(p.name)
+        except (ImportError, AttributeError):  # not in this megatron version
+            continue
     return applied
 
 

@@ -53,9 +53,9 @@ def _report_flushes() -> bool:
     """Whether Megatron's MoE metrics report flushes the LocMoE routers first (:func:`enable`'s metrics
     patch is on): then the routers also sum their loss values on the device and record them at the flush,
     instead of recording each forward's (a few host ops per loss and forward saved; the same totals)."""
-    from .enable import PATCHES
+    from .enable import METRICS_PATCHES
 
-    return any(p.applied for p in PATCHES if p.name.startswith("megatron-moe-metrics"))
+    return any(p.applied for p in METRICS_PATCHES)
 
 
 def flush_locmoe_metrics() -> None:
@@ -366,8 +366,9 @@ class LocMoEMegatronRouter(torch.nn.Module):
         return probs, routing_map
 
     def flush_telemetry(self) -> None:
-        """Record this layer's telemetry since the last flush in Megatron's tracker (see
-        :func:`flush_locmoe_metrics`): each share pooled over the forwards (crossing / kept pairs, dropped /
+        """Record this layer's summed loss values (when deferred, see :func:`_report_flushes`) and telemetry
+        since the last flush in Megatron's tracker (see :func:`flush_locmoe_metrics`): each share pooled over
+        the forwards (crossing / kept pairs, dropped /
         requested pairs, mean busiest-expert load / mean load), recorded times the number of forwards
         because the tracker sums one record per forward and Megatron divides by the micro-batches."""
         if self.layer_number is not None:
