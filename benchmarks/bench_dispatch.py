@@ -11,7 +11,10 @@ probs in its experts; our combine applies them), so only data movement and its b
 with --expert-ffn N each local expert is a d -> N -> d GELU MLP (same weights for every system).
 
 Systems:
-  hierarchical  this package, rail-aligned inter-node stage + intra-node fan-out (TokenDispatcher)
+  hierarchical  this package, TokenDispatcher("hierarchical"): rail-aligned inter-node stage + intra-node
+                fan-out; on a one-node group it runs the single-stage pairs plan (comm.dispatcher.resolve_mode)
+  hier_tree     one node only: the two-stage plan forced (exact_tree=True; per-rank deduplication, sums in
+                the node / rank / expert tree, bitwise equal to the exact flat plan)
   flat          this package, one EP-wide NCCL all-to-all of (token, expert) pairs ("flat_fast" plan)
   megatron      megatron-core's MoEAlltoAllTokenDispatcher (the 'alltoall' dispatcher), unfused permute
   hier_overlap  hierarchical, TokenDispatcher.forward with --chunks chunks pipelined on side streams
@@ -42,7 +45,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--experts", type=int, nargs="+", default=[32, 64])
     p.add_argument("--topk", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--systems", nargs="+", default=["hierarchical", "flat", "megatron"])
+    p.add_argument("--systems", nargs="+", default=["hierarchical", "hier_tree", "flat", "megatron"])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
@@ -151,8 +154,12 @@ def main() -> None:
                         y = disp.forward(xx, ids, ww, lambda inp, tpe: apply_experts(experts, inp, tpe), args.chunks)
                         y.backward(cot)
                         return y
+                elif system == "hier_tree" and topo.num_nodes > 1:
+                    continue  # across nodes "hierarchical" already is the two-stage plan
                 else:
-                    disp = TokenDispatcher(groups, "hierarchical" if system == "hierarchical" else "flat_fast")
+                    disp = TokenDispatcher(
+                        groups, "flat_fast" if system == "flat" else "hierarchical", exact_tree=system == "hier_tree"
+                    )
 
                     def step(disp=disp):
                         xx = x.clone().requires_grad_(True)
@@ -187,7 +194,7 @@ def main() -> None:
                 ms = torch.tensor([statistics.median(samples) * 1e3], device=dev, dtype=torch.float64)
                 dist.all_reduce(ms, op=dist.ReduceOp.MAX)
                 res[system] = {"ms": ms.item()}
-                if system in ("hierarchical", "flat", "hier_overlap"):
+                if system in ("hierarchical", "hier_tree", "flat", "hier_overlap"):
                     tr = disp.traffic
                     calls = max(tr.calls, 1)
                     b = torch.tensor([tr.inter_bytes / calls, tr.intra_bytes / calls], device=dev, dtype=torch.float64)
@@ -221,18 +228,18 @@ def main() -> None:
 def print_table(meta, rows) -> None:
     print(f"\n{meta['ranks']} ranks as {meta['nodes']} node(s), {meta['tokens_per_rank']} tokens/rank, hidden "
           f"{meta['hidden']}, {meta['dtype']}, {meta['device']}; dispatch+combine fwd+bwd, median ms (max over ranks)")
-    print(f"{'E':>3} {'k':>2} {'cross':>6} {'hier ms':>8} {'flat ms':>8} {'mcore ms':>9} {'overlap ms':>9} {'flat/hier':>9} "
-          f"{'mcore/hier':>10} {'hier inter MiB':>14} {'flat inter MiB':>14}")
+    print(f"{'E':>3} {'k':>2} {'cross':>6} {'hier ms':>8} {'tree ms':>8} {'flat ms':>8} {'mcore ms':>9} {'overlap ms':>9} "
+          f"{'flat/hier':>9} {'flat/tree':>9} {'mcore/hier':>10} {'hier inter MiB':>14} {'flat inter MiB':>14}")
     for r in rows:
         s = r["systems"]
 
         def ms(name):
             return s.get(name, {}).get("ms", float("nan"))
 
-        h, f, m, o = ms("hierarchical"), ms("flat"), ms("megatron"), ms("hier_overlap")
-        print(f"{r['experts']:>3} {r['topk']:>2} {r['cross_node_pair_share']:>6.2f} {h:>8.2f} {f:>8.2f} {m:>9.2f} "
+        h, t, f, m, o = ms("hierarchical"), ms("hier_tree"), ms("flat"), ms("megatron"), ms("hier_overlap")
+        print(f"{r['experts']:>3} {r['topk']:>2} {r['cross_node_pair_share']:>6.2f} {h:>8.2f} {t:>8.2f} {f:>8.2f} {m:>9.2f} "
               f"{o:>9.2f} "
-              f"{f / h:>9.2f} {m / h:>10.2f} {s.get('hierarchical', {}).get('inter_node_MiB', float('nan')):>14.1f} "
+              f"{f / h:>9.2f} {f / t:>9.2f} {m / h:>10.2f} {s.get('hierarchical', {}).get('inter_node_MiB', float('nan')):>14.1f} "
               f"{s.get('flat', {}).get('inter_node_MiB', float('nan')):>14.1f}")
 
 

@@ -378,7 +378,15 @@ def routing_stats(ctx: Ctx, expert_ids: torch.Tensor) -> dict:
     tot = ctx.allsum([remote.sum().item(), kept.sum().item(), (~kept).sum().item()])
     return {"cross_node_share": tot[0] / max(tot[1], 1), "remote_pairs_this_rank": int(remote.sum().item()),
             "dropped_share": tot[2] / max(tot[1] + tot[2], 1),
-            "max_over_mean_load": (load.max() / load.mean().clamp_min(1e-9)).item()}
+            "max_over_mean_load": (load.max() / load.mean().clamp_min(1e-9)).item(),
+            "rank_max_over_mean_rows": rank_imbalance(load, ctx.world), "tokens_per_expert": load}
+
+
+def rank_imbalance(load: torch.Tensor, world: int) -> float:
+    """Global rows per expert ``[E]`` -> the busiest EP rank's rows over the mean rank's (experts placed
+    contiguously, E / world per rank): what the per-rank expert GEMMs wait for."""
+    per_rank = load.to(torch.float64).reshape(world, -1).sum(1)
+    return (per_rank.max() / per_rank.mean().clamp_min(1e-9)).item()
 
 
 def routing_map_ids(routing_map: torch.Tensor, k: int) -> torch.Tensor:
@@ -582,7 +590,8 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
                           tr.intra_bytes])
         res.update(cross_node_share=tot[0] / max(tot[1], 1), inter_node_MiB=tot[2] / 2**20,
                    intra_node_MiB=tot[3] / 2**20,
-                   max_over_mean_load=(tpe_global.max() / tpe_global.mean().clamp_min(1e-9)).item())
+                   max_over_mean_load=(tpe_global.max() / tpe_global.mean().clamp_min(1e-9)).item(),
+                   rank_max_over_mean_rows=rank_imbalance(tpe_global, ctx.world))
         # floor
         bw = ctx.bw_inter
         inter_s = 2 * (ctx.allmax(tr.dispatch_inter_bytes) + ctx.allmax(tr.combine_inter_bytes)) / bw if bw else 0.0
@@ -611,7 +620,11 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
         else:
             inter = ctx.world * s * d * elt * remote_ranks * 2
         stats.pop("remote_pairs_this_rank")
-        return {"ms": ms, **stats, "inter_node_MiB": inter / 2**20}
+        per = a.experts // ctx.world
+        load = stats.pop("tokens_per_expert")
+        # the same expert-GEMM measure as LocMoE's floor, on this router's rows per local expert
+        gemm_ms = gemm_time(ctx, layer, [int(v) for v in load[ctx.rank * per : (ctx.rank + 1) * per].tolist()], ctx.dtype)
+        return {"ms": ms, **stats, "inter_node_MiB": inter / 2**20, "floor_gemm_ms": gemm_ms}
     if name == "deepspeed_moe":
         deepspeed_ready(ctx)
         from deepspeed.moe.layer import MoE
@@ -631,6 +644,7 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
             out = layer.deepspeed_moe.gate(x.reshape(-1, d), None, True)
         cap, idx = int(out[1]), out[3]  # indices [k, s], negative = dropped
         stats = routing_stats(ctx, torch.where(idx.t() >= 0, idx.t(), -1).long())
+        stats.pop("tokens_per_expert")
         ms = time_deepspeed(ctx, layer, x, cot)
         remote_experts = a.experts * remote_ranks // ctx.world
         inter = ctx.world * remote_experts * cap * d * elt * 2
@@ -673,7 +687,7 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
                           tr.intra_bytes])
         return {"ms": ms, "cross_node_share": tot[0] / max(tot[1], 1), "inter_node_MiB": tot[2] / 2**20,
                 "intra_node_MiB": tot[3] / 2**20, "max_over_mean_load": (load.max() / load.mean()).item(),
-                "chunks": chunks}
+                "rank_max_over_mean_rows": rank_imbalance(load, ctx.world), "chunks": chunks}
     raise ValueError(f"unknown system {name}")
 
 
@@ -795,16 +809,17 @@ def print_table(out: dict) -> None:
               f"(val {t['val_cross_node_share']:.3f}), {t['train_seconds']:.1f} s")
     base = out["systems"].get("mcore_alltoall", {}).get("ms")
     print(f"{'system':<22} {'ms':>8} {'x a2a':>6} {'cross':>6} {'inter MiB':>10} {'load max/mean':>13} "
-          f"{'floor ms':>9} {'(inter+intra+gemm)':>22}")
+          f"{'rank rows':>9} {'floor ms':>9} {'(inter+intra+gemm)':>22}")
     for name, r in out["systems"].items():
         if "error" in r:
             print(f"{name:<22} ERROR {r['error'][:100]}")
             continue
         ratio = r.get("ratio_median", r["ms"] / base if base else float("nan"))
         fl = (f"{r['floor_ms']:>9.2f} {r['floor_inter_ms']:>7.2f}+{r['floor_intra_ms']:.2f}+{r['floor_gemm_ms']:.2f}"
-              if "floor_ms" in r else "")
+              if "floor_ms" in r else f"{'':>9} {'gemm':>7} {r['floor_gemm_ms']:.2f}" if "floor_gemm_ms" in r else "")
         print(f"{name:<22} {r['ms']:>8.2f} {ratio:>6.2f} {r.get('cross_node_share', float('nan')):>6.3f} "
-              f"{r.get('inter_node_MiB', float('nan')):>10.1f} {r.get('max_over_mean_load', float('nan')):>13.2f} {fl}")
+              f"{r.get('inter_node_MiB', float('nan')):>10.1f} {r.get('max_over_mean_load', float('nan')):>13.2f} "
+              f"{r.get('rank_max_over_mean_rows', float('nan')):>9.3f} {fl}")
     for line in targets(out):
         print(line)
 

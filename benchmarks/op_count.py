@@ -53,7 +53,7 @@ def _worker(rank: int, world: int, port: int, a: argparse.Namespace, q) -> None:
     cfg = LocMoEConfig(num_experts=a.experts, hidden_size=a.hidden, topk=a.topk, gate=a.gate, routing=a.routing,
                        capacity=a.capacity, locality_loss_coeff=a.mu, aux_loss_coeff=0.01)
     router = LocMoERouter(cfg, topo, group=dist.group.WORLD)
-    disp = TokenDispatcher(build_comm_groups(topo, dist.group.WORLD), a.mode)
+    disp = TokenDispatcher(build_comm_groups(topo, dist.group.WORLD), a.mode, exact_tree=True)  # the plan as named
     e_r = a.experts // world
     # one weight pair per local expert, as megatron-core's SequentialMLP
     w1 = [torch.nn.Parameter(torch.randn(a.hidden, a.ffn) * 0.02) for _ in range(e_r)]

@@ -69,7 +69,7 @@ def _worker(rank, world):
         ((ref.reshape(x.shape) * cot).sum() + res.total_loss).backward()
         out[name] = dict(y=y.detach(), ref=ref.detach().reshape(x.shape), gx=x.grad, gref=xr.grad,
                          l_aux=float(l_aux), counts=counts.clone(), traffic=layer.traffic.to_dict(),
-                         nodes=layer.router.topology.num_nodes, plan=layer.deepspeed_moe.dispatcher.mode)
+                         nodes=layer.router.topology.num_nodes, plan=layer.deepspeed_moe.dispatcher.plan_mode)
     return out
 
 

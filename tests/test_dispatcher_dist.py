@@ -41,7 +41,7 @@ def _run_modes(groups, x, ids, w, W, corrupt=False):
     for mode in ("hierarchical", "flat", "flat_fast"):
         xx = x.clone().requires_grad_(True)
         ww = w.clone().requires_grad_(True)
-        disp = TokenDispatcher(groups, mode)
+        disp = TokenDispatcher(groups, mode, exact_tree=True)
         inp, h = disp.dispatch(xx, ids, ww)
         tpe = h.tokens_per_expert
         if corrupt and mode == "hierarchical" and len(tpe) > 1 and tpe[0] != tpe[1]:
@@ -242,11 +242,44 @@ def test_one_rank_group_all_modes():
         assert h["traffic"]["inter_bytes"] == ff["traffic"]["inter_bytes"] == 0
 
 
-def test_layers_use_the_pairs_plan_on_one_node_only():
+def test_hierarchical_runs_the_pairs_plan_on_one_node_only():
     from locmoe_plugin import Topology
-    from locmoe_plugin.comm.dispatcher import layer_mode
+    from locmoe_plugin.comm.dispatcher import resolve_mode
 
     one, two = Topology.single_node(4, 8), Topology.from_ranks_per_node(4, 2, 8)
-    assert layer_mode("hierarchical", one) == "flat_fast"
-    assert layer_mode("hierarchical", two) == "hierarchical"
-    assert layer_mode("flat", one) == "flat" and layer_mode("flat", two) == "flat"
+    assert resolve_mode("hierarchical", one) == "flat_fast"
+    assert resolve_mode("hierarchical", one, exact_tree=True) == "hierarchical"
+    assert resolve_mode("hierarchical", two) == "hierarchical"
+    assert resolve_mode("flat", one) == "flat" and resolve_mode("flat", two) == "flat"
+
+
+def _one_node_worker(rank, world):
+    import torch.distributed as dist
+
+    from locmoe_plugin import Topology
+    from locmoe_plugin.comm import TokenDispatcher, build_comm_groups
+
+    groups = build_comm_groups(Topology.single_node(world, 8, ep_rank=rank), dist.group.WORLD)
+    W = torch.randn(8, D, D, generator=torch.Generator().manual_seed(7)) / 4
+    x, ids, w = _case_inputs(rank, 8, 3, 13 + 3 * rank, 4, 0.25)
+    out = {}
+    for name, mode, exact in (("default", "hierarchical", False), ("tree", "hierarchical", True), ("pairs", "flat_fast", False)):
+        disp = TokenDispatcher(groups, mode, exact_tree=exact)
+        xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        inp, h = disp.dispatch(xx, ids, ww)
+        y = disp.combine(_expert_fn(inp, h.tokens_per_expert, rank * 4, W), h)
+        (y * torch.linspace(-1, 1, D)).sum().backward()
+        out[name] = dict(plan=disp.plan_mode, y=y.detach(), gx=xx.grad, gw=ww.grad, intra=disp.traffic.intra_bytes)
+    return out
+
+
+def test_hierarchical_on_one_node_matches_the_two_stage_plan():
+    """2 ranks on one node: the default hierarchical dispatcher builds the pairs plan (bitwise the
+    flat_fast result, pairs' bytes) and agrees with the forced two-stage plan to fp32 rounding."""
+    for r in run_workers(_one_node_worker, 2):
+        d, t, p = r["default"], r["tree"], r["pairs"]
+        assert (d["plan"], t["plan"], p["plan"]) == ("flat_fast", "hierarchical", "flat_fast")
+        for key in ("y", "gx", "gw"):
+            assert torch.equal(d[key], p[key])
+            torch.testing.assert_close(d[key], t[key], rtol=1e-5, atol=1e-6)
+        assert d["intra"] == p["intra"] >= t["intra"]

@@ -58,7 +58,7 @@ def _worker(rank, world):
     x = torch.randn(3 + 2 * rank, 2, D)
     cot = torch.randn_like(x)
     out[("ep4_one_node", 4)] = {"ours": _fwd_bwd(one, x, cot), "ref": _dense_reference(one, x, cot, ep),
-                                "plan": one.token_dispatcher.core.mode}
+                                "plan": one.token_dispatcher.core.plan_mode}
     parallel_state.destroy_model_parallel()
     # B: TP=2 with sequence parallelism x EP=2 (ETP=1); each rank its own node: the rail stage is used
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2, expert_model_parallel_size=2,

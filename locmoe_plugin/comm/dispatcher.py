@@ -23,16 +23,19 @@ from .plan import Plan, build_plan
 MODES = ("hierarchical", "flat", "flat_fast")
 
 
-def layer_mode(mode: str, topology) -> str:
-    """The plan an MoE layer uses for a requested dispatcher mode.
+def resolve_mode(mode: str, topology, exact_tree: bool = False) -> str:
+    """The plan :class:`TokenDispatcher` builds for a requested mode on a topology.
 
-    On an EP group that fits in one node, ``"hierarchical"`` has no inter-node bytes to save and only
-    deduplicates rows per rank over NVLink, while the layer is bound by the host's kernel launches (see
-    ``benchmarks/RESULTS.md``): the layers then use ``"flat_fast"``, the pairs plan with the fewest host
-    ops (Megatron's alltoall dispatcher sends the same pairs). Everywhere else the mode as given. The core
-    :class:`TokenDispatcher` itself never switches (``locmoe check-comm`` compares the exact modes).
+    On an EP group that fits in one node, ``"hierarchical"`` has no inter-node stage: its only work would
+    be deduplicating rows per destination rank over NVLink, and on one node the dispatch is bound by the
+    host's kernel launches, not by bytes (``benchmarks/RESULTS.md``: the two-stage plan took 1.02-1.61 x the
+    pairs plan's time on one node). So there it runs ``"flat_fast"``, the single-stage pairs plan with the
+    fewest host ops (Megatron's alltoall dispatcher sends the same pairs); on groups spanning nodes, the
+    two-stage plan. ``exact_tree=True`` keeps every mode as named: the two-stage plan on one node too,
+    whose sums follow the same node / rank / expert tree as ``"flat"`` (bitwise equal outputs and
+    gradients, what ``locmoe check-comm`` and the parity tests compare).
     """
-    if mode == "hierarchical" and topology.num_nodes == 1:
+    if mode == "hierarchical" and topology.num_nodes == 1 and not exact_tree:
         return "flat_fast"
     return mode
 
@@ -132,18 +135,24 @@ class TokenDispatcher:
 
     Args:
         groups: from :func:`locmoe_plugin.comm.build_comm_groups`.
-        mode: ``"hierarchical"`` (default; on a one-node group: each token once per destination rank),
-            ``"flat"`` (one EP-wide
-            all-to-all of (token, expert) pairs, sums in the same fixed tree, bitwise equal to
-            hierarchical) or ``"flat_fast"`` (the same pairs with one gather per side: the baseline
+        mode: ``"hierarchical"`` (default: the two-stage rail + node plan on a group spanning nodes; on a
+            one-node group the single-stage pairs plan, see :func:`resolve_mode`), ``"flat"`` (one
+            EP-wide all-to-all of (token, expert) pairs, sums in the same fixed tree, bitwise equal to
+            the two-stage plan) or ``"flat_fast"`` (the same pairs with one gather per side: the
             Megatron-style dispatcher; deterministic, but its sums are not the node/rank tree).
+        exact_tree: build the mode as named on every topology (the two-stage plan on one node too), so
+            ``"hierarchical"`` and ``"flat"`` agree bitwise; for checks, not for speed.
+
+    Attributes:
+        plan_mode: the plan actually built (:func:`resolve_mode`).
     """
 
-    def __init__(self, groups: CommGroups, mode: str = "hierarchical") -> None:
+    def __init__(self, groups: CommGroups, mode: str = "hierarchical", exact_tree: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"dispatcher mode {mode!r} is not one of {MODES}")
         self.groups = groups
         self.mode = mode
+        self.plan_mode = resolve_mode(mode, groups.topology, exact_tree)
         self.traffic = TrafficCounter()
 
     @property
@@ -153,7 +162,7 @@ class TokenDispatcher:
     def prepare(self, expert_ids: torch.Tensor, weights: torch.Tensor) -> Plan:
         """Build the routing plan (the count exchange, its one host sync, the metadata exchange)
         without moving payload; pass it to :meth:`dispatch` as ``plan``."""
-        return build_plan(expert_ids, self.groups, self.mode, weights)
+        return build_plan(expert_ids, self.groups, self.plan_mode, weights)
 
     def dispatch(
         self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, plan: Plan | None = None

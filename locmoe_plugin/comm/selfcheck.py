@@ -76,7 +76,7 @@ def _check_worker(args: argparse.Namespace, result_path: str | None) -> int:
 
     results, times, traffic = {}, {}, {}
     for mode in ("hierarchical", "flat"):
-        disp = TokenDispatcher(groups, mode)
+        disp = TokenDispatcher(groups, mode, exact_tree=True)  # the two-stage plan even on one node
         samples = []
         for it in range(args.iters + 1):
             xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)

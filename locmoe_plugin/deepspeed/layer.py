@@ -28,7 +28,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("locmoe_plugin.deepspeed needs deepspeed: pip install 'locmoe-plugin[deepspeed]'") from exc
 
 from ..comm import TokenDispatcher, build_comm_groups
-from ..comm.dispatcher import layer_mode
 from ..comm.groups import all_group_ranks
 from ..config import ConfigError, LocMoEConfig
 from ..router import LocMoERouter
@@ -79,7 +78,7 @@ class _LocMoELayer(nn.Module):
             raise ConfigError(f"DeepSpeed's expert-parallel group has {topo.ep_size} ranks, the layer ep_size={self.ep_size}")
         self.router.bind(topo, ep_group if topo.ep_size > 1 else None)
         groups = build_comm_groups(topo, ep_group, all_group_ranks(ep_group))
-        self.dispatcher = TokenDispatcher(groups, layer_mode(self.mode, topo))
+        self.dispatcher = TokenDispatcher(groups, self.mode)
 
     def _run_experts(self, inp: torch.Tensor, tokens_per_expert) -> torch.Tensor:
         outs, start = [], 0

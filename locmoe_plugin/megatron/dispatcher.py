@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from ..comm.dispatcher import TokenDispatcher, layer_mode
+from ..comm.dispatcher import TokenDispatcher
 from ..comm.groups import all_group_ranks, build_comm_groups
 from ..config import ConfigError
 from ..routing import dense_to_index
@@ -68,7 +68,7 @@ class LocMoETokenDispatcher:
         self.topk = config.moe_router_topk
         ep_ranks = all_group_ranks(pg_collection.ep) if topology.ep_size > 1 else None
         groups = build_comm_groups(topology, pg_collection.ep, ep_ranks)
-        self.core = TokenDispatcher(groups, layer_mode(mode, topology))
+        self.core = TokenDispatcher(groups, mode)
         self._plan = None
         self._hidden_shape = None
 
