@@ -46,7 +46,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--experts", type=int, nargs="+", default=[32, 64])
     p.add_argument("--topk", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--systems", nargs="+", default=["hierarchical", "hier_tree", "flat", "megatron"])
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=int, default=10, help="timed iterations per system and round")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time the systems round-robin this many times; ms = median over rounds, and "
+                        "'hier/flat' = the median of the per-round ratios")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--json", default=None)
@@ -130,13 +133,13 @@ def main() -> None:
             cot = torch.randn(s, d, generator=g).to(dev, dtype)
             probs, rmap = index_to_dense(ids, w, E)
             experts = make_experts(E // world, d, args.expert_ffn, dev, dtype, seed=E * 100 + rank)
-            outs, res = {}, {}
+            outs, res, built = {}, {}, {}
             for system in args.systems:
                 if system == "megatron":
                     try:
                         mdisp = megatron_dispatcher(E, k, d, dtype)
                     except Exception as exc:  # report, keep the other rows
-                        res[system] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+                        res[system] = {"error": f"{type(exc).__name__}: {exc}"[:200]}  # not timed
                         continue
 
                     def step():
@@ -168,16 +171,26 @@ def main() -> None:
                         y = disp.combine(apply_experts(experts, inp, h.tokens_per_expert), h)
                         y.backward(cot)
                         return y
-                samples = []
-                for it in range(args.warmup + args.iters):
-                    dist.barrier()
-                    acc.synchronize()
-                    t0 = time.perf_counter()
-                    y = step()
-                    acc.synchronize()
-                    if it >= args.warmup:
-                        samples.append(time.perf_counter() - t0)
-                outs[system] = y.detach()
+                built[system] = (step, None if system == "megatron" else disp)
+            # every system is built first, then timed round-robin (--rounds), so slow drifts of the
+            # machine fall on all systems alike; per round the median of --iters, then the median over rounds
+            per_round = {system: [] for system in built}
+            for r in range(args.rounds):
+                for system, (step, _) in built.items():
+                    samples = []
+                    for it in range(args.warmup + args.iters if r == 0 else args.iters):
+                        dist.barrier()
+                        acc.synchronize()
+                        t0 = time.perf_counter()
+                        y = step()
+                        acc.synchronize()
+                        if r > 0 or it >= args.warmup:
+                            samples.append(time.perf_counter() - t0)
+                    outs[system] = y.detach()
+                    ms = torch.tensor([statistics.median(samples) * 1e3], device=dev, dtype=torch.float64)
+                    dist.all_reduce(ms, op=dist.ReduceOp.MAX)
+                    per_round[system].append(ms.item())
+            for system, (step, disp) in built.items():
                 if args.profile and E == args.experts[-1] and k == args.topk[-1]:
                     from torch.profiler import ProfilerActivity, profile
 
@@ -191,10 +204,8 @@ def main() -> None:
                         with open(args.profile, "a") as f:
                             f.write(f"\n===== {system} E={E} k={k} (3 steps)\n")
                             f.write(prof.key_averages().table(sort_by=sort, row_limit=30))
-                ms = torch.tensor([statistics.median(samples) * 1e3], device=dev, dtype=torch.float64)
-                dist.all_reduce(ms, op=dist.ReduceOp.MAX)
-                res[system] = {"ms": ms.item()}
-                if system in ("hierarchical", "hier_tree", "flat", "hier_overlap"):
+                res[system] = {"ms": statistics.median(per_round[system]), "ms_rounds": per_round[system]}
+                if disp is not None:
                     tr = disp.traffic
                     calls = max(tr.calls, 1)
                     b = torch.tensor([tr.inter_bytes / calls, tr.intra_bytes / calls], device=dev, dtype=torch.float64)
@@ -215,6 +226,7 @@ def main() -> None:
         meta = {
             "ranks": world, "nodes": world // min(args.gpus_per_node, world), "tokens_per_rank": args.tokens,
             "hidden": args.hidden, "dtype": args.dtype, "iters": args.iters, "warmup": args.warmup,
+            "rounds": args.rounds,
             "device": torch.cuda.get_device_name() if not acc.is_cpu else "cpu",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         }
@@ -225,9 +237,18 @@ def main() -> None:
     dist.destroy_process_group()
 
 
+def ratio(systems: dict, a: str, b: str) -> float:
+    """``a``'s time over ``b``'s: the median of the per-round ratios (one round: of the medians)."""
+    ra, rb = systems.get(a, {}).get("ms_rounds"), systems.get(b, {}).get("ms_rounds")
+    if not ra or not rb:
+        return float("nan")
+    return statistics.median(x / y for x, y in zip(ra, rb))
+
+
 def print_table(meta, rows) -> None:
     print(f"\n{meta['ranks']} ranks as {meta['nodes']} node(s), {meta['tokens_per_rank']} tokens/rank, hidden "
-          f"{meta['hidden']}, {meta['dtype']}, {meta['device']}; dispatch+combine fwd+bwd, median ms (max over ranks)")
+          f"{meta['hidden']}, {meta['dtype']}, {meta['device']}; dispatch+combine fwd+bwd, median ms (max over ranks)"
+          + (f"; {meta['rounds']} interleaved rounds (ratios: median of per-round ratios)" if meta["rounds"] > 1 else ""))
     print(f"{'E':>3} {'k':>2} {'cross':>6} {'hier ms':>8} {'tree ms':>8} {'flat ms':>8} {'mcore ms':>9} {'overlap ms':>9} "
           f"{'flat/hier':>9} {'flat/tree':>9} {'mcore/hier':>10} {'hier inter MiB':>14} {'flat inter MiB':>14}")
     for r in rows:
@@ -238,8 +259,9 @@ def print_table(meta, rows) -> None:
 
         h, t, f, m, o = ms("hierarchical"), ms("hier_tree"), ms("flat"), ms("megatron"), ms("hier_overlap")
         print(f"{r['experts']:>3} {r['topk']:>2} {r['cross_node_pair_share']:>6.2f} {h:>8.2f} {t:>8.2f} {f:>8.2f} {m:>9.2f} "
-              f"{o:>9.2f} "
-              f"{f / h:>9.2f} {f / t:>9.2f} {m / h:>10.2f} {s.get('hierarchical', {}).get('inter_node_MiB', float('nan')):>14.1f} "
+              f"{o:>9.2f} {ratio(s, 'flat', 'hierarchical'):>9.2f} {ratio(s, 'flat', 'hier_tree'):>9.2f} "
+              f"{ratio(s, 'megatron', 'hierarchical'):>10.2f} "
+              f"{s.get('hierarchical', {}).get('inter_node_MiB', float('nan')):>14.1f} "
               f"{s.get('flat', {}).get('inter_node_MiB', float('nan')):>14.1f}")
 
 

@@ -463,6 +463,8 @@ def time_rounds(ctx: Ctx, results: dict) -> None:
             ratios = [x / b for x, b in zip(ms, base)]
             results[name]["ratio_rounds"] = ratios
             results[name]["ratio_median"] = statistics.median(ratios)
+            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+            results[name]["ratio_quartiles"] = [q[0], q[2]]
     ctx.deferred.clear()
 
 
@@ -851,6 +853,9 @@ def targets(out: dict) -> list[str]:
             checks.append(f"{name} cross-node share = {c:.3f} (target <= 0.10): {'met' if c <= 0.10 else 'MISSED'}")
         else:
             checks = [f"{name} / mcore_alltoall = {ratio:.3f} (target <= 1.0): {'met' if ratio <= 1.0 else 'MISSED'}"]
+        if "ratio_quartiles" in r:
+            q1, q3 = r["ratio_quartiles"]
+            checks[0] += f" [per-round ratios: quartiles {q1:.3f}-{q3:.3f} over {len(r['ratio_rounds'])} rounds]"
         lines += ["target: " + c for c in checks]
     return lines
 
