@@ -175,8 +175,10 @@ def main() -> None:
             # every system is built first, then timed round-robin (--rounds), so slow drifts of the
             # machine fall on all systems alike; per round the median of --iters, then the median over rounds
             per_round = {system: [] for system in built}
+            order = list(built)
             for r in range(args.rounds):
-                for system, (step, _) in built.items():
+                for system in order[r % len(order):] + order[: r % len(order)]:  # rotate who opens the round
+                    step = built[system][0]
                     samples = []
                     for it in range(args.warmup + args.iters if r == 0 else args.iters):
                         dist.barrier()

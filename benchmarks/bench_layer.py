@@ -41,7 +41,10 @@ model's layers before its MoE layer, and times fwd+bwd of one MoE layer on those
 Median of --iters after --warmup, max over ranks. With --rounds R > 1 every system is built first and the
 systems are then timed round-robin R times, so that a machine's drift during the run (measured: the same
 one-node command 1.000 x and 1.265 x Megatron's time in consecutive calls) hits all of them alike; the
-table then gives the median over rounds and the median of the per-round ratios.
+table then gives the median over rounds and the median of the per-round ratios. Round r starts at the
+(r mod S)-th of the S systems, so no system always follows the same one (or always opens a round).
+--manual-gc collects once before the timing and keeps Python's garbage collector off during it (as
+Megatron-LM's --manual-gc does in training), so collector pauses land on no system.
 
 Per system: cross-node share of routed (kept) pairs, inter-node MiB (one forward dispatch + combine,
 summed over ranks; backward moves the same again): LocMoE from its dispatcher's TrafficCounter;
@@ -62,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import math
 import os
@@ -98,6 +102,8 @@ def parse() -> argparse.Namespace:
                    help="> 1: build every system first, then time them round-robin this many times (--iters "
                         "each) and report the median over rounds and, per system, the median of its per-round "
                         "ratios to mcore_alltoall; machine drift then hits every system alike")
+    p.add_argument("--manual-gc", action="store_true",
+                   help="gc.collect() before timing and the collector off while timing (all systems alike)")
     p.add_argument("--systems", nargs="*",
                    default=["locmoe", "mcore_alltoall", "mcore_allgather", "mcore_grouplimited", "deepspeed_moe",
                             "locmoe_ds", "locmoe_ds_chunks"])
@@ -451,10 +457,18 @@ def time_rounds(ctx: Ctx, results: dict) -> None:
     per-round times and, against mcore_alltoall, the per-round ratios and their median."""
     a = ctx.args
     per = {name: [] for name in ctx.deferred}
-    for r in range(a.rounds):
-        for name, step in ctx.deferred.items():
-            per[name].append(time_it(ctx, step, a.warmup if r == 0 else 1, a.iters))
-        ctx.log(f"  round {r + 1}/{a.rounds}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in per.items()))
+    names = list(ctx.deferred)
+    if a.manual_gc:
+        gc.collect()
+        gc.disable()
+    try:
+        for r in range(a.rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who opens the round
+                per[name].append(time_it(ctx, ctx.deferred[name], a.warmup if r == 0 else 1, a.iters))
+            ctx.log(f"  round {r + 1}/{a.rounds}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in per.items()))
+    finally:
+        if a.manual_gc:
+            gc.enable()
     base = per.get("mcore_alltoall")
     for name, ms in per.items():
         results[name]["ms"] = statistics.median(ms)
