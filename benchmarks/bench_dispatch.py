@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import time
 
@@ -48,8 +49,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--systems", nargs="+", default=["hierarchical", "hier_tree", "flat", "megatron"])
     p.add_argument("--iters", type=int, default=10, help="timed iterations per system and round")
     p.add_argument("--rounds", type=int, default=1,
-                   help="time the systems round-robin this many times; ms = median over rounds, and "
-                        "'hier/flat' = the median of the per-round ratios")
+                   help="time the systems in this many rounds (each round in a seeded shuffled order); ms = "
+                        "median over rounds, and the ratio columns (flat/hier, ...) = medians of per-round ratios")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--json", default=None)
@@ -112,6 +113,8 @@ def run_megatron(disp, x, routing_map, probs, experts=None):
 
 def main() -> None:
     args = parse()
+    if args.rounds < 1 or args.iters < 1 or args.warmup < 0:
+        raise SystemExit(f"--rounds {args.rounds} and --iters {args.iters} must be >= 1, --warmup >= 0")
     acc = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not acc.is_cpu:
@@ -172,23 +175,29 @@ def main() -> None:
                         y.backward(cot)
                         return y
                 built[system] = (step, None if system == "megatron" else disp)
-            # every system is built first, then timed round-robin (--rounds), so slow drifts of the
-            # machine fall on all systems alike; per round the median of --iters, then the median over rounds
+            # every system is built first, then timed in rounds (--rounds), so slow drifts of the machine fall
+            # on all systems alike: first --warmup untimed iterations of each, then per round every system in
+            # a seeded shuffled order (the same on every rank), one warm-up iteration and --iters timed each;
+            # per round the median of --iters, then the median over rounds
             per_round = {system: [] for system in built}
-            order = list(built)
-            for r in range(args.rounds):
-                for system in order[r % len(order):] + order[: r % len(order)]:  # rotate who opens the round
+            for r in range(-1, args.rounds):
+                order = list(built)
+                random.Random(1000 + r).shuffle(order)
+                for system in order:
                     step = built[system][0]
+                    warm = args.warmup if r < 0 else 1
                     samples = []
-                    for it in range(args.warmup + args.iters if r == 0 else args.iters):
+                    for it in range(warm + (0 if r < 0 else args.iters)):
                         dist.barrier()
                         acc.synchronize()
                         t0 = time.perf_counter()
                         y = step()
                         acc.synchronize()
-                        if r > 0 or it >= args.warmup:
+                        if it >= warm:
                             samples.append(time.perf_counter() - t0)
                     outs[system] = y.detach()
+                    if r < 0:
+                        continue
                     ms = torch.tensor([statistics.median(samples) * 1e3], device=dev, dtype=torch.float64)
                     dist.all_reduce(ms, op=dist.ReduceOp.MAX)
                     per_round[system].append(ms.item())
@@ -209,7 +218,7 @@ def main() -> None:
                 res[system] = {"ms": statistics.median(per_round[system]), "ms_rounds": per_round[system]}
                 if disp is not None:
                     tr = disp.traffic
-                    calls = max(tr.calls, 1)
+                    calls = max(tr.calls // (args.chunks if system == "hier_overlap" else 1), 1)  # per step
                     b = torch.tensor([tr.inter_bytes / calls, tr.intra_bytes / calls], device=dev, dtype=torch.float64)
                     dist.all_reduce(b)
                     res[system].update(inter_node_MiB=b[0].item() / 2**20, intra_node_MiB=b[1].item() / 2**20)

@@ -41,10 +41,12 @@ model's layers before its MoE layer, and times fwd+bwd of one MoE layer on those
 Median of --iters after --warmup, max over ranks. With --rounds R > 1 every system is built first and the
 systems are then timed round-robin R times, so that a machine's drift during the run (measured: the same
 one-node command 1.000 x and 1.265 x Megatron's time in consecutive calls) hits all of them alike; the
-table then gives the median over rounds and the median of the per-round ratios. Round r starts at the
-(r mod S)-th of the S systems, so no system always follows the same one (or always opens a round).
---manual-gc collects once before the timing and keeps Python's garbage collector off during it (as
-Megatron-LM's --manual-gc does in training), so collector pauses land on no system.
+table then gives the median over rounds and the median of the per-round ratios. Before the first round
+every system runs its --warmup iterations (untimed); each round runs the systems in an order shuffled
+per round (seeded, the same on every rank), each with one warm-up iteration before its --iters, so no
+system always opens a round or always follows the same one. --manual-gc collects once before the timing
+and keeps Python's garbage collector off during it (as Megatron-LM's --manual-gc does in training), so
+collector pauses land on no system.
 
 Per system: cross-node share of routed (kept) pairs, inter-node MiB (one forward dispatch + combine,
 summed over ranks; backward moves the same again): LocMoE from its dispatcher's TrafficCounter;
@@ -69,6 +71,7 @@ import gc
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -444,12 +447,37 @@ def gemm_time(ctx: Ctx, layer, tokens_per_expert: list[int], dtype) -> float:
 
 
 # ------------------------------------------------------------------------------------------ systems
+class _ManualGC:
+    """With ``--manual-gc``: one collection before, Python's collector off inside (restored after)."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __enter__(self):
+        if self.on:
+            gc.collect()
+            gc.disable()
+
+    def __exit__(self, *exc):
+        if self.on:
+            gc.enable()
+
+
 def time_system(ctx: Ctx, step) -> float:
     """Time ``step`` now, or (``--rounds`` > 1) keep it for the interleaved rounds and return NaN."""
     if ctx.args.rounds > 1:
         ctx.deferred[ctx.current] = step
         return float("nan")
-    return time_it(ctx, step, ctx.args.warmup, ctx.args.iters)
+    with _ManualGC(ctx.args.manual_gc):
+        return time_it(ctx, step, ctx.args.warmup, ctx.args.iters)
+
+
+def round_order(names: list[str], r: int) -> list[str]:
+    """Round ``r``'s order of the systems: a shuffle seeded by ``r`` (the same on every rank), so no
+    system always opens a round or always follows the same one."""
+    order = list(names)
+    random.Random(1000 + r).shuffle(order)
+    return order
 
 
 def time_rounds(ctx: Ctx, results: dict) -> None:
@@ -457,18 +485,13 @@ def time_rounds(ctx: Ctx, results: dict) -> None:
     per-round times and, against mcore_alltoall, the per-round ratios and their median."""
     a = ctx.args
     per = {name: [] for name in ctx.deferred}
-    names = list(ctx.deferred)
-    if a.manual_gc:
-        gc.collect()
-        gc.disable()
-    try:
-        for r in range(a.rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who opens the round
-                per[name].append(time_it(ctx, ctx.deferred[name], a.warmup if r == 0 else 1, a.iters))
+    with _ManualGC(a.manual_gc):
+        for name, step in ctx.deferred.items():  # warm-up pass (--warmup iterations each), not recorded
+            time_it(ctx, step, a.warmup, 1)
+        for r in range(a.rounds):  # each system: one warm-up iteration, then --iters timed
+            for name in round_order(list(ctx.deferred), r):
+                per[name].append(time_it(ctx, ctx.deferred[name], 1, a.iters))
             ctx.log(f"  round {r + 1}/{a.rounds}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in per.items()))
-    finally:
-        if a.manual_gc:
-            gc.enable()
     base = per.get("mcore_alltoall")
     for name, ms in per.items():
         results[name]["ms"] = statistics.median(ms)

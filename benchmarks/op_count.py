@@ -6,8 +6,11 @@ the number to drive down. It runs on CPU (gloo) on any machine:
 
   python3 benchmarks/op_count.py [--nproc 4] [--gpus-per-node 4] [--experts 32 --topk 4 --tokens 512] [--megatron]
 
-"core" is the framework-free router + TokenDispatcher with toy experts; ``--megatron`` adds the two full
-megatron-core layers (labels: the router, the experts and the six dispatcher phases).
+"core" is the framework-free router + TokenDispatcher with toy experts, its plan built as ``--mode`` names
+it (``exact_tree=True``: on one node ``hierarchical`` counts the two-stage plan, which the dispatcher
+itself replaces there by ``flat_fast``; pass ``--mode flat_fast`` for what a one-node layer runs);
+``--megatron`` adds the two full megatron-core layers (labels: the router, the experts and the six
+dispatcher phases), which use the dispatcher's default plan.
 
 Counts are top-level aten ops (an op called inside another op is not counted again), from
 ``torch.profiler`` on rank 0, for one forward + backward after a warm-up step.

@@ -19,7 +19,7 @@ def bench():
 
 
 def _ctx(rounds):
-    return types.SimpleNamespace(args=types.SimpleNamespace(rounds=rounds, warmup=3, iters=10), deferred={},
+    return types.SimpleNamespace(args=types.SimpleNamespace(rounds=rounds, warmup=3, iters=10, manual_gc=False), deferred={},
                                  current=None, log=lambda *a: None)
 
 
@@ -42,17 +42,23 @@ def test_rounds_interleave_and_take_the_median_of_per_round_ratios(bench, monkey
 
     def fake_time_it(ctx, step, warmup, iters):
         name = step()
-        calls.append((name, warmup))
-        return times[name][sum(1 for n, _ in calls if n == name) - 1]
+        calls.append((name, warmup, iters))
+        if iters == 1:  # the warm-up pass
+            return 99.0
+        return times[name][sum(1 for n, _, i in calls if n == name and i > 1) - 1]
 
     monkeypatch.setattr(bench, "time_it", fake_time_it)
     ctx = _ctx(3)
     ctx.deferred = {"locmoe_x": lambda: "locmoe_x", "mcore_alltoall": lambda: "mcore_alltoall"}
     results = {"locmoe_x": {}, "mcore_alltoall": {}}
     bench.time_rounds(ctx, results)
-    # round-robin order, full warm-up only in the first round
-    assert [n for n, _ in calls] == ["locmoe_x", "mcore_alltoall"] * 3
-    assert [w for _, w in calls] == [3, 3, 1, 1, 1, 1]
+    # a warm-up pass (--warmup each, not recorded), then per round every system once, one warm-up each
+    assert calls[:2] == [("locmoe_x", 3, 1), ("mcore_alltoall", 3, 1)]
+    timed = calls[2:]
+    assert len(timed) == 6 and all(w == 1 and i == 10 for _, w, i in timed)
+    for r in range(3):
+        assert sorted(n for n, _, _ in timed[2 * r : 2 * r + 2]) == ["locmoe_x", "mcore_alltoall"]
+        assert [n for n, _, _ in timed[2 * r : 2 * r + 2]] == bench.round_order(["locmoe_x", "mcore_alltoall"], r)
     assert results["locmoe_x"]["ms"] == 11.0 and results["locmoe_x"]["ms_rounds"] == [11.0, 16.5, 11.0]
     assert results["locmoe_x"]["ratio_median"] == pytest.approx(1.1)
     assert ctx.deferred == {}
@@ -62,3 +68,13 @@ def test_rounds_interleave_and_take_the_median_of_per_round_ratios(bench, monkey
     a = {"ms_rounds": [9.0, 12.0, 12.0], "ms": 12.0}
     b = {"ms_rounds": [10.0, 11.0, 11.0], "ms": 11.0}
     assert bench._median_ratio(a, b) == pytest.approx(12.0 / 11.0)
+
+
+def test_round_order_is_a_seeded_shuffle(bench):
+    names = [f"s{i}" for i in range(7)]
+    orders = [bench.round_order(names, r) for r in range(25)]
+    assert all(sorted(o) == names for o in orders)
+    assert orders[3] == bench.round_order(names, 3)  # the same on every rank
+    assert len({o[0] for o in orders}) > 1  # not always the same system first
+    # who precedes s0 changes between rounds
+    assert len({o[o.index("s0") - 1] for o in orders if o.index("s0") > 0}) > 1

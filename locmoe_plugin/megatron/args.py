@@ -89,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--locmoe-dispatcher", choices=DISPATCHERS, default="hierarchical",
                    help="hierarchical: each token crosses to a remote node once (on a one-node EP group: "
                         "one all-to-all of (token, expert) pairs, the plan with the fewest host ops); flat: "
-                        "one all-to-all of pairs summed in the hierarchical order (bitwise equal to it)")
+                        "one all-to-all of pairs summed in the two-stage plan's order (bitwise equal to hierarchical "
+                        "on groups that span nodes)")
     g.add_argument("--locmoe-overlap-chunks", type=int, default=1,
                    help="chunked overlap; must be 1 under Megatron (MoELayer drives the dispatcher's phases)")
     return parser
