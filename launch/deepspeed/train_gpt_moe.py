@@ -153,6 +153,11 @@ def main() -> int:
         summary.update(checkpoint_params_equal=bool(flags[0]), checkpoint_optimizer_equal=bool(flags[1]))
     if rank == 0:
         print("SUMMARY " + json.dumps(summary), flush=True)
+    # every rank done before any tears down; then the groups' worker threads stop before the interpreter
+    # exits (left running, gloo's threads can abort a rank at exit: "terminate called without an active
+    # exception")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
     return 0
 
 
