@@ -39,7 +39,7 @@ model's layers before its MoE layer, and times fwd+bwd of one MoE layer on those
   locmoe_ds_chunks<C> the same with overlap_chunks=C, i.e. TokenDispatcher.forward(chunks=C) (the
                      Megatron adapter has no chunked mode: its flag must be 1 under Megatron)
 Median of --iters after --warmup, max over ranks. With --rounds R > 1 every system is built first and the
-systems are then timed round-robin R times, so that a machine's drift during the run (measured: the same
+systems are then timed in R rounds, so that a machine's drift during the run (measured: the same
 one-node command 1.000 x and 1.265 x Megatron's time in consecutive calls) hits all of them alike; the
 table then gives the median over rounds and the median of the per-round ratios. Before the first round
 every system runs its --warmup iterations (untimed); each round runs the systems in an order shuffled
@@ -102,9 +102,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--rounds", type=int, default=1,
-                   help="> 1: build every system first, then time them round-robin this many times (--iters "
-                        "each) and report the median over rounds and, per system, the median of its per-round "
-                        "ratios to mcore_alltoall; machine drift then hits every system alike")
+                   help="> 1: build every system first, then time them in this many rounds (--iters each, a "
+                        "seeded shuffled order per round) and report the median over rounds and, per system, the "
+                        "median of its per-round ratios to mcore_alltoall; machine drift then hits every system alike")
     p.add_argument("--manual-gc", action="store_true",
                    help="gc.collect() before timing and the collector off while timing (all systems alike)")
     p.add_argument("--systems", nargs="*",
@@ -481,7 +481,7 @@ def round_order(names: list[str], r: int) -> list[str]:
 
 
 def time_rounds(ctx: Ctx, results: dict) -> None:
-    """Round-robin timing of the deferred systems: ``results[name]["ms"]`` = median over rounds, plus the
+    """Timing of the deferred systems in rounds (see :func:`round_order`): ``results[name]["ms"]`` = median over rounds, plus the
     per-round times and, against mcore_alltoall, the per-round ratios and their median."""
     a = ctx.args
     per = {name: [] for name in ctx.deferred}

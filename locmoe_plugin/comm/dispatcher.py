@@ -31,9 +31,9 @@ def resolve_mode(mode: str, topology, exact_tree: bool = False) -> str:
     host's kernel launches, not by bytes (``benchmarks/RESULTS.md``, 2 x H200: the two-stage plan took
     1.07-1.45 x the pairs plan's time on one node). So there it runs ``"flat_fast"``, the single-stage
     pairs plan with the fewest host ops (Megatron's alltoall dispatcher sends the same pairs); on groups
-    spanning nodes, the two-stage plan. ``exact_tree=True`` keeps every mode as named: the two-stage plan on one node too,
-    whose sums follow the same node / rank / expert tree as ``"flat"`` (bitwise equal outputs and
-    gradients, what ``locmoe check-comm`` and the parity tests compare).
+    spanning nodes, the two-stage plan. ``exact_tree=True`` keeps every mode as named: the two-stage plan
+    on one node too, whose sums follow the same node / rank / expert tree as ``"flat"`` (bitwise equal
+    outputs and gradients, what ``locmoe check-comm`` and the parity tests compare).
     """
     if mode == "hierarchical" and topology.num_nodes == 1 and not exact_tree:
         return "flat_fast"

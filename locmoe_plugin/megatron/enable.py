@@ -235,13 +235,20 @@ def enable(settings: dict | None = None, dispatcher: str = "hierarchical") -> li
         _explicit.update(locmoe=dict(settings), dispatcher=dispatcher)
     if get_accelerator().device_type == "npu":
         apply_transfer_to_npu()
+    return _apply(PATCHES)
+
+
+def _apply(patches) -> list[str]:
+    """Apply ``patches`` (idempotent); a patch whose target this Megatron lacks is skipped (e.g.
+    megatron.training, absent in plain megatron-core: flags come from the caller). Returns the names
+    applied by this call."""
     applied = []
-    for p in PATCHES:
+    for p in patches:
         try:
             if p.apply():
                 applied.append(p.name)
-        except (ImportError, AttributeError):  # not in this megatron version (e.g. megatron.training
-            continue  # absent in plain megatron-core: flags come from the caller)
+        except (ImportError, AttributeError):  # not in this megatron version
+            continue
     return applied
 
 
@@ -250,14 +257,7 @@ def enable_metrics_report() -> list[str]:
     metrics report then flushes the LocMoE routers first, so they sum their losses and telemetry on the
     device between reports. For scripts that build ``LocMoELayer`` themselves and report Megatron's tracker
     (benchmarks use it to run as Megatron-LM with ``--locmoe`` does). Returns the names applied."""
-    applied = []
-    for p in METRICS_PATCHES:
-        try:
-            if p.apply():
-                applied.append(p.name)
-        except (ImportError, AttributeError):  # not in this megatron version
-            continue
-    return applied
+    return _apply(METRICS_PATCHES)
 
 
 def disable() -> list[str]:
