@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: show what LocMoE routing does, on this machine")
     add_demo_arguments(d)
     d.set_defaults(func=_cmd_demo)
+
+    from .projection.command import add_arguments as add_project_arguments, run as run_project
+
+    pr = sub.add_parser("project", help="projected MoE layer and step time on your cluster, LocMoE vs peers")
+    add_project_arguments(pr)
+    pr.set_defaults(func=run_project)
     return p
 
 

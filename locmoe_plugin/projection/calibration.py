@@ -1,0 +1,160 @@
+"""Measured figures that replace the model's defaults: a small JSON file the benchmarks write.
+
+Schema (``"schema": "locmoe-projection-calibration/1"``; every field but ``schema`` optional)::
+
+    {"schema": "locmoe-projection-calibration/1",
+     "source": {"device": ..., "date": ..., "commit": ..., "layout": "1 node x 4", ...},
+     "expert_gemm_tflops": 221.0,          # achieved fwd+bwd expert GEMM rate (FLOP count of the model)
+     "fixed_ms": {"megatron_alltoall": 4.1, "locmoe": 7.2, ...},   # per layer fwd+bwd, not GEMM nor payload
+     "fixed_ms_multi_node": {"locmoe": ...},                        # where the plan differs across nodes
+     "intra_node": {"bandwidth_GBps": 235.0, "latency_us": 0.0},
+     "inter_node": {"bandwidth_GBps": 2.48, "latency_us": 0.0}}
+
+``fixed_ms`` keys: ``megatron_alltoall``, ``megatron_group_limited``, ``deepspeed_moe``, ``locmoe`` (the
+LocMoE systems; the overlapped one pays it per chunk). A missing key falls back to ``megatron_alltoall``'s,
+then 0. :func:`calibration_from_layer_results` derives a calibration from ``benchmarks/bench_layer.py``'s
+JSON; the benchmark writes it with ``--calibration FILE``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+
+from ..config import ConfigError
+
+SCHEMA = "locmoe-projection-calibration/1"
+_KEYS = {"schema", "source", "expert_gemm_tflops", "fixed_ms", "fixed_ms_multi_node", "intra_node", "inter_node"}
+# bench_layer system -> calibration key
+BENCH_SYSTEMS = {"mcore_alltoall": "megatron_alltoall", "mcore_grouplimited": "megatron_group_limited",
+                 "deepspeed_moe": "deepspeed_moe", "locmoe_grap": "locmoe", "locmoe_dense": "locmoe"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    expert_gemm_tflops: float | None = None
+    fixed_ms: dict = field(default_factory=dict)
+    fixed_ms_multi_node: dict = field(default_factory=dict)
+    intra_node: dict | None = None
+    inter_node: dict | None = None
+    source: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.expert_gemm_tflops is not None and not self.expert_gemm_tflops > 0:
+            raise ConfigError(f"calibration expert_gemm_tflops={self.expert_gemm_tflops!r}: must be > 0 or absent")
+        for name in ("fixed_ms", "fixed_ms_multi_node"):
+            for k, v in getattr(self, name).items():
+                if not (isinstance(v, (int, float)) and v >= 0):
+                    raise ConfigError(f"calibration {name}[{k!r}]={v!r}: must be a number >= 0 (ms)")
+        for name in ("intra_node", "inter_node"):
+            link = getattr(self, name)
+            if link is None:
+                continue
+            if not link.get("bandwidth_GBps", 1.0) > 0 or not link.get("latency_us", 0.0) >= 0:
+                raise ConfigError(f"calibration {name}={link!r}: bandwidth_GBps must be > 0 and latency_us >= 0")
+
+    def fixed_for(self, system: str, ep_nodes: int) -> float:
+        key = "locmoe" if system.startswith("locmoe_") else system
+        for table in ((self.fixed_ms_multi_node, self.fixed_ms) if ep_nodes > 1 else (self.fixed_ms,)):
+            if key in table:
+                return float(table[key])
+        return float(self.fixed_ms.get("megatron_alltoall", 0.0))
+
+    def apply(self, cluster):
+        """``cluster`` with the measured link figures in place of its own."""
+        over = {}
+        for name, pre in (("intra_node", "intra"), ("inter_node", "inter")):
+            link = getattr(self, name) or {}
+            if "bandwidth_GBps" in link:
+                over[f"{pre}_bw_GBps"] = float(link["bandwidth_GBps"])
+            if "latency_us" in link:
+                over[f"{pre}_latency_us"] = float(link["latency_us"])
+        return replace(cluster, **over)
+
+    def to_dict(self) -> dict:
+        d = {"schema": SCHEMA, "source": self.source, "expert_gemm_tflops": self.expert_gemm_tflops,
+             "fixed_ms": self.fixed_ms, "fixed_ms_multi_node": self.fixed_ms_multi_node,
+             "intra_node": self.intra_node, "inter_node": self.inter_node}
+        return {k: v for k, v in d.items() if v not in (None, {})}
+
+
+def calibration_from_dict(d: dict) -> Calibration:
+    if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+        raise ConfigError(f"not a calibration file: expected \"schema\": \"{SCHEMA}\" (write one with "
+                          f"benchmarks/bench_layer.py --calibration FILE)")
+    unknown = set(d) - _KEYS
+    if unknown:
+        raise ConfigError(f"calibration has unknown keys {sorted(unknown)}; allowed: {sorted(_KEYS)}")
+    return Calibration(**{k: v for k, v in d.items() if k != "schema"})
+
+
+def load_calibration(path: str) -> Calibration:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read calibration {path!r}: {exc}; pass a JSON file written by "
+                          f"benchmarks/bench_layer.py --calibration") from exc
+    return calibration_from_dict(d)
+
+
+def calibration_from_layer_results(out: dict, inter_bw_GBps: float | None = None) -> Calibration:
+    """A calibration from ``bench_layer.py``'s result dict (``{"meta": ..., "systems": ...}``).
+
+    * expert GEMM rate: the LocMoE rows' ``floor_gemm_ms`` (the layer's own experts, fwd + bwd, on the rows
+      the busiest rank received) against the model's FLOPs for ``s k x rank imbalance`` rows of a GELU MLP
+      (bench_layer's experts); the rank imbalance is the run's ``rank_max_over_mean_rows`` where recorded,
+      else 1.
+    * intra-node bandwidth: the LocMoE rows' intra-node bytes per rank over their measured exchange time.
+    * inter-node bandwidth: the run's rail all-to-all probe (``inter_node_bw_GBps``), or ``inter_bw_GBps``.
+    * fixed costs (one-node runs only, or ``fixed_ms_multi_node`` from runs across nodes): each system's
+      measured ms minus the model's GEMM and payload terms for that run's layout and routing (floored at 0).
+    """
+    from .cluster import ClusterSpec
+    from .cost import predict_layer
+    from .workload import ModelSpec, RoutingSpec
+
+    m, systems = out["meta"], out["systems"]
+    s, d, f, k, ranks = m["tokens_per_rank"], m["hidden"], m["ffn"], m["topk"], m["ranks"]
+    model = ModelSpec(hidden=d, ffn=f, experts=m["experts"], topk=k, tokens_per_rank=s, dtype=m["dtype"],
+                      swiglu=False)
+    loc = [v for name, v in systems.items() if name in ("locmoe_grap", "locmoe_dense") and "floor_gemm_ms" in v]
+    tflops = intra_bw = None
+    if loc:
+        rates = [model.expert_flops_per_row * s * k * v.get("rank_max_over_mean_rows", 1.0) / (v["floor_gemm_ms"] * 1e9)
+                 for v in loc if v["floor_gemm_ms"] > 0]
+        tflops = max(rates) if rates else None
+        bws = [2 * v["intra_node_MiB"] * 2**20 / ranks / (v["floor_intra_ms"] * 1e6)
+               for v in loc if v.get("floor_intra_ms", 0) > 0 and v.get("intra_node_MiB", 0) > 0]
+        intra_bw = max(bws) if bws else None
+    inter = inter_bw_GBps or m.get("inter_node_bw_GBps") or None
+    cal = Calibration(expert_gemm_tflops=tflops,
+                      intra_node={"bandwidth_GBps": intra_bw, "latency_us": 0.0} if intra_bw else None,
+                      inter_node={"bandwidth_GBps": inter, "latency_us": 0.0} if inter else None)
+    cluster = ClusterSpec(nodes=m["nodes"], gpus_per_node=m["gpus_per_node"], intra_bw_GBps=intra_bw or 200.0,
+                          intra_latency_us=0.0, inter_bw_GBps=inter or 1.0, inter_latency_us=0.0,
+                          peak_tflops=(tflops or 300.0) / 0.6)
+    fixed = {}
+    for name, key in BENCH_SYSTEMS.items():
+        v = systems.get(name)
+        if not v or key in fixed or v.get("ms") is None or v["ms"] != v["ms"]:
+            continue
+        routing = RoutingSpec(cross_node_share=min(1.0, v.get("cross_node_share", 0.0)),
+                              imbalance=max(1.0, v.get("rank_max_over_mean_rows", 1.0)),
+                              capacity_factor=m.get("ds_capacity_factor", 1.25), chunks=1)
+        system = {"locmoe": "locmoe_hier"}.get(key, key)
+        t = predict_layer(system, cluster, model, routing, cal)
+        fixed[key] = max(0.0, v["ms"] - t.gemm_ms - t.comm_ms)
+    src = {k2: m.get(k2) for k2 in ("device", "date", "commit", "ranks", "nodes", "gpus_per_node", "torch",
+                                    "megatron_core")}
+    src["layout"] = f"{m['nodes']} node(s) x {m['gpus_per_node']}"
+    multi = m["nodes"] > 1
+    return replace(cal, fixed_ms={} if multi else fixed, fixed_ms_multi_node=fixed if multi else {}, source=src)
+
+
+def write_calibration(path: str, out: dict) -> Calibration:
+    """Derive a calibration from ``bench_layer.py``'s result dict and write it to ``path`` (JSON)."""
+    cal = calibration_from_layer_results(out)
+    with open(path, "w") as f:
+        json.dump(cal.to_dict(), f, indent=2)
+    return cal

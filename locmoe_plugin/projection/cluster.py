@@ -1,0 +1,83 @@
+"""The cluster: nodes of GPUs joined by a fast intra-node fabric (NVLink / HCCS) and one NIC per GPU.
+
+Bandwidths are per GPU and per direction (what one rank can push into its links while every rank does
+the same), in GB/s (1e9 bytes/s); latencies in microseconds, paid once per all-to-all stage. Preset
+figures are vendor peak figures (sources in ``docs/projection.md``); achieved all-to-all bandwidth is
+lower, so a calibration file (:mod:`.calibration`) replaces them with measured values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..config import ConfigError
+
+
+_FLAG = {"intra_bw_GBps": "intra-bw", "inter_bw_GBps": "inter-bw", "peak_tflops": "peak-tflops"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterSpec:
+    """Args:
+        nodes: nodes in the job.
+        gpus_per_node: GPUs (NPUs) per node, all in the expert-parallel group.
+        intra_bw_GBps / intra_latency_us: per-GPU, per-direction bandwidth and per-stage latency inside a node.
+        inter_bw_GBps / inter_latency_us: the same across nodes (one NIC per GPU, rail-aligned).
+        peak_tflops: dense bf16 peak of one GPU; GEMMs run at ``gemm_efficiency`` of it unless calibrated.
+        gemm_efficiency: achieved share of ``peak_tflops`` for the expert and attention GEMMs.
+    """
+
+    nodes: int
+    gpus_per_node: int
+    intra_bw_GBps: float
+    intra_latency_us: float
+    inter_bw_GBps: float
+    inter_latency_us: float
+    peak_tflops: float
+    gemm_efficiency: float = 0.6
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for f in ("nodes", "gpus_per_node"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{f}={v!r}: must be an integer >= 1 (--{f.replace('_', '-')})")
+        for f in ("intra_bw_GBps", "inter_bw_GBps", "peak_tflops"):
+            if not getattr(self, f) > 0:
+                raise ConfigError(f"{f}={getattr(self, f)!r}: must be > 0; give the measured or spec figure "
+                                  f"(--{_FLAG[f]}), a --preset, or a --calibration file")
+        for f in ("intra_latency_us", "inter_latency_us"):
+            if not getattr(self, f) >= 0:
+                raise ConfigError(f"{f}={getattr(self, f)!r}: must be >= 0 microseconds")
+        if not 0 < self.gemm_efficiency <= 1:
+            raise ConfigError(f"gemm_efficiency={self.gemm_efficiency!r}: must be in (0, 1]")
+
+    @property
+    def gemm_tflops(self) -> float:
+        return self.peak_tflops * self.gemm_efficiency
+
+    def with_nodes(self, nodes: int) -> "ClusterSpec":
+        return replace(self, nodes=nodes)
+
+
+# Per-GPU, per-direction figures. NVLink 4: 900 GB/s bidirectional per GPU -> 450 GB/s each way;
+# ConnectX-7 400 Gb/s -> 50 GB/s each way; Atlas 800T A2: 8 x 200GE RoCE per server (one port per NPU) ->
+# 25 GB/s, HCCS full mesh of 8 NPUs, 7 links of 56 GB/s (vendor-reported) -> 392 GB/s. Latencies are typical
+# orders of magnitude for one all-to-all stage (NCCL / HCCL launch and handshake), not vendor figures.
+PRESETS: dict[str, dict] = {
+    "h100": dict(gpus_per_node=8, intra_bw_GBps=450.0, intra_latency_us=10.0, inter_bw_GBps=50.0,
+                 inter_latency_us=25.0, peak_tflops=989.0),
+    "h200": dict(gpus_per_node=8, intra_bw_GBps=450.0, intra_latency_us=10.0, inter_bw_GBps=50.0,
+                 inter_latency_us=25.0, peak_tflops=989.0),
+    "ascend910b": dict(gpus_per_node=8, intra_bw_GBps=392.0, intra_latency_us=15.0, inter_bw_GBps=25.0,
+                       inter_latency_us=30.0, peak_tflops=313.0),
+}
+
+
+def preset(name: str, nodes: int, **overrides) -> ClusterSpec:
+    """A preset cluster of ``nodes`` nodes; ``overrides`` (not None) replace its figures."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown cluster preset {name!r}: use one of {sorted(PRESETS)} or give the figures")
+    fig = dict(PRESETS[name])
+    fig.update({k: v for k, v in overrides.items() if v is not None})
+    return ClusterSpec(nodes=nodes, name=name, **fig)

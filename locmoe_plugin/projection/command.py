@@ -1,0 +1,100 @@
+"""``locmoe project``: arguments and the run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .calibration import load_calibration
+from .cluster import PRESETS, preset, ClusterSpec
+from .cost import SYSTEMS, predict
+from .report import as_json, plot, sweep_table, table
+from .workload import ModelSpec, RoutingSpec
+
+SWEEP_NODES = (2, 4, 8, 16, 32, 64, 128)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    c = p.add_argument_group("cluster (a preset, or every figure)")
+    c.add_argument("--preset", choices=sorted(PRESETS), default=None, help="h100 / h200: 8 GPUs, NVLink, "
+                   "8 x 400 Gb/s NICs per node; ascend910b: 8 NPUs, HCCS, 8 x 200GE RoCE")
+    c.add_argument("--nodes", type=int, default=2)
+    c.add_argument("--gpus-per-node", type=int, default=None)
+    c.add_argument("--intra-bw", type=float, default=None, help="GB/s per GPU per direction inside a node")
+    c.add_argument("--intra-latency-us", type=float, default=None)
+    c.add_argument("--inter-bw", type=float, default=None, help="GB/s per GPU per direction across nodes")
+    c.add_argument("--inter-latency-us", type=float, default=None)
+    c.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak per GPU")
+    c.add_argument("--gemm-efficiency", type=float, default=None, help="achieved share of the peak (default 0.6)")
+    m = p.add_argument_group("model")
+    m.add_argument("--hidden", type=int, default=4096)
+    m.add_argument("--ffn", type=int, default=1408, help="one expert's FFN width")
+    m.add_argument("--experts", type=int, default=64)
+    m.add_argument("--topk", type=int, default=8)
+    m.add_argument("--tokens-per-rank", type=int, default=8192)
+    m.add_argument("--layers", type=int, default=24)
+    m.add_argument("--seq", type=int, default=4096)
+    m.add_argument("--dtype", default="bf16")
+    m.add_argument("--gelu", action="store_true", help="2-matrix GELU experts (default: SwiGLU, 3 matrices)")
+    r = p.add_argument_group("routing")
+    r.add_argument("--cross-node-share", type=float, default=0.1,
+                   help="LocMoE's share of pairs crossing nodes (measured, or the budget it is held to)")
+    r.add_argument("--imbalance", type=float, default=1.0, help="busiest rank's rows / mean (>= 1)")
+    r.add_argument("--group-nodes", type=int, default=None, help="nodes per token under group-limited routing")
+    r.add_argument("--capacity-factor", type=float, default=1.25, help="DeepSpeed MoE's capacity factor")
+    r.add_argument("--chunks", type=int, default=4, help="chunks of LocMoE's overlapped dispatch")
+    o = p.add_argument_group("output")
+    o.add_argument("--calibration", default=None, help="JSON from benchmarks/bench_layer.py --calibration")
+    o.add_argument("--png", default=None, help="write the speedup-vs-nodes plot here")
+    o.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def _cluster(a, nodes: int) -> ClusterSpec:
+    over = dict(gpus_per_node=a.gpus_per_node, intra_bw_GBps=a.intra_bw, intra_latency_us=a.intra_latency_us,
+                inter_bw_GBps=a.inter_bw, inter_latency_us=a.inter_latency_us, peak_tflops=a.peak_tflops,
+                gemm_efficiency=a.gemm_efficiency)
+    if a.preset:
+        return preset(a.preset, nodes, **over)
+    missing = [k for k in ("gpus_per_node", "intra_bw", "inter_bw", "peak_tflops") if getattr(a, k) is None]
+    if missing:
+        raise ValueError(f"no --preset and no {', '.join('--' + k.replace('_', '-') for k in missing)}: give a "
+                         f"--preset ({', '.join(sorted(PRESETS))}) or every cluster figure")
+    over = {k: v for k, v in over.items() if v is not None}
+    over.setdefault("intra_latency_us", 0.0)
+    over.setdefault("inter_latency_us", 0.0)
+    return ClusterSpec(nodes=nodes, **over)
+
+
+def run(a: argparse.Namespace) -> int:
+    cal = load_calibration(a.calibration) if a.calibration else None
+    model = ModelSpec(hidden=a.hidden, ffn=a.ffn, experts=a.experts, topk=a.topk, tokens_per_rank=a.tokens_per_rank,
+                      layers=a.layers, seq=a.seq, dtype=a.dtype, swiglu=not a.gelu)
+    routing = RoutingSpec(cross_node_share=a.cross_node_share, imbalance=a.imbalance, group_nodes=a.group_nodes,
+                          capacity_factor=a.capacity_factor, chunks=a.chunks)
+    cluster = _cluster(a, a.nodes)
+    point = predict(cluster, model, routing, cal)
+    sweep = {n: predict(cluster.with_nodes(n), model, routing, cal) for n in SWEEP_NODES}
+    inputs = {"cluster": cluster.__dict__, "model": model.__dict__, "routing": routing.__dict__,
+              "calibration": cal.to_dict() if cal else None}
+    eff = cal.apply(cluster) if cal else cluster
+    title = (f"{cluster.name}: {cluster.gpus_per_node} GPUs/node, d {model.hidden}, F {model.ffn}, E {model.experts}, "
+             f"top-{model.topk}, {model.tokens_per_rank} tok/rank, LocMoE share {routing.cross_node_share}")
+    png = plot(sweep, a.png, title) if a.png else None
+    if a.json:
+        out = as_json(point, sweep, inputs)
+        out["png"] = png
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    ep = next(iter(point.values())).ep_nodes
+    print(f"locmoe project: {cluster.nodes} node(s) x {cluster.gpus_per_node} ({cluster.name}; EP group {ep} node(s)), "
+          f"intra {eff.intra_bw_GBps:g} GB/s, inter {eff.inter_bw_GBps:g} GB/s per GPU"
+          f"{'; calibrated: ' + a.calibration if cal else '; uncalibrated: fixed per-layer costs 0'}")
+    print(table(point, f"model: d {model.hidden}, F {model.ffn} ({'SwiGLU' if model.swiglu else 'GELU'}), "
+                       f"E {model.experts}, top-{model.topk}, {model.tokens_per_rank} tokens/rank, {model.layers} "
+                       f"layers, {model.dtype}; LocMoE cross-node share {routing.cross_node_share}, imbalance "
+                       f"{routing.imbalance}"))
+    print()
+    print(sweep_table(sweep))
+    if a.png:
+        print(f"plot: {png}" if png else "plot: matplotlib not installed, no PNG written")
+    return 0

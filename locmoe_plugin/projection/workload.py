@@ -1,0 +1,91 @@
+"""What runs on the cluster: the MoE model (:class:`ModelSpec`) and how its router spreads tokens
+(:class:`RoutingSpec`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ConfigError
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """Args:
+        hidden: model width d. ffn: one expert's FFN width F. experts: routed experts E per MoE layer.
+        topk: experts per token k. tokens_per_rank: tokens s one rank routes per micro-batch.
+        layers: MoE layers (each with an attention block before it). dtype: the all-to-all payload dtype.
+        swiglu: gated experts (3 matrices; 2 for a GELU MLP). seq: sequence length (attention cost only).
+    """
+
+    hidden: int
+    ffn: int
+    experts: int
+    topk: int
+    tokens_per_rank: int
+    layers: int = 1
+    dtype: str = "bf16"
+    swiglu: bool = True
+    seq: int = 4096
+
+    def __post_init__(self) -> None:
+        for f in ("hidden", "ffn", "experts", "topk", "tokens_per_rank", "layers", "seq"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{f}={v!r}: must be an integer >= 1 (--{f.replace('_', '-')})")
+        if self.topk > self.experts:
+            raise ConfigError(f"topk={self.topk} > experts={self.experts}: a token picks k distinct experts; "
+                              f"use --topk <= {self.experts}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ConfigError(f"dtype {self.dtype!r}: use one of {sorted(DTYPE_BYTES)}")
+
+    @property
+    def elt(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def expert_flops_per_row(self) -> float:
+        """Forward + backward FLOPs of one (token, expert) row: 2 d F per matrix forward, 3x with backward."""
+        return 3 * 2 * self.hidden * self.ffn * (3 if self.swiglu else 2)
+
+    @property
+    def attention_flops_per_token(self) -> float:
+        """Forward + backward FLOPs of one token's attention block: QKV and output projections (4 d^2 MACs)
+        and scores + values over ``seq`` keys (2 seq d MACs), no causal halving, no GQA."""
+        return 3 * (2 * 4 * self.hidden**2 + 2 * 2 * self.seq * self.hidden)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoutingSpec:
+    """Args:
+        cross_node_share: share of LocMoE's (token, expert) pairs whose expert is on another node (the
+            router's measured ``cross_node_share``, or the locality budget it is held to). The baselines
+            route uniformly: share (N - 1) / N.
+        imbalance: the busiest rank's rows over the mean rank's (>= 1): its expert GEMMs and the bytes it
+            sends or receives scale by it; the layer waits for that rank. Applied to every dropless system.
+        group_nodes: nodes a token may use under group-limited routing (Megatron ``--moe-router-num-groups``
+            = nodes, ``--moe-router-group-topk`` = this); None = min(nodes, 4).
+        capacity_factor: DeepSpeed MoE's capacity factor (its buffers are padded to capacity).
+        chunks: chunks of LocMoE's overlapped dispatch (``TokenDispatcher.forward(chunks=...)``).
+    """
+
+    cross_node_share: float
+    imbalance: float = 1.0
+    group_nodes: int | None = None
+    capacity_factor: float = 1.25
+    chunks: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cross_node_share <= 1.0:
+            raise ConfigError(f"cross_node_share={self.cross_node_share!r}: a share of pairs lies in [0, 1] "
+                              f"(--cross-node-share 0.1 = 10 % of pairs cross nodes)")
+        if not self.imbalance >= 1.0:
+            raise ConfigError(f"imbalance={self.imbalance!r}: the busiest rank's rows over the mean is >= 1 "
+                              f"(1 = balanced)")
+        if self.group_nodes is not None and (isinstance(self.group_nodes, bool) or self.group_nodes < 1):
+            raise ConfigError(f"group_nodes={self.group_nodes!r}: must be >= 1 (--group-nodes)")
+        if not self.capacity_factor > 0:
+            raise ConfigError(f"capacity_factor={self.capacity_factor!r}: must be > 0 (--capacity-factor)")
+        if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
+            raise ConfigError(f"chunks={self.chunks!r}: must be an integer >= 1 (--chunks)")
