@@ -138,6 +138,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--corpus", default=None, help="text file/folder (default: load_corpus()'s default)")
     p.add_argument("--bw-mib", type=float, default=64.0)
     p.add_argument("--json", default=None)
+    p.add_argument("--calibration", default=None, help="also write a `locmoe project --calibration` JSON here")
     p.add_argument("--seed", type=int, default=1234)
     return p.parse_args()
 
@@ -831,6 +832,10 @@ def main() -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=2)
+        if args.calibration:
+            from locmoe_plugin.projection import write_calibration
+
+            write_calibration(args.calibration, out)
     dist.barrier()
     dist.destroy_process_group()
 

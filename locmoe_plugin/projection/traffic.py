@@ -132,7 +132,8 @@ def count_rows(expert_ids: list, nodes: int, ranks_per_node: int, experts: int) 
     need = []  # [P][s_p, P] bool: token needs rank q
     pairs_to = []  # [P][P] pairs to rank q
     for ids in expert_ids:
-        ids = np.asarray(ids).reshape(len(ids), -1)
+        ids = np.asarray(ids, dtype=np.int64)
+        ids = ids.reshape(-1, 1) if ids.ndim == 1 else ids
         ok = ids >= 0
         rank = np.where(ok, ids // e_r, p_tot)
         m = np.zeros((ids.shape[0], p_tot + 1), dtype=np.int64)

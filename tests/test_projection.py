@@ -1,0 +1,132 @@
+"""``locmoe project``: traffic and time terms against hand-worked numbers, calibration, bad input."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from locmoe_plugin.cli import main
+from locmoe_plugin.config import ConfigError
+from locmoe_plugin.projection import (Calibration, ClusterSpec, ModelSpec, RoutingSpec, count_rows,
+                                      expected_rows, predict_layer)
+from locmoe_plugin.projection.traffic import node_pmfs, padded_rows
+
+
+def test_share_pmfs_by_hand():
+    # 2 nodes x 2 ranks, 8 experts (G = 4 per node), k = 2, share 0.5: m ~ Bin(2, .5) = 1/4, 1/2, 1/4
+    own, rem = node_pmfs("share", 2, 2, 8, 2, share=0.5)
+    assert np.allclose(own, [0.25, 0.5, 0.25])  # j_own = k - m
+    assert np.allclose(rem, [0.25, 0.5, 0.25])  # one remote node holds all m
+    # uniform top-2 of 8 with G = 4: hypergeometric C(4,j) C(4,2-j) / C(8,2) = 6/28, 16/28, 6/28
+    own, rem = node_pmfs("uniform", 2, 2, 8, 2)
+    assert np.allclose(own, [6 / 28, 16 / 28, 6 / 28]) and np.allclose(rem, own)
+
+
+def test_rows_by_hand():
+    own, rem = node_pmfs("share", 2, 2, 8, 2, share=0.5)
+    s = 100
+    pairs = expected_rows("pairs", 2, 2, 8, 2, s, own, rem)
+    assert pairs.inter == pytest.approx(s * 1.0)  # E[m] = 1 pair across
+    assert pairs.intra == pytest.approx(s * 1.0 * 0.5)  # E[k - m] = 1, half of the node's experts elsewhere
+    hier = expected_rows("hierarchical", 2, 2, 8, 2, s, own, rem)
+    assert hier.inter == pytest.approx(s * 0.75)  # P(m > 0)
+    # P(rank hit | j): G = 4, E_r = 2: j=1 -> 1/2, j=2 -> 1 - C(2,2)/C(4,2) = 5/6;
+    # E f = 0.5 * 0.5 + 0.25 * 5/6; own tokens + one remote node's rail rows, one other local rank
+    f = 0.5 * 0.5 + 0.25 * 5 / 6
+    assert hier.intra == pytest.approx(s * (f + f))
+    # one node: the hierarchical mode runs the pairs plan
+    o1, r1 = node_pmfs("share", 1, 4, 8, 2, share=0.0)
+    assert expected_rows("hierarchical", 1, 4, 8, 2, s, o1, r1) == expected_rows("pairs", 1, 4, 8, 2, s, o1, r1)
+
+
+def test_count_rows_by_hand():
+    # 2 nodes x 2 ranks, 4 experts (1 per rank). rank 0: token A -> experts {2, 3}, token B -> {1, 2}
+    ids = [np.array([[2, 3], [1, 2]]), np.zeros((0, 2), int), np.array([[0, -1]]), np.zeros((0, 2), int)]
+    c = count_rows(ids, 2, 2, 4)
+    assert c[0]["pairs"].inter == 3 and c[0]["pairs"].intra == 1
+    assert c[0]["hierarchical"].inter == 2  # A and B each once to node 1
+    assert c[0]["hierarchical"].intra == 1  # own token B to rank 1; rail rank 2's token needs only rank 0
+    # rank 2 gets A and B on the rail; of them only A needs rank 3
+    assert c[2]["hierarchical"].intra == 1 and c[2]["hierarchical"].inter == 1
+
+
+def test_deepspeed_padded_rows():
+    # the measured run: 8192 tokens, k 4, c_f 1.25, 32 experts on 2 x 2 -> C = 1280, 16 remote experts
+    r = padded_rows(2, 2, 32, 4, 8192, 1.25)
+    assert r.inter == 16 * 1280 and r.intra == 8 * 1280
+    # bench_layer's 640 MiB across nodes: 4 ranks x (dispatch + combine) x rows x 2048 x 2 B
+    assert 4 * 2 * r.inter * 2048 * 2 / 2**20 == 640
+
+
+def test_time_terms_by_hand():
+    cl = ClusterSpec(nodes=2, gpus_per_node=2, intra_bw_GBps=100.0, intra_latency_us=10.0, inter_bw_GBps=10.0,
+                     inter_latency_us=20.0, peak_tflops=100.0, gemm_efficiency=0.5)
+    m = ModelSpec(hidden=1000, ffn=500, experts=8, topk=2, tokens_per_rank=100, swiglu=False, layers=2, seq=10)
+    rt = RoutingSpec(cross_node_share=0.5, chunks=1)
+    t = predict_layer("locmoe_flat", cl, m, rt)
+    row = 1000 * 2  # bytes
+    # per a2a: 20 us + max(100 rows * 2000 B / 10 GB/s, 50 rows * 2000 B / 100 GB/s) = 0.02 + 0.02 ms
+    assert t.comm_ms == pytest.approx(4 * (0.02 + 100 * row / 10e6))
+    # GEMM: 200 rows x (3 x 2 x 1000 x 500 x 2 matrices = 6e6 FLOPs) at 50 TFLOP/s, in ms
+    assert t.gemm_ms == pytest.approx(200 * 6e6 / 50e9)
+    assert t.inter_bytes == pytest.approx(4 * 100 * row)
+    hier = predict_layer("locmoe_hier", cl, m, rt)
+    own, rem = node_pmfs("share", 2, 2, 8, 2, share=0.5)
+    rows = expected_rows("hierarchical", 2, 2, 8, 2, 100, own, rem)
+    assert hier.comm_ms == pytest.approx(4 * (0.02 + rows.inter * row / 10e6 + 0.01 + rows.intra * row / 100e6))
+    attn = 100 * 3 * (2 * 4 * 1000**2 + 4 * 10 * 1000) / 50e9
+    assert hier.step_ms == pytest.approx(2 * (hier.layer_ms + attn))
+    # overlap: c fixed + (comm + gemm)/c + (c-1)/c max(comm, gemm), latencies paid per chunk
+    cal = Calibration(fixed_ms={"locmoe": 1.0})
+    ov = predict_layer("locmoe_hier_overlap", cl, m, RoutingSpec(cross_node_share=0.5, chunks=2), cal)
+    comm = hier.comm_ms + 4 * 0.03
+    assert ov.layer_ms == pytest.approx(2 * 1.0 + (comm + ov.gemm_ms) / 2 + 0.5 * max(comm, ov.gemm_ms))
+    # imbalance scales the busiest rank's bytes and rows
+    t2 = predict_layer("locmoe_flat", cl, m, RoutingSpec(cross_node_share=0.5, imbalance=2.0, chunks=1))
+    assert t2.gemm_ms == pytest.approx(2 * t.gemm_ms)
+
+
+def test_calibration_roundtrip(tmp_path):
+    out = json.load(open("benchmarks/results/2026-11-22_h200x4_layer_locality_bias/layer_1node_4gpu.json"))
+    from locmoe_plugin.projection import write_calibration, load_calibration
+
+    cal = write_calibration(str(tmp_path / "c.json"), out)
+    back = load_calibration(str(tmp_path / "c.json"))
+    assert back.fixed_ms == pytest.approx(cal.fixed_ms) and back.expert_gemm_tflops == pytest.approx(cal.expert_gemm_tflops)
+    # the GEMM rate: 12 s k d F flops in the GrAP row's 5.12 ms
+    assert cal.expert_gemm_tflops == pytest.approx(12 * 8192 * 4 * 2048 * 1408 / 5.120740999984719e-3 / 1e12, rel=1e-6)
+    # the calibrated one-node prediction gives back the measured time (fixed = measured - terms)
+    cl = ClusterSpec(nodes=1, gpus_per_node=4, intra_bw_GBps=1.0, intra_latency_us=0, inter_bw_GBps=1.0,
+                     inter_latency_us=0, peak_tflops=1.0)
+    m = ModelSpec(hidden=2048, ffn=1408, experts=32, topk=4, tokens_per_rank=8192, swiglu=False)
+    t = predict_layer("megatron_alltoall", cl, m, RoutingSpec(cross_node_share=0.0), back)
+    assert t.layer_ms == pytest.approx(out["systems"]["mcore_alltoall"]["ms"])
+
+
+def _run(capsys, *argv):
+    rc = main(["project", *argv])
+    return rc, capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["--preset", "h100", "--inter-bw", "0"], "inter_bw_GBps"),
+    (["--preset", "h100", "--experts", "60"], "divisible"),
+    (["--preset", "h100", "--experts", "64", "--topk", "65"], "topk=65 > experts=64"),
+    (["--preset", "h100", "--cross-node-share", "1.5"], "[0, 1]"),
+    (["--preset", "h100", "--cross-node-share", "-0.1"], "[0, 1]"),
+    (["--nodes", "2"], "--preset"),
+])
+def test_bad_input(capsys, argv, word):
+    rc, out = _run(capsys, *argv)
+    assert rc == 2
+    assert word in out.err and out.err.count("\n") == 1
+
+
+def test_cli_table_json_png(capsys, tmp_path):
+    rc, out = _run(capsys, "--preset", "ascend910b", "--nodes", "4", "--experts", "256", "--png", str(tmp_path / "p.png"))
+    assert rc == 0 and "locmoe_hier" in out.out and "128 (32)" in out.out
+    rc, out = _run(capsys, "--preset", "h100", "--json", "--cross-node-share", "0.2")
+    d = json.loads(out.out)
+    assert d["systems"]["megatron_alltoall"]["speedup_vs_megatron_alltoall"] == 1.0
+    assert math.isclose(d["systems"]["locmoe_flat"]["pair_share"], 0.2)
