@@ -15,6 +15,7 @@
 set -euo pipefail
 out=${1:?usage: run_locmoe_plus.sh OUT [locmoe demo flags]}
 shift
+extra=("$@")  # demo flags, used inside run_share (whose own "$@" is its pair index)
 SEEDS=${SEEDS:-"1234 2345 3456"}
 SYSTEMS=${SYSTEMS:-"baseline;locmoe+;locmoe+:resonance_mass=0.9;locmoe+:capacity_factor_min=0.3"}
 STEPS=${STEPS:-300}
@@ -40,7 +41,7 @@ run_share() {  # $1: pair index; runs tasks p, p + P, p + 2P, ...
     CUDA_VISIBLE_DEVICES=${pairs[$p]} "${PYTHON:-python3}" -m locmoe_plugin.cli demo --backend "${BACKEND:-nccl}" \
       --nproc 2 --gpus-per-node 1 --systems "$sys" --steps "$STEPS" --seed "$seed" --num-layers 4 \
       --hidden-size 512 --num-heads 8 --num-experts 32 --topk 2 --ffn-hidden-size 1024 --seq-len 256 \
-      --micro-batch 16 --eval-interval 50 --eval-batches 8 --no-progress --out "$dir" "$@" > "$dir/log.txt" 2>&1 \
+      --micro-batch 16 --eval-interval 50 --eval-batches 8 --no-progress --out "$dir" "${extra[@]}" > "$dir/log.txt" 2>&1 \
       || echo "== seed $seed $sys FAILED (see $dir/log.txt)"
   done
 }
