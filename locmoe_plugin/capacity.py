@@ -6,12 +6,13 @@ Modes (``LocMoEConfig.capacity``):
   * ``bound`` (LocMoE): ``c_f`` is Theorem 1's ``ec_min = 1 / (n * p_delta)``, computed once, from the
     configured delta or from the first training batch's delta (below), clamped to
     ``[capacity_factor_min, capacity_factor_max]``.
-  * ``adaptive`` (LocMoE+): every ``adaptive_interval`` training forwards, ``c_f = 1 / (n * p_hat)``
-    where ``p_hat`` is the *measured* share of (token, expert) pairs with ``|affinity| >= delta`` (delta
-    fixed as in ``bound``). For near-isotropic tokens ``p_hat ~= p_delta`` and both modes agree; as
-    token features cluster around their experts ``p_hat`` grows and the capacity shrinks, never below
-    ``capacity_factor_min``. This is our reading of LocMoE+'s "re-estimated lower bound that decreases
-    as the token feature distribution evolves"; the paper gives no formula for it.
+  * ``adaptive`` (LocMoE+): every ``adaptive_interval`` training forwards, ``c_f = capacity_factor_isotropic
+    * q_hat / q_chance`` with ``q_hat`` the measured misranking rate of LocMoE+'s Eq. (10) (how often a
+    token that does not belong to an expert scores above one that does) and ``q_chance = 1 / (2 (n + 1))``
+    its value on an untrained router (Corollary 6: C proportional to s q; see
+    :mod:`locmoe_plugin.resonance`), clamped to ``[capacity_factor_min, capacity_factor_max]``. It starts
+    near ``capacity_factor_isotropic`` and falls as tokens concentrate on their experts. A batch with no
+    measurable pair (empty, or every token on one expert) keeps the previous factor.
 
 delta estimate: the mean over tokens of each token's highest affinity (how well a token matches the
 expert it fits best; LocMoE reports ~0.03 at d=5120, n=16). Measurements are all-reduced over the
@@ -30,8 +31,11 @@ import math
 import torch
 import torch.distributed as dist
 
-from .bounds import ec_min_exact
+from .bounds import ec_min_erfc, ec_min_exact, ec_min_exp
 from .config import LocMoEConfig
+from .resonance import misranking_counts, resonance_factor
+
+_BOUND_FORMS = {"exact": ec_min_exact, "erfc": ec_min_erfc, "exp": ec_min_exp}
 
 
 def estimate_delta(affinity: torch.Tensor) -> torch.Tensor:
@@ -39,11 +43,6 @@ def estimate_delta(affinity: torch.Tensor) -> torch.Tensor:
     if affinity.shape[0] == 0:
         return affinity.new_zeros(())
     return affinity.max(dim=-1).values.mean()
-
-
-def share_above(affinity: torch.Tensor, delta: float) -> tuple[torch.Tensor, int]:
-    """``(count, total)`` of (token, expert) pairs with ``|affinity| >= delta``; count is a 0-d tensor."""
-    return (affinity.abs() >= delta).sum(), affinity.numel()
 
 
 def capacity_from_factor(factor: float, num_tokens: int, topk: int, num_experts: int, min_capacity: int) -> int:
@@ -68,7 +67,7 @@ class CapacityController:
         self.group = group
         self.delta: float | None = config.delta
         self.factor: float | None = config.capacity_factor if config.capacity == "factor" else None
-        self.p_hat: float | None = None
+        self.q_hat: float | None = None
         self.steps = 0
 
     @property
@@ -105,17 +104,19 @@ class CapacityController:
         c = self.config
         delta = self._ensure_delta(affinity)
         if self.mode == "bound":
-            self.factor = self._clamp(ec_min_exact(delta, c.hidden_size, c.num_experts))
+            self.factor = self._clamp(_BOUND_FORMS[c.capacity_bound_form](delta, c.hidden_size, c.num_experts))
             return
-        count, total = share_above(affinity.detach(), delta)
-        both = torch.stack([count.float(), torch.full((), float(total), device=count.device)])
+        u, pairs = misranking_counts(affinity)
+        both = torch.stack([u.sum(), pairs.sum()])  # int64: exact when summed over ranks
         if _group_active(self.group):
             dist.all_reduce(both, group=self.group)
-        # device-to-host sync: measured share (every adaptive_interval steps)
-        hits, pairs = both.tolist()
-        self.p_hat = hits / pairs if pairs else None
-        raw = math.inf if not self.p_hat else 1.0 / (c.num_experts * self.p_hat)
-        self.factor = self._clamp(raw)
+        # device-to-host sync: misranked and compared pairs (every adaptive_interval steps)
+        misranked, compared = both.tolist()
+        if compared:
+            self.q_hat = misranked / compared
+            self.factor = self._clamp(resonance_factor(self.q_hat, c.num_experts, c.capacity_factor_isotropic))
+        elif self.factor is None:  # nothing to measure yet: an untrained router's factor
+            self.factor = self._clamp(c.capacity_factor_isotropic)
 
     def capacity(self, num_tokens: int, affinity: torch.Tensor | None, training: bool) -> int | None:
         """Capacity for a batch of ``num_tokens`` tokens; ``affinity [s, n]`` is read only when
@@ -132,8 +133,8 @@ class CapacityController:
         return capacity_from_factor(self.factor, num_tokens, c.topk, c.num_experts, c.min_capacity)
 
     def state_dict(self) -> dict:
-        return {"delta": self.delta, "factor": self.factor, "p_hat": self.p_hat, "steps": self.steps}
+        return {"delta": self.delta, "factor": self.factor, "q_hat": self.q_hat, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.delta, self.factor = state.get("delta"), state.get("factor")
-        self.p_hat, self.steps = state.get("p_hat"), int(state.get("steps", 0))
+        self.q_hat, self.steps = state.get("q_hat"), int(state.get("steps", 0))

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 GATES = ("grap", "dense")
 ROUTINGS = ("topk", "locmoe", "hybrid", "hash")
 CAPACITIES = ("none", "factor", "bound", "adaptive")
+BOUND_FORMS = ("exact", "erfc", "exp")
 DROP_POLICIES = ("score", "choice", "position")
 AUX_SCOPES = ("ep_group", "local")
 
@@ -70,12 +71,14 @@ class LocMoEConfig:
     Capacity modes (C = tokens one expert may take from one rank's batch):
       * ``none``     - dropless (Megatron's default).
       * ``factor``   - C = ceil(capacity_factor * s * k / n), at least ``min_capacity``.
-      * ``bound``    - LocMoE: the factor is LocMoE's Theorem-1 bound 1 / (n * p_delta), with delta
-        estimated once from the first batch (or given as ``delta``), clamped to
-        [capacity_factor_min, capacity_factor_max].
-      * ``adaptive`` - LocMoE+: the factor is re-estimated every ``adaptive_interval`` steps from the
-        measured share of token-expert affinities >= delta, reduced over the expert-parallel group so
-        every rank agrees; never below ``capacity_factor_min``.
+      * ``bound``    - LocMoE: the factor is LocMoE's Theorem-1 bound 1 / (n * p_delta) (or its erfc /
+        exponential form, ``capacity_bound_form``), with delta estimated once from the first batch (or
+        given as ``delta``), clamped to [capacity_factor_min, capacity_factor_max].
+      * ``adaptive`` - LocMoE+: every ``adaptive_interval`` steps the factor is re-estimated from how well
+        tokens resonate with their experts (the misranking rate q of the paper's Eq. 10, reduced over the
+        expert-parallel group so every rank agrees): ``capacity_factor_isotropic * q / q_chance``, large
+        on an untrained router and falling as affinities concentrate (Corollary 6), clamped to
+        [capacity_factor_min, capacity_factor_max]. See locmoe_plugin/resonance.py, docs/locmoe_plus.md.
     """
 
     num_experts: int
@@ -111,6 +114,16 @@ class LocMoEConfig:
     #: Fixed affinity threshold for "bound"/"adaptive"; None -> estimated from the first batch.
     delta: float | None = None
     adaptive_interval: int = 100
+    #: "adaptive": the factor when affinities rank no better than chance (an untrained router, the
+    #: paper's C = Theta(s) phase); it scales with the measured misranking rate from there.
+    capacity_factor_isotropic: float = 2.0
+    #: "bound": Theorem 1's exact beta form, its large-d "erfc" form, or the "exp" form of LocMoE+'s
+    #: Remark 7, C_min = (1/n) exp(d delta^2 / (2 - delta^2)).
+    capacity_bound_form: str = "exact"
+    #: "hybrid": the expert-choice threshold on summed affinity (LocMoE+ Eq. 6): each expert keeps its
+    #: highest-affinity tokens until the affinity summed over those ranked above reaches this share of
+    #: its candidates' total; 1.0 keeps exactly the tokens with a positive affinity. None: off.
+    resonance_mass: float | None = None
     #: Which routed (token, expert) pairs an expert keeps when over capacity: highest "score"
     #: (gate probability; affinity for "hybrid"), tokens' first "choice"s before their second ones (by
     #: score inside a choice rank), or first by token "position".
@@ -118,7 +131,8 @@ class LocMoEConfig:
     #: Node-limited routing: each token's experts lie on at most this many nodes (None = no limit).
     max_nodes_per_token: int | None = None
     #: A learned routing-score offset per expert-parallel rank (``[ep_size, n]``, zero at start, this
-    #: rank's row added to its gate logits; "hybrid" ranks by the cosine of the biased logits). It is the
+    #: rank's row added to its gate logits; "hybrid" makes its token choice by the cosine of the biased
+    #: logits and its expert choice by the unbiased cosine). It is the
     #: router's only rank-aware input: the gate sees token content only and is replicated over data-
     #: parallel ranks, so on data that is distributed alike on every rank the expected cross-node share
     #: is (N-1)/N for N nodes whatever the gate learns (a token's node is independent of its content);
@@ -248,6 +262,22 @@ class LocMoEConfig:
                 f"(LocMoE measured ~0.03); leave it None to estimate it from the first batch"
             )
         _int_at_least("adaptive_interval", self.adaptive_interval, 1)
+        iso = self.capacity_factor_isotropic
+        if isinstance(iso, bool) or not isinstance(iso, (int, float)) or not (0 < iso < math.inf):
+            raise ConfigError(f"capacity_factor_isotropic={iso!r} must be a finite number > 0 (e.g. 2.0)")
+        _choice("capacity_bound_form", self.capacity_bound_form, BOUND_FORMS)
+        rm = self.resonance_mass
+        if rm is not None:
+            if isinstance(rm, bool) or not isinstance(rm, (int, float)) or not (0 < rm <= 1):
+                raise ConfigError(
+                    f"resonance_mass={rm!r} must be in (0, 1] (share of an expert's summed affinity it keeps) "
+                    f"or None (off)"
+                )
+            if self.routing != "hybrid":
+                raise ConfigError(
+                    f"resonance_mass={rm} is LocMoE+'s expert-choice threshold and needs routing='hybrid' "
+                    f"(routing is {self.routing!r}); remove it or set routing='hybrid'"
+                )
         _choice("drop_policy", self.drop_policy, DROP_POLICIES)
         if self.max_nodes_per_token is not None:
             _int_at_least("max_nodes_per_token", self.max_nodes_per_token, 1)

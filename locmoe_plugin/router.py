@@ -11,6 +11,9 @@ Collectives in forward (all on the EP group, all ranks call them in the same ord
   * ``aux_loss_scope="ep_group"`` with an aux-loss coefficient > 0, or with ``expert_bias_rate > 0`` in a
     training forward under grad: one all-reduce of ``n + 1`` counts (shared by both);
   * capacity ``bound``/``adaptive``: a tiny all-reduce at estimation steps only.
+
+LocMoE+ (``routing="hybrid"``) ranks its expert choice by the unbiased token-expert cosine; the locality
+bias moves only the token choice (see ``forward``).
 """
 
 from __future__ import annotations
@@ -217,17 +220,20 @@ class LocMoERouter(nn.Module):
             # ~1e-3 vanish in bf16, so the offsets live in fp32 (as Megatron keeps its expert bias)
             self.expert_bias.data = self.expert_bias.data.float()
         # the capacity estimate reads the token features' own affinity, without the locality bias
-        affinity = self.gate.affinity(x, logits) if self.capacity.needs_affinity(self.training) else None
+        hybrid = c.routing == "hybrid"
+        affinity = (self.gate.affinity(x, logits) if hybrid or self.capacity.needs_affinity(self.training)
+                    else None)
         capacity = self.capacity.capacity(s, affinity, self.training)
+        choice_affinity = affinity  # the hybrid's token choice; its expert choice ranks by `affinity`
         if self.locality_bias is not None:
             bias = self.locality_bias[self.topology.ep_rank].to(logits.dtype) * c.locality_bias_scale
             logits = logits + bias
-            # the bias is a logit offset: the hybrid ranks by the cosine of the biased logits (the gate's
-            # per-token, per-expert normalisation applied to the offset too). Added to the cosine as is, an
-            # offset of order 1 outweighs every token's content (cosines ~0.1).
-            affinity = None
-        if c.routing == "hybrid" and affinity is None:
-            affinity = self.gate.affinity(x, logits)
+            # the bias is a logit offset: the hybrid's token choice uses the cosine of the biased logits (the
+            # gate's per-token, per-expert normalisation applied to the offset too; added to the cosine as
+            # is, an offset of order 1 outweighs every token's content, cosines ~0.1). Its expert choice
+            # still ranks by the unbiased cosine: divided by ||x||, the offset would put small-norm tokens
+            # first whatever their content.
+            choice_affinity = self.gate.affinity(x, logits) if hybrid else None
 
         node_limit = None
         if c.max_nodes_per_token is not None and c.max_nodes_per_token < self.topology.num_nodes:
@@ -239,7 +245,9 @@ class LocMoERouter(nn.Module):
             mode=c.routing,
             renormalize=c.renormalize,
             renormalize_kept=c.renormalize_kept,
-            affinity=affinity,
+            affinity=choice_affinity,
+            expert_choice_affinity=affinity if hybrid else None,
+            resonance_mass=c.resonance_mass,
             capacity=capacity,
             drop_policy=c.drop_policy,
             node_limit=node_limit,
@@ -296,7 +304,7 @@ class LocMoERouter(nn.Module):
             capacity=capacity,
             capacity_factor=self.capacity.factor,
             delta=self.capacity.delta,
-            p_hat=self.capacity.p_hat,
+            q_hat=self.capacity.q_hat,
             losses={k: v.detach() for k, v in losses.items()},
         )
         self.last_stats = stats

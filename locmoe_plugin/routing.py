@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .resonance import summed_affinity_keep
+
 NEG_INF = float("-inf")
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9  # odd 2**32 / phi: spaces the per-slot hash inputs
@@ -246,6 +248,8 @@ def route(
     seed: int = 0,
     capacity_nodes: tuple[torch.Tensor, int] | None = None,
     expert_bias: torch.Tensor | None = None,
+    expert_choice_affinity: torch.Tensor | None = None,
+    resonance_mass: float | None = None,
 ) -> tuple[Assignment, torch.Tensor]:
     """Route one batch.
 
@@ -275,6 +279,11 @@ def route(
             ``hybrid``) for *selection* only - top-k and the node limit; the combine weights stay the
             unbiased probabilities, and an expert's over-capacity queue is unchanged (one offset per
             expert). Loss-free balancing; not used by ``hash``.
+        expert_choice_affinity: ``[s, n]`` fp32, ``hybrid`` only: the scores the expert choice ranks by
+            when they differ from ``affinity`` (the token choice's, e.g. with a locality offset); default
+            ``affinity``. Should be a cosine, so that token norms do not reorder an expert's queue.
+        resonance_mass: ``hybrid`` only: LocMoE+'s expert-choice threshold on summed affinity
+            (:func:`locmoe_plugin.resonance.summed_affinity_keep`), applied with ``capacity``; None: off.
 
     Returns:
         ``(assignment, probs)`` with ``probs [s, n]`` the full softmax (for the losses); for ``hash``
@@ -299,6 +308,8 @@ def route(
         if affinity is None:
             raise ValueError("hybrid routing needs the token-expert affinity")
         rank_by = affinity
+        if expert_choice_affinity is None:
+            expert_choice_affinity = affinity
     else:
         rank_by = probs
     biased = rank_by if expert_bias is None else rank_by + expert_bias.to(rank_by.dtype)
@@ -314,10 +325,12 @@ def route(
     if capacity is None:
         kept_ids = ids
     else:
-        scores = torch.gather(rank_by, 1, ids)
+        scores = torch.gather(rank_by if mode != "hybrid" else expert_choice_affinity, 1, ids)
         if capacity_nodes is not None:
             capacity = node_demand_capacity(ids, capacity, *capacity_nodes)
         keep = capacity_keep(ids, scores, capacity, logits.shape[-1], drop_policy)
+        if mode == "hybrid" and resonance_mass is not None:
+            keep &= summed_affinity_keep(ids, scores, logits.shape[-1], resonance_mass)
         kept_ids = torch.where(keep, ids, -1)
         weights = torch.where(keep, weights, 0.0)
         if renormalize_kept:  # a token that lost experts puts their weight on the ones it kept

@@ -25,7 +25,7 @@ class RoutingStats:
         dropped_pairs: 0-d int64, pairs removed by capacity.
         cross_node_pairs: 0-d int64, kept pairs whose expert lives on another node.
         capacity: pairs one expert may take (None = dropless).
-        capacity_factor / delta / p_hat: the capacity controller's current values (None if unused).
+        capacity_factor / delta / q_hat: the capacity controller's current values (None if unused).
         losses: detached loss values, e.g. ``{"aux": ..., "locality": ..., "z": ...}``.
     """
 
@@ -37,7 +37,7 @@ class RoutingStats:
     capacity: int | None = None
     capacity_factor: float | None = None
     delta: float | None = None
-    p_hat: float | None = None
+    q_hat: float | None = None
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -68,7 +68,7 @@ class RoutingStats:
             capacity=self.capacity,
             capacity_factor=self.capacity_factor,
             delta=self.delta,
-            p_hat=self.p_hat,
+            q_hat=self.q_hat,
             losses=dict(self.losses),
         )
 
@@ -89,7 +89,7 @@ class RoutingStats:
             "capacity": self.capacity,
             "capacity_factor": self.capacity_factor,
             "delta": self.delta,
-            "p_hat": self.p_hat,
+            "q_hat": self.q_hat,
             "tokens_per_expert": [int(v) for v in self.tokens_per_expert.tolist()],
         }
         for name, value in self.losses.items():

@@ -5,6 +5,7 @@ import torch
 
 from locmoe_plugin.bounds import ec_min_exact
 from locmoe_plugin.capacity import estimate_delta
+from locmoe_plugin.resonance import misranking_counts
 
 from ._dist import run_workers
 
@@ -37,7 +38,7 @@ def _worker(rank, world):
         cfg = LocMoEConfig(num_experts=N, hidden_size=D, topk=K, routing="hybrid", capacity=mode)
         r = LocMoERouter(cfg, topo, group=dist.group.WORLD).train()
         r(x)
-        out[mode] = (r.capacity.delta, r.capacity.factor, r.capacity.p_hat)
+        out[mode] = (r.capacity.delta, r.capacity.factor, r.capacity.q_hat)
     # case 3: loss-free balancing offsets move from the EP group's counts: equal on every rank, with no
     # aux loss (the counts are still all-reduced)
     cfg = LocMoEConfig(num_experts=N, hidden_size=D, topk=K, gate="dense", aux_loss_coeff=0.0, expert_bias_rate=0.5)
@@ -80,6 +81,6 @@ def test_router_on_four_ranks():
     delta = sum(deltas) / 4
     assert res[0]["bound"][0] == pytest.approx(delta, rel=1e-5)
     assert res[0]["bound"][1] == pytest.approx(min(4.0, max(0.5, ec_min_exact(delta, D, N))), rel=1e-5)
-    aff = torch.cat([gate.affinity(r["x"]) for r in res])
-    p_hat = (aff.abs() >= res[0]["adaptive"][0]).float().mean().item()
-    assert res[0]["adaptive"][2] == pytest.approx(p_hat, rel=1e-6)
+    counts = [misranking_counts(gate.affinity(r["x"])) for r in res]  # misranked pairs summed over ranks
+    q_hat = sum(u.sum() for u, _ in counts).item() / sum(p.sum() for _, p in counts).item()
+    assert res[0]["adaptive"][2] == pytest.approx(q_hat, rel=1e-9)
