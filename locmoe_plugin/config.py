@@ -96,7 +96,7 @@ class LocMoEConfig:
     #: locality loss keeps each node's tokens at home. "local": this rank's tokens only, which fights
     #: the locality loss (local balance wants every rank to use every node's experts).
     aux_loss_scope: str = "ep_group"
-    #: None -> DEFAULT_LOCALITY_LOSS_COEFF for "locmoe"/"hybrid", 0 for "topk".
+    #: None -> DEFAULT_LOCALITY_LOSS_COEFF for "locmoe"/"hybrid" (0 with ``cross_node_budget``), 0 for "topk".
     locality_loss_coeff: float | None = None
     z_loss_coeff: float = 0.0
     #: None -> "none" for "topk"/"locmoe", "adaptive" for "hybrid".
@@ -142,6 +142,13 @@ class LocMoEConfig:
     #: recompute of the router must route as its forward did: under Megatron, recomputing the MoE layer
     #: together with pipeline parallelism (several forwards before their recomputes) is refused.
     expert_bias_rate: float = 0.0
+    #: Cross-node traffic budget: the largest share, in [0, 1], of the EP group's routed (token, expert)
+    #: pairs whose expert sits on another node (None = off). A controller
+    #: (:class:`locmoe_plugin.budget.CrossNodeBudget`) raises a selection-only preference for the
+    #: token's own node until the measured share is at most the budget (see docs/locality.md). With a
+    #: budget, ``locality_loss_coeff`` defaults to 0 (the controller is the locality term); needs routing
+    #: "locmoe" or "hybrid" and ``aux_loss_scope="ep_group"`` (the share is read from its reduced counts).
+    cross_node_budget: float | None = None
     #: Ranks of the expert-parallel group per node; None = detect (LOCAL_WORLD_SIZE or host names).
     gpus_per_node: int | None = None
     #: Seed of the token-id hash for routing="hash", in [0, 2**32); a different seed is a different
@@ -179,9 +186,26 @@ class LocMoEConfig:
                 f"z_loss_coeff={self.z_loss_coeff} with routing='hash': the z-loss regularises gate logits "
                 f"and hash routing has no gate; set z_loss_coeff=0 (--moe-z-loss-coeff) or change routing"
             )
+        budget = self.cross_node_budget
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 1:
+                raise ConfigError(
+                    f"cross_node_budget={budget!r} must be a share in [0, 1] (e.g. 0.2 = at most 20 % of routed "
+                    f"pairs cross nodes), or None for no budget"
+                )
+            if self.routing in ("topk", "hash"):
+                raise ConfigError(
+                    f"cross_node_budget={budget} needs a routing with a locality term: routing={self.routing!r} "
+                    f"has none; set routing='locmoe' (or 'hybrid'), or remove cross_node_budget"
+                )
+            if self.aux_loss_scope != "ep_group":
+                raise ConfigError(
+                    f"cross_node_budget={budget} reads the cross-node share from the per-expert counts summed "
+                    f"over the expert-parallel group: set aux_loss_scope='ep_group' or remove cross_node_budget"
+                )
         if self.locality_loss_coeff is None:
-            mu = 0.0 if self.routing in ("topk", "hash") else DEFAULT_LOCALITY_LOSS_COEFF
-            object.__setattr__(self, "locality_loss_coeff", mu)
+            learned = self.routing not in ("topk", "hash") and budget is None
+            object.__setattr__(self, "locality_loss_coeff", DEFAULT_LOCALITY_LOSS_COEFF if learned else 0.0)
         _non_negative("locality_loss_coeff", self.locality_loss_coeff)
         if self.routing in ("topk", "hash") and self.locality_loss_coeff > 0:
             why = "is the plain baseline" if self.routing == "topk" else "has no gate to teach locality"

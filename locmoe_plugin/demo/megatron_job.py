@@ -34,7 +34,7 @@ BASE_SETTINGS = {
     "hash": {"routing": "hash"},
 }
 #: short option names accepted after a system name: ``locmoe:mu=0.03,gate=dense``
-ALIASES = {"mu": "locality_loss_coeff"}
+ALIASES = {"mu": "locality_loss_coeff", "budget": "cross_node_budget"}
 
 
 def parse_system(spec: str) -> tuple[str, dict]:
@@ -71,7 +71,7 @@ def locmoe_settings(system: str, opts) -> dict | None:
     if base is None:
         return None
     settings = {"gpus_per_node": opts.gpus_per_node, **base}
-    if name != "hash":
+    if name != "hash" and "cross_node_budget" not in overrides:  # with a budget, mu defaults to 0
         settings["locality_loss_coeff"] = opts.locality_coeff
     if name == "locmoe":
         settings["capacity"] = opts.locmoe_capacity
