@@ -24,6 +24,11 @@ AUX_SCOPES = ("ep_group", "local")
 #: gives the same order of magnitude as the Switch aux loss (alpha = 0.01) at a 50 % local share.
 DEFAULT_LOCALITY_LOSS_COEFF = 0.01
 
+#: Cross-node budget that routing "locmoe" / "hybrid" gets when neither ``cross_node_budget`` nor
+#: ``locality_loss_coeff`` is given (with ``aux_loss_scope="ep_group"``); None = no budget, the learned
+#: locality loss instead. Pick it from the measured curve (benchmarks/quality/run_budget_curve.py).
+DEFAULT_CROSS_NODE_BUDGET: float | None = None
+
 
 class ConfigError(ValueError):
     """An invalid LocMoE setting. The message names the field, the value and the fix."""
@@ -143,7 +148,8 @@ class LocMoEConfig:
     #: together with pipeline parallelism (several forwards before their recomputes) is refused.
     expert_bias_rate: float = 0.0
     #: Cross-node traffic budget: the largest share, in [0, 1], of the EP group's routed (token, expert)
-    #: pairs whose expert sits on another node (None = off). A controller
+    #: pairs whose expert sits on another node (None = DEFAULT_CROSS_NODE_BUDGET where it applies, else off;
+    #: 1.0 never constrains). A controller
     #: (:class:`locmoe_plugin.budget.CrossNodeBudget`) raises a selection-only preference for the
     #: token's own node until the measured share is at most the budget (see docs/locality.md). With a
     #: budget, ``locality_loss_coeff`` defaults to 0 (the controller is the locality term); needs routing
@@ -186,6 +192,9 @@ class LocMoEConfig:
                 f"z_loss_coeff={self.z_loss_coeff} with routing='hash': the z-loss regularises gate logits "
                 f"and hash routing has no gate; set z_loss_coeff=0 (--moe-z-loss-coeff) or change routing"
             )
+        if (self.cross_node_budget is None and self.locality_loss_coeff is None
+                and self.routing in ("locmoe", "hybrid") and self.aux_loss_scope == "ep_group"):
+            object.__setattr__(self, "cross_node_budget", DEFAULT_CROSS_NODE_BUDGET)
         budget = self.cross_node_budget
         if budget is not None:
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 1:

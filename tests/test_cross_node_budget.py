@@ -133,6 +133,17 @@ def test_bad_values_are_refused():
     assert LocMoEConfig(**base, cross_node_budget=0.2, locality_loss_coeff=0.01).locality_loss_coeff == 0.01
 
 
+def test_default_budget_is_one_constant(monkeypatch):
+    import locmoe_plugin.config as config
+
+    assert LocMoEConfig(num_experts=8, hidden_size=16).cross_node_budget is None  # unchanged for now
+    monkeypatch.setattr(config, "DEFAULT_CROSS_NODE_BUDGET", 0.2)
+    c = LocMoEConfig(num_experts=8, hidden_size=16)
+    assert c.cross_node_budget == 0.2 and c.locality_loss_coeff == 0.0 and c.locality_bias is False
+    assert LocMoEConfig(num_experts=8, hidden_size=16, routing="topk").cross_node_budget is None
+    assert LocMoEConfig(num_experts=8, hidden_size=16, locality_loss_coeff=0.01).cross_node_budget is None
+
+
 def test_entry_points():
     from locmoe_plugin.demo.megatron_job import locmoe_settings
 
