@@ -110,6 +110,9 @@ def main(argv=None) -> int:
           flush=True)
     env = dict(os.environ, PYTHON=os.environ.get("PYTHON", sys.executable),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if "LOCMOE_COMMIT" not in env:  # recorded in every job's JSON and the table's header
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        env["LOCMOE_COMMIT"] = git.stdout.strip() or "unknown"
     if args.toy:
         env.setdefault("LOCMOE_DEVICE", "cpu")
         env.setdefault("OMP_NUM_THREADS", "1")
