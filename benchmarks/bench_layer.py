@@ -117,6 +117,14 @@ def parse() -> argparse.Namespace:
     p.add_argument("--gates", nargs="+", default=["dense", "grap"], choices=["dense", "grap"])
     p.add_argument("--mu", type=float, nargs="+", default=[0.05, 0.1],
                    help="LocMoE locality-loss coefficient of each gate in --gates (one value: all gates)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="LocMoE routers: cross-node traffic budget (LocMoEConfig.cross_node_budget), in training "
+                        "and in the timed steps; pass --mu 0 for the budget alone. Default: none")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="after 20 warm-up steps: constant --lr, or cosine decay to 0.1 x --lr at the last step "
+                        "(ends with small steps: less seed-to-seed spread of the final loss)")
+    p.add_argument("--eval-batches", type=int, default=1,
+                   help="validation batches (of --train-batch x --seq tokens per rank) for the held-out loss")
     p.add_argument("--expert-bias-rate", type=float, default=0.0,
                    help="LocMoE routers: loss-free balancing rate (LocMoEConfig.expert_bias_rate), in training "
                         "and in the timed training steps; 0 = off")
@@ -295,7 +303,8 @@ def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: boo
     locmoe = None if gate == "topk" else {"gate": gate, "routing": "locmoe", "locality_loss_coeff": mu,
                                           "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope,
                                           "locality_bias": bias and mu > 0,
-                                          "expert_bias_rate": a.expert_bias_rate}
+                                          "expert_bias_rate": a.expert_bias_rate,
+                                          "cross_node_budget": a.budget}
     moe = build_megatron_layer(ctx, "alltoall", torch.float32, locmoe)
     model = ByteLM(a.hidden, moe).to(ctx.dev)
     expert_params = list(model.moe.experts.parameters())
@@ -313,7 +322,8 @@ def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: boo
     t0 = time.perf_counter()
     for step in range(a.train_steps):
         for g in opt.param_groups:
-            g["lr"] = a.lr * min(1.0, (step + 1) / 20)
+            g["lr"] = a.lr * min(1.0, (step + 1) / 20) * (
+                1.0 if a.lr_schedule == "constant" else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / a.train_steps)))
         tokens, labels = corpus_batch(corpus.train, a.train_batch, a.seq, gen, ctx.dev)
         logits = model(tokens)
         loss = F.cross_entropy(logits.reshape(-1, 256), labels.reshape(-1))
@@ -348,22 +358,30 @@ def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: boo
     cr = ctx.allsum([torch.stack(cross[-n:]).sum().item(), torch.stack(routed[-n:]).sum().item()])
     load = torch.stack(loads[-n:]).sum(0)  # per expert over the last n steps, summed over ranks
     dist.all_reduce(load)
-    # held-out LM loss and cross-node share on validation windows
+    # held-out LM loss and cross-node share on validation windows (the same windows for every model)
     vgen = torch.Generator().manual_seed(a.seed + 7 + 1000 * ctx.rank)
     model.eval()
+    vloss = vcross = vrouted = 0.0
     with torch.no_grad():
-        vt, vl = corpus_batch(corpus.val, a.train_batch, a.seq, vgen, ctx.dev)
-        vloss = F.cross_entropy(model(vt).reshape(-1, 256), vl.reshape(-1)).item()
-        rmap = routed_map["map"]
-        vcr = ctx.allsum([vloss, (rmap & remote_mask).sum().item(), rmap.sum().item()])
+        for _ in range(a.eval_batches):
+            vt, vl = corpus_batch(corpus.val, a.train_batch, a.seq, vgen, ctx.dev)
+            vloss += F.cross_entropy(model(vt).reshape(-1, 256), vl.reshape(-1)).item() / a.eval_batches
+            rmap = routed_map["map"]
+            vcross += (rmap & remote_mask).sum().item()
+            vrouted += rmap.sum().item()
+        vcr = ctx.allsum([vloss, vcross, vrouted])
     model.train()
+    core = getattr(model.moe.router, "core", None)
+    strength = None if core is None or core.budget is None else core.budget.strength.item()
     summary = {"tag": tag, "gate": gate, "mu": mu, "sync": sync, "locality_bias": locmoe is not None and
                locmoe["locality_bias"], "expert_bias_rate": a.expert_bias_rate if locmoe is not None else None,
                "steps": a.train_steps,
                "tokens_per_rank_per_step": a.train_batch * a.seq, "lm_loss_first10": first, "lm_loss_last10": last,
                "val_lm_loss": vcr[0] / ctx.world, "cross_node_share_last10": cr[0] / max(cr[1], 1),
                "val_cross_node_share": vcr[1] / max(vcr[2], 1), "train_seconds": train_s,
-               "max_over_mean_load_last10": (load.max() / load.mean()).item()}
+               "max_over_mean_load_last10": (load.max() / load.mean()).item(),
+               "cross_node_budget": None if locmoe is None else a.budget, "budget_strength": strength,
+               "eval_batches": a.eval_batches, "seed": a.seed}
     ctx.log(f"  [{tag}] done: LM loss {first:.3f} -> {last:.3f} (val {summary['val_lm_loss']:.3f}), cross-node "
             f"share {summary['cross_node_share_last10']:.3f} (val {summary['val_cross_node_share']:.3f}), max/mean "
             f"load {summary['max_over_mean_load_last10']:.2f}, {train_s:.1f} s")
@@ -605,7 +623,8 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
     if name.startswith("locmoe_") and not name.startswith("locmoe_ds"):
         gate = name[len("locmoe_"):]
         settings = {"gate": gate, "routing": "locmoe", "locality_loss_coeff": trained[gate]["summary"]["mu"],
-                    "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope, "expert_bias_rate": a.expert_bias_rate}
+                    "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope, "expert_bias_rate": a.expert_bias_rate,
+                    "cross_node_budget": a.budget}
         layer = build_megatron_layer(ctx, "alltoall", ctx.dtype, settings)
         missing, unexpected = layer.load_state_dict(trained[gate]["state"], strict=False)
         if [m for m in missing if not m.endswith("_extra_state")] or unexpected:
@@ -818,7 +837,8 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"), "commit": os.environ.get("LOCMOE_COMMIT", "unknown"),
             "inter_node_bw_GBps": ctx.bw_inter / 1e9, "mu": mus, "sync": args.sync,
             "train_steps": args.train_steps, "ds_capacity_factor": args.ds_capacity_factor,
-            "aux_scope": args.aux_scope, "expert_bias_rate": args.expert_bias_rate}
+            "aux_scope": args.aux_scope, "expert_bias_rate": args.expert_bias_rate, "budget": args.budget,
+            "seed": args.seed, "eval_batches": args.eval_batches, "lr_schedule": args.lr_schedule}
     try:
         import deepspeed
 

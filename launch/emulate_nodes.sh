@@ -10,6 +10,8 @@
 # --gpus-per-node / --locmoe-gpus-per-node). For a deepspeed job use the same per-rank wrapper:
 #   deepspeed --no_python --no_local_rank --num_gpus P launch/emulate_nodes.sh --rank-wrapper script.py [args]
 # with GPUS_PER_NODE exported. Never enable NVLink multicast on shared machines (kept off here).
+# Several jobs on the same GPUs at once: give each its own --master-port (a fixed rendezvous port instead
+# of --standalone's) and --hostid-prefix (its emulated nodes get host ids PREFIXemunodeN).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -18,17 +20,19 @@ if [ "${1:-}" = "--rank-wrapper" ]; then   # per-rank mode: set this rank's host
   shift
   : "${LOCAL_RANK:?--rank-wrapper runs under torchrun or deepspeed, which set LOCAL_RANK}"
   : "${GPUS_PER_NODE:?set GPUS_PER_NODE (ranks per emulated node)}"
-  export NCCL_HOSTID="emunode$(( LOCAL_RANK / GPUS_PER_NODE ))"
+  export NCCL_HOSTID="${EMULATE_HOSTID_PREFIX:-}emunode$(( LOCAL_RANK / GPUS_PER_NODE ))"
   export NCCL_IB_DISABLE=1 NCCL_SOCKET_IFNAME=lo LOCMOE_GPUS_PER_NODE="$GPUS_PER_NODE"
   exec "${PYTHON:-python3}" "$@"
 fi
 
-nodes=2 nproc=8 extra=""
+nodes=2 nproc=8 extra="" rdzv="--standalone"
 while [ $# -gt 0 ]; do
   case "$1" in
     --nodes) nodes=$2; shift 2 ;;
     --nproc-per-node) nproc=$2; shift 2 ;;
     --torchrun-args) extra=$2; shift 2 ;;
+    --master-port) rdzv="--nnodes 1 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:$2"; shift 2 ;;
+    --hostid-prefix) export EMULATE_HOSTID_PREFIX=$2; shift 2 ;;
     --) shift; break ;;
     *) echo "emulate_nodes.sh: unknown option $1 (use -- before the script)" >&2; exit 2 ;;
   esac
@@ -39,5 +43,5 @@ if [ $(( nproc % nodes )) -ne 0 ]; then
 fi
 export GPUS_PER_NODE=$(( nproc / nodes ))
 # shellcheck disable=SC2086
-exec "${PYTHON:-python3}" -m torch.distributed.run --standalone --nproc-per-node "$nproc" $extra \
+exec "${PYTHON:-python3}" -m torch.distributed.run $rdzv --nproc-per-node "$nproc" $extra \
   --no-python "$here/emulate_nodes.sh" --rank-wrapper "$@"

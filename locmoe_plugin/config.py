@@ -25,6 +25,11 @@ AUX_SCOPES = ("ep_group", "local")
 #: gives the same order of magnitude as the Switch aux loss (alpha = 0.01) at a 50 % local share.
 DEFAULT_LOCALITY_LOSS_COEFF = 0.01
 
+#: Cross-node budget that routing "locmoe" / "hybrid" gets when neither ``cross_node_budget`` nor
+#: ``locality_loss_coeff`` is given (with ``aux_loss_scope="ep_group"``); None = no budget, the learned
+#: locality loss instead. Pick it from the measured curve (benchmarks/quality/run_budget_curve.py).
+DEFAULT_CROSS_NODE_BUDGET: float | None = None
+
 
 class ConfigError(ValueError):
     """An invalid LocMoE setting. The message names the field, the value and the fix."""
@@ -99,7 +104,7 @@ class LocMoEConfig:
     #: locality loss keeps each node's tokens at home. "local": this rank's tokens only, which fights
     #: the locality loss (local balance wants every rank to use every node's experts).
     aux_loss_scope: str = "ep_group"
-    #: None -> DEFAULT_LOCALITY_LOSS_COEFF for "locmoe"/"hybrid", 0 for "topk".
+    #: None -> DEFAULT_LOCALITY_LOSS_COEFF for "locmoe"/"hybrid" (0 with ``cross_node_budget``), 0 for "topk".
     locality_loss_coeff: float | None = None
     z_loss_coeff: float = 0.0
     #: None -> "none" for "topk"/"locmoe", "adaptive" for "hybrid".
@@ -156,6 +161,14 @@ class LocMoEConfig:
     #: recompute of the router must route as its forward did: under Megatron, recomputing the MoE layer
     #: together with pipeline parallelism (several forwards before their recomputes) is refused.
     expert_bias_rate: float = 0.0
+    #: Cross-node traffic budget: the largest share, in [0, 1], of the EP group's routed (token, expert)
+    #: pairs whose expert sits on another node (None = DEFAULT_CROSS_NODE_BUDGET where it applies, else off;
+    #: 1.0 never constrains). A controller
+    #: (:class:`locmoe_plugin.budget.CrossNodeBudget`) raises a selection-only preference for the
+    #: token's own node until the measured share is at most the budget (see docs/locality.md). With a
+    #: budget, ``locality_loss_coeff`` defaults to 0 (the controller is the locality term); needs routing
+    #: "locmoe" or "hybrid" and ``aux_loss_scope="ep_group"`` (the share is read from its reduced counts).
+    cross_node_budget: float | None = None
     #: Ranks of the expert-parallel group per node; None = detect (LOCAL_WORLD_SIZE or host names).
     gpus_per_node: int | None = None
     #: Seed of the token-id hash for routing="hash", in [0, 2**32); a different seed is a different
@@ -193,9 +206,29 @@ class LocMoEConfig:
                 f"z_loss_coeff={self.z_loss_coeff} with routing='hash': the z-loss regularises gate logits "
                 f"and hash routing has no gate; set z_loss_coeff=0 (--moe-z-loss-coeff) or change routing"
             )
+        if (self.cross_node_budget is None and self.locality_loss_coeff is None
+                and self.routing in ("locmoe", "hybrid") and self.aux_loss_scope == "ep_group"):
+            object.__setattr__(self, "cross_node_budget", DEFAULT_CROSS_NODE_BUDGET)
+        budget = self.cross_node_budget
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 1:
+                raise ConfigError(
+                    f"cross_node_budget={budget!r} must be a share in [0, 1] (e.g. 0.2 = at most 20 % of routed "
+                    f"pairs cross nodes), or None for no budget"
+                )
+            if self.routing in ("topk", "hash"):
+                raise ConfigError(
+                    f"cross_node_budget={budget} needs a routing with a locality term: routing={self.routing!r} "
+                    f"has none; set routing='locmoe' (or 'hybrid'), or remove cross_node_budget"
+                )
+            if self.aux_loss_scope != "ep_group":
+                raise ConfigError(
+                    f"cross_node_budget={budget} reads the cross-node share from the per-expert counts summed "
+                    f"over the expert-parallel group: set aux_loss_scope='ep_group' or remove cross_node_budget"
+                )
         if self.locality_loss_coeff is None:
-            mu = 0.0 if self.routing in ("topk", "hash") else DEFAULT_LOCALITY_LOSS_COEFF
-            object.__setattr__(self, "locality_loss_coeff", mu)
+            learned = self.routing not in ("topk", "hash") and budget is None
+            object.__setattr__(self, "locality_loss_coeff", DEFAULT_LOCALITY_LOSS_COEFF if learned else 0.0)
         _non_negative("locality_loss_coeff", self.locality_loss_coeff)
         if self.routing in ("topk", "hash") and self.locality_loss_coeff > 0:
             why = "is the plain baseline" if self.routing == "topk" else "has no gate to teach locality"

@@ -8,8 +8,9 @@ Hash routing (``routing="hash"``) builds no gate: ``forward`` takes the token id
 the aux or z-loss and no gate to teach locality; ``aux_loss_coeff`` is accepted and unused).
 
 Collectives in forward (all on the EP group, all ranks call them in the same order):
-  * ``aux_loss_scope="ep_group"`` with an aux-loss coefficient > 0, or with ``expert_bias_rate > 0`` in a
-    training forward under grad: one all-reduce of ``n + 1`` counts (shared by both);
+  * ``aux_loss_scope="ep_group"`` with an aux-loss coefficient > 0, or with ``expert_bias_rate > 0`` or a
+    ``cross_node_budget`` in a training forward under grad: one all-reduce of ``n + 1`` counts (per-expert
+    pairs, total pairs; plus the cross-node pairs with a budget), shared by all three;
   * capacity ``bound``/``adaptive``: a tiny all-reduce at estimation steps only.
 
 LocMoE+ (``routing="hybrid"``) ranks its expert choice by the unbiased token-expert cosine; the locality
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .budget import CrossNodeBudget
 from .capacity import CapacityController
 from .config import ConfigError, LocMoEConfig
 from .gate import build_gate
@@ -119,6 +121,9 @@ class LocMoERouter(nn.Module):
         # loss-free balancing offsets (config.expert_bias_rate); fp32, saved with the model
         self.register_buffer("expert_bias", torch.zeros(config.num_experts, device=device)
                              if config.expert_bias_rate > 0 else None)
+        # cross-node traffic budget: the dual variable (local preference) of docs/locality.md
+        self.budget = None if config.cross_node_budget is None else CrossNodeBudget(config.cross_node_budget,
+                                                                                    device=device)
         self.last_stats: RoutingStats | None = None
 
     def _new_locality_bias(self, topology: Topology, device) -> nn.Parameter | None:
@@ -155,21 +160,32 @@ class LocMoERouter(nn.Module):
 
     def get_extra_state(self) -> dict:
         """Saved with the module: the capacity controller's delta / factor / step count, so a resumed
-        run keeps its ``bound`` / ``adaptive`` capacity."""
-        return {"capacity": self.capacity.state_dict()}
+        run keeps its ``bound`` / ``adaptive`` capacity, and the cross-node budget's local preference."""
+        state = {"capacity": self.capacity.state_dict()}
+        if self.budget is not None:
+            state["budget"] = self.budget.state_dict_extra()
+        return state
 
     def set_extra_state(self, state) -> None:
+        """A checkpoint without budget state (saved without a budget) leaves the preference at 0."""
         if state:
             self.capacity.load_state_dict(state.get("capacity", {}))
+            if self.budget is not None:
+                self.budget.load_state_dict_extra(state.get("budget", {}))
 
     # ------------------------------------------------------------------------------------------
-    def _global_counts(self, counts: torch.Tensor, pairs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-expert requested counts and total pairs (int or 0-d tensor), summed over the EP group when
-        asked."""
+    def _global_counts(self, counts: torch.Tensor, pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-expert requested counts ``[n]``, total pairs (int or 0-d tensor) and, with a cross-node budget,
+        the pairs among them that cross nodes (0-d; else None), summed over the EP group when asked (one
+        all-reduce of ``n + 1`` or ``n + 2`` numbers)."""
         if torch.is_tensor(pairs):
-            packed = torch.cat([counts, pairs.to(counts.dtype).reshape(1)])
+            pairs = pairs.to(counts.dtype).reshape(1)
         else:  # a Python int: written on the device (a fill), not copied from the host
-            packed = torch.cat([counts, counts.new_full((1,), pairs)])
+            pairs = counts.new_full((1,), pairs)
+        parts = [counts, pairs]
+        if self.budget is not None:
+            parts.append((counts * (self.expert_to_node != self.topology.node)).sum().reshape(1))
+        packed = torch.cat(parts)
         g = self.group
         if (
             self.config.aux_loss_scope == "ep_group"
@@ -179,7 +195,16 @@ class LocMoERouter(nn.Module):
             and dist.get_world_size(g) > 1
         ):
             dist.all_reduce(packed, group=g)
-        return packed[:-1], packed[-1]
+        n = counts.shape[0]
+        return packed[:n], packed[n], (packed[n + 1] if self.budget is not None else None)
+
+    def _selection_bias(self) -> torch.Tensor | None:
+        """``[n]`` fp32 offsets of the selection scores: the expert bias plus the cross-node budget's local
+        preference (None when neither is on)."""
+        if self.budget is None:
+            return self.expert_bias
+        offset = self.budget.selection_offset(self.local_expert_mask)
+        return offset if self.expert_bias is None else offset + self.expert_bias
 
     @torch.no_grad()
     def _update_expert_bias(self, counts: torch.Tensor) -> None:
@@ -219,6 +244,8 @@ class LocMoERouter(nn.Module):
             # half-precision wrappers (Megatron's Float16Module, .half()) cast buffers; increments of
             # ~1e-3 vanish in bf16, so the offsets live in fp32 (as Megatron keeps its expert bias)
             self.expert_bias.data = self.expert_bias.data.float()
+        if self.budget is not None and self.budget.strength.dtype != torch.float32:
+            self.budget.float()  # likewise: the preference's steps (~1e-3) need fp32
         # the capacity estimate reads the token features' own affinity, without the locality bias
         hybrid = c.routing == "hybrid"
         affinity = (self.gate.affinity(x, logits) if hybrid or self.capacity.needs_affinity(self.training)
@@ -256,8 +283,9 @@ class LocMoERouter(nn.Module):
             seed=c.hash_seed,
             # with the locality loss, capacity follows each node's share of this rank's demand
             capacity_nodes=(self.expert_to_node, self.topology.num_nodes)
-            if capacity is not None and c.locality_loss_coeff > 0 and self.topology.num_nodes > 1 else None,
-            expert_bias=self.expert_bias,
+            if capacity is not None and (c.locality_loss_coeff > 0 or self.budget is not None)
+            and self.topology.num_nodes > 1 else None,
+            expert_bias=self._selection_bias(),
         )
 
         requested = assignment.requested_per_expert()
@@ -266,17 +294,23 @@ class LocMoERouter(nn.Module):
             if valid.numel() != s:
                 raise ValueError(f"valid has {valid.numel()} entries for {s} tokens: one per token")
         losses = {}
-        update_bias = self.expert_bias is not None and self.training and torch.is_grad_enabled()
-        if logits is not None and (c.aux_loss_coeff > 0 or update_bias):
+        learning = self.training and torch.is_grad_enabled()
+        update_bias = self.expert_bias is not None and learning
+        update_budget = self.budget is not None and learning
+        if logits is not None and (c.aux_loss_coeff > 0 or update_bias or update_budget):
             if valid is None:
-                counts, pairs = self._global_counts(requested, s * c.topk)
+                counts, pairs, cross_pairs = self._global_counts(requested, s * c.topk)
             else:
                 ids = torch.where(valid.unsqueeze(1), assignment.requested_ids, -1)  # padding: not counted
-                counts, pairs = self._global_counts(count_valid_ids(ids, c.num_experts), valid.sum() * c.topk)
+                counts, pairs, cross_pairs = self._global_counts(count_valid_ids(ids, c.num_experts),
+                                                                 valid.sum() * c.topk)
             if c.aux_loss_coeff > 0:
                 losses["aux"] = switch_aux_loss(probs, counts, pairs, c.aux_loss_coeff, valid)
-            if update_bias:  # after this batch's selection: the next forward routes with the new offsets
+            # both after this batch's selection: the next forward routes with the new offsets
+            if update_bias:
                 self._update_expert_bias(counts)
+            if update_budget:
+                self.budget.update(cross_pairs, pairs)
         if c.locality_loss_coeff > 0:
             if self.topology.num_nodes > 1:
                 losses["locality"] = locality_loss(logits, self.local_expert_mask, c.locality_loss_coeff, valid)

@@ -22,6 +22,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from ..config import DEFAULT_CROSS_NODE_BUDGET
 from ..megatron.router import dense_routing_map  # imports no Megatron module itself
 from .corpus import VOCAB_SIZE
 
@@ -34,7 +35,7 @@ BASE_SETTINGS = {
     "hash": {"routing": "hash"},
 }
 #: short option names accepted after a system name: ``locmoe:mu=0.03,gate=dense``
-ALIASES = {"mu": "locality_loss_coeff"}
+ALIASES = {"mu": "locality_loss_coeff", "budget": "cross_node_budget"}
 
 
 def parse_system(spec: str) -> tuple[str, dict]:
@@ -71,7 +72,8 @@ def locmoe_settings(system: str, opts) -> dict | None:
     if base is None:
         return None
     settings = {"gpus_per_node": opts.gpus_per_node, **base}
-    if name != "hash":
+    budgeted = "cross_node_budget" in overrides or (DEFAULT_CROSS_NODE_BUDGET is not None and name != "hash")
+    if name != "hash" and not budgeted:  # with a budget, mu defaults to 0 (LocMoEConfig)
         settings["locality_loss_coeff"] = opts.locality_coeff
     if name == "locmoe":
         settings["capacity"] = opts.locmoe_capacity

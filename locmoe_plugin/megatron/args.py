@@ -39,6 +39,7 @@ _FIELDS = {
     "locmoe_gpus_per_node": "gpus_per_node",
     "locmoe_hash_seed": "hash_seed",
     "locmoe_expert_bias_rate": "expert_bias_rate",
+    "locmoe_cross_node_budget": "cross_node_budget",
 }
 
 
@@ -86,6 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="loss-free load balancing: per-expert selection offsets moved by this rate towards "
                         "balance after every training forward (0 = off; e.g. 1e-3). LocMoE's form of "
                         "--moe-router-enable-expert-bias, which needs sigmoid scores")
+    g.add_argument("--locmoe-cross-node-budget", type=float, default=_DEFAULTS["cross_node_budget"],
+                   help="cross-node traffic budget: at most this share (0..1) of routed pairs go to another node; "
+                        "a controller adapts a selection-only preference for the token's node online (the "
+                        "locality loss then defaults to 0; see docs/locality.md). Default: off")
     g.add_argument("--locmoe-dispatcher", choices=DISPATCHERS, default="hierarchical",
                    help="hierarchical: each token crosses to a remote node once (on a one-node EP group: "
                         "one all-to-all of (token, expert) pairs, the plan with the fewest host ops); flat: "

@@ -228,16 +228,19 @@ class LocMoEMegatronRouter(torch.nn.Module):
             )
         recompute = getattr(config, "recompute_granularity", None)
         reruns_router = recompute == "full" or (recompute == "selective" and "moe" in (config.recompute_modules or ()))
-        if self.locmoe_config.expert_bias_rate > 0 and reruns_router and (
+        moves_in_forward = self.locmoe_config.expert_bias_rate > 0 or self.locmoe_config.cross_node_budget is not None
+        if moves_in_forward and reruns_router and (
             (getattr(config, "pipeline_model_parallel_size", 1) or 1) > 1
         ):
             # the offsets move in each training forward under grad, i.e. in the recompute; the pipeline
             # schedule runs several micro-batches' no-grad forwards before their recomputes, so a recompute
             # would route with offsets moved since its forward, and the gradients would be of other routing
             raise ConfigError(
-                f"expert_bias_rate={self.locmoe_config.expert_bias_rate} with recompute_granularity={recompute!r} "
+                f"expert_bias_rate={self.locmoe_config.expert_bias_rate} / cross_node_budget="
+                f"{self.locmoe_config.cross_node_budget} with recompute_granularity={recompute!r} "
                 f"and pipeline parallelism: the recomputed routing would differ from the forward's; drop "
-                f"--recompute-granularity full / 'moe' from --recompute-modules, or set --locmoe-expert-bias-rate 0"
+                f"--recompute-granularity full / 'moe' from --recompute-modules, or set --locmoe-expert-bias-rate 0 "
+                f"and no --locmoe-cross-node-budget"
             )
         if self.locmoe_config.routing == "hash" and reruns_router:
             raise ConfigError(

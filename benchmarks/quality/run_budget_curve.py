@@ -1,0 +1,168 @@
+"""The speed/quality curve of the cross-node traffic budget, in resumable pieces.
+
+    python benchmarks/quality/run_budget_curve.py OUT [--budgets off,0.3,0.2,0.1,0.05,0]
+        [--seeds 1234,2345,3456] [--parallel 2] [--time-limit 540] [-- more bench_layer.py flags]
+
+One job per (budget, seed) = one ``benchmarks/bench_layer.py`` run on NPROC ranks as emulated nodes
+(``launch/emulate_nodes.sh``: NCCL's socket transport between nodes): it trains, on the same windows of
+the byte-level corpus (same seed = same data, same initialisation of the shared parts), Megatron's
+MoELayer with TopKRouter + aux loss (the baseline) and a LocMoE layer (dense gate, no locality loss) with
+``cross_node_budget`` = the budget ("off" = no budget: the LocMoE router routing like TopK), evaluates
+both on the same held-out windows, and times each trained layer's fwd+bwd against Megatron's alltoall
+layer in the same process. The baseline is trained in every job, so each LocMoE point is paired with the
+baseline of its own run (the repeats also show how reproducible one seed's baseline is).
+
+Resumable: a job whose ``OUT/jobs/<job>.json`` exists is skipped. Jobs run ``--parallel`` at a time on
+the same GPUs (each its own rendezvous port and NCCL host ids); no job is started that would not end
+before ``--time-limit`` seconds (estimated from the jobs finished so far, ``--job-seconds`` before the
+first), and jobs still running at the limit are stopped (rerun the command to finish them). At the end
+the report (``budget_report.py``) writes ``OUT/table.txt``, ``OUT/curve.json`` and ``OUT/curve.png``
+from every finished job. ``--dry-run`` prints the commands; ``--toy`` shrinks the model for a CPU run
+(gloo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+
+import budget_report  # noqa: E402
+
+#: model and schedule of one job on the GPU machine (bench_layer.py flags). 32 experts top-4 over
+#: 2 nodes x 2; ~4.9 M training tokens per model (600 steps x 16 x 128 x 4 ranks, cosine to 0.1 x lr)
+#: and 16 x 4 x 16 x 128 held-out tokens, for a seed-to-seed spread of the baseline's loss below 1 %.
+GPU_FLAGS = ("--hidden 1024 --ffn 1024 --experts 32 --topk 4 --train-steps 600 --train-batch 16 --seq 128 "
+             "--lr 1e-3 --lr-schedule cosine --eval-batches 16 --tokens 8192 --rounds 3 --iters 10 --manual-gc")
+#: the same at toy size, for a CPU (gloo) check of the whole pipeline
+TOY_FLAGS = ("--hidden 64 --ffn 64 --experts 8 --topk 2 --train-steps 30 --train-batch 2 --seq 32 --lr 3e-3 "
+             "--lr-schedule cosine --eval-batches 2 --tokens 128 --warmup 1 --iters 2 --dtype fp32 --bw-mib 1")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="results folder (reused to resume)")
+    p.add_argument("--budgets", default="off,0.3,0.2,0.1,0.05,0",
+                   help="comma-separated cross-node budgets in [0, 1]; 'off' = LocMoE without a budget")
+    p.add_argument("--seeds", default="1234,2345,3456", help="comma-separated seeds (the pairing key)")
+    p.add_argument("--nproc", type=int, default=4, help="ranks per job (one per GPU)")
+    p.add_argument("--gpus-per-node", type=int, default=2, help="ranks per emulated node")
+    p.add_argument("--parallel", type=int, default=2, help="jobs at once on the same GPUs")
+    p.add_argument("--time-limit", type=float, default=540.0, help="seconds this call may run")
+    p.add_argument("--job-seconds", type=float, default=240.0, help="a job's duration before one has finished")
+    p.add_argument("--port", type=int, default=29611, help="rendezvous port of the first parallel slot")
+    p.add_argument("--toy", action="store_true", help="tiny model and few steps (CPU / gloo check)")
+    p.add_argument("--dry-run", action="store_true", help="print the pending jobs' commands, run nothing")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:cut])
+    args.extra = argv[cut + 1:]  # after --: more bench_layer.py flags (later flags override the defaults)
+    args.budget_list = [parse_budget(b) for b in args.budgets.split(",") if b.strip()]
+    args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not args.budget_list or not args.seed_list:
+        p.error("--budgets and --seeds need at least one value each")
+    if args.parallel < 1 or args.nproc % args.gpus_per_node:
+        p.error("--parallel must be >= 1 and --nproc divisible by --gpus-per-node")
+    return args
+
+
+def parse_budget(text: str) -> float | None:
+    text = text.strip()
+    if text == "off":
+        return None
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise SystemExit(f"--budgets: {text} is not in [0, 1] (or 'off')")
+    return value
+
+
+def job_name(budget: float | None, seed: int) -> str:
+    return f"budget-{'off' if budget is None else f'{budget:g}'}_seed-{seed}"
+
+
+def job_command(args, budget: float | None, seed: int, slot: int, json_path: Path) -> list[str]:
+    flags = shlex.split(TOY_FLAGS if args.toy else GPU_FLAGS)
+    flags += ["--gates", "dense", "--mu", "0", "--systems", "locmoe", "mcore_alltoall",
+              "--gpus-per-node", str(args.gpus_per_node), "--seed", str(seed), "--json", str(json_path)]
+    if budget is not None:
+        flags += ["--budget", str(budget)]
+    return ["bash", str(ROOT / "launch" / "emulate_nodes.sh"), "--nodes", str(args.nproc // args.gpus_per_node),
+            "--nproc-per-node", str(args.nproc), "--master-port", str(args.port + slot),
+            "--hostid-prefix", f"slot{slot}-", "--", str(ROOT / "benchmarks" / "bench_layer.py"),
+            *flags, *args.extra]
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    out = Path(args.out)
+    (out / "jobs").mkdir(parents=True, exist_ok=True)
+    pending = [(b, s) for s in args.seed_list for b in args.budget_list
+               if not (out / "jobs" / f"{job_name(b, s)}.json").exists()]
+    print(f"budget curve: {len(pending)} job(s) pending of {len(args.budget_list) * len(args.seed_list)} in {out}",
+          flush=True)
+    env = dict(os.environ, PYTHON=os.environ.get("PYTHON", sys.executable),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if "LOCMOE_COMMIT" not in env:  # recorded in every job's JSON and the table's header
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        env["LOCMOE_COMMIT"] = git.stdout.strip() or "unknown"
+    if args.toy:
+        env.setdefault("LOCMOE_DEVICE", "cpu")
+        env.setdefault("OMP_NUM_THREADS", "1")
+    if args.dry_run:
+        for i, (b, s) in enumerate(pending):
+            name = job_name(b, s)
+            print(name + ": " + shlex.join(job_command(args, b, s, i % args.parallel, out / "jobs" / f"{name}.tmp.json")))
+        return 0
+    start, durations, running, failed = time.monotonic(), [], {}, []
+    while pending or running:
+        now = time.monotonic() - start
+        estimate = max(durations) if durations else args.job_seconds
+        free = [i for i in range(args.parallel) if i not in running]
+        while pending and free and now + estimate <= args.time_limit:
+            b, s = pending.pop(0)
+            slot, name = free.pop(0), job_name(b, s)
+            tmp = out / "jobs" / f"{name}.tmp.json"
+            log = open(out / "jobs" / f"{name}.log", "w")
+            cmd = job_command(args, b, s, slot, tmp)
+            log.write("$ " + shlex.join(cmd) + "\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+            running[slot] = (proc, name, tmp, time.monotonic(), log)
+            print(f"  [{now:6.0f} s] start {name} (slot {slot})", flush=True)
+        if not running:
+            break
+        time.sleep(2)
+        for slot, (proc, name, tmp, t0, log) in list(running.items()):
+            over = time.monotonic() - start > args.time_limit
+            if proc.poll() is None and not over:
+                continue
+            if proc.poll() is None:  # past the limit: stop the whole job (its process group)
+                os.killpg(proc.pid, 15)
+                proc.wait()
+                print(f"  stopped {name} at the time limit (rerun to finish it)", flush=True)
+            elif proc.returncode == 0 and tmp.exists():
+                tmp.rename(out / "jobs" / f"{name}.json")
+                durations.append(time.monotonic() - t0)
+                print(f"  [{time.monotonic() - start:6.0f} s] done {name} ({durations[-1]:.0f} s)", flush=True)
+            else:
+                failed.append(name)
+                print(f"  FAILED {name} (exit {proc.returncode}); see {out / 'jobs' / (name + '.log')}", flush=True)
+            log.close()
+            del running[slot]
+    left = [job_name(b, s) for b, s in pending]
+    if left:
+        print(f"not started (time limit): {', '.join(left)}; rerun the same command to continue")
+    budget_report.main([str(out)])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

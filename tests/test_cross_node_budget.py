@@ -1,0 +1,215 @@
+"""Cross-node traffic budget (``LocMoEConfig.cross_node_budget``): the controller's update rule, that it
+holds the share at the budget, equal state on every rank, checkpoints, and bad values."""
+
+import argparse
+import math
+
+import pytest
+import torch
+
+from locmoe_plugin import LocMoEConfig, LocMoERouter
+from locmoe_plugin.budget import CrossNodeBudget
+from locmoe_plugin.config import ConfigError
+from locmoe_plugin.topology import Topology
+
+from ._dist import run_workers
+
+
+def test_update_rule_hand_worked():
+    b = CrossNodeBudget(0.2, rate=0.5, max_strength=1.0)
+    assert b.strength.item() == 0.0 and math.isnan(b.share.item())
+    b.update(torch.tensor(6), torch.tensor(10))  # share 0.6: lam = 0 + 0.5 * (0.6 - 0.2) = 0.2
+    assert b.strength.item() == pytest.approx(0.2) and b.share.item() == pytest.approx(0.6)
+    b.update(torch.tensor(1), torch.tensor(10))  # share 0.1: lam = 0.2 + 0.5 * (0.1 - 0.2) = 0.15
+    assert b.strength.item() == pytest.approx(0.15)
+    b.update(torch.tensor(0), torch.tensor(10))  # 0.15 - 0.1 = 0.05
+    b.update(torch.tensor(0), torch.tensor(10))  # 0.05 - 0.1 -> clipped at 0
+    assert b.strength.item() == 0.0
+    b.update(torch.tensor(10), torch.tensor(10))
+    b.update(torch.tensor(10), torch.tensor(10))
+    b.update(torch.tensor(10), torch.tensor(10))  # 0.4, 0.8, 1.2 -> clipped at 1.0
+    assert b.strength.item() == 1.0
+    b.update(torch.tensor(0), torch.tensor(0))  # no pairs: no step
+    assert b.strength.item() == 1.0 and b.share.item() == pytest.approx(1.0)
+    # the offset: lam on the local experts only
+    assert b.selection_offset(torch.tensor([True, False, True])).tolist() == [1.0, 0.0, 1.0]
+
+
+def test_preference_changes_selection_not_weights():
+    # node 0 = experts {0, 1}; this rank is on node 0. probs [0.1, 0.2, 0.4, 0.3]: top-1 is remote expert 2
+    cfg = LocMoEConfig(num_experts=4, hidden_size=4, topk=1, gate="dense", routing="locmoe", aux_loss_coeff=0.0,
+                       cross_node_budget=0.0)
+    assert cfg.locality_loss_coeff == 0.0 and cfg.locality_bias is False  # the controller is the locality term
+    r = LocMoERouter(cfg, topology=Topology.from_ranks_per_node(2, 1, 4, ep_rank=0)).eval()
+    with torch.no_grad():
+        r.gate.weight.copy_(torch.eye(4))
+    x = torch.log(torch.tensor([[0.1, 0.2, 0.4, 0.3]]))
+    assert r(x).assignment.expert_ids.tolist() == [[2]]
+    r.budget.strength.fill_(0.19)  # 0.2 + 0.19 < 0.4: the remote expert still wins by more than the margin
+    assert r(x).assignment.expert_ids.tolist() == [[2]]
+    r.budget.strength.fill_(0.21)  # 0.2 + 0.21 > 0.4: the local expert 1, with its unbiased weight
+    out = r(x)
+    assert out.assignment.expert_ids.tolist() == [[1]]
+    assert out.assignment.weights.item() == pytest.approx(1.0)  # renormalised top-1
+    assert torch.allclose(out.probs, torch.tensor([[0.1, 0.2, 0.4, 0.3]]))
+
+
+def _shares(budget, steps=200, rank=0, group=None, topo=None, seed=0):
+    """Train-mode forwards of a fixed random dense gate on fresh random tokens; per-step EP-group shares
+    (the controller's own measurement) and the router."""
+    torch.manual_seed(seed)
+    cfg = LocMoEConfig(num_experts=8, hidden_size=16, topk=2, gate="dense", routing="locmoe",
+                       cross_node_budget=budget)
+    topo = topo or Topology.from_ranks_per_node(2, 1, 8, ep_rank=rank)
+    r = LocMoERouter(cfg, topology=topo, group=group).train()
+    with torch.no_grad():  # a peaked gate (top probabilities ~0.3-0.6), so margins of order 0.1 are needed
+        r.gate.weight.normal_(0.0, 1.0)
+    g = torch.Generator().manual_seed(100 + rank)
+    shares = []
+    for _ in range(steps):
+        r(torch.randn(256, 16, generator=g))
+        shares.append(r.budget.share.item())
+    return shares, r
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.1, 0.0])
+def test_share_held_at_the_budget_after_warm_up(budget):
+    shares, r = _shares(budget)
+    assert abs(shares[0] - 0.5) < 0.1  # the first forward routes by content only: about (N-1)/N
+    for i in range(100, 200, 10):  # after warm-up every 10-step window holds the budget
+        window = sum(shares[i:i + 10]) / 10
+        assert abs(window - budget) <= 0.03, (i, window)
+    assert r.budget.strength.item() > 0
+
+
+def test_budget_above_the_natural_share_leaves_routing_alone():
+    shares, r = _shares(0.9, steps=30)
+    assert r.budget.strength.item() == 0.0
+    assert abs(sum(shares) / len(shares) - 0.5) < 0.05
+
+
+def test_evaluation_and_no_grad_forwards_leave_the_state_alone():
+    _, r = _shares(0.2, steps=20)
+    before = r.get_extra_state()["budget"]
+    r.eval()
+    r(torch.randn(64, 16))
+    r.train()
+    with torch.no_grad():
+        r(torch.randn(64, 16))
+    assert r.get_extra_state()["budget"] == before
+
+
+def test_checkpoint_round_trip_and_half_precision():
+    _, r = _shares(0.2, steps=30)
+    state = r.get_extra_state()
+    assert state["budget"]["steps"] == 30 and state["budget"]["strength"] > 0
+    fresh = LocMoERouter(r.config, topology=r.topology)
+    fresh.load_state_dict(r.state_dict())
+    assert fresh.budget.strength.item() == r.budget.strength.item()
+    assert fresh.budget.steps == 30
+    # a checkpoint saved without a budget: the preference starts at 0
+    plain = LocMoERouter(r.config.replace(cross_node_budget=None, locality_loss_coeff=0.0), topology=r.topology)
+    fresh.load_state_dict(plain.state_dict(), strict=False)
+    assert fresh.budget.strength.item() == 0.0
+    # bf16 wrappers: the preference goes back to fp32 on the first forward
+    h = LocMoERouter(r.config, topology=r.topology).train().bfloat16()
+    h(torch.randn(16, 16, dtype=torch.bfloat16))
+    assert h.budget.strength.dtype == torch.float32
+
+
+def test_bad_values_are_refused():
+    base = dict(num_experts=8, hidden_size=16, topk=2)
+    for bad in (-0.1, 1.5, float("nan"), True, "0.2"):
+        with pytest.raises(ConfigError, match=r"cross_node_budget=.*share in \[0, 1\]"):
+            LocMoEConfig(**base, cross_node_budget=bad)
+    for routing in ("topk", "hash"):
+        with pytest.raises(ConfigError, match="routing='locmoe'"):
+            LocMoEConfig(**base, routing=routing, cross_node_budget=0.2)
+    with pytest.raises(ConfigError, match="aux_loss_scope='ep_group'"):
+        LocMoEConfig(**base, cross_node_budget=0.2, aux_loss_scope="local")
+    assert LocMoEConfig(**base, cross_node_budget=0).cross_node_budget == 0
+    assert LocMoEConfig(**base, routing="hybrid", cross_node_budget=1.0).locality_loss_coeff == 0.0
+    # an explicit mu stays: both terms
+    assert LocMoEConfig(**base, cross_node_budget=0.2, locality_loss_coeff=0.01).locality_loss_coeff == 0.01
+
+
+def test_default_budget_is_one_constant(monkeypatch):
+    import locmoe_plugin.config as config
+
+    assert LocMoEConfig(num_experts=8, hidden_size=16).cross_node_budget is None  # unchanged for now
+    monkeypatch.setattr(config, "DEFAULT_CROSS_NODE_BUDGET", 0.2)
+    c = LocMoEConfig(num_experts=8, hidden_size=16)
+    assert c.cross_node_budget == 0.2 and c.locality_loss_coeff == 0.0 and c.locality_bias is False
+    assert LocMoEConfig(num_experts=8, hidden_size=16, routing="topk").cross_node_budget is None
+    assert LocMoEConfig(num_experts=8, hidden_size=16, locality_loss_coeff=0.01).cross_node_budget is None
+
+
+def test_entry_points():
+    from locmoe_plugin.demo.megatron_job import locmoe_settings
+
+    opts = argparse.Namespace(gpus_per_node=2, locality_coeff=0.01, locmoe_capacity="none", steps=10)
+    s = locmoe_settings("locmoe:cross_node_budget=0.2", opts)
+    assert s["cross_node_budget"] == 0.2 and "locality_loss_coeff" not in s
+    assert locmoe_settings("locmoe:budget=0.1", opts)["cross_node_budget"] == 0.1
+    assert LocMoEConfig.from_dict({"num_experts": 8, "hidden_size": 16, "cross_node_budget": 0.3}).cross_node_budget == 0.3
+    pytest.importorskip("megatron.core")
+    from locmoe_plugin.megatron.args import add_arguments, settings_from_args
+
+    p = add_arguments(argparse.ArgumentParser())
+    args = p.parse_args(["--locmoe", "--locmoe-cross-node-budget", "0.2"])
+    args.num_experts, args.hidden_size, args.moe_router_topk = 8, 64, 2
+    assert settings_from_args(args)[0]["cross_node_budget"] == 0.2
+    args = p.parse_args(["--locmoe", "--locmoe-cross-node-budget", "1.2"])
+    args.num_experts, args.hidden_size, args.moe_router_topk = 8, 64, 2
+    with pytest.raises(ConfigError, match="cross_node_budget"):
+        settings_from_args(args)
+
+
+def _worker(rank, world):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from locmoe_plugin.demo import cpu_shims
+
+    from .megatron_helpers import D, build_layer
+
+    # core router on 4 ranks = 2 nodes x 2, one group: same lam everywhere, group share at the budget
+    topo = Topology.from_ranks_per_node(world, 2, 8, ep_rank=rank)
+    shares, r = _shares(0.2, steps=150, rank=rank, group=dist.group.WORLD, topo=topo)
+    out = {"shares": shares, "strength": r.budget.strength.item(), "extra": r.get_extra_state()["budget"]}
+    # Megatron router: the preference rides in the router's state dict (core._extra_state) and round-trips
+    cpu_shims.install()
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=world)
+    locmoe = {"routing": "locmoe", "cross_node_budget": 0.1, "gpus_per_node": 2}
+    torch.manual_seed(0)
+    layer = build_layer(MoELayer, 1, world, locmoe, topk=2, dispatcher="flat")
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(5):
+        x = torch.randn(16, 2, D, generator=g).requires_grad_(True)
+        y, _ = layer(x)
+        y.sum().backward()
+    core = layer.router.core
+    state = layer.router.state_dict()
+    torch.manual_seed(0)
+    fresh = build_layer(MoELayer, 1, world, locmoe, topk=2, dispatcher="flat")
+    fresh.router.load_state_dict(state)
+    out.update(mcore_strength=core.budget.strength.item(), mcore_loaded=fresh.router.core.budget.strength.item(),
+               mcore_steps=fresh.router.core.budget.steps)
+    parallel_state.destroy_model_parallel()
+    return out
+
+
+def test_four_ranks_two_nodes():
+    pytest.importorskip("megatron.core")
+    res = run_workers(_worker, 4)
+    strengths = [r["strength"] for r in res]
+    assert len(set(strengths)) == 1 and strengths[0] > 0  # bitwise equal on every rank
+    assert all(r["extra"] == res[0]["extra"] for r in res)
+    shares = res[0]["shares"]
+    assert all(r["shares"] == shares for r in res)  # every rank measured the same group share
+    for i in range(70, 150, 10):
+        assert abs(sum(shares[i:i + 10]) / 10 - 0.2) <= 0.03
+    mc = [r["mcore_strength"] for r in res]
+    assert len(set(mc)) == 1 and mc[0] > 0
+    assert all(r["mcore_loaded"] == r["mcore_strength"] and r["mcore_steps"] == 5 for r in res)
