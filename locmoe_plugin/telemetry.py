@@ -45,8 +45,10 @@ class RoutingStats:
         return self.tokens_per_expert.sum()
 
     def reduced(self, group=None) -> "RoutingStats":
-        """Counts summed over ``group`` (e.g. the EP group) for a global view; a collective."""
-        if group is None or not (dist.is_available() and dist.is_initialized()):
+        """Counts summed over ``group`` (e.g. the EP group; None: the default process group) for a global
+        view; a collective every rank of the group must call. Without an initialised process group, these
+        stats (one process is the whole group)."""
+        if not (dist.is_available() and dist.is_initialized()):
             return self
         packed = torch.cat(
             [
