@@ -884,7 +884,7 @@ def print_table(out: dict) -> None:
         print(f"{name:<22} {r['ms']:>8.2f} {ratio:>6.2f} {r.get('cross_node_share', float('nan')):>6.3f} "
               f"{r.get('inter_node_MiB', float('nan')):>10.1f} {r.get('max_over_mean_load', float('nan')):>13.2f} "
               f"{r.get('rank_max_over_mean_rows', float('nan')):>9.3f} {fl}")
-    for line in targets(out):
+    for line in comparisons(out):
         print(line)
 
 
@@ -895,8 +895,9 @@ def _median_ratio(r: dict, other: dict) -> float:
     return r["ms"] / other["ms"]
 
 
-def targets(out: dict) -> list[str]:
-    """The issue's targets, checked on this run's numbers (each LocMoE row separately)."""
+def comparisons(out: dict) -> list[str]:
+    """Each LocMoE row's time relative to the other systems (median of per-round ratios with --rounds;
+    below 1 = faster) and, over several nodes, its cross-node share of kept (token, expert) pairs."""
     sy = {k: v for k, v in out["systems"].items() if "ms" in v}
     a2a = sy.get("mcore_alltoall", {}).get("ms")
     lines = []
@@ -905,22 +906,17 @@ def targets(out: dict) -> list[str]:
         if not a2a:
             break
         ratio = r.get("ratio_median", r["ms"] / a2a)  # with --rounds: the median of the per-round ratios
-        if out["meta"]["nodes"] > 1:
-            checks = [f"{name} / mcore_alltoall = {ratio:.3f} (target <= 0.25): {'met' if ratio <= 0.25 else 'MISSED'}"]
-            for other in ("mcore_grouplimited", "deepspeed_moe"):
-                if other in sy:
-                    q = _median_ratio(r, sy[other])
-                    checks.append(f"{name} / {other} = {q:.3f} (target < 1): {'met' if q < 1 else 'MISSED'}")
-            c = r["cross_node_share"]
-            checks.append(f"{name} cross-node share = {c:.3f} (target <= 0.10): {'met' if c <= 0.10 else 'MISSED'}")
-        else:
-            checks = [f"{name} / mcore_alltoall = {ratio:.3f} (target <= 1.0): {'met' if ratio <= 1.0 else 'MISSED'}"]
+        checks = [f"{name} / mcore_alltoall = {ratio:.3f}"]
         if "ratio_quartiles" in r:
             q1, q3 = r["ratio_quartiles"]
             checks[0] += f" [per-round ratios: quartiles {q1:.3f}-{q3:.3f} over {len(r['ratio_rounds'])} rounds]"
-        lines += ["target: " + c for c in checks]
+        if out["meta"]["nodes"] > 1:
+            for other in ("mcore_grouplimited", "deepspeed_moe"):
+                if other in sy:
+                    checks.append(f"{name} / {other} = {_median_ratio(r, sy[other]):.3f}")
+            checks.append(f"{name} cross-node share = {r['cross_node_share']:.3f}")
+        lines += ["compare: " + c for c in checks]
     return lines
-
 
 if __name__ == "__main__":
     main()

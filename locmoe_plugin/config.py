@@ -86,18 +86,25 @@ class LocMoEConfig:
         [capacity_factor_min, capacity_factor_max]. See locmoe_plugin/resonance.py, docs/locmoe_plus.md.
     """
 
+    #: n, experts in the layer (over the whole expert-parallel group).
     num_experts: int
+    #: d, the hidden size of the tokens routed (GrAP needs d % n == 0).
     hidden_size: int
+    #: Experts per token (k; LocMoE+'s l).
     topk: int = 2
+    #: "grap": parameter-free grouped average pooling, one group of d/n features per expert (LocMoE);
+    #: "dense": a learned linear gate ``[n, d]``.
     gate: str = "grap"
+    #: "topk", "locmoe", "hybrid" (LocMoE+) or "hash": see the routing modes above.
     routing: str = "locmoe"
     #: Renormalise the combine weights of a token over its selected experts (Megatron's default
     #: softmax-after-top-k gives the same numbers). Irrelevant for topk == 1 when False gives raw prob.
     renormalize: bool = True
     #: With capacity drops: rescale a token's combine weights to sum to 1 over the experts it kept
     #: (DeepSpeed's top-2 gate does; Megatron's capacity keeps the weights from before the drops).
-    #: Off by default: on the CPU demo it raised LocMoE's and LocMoE+'s validation loss (RESULTS.md).
+    #: Off by default, as Megatron (the measured effect on quality is in the benchmark results).
     renormalize_kept: bool = False
+    #: alpha of the Switch load-balance loss ``alpha * n * sum_i f_i P_i`` (0 disables it).
     aux_loss_coeff: float = 0.01
     #: Where the aux loss measures balance. "ep_group" (default): expert loads f_i are summed over the
     #: expert-parallel group (one all-reduce of n counts per layer), so balance is global while the
@@ -106,18 +113,23 @@ class LocMoEConfig:
     aux_loss_scope: str = "ep_group"
     #: None -> DEFAULT_LOCALITY_LOSS_COEFF for "locmoe"/"hybrid" (0 with ``cross_node_budget``), 0 for "topk".
     locality_loss_coeff: float | None = None
+    #: Coefficient of the router z-loss (mean squared logsumexp of the gate logits; 0 = off).
     z_loss_coeff: float = 0.0
     #: None -> "none" for "topk"/"locmoe", "adaptive" for "hybrid".
     capacity: str | None = None
+    #: c_f of capacity "factor" (C = ceil(c_f * s * k / n)); only with capacity="factor".
     capacity_factor: float | None = None
+    #: Smallest capacity per expert, whatever the factor gives.
     min_capacity: int = 4
-    #: Floor of the "bound" / "adaptive" factor. LocMoE+'s adaptive factor settles on it; measured
-    #: (benchmarks/RESULTS.md, EP = 2, three seeds): 0.5 -> ~250 tokens per expert of a balanced 512 at
-    #: +3.7 % validation loss, 1.0 -> ~445 tokens at +2.2 % (half the drops).
+    #: Floor of the "bound" / "adaptive" factor. LocMoE+'s adaptive factor settles on it, so it sets how
+    #: many pairs an expert keeps: higher keeps more (fewer drops, more tokens per expert); the measured
+    #: trade-off against validation loss is in the benchmark results.
     capacity_factor_min: float = 0.5
+    #: Ceiling of the "bound" / "adaptive" factor.
     capacity_factor_max: float = 4.0
     #: Fixed affinity threshold for "bound"/"adaptive"; None -> estimated from the first batch.
     delta: float | None = None
+    #: Steps between re-estimations of the "adaptive" capacity.
     adaptive_interval: int = 100
     #: "adaptive": the factor when affinities rank no better than chance (an untrained router, the
     #: paper's C = Theta(s) phase); it scales with the measured misranking rate from there.

@@ -44,9 +44,18 @@ class RoutingStats:
     def routed_pairs(self) -> torch.Tensor:
         return self.tokens_per_expert.sum()
 
+    @property
+    def cross_node_share(self) -> float:
+        """Kept pairs whose expert is on another node / kept pairs (0.0 without kept pairs); a
+        device-to-host sync, as :meth:`to_dict`."""
+        routed = int(self.routed_pairs)
+        return int(self.cross_node_pairs) / routed if routed else 0.0
+
     def reduced(self, group=None) -> "RoutingStats":
-        """Counts summed over ``group`` (e.g. the EP group) for a global view; a collective."""
-        if group is None or not (dist.is_available() and dist.is_initialized()):
+        """Counts summed over ``group`` (e.g. the EP group; None: the default process group) for a global
+        view; a collective every rank of the group must call. Without an initialised process group, these
+        stats (one process is the whole group)."""
+        if not (dist.is_available() and dist.is_initialized()):
             return self
         packed = torch.cat(
             [
@@ -82,7 +91,7 @@ class RoutingStats:
             "routed_pairs": int(routed),
             "dropped_pairs": int(self.dropped_pairs),
             "cross_node_pairs": int(self.cross_node_pairs),
-            "cross_node_share": float(self.cross_node_pairs) / routed if routed else 0.0,
+            "cross_node_share": self.cross_node_share,
             "max_load": int(load.max()) if load.numel() else 0,
             "mean_load": mean,
             "max_over_mean_load": float(load.max()) / mean if mean else 0.0,
@@ -98,13 +107,17 @@ class RoutingStats:
 
 
 def collect_stats(model: torch.nn.Module) -> dict[str, RoutingStats]:
-    """Latest :class:`RoutingStats` of every module in ``model`` that has a ``last_stats`` attribute
-    (LocMoE routers), keyed by the module's qualified name."""
-    return {
-        name: m.last_stats
-        for name, m in model.named_modules()
-        if getattr(m, "last_stats", None) is not None
-    }
+    """Latest :class:`RoutingStats` of every LocMoE router in ``model`` (a module with a ``last_stats``
+    attribute), keyed by the module's qualified name. A router inside another one (the framework-free
+    router that an adapter's router wraps, whose stats the adapter shows) is listed once, under the
+    outer name."""
+    out: dict[str, RoutingStats] = {}
+    for name, m in model.named_modules():
+        if any(name.startswith(outer + ".") for outer in out):
+            continue
+        if getattr(m, "last_stats", None) is not None:
+            out[name] = m.last_stats
+    return out
 
 
 def format_stats(stats: dict[str, RoutingStats], keys: Iterable[str] = (

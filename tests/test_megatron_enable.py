@@ -152,6 +152,8 @@ def test_wrapper_runs_a_script_with_locmoe_enabled(tmp_path, capsys):
     script = tmp_path / "train.py"
     script.write_text(
         "import sys\n"
+        "try:\n    from megatron.training import pretrain  # what makes it a Megatron-LM script\n"
+        "except ImportError:\n    pass\n"
         "from locmoe_plugin.megatron import status\n"
         "print('ARGS', sys.argv[1:], 'PATCHED', status()['megatron-moe-spec'])\n"
     )

@@ -9,6 +9,11 @@ split into nodes for the dispatcher. ``forward`` returns ``(output, l_aux, exp_c
 MoE, with LocMoE's locality loss (and z-loss) inside ``l_aux``; ``exp_counts`` are the tokens each
 expert kept (after capacity).
 
+``l_aux`` is already scaled, unlike DeepSpeed's raw balance loss: each loss carries its coefficient from
+the config (``aux_loss_coeff``, ``locality_loss_coeff``, ``z_loss_coeff``). Add it to the loss as is; a
+loop that multiplies it by a coefficient again weakens balancing and locality by that factor
+(docs/deepspeed.md).
+
 Differences from DeepSpeed's TopKGate (intended): LocMoE's capacity modes (``none`` = dropless by
 default) replace DeepSpeed's ``capacity_factor`` / ``drop_tokens``; no random token selection or
 second-expert sampling; combine weights are renormalised over a token's top-k before any drop.

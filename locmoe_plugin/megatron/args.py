@@ -101,6 +101,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _require_parsed_flags(args: Any) -> None:
+    """A namespace from another parser (a plain argparse one) lacks Megatron's or LocMoE's flags: one
+    error that names them and the fix, instead of an AttributeError later."""
+    missing_megatron = [name for name in ("hidden_size",) if not hasattr(args, name)]
+    missing_locmoe = [name for name in ("locmoe_dispatcher",) if not hasattr(args, name)]
+    if missing_megatron or missing_locmoe:
+        flags = ", ".join("--" + n.replace("_", "-") for n in missing_megatron + missing_locmoe)
+        raise ConfigError(
+            f"settings_from_args reads Megatron-LM's parsed arguments with the LocMoE flags, and these lack "
+            f"{flags}: parse with Megatron-LM's parser and add_arguments as its extra_args_provider"
+            + (" (add_arguments(parser) adds the --locmoe-* flags)" if missing_locmoe else "")
+            + ", or pass LocMoE settings directly (a dict of LocMoEConfig fields) to locmoe_spec(spec, settings) "
+              "or enable(settings=...)"
+        )
+
+
 def settings_from_args(args: Any) -> tuple[dict, str]:
     """``(locmoe overrides for LocMoEConfig, dispatcher mode)`` from parsed arguments. Validates
     everything that can be checked before a process group exists; raises :class:`ConfigError`."""
@@ -108,6 +124,7 @@ def settings_from_args(args: Any) -> tuple[dict, str]:
         raise ConfigError("--locmoe is not set")
     if not getattr(args, "num_experts", None):
         raise ConfigError("--locmoe needs an MoE model: add --num-experts N (and --moe-router-topk K)")
+    _require_parsed_flags(args)
     if getattr(args, "locmoe_overlap_chunks", 1) != 1:
         raise ConfigError(
             f"--locmoe-overlap-chunks {args.locmoe_overlap_chunks}: under Megatron the MoELayer calls the "

@@ -136,7 +136,18 @@ def make_locmoe_layer_class():
 
     from .router import LocMoEMegatronRouter
 
-    class LocMoELayer(MoELayer):
+    class _ComparesEqualToMoELayer(type(MoELayer)):
+        """Megatron's ``TransformerLayer`` (0.16) passes its ``pg_collection`` only to MLP classes it lists,
+        found by equality (``spec.module in (MoELayer, ...)``), and warns "Unknown MLP type" for others,
+        leaving the layer on Megatron's global process groups. ``LocMoELayer`` is an ``MoELayer``, so it
+        compares equal to it and gets the layer's process groups; its hash stays its own."""
+
+        def __eq__(cls, other):
+            return other is MoELayer or type.__eq__(cls, other) is True
+
+        __hash__ = type.__hash__
+
+    class LocMoELayer(MoELayer, metaclass=_ComparesEqualToMoELayer):
         """``MoELayer`` + LocMoE dispatcher. Needs the LocMoE router (for its topology). The dispatcher
         mode comes from the router's settings (``locmoe={"dispatcher": ...}``, default hierarchical)."""
 

@@ -169,7 +169,7 @@ def _wrap_track_names(original):
     def with_locmoe_metrics(*args, **kwargs):
         from .router import flush_locmoe_metrics
 
-        flush_locmoe_metrics()  # the routers' summed telemetry joins the tracker before it is reported
+        flush_locmoe_metrics()  # the routers' summed telemetry joins the tracker (stale LocMoE names leave)
         bound = sig.bind(*args, **kwargs)
         names = bound.arguments.get("track_names")
         if names is not None and _current_settings() is not None:

@@ -47,6 +47,7 @@ TELEMETRY_METRICS = ("locmoe_cross_node_share", "locmoe_dropped_share", "locmoe_
 #: the router's losses in Megatron's tracker (TopKRouter's names where it has the same loss)
 LOSS_METRICS = {"aux": "load_balancing_loss", "locality": "locmoe_locality_loss", "z": "z_loss"}
 _pending: "weakref.WeakSet[LocMoEMegatronRouter]" = weakref.WeakSet()  # routers with unrecorded telemetry
+_live: "weakref.WeakSet[LocMoEMegatronRouter]" = weakref.WeakSet()  # every LocMoE router not yet freed
 
 
 def _report_flushes() -> bool:
@@ -70,6 +71,25 @@ def flush_locmoe_metrics() -> None:
     for router in list(_pending):
         router.flush_telemetry()
     _pending.clear()
+    drop_stale_locmoe_metrics()
+
+
+def drop_stale_locmoe_metrics() -> bool:
+    """Remove LocMoE's own names (``locmoe_*``) from Megatron's MoE metrics tracker when no LocMoE router
+    is alive in this process (an earlier LocMoE model was freed), so a later stock model's report does not
+    list them as zeros. The names the stock router shares (``load_balancing_loss``, ``z_loss``) stay.
+    Returns whether names were removed."""
+    if _live:
+        return False
+    try:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+    except ImportError:
+        return False
+    tracker = get_moe_layer_wise_logging_tracker()
+    stale = [name for name in tracker if name.startswith("locmoe_")]
+    for name in stale:
+        del tracker[name]
+    return bool(stale)
 
 
 def dense_routing_map(output, num_experts: int) -> torch.Tensor:
@@ -143,7 +163,10 @@ def locmoe_config_from_megatron(config, overrides: Mapping[str, Any] | None = No
 
     Taken from Megatron: ``num_moe_experts``, ``hidden_size``, ``moe_router_topk``,
     ``moe_aux_loss_coeff`` and ``moe_z_loss_coeff`` (overrides win). Capacity: Megatron's
-    ``moe_expert_capacity_factor`` maps to ``capacity="factor"`` unless the overrides choose a mode.
+    ``moe_expert_capacity_factor`` maps to ``capacity="factor"`` only where the overrides choose no
+    capacity mode and the routing mode's own default is dropless (``topk``, ``locmoe``, ``hash``);
+    LocMoE+ (``routing="hybrid"``) keeps its adaptive capacity, since Megatron's own dispatchers need the
+    factor set for any dropping router (see :class:`LocMoEMegatronRouter`) - it must not switch modes.
     """
     if not getattr(config, "num_moe_experts", None):
         raise ConfigError("LocMoE needs an MoE model: set num_moe_experts (--num-experts) in the Megatron config")
@@ -155,9 +178,10 @@ def locmoe_config_from_megatron(config, overrides: Mapping[str, Any] | None = No
         z_loss_coeff=float(getattr(config, "moe_z_loss_coeff", None) or 0.0),
     )
     cf = getattr(config, "moe_expert_capacity_factor", None)
-    if cf is not None:
+    overrides = dict(overrides or {})
+    if cf is not None and overrides.get("capacity") is None and overrides.get("routing", "locmoe") != "hybrid":
         values.update(capacity="factor", capacity_factor=float(cf))
-    values.update(overrides or {})
+    values.update(overrides)
     if values.get("capacity") not in (None, "factor"):
         values.pop("capacity_factor", None)
     return LocMoEConfig.from_dict(values)
@@ -209,6 +233,7 @@ class LocMoEMegatronRouter(torch.nn.Module):
         self._telemetry_sum: torch.Tensor | None = None  # raw telemetry counts summed since the last flush
         self._loss_sums: dict[str, torch.Tensor] = {}  # loss values summed since the last flush (deferred)
         self._telemetry_forwards = 0
+        _live.add(self)
         if getattr(config, "moe_router_enable_expert_bias", False):
             # finalize_model_grads would then update every module with an `expert_bias` by TopKRouter's rules
             from .args import TOPK_EXPERT_BIAS_ERROR
@@ -223,7 +248,8 @@ class LocMoEMegatronRouter(torch.nn.Module):
             raise ConfigError(
                 f"LocMoE capacity {self.locmoe_config.capacity!r} drops tokens, but Megatron's own token "
                 f"dispatchers size their buffers as tokens x top-k unless moe_expert_capacity_factor is set: "
-                f"set --moe-expert-capacity-factor (any value; LocMoE's capacity decides) or use LocMoELayer "
+                f"set --moe-expert-capacity-factor (any value; LocMoE's capacity mode "
+                f"{self.locmoe_config.capacity!r} decides) or use LocMoELayer "
                 f"(--locmoe / locmoe_spec), whose dispatcher handles drops"
             )
         recompute = getattr(config, "recompute_granularity", None)

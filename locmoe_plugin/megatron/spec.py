@@ -68,19 +68,37 @@ def locmoe_spec(spec: Any, locmoe: Mapping | None = None, dispatcher: str = "hie
     return walk(spec)
 
 
-def count_locmoe_layers(spec: Any) -> int:
-    """How many ``LocMoELayer`` specs ``spec`` holds (for tests and logs)."""
-    from megatron.core.transformer.spec_utils import ModuleSpec
+def count_locmoe_layers(spec_or_model: Any, num_layers: int | None = None) -> int:
+    """How many LocMoE layers a model has (for tests and logs).
+
+    * A built model (any ``torch.nn.Module``): its ``LocMoELayer`` modules.
+    * A block spec (``TransformerBlockSubmodules`` with one spec per layer): its ``LocMoELayer`` specs.
+    * A single transformer-layer spec, which Megatron repeats for every layer: its ``LocMoELayer`` specs
+      (0 or 1) times ``num_layers`` (the model's layer count; without it, the count in the spec itself).
+    """
+    import torch
 
     from .dispatcher import make_locmoe_layer_class
 
     cls = make_locmoe_layer_class()
+    if isinstance(spec_or_model, torch.nn.Module):
+        return sum(isinstance(m, cls) for m in spec_or_model.modules())
+    in_spec = _count_specs(spec_or_model, cls)
+    if num_layers is not None and not hasattr(spec_or_model, "layer_specs"):
+        return in_spec * num_layers
+    return in_spec
+
+
+def _count_specs(spec: Any, cls: type) -> int:
+    """``LocMoELayer`` specs in a spec tree."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
     if isinstance(spec, functools.partial):
-        return (spec.func is cls) + sum(count_locmoe_layers(v) for v in spec.keywords.values())
+        return (spec.func is cls) + sum(_count_specs(v, cls) for v in spec.keywords.values())
     if isinstance(spec, ModuleSpec):
-        return (spec.module is cls) + count_locmoe_layers(spec.submodules)
+        return (spec.module is cls) + _count_specs(spec.submodules, cls)
     if isinstance(spec, (list, tuple)):
-        return sum(count_locmoe_layers(x) for x in spec)
+        return sum(_count_specs(x, cls) for x in spec)
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        return sum(count_locmoe_layers(getattr(spec, f.name)) for f in dataclasses.fields(spec))
+        return sum(_count_specs(getattr(spec, f.name), cls) for f in dataclasses.fields(spec))
     return 0
