@@ -69,9 +69,10 @@ class GrAPGate(nn.Module):
         self._scale = math.sqrt(hidden_size / num_experts)  # 1 / ||w_i|| * (n/d) folded: see affinity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [s, d]`` (any float dtype) -> logits ``[s, n]`` fp32 (group means)."""
-        s = x.shape[0]
-        return torch.mean(x.reshape(s, self.num_experts, self.hidden_size // self.num_experts), dim=-1, dtype=_acc(x))
+        """``x [..., d]`` (any float dtype) -> logits ``[s, n]`` fp32 (group means), the leading dimensions
+        flattened into ``s`` by the same reshape that groups the features."""
+        return torch.mean(x.reshape(-1, self.num_experts, self.hidden_size // self.num_experts), dim=-1,
+                          dtype=_acc(x))
 
     def affinity(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """``[s, n]`` fp32 cosine between each token and each GrAP weight vector."""

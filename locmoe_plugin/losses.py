@@ -38,21 +38,29 @@ def switch_aux_loss(
 
     Args:
         probs: ``[s, n]`` full softmax of this rank's tokens (carries the gradient).
-        requested_per_expert: ``[n]`` routed pairs per expert before capacity; may be summed over the
-            expert-parallel group so the balance is global (see the router).
-        total_pairs: number of routed pairs those counts cover (``s * k``, summed likewise).
+        requested_per_expert: ``[n]`` routed pairs per expert before capacity (any dtype; fp32 saves a
+            conversion); may be summed over the expert-parallel group so the balance is global.
+        total_pairs: number of routed pairs those counts cover (``s * k``, summed likewise; int or 0-d
+            tensor), or None: the counts' own sum (the same number when they count every routed pair).
         coeff: alpha.
         valid: ``[s]`` bool, the tokens that count (padding excluded); None = all.
 
     ``f_i = requested_i / total_pairs`` (share of pairs), ``P_i = mean_t probs[t, i]``. Equals ``alpha``
-    at perfect balance with uniform probabilities.
+    at perfect balance with uniform probabilities. Computed as one dot product of the per-expert sums,
+    ``(alpha n / tokens) * sum_i f_i * sum_t probs[t, i]`` (a few kernels; no ``[s, n]`` temporary).
     """
     n = probs.shape[-1]
     if coeff == 0 or probs.shape[0] == 0:
         return probs.sum() * 0.0
-    f = requested_per_expert.to(probs.dtype) / torch.as_tensor(total_pairs).clamp_min(1)
-    p = _token_mean(probs, valid)
-    return coeff * n * torch.sum(f * p)
+    counts = requested_per_expert if requested_per_expert.dtype == probs.dtype else requested_per_expert.to(probs.dtype)
+    if total_pairs is None and valid is None:
+        f = counts / counts.sum()  # >= this rank's s * k > 0 pairs
+    else:  # no pair at all (every token padding): f = 0, not NaN
+        f = counts / (counts.sum() if total_pairs is None else torch.as_tensor(total_pairs)).clamp_min(1)
+    if valid is None:
+        return torch.einsum("i,ti->", f, probs) * (coeff * n / probs.shape[0])  # one op: sum_t then dot
+    w = valid.to(probs.dtype)
+    return torch.dot(f, w @ probs) * (coeff * n) / w.sum().clamp_min(1)
 
 
 def locality_loss(logits: torch.Tensor, local_mask: torch.Tensor, coeff: float,

@@ -47,6 +47,8 @@ class RouterOutput:
         logits: ``[s, n]`` fp32 gate logits; None for hash routing (no gate).
         losses: scaled loss tensors ``{"aux", "locality", "z"}`` (each 0-d, differentiable).
         stats: telemetry of this call.
+        total: the sum of the losses that can be non-zero (0-d), or None when there is none; the
+            locality loss of a single node (identically 0) is left out of it, so its backward costs nothing.
     """
 
     assignment: Assignment
@@ -54,11 +56,16 @@ class RouterOutput:
     logits: torch.Tensor | None
     losses: dict[str, torch.Tensor]
     stats: RoutingStats
+    total: torch.Tensor | None = None
 
     @property
     def total_loss(self) -> torch.Tensor:
         """Sum of the scaled losses (a 0-d tensor, 0 when every coefficient is 0)."""
-        return sum(self.losses.values(), self.probs.new_zeros(()))
+        if self.total is not None:
+            return self.total
+        if not self.losses:
+            return self.probs.new_zeros(())
+        return sum(self.losses.values())
 
     def to_megatron(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(probs [s, n], routing_map [s, n] bool)`` as Megatron's router contract returns them."""
@@ -117,6 +124,9 @@ class LocMoERouter(nn.Module):
         self.capacity = CapacityController(config, group)
         self.register_buffer("expert_to_node", topology.expert_to_node.clone(), persistent=False)
         self.register_buffer("local_expert_mask", topology.local_expert_mask(), persistent=False)
+        # the count of a telemetry counter that is 0 by construction (dropless: drops; one node: crossing
+        # pairs): one shared 0-d int64 zero, never written, instead of a new tensor (a kernel) per forward
+        self.register_buffer("_zero_count", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.register_parameter("locality_bias", self._new_locality_bias(topology, device))
         # loss-free balancing offsets (config.expert_bias_rate); fp32, saved with the model
         self.register_buffer("expert_bias", torch.zeros(config.num_experts, device=device)
@@ -174,18 +184,15 @@ class LocMoERouter(nn.Module):
                 self.budget.load_state_dict_extra(state.get("budget", {}))
 
     # ------------------------------------------------------------------------------------------
-    def _global_counts(self, counts: torch.Tensor, pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-expert requested counts ``[n]``, total pairs (int or 0-d tensor) and, with a cross-node budget,
-        the pairs among them that cross nodes (0-d; else None), summed over the EP group when asked (one
-        all-reduce of ``n + 1`` or ``n + 2`` numbers)."""
-        if torch.is_tensor(pairs):
-            pairs = pairs.to(counts.dtype).reshape(1)
-        else:  # a Python int: written on the device (a fill), not copied from the host
-            pairs = counts.new_full((1,), pairs)
-        parts = [counts, pairs]
+    def _global_counts(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[n]`` fp32 copy of the per-expert counts and, with a cross-node budget, the pairs among them that
+        cross nodes (0-d fp32; else None), summed over the EP group when asked: one all-reduce of ``n`` (or
+        ``n + 1``) numbers. fp32 holds integer counts exactly up to 2**24 per expert (the aux loss, the
+        expert bias and the budget read them as fp32)."""
+        counts = counts.to(torch.float32)  # a copy: the local int64 counts stay for the telemetry
         if self.budget is not None:
-            parts.append((counts * (self.expert_to_node != self.topology.node)).sum().reshape(1))
-        packed = torch.cat(parts)
+            cross = (counts * (self.expert_to_node != self.topology.node)).sum().reshape(1)
+            counts = torch.cat([counts, cross])
         g = self.group
         if (
             self.config.aux_loss_scope == "ep_group"
@@ -194,9 +201,11 @@ class LocMoERouter(nn.Module):
             and dist.is_initialized()
             and dist.get_world_size(g) > 1
         ):
-            dist.all_reduce(packed, group=g)
-        n = counts.shape[0]
-        return packed[:n], packed[n], (packed[n + 1] if self.budget is not None else None)
+            dist.all_reduce(counts, group=g)
+        if self.budget is None:
+            return counts, None
+        n = self.config.num_experts
+        return counts[:n], counts[n]
 
     def _selection_bias(self) -> torch.Tensor | None:
         """``[n]`` fp32 offsets of the selection scores: the expert bias plus the cross-node budget's local
@@ -223,9 +232,14 @@ class LocMoERouter(nn.Module):
         (padding excluded, as Megatron's TopKRouter does); every token is still routed and dispatched.
         """
         c = self.config
-        x = hidden.reshape(-1, c.hidden_size)
-        s = x.shape[0]
+        if hidden.shape[-1] != c.hidden_size:
+            raise ValueError(f"hidden has {hidden.shape[-1]} features in its last dimension; the router was "
+                             f"built for hidden_size={c.hidden_size}")
+        # [s, d] view made only where it is read (GrAP reads [..., d] directly: one op less per forward)
+        x = hidden if hidden.dim() == 2 else None
+        s = hidden.numel() // c.hidden_size
         if c.routing == "hash":
+            x = hidden.reshape(-1, c.hidden_size)
             if token_ids is None:
                 raise ValueError(
                     "routing='hash' picks experts from the token ids: call the router as "
@@ -237,7 +251,10 @@ class LocMoERouter(nn.Module):
                     f"shaped like hidden without its last dimension"
                 )
             token_ids, logits = token_ids.reshape(-1).to(x.device), None
+        elif c.gate == "grap":
+            token_ids, logits = None, self.gate(hidden)  # [s, n] from any leading shape
         else:
+            x = hidden.reshape(-1, c.hidden_size)
             token_ids, logits = None, self.gate(x)
 
         if self.expert_bias is not None and self.expert_bias.dtype != torch.float32:
@@ -248,13 +265,17 @@ class LocMoERouter(nn.Module):
             self.budget.float()  # likewise: the preference's steps (~1e-3) need fp32
         # the capacity estimate reads the token features' own affinity, without the locality bias
         hybrid = c.routing == "hybrid"
-        affinity = (self.gate.affinity(x, logits) if hybrid or self.capacity.needs_affinity(self.training)
-                    else None)
+        needs_affinity = hybrid or self.capacity.needs_affinity(self.training)
+        if x is None and needs_affinity:
+            x = hidden.reshape(-1, c.hidden_size)
+        affinity = self.gate.affinity(x, logits) if needs_affinity else None
         capacity = self.capacity.capacity(s, affinity, self.training)
         choice_affinity = affinity  # the hybrid's token choice; its expert choice ranks by `affinity`
         if self.locality_bias is not None:
-            bias = self.locality_bias[self.topology.ep_rank].to(logits.dtype) * c.locality_bias_scale
-            logits = logits + bias
+            bias = self.locality_bias[self.topology.ep_rank]
+            # one kernel: logits + scale * bias (the parameter follows the module's dtype; logits are fp32)
+            logits = torch.add(logits, bias if bias.dtype == logits.dtype else bias.to(logits.dtype),
+                               alpha=c.locality_bias_scale)
             # the bias is a logit offset: the hybrid's token choice uses the cosine of the biased logits (the
             # gate's per-token, per-expert normalisation applied to the offset too; added to the cosine as
             # is, an offset of order 1 outweighs every token's content, cosines ~0.1). Its expert choice
@@ -290,7 +311,7 @@ class LocMoERouter(nn.Module):
 
         requested = assignment.requested_per_expert()
         if valid is not None:
-            valid = valid.reshape(-1).to(device=x.device, dtype=torch.bool)
+            valid = valid.reshape(-1).to(device=hidden.device, dtype=torch.bool)
             if valid.numel() != s:
                 raise ValueError(f"valid has {valid.numel()} entries for {s} tokens: one per token")
         losses = {}
@@ -299,18 +320,17 @@ class LocMoERouter(nn.Module):
         update_budget = self.budget is not None and learning
         if logits is not None and (c.aux_loss_coeff > 0 or update_bias or update_budget):
             if valid is None:
-                counts, pairs, cross_pairs = self._global_counts(requested, s * c.topk)
+                counts, cross_pairs = self._global_counts(requested)
             else:
                 ids = torch.where(valid.unsqueeze(1), assignment.requested_ids, -1)  # padding: not counted
-                counts, pairs, cross_pairs = self._global_counts(count_valid_ids(ids, c.num_experts),
-                                                                 valid.sum() * c.topk)
-            if c.aux_loss_coeff > 0:
-                losses["aux"] = switch_aux_loss(probs, counts, pairs, c.aux_loss_coeff, valid)
+                counts, cross_pairs = self._global_counts(count_valid_ids(ids, c.num_experts))
+            if c.aux_loss_coeff > 0:  # total pairs = the counts' sum (every routed, counted pair is in them)
+                losses["aux"] = switch_aux_loss(probs, counts, None, c.aux_loss_coeff, valid)
             # both after this batch's selection: the next forward routes with the new offsets
             if update_bias:
                 self._update_expert_bias(counts)
             if update_budget:
-                self.budget.update(cross_pairs, pairs)
+                self.budget.update(cross_pairs, counts.sum())
         if c.locality_loss_coeff > 0:
             if self.topology.num_nodes > 1:
                 losses["locality"] = locality_loss(logits, self.local_expert_mask, c.locality_loss_coeff, valid)
@@ -321,14 +341,14 @@ class LocMoERouter(nn.Module):
 
         # telemetry in few kernels: dropless -> kept = requested, nothing dropped; one node -> no remote pair
         if capacity is None:
-            kept_per_expert, dropped = requested, requested.new_zeros(())
+            kept_per_expert, dropped = requested, self._zero_count
         else:
             kept_per_expert = assignment.tokens_per_expert()
             dropped = (~assignment.kept).sum()
         if self.topology.num_nodes > 1:
             cross = (kept_per_expert * (self.expert_to_node != self.topology.node)).sum()
         else:
-            cross = requested.new_zeros(())
+            cross = self._zero_count
         stats = RoutingStats(
             tokens_per_expert=kept_per_expert,
             requested_per_expert=requested,
@@ -339,10 +359,15 @@ class LocMoERouter(nn.Module):
             capacity_factor=self.capacity.factor,
             delta=self.capacity.delta,
             q_hat=self.capacity.q_hat,
-            losses={k: v.detach() for k, v in losses.items()},
+            losses=losses,  # detached when read (RoutingStats.to_dict): no op per loss here
         )
         self.last_stats = stats
-        return RouterOutput(assignment, probs, logits, losses, stats)
+        total = None
+        for key, loss in losses.items():
+            if key == "locality" and self.topology.num_nodes == 1:
+                continue  # identically 0 (kept in `losses` for the log and for gradient checks)
+            total = loss if total is None else total + loss
+        return RouterOutput(assignment, probs, logits, losses, stats, total)
 
     def extra_repr(self) -> str:
         c = self.config

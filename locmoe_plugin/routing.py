@@ -67,8 +67,8 @@ class Assignment:
 def count_ids(key: torch.Tensor, bins: int) -> torch.Tensor:
     """``[bins]`` int64 occurrences of each value of ``key`` (values in ``[0, bins)``). A scatter-add, not
     ``torch.bincount``, whose CUDA version reads the maximum back to the host (a sync per call)."""
-    key = key.reshape(-1)
-    return torch.zeros(bins, dtype=torch.long, device=key.device).scatter_add_(0, key, torch.ones_like(key))
+    # put_ treats the target as flat and takes ``key`` in any shape: no reshape op
+    return torch.zeros(bins, dtype=torch.long, device=key.device).put_(key, torch.ones_like(key), accumulate=True)
 
 
 def count_valid_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -318,14 +318,23 @@ def route(
         limited = node_limited_mask(biased, expert_to_node, num_nodes, max_nodes, topk)
         allowed = limited if allowed is None else allowed & limited
     select_by = biased if allowed is None else biased.masked_fill(~allowed, NEG_INF)
-    ids = torch.topk(select_by, topk, dim=-1).indices  # [s, k]
-    weights = torch.gather(probs, 1, ids)
-    if renormalize:
-        weights = _rows_sum_to_one(weights)
+    if select_by is probs:
+        # ranked by the probabilities themselves: topk's values are the combine weights (no gather), and
+        # they include the token's largest probability (>= 1/n), so a row sum is never 0 (no clamp)
+        top, ids = torch.topk(probs, topk, dim=-1)  # [s, k]
+        weights = top / top.sum(-1, keepdim=True) if renormalize else top
+    else:
+        ids = torch.topk(select_by, topk, dim=-1).indices  # [s, k]
+        weights = top = torch.gather(probs, 1, ids)
+        if renormalize:
+            weights = _rows_sum_to_one(weights)
     if capacity is None:
         kept_ids = ids
     else:
-        scores = torch.gather(rank_by if mode != "hybrid" else expert_choice_affinity, 1, ids)
+        if mode == "hybrid":
+            scores = torch.gather(expert_choice_affinity, 1, ids)
+        else:
+            scores = top if rank_by is probs else torch.gather(rank_by, 1, ids)
         if capacity_nodes is not None:
             capacity = node_demand_capacity(ids, capacity, *capacity_nodes)
         keep = capacity_keep(ids, scores, capacity, logits.shape[-1], drop_policy)

@@ -26,7 +26,9 @@ class RoutingStats:
         cross_node_pairs: 0-d int64, kept pairs whose expert lives on another node.
         capacity: pairs one expert may take (None = dropless).
         capacity_factor / delta / q_hat: the capacity controller's current values (None if unused).
-        losses: detached loss values, e.g. ``{"aux": ..., "locality": ..., "z": ...}``.
+        losses: loss values, e.g. ``{"aux": ..., "locality": ..., "z": ...}``; the router's own loss tensors
+            (not detached, which would cost an op per loss and forward): read them through :meth:`to_dict`
+            or ``.detach()``.
     """
 
     tokens_per_expert: torch.Tensor
@@ -102,7 +104,7 @@ class RoutingStats:
             "tokens_per_expert": [int(v) for v in self.tokens_per_expert.tolist()],
         }
         for name, value in self.losses.items():
-            out[f"{name}_loss"] = float(value)
+            out[f"{name}_loss"] = float(value.detach())
         return out
 
 

@@ -39,6 +39,7 @@ from ..router import LocMoERouter
 from ..routing import index_to_dense
 from ..topology import Topology
 from .compat import aux_loss_coeff, check_supported
+from .cuda_graphs import check_cuda_graph_support
 
 _token_ids: torch.Tensor | None = None  # set by attach_token_ids' hooks during GPTModel.forward
 
@@ -48,6 +49,9 @@ TELEMETRY_METRICS = ("locmoe_cross_node_share", "locmoe_dropped_share", "locmoe_
 LOSS_METRICS = {"aux": "load_balancing_loss", "locality": "locmoe_locality_loss", "z": "z_loss"}
 _pending: "weakref.WeakSet[LocMoEMegatronRouter]" = weakref.WeakSet()  # routers with unrecorded telemetry
 _live: "weakref.WeakSet[LocMoEMegatronRouter]" = weakref.WeakSet()  # every LocMoE router not yet freed
+# routers whose sums live in a persistent device buffer: flushed at every report, because a CUDA graph replay
+# of the router adds to the buffer without running the Python that would put the router in `_pending`
+_accumulating: "weakref.WeakSet[LocMoEMegatronRouter]" = weakref.WeakSet()
 
 
 def _report_flushes() -> bool:
@@ -68,7 +72,7 @@ def flush_locmoe_metrics() -> None:
     the layer cannot spare. :func:`locmoe_plugin.megatron.enable` patches Megatron's metrics report to call
     this first; a training loop that reports the tracker itself calls it before reporting. With that patch
     on, the routers' loss values are summed the same way and recorded here too (:func:`_report_flushes`)."""
-    for router in list(_pending):
+    for router in set(_pending) | set(_accumulating):
         router.flush_telemetry()
     _pending.clear()
     drop_stale_locmoe_metrics()
@@ -234,6 +238,14 @@ class LocMoEMegatronRouter(torch.nn.Module):
         self._loss_sums: dict[str, torch.Tensor] = {}  # loss values summed since the last flush (deferred)
         self._telemetry_forwards = 0
         _live.add(self)
+        # what forward adds up, one fp32 row per forward into one persistent buffer (one kernel; the same
+        # memory every time, so a CUDA graph replay of the router adds to what the flush reads):
+        # [deferred loss values..., crossing pairs, dropped pairs, kept pairs, busiest expert's pairs, 1]
+        self._sums: torch.Tensor | None = None
+        self._sum_keys: tuple[str, ...] = ()
+        # the forward count's 1, made once (never written): no fill kernel per forward
+        self.register_buffer("_one_count", torch.ones((), dtype=torch.long, device=_param_device(config)),
+                             persistent=False)
         if getattr(config, "moe_router_enable_expert_bias", False):
             # finalize_model_grads would then update every module with an `expert_bias` by TopKRouter's rules
             from .args import TOPK_EXPERT_BIAS_ERROR
@@ -252,6 +264,7 @@ class LocMoEMegatronRouter(torch.nn.Module):
                 f"{self.locmoe_config.capacity!r} decides) or use LocMoELayer "
                 f"(--locmoe / locmoe_spec), whose dispatcher handles drops"
             )
+        check_cuda_graph_support(config, self.locmoe_config, with_locmoe_dispatcher)
         recompute = getattr(config, "recompute_granularity", None)
         reruns_router = recompute == "full" or (recompute == "selective" and "moe" in (config.recompute_modules or ()))
         moves_in_forward = self.locmoe_config.expert_bias_rate > 0 or self.locmoe_config.cross_node_budget is not None
@@ -367,39 +380,54 @@ class LocMoEMegatronRouter(torch.nn.Module):
             probs, routing_map = out.assignment.weights, out.assignment.expert_ids
         else:
             probs, routing_map = out.to_megatron()
-        if out.losses:
+        if out.total is not None:
             # one autoscaler for the sum: each loss gets the same scaled gradient as with one per loss
-            probs = MoEAuxLossAutoScaler.apply(probs, out.total_loss)
-        if self.layer_number is not None and out.losses and _report_flushes():
-            for key, loss in out.losses.items():  # one kernel per loss; recorded at the flush
-                if key in self._loss_sums:
-                    self._loss_sums[key].add_(loss.detach())
-                else:
-                    self._loss_sums[key] = loss.detach().float().clone()
-            _pending.add(self)
-        else:
+            probs = MoEAuxLossAutoScaler.apply(probs, out.total)
+        if self.layer_number is None:  # as the tracker: no layer number, nothing recorded
+            return probs, routing_map
+        deferred = out.losses if _report_flushes() else {}  # recorded at the flush, summed on the device
+        if not deferred:
             for key, loss in out.losses.items():
                 self._log_loss(key, loss)
-        if self.layer_number is not None:  # as the tracker: no layer number, nothing recorded
-            # raw int64 counts summed per layer on the device (four kernels per forward): kept pairs
-            # crossing nodes, dropped pairs, kept pairs, the busiest expert's kept pairs; ratios at the flush
-            st = out.stats
-            load = st.tokens_per_expert
-            raw = torch.stack([st.cross_node_pairs, st.dropped_pairs, load.sum(), load.max()])
-            if self._telemetry_sum is None:
-                self._telemetry_sum, self._telemetry_forwards = raw, 1
-            else:
-                self._telemetry_sum.add_(raw)
-                self._telemetry_forwards += 1
-            _pending.add(self)
+        # raw counts summed per layer on the device: kept pairs crossing nodes, dropped pairs, kept pairs,
+        # the busiest expert's kept pairs, forwards; ratios at the flush. Four ops: sum, max, stack, add_.
+        st = out.stats
+        load = st.tokens_per_expert
+        with torch.no_grad():
+            row = torch.stack([*deferred.values(), st.cross_node_pairs, st.dropped_pairs, load.sum(), load.max(),
+                               self._one_count])
+            if self._sums is None or self._sum_keys != tuple(deferred):
+                self._flush_sums()  # the deferred losses changed (report patch toggled): record what was summed
+                self._sums, self._sum_keys = torch.zeros_like(row), tuple(deferred)
+            self._sums.add_(row)
+        _accumulating.add(self)
         return probs, routing_map
+
+    def _flush_sums(self) -> None:
+        """Move the persistent buffer's sums into ``_loss_sums`` / ``_telemetry_sum`` /
+        ``_telemetry_forwards`` (what :meth:`flush_telemetry` records) and zero the buffer in place."""
+        sums = getattr(self, "_sums", None)
+        if sums is None:
+            return
+        snap = sums.clone()
+        sums.zero_()
+        n = len(self._sum_keys)
+        for i, key in enumerate(self._sum_keys):
+            self._loss_sums[key] = snap[i] if key not in self._loss_sums else self._loss_sums[key] + snap[i]
+        counts = snap[n : n + 4]
+        self._telemetry_sum = counts if self._telemetry_sum is None else self._telemetry_sum + counts
+        self._telemetry_forwards = self._telemetry_forwards + snap[n + 4]
 
     def flush_telemetry(self) -> None:
         """Record this layer's summed loss values (when deferred, see :func:`_report_flushes`) and telemetry
         since the last flush in Megatron's tracker (see :func:`flush_locmoe_metrics`): each share pooled over
         the forwards (crossing / kept pairs, dropped /
         requested pairs, mean busiest-expert load / mean load), recorded times the number of forwards
-        because the tracker sums one record per forward and Megatron divides by the micro-batches."""
+        because the tracker sums one record per forward and Megatron divides by the micro-batches. The
+        sums are device tensors (the forward count too: CUDA graph replays add to it), so a layer that did
+        not run since the last flush records zeros, which leave the tracker's sums unchanged."""
+        if hasattr(self, "_sums"):
+            self._flush_sums()
         if self.layer_number is not None:
             for key, total in self._loss_sums.items():  # the tracker sums records: one record of the sum
                 self._log_loss(key, total)
@@ -412,3 +440,4 @@ class LocMoEMegatronRouter(torch.nn.Module):
             for i, name in enumerate(TELEMETRY_METRICS):
                 self._log(name, values[i])
         self._telemetry_sum = None
+        self._telemetry_forwards = 0

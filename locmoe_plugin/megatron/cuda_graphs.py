@@ -1,0 +1,59 @@
+"""Megatron's partial CUDA graphs (``--cuda-graph-impl`` with ``--cuda-graph-scope moe_router``): what of
+LocMoE a graph can capture, checked once at construction.
+
+Capturable: the router in the modes that read nothing back to the host in forward (capacity ``none`` or
+``factor``; gates, routings other than ``hash``, losses, expert bias, telemetry): every counter is a device
+tensor, the telemetry sums live in one persistent buffer that a replay adds to, and no shape depends on
+the data. Not capturable, refused with one message:
+  * capacity ``bound`` / ``adaptive``: the factor is estimated on the host (a device-to-host read and a
+    Python step counter at estimation steps);
+  * routing ``hash``: the token ids come from a Python hook; a replay would reuse the captured ids;
+  * ``LocMoELayer`` with the dispatch preprocess (``moe_preprocess``, which the ``local`` implementation
+    adds to ``moe_router`` by itself), the whole MoE (``moe``) or the whole layer: its preprocess reads the
+    split sizes back to the host (one sync, as Megatron's own ``alltoall`` dispatcher with a capacity).
+"""
+
+from __future__ import annotations
+
+from ..config import ConfigError, LocMoEConfig
+
+#: scopes that put the router inside a graph ("full layer": an empty scope list captures the whole layer)
+_ROUTER_SCOPES = {"moe_router", "moe", "full layer", "full_iteration"}
+
+
+def captured_scopes(config) -> set[str]:
+    """Names of the CUDA-graph scopes of a Megatron ``TransformerConfig`` (0.16: ``cuda_graph_scope``; later
+    ``cuda_graph_modules``); empty when no graph is captured."""
+    impl = getattr(config, "cuda_graph_impl", "none") or "none"
+    if impl == "none":
+        return set()
+    scopes = getattr(config, "cuda_graph_modules", None)
+    if scopes is None:
+        scopes = getattr(config, "cuda_graph_scope", None)
+    if isinstance(scopes, str):
+        scopes = scopes.split(",")
+    names = {getattr(s, "name", str(s)) for s in (scopes or ())}
+    return {"full layer"} if not names or "full" in names else names
+
+
+def check_cuda_graph_support(config, locmoe: LocMoEConfig, with_locmoe_dispatcher: bool) -> None:
+    """Raise ConfigError if the configured CUDA graphs would capture a part of LocMoE that cannot be
+    captured (see the module doc)."""
+    scopes = captured_scopes(config)
+    if not scopes & _ROUTER_SCOPES:
+        return
+    problems = []
+    if locmoe.capacity in ("bound", "adaptive"):
+        problems.append(f"capacity {locmoe.capacity!r} estimates its factor on the host; use --locmoe-capacity "
+                        f"factor (or none)")
+    if locmoe.routing == "hash":
+        problems.append("routing 'hash' reads the token ids from a Python hook, which a replay skips; "
+                        "change --locmoe-routing")
+    if with_locmoe_dispatcher and scopes - {"moe_router", "attn", "mlp", "mamba"}:
+        problems.append("LocMoELayer's dispatch preprocess reads the split sizes back to the host; capture only "
+                        "the router: --cuda-graph-impl transformer_engine --cuda-graph-scope moe_router (the "
+                        "'local' implementation always adds moe_preprocess)")
+    if problems:
+        impl = getattr(config, "cuda_graph_impl", None)
+        raise ConfigError(f"CUDA graphs (cuda_graph_impl={impl!r}, scopes {sorted(scopes)}) would capture the "
+                          f"LocMoE router, but: " + "; ".join(problems))
