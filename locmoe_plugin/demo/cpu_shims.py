@@ -94,10 +94,26 @@ def install() -> None:
         return out.numpy() if as_numpy else out
 
     moe_utils.maybe_move_tensor_to_cpu = to_cpu
-    # the pipeline schedules create their token counter with a literal device="cuda"
-    from megatron.core.pipeline_parallel import schedules
+    # the pipeline schedules (token counter), the optimizers (loss scale, overflow flags), gradient
+    # clipping (norms) and the DDP gradient buffers create small tensors with a literal device="cuda"
+    import importlib
 
-    schedules.torch = _CpuTorch()
+    for name in ("megatron.core.pipeline_parallel.schedules", "megatron.core.optimizer.optimizer",
+                 "megatron.core.optimizer.clip_grads", "megatron.core.optimizer.grad_scaler",
+                 "megatron.core.distributed.param_and_grad_buffer", "megatron.core.utils"):
+        importlib.import_module(name).torch = _CpuTorch()
+    # gradient clipping asserts CUDA gradients; the same scaling for CPU ones
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        coeff = max_norm / (total_norm + 1.0e-6)
+        if coeff < 1.0:
+            for p in ([parameters] if torch.is_tensor(parameters) else parameters):
+                if getattr(p, attr, None) is not None:
+                    getattr(p, attr).detach().mul_(coeff)
+
+    moptimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
     from megatron.core.transformer.moe import token_dispatcher
 
     if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):
