@@ -33,7 +33,7 @@ from ..device import backend_for, device_type_for_backend, get_accelerator
 
 #: environment variables that shape the link between (emulated) nodes, recorded with each measurement
 LINK_ENV = ("LOCMOE_LINK", "NCCL_NSOCKS_PERTHREAD", "NCCL_SOCKET_NTHREADS", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE",
-            "NCCL_HOSTID", "NCCL_NET")
+            "NCCL_NET")
 
 
 def link_settings() -> dict:
