@@ -34,6 +34,12 @@ def _cmd_check_comm(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_bandwidth(args: argparse.Namespace) -> int:
+    from .comm.bandwidth import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="locmoe",
@@ -58,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_check_arguments(cc)
     cc.set_defaults(func=_cmd_check_comm)
+
+    from .comm.bandwidth import add_arguments as add_bandwidth_arguments
+
+    bw = sub.add_parser("bandwidth", help="all-to-all bandwidth inside a node and between nodes, and the link in use")
+    add_bandwidth_arguments(bw)
+    bw.set_defaults(func=_cmd_bandwidth)
 
     from .demo import add_demo_arguments
 

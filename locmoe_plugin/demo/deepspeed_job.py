@@ -91,7 +91,8 @@ def _routing_map(num_experts: int):
 
 
 class DeepSpeedSystem:
-    def __init__(self, name: str, opts, dev):
+    def __init__(self, name: str, opts, dev, extra_config: dict | None = None):
+        """``extra_config``: DeepSpeed config entries added to the demo's (e.g. ``{"bf16": {"enabled": True}}``)."""
         import deepspeed
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -99,7 +100,7 @@ class DeepSpeedSystem:
         groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "params"})
         self.optimizer = torch.optim.AdamW(groups, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.01)
         config = {"train_micro_batch_size_per_gpu": opts.micro_batch, "gradient_clipping": 1.0,
-                  "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
+                  "zero_optimization": {"stage": 0}, "steps_per_print": 10**9, **(extra_config or {})}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
         self.routers = [b.moe.deepspeed_moe.gate if name == "baseline" else b.moe.router for b in model.blocks]
         self.routing_map = _routing_map(opts.num_experts)

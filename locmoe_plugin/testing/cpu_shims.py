@@ -89,11 +89,27 @@ def _to_cpu(tensor, as_numpy=False, record_stream=False):
     return out.numpy() if as_numpy else out
 
 
+#: modules that create small tensors with a literal ``device="cuda"``: the pipeline schedules (token
+#: counter), the optimizers (loss scale, overflow flags), gradient clipping (norms), the DDP gradient buffers
+_CUDA_FACTORY_MODULES = ("pipeline_parallel.schedules", "optimizer.optimizer", "optimizer.clip_grads",
+                         "optimizer.grad_scaler", "distributed.param_and_grad_buffer", "utils")
+
+
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Megatron's gradient clipping asserts CUDA gradients; the same scaling for CPU ones."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff < 1.0:
+        for p in ([parameters] if torch.is_tensor(parameters) else parameters):
+            if getattr(p, attr, None) is not None:
+                getattr(p, attr).detach().mul_(coeff)
+
+
 def _replacements() -> list[tuple[Any, str, Any]]:
     """``(owner, attribute, new value)`` for every shim (imports megatron-core)."""
     mods = {name: importlib.import_module(f"megatron.core.{name}") for name in (
-        "tensor_parallel.random", "transformer.moe.moe_utils", "pipeline_parallel.schedules",
-        "transformer.moe.token_dispatcher")}
+        "tensor_parallel.random", "transformer.moe.moe_utils", "transformer.moe.token_dispatcher",
+        *_CUDA_FACTORY_MODULES)}
     mrandom, moe_utils = mods["tensor_parallel.random"], mods["transformer.moe.moe_utils"]
     cuda = torch.cuda
     out: list[tuple[Any, str, Any]] = [
@@ -108,7 +124,8 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         (mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state()),
         (mrandom, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state)),
         (moe_utils, "maybe_move_tensor_to_cpu", _to_cpu),
-        (mods["pipeline_parallel.schedules"], "torch", _CpuTorch()),
+        *((mods[name], "torch", _CpuTorch()) for name in _CUDA_FACTORY_MODULES),
+        (mods["optimizer.optimizer"], "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32),
     ]
     if not hasattr(moe_utils, "te_general_gemm"):  # referenced but undefined without TransformerEngine
         out.append((moe_utils, "te_general_gemm", None))

@@ -1,0 +1,551 @@
+"""End to end: a GPT MoE trained through megatron-core's training stack, per system and layout.
+
+Every Megatron system is a megatron-core ``GPTModel`` (local layer spec, RoPE, causal attention through
+torch's ``scaled_dot_product_attention`` unless ``--attention local``) wrapped in Megatron's
+``DistributedDataParallel`` (overlapped, bucketed gradient reduction, fp32 gradient buffers) and trained
+by ``megatron.core.optimizer.get_megatron_optimizer`` (Adam, bf16 with fp32 main weights, gradient
+clipping 1.0); each step ends with ``finalize_model_grads``, as Megatron-LM's training loop does.
+Data parallelism = expert parallelism = all ranks (TP = PP = 1). Systems:
+
+  mcore_alltoall     MoELayer + TopKRouter (softmax top-k, aux loss) + 'alltoall' dispatcher, SequentialMLP
+                     experts: Megatron's best MoE options without TransformerEngine
+  mcore_grouplimited the same with moe_router_num_groups = nodes, moe_router_group_topk = 1
+  locmoe_topk        LocMoE's hierarchical dispatcher with TopK-like routing (dense gate, softmax top-k, aux
+                     loss, no locality loss)
+  locmoe             LocMoE at its defaults (GrAP gate, locality loss + locality bias), hierarchical dispatcher
+  locmoe_plus        LocMoE+ (hybrid token/expert choice, adaptive capacity), hierarchical dispatcher
+  deepspeed_moe      the same sizes through ``deepspeed.initialize`` (bf16, ZeRO 0): DeepSpeed's MoE (TopKGate,
+                     capacity factor 1.25) in locmoe_plugin.demo.deepspeed_job's GPT; run it in its own launch
+
+Data: byte-level language modelling on the real English corpus of ``locmoe_plugin.demo.corpus``; every
+system sees the same batches (seeded per rank) and the same schedule (linear warm-up over the first 10 %
+of steps, then constant ``--lr``), so "validation loss after the same tokens" compares like with like.
+
+Measured per system (rank 0 writes ``OUT/e2e_<layout>_<system>.json``; a system whose JSON exists is
+skipped, so an interrupted run resumes where it stopped):
+- tokens/s of each of the last ``--measure`` steps (steady state: after warm-up and after the locality
+  bias has settled), world x micro-batch x seq / the slowest rank's step time; median, mean, min, max,
+  standard deviation;
+- peak device memory (max over ranks), inter- and intra-node bytes sent through all_to_all per step
+  (measured at the collective API during the measured steps), cross-node share of routed pairs;
+- one profiling step after them (``e2e_profile``): forward and backward time per phase (attention,
+  router, dispatch, experts, combine), "grad sync" (finalize_model_grads: the part of the gradient
+  reduction not hidden behind backward), optimizer, and the inter-node wait share = (all_to_all time on
+  groups that span nodes + grad sync when the data-parallel group spans nodes) / the profiling step's time;
+- validation loss on ``--eval-batches`` held-out batches after training, and the mean training loss of the
+  measured steps;
+- the all-to-all bandwidth inside and between nodes and the link's name (``locmoe bandwidth``).
+
+  torchrun --standalone --nproc-per-node 4 benchmarks/bench_e2e.py --out OUT
+  launch/emulate_nodes.sh --nodes 2 --nproc-per-node 4 --link fast -- benchmarks/bench_e2e.py --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+for path in (REPO, HERE):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from e2e_profile import LinkTimer, PhaseTimer  # noqa: E402
+from locmoe_plugin.comm.bandwidth import measure_bandwidth  # noqa: E402
+from locmoe_plugin.demo.corpus import VOCAB_SIZE, load_corpus, sample_batch  # noqa: E402
+from locmoe_plugin.demo.metrics import RoutingMonitor, WireCounter  # noqa: E402
+from locmoe_plugin.device import get_accelerator  # noqa: E402
+
+#: system -> LocMoE settings (None: megatron-core's TopKRouter + alltoall dispatcher)
+MEGATRON_SYSTEMS = {
+    "mcore_alltoall": None,
+    "mcore_grouplimited": None,
+    "locmoe_topk": {"routing": "topk", "gate": "dense"},
+    "locmoe": {"routing": "locmoe", "gate": "grap"},
+    "locmoe_plus": {"routing": "hybrid", "gate": "grap", "capacity": "adaptive"},
+}
+SYSTEMS = (*MEGATRON_SYSTEMS, "deepspeed_moe")
+PHASES = ("attention", "router", "dispatch", "experts", "combine")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--systems", default="mcore_alltoall,locmoe,locmoe_topk",
+                   help=f"comma-separated, from {', '.join(SYSTEMS)} (deepspeed_moe only on its own)")
+    p.add_argument("--out", required=True, help="folder for the per-system JSON files")
+    p.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("LOCMOE_GPUS_PER_NODE", 0)) or None,
+                   help="ranks per (emulated) node; default $LOCMOE_GPUS_PER_NODE, else the world size")
+    p.add_argument("--num-layers", type=int, default=8)
+    p.add_argument("--hidden-size", type=int, default=2048)
+    p.add_argument("--num-heads", type=int, default=16)
+    p.add_argument("--num-experts", type=int, default=32)
+    p.add_argument("--topk", type=int, default=4)
+    p.add_argument("--ffn-hidden-size", type=int, default=1408, help="hidden size of each expert")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=2, help="sequences per rank per step")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--attention", choices=("sdpa", "local"), default="sdpa",
+                   help="sdpa: torch's scaled_dot_product_attention (flash kernel on GPUs); local: megatron-core's "
+                        "unfused DotProductAttention")
+    p.add_argument("--steps", type=int, default=40, help="training steps per system")
+    p.add_argument("--measure", type=int, default=10, help="the last this many steps are timed")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--aux-loss-coeff", type=float, default=0.01)
+    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--bandwidth-mib", type=float, default=32.0, help="payload per peer of the bandwidth check")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpus", default=None, help="text file or folder (default: the demo corpus)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per CPU rank")
+    a = p.parse_args(argv)
+    a.systems = [s.strip() for s in a.systems.split(",") if s.strip()]
+    for s in a.systems:
+        if s not in SYSTEMS:
+            p.error(f"--systems: unknown system {s!r}; choose from {', '.join(SYSTEMS)}")
+    if "deepspeed_moe" in a.systems and len(a.systems) > 1:
+        p.error("--systems: deepspeed_moe sets up its own process groups; run it in a launch of its own")
+    if not 1 <= a.measure < a.steps:
+        p.error(f"--measure {a.measure} must be >= 1 and below --steps {a.steps} (the first steps warm up)")
+    return a
+
+
+def layout_name(nodes: int, gpn: int) -> str:
+    """``1x4`` on one node; ``2x2_<link>`` across emulated nodes (the link from LOCMOE_LINK)."""
+    name = f"{nodes}x{gpn}"
+    return name if nodes == 1 else f"{name}_{os.environ.get('LOCMOE_LINK', 'unnamed')}"
+
+
+# ------------------------------------------------------------------------------------------ systems
+def sdpa_attention_class():
+    """megatron-core's ``DotProductAttention`` with the core computed by torch's fused SDPA (causal)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class SDPAAttention(DotProductAttention):
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            # [s, b, heads, head_dim] -> [b, heads, s, head_dim]; causal, scale 1/sqrt(head_dim)
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            if k.shape[1] != q.shape[1]:  # grouped-query attention: repeat the key/value groups
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            s, b = query.shape[0], query.shape[1]
+            return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+    return SDPAAttention
+
+
+class MegatronE2E:
+    """GPTModel + Megatron DDP (overlapped grad reduce) + Megatron optimizer; ``loss`` / ``step`` as the
+    demo's training loop expects."""
+
+    def __init__(self, name: str, opts, accel, dev):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.transformer import TransformerConfig
+
+        from locmoe_plugin.megatron.router import dense_routing_map
+        from locmoe_plugin.megatron.spec import locmoe_spec
+
+        bf16 = opts.dtype == "bf16"
+        world = dist.get_world_size()
+        kw = dict(
+            num_layers=opts.num_layers, hidden_size=opts.hidden_size, num_attention_heads=opts.num_heads,
+            ffn_hidden_size=opts.ffn_hidden_size, moe_ffn_hidden_size=opts.ffn_hidden_size,
+            num_moe_experts=opts.num_experts, moe_router_topk=opts.topk, moe_aux_loss_coeff=opts.aux_loss_coeff,
+            moe_router_load_balancing_type="aux_loss", moe_token_dispatcher_type="alltoall",
+            expert_model_parallel_size=world, use_cpu_initialization=accel.is_cpu, bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32, add_bias_linear=False, hidden_dropout=0.0,
+            attention_dropout=0.0, bias_dropout_fusion=False, masked_softmax_fusion=False,
+            gradient_accumulation_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
+            moe_permute_fusion=False, moe_grouped_gemm=False,
+        )
+        if name == "mcore_grouplimited":
+            kw.update(moe_router_num_groups=world // opts.gpus_per_node, moe_router_group_topk=1)
+        self.config = cfg = TransformerConfig(**kw)
+        spec = get_gpt_layer_local_spec(num_experts=opts.num_experts)
+        if opts.attention == "sdpa":
+            spec.submodules.self_attention.submodules.core_attention = sdpa_attention_class()
+        settings = MEGATRON_SYSTEMS[name]
+        if settings is not None:
+            settings = {**settings, "gpus_per_node": opts.gpus_per_node, "aux_loss_coeff": opts.aux_loss_coeff}
+            spec = locmoe_spec(spec, settings, dispatcher="hierarchical")
+        model = GPTModel(cfg, spec, vocab_size=VOCAB_SIZE, max_sequence_length=opts.seq_len,
+                         position_embedding_type="rope").to(dev)
+        if bf16:
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(cfg, model)
+        ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=True, grad_reduce_in_fp32=True,
+                                                   use_distributed_optimizer=False)
+        self.model = DistributedDataParallel(cfg, ddp_config, model)
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=opts.lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95,
+                            bf16=bf16, clip_grad=1.0, use_distributed_optimizer=False),
+            [self.model])
+        self.dp_group = ps.get_data_parallel_group()
+        inner = self.model.module.module if bf16 else self.model.module
+        self.moe_layers = [layer.mlp for layer in inner.decoder.layers]
+        self.attention = [layer.self_attention for layer in inner.decoder.layers]
+        self.routers = [m.router for m in self.moe_layers]
+        self.routing_map = lambda out: dense_routing_map(out, opts.num_experts)
+        self.mask = None  # causal (SDPA: is_causal; local: Megatron's causal mask type needs none passed)
+        self.grad_sync_seconds = 0.0
+
+    def train(self, mode: bool) -> None:
+        self.model.train(mode)
+
+    def loss(self, tokens, labels):
+        pos = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return self.model(tokens, pos, self.mask, labels=labels).float().mean()
+
+    def step(self, loss, sync=None) -> None:
+        from megatron.core.distributed import finalize_model_grads
+
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss.backward()
+        if sync is not None:
+            sync()
+            t0 = time.perf_counter()
+        finalize_model_grads([self.model])  # waits for the overlapped gradient reduction still in flight
+        if sync is not None:
+            sync()
+            self.grad_sync_seconds = time.perf_counter() - t0
+        self.optimizer.step()
+
+    def backward_only(self, loss) -> None:
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss.backward()
+
+    def finish(self, sync) -> tuple[float, float]:
+        """After :meth:`backward_only`: (grad sync seconds, optimizer seconds), each synchronised."""
+        from megatron.core.distributed import finalize_model_grads
+
+        sync()
+        t0 = time.perf_counter()
+        finalize_model_grads([self.model])
+        sync()
+        t1 = time.perf_counter()
+        self.optimizer.step()
+        sync()
+        return t1 - t0, time.perf_counter() - t1
+
+    def wrap_phases(self, timer: PhaseTimer) -> None:
+        for attn in self.attention:
+            timer.wrap_module(attn, "attention")
+        for moe in self.moe_layers:
+            timer.wrap_method(moe, "route", "router")
+            for method, phase in (("preprocess", "dispatch"), ("dispatch", "dispatch"),
+                                  ("routed_experts_compute", "experts"), ("combine", "combine"),
+                                  ("postprocess", "combine")):
+                timer.wrap_method(moe, method, phase)
+
+
+class DeepSpeedE2E:
+    """The DeepSpeed demo system (``deepspeed.initialize``, bf16) at the benchmark's sizes."""
+
+    def __init__(self, opts, dev):
+        from locmoe_plugin.demo.deepspeed_job import DeepSpeedSystem
+
+        bf16 = opts.dtype == "bf16"
+        self.sys = DeepSpeedSystem("baseline", opts, dev, extra_config={"bf16": {"enabled": bf16}})
+        self.engine, self.optimizer = self.sys.engine, self.sys.optimizer
+        self.routers, self.routing_map = self.sys.routers, self.sys.routing_map
+        self.blocks = self.engine.module.blocks
+
+    def train(self, mode: bool) -> None:
+        self.sys.train(mode)
+
+    def loss(self, tokens, labels):
+        return self.sys.loss(tokens, labels)
+
+    def step(self, loss, sync=None) -> None:
+        self.sys.step(loss)
+
+    def backward_only(self, loss) -> None:
+        self.engine.backward(loss + self.sys._aux)
+
+    def finish(self, sync) -> tuple[float, float]:
+        """DeepSpeed reduces gradients inside ``engine.backward`` (ZeRO 0 without overlap); the step is
+        the optimizer."""
+        sync()
+        t0 = time.perf_counter()
+        self.engine.step()
+        sync()
+        return 0.0, time.perf_counter() - t0
+
+    def wrap_phases(self, timer: PhaseTimer) -> None:
+        for blk in self.blocks:
+            timer.wrap_module(blk.attn, "attention")
+            moe = blk.moe.deepspeed_moe
+            timer.wrap_module(moe.gate, "router", backward=False)  # its gates' gradient arrives with combine's
+            timer.wrap_module(moe.experts, "experts")
+            timer.wrap_module(moe, "moe layer")
+
+
+# ------------------------------------------------------------------------------------------ one system
+def _all_max(values, dev) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _peak_memory_reset(accel) -> None:
+    if not accel.is_cpu:
+        accel.module.reset_peak_memory_stats()
+
+
+def _peak_memory_gib(accel, dev) -> float | None:
+    if accel.is_cpu:
+        return None
+    return _all_max([accel.module.max_memory_allocated() / 2**30], dev)[0]
+
+
+def _lr(step: int, opts) -> float:
+    warm = max(1, opts.steps // 10)
+    return opts.lr * min(1.0, (step + 1) / warm)
+
+
+def profile_step(system, tokens, labels, nodes: int, node_of, accel) -> dict:
+    """One training step with synchronised phase timing (see :mod:`e2e_profile`); milliseconds."""
+    sync = accel.synchronize
+    timer = PhaseTimer(sync)
+    system.wrap_phases(timer)
+    try:
+        with LinkTimer(node_of, sync) as link:
+            sync()
+            t0 = time.perf_counter()
+            loss = system.loss(tokens, labels)
+            sync()
+            fwd = time.perf_counter() - t0
+            bwd = timer.backward(lambda: system.backward_only(loss))
+            grad_sync, opt = system.finish(sync)
+            total = time.perf_counter() - t0
+    finally:
+        timer.remove()
+    fwd_phases, bwd_phases = dict(timer.fwd), dict(timer.bwd)
+    if "moe layer" in fwd_phases:  # DeepSpeed: the MoE layer less its gate and experts = dispatch + combine
+        fwd_phases["dispatch"] = fwd_phases.pop("moe layer") - fwd_phases.get("router", 0) - fwd_phases.get("experts", 0)
+        bwd_phases["combine"] = bwd_phases.pop("moe layer", 0.0)
+    ms = {
+        "forward": {p: fwd_phases.get(p, 0.0) * 1e3 for p in PHASES},
+        "backward": {p: bwd_phases.get(p, 0.0) * 1e3 for p in PHASES},
+    }
+    ms["forward"]["other"] = fwd * 1e3 - sum(ms["forward"].values())
+    ms["backward"]["other"] = bwd * 1e3 - sum(ms["backward"].values())
+    ms.update(grad_sync=grad_sync * 1e3, optimizer=opt * 1e3, total=total * 1e3, inter_node_all_to_all=link.seconds * 1e3)
+    wait = link.seconds + (grad_sync if nodes > 1 else 0.0)
+    ms["inter_node_wait_share"] = wait / total if total > 0 else 0.0
+    return ms
+
+
+def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gpn = opts.gpus_per_node
+    nodes = world // gpn
+    node_of = lambda r: r // gpn  # noqa: E731 - EP group = world, ranks in node order
+    node_of_expert = torch.arange(opts.num_experts) // (opts.num_experts // world) // gpn
+    monitor = RoutingMonitor(system.routers, system.routing_map, node_of_expert, node_of(rank), opts.topk)
+    gen = torch.Generator().manual_seed(opts.seed * 1000 + rank)
+    val_gen = torch.Generator().manual_seed(opts.seed * 1000 + 500 + rank)
+    tokens_per_step = world * opts.micro_batch * opts.seq_len
+    measure_from = opts.steps - opts.measure
+    wire = WireCounter(node_of)
+    step_s, losses, cross, dropped = [], [], [], 0
+    _peak_memory_reset(accel)
+    system.train(True)
+    t_run = time.perf_counter()
+    for step in range(opts.steps):
+        tokens, labels = (t.to(dev) for t in sample_batch(corpus.train, opts.micro_batch, opts.seq_len, gen))
+        for g in system.optimizer.param_groups:
+            g["lr"] = _lr(step, opts)
+        measured = step >= measure_from
+        monitor.begin_step()
+        accel.synchronize()
+        dist.barrier()
+        t0 = time.perf_counter()
+        if measured:
+            with wire:
+                loss = system.loss(tokens, labels)
+                system.step(loss)
+        else:
+            loss = system.loss(tokens, labels)
+            system.step(loss)
+        accel.synchronize()
+        dt = time.perf_counter() - t0
+        routing = monitor.end_step(dev)
+        if measured:
+            step_s.append(dt)
+            losses.append(loss.detach().float())
+            cross.append(routing["cross_node_share"])
+            dropped += routing["dropped_pairs"]
+        if rank == 0 and (step + 1) % max(1, opts.steps // 8) == 0:
+            print(f"  [{name}] step {step + 1}/{opts.steps}  loss {float(loss):.3f}  cross-node "
+                  f"{routing['cross_node_share']:.3f}  {dt * 1e3:.0f} ms  ({time.perf_counter() - t_run:.0f} s)",
+                  flush=True)
+    monitor.remove()
+    peak = _peak_memory_gib(accel, dev)
+    step_s = _all_max(step_s, dev)  # the slowest rank's time of each measured step
+    tps = [tokens_per_step / s for s in step_s]
+    train_loss = torch.stack(losses).mean().reshape(1)
+    dist.all_reduce(train_loss)
+    totals = torch.tensor([wire.inter_bytes, wire.intra_bytes], dtype=torch.float64, device=dev)
+    dist.all_reduce(totals)
+
+    tokens, labels = (t.to(dev) for t in sample_batch(corpus.train, opts.micro_batch, opts.seq_len, gen))
+    breakdown = profile_step(system, tokens, labels, nodes, node_of, accel)
+
+    system.train(False)
+    with torch.no_grad():
+        val = [system.loss(*(t.to(dev) for t in sample_batch(corpus.val, opts.micro_batch, opts.seq_len, val_gen)))
+               for _ in range(opts.eval_batches)]
+    system.train(True)
+    val_loss = torch.stack(val).mean().reshape(1).float()
+    dist.all_reduce(val_loss)
+    return {
+        "system": name, "layout": layout_name(nodes, gpn), "link": bandwidth["link"] if nodes > 1 else "none",
+        "nodes": nodes, "gpus_per_node": gpn, "world": world,
+        "model": {k: getattr(opts, k) for k in ("num_layers", "hidden_size", "num_heads", "num_experts", "topk",
+                                                "ffn_hidden_size", "seq_len", "micro_batch", "dtype", "attention")},
+        "steps": opts.steps, "measured_steps": opts.measure, "tokens_per_step": tokens_per_step,
+        "tokens_per_s": {"median": statistics.median(tps), "mean": statistics.mean(tps), "min": min(tps),
+                         "max": max(tps), "stdev": statistics.stdev(tps) if len(tps) > 1 else 0.0},
+        "step_ms": [s * 1e3 for s in step_s],
+        "peak_memory_gib": peak,
+        "inter_node_bytes_per_step": float(totals[0]) / opts.measure,
+        "intra_node_bytes_per_step": float(totals[1]) / opts.measure,
+        "cross_node_share": statistics.mean(cross),
+        "dropped_pairs_measured": dropped,
+        "train_loss_measured": float(train_loss) / world,
+        "val_loss": float(val_loss) / world,
+        "val_tokens": world * opts.eval_batches * opts.micro_batch * opts.seq_len,
+        "trained_tokens": opts.steps * tokens_per_step,
+        "breakdown_ms": breakdown,
+        "bandwidth": bandwidth,
+        "wall_s": time.perf_counter() - t_run,
+    }
+
+
+# ------------------------------------------------------------------------------------------ main
+def _setup(opts):
+    accel = get_accelerator()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if not accel.is_cpu:
+        accel.set_device(local)
+    else:
+        torch.set_num_threads(opts.threads)
+    dev = accel.device(None if accel.is_cpu else local)
+    return accel, dev
+
+
+def json_path(opts, layout: str, system: str) -> str:
+    return os.path.join(opts.out, f"e2e_{layout}_{system}.json")
+
+
+def main(argv=None) -> int:
+    opts = parse(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    opts.gpus_per_node = opts.gpus_per_node or world
+    if world % opts.gpus_per_node or opts.num_experts % world or opts.hidden_size % opts.num_heads:
+        raise SystemExit(f"bench_e2e: the world size {world} must be a multiple of --gpus-per-node "
+                         f"{opts.gpus_per_node} and divide --num-experts {opts.num_experts}; --num-heads must "
+                         f"divide --hidden-size")
+    layout = layout_name(world // opts.gpus_per_node, opts.gpus_per_node)
+    todo = [s for s in opts.systems if not os.path.exists(json_path(opts, layout, s))]
+    if int(os.environ.get("RANK", 0)) == 0:
+        for s in opts.systems:
+            if s not in todo:
+                print(f"bench_e2e: {s} on {layout}: {json_path(opts, layout, s)} exists, skipped", flush=True)
+    if not todo:
+        return 0
+    os.makedirs(opts.out, exist_ok=True)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    accel, dev = _setup(opts)
+    corpus = load_corpus(opts.corpus, seed=opts.seed)
+    deepspeed = todo == ["deepspeed_moe"]
+    if deepspeed:
+        import deepspeed as ds
+
+        os.environ.setdefault("DS_ACCELERATOR", accel.device_type)
+        if accel.is_cpu:
+            shm = sys.modules.get("deepspeed.comm.torch")
+            if shm is not None and hasattr(shm, "build_shm_op"):
+                shm.build_shm_op = lambda *a, **k: None  # skip compiling DeepSpeed's CPU shared-memory op
+        ds.init_distributed(dist_backend=accel.backend, verbose=False)
+    else:
+        dist.init_process_group(backend=accel.backend)
+    try:
+        bandwidth = measure_bandwidth(opts.gpus_per_node, dev, accel.synchronize, opts.bandwidth_mib)
+        if dist.get_rank() == 0:
+            from locmoe_plugin.comm.bandwidth import format_bandwidth
+
+            print(format_bandwidth(bandwidth), flush=True)
+        if not deepspeed:
+            from megatron.core import parallel_state as ps
+            from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+            if accel.is_cpu:
+                from locmoe_plugin.demo.cpu_shims import install
+
+                install()
+            ps.initialize_model_parallel(expert_model_parallel_size=world)
+        for name in todo:
+            torch.manual_seed(opts.seed)
+            if deepspeed:
+                system = DeepSpeedE2E(opts, dev)
+            else:
+                model_parallel_cuda_manual_seed(opts.seed)
+                system = MegatronE2E(name, opts, accel, dev)
+            result = run_system(name, system, opts, accel, dev, corpus, bandwidth)
+            del system
+            if dist.get_rank() == 0:
+                result.update(commit=os.environ.get("LOCMOE_COMMIT", "unknown"),
+                              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                              device=_device_name(accel), corpus=corpus.source)
+                path = json_path(opts, layout, name)
+                with open(path + ".tmp", "w") as f:
+                    json.dump(result, f, indent=1)
+                os.replace(path + ".tmp", path)  # a run cut short leaves no half-written result
+                print(summary_line(result), flush=True)
+        if not deepspeed:
+            ps.destroy_model_parallel()
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def _device_name(accel) -> str:
+    if accel.is_cpu:
+        return "cpu"
+    return accel.module.get_device_name()
+
+
+def summary_line(r: dict) -> str:
+    t = r["tokens_per_s"]
+    return (f"{r['layout']:<10} {r['system']:<19} {t['median'] / 1e3:8.1f} k tok/s (min {t['min'] / 1e3:.1f}, max "
+            f"{t['max'] / 1e3:.1f})  val {r['val_loss']:.3f}  cross-node {r['cross_node_share']:.3f}  "
+            f"link wait {r['breakdown_ms']['inter_node_wait_share'] * 100:.0f} %")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

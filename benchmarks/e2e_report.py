@@ -1,0 +1,137 @@
+"""Table and PNG of the end-to-end benchmark's JSON files (``bench_e2e.py``), one row per system and layout.
+
+  python3 benchmarks/e2e_report.py OUT [--png OUT/e2e.png]
+
+Columns: median tokens/s of the measured steps with their min-max; "x alltoall" = the ratio to
+mcore_alltoall's median on the same layout; "scaling" = the ratio to the same system's median on one node
+(layout ``1x<ranks>``; scaling efficiency); validation loss after the same tokens; cross-node share of
+routed pairs; inter-node MiB per step and rank; peak memory; the share of the profiling step spent waiting
+on the inter-node link; the profiling step's forward + backward milliseconds per phase (attention A,
+router R, dispatch D, experts E, combine C), grad sync G and optimizer O.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+PHASES = (("A", "attention"), ("R", "router"), ("D", "dispatch"), ("E", "experts"), ("C", "combine"))
+SYSTEM_ORDER = ("mcore_alltoall", "mcore_grouplimited", "deepspeed_moe", "locmoe_topk", "locmoe", "locmoe_plus")
+
+
+def load(folder: str) -> list[dict]:
+    rows = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(folder, "e2e_*.json")))]
+    order = {s: i for i, s in enumerate(SYSTEM_ORDER)}
+    return sorted(rows, key=lambda r: (r["nodes"], r["layout"], order.get(r["system"], 99)))
+
+
+def phase_ms(r: dict, phase: str) -> float:
+    b = r["breakdown_ms"]
+    return b["forward"].get(phase, 0.0) + b["backward"].get(phase, 0.0)
+
+
+def table(rows: list[dict]) -> str:
+    by = {(r["layout"], r["system"]): r for r in rows}
+    one_node = {r["system"]: r for r in rows if r["nodes"] == 1}
+    head = (f"{'layout':<10} {'system':<19} {'k tok/s':>8} {'min-max':>11} {'x a2a':>6} {'scaling':>7} {'val':>6} "
+            f"{'cross':>6} {'inter MiB':>9} {'peak GiB':>8} {'link':>5}  "
+            + " ".join(f"{k:>6}" for k, _ in PHASES) + f" {'G':>6} {'O':>6} {'step':>7}")
+    lines = [head]
+    for r in rows:
+        t = r["tokens_per_s"]
+        base = by.get((r["layout"], "mcore_alltoall"))
+        ratio = f"{t['median'] / base['tokens_per_s']['median']:.2f}" if base else "-"
+        own = one_node.get(r["system"])
+        scaling = f"{t['median'] / own['tokens_per_s']['median'] * 100:.0f} %" if own and r["nodes"] > 1 else "-"
+        peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
+        b = r["breakdown_ms"]
+        lines.append(
+            f"{r['layout']:<10} {r['system']:<19} {t['median'] / 1e3:8.1f} {t['min'] / 1e3:5.1f}-{t['max'] / 1e3:<5.1f} "
+            f"{ratio:>6} {scaling:>7} {r['val_loss']:6.3f} {r['cross_node_share']:6.3f} "
+            f"{r['inter_node_bytes_per_step'] / r['world'] / 2**20:9.1f} {peak:>8} "
+            f"{b['inter_node_wait_share'] * 100:4.0f}%  "
+            + " ".join(f"{phase_ms(r, p):6.1f}" for _, p in PHASES)
+            + f" {b['grad_sync']:6.1f} {b['optimizer']:6.1f} {b['total']:7.1f}")
+    links = sorted({(r["layout"], r["bandwidth"]["inter_node_gbps"], r["bandwidth"]["intra_node_gbps"])
+                    for r in rows if r["nodes"] > 1}, key=str)
+    for layout, inter, intra in links:
+        lines.append(f"link {layout}: all-to-all inter-node {inter:.2f} GB/s, intra-node {intra:.2f} GB/s per rank")
+    if rows:
+        r = rows[0]
+        lines.append(f"commit {r.get('commit')}, {r.get('device')}, {r.get('date')}; {r['measured_steps']} measured "
+                     f"steps of {r['steps']}, {r['tokens_per_step']} tokens per step; phases: forward + backward ms of "
+                     f"one synchronised profiling step")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> str | None:
+    """Tokens/s per layout and system (error bars: min-max of the measured steps) beside the profiling
+    step's breakdown; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    layouts = list(dict.fromkeys(r["layout"] for r in rows))
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    by = {(r["layout"], r["system"]): r for r in rows}
+    fig, ax = plt.subplots(1, 2, figsize=(15, 4.8))
+    width = 0.8 / max(len(systems), 1)
+    for i, s in enumerate(systems):
+        xs, ys, lo, hi = [], [], [], []
+        for j, lay in enumerate(layouts):
+            r = by.get((lay, s))
+            if r:
+                t = r["tokens_per_s"]
+                xs.append(j + i * width)
+                ys.append(t["median"] / 1e3)
+                lo.append((t["median"] - t["min"]) / 1e3)
+                hi.append((t["max"] - t["median"]) / 1e3)
+        ax[0].bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=s)
+    ax[0].set_xticks([j + width * (len(systems) - 1) / 2 for j in range(len(layouts))], layouts)
+    ax[0].set_ylabel("k tokens/s (median of measured steps)")
+    ax[0].legend(fontsize=7)
+    labels, bottoms = [], []
+    parts = [p for _, p in PHASES] + ["grad_sync", "optimizer", "other"]
+    for r in rows:
+        labels.append(f"{r['layout']}\n{r['system']}")
+        b = r["breakdown_ms"]
+        vals = [phase_ms(r, p) for _, p in PHASES] + [b["grad_sync"], b["optimizer"]]
+        vals.append(max(0.0, b["total"] - sum(vals)))
+        bottoms.append(vals)
+    x = range(len(rows))
+    acc = [0.0] * len(rows)
+    for k, name in enumerate(parts):
+        v = [b[k] for b in bottoms]
+        ax[1].bar(x, v, bottom=acc, label=name)
+        acc = [a + b for a, b in zip(acc, v)]
+    ax[1].set_xticks(list(x), labels, fontsize=6, rotation=90)
+    ax[1].set_ylabel("profiling step, ms")
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder")
+    p.add_argument("--png", default=None, help="default: FOLDER/e2e.png")
+    a = p.parse_args(argv)
+    rows = load(a.folder)
+    if not rows:
+        print(f"e2e_report: no e2e_*.json in {a.folder}")
+        return 1
+    png = plot(rows, a.png or os.path.join(a.folder, "e2e.png"))
+    print(f"plot: {png}" if png else "plot: skipped (install matplotlib for the PNG)")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""``locmoe bandwidth``: the all-to-all bandwidth inside a node and between nodes of the current layout.
+
+Every multi-node result depends on the link between nodes; this command measures it with the
+collective the dispatchers use, so a result can name the link it ran on:
+
+- intra-node: ``all_to_all_single`` over each node's ranks (all nodes at once);
+- inter-node: ``all_to_all_single`` over each rail (the ranks with the same local index on every node,
+  all rails at once), i.e. the path the hierarchical dispatcher's inter-node stage takes.
+
+Bandwidth = bytes one rank sends to the other members of its group / the collective's time (median
+of ``--iters`` after 2 warm-ups, slowest rank), in GB/s per rank (1 GB = 1e9 bytes). ``--mib`` is the
+payload to each peer. The link settings in force (``LOCMOE_LINK`` from ``launch/emulate_nodes.sh
+--link``, NCCL's socket variables) are printed and returned beside the numbers.
+
+Run standalone (``--nproc P`` spawns P local processes) or under a launcher that sets RANK /
+WORLD_SIZE / LOCAL_RANK (torchrun, ``launch/emulate_nodes.sh``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..device import backend_for, device_type_for_backend, get_accelerator
+
+#: environment variables that shape the link between (emulated) nodes, recorded with each measurement
+LINK_ENV = ("LOCMOE_LINK", "NCCL_NSOCKS_PERTHREAD", "NCCL_SOCKET_NTHREADS", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE",
+            "NCCL_NET")
+
+
+def link_settings() -> dict:
+    """The link's name (``LOCMOE_LINK``; "slow" / "fast" under ``launch/emulate_nodes.sh``, else
+    "unnamed") and the NCCL variables that shape it, as set in this process."""
+    env = {k: os.environ[k] for k in LINK_ENV[1:] if k in os.environ}
+    return {"link": os.environ.get("LOCMOE_LINK", "unnamed"), "env": env}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=4, help="processes to spawn (ignored under torchrun)")
+    p.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("LOCMOE_GPUS_PER_NODE", 0)) or None,
+                   help="ranks per (emulated) node (default: $LOCMOE_GPUS_PER_NODE, else the world size)")
+    p.add_argument("--backend", choices=("gloo", "nccl", "hccl"), default=None,
+                   help="default: from the device (nccl on CUDA, hccl on Ascend, gloo on CPU)")
+    p.add_argument("--mib", type=float, default=32.0, help="MiB each rank sends to each peer")
+    p.add_argument("--iters", type=int, default=5, help="timed all-to-alls per group (after 2 warm-ups)")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+
+
+def _a2a_seconds(group, per_peer_bytes: int, dev, sync, iters: int) -> float:
+    """Median seconds of one ``all_to_all_single`` over ``group`` with ``per_peer_bytes`` to each member,
+    slowest rank of the world (every rank calls this for its own group, all groups at once)."""
+    n = dist.get_world_size(group)
+    numel = max(1, per_peer_bytes // 2) * n  # bf16 elements
+    buf = torch.ones(numel, dtype=torch.bfloat16, device=dev)
+    out = torch.empty_like(buf)
+    samples = []
+    for it in range(2 + iters):
+        dist.barrier()
+        sync()
+        t0 = time.perf_counter()
+        dist.all_to_all_single(out, buf, group=group)
+        sync()
+        if it >= 2:
+            samples.append(time.perf_counter() - t0)
+    t = torch.tensor([statistics.median(samples)], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def measure_bandwidth(gpus_per_node: int, dev, sync, mib: float = 32.0, iters: int = 5) -> dict:
+    """Intra- and inter-node all-to-all bandwidth of the current world (a collective: every rank calls
+    it with the same arguments). Creates its node and rail groups once per call (every rank creates
+    every group, in the same order). Returns GB/s per rank (None where the layout has no such link:
+    one rank per node has no intra-node peer, one node has no inter-node one) plus the link settings."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if gpus_per_node < 1 or world % gpus_per_node:
+        raise ValueError(f"--gpus-per-node {gpus_per_node} must divide the world size {world}")
+    if mib <= 0 or iters < 1:
+        raise ValueError("--mib must be > 0 and --iters >= 1")
+    nodes = world // gpus_per_node
+    node_group = rail_group = None
+    for n in range(nodes):
+        g = dist.new_group(list(range(n * gpus_per_node, (n + 1) * gpus_per_node)))
+        if n == rank // gpus_per_node:
+            node_group = g
+    for j in range(gpus_per_node):
+        g = dist.new_group([n * gpus_per_node + j for n in range(nodes)])
+        if j == rank % gpus_per_node:
+            rail_group = g
+    per_peer = int(mib * 2**20)
+    out = {"ranks": world, "nodes": nodes, "ranks_per_node": gpus_per_node, "mib_per_peer": mib, **link_settings()}
+    for name, group, peers in (("intra_node", node_group, gpus_per_node - 1), ("inter_node", rail_group, nodes - 1)):
+        if peers == 0:
+            out[f"{name}_gbps"] = out[f"{name}_ms"] = None
+            continue
+        sec = _a2a_seconds(group, per_peer, dev, sync, iters)
+        out[f"{name}_ms"] = sec * 1e3
+        out[f"{name}_gbps"] = per_peer * peers / sec / 1e9
+    return out
+
+
+def format_bandwidth(r: dict) -> str:
+    def gb(v):
+        return "-" if v is None else f"{v:.2f} GB/s"
+
+    ratio = (f" (intra / inter {r['intra_node_gbps'] / r['inter_node_gbps']:.0f} x)"
+             if r["intra_node_gbps"] and r["inter_node_gbps"] else "")
+    env = " ".join(f"{k}={v}" for k, v in r["env"].items()) or "NCCL defaults"
+    return (f"bandwidth: {r['ranks']} ranks = {r['nodes']} node(s) x {r['ranks_per_node']}, link {r['link']} ({env}), "
+            f"all-to-all {r['mib_per_peer']:g} MiB per peer: intra-node {gb(r['intra_node_gbps'])}, "
+            f"inter-node {gb(r['inter_node_gbps'])} per rank{ratio}")
+
+
+def _worker(args: argparse.Namespace, result_path: str | None) -> None:
+    acc = get_accelerator(device_type_for_backend(args.backend))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if not acc.is_cpu:
+        acc.set_device(local)
+    dist.init_process_group(backend=args.backend)
+    try:
+        dev = acc.device(None if acc.is_cpu else local)
+        r = measure_bandwidth(args.gpus_per_node or dist.get_world_size(), dev, acc.synchronize, args.mib, args.iters)
+        if dist.get_rank() == 0:
+            print(format_bandwidth(r), flush=True)
+            for path in (result_path, args.json):
+                if path:
+                    with open(path, "w") as f:
+                        json.dump(r, f, indent=2)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn_entry(local_rank: int, args: argparse.Namespace, port: int, result_path: str) -> None:
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(args.nproc),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(args.nproc))
+    torch.set_num_threads(1)
+    _worker(args, result_path if local_rank == 0 else None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .selfcheck import free_port
+
+    if args.backend is None:
+        args.backend = backend_for(get_accelerator().device_type)
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    world = int(os.environ["WORLD_SIZE"]) if launched else args.nproc
+    gpn = args.gpus_per_node or world
+    if gpn < 1 or world % gpn:
+        raise ValueError(f"--gpus-per-node {gpn} must divide the number of ranks {world}")
+    if args.mib <= 0 or args.iters < 1:
+        raise ValueError("--mib must be > 0 and --iters >= 1")
+    if launched:
+        _worker(args, None)
+        return 0
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bandwidth.json")
+        try:
+            mp.start_processes(_spawn_entry, args=(args, free_port(), path), nprocs=args.nproc, start_method="spawn")
+        except mp.ProcessExitedException as exc:
+            print(f"bandwidth: a rank failed: {exc}", file=sys.stderr)
+            return 1
+    return 0
