@@ -116,7 +116,7 @@ def test_report_merges_runs(tmp_path, capsys):
     """The merge step on the committed per-seed results of the quality rerun (partial.json format)."""
     from locmoe_plugin.demo import report
 
-    base = os.path.join(ROOT, "benchmarks", "results", "2026-11-22_h200x2_quality_capfix")
+    base = os.path.join(ROOT, "benchmarks", "results", "2026-11-22_h200x2_quality_node_demand_capacity")
     runs = [os.path.join(base, f"seed{s}", "results.json") for s in (1234, 2345)]
     assert report.main([*runs, "--png", str(tmp_path / "merged.png")]) == 0
     table = capsys.readouterr().out
