@@ -485,8 +485,9 @@ def per_rank(ctx: Ctx, value: float) -> list[float]:
 
 
 def inter_sends_per_rank(ctx: Ctx, expert_ids: torch.Tensor, row_bytes: int) -> dict:
-    """Cross-node bytes each rank sends in a pairs all-to-all of ``expert_ids [s, k]`` (-1 = dropped):
-    ``dispatch`` (its remote pairs) and ``combine`` (the rows it received from other nodes, sent back)."""
+    """Cross-node bytes per rank of a pairs all-to-all of ``expert_ids [s, k]`` (-1 = dropped), in the
+    dispatcher's TrafficCounter convention (per token owner): ``dispatch`` (its remote pairs sent) and
+    ``combine`` (the same rows coming back), plus ``received`` (the remote rows it receives in dispatch)."""
     kept = expert_ids >= 0
     dest = expert_ids[kept] // (ctx.args.experts // ctx.world)
     mine = torch.bincount(dest, minlength=ctx.world).to(torch.float64).tolist()  # pairs to each rank
@@ -494,7 +495,7 @@ def inter_sends_per_rank(ctx: Ctx, expert_ids: torch.Tensor, row_bytes: int) -> 
     node = [p // ctx.gpn for p in range(ctx.world)]
     disp = [row_bytes * sum(rows[q][p] for q in range(ctx.world) if node[q] != node[p]) for p in range(ctx.world)]
     comb = [row_bytes * sum(rows[p][q] for q in range(ctx.world) if node[q] != node[p]) for p in range(ctx.world)]
-    return {"dispatch": disp, "combine": comb}
+    return {"dispatch": disp, "combine": disp, "received": comb}
 
 
 def gemm_time(ctx: Ctx, layer, tokens_per_expert: list[int], dtype) -> float:

@@ -58,12 +58,12 @@ def two_node_results(run_dir: str, one_node: dict) -> dict | None:
 
 def busiest_inter_ratio(v: dict, bw_GBps: float, ranks: int) -> float:
     """The busiest rank's cross-node bytes sent over the mean rank's: from the per-rank counts
-    (``inter_bytes_per_rank``: this rank's dispatch and combine sends) where recorded, else from the
+    (``inter_bytes_per_rank["dispatch"]``: what each rank sends in dispatch) where recorded, else from the
     recorded floor (floor_inter_ms = 2 x (max dispatch + max combine bytes) / bw); 1 where neither is
     recorded or nothing crosses."""
     per = v.get("inter_bytes_per_rank")
     if per:
-        sent = [a + b for a, b in zip(per["dispatch"], per["combine"])]
+        sent = per["dispatch"]
         mean = sum(sent) / len(sent)
         return max(1.0, max(sent) / mean) if mean > 0 else 1.0
     mean = v.get("inter_node_MiB", 0.0) * 2**20 / ranks
