@@ -448,6 +448,56 @@ def a2a_time(ctx: Ctx, group, bytes_to_peers: float, iters: int = 5) -> float:
     return ctx.allmax(statistics.median(samples))
 
 
+def link_figures(ctx: Ctx, mib: float) -> dict:
+    """The inter-node link as ``locmoe project --calibration`` reads it: ``bandwidth_GBps`` (rail
+    all_to_all, every rank exchanging ``mib`` MiB per peer at once, median of 10, per direction),
+    ``latency_us`` (the same with 4 KiB), ``one_way_GBps`` (only node 0's ranks send) and ``duplex``
+    ("shared" when one-way traffic runs > 1.5 x the exchange's per-direction rate: one budget for both
+    directions, as on a socket link; else "full")."""
+    sent = mib * 2**20 * (ctx.nodes - 1)
+    two_way = sent / a2a_time(ctx, ctx.rail_group, sent, iters=10)
+    lat = a2a_time(ctx, ctx.rail_group, 4096 * (ctx.nodes - 1), iters=10)
+    n, per_peer = ctx.nodes, max(1, int(mib * 2**20 // 2))
+    sender = ctx.node == 0
+    send = [0] + [per_peer] * (n - 1) if sender else [0] * n
+    recv = [0] * n if sender else [per_peer] + [0] * (n - 1)
+    buf = torch.empty(sum(send) or 1, dtype=torch.bfloat16, device=ctx.dev)
+    out = torch.empty(sum(recv) or 1, dtype=torch.bfloat16, device=ctx.dev)
+    samples = []
+    for it in range(12):
+        dist.barrier(group=ctx.rail_group)
+        ctx.sync()
+        t0 = time.perf_counter()
+        dist.all_to_all_single(out[: sum(recv)], buf[: sum(send)], recv, send, group=ctx.rail_group)
+        ctx.sync()
+        if it >= 2:
+            samples.append(time.perf_counter() - t0)
+    one_way = sent / ctx.allmax(statistics.median(samples))
+    return {"bandwidth_GBps": two_way / 1e9, "latency_us": lat * 1e6, "one_way_GBps": one_way / 1e9,
+            "duplex": "shared" if one_way > 1.5 * two_way else "full", "probe_MiB_per_peer": mib}
+
+
+def per_rank(ctx: Ctx, value: float) -> list[float]:
+    """``value`` of every rank, in rank order."""
+    v = [0.0] * ctx.world
+    v[ctx.rank] = float(value)
+    return ctx.allsum(v)
+
+
+def inter_sends_per_rank(ctx: Ctx, expert_ids: torch.Tensor, row_bytes: int) -> dict:
+    """Cross-node bytes per rank of a pairs all-to-all of ``expert_ids [s, k]`` (-1 = dropped), in the
+    dispatcher's TrafficCounter convention (per token owner): ``dispatch`` (its remote pairs sent) and
+    ``combine`` (the same rows coming back), plus ``received`` (the remote rows it receives in dispatch)."""
+    kept = expert_ids >= 0
+    dest = expert_ids[kept] // (ctx.args.experts // ctx.world)
+    mine = torch.bincount(dest, minlength=ctx.world).to(torch.float64).tolist()  # pairs to each rank
+    rows = [per_rank(ctx, c) for c in mine]  # rows[q][p]: pairs rank p sends to rank q
+    node = [p // ctx.gpn for p in range(ctx.world)]
+    disp = [row_bytes * sum(rows[q][p] for q in range(ctx.world) if node[q] != node[p]) for p in range(ctx.world)]
+    comb = [row_bytes * sum(rows[p][q] for q in range(ctx.world) if node[q] != node[p]) for p in range(ctx.world)]
+    return {"dispatch": disp, "combine": disp, "received": comb}
+
+
 def gemm_time(ctx: Ctx, layer, tokens_per_expert: list[int], dtype) -> float:
     """ms of fwd+bwd of ``layer.experts`` on ``tokens_per_expert`` rows per local expert, max over ranks."""
     rows = sum(tokens_per_expert)
@@ -659,6 +709,8 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
         gemm_ms = gemm_time(ctx, layer, mine, ctx.dtype)
         floor = inter_s * 1e3 + intra_s * 1e3 + gemm_ms
         res.update(floor_ms=floor, floor_inter_ms=inter_s * 1e3, floor_intra_ms=intra_s * 1e3, floor_gemm_ms=gemm_ms,
+                   inter_bytes_per_rank={"dispatch": per_rank(ctx, tr.dispatch_inter_bytes),
+                                         "combine": per_rank(ctx, tr.combine_inter_bytes)},
                    trained=trained[gate]["summary"])
         return res
     if name.startswith("mcore_"):
@@ -673,6 +725,8 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
         with torch.no_grad():
             rmap = dense_routing_map(layer.router(x), a.experts)
         stats = routing_stats(ctx, routing_map_ids(rmap, a.topk))
+        if dispatcher == "alltoall":
+            stats["inter_bytes_per_rank"] = inter_sends_per_rank(ctx, routing_map_ids(rmap, a.topk), d * elt)
         ms = time_megatron(ctx, layer, x, cot)
         if dispatcher == "alltoall":
             inter = ctx.allsum([stats["remote_pairs_this_rank"] * d * elt * 2])[0]
@@ -773,13 +827,13 @@ def main() -> None:
             f"{corpus.train.numel() / 1e6:.1f} MB train, {corpus.val.numel() / 1e6:.2f} MB val")
 
     # inter-node bandwidth (all rails at once)
-    ctx.bw_inter = 0.0
+    ctx.bw_inter, link = 0.0, None
     if ctx.nodes > 1:
-        per_rank = args.bw_mib * 2**20 * (ctx.nodes - 1)
-        t = a2a_time(ctx, ctx.rail_group, per_rank)
-        ctx.bw_inter = per_rank / t
+        link = link_figures(ctx, args.bw_mib)
+        ctx.bw_inter = link["bandwidth_GBps"] * 1e9
     ctx.log(f"inter-node bandwidth per rank (rail all_to_all, {args.bw_mib:.0f} MiB per peer): "
-            f"{ctx.bw_inter / 1e9:.2f} GB/s")
+            f"{ctx.bw_inter / 1e9:.2f} GB/s" + (f"; one-way {link['one_way_GBps']:.2f} GB/s ({link['duplex']} "
+                                               f"duplex), latency {link['latency_us']:.0f} us" if link else ""))
 
     # phase 1: training
     trained, ablations = {}, []
@@ -835,7 +889,7 @@ def main() -> None:
             "iters": args.iters, "warmup": args.warmup, "rounds": args.rounds, "megatron_core": mcore_version, "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if not ctx.acc.is_cpu else "cpu",
             "date": time.strftime("%Y-%m-%d"), "commit": os.environ.get("LOCMOE_COMMIT", "unknown"),
-            "inter_node_bw_GBps": ctx.bw_inter / 1e9, "mu": mus, "sync": args.sync,
+            "inter_node_bw_GBps": ctx.bw_inter / 1e9, "inter_node_link": link, "mu": mus, "sync": args.sync,
             "train_steps": args.train_steps, "ds_capacity_factor": args.ds_capacity_factor,
             "aux_scope": args.aux_scope, "expert_bias_rate": args.expert_bias_rate, "budget": args.budget,
             "seed": args.seed, "eval_batches": args.eval_batches, "lr_schedule": args.lr_schedule}

@@ -4,6 +4,7 @@
 # installed, corpus in data/python-doc-corpus):
 #   NGPU=4 bash benchmarks/run_gpu_layer.sh "$OUT"
 # LAYOUTS="2nodes 1node" (default) picks the layouts; BENCH_ARGS adds bench_layer.py options to both.
+# Each layout writes its own `locmoe project` calibration: calibration_{2nodes,1node}_${NGPU}gpu.json.
 set -uo pipefail
 out=${1:-benchmarks/results}
 NGPU=${NGPU:-4}
@@ -19,10 +20,12 @@ for layout in $LAYOUTS; do
   if [ "$layout" = 2nodes ]; then
     launch/emulate_nodes.sh --nodes 2 --nproc-per-node "$NGPU" -- benchmarks/bench_layer.py \
       --gpus-per-node "$half" --ablations ${ABLATIONS-nobias mu0} --json "$out/layer_2nodes_${NGPU}gpu.json" \
+      --calibration "$out/calibration_2nodes_${NGPU}gpu.json" \
       ${BENCH_ARGS:-} 2>&1 | filter > "$out/layer_2nodes.log"
   else
     python3 -m torch.distributed.run --standalone --nproc-per-node "$NGPU" benchmarks/bench_layer.py \
-      --gpus-per-node "$NGPU" --json "$out/layer_1node_${NGPU}gpu.json" ${BENCH_ARGS:-} 2>&1 \
+      --gpus-per-node "$NGPU" --json "$out/layer_1node_${NGPU}gpu.json" \
+      --calibration "$out/calibration_1node_${NGPU}gpu.json" ${BENCH_ARGS:-} 2>&1 \
       | filter > "$out/layer_${layout}.log"
   fi
   echo "$layout: $(( $(date +%s) - start )) s"

@@ -17,11 +17,18 @@ import json
 import os
 import re
 import sys
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from locmoe_plugin.projection import ClusterSpec, ModelSpec, RoutingSpec, predict_layer  # noqa: E402
-from locmoe_plugin.projection.calibration import calibration_from_layer_results  # noqa: E402
+from locmoe_plugin.projection.calibration import (calibration_from_layer_results, inter_link,  # noqa: E402
+                                                   two_stage_extra_ms)
+
+# The emulated nodes' link (launch/emulate_nodes.sh: NCCL's socket transport over loopback) where a run
+# did not measure its duplex: every byte sent or received is a copy by the same host, one budget for both
+# directions.
+EMULATED_DUPLEX = "shared"
 
 SYSTEMS = {"mcore_alltoall": "megatron_alltoall", "locmoe_grap": "locmoe_hier", "locmoe_dense": "locmoe_hier"}
 
@@ -50,13 +57,36 @@ def two_node_results(run_dir: str, one_node: dict) -> dict | None:
 
 
 def busiest_inter_ratio(v: dict, bw_GBps: float, ranks: int) -> float:
-    """The busiest rank's cross-node bytes over the mean rank's, from the recorded floor (floor_inter_ms =
-    2 x busiest rank's forward bytes / bw); 1 where not recorded or nothing crosses."""
+    """The busiest rank's cross-node bytes sent over the mean rank's: from the per-rank counts
+    (``inter_bytes_per_rank["dispatch"]``: what each rank sends in dispatch) where recorded, else from the
+    recorded floor (floor_inter_ms = 2 x (max dispatch + max combine bytes) / bw); 1 where neither is
+    recorded or nothing crosses."""
+    per = v.get("inter_bytes_per_rank")
+    if per:
+        sent = per["dispatch"]
+        mean = sum(sent) / len(sent)
+        return max(1.0, max(sent) / mean) if mean > 0 else 1.0
     mean = v.get("inter_node_MiB", 0.0) * 2**20 / ranks
     if "floor_inter_ms" not in v or mean <= 0:
-        return max(1.0, v.get("rank_max_over_mean_rows", 1.0))
+        return 1.0
     busiest = v["floor_inter_ms"] / 1e3 * bw_GBps * 1e9 / 2
     return max(1.0, busiest / mean)
+
+
+def dispatch_two_stage_ms(root: str, topk: int) -> float | None:
+    """The two-stage plan's extra host time on one node from every one-node ``bench_dispatch.py`` JSON
+    under ``root`` that has ``hier_tree`` rows (:func:`two_stage_extra_ms`)."""
+    res = []
+    for path in sorted(glob.glob(os.path.join(root, "**", "dispatch_1node_*.json"), recursive=True)):
+        with open(path) as f:
+            res.append(json.load(f))
+    return two_stage_extra_ms(res, topk)
+
+
+def row_calibration(one: dict, name: str, bw: float, two_stage: float | None):
+    """The one-node calibration with ``name``'s own row setting its fixed cost (the GrAP and dense rows share
+    the "locmoe" key and differ in router cost)."""
+    return calibration_from_layer_results(one, inter_bw_GBps=bw, two_stage_ms=two_stage, fixed_from=name)
 
 
 def validate(root: str) -> list[dict]:
@@ -68,36 +98,39 @@ def validate(root: str) -> list[dict]:
         two = two_node_results(run_dir, one)
         if two is None:
             continue
-        m2 = two["meta"]
-        bw = m2["inter_node_bw_GBps"]
-        cal = calibration_from_layer_results(one, inter_bw_GBps=bw)
-        m = one["meta"]
+        m, m2 = one["meta"], two["meta"]
+        link = inter_link(m2)
+        bw = link["bandwidth_GBps"]
+        duplex = link.get("duplex")
+        two_stage = dispatch_two_stage_ms(root, m["topk"])
         model = ModelSpec(hidden=m["hidden"], ffn=m["ffn"], experts=m["experts"], topk=m["topk"],
                           tokens_per_rank=m["tokens_per_rank"], dtype=m["dtype"], swiglu=False)
-        cluster = ClusterSpec(nodes=2, gpus_per_node=2, intra_bw_GBps=200.0, intra_latency_us=0.0,
-                              inter_bw_GBps=bw, inter_latency_us=0.0, peak_tflops=1000.0)
         for name, system in SYSTEMS.items():
             v = two["systems"].get(name)
             if v is None or name not in one["systems"]:
                 continue
-            imb = busiest_inter_ratio(v, bw, m2["ranks"]) if name.startswith("locmoe") else \
-                max(1.0, v.get("rank_max_over_mean_rows", 1.0))
-            for label, u in (("with imbalance", imb), ("balanced", 1.0)):
-                routing = RoutingSpec(cross_node_share=min(1.0, v["cross_node_share"]), imbalance=u, chunks=1)
-                if name.startswith("locmoe") and name != "locmoe_grap":
-                    # the calibration's "locmoe" fixed cost is the GrAP row's; this row has its own
-                    cal_row = calibration_from_layer_results({"meta": m, "systems": {name: one["systems"][name]}},
-                                                             inter_bw_GBps=bw)
-                    cal_row = type(cal)(**{**cal.__dict__, "fixed_ms": {**cal.fixed_ms, **cal_row.fixed_ms}})
-                else:
-                    cal_row = cal
-                t = predict_layer(system, cluster, model, routing, cal_row)
+            cal = row_calibration(one, name, bw, two_stage)
+            u_x = busiest_inter_ratio(v, bw, m2["ranks"])
+            # rows: only where both layouts record them (old one-node runs fold the busiest rank's rows into
+            # the calibrated GEMM rate)
+            u = max(1.0, v.get("rank_max_over_mean_rows", 1.0)) if "rank_max_over_mean_rows" in one["systems"][name] else 1.0
+            variants = [("model", duplex or EMULATED_DUPLEX)]
+            if duplex is None and u_x > 1.05:
+                variants.append(("full duplex", "full"))
+            for label, dup in variants:
+                cluster = ClusterSpec(nodes=m2["nodes"], gpus_per_node=m2["gpus_per_node"], intra_bw_GBps=200.0,
+                                      intra_latency_us=0.0, inter_bw_GBps=bw, inter_latency_us=0.0,
+                                      peak_tflops=1000.0, inter_duplex=dup)
+                cal_v = replace(cal, inter_node={**cal.inter_node, "duplex": dup})
+                routing = RoutingSpec(cross_node_share=min(1.0, v["cross_node_share"]), imbalance=u,
+                                      inter_imbalance=u_x, chunks=1)
+                t = predict_layer(system, cluster, model, routing, cal_v)
                 rows.append({"run": os.path.relpath(run_dir, root), "commit": m2.get("commit") or m.get("commit"),
-                             "system": name, "share": v["cross_node_share"], "imbalance": u, "variant": label,
-                             "link_GBps": bw, "one_node_ms": one["systems"][name]["ms"], "measured_ms": v["ms"],
+                             "system": name, "share": v["cross_node_share"], "imbalance": u, "inter_imbalance": u_x,
+                             "duplex": dup, "variant": label, "link_GBps": bw,
+                             "two_stage_ms": two_stage if name.startswith("locmoe") else 0.0,
+                             "one_node_ms": one["systems"][name]["ms"], "measured_ms": v["ms"],
                              "predicted_ms": t.layer_ms, "error": t.layer_ms / v["ms"] - 1})
-                if u == 1.0:
-                    break
     return rows
 
 
@@ -110,15 +143,16 @@ def main() -> int:
     if not rows:
         print(f"no run under {a.root} has both layer_1node_4gpu.json and a 2-node result", file=sys.stderr)
         return 1
-    print(f"{'run':<44} {'system':<15} {'share':>5} {'imbal':>5} {'link GB/s':>9} {'1-node ms':>9} "
-          f"{'measured':>9} {'predicted':>9} {'error':>7}")
+    print(f"{'run':<46} {'system':<14} {'share':>5} {'x-imb':>5} {'duplex':>6} {'link':>5} {'2-stg':>5} "
+          f"{'1-node':>6} {'measured':>8} {'predicted':>9} {'error':>7}")
     for r in rows:
-        print(f"{r['run']:<44} {r['system']:<15} {r['share']:>5.3f} {r['imbalance']:>5.2f} {r['link_GBps']:>9.2f} "
-              f"{r['one_node_ms']:>9.2f} {r['measured_ms']:>9.2f} {r['predicted_ms']:>9.2f} {100 * r['error']:>+6.1f}%")
-    main_rows = [r for r in rows if r["variant"] == "with imbalance"]
+        print(f"{r['run']:<46} {r['system']:<14} {r['share']:>5.3f} {r['inter_imbalance']:>5.2f} {r['duplex']:>6} "
+              f"{r['link_GBps']:>5.2f} {r['two_stage_ms'] or 0:>5.2f} {r['one_node_ms']:>6.2f} {r['measured_ms']:>8.2f} "
+              f"{r['predicted_ms']:>9.2f} {100 * r['error']:>+6.1f}%")
+    main_rows = [r for r in rows if r["variant"] == "model"]
     errs = [abs(r["error"]) for r in main_rows]
     print(f"mean |error| {100 * sum(errs) / len(errs):.1f} %, max {100 * max(errs):.1f} % over {len(errs)} "
-          f"predictions (first row of each system)")
+          f"predictions (first row of each system; the others: the same with a full-duplex link)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -130,3 +131,76 @@ def test_cli_table_json_png(capsys, tmp_path):
     d = json.loads(out.out)
     assert d["systems"]["megatron_alltoall"]["speedup_vs_megatron_alltoall"] == 1.0
     assert math.isclose(d["systems"]["locmoe_flat"]["pair_share"], 0.2)
+
+
+def test_inter_scale_by_hand():
+    from locmoe_plugin.projection.cost import inter_scale
+
+    assert inter_scale(2.0, "full", 4) == 2.0
+    # shared: the busiest sends 2 x the mean, receives the mean of the other three: (4 - 2) / 3
+    assert inter_scale(2.0, "shared", 4) == pytest.approx((2.0 + 2.0 / 3.0) / 2)
+    assert inter_scale(1.0, "shared", 4) == pytest.approx(1.0) and inter_scale(4.0, "shared", 4) == pytest.approx(2.0)
+
+
+def test_inter_imbalance_scales_cross_node_bytes_only():
+    cl = ClusterSpec(nodes=2, gpus_per_node=2, intra_bw_GBps=100.0, intra_latency_us=0.0, inter_bw_GBps=10.0,
+                     inter_latency_us=0.0, peak_tflops=100.0, gemm_efficiency=0.5)
+    m = ModelSpec(hidden=1000, ffn=500, experts=8, topk=2, tokens_per_rank=100, swiglu=False)
+    base = predict_layer("locmoe_flat", cl, m, RoutingSpec(cross_node_share=0.5, chunks=1))
+    t = predict_layer("locmoe_flat", cl, m, RoutingSpec(cross_node_share=0.5, inter_imbalance=2.0, chunks=1))
+    assert t.gemm_ms == pytest.approx(base.gemm_ms)  # expert rows stay balanced
+    inter = 100 * 1000 * 2 / 10e6  # ms per all-to-all at balance (it dominates the intra part)
+    assert t.comm_ms == pytest.approx(4 * 2 * inter)
+    shared = predict_layer("locmoe_flat", replace(cl, inter_duplex="shared"), m,
+                           RoutingSpec(cross_node_share=0.5, inter_imbalance=2.0, chunks=1))
+    assert shared.comm_ms == pytest.approx(4 * (2 + 2 / 3) / 2 * inter)
+    with pytest.raises(ConfigError, match="inter_imbalance"):
+        RoutingSpec(cross_node_share=0.5, inter_imbalance=0.5)
+    with pytest.raises(ConfigError, match="inter_duplex"):
+        replace(cl, inter_duplex="half")
+
+
+def test_two_stage_extra_from_dispatch_rows():
+    from locmoe_plugin.projection.calibration import calibration_from_layer_results, two_stage_extra_ms
+
+    def row(k, tree, pairs):
+        return {"topk": k, "systems": {"hier_tree": {"ms": tree}, "hierarchical": {"ms": pairs}}}
+
+    res = [{"meta": {"nodes": 1}, "rows": [row(4, 5.0, 4.0), row(4, 4.5, 4.0), row(4, 7.0, 4.0), row(2, 9.0, 1.0)]},
+           {"meta": {"nodes": 2}, "rows": [row(4, 99.0, 1.0)]}]  # across nodes: not a host-cost measurement
+    assert two_stage_extra_ms(res, 4) == pytest.approx(1.0)  # median of 1.0, 0.5, 3.0
+    assert two_stage_extra_ms(res, 8) is None
+    out = json.load(open("benchmarks/results/2026-11-22_h200x4_layer_locality_bias/layer_1node_4gpu.json"))
+    cal = calibration_from_layer_results(out, two_stage_ms=1.5)
+    assert cal.fixed_ms_multi_node["locmoe"] == pytest.approx(cal.fixed_ms["locmoe"] + 1.5)
+    assert cal.fixed_for("locmoe_hier", 2) == pytest.approx(cal.fixed_ms["locmoe"] + 1.5)
+    assert cal.fixed_for("locmoe_hier", 1) == pytest.approx(cal.fixed_ms["locmoe"])
+    dense = calibration_from_layer_results(out, fixed_from="locmoe_dense")
+    assert dense.fixed_ms["locmoe"] != pytest.approx(cal.fixed_ms["locmoe"])
+
+
+def test_measured_link_reaches_the_model():
+    from locmoe_plugin.projection.calibration import inter_link
+
+    meta = {"inter_node_bw_GBps": 2.0, "inter_node_link": {"bandwidth_GBps": 2.0, "latency_us": 80.0,
+                                                           "one_way_GBps": 3.9, "duplex": "shared"}}
+    link = inter_link(meta)
+    assert link == {"bandwidth_GBps": 2.0, "latency_us": 80.0, "duplex": "shared"}
+    cl = ClusterSpec(nodes=2, gpus_per_node=2, intra_bw_GBps=1.0, intra_latency_us=0, inter_bw_GBps=9.0,
+                     inter_latency_us=0, peak_tflops=1.0)
+    eff = Calibration(inter_node=link).apply(cl)
+    assert (eff.inter_bw_GBps, eff.inter_latency_us, eff.inter_duplex) == (2.0, 80.0, "shared")
+    assert inter_link({"inter_node_bw_GBps": 0.0}) is None
+
+
+def test_validation_script_predicts_every_measured_pair():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("validate_projection", "benchmarks/validate_projection.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [r for r in mod.validate("benchmarks/results") if r["variant"] == "model"]
+    assert len(rows) >= 8 and {r["system"] for r in rows} == {"mcore_alltoall", "locmoe_grap", "locmoe_dense"}
+    for r in rows:
+        assert math.isfinite(r["error"]) and r["predicted_ms"] > 0
+        assert (r["two_stage_ms"] > 0) == r["system"].startswith("locmoe")

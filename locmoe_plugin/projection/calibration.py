@@ -8,7 +8,12 @@ Schema (``"schema": "locmoe-projection-calibration/1"``; every field but ``schem
      "fixed_ms": {"megatron_alltoall": 4.1, "locmoe": 7.2, ...},   # per layer fwd+bwd, not GEMM nor payload
      "fixed_ms_multi_node": {"locmoe": ...},                        # where the plan differs across nodes
      "intra_node": {"bandwidth_GBps": 235.0, "latency_us": 0.0},
-     "inter_node": {"bandwidth_GBps": 2.48, "latency_us": 0.0}}
+     "inter_node": {"bandwidth_GBps": 2.48, "latency_us": 0.0, "duplex": "full"}}
+
+``fixed_ms_multi_node["locmoe"]`` from a one-node run: LocMoE runs its single-stage pairs plan on one node
+and its two-stage plan across nodes, so the one-node fixed cost plus the two-stage plan's extra host work,
+measured on one node with the two-stage plan forced (``bench_dispatch.py``'s ``hier_tree`` rows,
+``exact_tree=True``, against its ``hierarchical`` rows): :func:`two_stage_extra_ms`.
 
 ``fixed_ms`` keys: ``megatron_alltoall``, ``megatron_group_limited``, ``deepspeed_moe``, ``locmoe`` (the
 LocMoE systems; the overlapped one pays it per chunk). A missing key falls back to ``megatron_alltoall``'s,
@@ -52,6 +57,8 @@ class Calibration:
                 continue
             if not link.get("bandwidth_GBps", 1.0) > 0 or not link.get("latency_us", 0.0) >= 0:
                 raise ConfigError(f"calibration {name}={link!r}: bandwidth_GBps must be > 0 and latency_us >= 0")
+            if link.get("duplex", "full") not in ("full", "shared"):
+                raise ConfigError(f"calibration {name}={link!r}: duplex must be 'full' or 'shared'")
 
     def fixed_for(self, system: str, ep_nodes: int) -> float:
         key = "locmoe" if system.startswith("locmoe_") else system
@@ -69,6 +76,8 @@ class Calibration:
                 over[f"{pre}_bw_GBps"] = float(link["bandwidth_GBps"])
             if "latency_us" in link:
                 over[f"{pre}_latency_us"] = float(link["latency_us"])
+            if pre == "inter" and link.get("duplex"):
+                over["inter_duplex"] = link["duplex"]
         return replace(cluster, **over)
 
     def to_dict(self) -> dict:
@@ -98,7 +107,45 @@ def load_calibration(path: str) -> Calibration:
     return calibration_from_dict(d)
 
 
-def calibration_from_layer_results(out: dict, inter_bw_GBps: float | None = None) -> Calibration:
+def two_stage_extra_ms(dispatch_results: list[dict], topk: int) -> float | None:
+    """The two-stage plan's extra time per layer (dispatch + combine, forward + backward) on one node, ms.
+
+    ``dispatch_results``: ``bench_dispatch.py`` JSON dicts of one-node runs; every row with top-``topk``
+    and both ``hier_tree`` (the two-stage plan forced, ``exact_tree=True``) and ``hierarchical`` (there the
+    single-stage pairs plan) gives ``hier_tree ms - hierarchical ms``: host work (more launches and a
+    second count exchange), since on one node both plans move their bytes over NVLink in well under a
+    millisecond. Returns the median of those differences (floored at 0), or None if no row has them."""
+    diffs = []
+    for res in dispatch_results:
+        if res.get("meta", {}).get("nodes", 1) != 1:
+            continue
+        for row in res.get("rows", []):
+            sy = row.get("systems", {})
+            if row.get("topk") == topk and "ms" in sy.get("hier_tree", {}) and "ms" in sy.get("hierarchical", {}):
+                diffs.append(sy["hier_tree"]["ms"] - sy["hierarchical"]["ms"])
+    if not diffs:
+        return None
+    diffs.sort()
+    mid = len(diffs) // 2
+    return max(0.0, diffs[mid] if len(diffs) % 2 else (diffs[mid - 1] + diffs[mid]) / 2)
+
+
+def inter_link(meta: dict, inter_bw_GBps: float | None = None) -> dict | None:
+    """The inter-node link of a ``bench_layer.py`` run: its ``inter_node_link`` probe (bandwidth, latency,
+    duplex) where recorded, else the one-shot ``inter_node_bw_GBps``; ``inter_bw_GBps`` replaces the
+    bandwidth."""
+    link = dict(meta.get("inter_node_link") or {})
+    link = {k: link[k] for k in ("bandwidth_GBps", "latency_us", "duplex") if k in link}
+    bw = inter_bw_GBps or link.get("bandwidth_GBps") or meta.get("inter_node_bw_GBps") or None
+    if not bw:
+        return None
+    link.update(bandwidth_GBps=bw)
+    link.setdefault("latency_us", 0.0)
+    return link
+
+
+def calibration_from_layer_results(out: dict, inter_bw_GBps: float | None = None,
+                                   two_stage_ms: float | None = None, fixed_from: str | None = None) -> Calibration:
     """A calibration from ``bench_layer.py``'s result dict (``{"meta": ..., "systems": ...}``).
 
     * expert GEMM rate: the LocMoE rows' ``floor_gemm_ms`` (the layer's own experts, fwd + bwd, on the rows
@@ -106,9 +153,12 @@ def calibration_from_layer_results(out: dict, inter_bw_GBps: float | None = None
       (bench_layer's experts); the rank imbalance is the run's ``rank_max_over_mean_rows`` where recorded,
       else 1.
     * intra-node bandwidth: the LocMoE rows' intra-node bytes per rank over their measured exchange time.
-    * inter-node bandwidth: the run's rail all-to-all probe (``inter_node_bw_GBps``), or ``inter_bw_GBps``.
+    * inter-node link: the run's probe (:func:`inter_link`), or ``inter_bw_GBps``.
     * fixed costs (one-node runs only, or ``fixed_ms_multi_node`` from runs across nodes): each system's
       measured ms minus the model's GEMM and payload terms for that run's layout and routing (floored at 0).
+      From a one-node run with ``two_stage_ms`` (:func:`two_stage_extra_ms`), also
+      ``fixed_ms_multi_node["locmoe"]`` = the LocMoE fixed cost + ``two_stage_ms``. Two rows share the
+      ``"locmoe"`` key (``locmoe_grap``, ``locmoe_dense``): the first sets it, or ``fixed_from`` names the row.
     """
     from .cluster import ClusterSpec
     from .cost import predict_layer
@@ -127,16 +177,18 @@ def calibration_from_layer_results(out: dict, inter_bw_GBps: float | None = None
         bws = [2 * v["intra_node_MiB"] * 2**20 / ranks / (v["floor_intra_ms"] * 1e6)
                for v in loc if v.get("floor_intra_ms", 0) > 0 and v.get("intra_node_MiB", 0) > 0]
         intra_bw = max(bws) if bws else None
-    inter = inter_bw_GBps or m.get("inter_node_bw_GBps") or None
+    link = inter_link(m, inter_bw_GBps)
+    inter = link["bandwidth_GBps"] if link else None
     cal = Calibration(expert_gemm_tflops=tflops,
                       intra_node={"bandwidth_GBps": intra_bw, "latency_us": 0.0} if intra_bw else None,
-                      inter_node={"bandwidth_GBps": inter, "latency_us": 0.0} if inter else None)
+                      inter_node=link)
     cluster = ClusterSpec(nodes=m["nodes"], gpus_per_node=m["gpus_per_node"], intra_bw_GBps=intra_bw or 200.0,
                           intra_latency_us=0.0, inter_bw_GBps=inter or 1.0, inter_latency_us=0.0,
                           peak_tflops=(tflops or 300.0) / 0.6)
     fixed = {}
-    for name, key in BENCH_SYSTEMS.items():
-        v = systems.get(name)
+    order = sorted(BENCH_SYSTEMS, key=lambda name: name != fixed_from)
+    for name in order:
+        key, v = BENCH_SYSTEMS[name], systems.get(name)
         if not v or key in fixed or v.get("ms") is None or v["ms"] != v["ms"]:
             continue
         routing = RoutingSpec(cross_node_share=min(1.0, v.get("cross_node_share", 0.0)),
@@ -149,12 +201,16 @@ def calibration_from_layer_results(out: dict, inter_bw_GBps: float | None = None
                                     "megatron_core")}
     src["layout"] = f"{m['nodes']} node(s) x {m['gpus_per_node']}"
     multi = m["nodes"] > 1
-    return replace(cal, fixed_ms={} if multi else fixed, fixed_ms_multi_node=fixed if multi else {}, source=src)
+    multi_fixed = fixed if multi else {}
+    if not multi and two_stage_ms is not None and "locmoe" in fixed:
+        multi_fixed = {"locmoe": fixed["locmoe"] + two_stage_ms}
+        src["two_stage_extra_ms"] = two_stage_ms
+    return replace(cal, fixed_ms={} if multi else fixed, fixed_ms_multi_node=multi_fixed, source=src)
 
 
-def write_calibration(path: str, out: dict) -> Calibration:
+def write_calibration(path: str, out: dict, two_stage_ms: float | None = None) -> Calibration:
     """Derive a calibration from ``bench_layer.py``'s result dict and write it to ``path`` (JSON)."""
-    cal = calibration_from_layer_results(out)
+    cal = calibration_from_layer_results(out, two_stage_ms=two_stage_ms)
     with open(path, "w") as f:
         json.dump(cal.to_dict(), f, indent=2)
     return cal

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from ..config import ConfigError
 
 
+DUPLEX = ("full", "shared")
 _FLAG = {"intra_bw_GBps": "intra-bw", "inter_bw_GBps": "inter-bw", "peak_tflops": "peak-tflops"}
 
 
@@ -25,6 +26,11 @@ class ClusterSpec:
         inter_bw_GBps / inter_latency_us: the same across nodes (one NIC per GPU, rail-aligned).
         peak_tflops: dense bf16 peak of one GPU; GEMMs run at ``gemm_efficiency`` of it unless calibrated.
         gemm_efficiency: achieved share of ``peak_tflops`` for the expert and attention GEMMs.
+        inter_duplex: ``"full"``: a rank's NIC sends and receives at ``inter_bw_GBps`` each at once (IB /
+            RoCE), so the busiest sender decides; ``"shared"``: one budget for both directions (a TCP
+            socket link, where every byte sent or received is a host copy; the emulated nodes of
+            ``launch/emulate_nodes.sh``), so a rank's time is (bytes sent + bytes received) / (2 x bw).
+            ``inter_bw_GBps`` is in both cases what a balanced exchange reaches per direction.
     """
 
     nodes: int
@@ -35,6 +41,7 @@ class ClusterSpec:
     inter_latency_us: float
     peak_tflops: float
     gemm_efficiency: float = 0.6
+    inter_duplex: str = "full"
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -49,6 +56,8 @@ class ClusterSpec:
         for f in ("intra_latency_us", "inter_latency_us"):
             if not getattr(self, f) >= 0:
                 raise ConfigError(f"{f}={getattr(self, f)!r}: must be >= 0 microseconds")
+        if self.inter_duplex not in DUPLEX:
+            raise ConfigError(f"inter_duplex={self.inter_duplex!r}: use one of {DUPLEX} (--inter-duplex)")
         if not 0 < self.gemm_efficiency <= 1:
             raise ConfigError(f"gemm_efficiency={self.gemm_efficiency!r}: must be in (0, 1]")
 

@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--intra-latency-us", type=float, default=None)
     c.add_argument("--inter-bw", type=float, default=None, help="GB/s per GPU per direction across nodes")
     c.add_argument("--inter-latency-us", type=float, default=None)
+    c.add_argument("--inter-duplex", choices=("full", "shared"), default=None,
+                   help="full: NICs send and receive at full rate at once (default); shared: one budget for both "
+                        "directions (socket links)")
     c.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak per GPU")
     c.add_argument("--gemm-efficiency", type=float, default=None, help="achieved share of the peak (default 0.6)")
     m = p.add_argument_group("model")
@@ -40,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--cross-node-share", type=float, default=0.1,
                    help="LocMoE's share of pairs crossing nodes (measured, or the budget it is held to)")
     r.add_argument("--imbalance", type=float, default=1.0, help="busiest rank's rows / mean (>= 1)")
+    r.add_argument("--inter-imbalance", type=float, default=None,
+                   help="busiest rank's cross-node bytes / mean (>= 1; default: --imbalance)")
     r.add_argument("--group-nodes", type=int, default=None, help="nodes per token under group-limited routing")
     r.add_argument("--capacity-factor", type=float, default=1.25, help="DeepSpeed MoE's capacity factor")
     r.add_argument("--chunks", type=int, default=4, help="chunks of LocMoE's overlapped dispatch")
@@ -51,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _cluster(a, nodes: int) -> ClusterSpec:
     over = dict(gpus_per_node=a.gpus_per_node, intra_bw_GBps=a.intra_bw, intra_latency_us=a.intra_latency_us,
-                inter_bw_GBps=a.inter_bw, inter_latency_us=a.inter_latency_us, peak_tflops=a.peak_tflops,
+                inter_bw_GBps=a.inter_bw, inter_latency_us=a.inter_latency_us, inter_duplex=a.inter_duplex,
+                peak_tflops=a.peak_tflops,
                 gemm_efficiency=a.gemm_efficiency)
     if a.preset:
         return preset(a.preset, nodes, **over)
@@ -69,7 +75,8 @@ def run(a: argparse.Namespace) -> int:
     cal = load_calibration(a.calibration) if a.calibration else None
     model = ModelSpec(hidden=a.hidden, ffn=a.ffn, experts=a.experts, topk=a.topk, tokens_per_rank=a.tokens_per_rank,
                       layers=a.layers, seq=a.seq, dtype=a.dtype, swiglu=not a.gelu)
-    routing = RoutingSpec(cross_node_share=a.cross_node_share, imbalance=a.imbalance, group_nodes=a.group_nodes,
+    routing = RoutingSpec(cross_node_share=a.cross_node_share, imbalance=a.imbalance,
+                          inter_imbalance=a.inter_imbalance, group_nodes=a.group_nodes,
                           capacity_factor=a.capacity_factor, chunks=a.chunks)
     cluster = _cluster(a, a.nodes)
     point = predict(cluster, model, routing, cal)

@@ -8,7 +8,8 @@ the rows of :mod:`.traffic` one way):
     ``(inter latency + inter bytes / inter bw) + (intra latency + intra bytes / intra bw)``;
   * with overlap (``chunks`` c): each chunk pays the fixed cost and the latencies, and communication and
     expert GEMMs pipeline: ``c fixed + (comm + gemm) / c + (c - 1) / c * max(comm, gemm)``.
-Bytes and GEMM rows of dropless systems scale by the routing's ``imbalance`` (the busiest rank).
+Bytes and GEMM rows of dropless systems scale by the routing's ``imbalance`` (the busiest rank); the
+cross-node bytes by its ``inter_imbalance`` where given, through :func:`inter_scale` (the link's duplex).
 ``fixed`` is the per-layer time that is neither GEMM nor payload (router, permutes, plan, host launches,
 kernel gaps): 0 unless a calibration measured it (:mod:`.calibration`).
 Step = layers x (MoE layer + attention block at the same GEMM rate). Left out: data-parallel gradient
@@ -62,10 +63,23 @@ def ep_nodes_of(cluster: ClusterSpec, model: ModelSpec) -> int:
     return n
 
 
-def _a2a_ms(rows: Rows, model: ModelSpec, cl: ClusterSpec, n: int, hierarchical: bool, scale: float) -> float:
-    b = model.hidden * model.elt * scale
-    t_inter = rows.inter * b / (cl.inter_bw_GBps * 1e6)  # ms
-    t_intra = rows.intra * b / (cl.intra_bw_GBps * 1e6)
+def inter_scale(u: float, duplex: str, ranks: int) -> float:
+    """The busiest rank's cross-node time over a balanced rank's, when it sends ``u`` x the mean bytes.
+
+    ``"full"`` duplex: ``u`` (its sends decide). ``"shared"``: its link carries what it sends and what it
+    receives, (u + v) / 2, with v = (P - u) / (P - 1) the mean of the other P - 1 ranks' sends, which is
+    what it receives in expectation (dispatch rows it receives are combine rows it sends back, so both
+    directions carry u + v over a layer either way)."""
+    if duplex == "full" or ranks < 2:
+        return u
+    return (u + max(0.0, ranks - u) / (ranks - 1)) / 2
+
+
+def _a2a_ms(rows: Rows, model: ModelSpec, cl: ClusterSpec, n: int, hierarchical: bool, scale: float,
+            scale_inter: float) -> float:
+    b = model.hidden * model.elt
+    t_inter = rows.inter * b * scale_inter / (cl.inter_bw_GBps * 1e6)  # ms
+    t_intra = rows.intra * b * scale / (cl.intra_bw_GBps * 1e6)
     lat_inter, lat_intra = cl.inter_latency_us / 1e3, cl.intra_latency_us / 1e3
     if hierarchical and n > 1:
         return lat_inter + t_inter + lat_intra + t_intra
@@ -94,12 +108,12 @@ def predict_layer(system: str, cluster: ClusterSpec, model: ModelSpec, routing: 
     if system == "deepspeed_moe":
         rows = padded_rows(n, r, e, k, s, routing.capacity_factor)
         rows_gemm = e * capacity(k, s, routing.capacity_factor, e)  # E_r local experts x P sources x C rows
-        scale = 1.0  # padded: every rank moves and computes full buffers whatever the imbalance
+        scale = scale_inter = 1.0  # padded: every rank moves and computes full buffers whatever the imbalance
     else:
         rows = expected_rows("hierarchical" if hier else "pairs", n, r, e, k, s, own, rem)
-        scale = u
+        scale, scale_inter = u, inter_scale(routing.inter_scale, cl.inter_duplex, n * r)
     gemm = rows_gemm * scale * model.expert_flops_per_row / (tflops * 1e9)
-    one = _a2a_ms(rows, model, cl, n, hier, scale)
+    one = _a2a_ms(rows, model, cl, n, hier, scale, scale_inter)
     fixed = cal.fixed_for(system, n)
     chunks = routing.chunks if system == "locmoe_hier_overlap" else 1
     if chunks > 1:

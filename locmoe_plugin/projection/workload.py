@@ -64,6 +64,11 @@ class RoutingSpec:
             route uniformly: share (N - 1) / N.
         imbalance: the busiest rank's rows over the mean rank's (>= 1): its expert GEMMs and the bytes it
             sends or receives scale by it; the layer waits for that rank. Applied to every dropless system.
+        inter_imbalance: the busiest rank's cross-node bytes over the mean rank's (>= 1), where it differs
+            from ``imbalance`` (a locality-trained router concentrates its remote pairs on a few ranks
+            while their expert rows stay near balance); None = ``imbalance``. For uniform random routing of
+            B tokens it is ~1 (the max over P ranks of a Binomial(B k, share) load exceeds the mean by
+            about sqrt(2 ln P / (B k share))); a measured per-rank byte count is the input to prefer.
         group_nodes: nodes a token may use under group-limited routing (Megatron ``--moe-router-num-groups``
             = nodes, ``--moe-router-group-topk`` = this); None = min(nodes, 4).
         capacity_factor: DeepSpeed MoE's capacity factor (its buffers are padded to capacity).
@@ -72,6 +77,7 @@ class RoutingSpec:
 
     cross_node_share: float
     imbalance: float = 1.0
+    inter_imbalance: float | None = None
     group_nodes: int | None = None
     capacity_factor: float = 1.25
     chunks: int = 4
@@ -83,9 +89,16 @@ class RoutingSpec:
         if not self.imbalance >= 1.0:
             raise ConfigError(f"imbalance={self.imbalance!r}: the busiest rank's rows over the mean is >= 1 "
                               f"(1 = balanced)")
+        if self.inter_imbalance is not None and not self.inter_imbalance >= 1.0:
+            raise ConfigError(f"inter_imbalance={self.inter_imbalance!r}: the busiest rank's cross-node bytes "
+                              f"over the mean is >= 1 (1 = balanced; --inter-imbalance)")
         if self.group_nodes is not None and (isinstance(self.group_nodes, bool) or self.group_nodes < 1):
             raise ConfigError(f"group_nodes={self.group_nodes!r}: must be >= 1 (--group-nodes)")
         if not self.capacity_factor > 0:
             raise ConfigError(f"capacity_factor={self.capacity_factor!r}: must be > 0 (--capacity-factor)")
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
             raise ConfigError(f"chunks={self.chunks!r}: must be an integer >= 1 (--chunks)")
+
+    @property
+    def inter_scale(self) -> float:
+        return self.imbalance if self.inter_imbalance is None else self.inter_imbalance
