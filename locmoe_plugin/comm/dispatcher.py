@@ -18,7 +18,8 @@ import torch
 
 from ..device import get_accelerator
 from .groups import CommGroups
-from .plan import Plan, build_plan
+from .build import build_plan
+from .plan import Plan
 
 MODES = ("hierarchical", "flat", "flat_fast")
 
