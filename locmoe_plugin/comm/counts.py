@@ -61,6 +61,7 @@ def topology_tensors(t: Topology, device: torch.device) -> dict[str, torch.Tenso
         "arange": torch.arange(t.num_experts, device=device),  # [:k] (k <= E)
         "ranks_node_major": torch.tensor(node_order, device=device),
         "local_of": local_of.to(device),
+        "node_of_rank": torch.tensor(t.node_of_rank, device=device),  # [P] node of each EP rank
         "q_ib": torch.tensor(ranks_ib, device=device),  # [R, N]: EP rank of local index i on node b
     }
 

@@ -134,6 +134,11 @@ class Hop:
             ext[n].zero_()
         else:
             ext = torch.cat([y, y.new_zeros((1,) + tail)])
+        return self.sum_copies(ext)
+
+    def sum_copies(self, ext: torch.Tensor) -> torch.Tensor:
+        """``ext [rows_sent + 1, F]`` (the returned copies in send order, then a zero row) -> ``[prev_rows,
+        F]``: each previous-level row's copies summed in send order."""
         out = ext.index_select(0, self.first)
         for rows, pos in self.more:
             if rows is None:  # padded level: every previous row, pad -> the zero row
