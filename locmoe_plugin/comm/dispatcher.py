@@ -255,6 +255,7 @@ class TokenDispatcher:
         weights: torch.Tensor,
         expert_fn: Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor],
         chunks: int | None = None,
+        mark: Callable[[str], None] | None = None,
     ) -> torch.Tensor:
         """Dispatch, run ``expert_fn(expert_input, tokens_per_expert)``, combine.
 
@@ -269,7 +270,9 @@ class TokenDispatcher:
         Backward: the rail return of the remote rows' gradients is launched before the local experts'
         backward and waited after it. ``expert_fn`` must treat rows independently (as expert MLPs do):
         then the result equals the unsplit call bit for bit. ``chunks`` was the old chunked overlap: pass
-        ``overlap=True`` to the constructor instead.
+        ``overlap=True`` to the constructor instead. ``mark(name)``: called (host side) at
+        ``"rail_launched"``, ``"local_experts_start"``, ``"local_experts_end"`` and ``"rail_waited"`` of
+        the overlapped path, e.g. to record device events for a timeline.
         """
         if chunks is not None:
             raise ValueError(
@@ -289,9 +292,15 @@ class TokenDispatcher:
         self._count_traffic(plan, x, dispatch=True)
         pair_w = _PairWeights.apply(weights.float(), plan)
         flight = InFlight()
+        mark = mark or (lambda name: None)
         local_in, link = launch_remote(x, split, flight)
+        mark("rail_launched")
+        mark("local_experts_start")
         local_out = expert_fn(local_in, split.local.tokens_per_expert)
-        remote_out = expert_fn(finish_remote(link, split, flight), split.remote.tokens_per_expert)
+        mark("local_experts_end")
+        remote_in = finish_remote(link, split, flight)
+        mark("rail_waited")
+        remote_out = expert_fn(remote_in, split.remote.tokens_per_expert)
         w_local = pair_w.index_select(0, split.local.pair_positions).unsqueeze(1).to(remote_out.dtype)
         w_remote = pair_w.index_select(0, split.remote.pair_positions).unsqueeze(1).to(remote_out.dtype)
         back = InFlight()
