@@ -5,8 +5,10 @@ Run on one host with torchrun; add node emulation with launch/emulate_nodes.sh:
   torchrun --standalone --nproc-per-node 8 benchmarks/bench_dispatch.py --gpus-per-node 8
   launch/emulate_nodes.sh --nodes 2 --nproc-per-node 8 -- benchmarks/bench_dispatch.py --gpus-per-node 4
 
-Same routing for every system: each rank draws uniform random distinct experts per token (seeded) and
-random combine weights. The "expert" is the multiplication by the combine weight (Megatron applies
+Same routing for every system: each rank draws random distinct experts per token (seeded) and random
+combine weights; uniform over all experts, or with --cross-share S a share S of the routed (token,
+expert) pairs goes to other nodes' experts (each slot remote with probability S, its expert uniform
+among the remote or the own node's experts). The "expert" is the multiplication by the combine weight (Megatron applies
 probs in its experts; our combine applies them), so only data movement and its bookkeeping is timed;
 with --expert-ffn N each local expert is a d -> N -> d GELU MLP (same weights for every system).
 
@@ -17,7 +19,13 @@ Systems:
                 the node / rank / expert tree, bitwise equal to the exact flat plan)
   flat          this package, one EP-wide NCCL all-to-all of (token, expert) pairs ("flat_fast" plan)
   megatron      megatron-core's MoEAlltoAllTokenDispatcher (the 'alltoall' dispatcher), unfused permute
-  hier_overlap  hierarchical, TokenDispatcher.forward with --chunks chunks pipelined on side streams
+  overlap       hierarchical split by origin (overlap=True) through TokenDispatcher.forward(expert_fn):
+                the local experts run while the other nodes' rows cross the network (DeepSpeed's layer)
+  overlap_phases  the same split through dispatch()/combine() with the experts on all rows in between
+                (Megatron's six phases: the rail transfer overlaps only the local rows' intra-node hop)
+Per system and configuration also: collectives per layer forward (counted by wrapping
+torch.distributed's calls) and host syncs per layer forward (CUDA's sync debug mode; '-' on CPU), and
+for 'overlap' a timeline from device events: local expert GEMMs vs the inter-node transfer's window.
 Prints a table (rank 0) and writes JSON (--json).
 """
 
@@ -58,8 +66,103 @@ def parse() -> argparse.Namespace:
     p.add_argument("--expert-ffn", type=int, default=0,
                    help="0: the expert only scales by the weight; N: each local expert is a SwiGLU-free MLP "
                         "d -> N -> d (GELU), so chunked overlap has compute to hide transfers behind")
-    p.add_argument("--chunks", type=int, default=4, help="chunks of the 'hier_overlap' system")
-    return p.parse_args()
+    p.add_argument("--cross-share", type=float, nargs="+", default=[None],
+                   help="share(s) of routed pairs sent to other nodes' experts, e.g. 0 0.15 0.5 (default: "
+                        "uniform random experts)")
+    args = p.parse_args()
+    for share in args.cross_share:
+        if share is not None and not 0 <= share <= 1:
+            p.error(f"--cross-share {share} must be between 0 and 1")
+    return args
+
+
+def route(topo, s: int, k: int, share, g: torch.Generator) -> torch.Tensor:
+    """``[s, k]`` distinct expert ids per token: uniform (``share`` None), or each slot on another node
+    with probability ``share`` (clamped per token to what the node split allows), experts uniform
+    inside the chosen side."""
+    E = topo.num_experts
+    if share is None:
+        return torch.rand(s, E, generator=g).argsort(-1)[:, :k]
+    e2n = topo.expert_to_node.cpu()
+    own = torch.nonzero(e2n == topo.node).flatten()
+    others = torch.nonzero(e2n != topo.node).flatten()
+    n_remote = (torch.rand(s, k, generator=g) < share).sum(1)
+    n_remote = n_remote.clamp(max(k - own.numel(), 0), min(k, others.numel()))
+    own_perm = own[torch.rand(s, own.numel(), generator=g).argsort(-1)][:, :k]
+    other_perm = others[torch.rand(s, others.numel(), generator=g).argsort(-1)][:, :k] if others.numel() else own_perm[:, :0]
+    cand = torch.cat([other_perm, own_perm], 1)
+    j = torch.arange(k).expand(s, k)
+    pick = torch.where(j < n_remote[:, None], j, other_perm.shape[1] + j - n_remote[:, None])
+    return cand.gather(1, pick)
+
+
+class CallCounter:
+    """Counts torch.distributed collectives and host syncs while active. Host syncs: the count
+    exchange's named wait (``RoutingCounts.wait_host``) plus, on CUDA, every other synchronizing call that
+    torch's sync debug mode reports (Megatron's dispatcher has its own)."""
+
+    NAMES = ("all_to_all_single", "all_gather_into_tensor", "all_gather_single", "all_reduce", "all_gather",
+             "broadcast", "reduce_scatter_tensor")
+
+    def __init__(self, acc):
+        self.acc, self.collectives, self.syncs, self.named_waits = acc, 0, None, 0
+        self._saved = {}
+
+    def __enter__(self):
+        from locmoe_plugin.comm import counts as counts_module
+
+        self._counts_module = counts_module
+        self._saved_gather = counts_module.ALL_GATHER_SINGLE
+        self._saved_wait = counts_module.RoutingCounts.wait_host
+        self.named_waits = 0
+
+        def gather(*a, **kw):
+            self.collectives += 1
+            return self._saved_gather(*a, **kw)
+
+        def wait_host(counts, _wait=self._saved_wait):
+            self.named_waits += 0 if counts._host_ready else 1
+            if self.acc.is_cpu:
+                return _wait(counts)
+            torch.cuda.set_sync_debug_mode("default")  # counted once here, not again by the debug mode
+            try:
+                return _wait(counts)
+            finally:
+                torch.cuda.set_sync_debug_mode("warn")
+
+        counts_module.ALL_GATHER_SINGLE = gather
+        counts_module.RoutingCounts.wait_host = wait_host
+        for name in self.NAMES:
+            fn = getattr(dist, name, None)
+            if fn is None:
+                continue
+            self._saved[name] = fn
+
+            def counted(*a, _fn=fn, **kw):
+                self.collectives += 1
+                return _fn(*a, **kw)
+
+            setattr(dist, name, counted)
+        if not self.acc.is_cpu:
+            import warnings
+
+            self._warn = warnings.catch_warnings(record=True)
+            self._caught = self._warn.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+        self._counts_module.ALL_GATHER_SINGLE = self._saved_gather
+        self._counts_module.RoutingCounts.wait_host = self._saved_wait
+        self.syncs = self.named_waits
+        if not self.acc.is_cpu:
+            torch.cuda.set_sync_debug_mode("default")
+            self._warn.__exit__(*exc)
+            self.syncs += sum("synchroniz" in str(w.message) for w in self._caught)
+        return False
 
 
 def megatron_dispatcher(num_experts: int, topk: int, hidden: int, dtype):
@@ -127,11 +230,11 @@ def main() -> None:
     for E in args.experts:
         topo = Topology.from_ranks_per_node(world, min(args.gpus_per_node, world), E, ep_rank=rank)
         groups = build_comm_groups(topo, dist.group.WORLD)
-        for k in args.topk:
+        for k, share in [(k, share) for k in args.topk for share in args.cross_share]:
             g = torch.Generator().manual_seed(1000 * E + 10 * k + rank)
             s, d = args.tokens, args.hidden
             x = torch.randn(s, d, generator=g).to(dev, dtype)
-            ids = torch.rand(s, E, generator=g).argsort(-1)[:, :k].to(dev)
+            ids = route(topo, s, k, share, g).to(dev)
             w = torch.softmax(torch.randn(s, k, generator=g), -1).to(dev)
             cot = torch.randn(s, d, generator=g).to(dev, dtype)
             probs, rmap = index_to_dense(ids, w, E)
@@ -145,34 +248,38 @@ def main() -> None:
                         res[system] = {"error": f"{type(exc).__name__}: {exc}"[:200]}  # not timed
                         continue
 
-                    def step():
+                    def step(mark=None, backward=True):
                         xx = x.clone().requires_grad_(True)
                         pp = probs.clone().requires_grad_(True)
                         y = run_megatron(mdisp, xx, rmap, pp, experts)
-                        y.backward(cot)
+                        if backward:
+                            y.backward(cot)
                         return y
-                elif system == "hier_overlap":
-                    disp = TokenDispatcher(groups, "hierarchical")
+                elif system == "overlap":
+                    disp = TokenDispatcher(groups, "hierarchical", overlap=True)
 
-                    def step(disp=disp):
+                    def step(disp=disp, mark=None, backward=True):
                         xx = x.clone().requires_grad_(True)
                         ww = w.clone().requires_grad_(True)
-                        y = disp.forward(xx, ids, ww, lambda inp, tpe: apply_experts(experts, inp, tpe), args.chunks)
-                        y.backward(cot)
+                        y = disp.forward(xx, ids, ww, lambda inp, tpe: apply_experts(experts, inp, tpe), mark=mark)
+                        if backward:
+                            y.backward(cot)
                         return y
                 elif system == "hier_tree" and topo.num_nodes > 1:
                     continue  # across nodes "hierarchical" already is the two-stage plan
                 else:
                     disp = TokenDispatcher(
-                        groups, "flat_fast" if system == "flat" else "hierarchical", exact_tree=system == "hier_tree"
+                        groups, "flat_fast" if system == "flat" else "hierarchical", exact_tree=system == "hier_tree",
+                        overlap=system == "overlap_phases",
                     )
 
-                    def step(disp=disp):
+                    def step(disp=disp, mark=None, backward=True):
                         xx = x.clone().requires_grad_(True)
                         ww = w.clone().requires_grad_(True)
                         inp, h = disp.dispatch(xx, ids, ww)
                         y = disp.combine(apply_experts(experts, inp, h.tokens_per_expert), h)
-                        y.backward(cot)
+                        if backward:
+                            y.backward(cot)
                         return y
                 built[system] = (step, None if system == "megatron" else disp)
             # every system is built first, then timed in rounds (--rounds), so slow drifts of the machine fall
@@ -216,9 +323,21 @@ def main() -> None:
                             f.write(f"\n===== {system} E={E} k={k} (3 steps)\n")
                             f.write(prof.key_averages().table(sort_by=sort, row_limit=30))
                 res[system] = {"ms": statistics.median(per_round[system]), "ms_rounds": per_round[system]}
+                # one forward alone: collectives and host syncs per layer forward (max over ranks)
+                dist.barrier()
+                with CallCounter(acc) as counter:
+                    step(backward=False)
+                    acc.synchronize()
+                calls = torch.tensor([counter.collectives, -1 if counter.syncs is None else counter.syncs],
+                                     device=dev, dtype=torch.float64)
+                dist.all_reduce(calls, op=dist.ReduceOp.MAX)
+                res[system]["collectives_per_forward"] = int(calls[0])
+                res[system]["host_syncs_per_forward"] = None if calls[1] < 0 else int(calls[1])
+                if system == "overlap" and disp is not None and disp.overlap_active:
+                    res[system]["timeline"] = timeline(step, acc, dev)
                 if disp is not None:
                     tr = disp.traffic
-                    calls = max(tr.calls // (args.chunks if system == "hier_overlap" else 1), 1)  # per step
+                    calls = max(tr.calls, 1)  # per step
                     b = torch.tensor([tr.inter_bytes / calls, tr.intra_bytes / calls], device=dev, dtype=torch.float64)
                     dist.all_reduce(b)
                     res[system].update(inter_node_MiB=b[0].item() / 2**20, intra_node_MiB=b[1].item() / 2**20)
@@ -230,7 +349,8 @@ def main() -> None:
             e2n = topo.expert_to_node.to(dev)
             cross = (e2n[ids] != topo.node).float().mean().reshape(1)
             dist.all_reduce(cross)
-            rows.append({"experts": E, "topk": k, "cross_node_pair_share": cross.item() / world, "systems": res})
+            rows.append({"experts": E, "topk": k, "cross_share_requested": share,
+                         "cross_node_pair_share": cross.item() / world, "systems": res})
             if rank == 0:
                 print(json.dumps(rows[-1]), flush=True)
     if rank == 0:
@@ -256,24 +376,58 @@ def ratio(systems: dict, a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(ra, rb))
 
 
+def timeline(step, acc, dev, repeats: int = 3) -> dict:
+    """Device events around the overlapped forward (recorded through locmoe_plugin.device): the local
+    expert GEMMs' span and the inter-node transfer's window (launch -> the compute stream has waited for
+    it). ``overlap_share``: the part of the local experts' span inside that window (1.0 = all of it).
+    Medians over ``repeats`` forwards, max over ranks."""
+    spans = []
+    for _ in range(repeats):
+        events = {}
+
+        def mark(name):
+            ev = acc.Event(enable_timing=True)
+            ev.record()
+            events[name] = ev
+
+        step(mark=mark, backward=False)
+        acc.synchronize()
+        t = {n: events["rail_launched"].elapsed_time(ev) for n, ev in events.items()}
+        experts = t["local_experts_end"] - t["local_experts_start"]
+        window = t["rail_waited"]
+        inside = max(0.0, min(t["local_experts_end"], window) - max(t["local_experts_start"], 0.0))
+        spans.append([experts, window, inside / experts if experts > 0 else 0.0])
+    med = torch.tensor([statistics.median(col) for col in zip(*spans)], device=dev, dtype=torch.float64)
+    dist.all_reduce(med, op=dist.ReduceOp.MAX)
+    return {"local_experts_ms": med[0].item(), "rail_window_ms": med[1].item(), "overlap_share": med[2].item()}
+
+
 def print_table(meta, rows) -> None:
     print(f"\n{meta['ranks']} ranks as {meta['nodes']} node(s), {meta['tokens_per_rank']} tokens/rank, hidden "
           f"{meta['hidden']}, {meta['dtype']}, {meta['device']}; dispatch+combine fwd+bwd, median ms (max over ranks)"
           + (f"; {meta['rounds']} interleaved rounds (ratios: median of per-round ratios)" if meta["rounds"] > 1 else ""))
-    print(f"{'E':>3} {'k':>2} {'cross':>6} {'hier ms':>8} {'tree ms':>8} {'flat ms':>8} {'mcore ms':>9} {'overlap ms':>9} "
-          f"{'flat/hier':>9} {'flat/tree':>9} {'mcore/hier':>10} {'hier inter MiB':>14} {'flat inter MiB':>14}")
+    print(f"{'E':>3} {'k':>2} {'cross':>6} {'hier ms':>8} {'flat ms':>8} {'mcore ms':>9} {'ovl ms':>8} {'ovl6 ms':>8} "
+          f"{'ovl/hier':>8} {'ovl6/hier':>9} {'flat/hier':>9} {'coll/fwd hier,ovl':>17} {'syncs/fwd':>9} "
+          f"{'exp ms':>7} {'rail ms':>7} {'hidden':>6}")
     for r in rows:
         s = r["systems"]
 
         def ms(name):
             return s.get(name, {}).get("ms", float("nan"))
 
-        h, t, f, m, o = ms("hierarchical"), ms("hier_tree"), ms("flat"), ms("megatron"), ms("hier_overlap")
-        print(f"{r['experts']:>3} {r['topk']:>2} {r['cross_node_pair_share']:>6.2f} {h:>8.2f} {t:>8.2f} {f:>8.2f} {m:>9.2f} "
-              f"{o:>9.2f} {ratio(s, 'flat', 'hierarchical'):>9.2f} {ratio(s, 'flat', 'hier_tree'):>9.2f} "
-              f"{ratio(s, 'megatron', 'hierarchical'):>10.2f} "
-              f"{s.get('hierarchical', {}).get('inter_node_MiB', float('nan')):>14.1f} "
-              f"{s.get('flat', {}).get('inter_node_MiB', float('nan')):>14.1f}")
+        def get(name, key, default="-"):
+            v = s.get(name, {}).get(key)
+            return default if v is None else v
+
+        tl = s.get("overlap", {}).get("timeline", {})
+        syncs = get("overlap", "host_syncs_per_forward", get("hierarchical", "host_syncs_per_forward"))
+        print(f"{r['experts']:>3} {r['topk']:>2} {r['cross_node_pair_share']:>6.2f} {ms('hierarchical'):>8.2f} "
+              f"{ms('flat'):>8.2f} {ms('megatron'):>9.2f} {ms('overlap'):>8.2f} {ms('overlap_phases'):>8.2f} "
+              f"{ratio(s, 'overlap', 'hierarchical'):>8.3f} {ratio(s, 'overlap_phases', 'hierarchical'):>9.3f} "
+              f"{ratio(s, 'flat', 'hierarchical'):>9.2f} "
+              f"{str(get('hierarchical', 'collectives_per_forward')) + ',' + str(get('overlap', 'collectives_per_forward')):>17} "
+              f"{str(syncs):>9} {tl.get('local_experts_ms', float('nan')):>7.2f} "
+              f"{tl.get('rail_window_ms', float('nan')):>7.2f} {tl.get('overlap_share', float('nan')):>6.2f}")
 
 
 if __name__ == "__main__":

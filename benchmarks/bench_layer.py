@@ -36,8 +36,8 @@ model's layers before its MoE layer, and times fwd+bwd of one MoE layer on those
                      gate weight = the trained TopKRouter's, on the same hidden states; its own experts
   locmoe_ds          (e') locmoe_plugin.deepspeed.LocMoE (dropless), router (gate, locality bias) and hidden states of the
                      first trained gate, its own experts
-  locmoe_ds_chunks<C> the same with overlap_chunks=C, i.e. TokenDispatcher.forward(chunks=C) (the
-                     Megatron adapter has no chunked mode: its flag must be 1 under Megatron)
+  locmoe_ds_no_overlap the same with "overlap": false (locmoe_ds runs the default, overlap on: across
+                     nodes the local experts compute while other nodes' rows cross the network)
 Median of --iters after --warmup, max over ranks. With --rounds R > 1 every system is built first and the
 systems are then timed in R rounds, so that a machine's drift during the run (measured: the same
 one-node command 1.000 x and 1.265 x Megatron's time in consecutive calls) hits all of them alike; the
@@ -109,8 +109,7 @@ def parse() -> argparse.Namespace:
                    help="gc.collect() before timing and the collector off while timing (all systems alike)")
     p.add_argument("--systems", nargs="*",
                    default=["locmoe", "mcore_alltoall", "mcore_allgather", "mcore_grouplimited", "deepspeed_moe",
-                            "locmoe_ds", "locmoe_ds_chunks"])
-    p.add_argument("--chunks", type=int, default=4, help="chunks of locmoe_ds_chunks")
+                            "locmoe_ds", "locmoe_ds_no_overlap"])
     p.add_argument("--ds-capacity-factor", type=float, default=1.25)
     p.add_argument("--aux-coeff", type=float, default=0.01)
     # training
@@ -628,8 +627,6 @@ def system_names(args) -> list[tuple[str, str]]:
     for system in args.systems:
         if system == "locmoe":
             rows += [(f"locmoe_{g}", g) for g in args.gates]
-        elif system == "locmoe_ds_chunks":
-            rows.append((f"locmoe_ds_chunks{args.chunks}", args.gates[0]))
         elif system.startswith("locmoe_ds"):
             rows.append((system, args.gates[0]))
         else:  # Megatron and DeepSpeed baselines: the trained TopKRouter model (or the first gate's)
@@ -768,10 +765,10 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
         from locmoe_plugin.deepspeed import LocMoE
 
         gate = a.gates[0]
-        chunks = a.chunks if "chunks" in name else 1
+        overlap = not name.endswith("no_overlap")
         torch.manual_seed(a.seed + 6)
         settings = {"gate": gate, "routing": "locmoe", "locality_loss_coeff": trained[gate]["summary"]["mu"],
-                    "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope, "overlap_chunks": chunks,
+                    "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope, "overlap": overlap,
                     "expert_bias_rate": a.expert_bias_rate}
         layer = LocMoE(a.hidden, ds_expert(ctx), num_experts=a.experts, ep_size=ctx.world, k=a.topk,
                        locmoe=settings)
@@ -800,7 +797,7 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
                           tr.intra_bytes])
         return {"ms": ms, "cross_node_share": tot[0] / max(tot[1], 1), "inter_node_MiB": tot[2] / 2**20,
                 "intra_node_MiB": tot[3] / 2**20, "max_over_mean_load": (load.max() / load.mean()).item(),
-                "rank_max_over_mean_rows": rank_imbalance(load, ctx.world), "chunks": chunks}
+                "rank_max_over_mean_rows": rank_imbalance(load, ctx.world), "overlap": overlap}
     raise ValueError(f"unknown system {name}")
 
 

@@ -1,17 +1,60 @@
 #!/usr/bin/env bash
-# Chunked overlap with real expert MLPs (d -> 1408 -> d per expert): hierarchical without and with
-# --chunks 4, flat, and Megatron's alltoall dispatcher, 1 node and 2 emulated nodes. Usage (repo root):
-#   NGPU=8 bash benchmarks/run_gpu_overlap.sh "$OUT"
+# Overlap of the inter-node transfer (split-by-origin dispatch) against the same dispatcher without it,
+# in one command on 4 GPUs (~5 minutes at the default sizes):
+#   * 2 emulated nodes x 2 (launch/emulate_nodes.sh), NCCL's default socket transport between them;
+#   * the same with NCCL_NSOCKS_PERTHREAD=8 NCCL_SOCKET_NTHREADS=8 (a faster inter-node link);
+#     both at cross-node shares 0, 0.15 and 0.5 of the routed pairs;
+#   * one node x 4 (the overlap is a no-op there: measures that it costs nothing).
+# 8192 tokens/rank, hidden 2048, expert MLPs d -> 1408 -> d, 32 experts, top-4, bf16; systems timed in
+# interleaved shuffled rounds. Usage (repo root):
+#   bash benchmarks/run_gpu_overlap.sh OUT_DIR
+# Toy size on CPU (gloo): TOKENS=64 HIDDEN=32 FFN=16 EXPERTS=8 DTYPE=fp32 ITERS=2 ROUNDS=2 WARMUP=1 \
+#   PYTHON=.venv/bin/python bash benchmarks/run_gpu_overlap.sh /tmp/overlap
 set -uo pipefail
-out=${1:-benchmarks/results}
-NGPU=${NGPU:-8}
+out=${1:?usage: run_gpu_overlap.sh OUT_DIR}
 mkdir -p "$out"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-half=$(( NGPU / 2 ))
-args=(--experts 32 --topk ${OVERLAP_TOPK:-2 4 8} --expert-ffn 1408 --chunks 4 --systems hierarchical hier_overlap flat megatron)
-python3 -m torch.distributed.run --standalone --nproc-per-node "$NGPU" benchmarks/bench_dispatch.py \
-  --gpus-per-node "$NGPU" --json "$out/overlap_1node_${NGPU}gpu.json" "${args[@]}" 2>&1 \
-  | grep -v -E "Warning|warn" > "$out/overlap_1node.log"; tail -6 "$out/overlap_1node.log"
-launch/emulate_nodes.sh --nodes 2 --nproc-per-node "$NGPU" -- benchmarks/bench_dispatch.py \
-  --gpus-per-node "$half" --json "$out/overlap_2nodes_${NGPU}gpu.json" "${args[@]}" 2>&1 \
-  | grep -v -E "Warning|warn" > "$out/overlap_2nodes.log"; tail -6 "$out/overlap_2nodes.log"
+PY=${PYTHON:-python3}
+export PYTHON=$PY NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+args=(--tokens "${TOKENS:-8192}" --hidden "${HIDDEN:-2048}" --expert-ffn "${FFN:-1408}" --experts "${EXPERTS:-32}"
+      --topk "${TOPK:-4}" --dtype "${DTYPE:-bf16}" --iters "${ITERS:-5}" --rounds "${ROUNDS:-5}" --warmup "${WARMUP:-3}"
+      --systems hierarchical overlap overlap_phases)
+shares=(--cross-share 0 0.15 0.5)
+{ date -u; git rev-parse HEAD 2>/dev/null; nvidia-smi -L 2>/dev/null; } > "$out/machine.txt"
+
+run2() {  # name, extra env
+  local name=$1; shift
+  env "$@" launch/emulate_nodes.sh --nodes 2 --nproc-per-node 4 -- benchmarks/bench_dispatch.py \
+    --gpus-per-node 2 --json "$out/$name.json" "${args[@]}" "${shares[@]}" > "$out/$name.log" 2>&1
+  echo "$name: exit $?"
+}
+run2 overlap_2x2_socket NCCL_DEBUG=WARN
+run2 overlap_2x2_socket8 NCCL_NSOCKS_PERTHREAD=8 NCCL_SOCKET_NTHREADS=8
+"$PY" -m torch.distributed.run --standalone --nproc-per-node 4 benchmarks/bench_dispatch.py --gpus-per-node 4 \
+  --json "$out/overlap_1x4.json" "${args[@]}" > "$out/overlap_1x4.log" 2>&1
+echo "overlap_1x4: exit $?"
+
+"$PY" - "$out" <<'PYEOF'
+import json, os, sys
+out = sys.argv[1]
+print(f"{'run':<20} {'cross':>5} {'hier ms':>8} {'ovl ms':>8} {'ovl/hier':>8} {'ovl6/hier':>9} "
+      f"{'coll hier/ovl':>13} {'syncs':>5} {'exp ms':>7} {'rail ms':>7} {'hidden':>6}")
+for name in ("overlap_2x2_socket", "overlap_2x2_socket8", "overlap_1x4"):
+    path = os.path.join(out, name + ".json")
+    if not os.path.exists(path):
+        print(f"{name:<20} no result (see {name}.log)")
+        continue
+    for row in json.load(open(path))["rows"]:
+        s = row["systems"]
+        def ratio(a, b="hierarchical"):
+            ra, rb = s.get(a, {}).get("ms_rounds"), s.get(b, {}).get("ms_rounds")
+            if not ra or not rb:
+                return float("nan")
+            r = sorted(x / y for x, y in zip(ra, rb))
+            return r[len(r) // 2] if len(r) % 2 else (r[len(r) // 2 - 1] + r[len(r) // 2]) / 2
+        tl = s.get("overlap", {}).get("timeline", {})
+        coll = f"{s['hierarchical'].get('collectives_per_forward')}/{s['overlap'].get('collectives_per_forward')}"
+        print(f"{name:<20} {row['cross_node_pair_share']:>5.2f} {s['hierarchical']['ms']:>8.2f} {s['overlap']['ms']:>8.2f} "
+              f"{ratio('overlap'):>8.3f} {ratio('overlap_phases'):>9.3f} {coll:>13} "
+              f"{str(s['overlap'].get('host_syncs_per_forward')):>5} {tl.get('local_experts_ms', float('nan')):>7.2f} "
+              f"{tl.get('rail_window_ms', float('nan')):>7.2f} {tl.get('overlap_share', float('nan')):>6.2f}")
+PYEOF

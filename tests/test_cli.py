@@ -31,6 +31,8 @@ def test_check_comm_passes_on_cpu_in_under_a_minute(tmp_path):
     assert out.stdout.rstrip().endswith("->  OK")
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["max_abs_diff"] == {"output": 0.0, "grad_input": 0.0, "grad_weights": 0.0}
+    assert report["max_abs_diff_overlap"] == {"output": 0.0, "grad_input": 0.0, "grad_weights": 0.0}
+    assert report["inter_node_bytes"]["overlap"] == report["inter_node_bytes"]["hierarchical"]
     assert report["inter_node_bytes"]["hierarchical"] < report["inter_node_bytes"]["flat"]
     assert elapsed < 60, f"check-comm took {elapsed:.1f} s"
 

@@ -37,7 +37,8 @@ def _worker(rank, world):
         ("locmoe", {"gpus_per_node": 2}, 2),
         ("hybrid_flat", {"gpus_per_node": 2, "routing": "hybrid", "capacity": "factor", "capacity_factor": 1.0,
                          "min_capacity": 0, "dispatcher": "flat"}, 2),
-        ("dense_k4_chunks", {"gpus_per_node": 2, "gate": "dense", "overlap_chunks": 2}, 4),
+        ("dense_k4_no_overlap", {"gpus_per_node": 2, "gate": "dense", "overlap": False}, 4),
+        ("dense_k4_overlap", {"gpus_per_node": 2, "gate": "dense"}, 4),  # overlap on by default
         ("one_node", {"gpus_per_node": 4}, 4),  # one node: the layer uses the pairs plan (flat_fast)
     ]:
         torch.manual_seed(11)
@@ -69,7 +70,8 @@ def _worker(rank, world):
         ((ref.reshape(x.shape) * cot).sum() + res.total_loss).backward()
         out[name] = dict(y=y.detach(), ref=ref.detach().reshape(x.shape), gx=x.grad, gref=xr.grad,
                          l_aux=float(l_aux), counts=counts.clone(), traffic=layer.traffic.to_dict(),
-                         nodes=layer.router.topology.num_nodes, plan=layer.deepspeed_moe.dispatcher.plan_mode)
+                         nodes=layer.router.topology.num_nodes, plan=layer.deepspeed_moe.dispatcher.plan_mode,
+                         overlap_active=layer.deepspeed_moe.dispatcher.overlap_active)
     return out
 
 
@@ -84,6 +86,12 @@ def test_locmoe_layer_on_deepspeed_groups_matches_dense_reference():
             else:
                 assert r["nodes"] == 2 and r["l_aux"] > 0 and r["counts"].shape == (E,)
             assert r["traffic"]["calls"] >= 1
+            assert r["overlap_active"] == (name in ("locmoe", "dense_k4_overlap")), name
+        # the same layer with and without the overlap (the experts then run per origin: equal up to the
+        # GEMM's dependence on its row count, bitwise with row-exact experts: see test_dispatcher_dist)
+        for key in ("y", "gx"):
+            torch.testing.assert_close(res["dense_k4_overlap"][key], res["dense_k4_no_overlap"][key], rtol=1e-6, atol=1e-7)
+        assert res["dense_k4_overlap"]["traffic"] == res["dense_k4_no_overlap"]["traffic"]
 
 
 def test_config_section_and_errors(tmp_path):
@@ -102,6 +110,10 @@ def test_config_section_and_errors(tmp_path):
         LocMoE(D, _expert(), num_experts=3, k=1)
     with pytest.raises(ConfigError, match="dispatcher='ring'"):
         LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"dispatcher": "ring"})
+    with pytest.raises(ConfigError, match='"overlap_chunks": 2 is removed: use "overlap": true'):
+        LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"overlap_chunks": 2})
+    with pytest.raises(ConfigError, match='"overlap": 1 must be true or false'):
+        LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"overlap": 1})
     with pytest.raises(ConfigError, match="routing='hash' needs token ids"):
         LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"routing": "hash"})
     layer = LocMoE(D, _expert(), num_experts=E, k=2)

@@ -15,9 +15,12 @@ D = 16
 
 
 def _expert_fn(inp, tokens_per_expert, first_expert, W):
+    """tanh(x @ W_e) per expert, row-exact: a row's result does not depend on the rows beside it (a BLAS
+    matmul may pick another kernel for another row count), so experts run per origin in the overlapped
+    forward give the same bits as experts run on all rows at once."""
     outs, start = [], 0
     for le, c in enumerate(tokens_per_expert):
-        outs.append(torch.tanh(inp[start : start + c] @ W[first_expert + le]))
+        outs.append(torch.tanh((inp[start : start + c].unsqueeze(2) * W[first_expert + le]).sum(1)))
         start += c
     return torch.cat(outs) if outs else inp[:0]
 
@@ -33,22 +36,45 @@ def _case_inputs(rank, E, k, s, seed, drop_p, only_experts=None):
     return x, ids, w
 
 
-def _run_modes(groups, x, ids, w, W, corrupt=False):
+def _reversed_rail_sum(ext, rail_hop):
+    """A deliberately wrong summation order: each token's node copies summed last to first."""
+    n = rail_hop.index.numel()
+    out = ext.new_zeros((rail_hop.prev_rows,) + tuple(ext.shape[1:]))
+    return out.index_add_(0, rail_hop.index.flip(0), ext[:n].flip(0))
+
+
+# system -> (mode, overlap, through forward(expert_fn))
+SYSTEMS = {
+    "hierarchical": ("hierarchical", False, False),
+    "flat": ("flat", False, False),
+    "flat_fast": ("flat_fast", False, False),
+    "overlap": ("hierarchical", True, False),  # split by origin, experts on all pairs at once
+    "overlap_fwd": ("hierarchical", True, True),  # split by origin, experts per origin (forward)
+}
+
+
+def _run_modes(groups, x, ids, w, W, corrupt=False, wrong_order=False):
     from locmoe_plugin.comm import TokenDispatcher
 
     t = groups.topology
+    first = t.ep_rank * t.experts_per_rank
     res = {}
-    for mode in ("hierarchical", "flat", "flat_fast"):
+    for system, (mode, overlap, through_forward) in SYSTEMS.items():
         xx = x.clone().requires_grad_(True)
         ww = w.clone().requires_grad_(True)
-        disp = TokenDispatcher(groups, mode, exact_tree=True)
-        inp, h = disp.dispatch(xx, ids, ww)
-        tpe = h.tokens_per_expert
-        if corrupt and mode == "hierarchical" and len(tpe) > 1 and tpe[0] != tpe[1]:
-            tpe = (tpe[1], tpe[0]) + tuple(tpe[2:])  # a deliberately wrong split of the expert rows
-        y = disp.combine(_expert_fn(inp, tpe, t.ep_rank * t.experts_per_rank, W), h)
+        disp = TokenDispatcher(groups, mode, exact_tree=True, overlap=overlap)
+        if wrong_order and overlap:
+            disp.order_hook = _reversed_rail_sum
+        if through_forward:
+            y = disp.forward(xx, ids, ww, lambda inp, tpe: _expert_fn(inp, tpe, first, W))
+        else:
+            inp, h = disp.dispatch(xx, ids, ww)
+            tpe = h.tokens_per_expert
+            if corrupt and mode == "hierarchical" and len(tpe) > 1 and tpe[0] != tpe[1]:
+                tpe = (tpe[1], tpe[0]) + tuple(tpe[2:])  # a deliberately wrong split of the expert rows
+            y = disp.combine(_expert_fn(inp, tpe, first, W), h)
         (y * torch.linspace(-1, 1, D)).sum().backward()
-        res[mode] = dict(y=y.detach(), gx=xx.grad, gw=ww.grad, traffic=disp.traffic.to_dict())
+        res[system] = dict(y=y.detach(), gx=xx.grad, gw=ww.grad, traffic=disp.traffic.to_dict())
     ref = torch.zeros_like(x)
     ref_gw = torch.zeros_like(w)  # d sum(y * c) / d w[tok, j] = c . expert_j(x[tok]); 0 for a dropped slot
     for tok in range(x.shape[0]):
@@ -79,6 +105,9 @@ def _worker(rank, world, layouts):
         topo = Topology.from_ranks_per_node(world, rpn, E, ep_rank=rank)
         groups = build_comm_groups(topo, dist.group.WORLD)
         W = torch.randn(E, D, D, generator=torch.Generator().manual_seed(5)) / 4
+        e_r = topo.experts_per_rank
+        own = [e for q in topo.ranks_of_node(topo.node) for e in range(q * e_r, (q + 1) * e_r)]
+        others = [e for e in range(E) if e not in own]
         cases = {
             "uneven": _case_inputs(rank, E, k, 5 + 7 * rank, 1, 0.0),
             "drops": _case_inputs(rank, E, k, 12, 2, 0.3),
@@ -88,11 +117,20 @@ def _worker(rank, world, layouts):
                 only_experts=list(range(E // world)) + list(range(E - E // world, E)),
             ),
             "all_dropped": _case_inputs(rank, E, k, 4, 4, 1.0),
+            # every pair stays on the token's node / every pair crosses nodes
+            "all_local": _case_inputs(rank, E, min(k, len(own)), 8, 7, 0.1, only_experts=own),
+            "all_remote": _case_inputs(rank, E, k, 8, 8, 0.1, only_experts=others) if others else None,
         }
-        for name, (x, ids, w) in cases.items():
+        for name, case in cases.items():
+            if case is None:
+                continue
+            x, ids, w = case
             out.append(((rpn, E, k), name, _run_modes(groups, x, ids, w, W)))
         x, ids, w = cases["uneven"]
         out.append(((rpn, E, k), "corrupt", _run_modes(groups, x, ids, w, W, corrupt=True)))
+        if rpn < world:  # several nodes: the overlapped path with a wrong rail-level summation order
+            x, ids, w = _case_inputs(rank, E, k, 40, 6, 0.0)
+            out.append(((rpn, E, k), "wrong_order", _run_modes(groups, 100 * x, ids, w, W, wrong_order=True)))
     return out
 
 
@@ -102,12 +140,13 @@ def _check(results):
         for layout, name, r in rank_results:
             h, f, ff = r["hierarchical"], r["flat"], r["flat_fast"]
             tag = f"{layout} {name}"
-            if name == "corrupt":
+            if name in ("corrupt", "wrong_order"):
                 continue
-            # bitwise parity of output, input gradient and weight gradient
-            assert torch.equal(h["y"], f["y"]), tag
-            assert torch.equal(h["gx"], f["gx"]), tag
-            assert torch.equal(h["gw"], f["gw"]), tag
+            # bitwise parity of output, input gradient and weight gradient; overlapped == not == flat
+            for other in ("flat", "overlap", "overlap_fwd"):
+                for key in ("y", "gx", "gw"):
+                    assert torch.equal(h[key], r[other][key]), f"{tag} {other} {key}"
+                assert r[other]["traffic"] == (h if other != "flat" else f)["traffic"], f"{tag} {other}"
             torch.testing.assert_close(h["y"], r["ref"], rtol=1e-5, atol=1e-5, msg=tag)
             torch.testing.assert_close(h["gw"], r["ref_gw"], rtol=1e-5, atol=1e-5, msg=tag)
             torch.testing.assert_close(ff["gw"], r["ref_gw"], rtol=1e-5, atol=1e-5, msg=tag)
@@ -130,6 +169,16 @@ def _check(results):
         if name == "corrupt"
     ]
     assert any(broken)
+    # the overlapped path summing the node copies in the wrong order must differ somewhere (the
+    # comparison above can fail); layouts with >= 3 nodes per token only
+    wrong = [
+        not torch.equal(r["overlap"]["y"], r["hierarchical"]["y"])
+        for rank_results in results
+        for layout, name, r in rank_results
+        if name == "wrong_order" and layout[0] * 3 <= len(results)
+    ]
+    assert not wrong or any(wrong), "a reversed rail-level sum gave identical results"
+    return wrong
 
 
 def test_hierarchical_equals_flat_4_ranks_2x2_and_one_node():
@@ -137,34 +186,19 @@ def test_hierarchical_equals_flat_4_ranks_2x2_and_one_node():
 
 
 def test_hierarchical_equals_flat_8_ranks_2x4_and_4x2():
-    _check(run_workers(_worker, 8, [(4, 16, 4), (2, 8, 3)]))
+    wrong = _check(run_workers(_worker, 8, [(4, 16, 4), (2, 8, 3)]))
+    assert wrong and any(wrong)  # 4 nodes x 2, k = 3: tokens with three node copies exist
 
 
-def _chunks_worker(rank, world):
-    import torch.distributed as dist
-
+def test_chunks_argument_names_overlap():
     from locmoe_plugin import Topology
-    from locmoe_plugin.comm import TokenDispatcher, build_comm_groups
+    from locmoe_plugin.comm import CommGroups, TokenDispatcher
 
-    topo = Topology.from_ranks_per_node(world, 2, 8, ep_rank=rank)
-    groups = build_comm_groups(topo, dist.group.WORLD)
-    W = torch.randn(8, D, D, generator=torch.Generator().manual_seed(5)) / 4
-    x, ids, w = _case_inputs(rank, 8, 3, 11 + rank, 9, 0.2)
-    first = rank * topo.experts_per_rank
-    out = {}
-    for chunks in (1, 3):
-        xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        disp = TokenDispatcher(groups, "hierarchical")
-        y = disp.forward(xx, ids, ww, lambda inp, tpe: _expert_fn(inp, tpe, first, W), chunks=chunks)
-        (y * torch.linspace(-1, 1, D)).sum().backward()
-        out[chunks] = (y.detach(), xx.grad, ww.grad)
-    return out
-
-
-def test_chunked_forward_matches_one_chunk():
-    for res in run_workers(_chunks_worker, 4):
-        for a, b in zip(res[1], res[3]):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    topo = Topology.from_ranks_per_node(1, 1, 4, ep_rank=0)
+    disp = TokenDispatcher(CommGroups(topo, None, None, None, (0,)), "hierarchical", overlap=True)
+    assert not disp.overlap_active  # one node: nothing to hide
+    with pytest.raises(ValueError, match="overlap=True"):
+        disp.forward(torch.ones(2, D), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), lambda i, t: i, chunks=2)
 
 
 def _bytes_worker(rank, world):

@@ -21,7 +21,7 @@ def _worker(rank, world):
     from megatron.core import parallel_state
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    from locmoe_plugin.megatron.dispatcher import make_locmoe_layer_class
+    from locmoe_plugin.megatron.dispatcher import DispatcherSetting, make_locmoe_layer_class
     from locmoe_plugin.megatron.router import dense_routing_map
 
     LocMoELayer = make_locmoe_layer_class()
@@ -33,7 +33,11 @@ def _worker(rank, world):
         locmoe = {"gpus_per_node": 2}
         torch.manual_seed(7)
         mega = _build(MoELayer, 1, 4, locmoe, topk)
-        ours = {m: _build(LocMoELayer, 1, 4, locmoe, topk, dispatcher=m) for m in ("hierarchical", "flat")}
+        # "hierarchical": the overlap on by default (2 nodes: split by origin); "no_overlap": the unsplit plan
+        modes = {"hierarchical": "hierarchical", "flat": "flat",
+                 "no_overlap": DispatcherSetting("hierarchical", overlap=False)}
+        ours = {m: _build(LocMoELayer, 1, 4, locmoe, topk, dispatcher=d) for m, d in modes.items()}
+        out[("overlap_active", topk)] = {m: layer.token_dispatcher.core.overlap_active for m, layer in ours.items()}
         for layer in ours.values():
             layer.load_state_dict(mega.state_dict())
         torch.manual_seed(100 + rank)
@@ -86,6 +90,9 @@ def test_locmoe_dispatcher_in_megatron_moe_layer():
                 torch.testing.assert_close(r[name][1], g_ref, rtol=1e-5, atol=1e-6, msg=f"{name} k={topk}")
             # hierarchical and flat: bitwise equal; top-2 sums have one order: equal to Megatron's too
             assert torch.equal(r["hierarchical"][0], r["flat"][0]) and torch.equal(r["hierarchical"][1], r["flat"][1])
+            assert torch.equal(r["hierarchical"][0], r["no_overlap"][0])
+            assert torch.equal(r["hierarchical"][1], r["no_overlap"][1])
+            assert res[("overlap_active", topk)] == {"hierarchical": True, "flat": False, "no_overlap": False}
             if topk == 2:
                 assert torch.equal(r["hierarchical"][0], r["megatron"][0])
             assert r["hierarchical_traffic"]["inter_bytes"] <= r["flat_traffic"]["inter_bytes"]
@@ -115,5 +122,8 @@ def test_unsupported_layouts_are_refused():
         validate_parallel_config(SimpleNamespace(expert_tensor_parallel_size=2))
     with pytest.raises(ConfigError, match="add --sequence-parallel"):
         validate_parallel_config(SimpleNamespace(tensor_model_parallel_size=2, sequence_parallel=False))
+    with pytest.raises(ConfigError, match="pass --locmoe-overlap off"):
+        validate_parallel_config(SimpleNamespace(overlap_moe_expert_parallel_comm=True))
+    validate_parallel_config(SimpleNamespace(overlap_moe_expert_parallel_comm=True), overlap=False)
     with pytest.raises(ConfigError, match="drop-and-pad"):
         validate_parallel_config(SimpleNamespace(moe_pad_expert_input_to_capacity=True))

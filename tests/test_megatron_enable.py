@@ -43,6 +43,10 @@ def test_flags_parse_and_reach_the_settings():
     ns = _args("--locmoe", "--locmoe-routing", "hybrid", "--locmoe-locality-loss-coeff", "0.05",
                "--locmoe-capacity", "bound", "--locmoe-gpus-per-node", "2", "--locmoe-dispatcher", "flat")
     overrides, dispatcher = settings_from_args(ns)
+    assert dispatcher == "flat" and dispatcher.overlap  # overlap on by default
+    assert not settings_from_args(_args("--locmoe", "--locmoe-overlap", "off"))[1].overlap
+    # Megatron's 1F1B overlap with ours off: accepted here (the layer then runs the unsplit plan)
+    assert settings_from_args(_args("--locmoe", "--locmoe-overlap", "off", overlap_moe_expert_parallel_comm=True))
     assert overrides == {"routing": "hybrid", "locality_loss_coeff": 0.05, "capacity": "bound", "gpus_per_node": 2}
     assert dispatcher == "flat"
     ns = _args("--locmoe", "--locmoe-routing", "hybrid", "--locmoe-capacity-factor-min", "1.0",
@@ -65,7 +69,8 @@ def test_flags_parse_and_reach_the_settings():
         (("--locmoe", "--locmoe-gpus-per-node", "3"), {}, r"ranks per node 3 does not divide|different numbers"),
         (("--locmoe",), {"hidden_size": 100}, r"hidden_size 100 is not divisible by num_experts 8: GrAP"),
         (("--locmoe",), {"expert_model_parallel_size": 3}, r"--num-experts 8 is not divisible by --expert-model-parallel-size 3"),
-        (("--locmoe", "--locmoe-overlap-chunks", "2"), {}, r"set it to 1"),
+        (("--locmoe", "--locmoe-overlap-chunks", "2"), {}, r"is removed: use --locmoe-overlap on"),
+        (("--locmoe",), {"overlap_moe_expert_parallel_comm": True}, r"pass --locmoe-overlap off"),
         (("--locmoe", "--locmoe-routing", "hybrid", "--locmoe-capacity", "none"), {}, r"needs a capacity"),
     ],
 )

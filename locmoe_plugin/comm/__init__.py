@@ -2,7 +2,8 @@
 
 from .dispatcher import DispatchHandle, TokenDispatcher, TrafficCounter
 from .groups import CommGroups, build_comm_groups
-from .plan import Plan, Traffic, build_plan
+from .build import build_plan
+from .plan import Plan, Traffic
 
 __all__ = [
     "CommGroups",

@@ -11,14 +11,18 @@ way, so gradients reach the router through them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ..device import get_accelerator
+from .build import build_plan, start_counts
+from .counts import RoutingCounts
 from .groups import CommGroups
-from .plan import Plan, build_plan
+from .origin_split import split_by_origin
+from .overlap import InFlight, broadcast_split, finish_reduce, finish_remote, launch_remote, reduce_remote, reduce_split
+from .plan import Plan
 
 MODES = ("hierarchical", "flat", "flat_fast")
 
@@ -142,27 +146,51 @@ class TokenDispatcher:
             Megatron-style dispatcher; deterministic, but its sums are not the node/rank tree).
         exact_tree: build the mode as named on every topology (the two-stage plan on one node too), so
             ``"hierarchical"`` and ``"flat"`` agree bitwise; for checks, not for speed.
+        overlap: split the two-stage plan by origin (:mod:`.origin_split`) so the inter-node (rail)
+            transfer of rows from and to other nodes runs while this node's rows move and compute.
+            Only the hierarchical plan on a group spanning nodes has an inter-node stage to hide; elsewhere
+            it is a no-op (``overlap_active`` says which). Results are bitwise equal either way.
 
     Attributes:
         plan_mode: the plan actually built (:func:`resolve_mode`).
+        overlap_active: whether plans are split by origin (``overlap`` on a hierarchical plan across nodes).
     """
 
-    def __init__(self, groups: CommGroups, mode: str = "hierarchical", exact_tree: bool = False) -> None:
+    def __init__(self, groups: CommGroups, mode: str = "hierarchical", exact_tree: bool = False,
+                 overlap: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"dispatcher mode {mode!r} is not one of {MODES}")
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap={overlap!r} must be True or False")
         self.groups = groups
         self.mode = mode
         self.plan_mode = resolve_mode(mode, groups.topology, exact_tree)
+        self.overlap = overlap
+        self.overlap_active = overlap and self.plan_mode == "hierarchical" and groups.topology.num_nodes > 1
         self.traffic = TrafficCounter()
+        self.order_hook = None  # test-only: permutes the rail-level sum order of split plans
 
     @property
     def topology(self):
         return self.groups.topology
 
-    def prepare(self, expert_ids: torch.Tensor, weights: torch.Tensor) -> Plan:
-        """Build the routing plan (the count exchange, its one host sync, the metadata exchange)
-        without moving payload; pass it to :meth:`dispatch` as ``plan``."""
-        return build_plan(expert_ids, self.groups, self.plan_mode, weights)
+    def start_counts(self, expert_ids: torch.Tensor) -> RoutingCounts:
+        """The device half of the count exchange (all-gather and an asynchronous copy to the host, no
+        host wait): call early (Megatron: ``dispatch_preprocess``) and pass the result to :meth:`prepare`."""
+        return start_counts(expert_ids, self.groups, self.plan_mode)
+
+    def prepare(self, expert_ids: torch.Tensor, weights: torch.Tensor, counts: RoutingCounts | None = None) -> Plan:
+        """Build the routing plan (the count exchange's one host wait, the metadata exchange) without
+        moving payload; pass it to :meth:`dispatch` as ``plan``. ``counts``: from :meth:`start_counts`."""
+        if counts is None:
+            counts = self.start_counts(expert_ids)
+        plan = build_plan(expert_ids, self.groups, self.plan_mode, weights, counts=counts)
+        if self.overlap_active:
+            split = split_by_origin(plan, self.groups, counts)
+            if self.order_hook is not None:
+                split = dataclasses.replace(split, order_hook=self.order_hook)
+            plan = dataclasses.replace(plan, origin_split=split)
+        return plan
 
     def dispatch(
         self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, plan: Plan | None = None
@@ -193,20 +221,21 @@ class TokenDispatcher:
     def send(self, x: torch.Tensor, weights: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
         """The payload half of :meth:`dispatch`: ``x [s, d]`` -> ``expert_input [num_pairs, d]`` and the
         pairs' combine weights ``[num_pairs]`` fp32 (autograd to ``weights [s, k]``)."""
-        expert_input = _Broadcast.apply(x, plan)
+        if plan.origin_split is not None:
+            expert_input = broadcast_split(x, plan.origin_split)
+        else:
+            expert_input = _Broadcast.apply(x, plan)
         pair_w = _PairWeights.apply(weights.float(), plan)
-        inter, intra = plan.traffic.bytes(x.shape[-1], x.element_size())
-        self.traffic.dispatch_inter_bytes += inter
-        self.traffic.dispatch_intra_bytes += intra
-        self.traffic.calls += 1
+        self._count_traffic(plan, x, dispatch=True)
         return expert_input, pair_w
 
     def reduce(self, rows: torch.Tensor, plan: Plan) -> torch.Tensor:
         """The payload half of :meth:`combine`, without weights: ``rows [num_pairs, d]`` -> ``[s, d]``."""
-        out = _Reduce.apply(rows, plan)
-        inter, intra = plan.traffic.bytes(rows.shape[-1], rows.element_size())
-        self.traffic.combine_inter_bytes += inter
-        self.traffic.combine_intra_bytes += intra
+        if plan.origin_split is not None:
+            out = reduce_split(rows, plan.origin_split)
+        else:
+            out = _Reduce.apply(rows, plan)
+        self._count_traffic(plan, rows, dispatch=False)
         return out
 
     def combine(self, expert_output: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
@@ -225,61 +254,67 @@ class TokenDispatcher:
         expert_ids: torch.Tensor,
         weights: torch.Tensor,
         expert_fn: Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor],
-        chunks: int = 1,
+        chunks: int | None = None,
+        mark: Callable[[str], None] | None = None,
     ) -> torch.Tensor:
-        """Dispatch, run ``expert_fn(expert_input, tokens_per_expert)``, combine; pipelined in chunks.
+        """Dispatch, run ``expert_fn(expert_input, tokens_per_expert)``, combine.
 
-        The tokens are split into ``chunks`` contiguous chunks (each with its own plan). On a GPU or
-        NPU, chunk c+1's dispatch (its inter-node transfer first) runs on a side stream while the
-        experts compute chunk c on the current stream and chunk c-1's combine runs on a third stream;
-        autograd replays each op on the stream it ran on, so the backward overlaps the same way. On
-        CPU, or with ``chunks=1``, the chunks run one after another. Results equal the unchunked call
-        up to the expert function's own dependence on batch composition (none for row-wise MLPs).
+        With the overlap active (``overlap=True``, hierarchical plan across nodes) the experts run twice,
+        on this node's rows while the other nodes' rows cross the network, then on those rows::
+
+            launch rail transfer of remote rows | local node hop, local experts
+            wait; remote node hop, remote experts
+            remote reduce in the node, launch rail return | local reduce
+            wait; sum every token's node copies in node order
+
+        Backward: the rail return of the remote rows' gradients is launched before the local experts'
+        backward and waited after it. ``expert_fn`` must treat rows independently (as expert MLPs do):
+        then the result equals the unsplit call bit for bit. ``chunks`` was the old chunked overlap: pass
+        ``overlap=True`` to the constructor instead. ``mark(name)``: called (host side) at
+        ``"rail_launched"``, ``"local_experts_start"``, ``"local_experts_end"`` and ``"rail_waited"`` of
+        the overlapped path, e.g. to record device events for a timeline.
         """
-        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-            raise ValueError(f"chunks={chunks!r} must be an integer >= 1 (1 = no overlap)")
+        if chunks is not None:
+            raise ValueError(
+                f"chunks={chunks!r}: the chunked overlap is gone; construct TokenDispatcher(..., overlap=True) "
+                f"(rows from other nodes travel while this node's rows compute)"
+            )
         d = hidden.shape[-1]
         x = hidden.reshape(-1, d)
-        s = x.shape[0]
-        # every rank must use the same number of chunks (each chunk is a collective); empty chunks are fine
-        bounds = [(c * s) // chunks for c in range(chunks + 1)]
-        parts = [slice(bounds[c], bounds[c + 1]) for c in range(chunks)]
-        acc = get_accelerator(x.device.type)
-        if acc.is_cpu or chunks == 1:
-            outs = []
-            for sl in parts:
-                inp, handle = self.dispatch(x[sl], expert_ids[sl], weights[sl])
-                outs.append(self.combine(expert_fn(inp, handle.tokens_per_expert), handle))
-            return torch.cat(outs).reshape(hidden.shape[:-1] + (outs[0].shape[-1],))
+        plan = None
+        if self.overlap_active:
+            plan = self.prepare(expert_ids, weights)
+        if plan is None or plan.origin_split is None:
+            inp, handle = self.dispatch(x, expert_ids, weights, plan)
+            out = self.combine(expert_fn(inp, handle.tokens_per_expert), handle)
+            return out.reshape(hidden.shape[:-1] + (out.shape[-1],))
+        split = plan.origin_split
+        self._count_traffic(plan, x, dispatch=True)
+        pair_w = _PairWeights.apply(weights.float(), plan)
+        flight = InFlight()
+        mark = mark or (lambda name: None)
+        local_in, link = launch_remote(x, split, flight)
+        mark("rail_launched")
+        mark("local_experts_start")
+        local_out = expert_fn(local_in, split.local.tokens_per_expert)
+        mark("local_experts_end")
+        remote_in = finish_remote(link, split, flight)
+        mark("rail_waited")
+        remote_out = expert_fn(remote_in, split.remote.tokens_per_expert)
+        w_local = pair_w.index_select(0, split.local.pair_positions).unsqueeze(1).to(remote_out.dtype)
+        w_remote = pair_w.index_select(0, split.remote.pair_positions).unsqueeze(1).to(remote_out.dtype)
+        back = InFlight()
+        link = reduce_remote(remote_out * w_remote, split, back)
+        out = finish_reduce(local_out * w_local, link, split, back)
+        self._count_traffic(plan, out, dispatch=False)
+        return out.reshape(hidden.shape[:-1] + (out.shape[-1],))
 
-        main, s_disp, s_comb = acc.current_stream(), acc.Stream(), acc.Stream()
-        s_disp.wait_stream(main)
-        s_comb.wait_stream(main)
-        with acc.stream(s_disp):
-            plans = [self.prepare(expert_ids[sl], weights[sl]) for sl in parts]
-
-        def launch(c):
-            with acc.stream(s_disp):
-                inp, handle = self.dispatch(x[parts[c]], expert_ids[parts[c]], weights[parts[c]], plans[c])
-                done = acc.Event()
-                done.record(s_disp)
-            return inp, handle, done
-
-        outs = []
-        pending = launch(0)
-        for c in range(chunks):
-            inp, handle, done = pending
-            if c + 1 < chunks:
-                pending = launch(c + 1)  # its transfers overlap the expert compute below
-            main.wait_event(done)
-            inp.record_stream(main)
-            out = expert_fn(inp, handle.tokens_per_expert)
-            s_comb.wait_stream(main)
-            out.record_stream(s_comb)
-            with acc.stream(s_comb):
-                y = self.combine(out, handle)
-            outs.append(y)
-        main.wait_stream(s_comb)
-        for y in outs:
-            y.record_stream(main)
-        return torch.cat(outs).reshape(hidden.shape[:-1] + (outs[0].shape[-1],))
+    def _count_traffic(self, plan: Plan, rows: torch.Tensor, dispatch: bool) -> None:
+        inter, intra = plan.traffic.bytes(rows.shape[-1], rows.element_size())
+        if dispatch:
+            self.traffic.dispatch_inter_bytes += inter
+            self.traffic.dispatch_intra_bytes += intra
+            self.traffic.calls += 1
+        else:
+            self.traffic.combine_inter_bytes += inter
+            self.traffic.combine_intra_bytes += intra

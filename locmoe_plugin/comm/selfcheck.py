@@ -1,9 +1,11 @@
 """``locmoe check-comm``: hierarchical vs flat dispatch+combine on this machine or cluster.
 
-Routes random tokens with a seeded generator, runs both modes forward and backward through a small
-deterministic expert function, and reports the largest absolute difference of outputs, input
-gradients and combine-weight gradients (must be exactly 0 in fp32), bytes that cross nodes in each
-mode, and the median time of each. Exit status 1 on any mismatch.
+Routes random tokens with a seeded generator, runs both modes and the overlapped hierarchical path
+(``overlap=True``: split by origin, the inter-node transfer asynchronous; on one node the same as
+hierarchical) forward and backward through a small deterministic expert function, and reports the
+largest absolute difference of outputs, input gradients and combine-weight gradients against the
+hierarchical mode (must be exactly 0 in fp32), bytes that cross nodes in each, and the median time of
+each. Exit status 1 on any mismatch.
 
 Run it standalone (``--nproc P`` spawns P local processes) or under a launcher that sets RANK /
 WORLD_SIZE / LOCAL_RANK (torchrun, ``launch/emulate_nodes.sh``); then ``--nproc`` is ignored.
@@ -24,6 +26,9 @@ import torch
 import torch.distributed as dist
 
 from ..device import Accelerator, backend_for, device_type_for_backend, get_accelerator
+
+
+SYSTEMS = ("hierarchical", "flat", "overlap")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,8 +80,10 @@ def _check_worker(args: argparse.Namespace, result_path: str | None) -> int:
     cot = torch.randn(s, d, generator=g).to(dev)  # fixed upstream gradient
 
     results, times, traffic = {}, {}, {}
-    for mode in ("hierarchical", "flat"):
-        disp = TokenDispatcher(groups, mode, exact_tree=True)  # the two-stage plan even on one node
+    for mode in SYSTEMS:
+        # the two-stage plan even on one node
+        disp = TokenDispatcher(groups, "hierarchical" if mode == "overlap" else mode, exact_tree=True,
+                               overlap=mode == "overlap")
         samples = []
         for it in range(args.iters + 1):
             xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
@@ -95,25 +102,27 @@ def _check_worker(args: argparse.Namespace, result_path: str | None) -> int:
         traffic[mode] = per_call
 
     diffs = torch.stack([
-        (results["hierarchical"][i].float() - results["flat"][i].float()).abs().max()
-        if results["flat"][i].numel() else torch.zeros((), device=dev)
+        (results["hierarchical"][i].float() - results[other][i].float()).abs().max()
+        if results[other][i].numel() else torch.zeros((), device=dev)
+        for other in ("flat", "overlap")
         for i in range(3)
     ])
     dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
-    sums = torch.tensor([traffic[m][key] for m in ("hierarchical", "flat") for key in ("inter_bytes", "intra_bytes")],
+    sums = torch.tensor([traffic[m][key] for m in SYSTEMS for key in ("inter_bytes", "intra_bytes")],
                         dtype=torch.float64, device=dev)
     dist.all_reduce(sums)
-    tms = torch.tensor([times["hierarchical"], times["flat"]], dtype=torch.float64, device=dev)
+    tms = torch.tensor([times[m] for m in SYSTEMS], dtype=torch.float64, device=dev)
     dist.all_reduce(tms, op=dist.ReduceOp.MAX)
-    d_out, d_gx, d_gw = diffs.tolist()
+    d_out, d_gx, d_gw, o_out, o_gx, o_gw = diffs.tolist()
     report = {
         "ranks": world, "nodes": topo.num_nodes, "ranks_per_node": topo.ranks_per_node,
         "backend": args.backend, "tokens_per_rank": s, "hidden": d, "experts": e, "topk": k,
         "max_abs_diff": {"output": d_out, "grad_input": d_gx, "grad_weights": d_gw},
-        "inter_node_bytes": {"hierarchical": int(sums[0]), "flat": int(sums[2])},
-        "intra_node_bytes": {"hierarchical": int(sums[1]), "flat": int(sums[3])},
-        "time_ms": {"hierarchical": tms[0].item(), "flat": tms[1].item()},
-        "ok": d_out == 0 and d_gx == 0 and d_gw == 0,
+        "max_abs_diff_overlap": {"output": o_out, "grad_input": o_gx, "grad_weights": o_gw},
+        "inter_node_bytes": {m: int(sums[2 * i]) for i, m in enumerate(SYSTEMS)},
+        "intra_node_bytes": {m: int(sums[2 * i + 1]) for i, m in enumerate(SYSTEMS)},
+        "time_ms": {m: tms[i].item() for i, m in enumerate(SYSTEMS)},
+        "ok": d_out == 0 and d_gx == 0 and d_gw == 0 and o_out == 0 and o_gx == 0 and o_gw == 0,
     }
     if rank == 0:
         _print_report(report)
@@ -129,12 +138,14 @@ def _print_report(r: dict) -> None:
     print(f"check-comm: {r['ranks']} ranks = {r['nodes']} node(s) x {r['ranks_per_node']}, backend {r['backend']}, "
           f"{r['tokens_per_rank']} tokens/rank, hidden {r['hidden']}, {r['experts']} experts, top-{r['topk']}")
     print(f"{'mode':<13} {'inter-node MiB':>15} {'intra-node MiB':>15} {'fwd+bwd ms':>11}")
-    for m in ("hierarchical", "flat"):
+    for m in SYSTEMS:
         print(f"{m:<13} {r['inter_node_bytes'][m] * mb:>15.3f} {r['intra_node_bytes'][m] * mb:>15.3f} "
               f"{r['time_ms'][m]:>11.2f}")
-    dd = r["max_abs_diff"]
-    print(f"max |hierarchical - flat|: output {dd['output']:.3g}, input grad {dd['grad_input']:.3g}, "
-          f"weight grad {dd['grad_weights']:.3g}  ->  {'OK' if r['ok'] else 'MISMATCH'}")
+    for other, key in (("flat", "max_abs_diff"), ("overlap", "max_abs_diff_overlap")):
+        dd = r[key]
+        print(f"max |hierarchical - {other}|: output {dd['output']:.3g}, input grad {dd['grad_input']:.3g}, "
+              f"weight grad {dd['grad_weights']:.3g}")
+    print(f"hierarchical == flat == overlap, bit for bit  ->  {'OK' if r['ok'] else 'MISMATCH'}")
 
 
 def _spawn_entry(local_rank: int, args: argparse.Namespace, port: int, result_path: str) -> None:

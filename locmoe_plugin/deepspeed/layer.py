@@ -39,7 +39,7 @@ from ..router import LocMoERouter
 from ..topology import Topology
 
 #: keys of the ``"locmoe"`` config section that are not LocMoEConfig fields
-LAYER_KEYS = ("dispatcher", "overlap_chunks")
+LAYER_KEYS = ("dispatcher", "overlap", "overlap_chunks")
 
 
 def locmoe_settings_from_ds_config(ds_config: Mapping | str | None) -> dict:
@@ -58,12 +58,12 @@ def locmoe_settings_from_ds_config(ds_config: Mapping | str | None) -> dict:
 class _LocMoELayer(nn.Module):
     """Replaces DeepSpeed's ``MOELayer`` inside :class:`LocMoE` (router + dispatcher + DeepSpeed's experts)."""
 
-    def __init__(self, config: LocMoEConfig, experts: nn.Module, ep_size: int, dispatcher: str, chunks: int) -> None:
+    def __init__(self, config: LocMoEConfig, experts: nn.Module, ep_size: int, dispatcher: str, overlap: bool) -> None:
         super().__init__()
         if dispatcher not in ("hierarchical", "flat"):
             raise ConfigError(f"dispatcher={dispatcher!r} is not 'hierarchical' or 'flat'")
-        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-            raise ConfigError(f"overlap_chunks={chunks!r} must be an integer >= 1 (1 = no overlap)")
+        if not isinstance(overlap, bool):
+            raise ConfigError(f'"overlap": {overlap!r} must be true or false')
         self.config = config
         # placeholder topology of the final EP size until DeepSpeed's EP group exists (bind() then places
         # it); the locality bias, one row per EP rank, is thus created before the optimizer is built
@@ -71,7 +71,7 @@ class _LocMoELayer(nn.Module):
         self.experts = experts
         self.ep_size = ep_size
         self.mode = dispatcher
-        self.chunks = chunks
+        self.overlap = overlap
         self.dispatcher: TokenDispatcher | None = None
         self.l_aux = None
         self.exp_counts = None
@@ -83,7 +83,7 @@ class _LocMoELayer(nn.Module):
             raise ConfigError(f"DeepSpeed's expert-parallel group has {topo.ep_size} ranks, the layer ep_size={self.ep_size}")
         self.router.bind(topo, ep_group if topo.ep_size > 1 else None)
         groups = build_comm_groups(topo, ep_group, all_group_ranks(ep_group))
-        self.dispatcher = TokenDispatcher(groups, self.mode)
+        self.dispatcher = TokenDispatcher(groups, self.mode, overlap=self.overlap)
 
     def _run_experts(self, inp: torch.Tensor, tokens_per_expert) -> torch.Tensor:
         outs, start = [], 0
@@ -104,7 +104,9 @@ class _LocMoELayer(nn.Module):
         x = hidden.reshape(-1, hidden.shape[-1])
         out = self.router(x)
         a = out.assignment
-        y = self.dispatcher.forward(x, a.expert_ids, a.weights, self._run_experts, chunks=self.chunks)
+        # with the overlap (hierarchical across nodes) the experts run on this node's rows while the other
+        # nodes' rows cross the network, then on those (TokenDispatcher.forward)
+        y = self.dispatcher.forward(x, a.expert_ids, a.weights, self._run_experts)
         self.l_aux = out.total_loss
         self.exp_counts = out.stats.tokens_per_expert
         return y.reshape(hidden.shape)
@@ -116,8 +118,9 @@ class LocMoE(_DeepSpeedMoE):
     Args:
         hidden_size, expert, num_experts, ep_size, k: as DeepSpeed's MoE (``k`` is LocMoE's top-k / l).
         locmoe: LocMoE settings: a :class:`LocMoEConfig`, or a dict of its fields plus ``"dispatcher"``
-            (``"hierarchical"`` | ``"flat"``) and ``"overlap_chunks"`` - e.g. the ``"locmoe"`` section of the
-            DeepSpeed config (:func:`locmoe_settings_from_ds_config`).
+            (``"hierarchical"`` | ``"flat"``) and ``"overlap"`` (true by default: the inter-node transfer
+            of other nodes' rows runs while this node's rows go through the experts; a no-op on one node)
+            - e.g. the ``"locmoe"`` section of the DeepSpeed config (:func:`locmoe_settings_from_ds_config`).
         **moe_kwargs: passed to DeepSpeed's MoE (``use_residual``, ``enable_expert_tensor_parallelism``...);
             its gate options (``capacity_factor``, ``drop_tokens``, ``use_rts``...) do not apply.
     """
@@ -127,11 +130,16 @@ class LocMoE(_DeepSpeedMoE):
         super().__init__(hidden_size, expert, num_experts=num_experts, ep_size=ep_size, k=k, **moe_kwargs)
         settings = {} if locmoe is None else locmoe
         if isinstance(settings, LocMoEConfig):
-            config, dispatcher, chunks = settings, "hierarchical", 1
+            config, dispatcher, overlap = settings, "hierarchical", True
         else:
             settings = dict(settings)
             dispatcher = settings.pop("dispatcher", "hierarchical")
-            chunks = settings.pop("overlap_chunks", 1)
+            overlap = settings.pop("overlap", True)
+            if "overlap_chunks" in settings:
+                raise ConfigError(
+                    f'"overlap_chunks": {settings["overlap_chunks"]!r} is removed: use "overlap": true (default; '
+                    f'the inter-node transfer overlaps this node\'s expert compute) or "overlap": false'
+                )
             config = LocMoEConfig.from_dict({"num_experts": num_experts, "hidden_size": hidden_size, "topk": k, **settings})
         if config.routing == "hash":
             raise ConfigError(
@@ -144,7 +152,7 @@ class LocMoE(_DeepSpeedMoE):
                 f"disagrees with the layer (num_experts {num_experts}, hidden_size {hidden_size}, k {k})"
             )
         # keep DeepSpeed's Experts (allreduce=False, group name); drop its TopKGate and MOELayer
-        self.deepspeed_moe = _LocMoELayer(config, self.deepspeed_moe.experts, ep_size, dispatcher, chunks)
+        self.deepspeed_moe = _LocMoELayer(config, self.deepspeed_moe.experts, ep_size, dispatcher, overlap)
 
     @property
     def router(self) -> LocMoERouter:

@@ -96,8 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "one all-to-all of (token, expert) pairs, the plan with the fewest host ops); flat: "
                         "one all-to-all of pairs summed in the two-stage plan's order (bitwise equal to hierarchical "
                         "on groups that span nodes)")
-    g.add_argument("--locmoe-overlap-chunks", type=int, default=1,
-                   help="chunked overlap; must be 1 under Megatron (MoELayer drives the dispatcher's phases)")
+    g.add_argument("--locmoe-overlap", choices=("on", "off"), default="on",
+                   help="split the hierarchical dispatch by origin so the inter-node transfer of other nodes' "
+                        "rows runs while this node's rows move (no-op on one node; results bitwise equal)")
+    g.add_argument("--locmoe-overlap-chunks", type=int, default=None,
+                   help="removed: the chunked overlap is replaced by --locmoe-overlap {on,off}")
     return parser
 
 
@@ -125,11 +128,16 @@ def settings_from_args(args: Any) -> tuple[dict, str]:
     if not getattr(args, "num_experts", None):
         raise ConfigError("--locmoe needs an MoE model: add --num-experts N (and --moe-router-topk K)")
     _require_parsed_flags(args)
-    if getattr(args, "locmoe_overlap_chunks", 1) != 1:
+    if getattr(args, "locmoe_overlap_chunks", None) is not None:
         raise ConfigError(
-            f"--locmoe-overlap-chunks {args.locmoe_overlap_chunks}: under Megatron the MoELayer calls the "
-            f"dispatcher phase by phase (use Megatron's --overlap-moe-expert-parallel-comm); set it to 1"
+            f"--locmoe-overlap-chunks {args.locmoe_overlap_chunks} is removed: use --locmoe-overlap on (default; "
+            f"the inter-node transfer overlaps this node's rows) or --locmoe-overlap off"
         )
+    overlap = getattr(args, "locmoe_overlap", "on") == "on"
+    if overlap and getattr(args, "overlap_moe_expert_parallel_comm", False):
+        from .dispatcher import OVERLAP_CONFLICT_ERROR
+
+        raise ConfigError(OVERLAP_CONFLICT_ERROR)
     if getattr(args, "moe_router_enable_expert_bias", False):
         raise ConfigError(TOPK_EXPERT_BIAS_ERROR)
     overrides = {}
@@ -154,4 +162,6 @@ def settings_from_args(args: Any) -> tuple[dict, str]:
         from ..topology import Topology
 
         Topology.from_global_ranks(range(ep), gpn, args.num_experts)
-    return overrides, args.locmoe_dispatcher
+    from .dispatcher import DispatcherSetting
+
+    return overrides, DispatcherSetting(args.locmoe_dispatcher, overlap=overlap)

@@ -3,8 +3,18 @@
 ``dispatch_preprocess`` -> ``token_dispatch`` -> ``dispatch_postprocess`` -> experts ->
 ``combine_preprocess`` -> ``token_combine`` -> ``combine_postprocess``, as ``MoELayer`` calls them, so
 the layer, its shared-expert handling and Megatron's 1F1B all-to-all overlap schedule keep working.
-The payload moves only in ``token_dispatch`` / ``token_combine``; ``dispatch_preprocess`` exchanges
-the routing counts and metadata (as Megatron's own alltoall dispatcher exchanges its counts there).
+The payload moves only in ``token_dispatch`` / ``token_combine``. ``dispatch_preprocess`` starts the
+count exchange (one all-gather and an asynchronous copy of the table to the host, as Megatron's alltoall
+dispatcher copies its counts on a side stream); ``token_dispatch`` waits for it (the layer's one host
+sync), exchanges the routing metadata and moves the payload.
+
+Overlap (``overlap=True``, default; a no-op on a one-node EP group): Megatron's ``MoELayer`` runs the
+experts between ``token_dispatch`` and ``token_combine``, on all rows at once, so the experts cannot
+hide the inter-node transfer here. What overlaps: in ``token_dispatch`` the rail (inter-node) transfer
+of other nodes' rows with this node's rows' intra-node hop; in ``token_combine`` the rail return of the
+other nodes' rows with the reduce of this node's rows; in backward the same pairs in reverse. (The
+DeepSpeed layer calls ``TokenDispatcher.forward`` and also overlaps the local experts.) Megatron's own
+``--overlap-moe-expert-parallel-comm`` is refused together with it (:func:`validate_parallel_config`).
 
 Megatron's dispatchers keep the current micro-batch's routing on ``self`` between phases (MoELayer
 calls the phases in order on one instance); this adapter does the same with the core dispatcher's
@@ -28,7 +38,35 @@ from ..config import ConfigError
 from ..routing import dense_to_index
 
 
-def validate_parallel_config(config) -> None:
+OVERLAP_CONFLICT_ERROR = (
+    "--overlap-moe-expert-parallel-comm (Megatron's 1F1B all-to-all overlap) together with the LocMoE "
+    "dispatcher's own overlap is not supported: pass --locmoe-overlap off to use Megatron's, or drop "
+    "--overlap-moe-expert-parallel-comm"
+)
+
+
+class DispatcherSetting(str):
+    """The dispatcher mode (``"hierarchical"`` | ``"flat"``; a ``str``, as the router and
+    :func:`~locmoe_plugin.megatron.spec.locmoe_spec` take it) with the overlap setting attached:
+    ``DispatcherSetting("hierarchical", overlap=False)``. A plain string means overlap on."""
+
+    overlap: bool
+
+    def __new__(cls, mode: str, overlap: bool = True):
+        obj = super().__new__(cls, mode)
+        obj.overlap = bool(overlap)
+        return obj
+
+    def __reduce__(self):
+        return (DispatcherSetting, (str(self), self.overlap))
+
+
+def overlap_of(dispatcher) -> bool:
+    """The overlap setting a dispatcher value carries (on unless it says otherwise)."""
+    return getattr(dispatcher, "overlap", True)
+
+
+def validate_parallel_config(config, overlap: bool = True) -> None:
     """Layouts the LocMoE dispatcher does not handle; raise before any collective."""
     etp = getattr(config, "expert_tensor_parallel_size", None) or 1
     if etp > 1:
@@ -42,6 +80,8 @@ def validate_parallel_config(config) -> None:
             f"tensor_model_parallel_size={tp} without sequence parallelism: each TP rank must route its "
             f"own sequence shard; add --sequence-parallel"
         )
+    if overlap and getattr(config, "overlap_moe_expert_parallel_comm", False):
+        raise ConfigError(OVERLAP_CONFLICT_ERROR)
     if getattr(config, "moe_pad_expert_input_to_capacity", False):
         raise ConfigError(
             "moe_pad_expert_input_to_capacity (drop-and-pad) is not supported by the LocMoE dispatcher; "
@@ -58,18 +98,21 @@ class LocMoETokenDispatcher:
         num_local_experts / local_expert_indices / config / pg_collection: as Megatron passes them.
         topology: the router's topology (same EP group, same nodes).
         mode: ``"hierarchical"`` or ``"flat"``.
+        overlap: split the two-stage plan by origin (see the module doc); no-op on one node.
     """
 
-    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, topology, mode="hierarchical"):
-        validate_parallel_config(config)
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, topology, mode="hierarchical",
+                 overlap=True):
+        validate_parallel_config(config, overlap)
         self.config = config
         self.num_local_experts = num_local_experts
         self.local_expert_indices = list(local_expert_indices)
         self.topk = config.moe_router_topk
         ep_ranks = all_group_ranks(pg_collection.ep) if topology.ep_size > 1 else None
         groups = build_comm_groups(topology, pg_collection.ep, ep_ranks)
-        self.core = TokenDispatcher(groups, mode)
+        self.core = TokenDispatcher(groups, str(mode), overlap=bool(overlap))
         self._plan = None
+        self._routing = None  # (ids, weights, counts in flight) between dispatch_preprocess and token_dispatch
         self._hidden_shape = None
 
     @property
@@ -85,10 +128,14 @@ class LocMoETokenDispatcher:
             ids, weights = routing_map, probs
         else:  # Megatron's dense form, from any router
             ids, weights = dense_to_index(probs, routing_map, self.topk)
-        self._plan = self.core.prepare(ids, weights)  # count + metadata exchange (one host sync)
+        # the count exchange starts here; its host copy lands while the layer does other work
+        self._routing = (ids, weights, self.core.start_counts(ids))
         return x, weights
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        ids, weights, counts = self._routing
+        self._routing = None
+        self._plan = self.core.prepare(ids, weights, counts)  # host wait: split sizes; metadata exchange
         return self.core.send(hidden_states, probs, self._plan)
 
     def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
@@ -119,10 +166,11 @@ def make_dispatcher_class():
     from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
     class MegatronLocMoETokenDispatcher(LocMoETokenDispatcher, MoETokenDispatcher):
-        def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, topology, mode="hierarchical"):
+        def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, topology, mode="hierarchical",
+                     overlap=True):
             MoETokenDispatcher.__init__(self, config=config, pg_collection=pg_collection)
             LocMoETokenDispatcher.__init__(self, num_local_experts, local_expert_indices, config, pg_collection,
-                                           topology, mode)
+                                           topology, mode, overlap)
 
     MegatronLocMoETokenDispatcher.__name__ = MegatronLocMoETokenDispatcher.__qualname__ = "LocMoETokenDispatcher"
     return MegatronLocMoETokenDispatcher
@@ -149,10 +197,13 @@ def make_locmoe_layer_class():
 
     class LocMoELayer(MoELayer, metaclass=_ComparesEqualToMoELayer):
         """``MoELayer`` + LocMoE dispatcher. Needs the LocMoE router (for its topology). The dispatcher
-        mode comes from the router's settings (``locmoe={"dispatcher": ...}``, default hierarchical)."""
+        mode and overlap come from the router's ``dispatcher`` (a mode string or a
+        :class:`DispatcherSetting`; default hierarchical, overlap on)."""
 
         def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, **kwargs):
-            validate_parallel_config(config)
+            router_spec = getattr(submodules, "router", None)
+            dispatcher = getattr(router_spec, "keywords", {}).get("dispatcher", "hierarchical")
+            validate_parallel_config(config, overlap_of(dispatcher))
             super().__init__(config, submodules=submodules, layer_number=layer_number,
                              pg_collection=pg_collection, **kwargs)
             if not isinstance(self.router, LocMoEMegatronRouter):
@@ -167,6 +218,7 @@ def make_locmoe_layer_class():
             self.token_dispatcher = make_dispatcher_class()(
                 self.num_local_experts, self.local_expert_indices, config, pgc,
                 self.router.topology, mode=self.router.dispatcher_mode,
+                overlap=overlap_of(self.router.dispatcher_mode),
             )
             self.router.index_form = True  # the router hands this dispatcher (weights, ids) [s, k]
 

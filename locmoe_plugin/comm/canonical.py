@@ -1,0 +1,61 @@
+"""The last hop of the tree plans, at the expert rank: received rows -> (token, expert) pairs in
+canonical order (local expert, source EP rank, source token), plus the int64 metadata rows that carry
+each token's expert ids, source key and combine weights (bit patterns) through the earlier hops."""
+
+from __future__ import annotations
+
+import torch
+
+from .counts import SRC_SHIFT, RoutingCounts, topology_tensors
+from .groups import CommGroups
+from .hops import Hop, mask_hop
+
+
+def token_metadata(expert_ids: torch.Tensor, weights: torch.Tensor, ep_rank: int) -> torch.Tensor:
+    """``[s, 2k + 1]`` int64 rows: ``expert_ids [s, k]``, the source key ``ep_rank * SRC_SHIFT + token``
+    and the fp32 bit patterns of ``weights [s, k]`` (exact through integer all-to-alls)."""
+    s = expert_ids.shape[0]
+    src_key = ep_rank * SRC_SHIFT + torch.arange(s, device=expert_ids.device)
+    return torch.cat([expert_ids, src_key.unsqueeze(1), fp32_to_bits(weights.detach())], 1)
+
+
+def canonical_hop(ids: torch.Tensor, src_key: torch.Tensor, groups: CommGroups, counts: RoutingCounts,
+                   src_sorted: bool = False):
+    """At this expert rank: ``ids [m, k]`` of the rows received (all slots), ``src_key [m]``. Returns
+    the local hop rows -> pairs in (local expert, source) order, and each pair's slot.
+
+    ``src_sorted``: the rows arrive in ascending ``src_key`` order (one node: blocks by source rank,
+    tokens in order), so the canonical order is the local-expert-major listing of the rows, without a
+    sort."""
+    t = groups.topology
+    me = t.ep_rank
+    m, k = ids.shape
+    e_r = t.experts_per_rank
+    first = me * e_r
+    tpe = tuple(sum(c[e] for c in counts.pairs_to_expert) for e in range(first, first + e_r))
+    # rows here are (token, this rank) rows (k slots) or single pairs (k == 1)
+    levels = [sum(h[me][c] for h in counts.expert_copies_on_rank) for c in range(counts.expert_levels)] if k > 1 else None
+    if src_sorted:
+        # slot_of[r, e]: the slot of local expert e in row r, k where the row has none (ids of a row are
+        # distinct); column e_r collects the other experts' slots and is cut off
+        col = topology_tensors(t, ids.device)["local_col"].index_select(0, (ids + 1).reshape(-1)).view(m, k)
+        slot_of = torch.full((m, e_r + 1), k, dtype=torch.long, device=ids.device)
+        slot_of.scatter_(1, col, topology_tensors(t, ids.device)["arange"][:k].expand(m, k))
+        slot_of = slot_of[:, :e_r]
+        hop, cell = mask_hop(slot_of < k, sum(tpe), min(k, e_r), tpe, levels)
+        return hop, slot_of.t().reshape(-1).index_select(0, cell), tpe
+    local_e = ids - first
+    mine = (local_e >= 0) & (local_e < e_r)
+    key = torch.where(mine, local_e * (t.ep_size * SRC_SHIFT) + src_key.unsqueeze(1), torch.iinfo(torch.int64).max)
+    order = torch.argsort(key.reshape(-1), stable=True)[: sum(tpe)]
+    hop = Hop.build(order // k, tpe, m, min(k, e_r), level_counts=levels)
+    return hop, order % k, tpe
+
+
+def fp32_to_bits(w: torch.Tensor) -> torch.Tensor:
+    """fp32 values -> int64 holding their bit patterns (to ride in the int64 metadata exactly)."""
+    return w.float().contiguous().view(torch.int32).long()
+
+
+def bits_to_fp32(b: torch.Tensor) -> torch.Tensor:
+    return b.to(torch.int32).view(torch.float32)

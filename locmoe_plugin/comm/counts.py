@@ -1,0 +1,230 @@
+"""The routing-count exchange: one all-gather of every rank's histogram, read on the host once.
+
+Every plan sizes its all-to-alls and index work from these counts. The exchange runs in two halves so
+a framework can put work between them (Megatron: ``dispatch_preprocess`` starts it, ``token_dispatch``
+waits):
+
+  * :meth:`RoutingCounts.start` - device work only: the per-token histogram, its all-gather over the EP
+    group and an asynchronous device-to-host copy of the ``[P * bins]`` table (no host wait);
+  * :meth:`RoutingCounts.wait_host` - the plan's one host sync (``# device-to-host sync: split sizes``),
+    then pure host arithmetic.
+
+Every rank sees the same table, so host-side decisions taken from it (raise on bad ids, skip an empty
+collective) are taken by all ranks alike and nothing hangs.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.distributed as dist
+
+from ..device import get_accelerator
+from ..topology import Topology
+from .groups import CommGroups
+
+
+def _all_gather_single_fn():
+    """Newer torch (2.13 here) names it ``all_gather_single`` and warns on ``all_gather_into_tensor``;
+    older torch has only the old name. The new one is taken only with the ``(output, input, group)``
+    signature the plan calls it with."""
+    fn = getattr(dist, "all_gather_single", None)
+    try:
+        params = list(inspect.signature(fn).parameters)[:3] if fn is not None else []
+    except (TypeError, ValueError):
+        params = []
+    return fn if params == ["output_tensor", "input_tensor", "group"] else dist.all_gather_into_tensor
+
+
+ALL_GATHER_SINGLE = _all_gather_single_fn()
+
+SRC_SHIFT = 1 << 31  # source key = ep_rank * SRC_SHIFT + token index (tokens per rank < 2**31)
+
+
+@functools.lru_cache(maxsize=64)
+def topology_tensors(t: Topology, device: torch.device) -> dict[str, torch.Tensor]:
+    """Index tensors that depend only on the topology, made once per device: building them from
+    Python lists in every call would be a host-to-device copy (a hidden sync) per dispatch."""
+    node_order = node_major_ranks(t)
+    local_of = torch.full((t.ep_size + 1,), t.ranks_per_node, dtype=torch.long)  # phantom: not this node
+    local_of[list(t.ranks_of_node(t.node))] = torch.arange(t.ranks_per_node)
+    ranks_ib = [[t.ranks_of_node(b)[i] for b in range(t.num_nodes)] for i in range(t.ranks_per_node)]
+    local_col = torch.full((t.num_experts + 1,), t.experts_per_rank, dtype=torch.long)  # id + 1 -> local expert
+    local_col[1 + t.ep_rank * t.experts_per_rank : 1 + (t.ep_rank + 1) * t.experts_per_rank] = torch.arange(
+        t.experts_per_rank
+    )
+    return {
+        "local_expert_pattern": torch.arange(t.experts_per_rank).repeat(t.ep_size).to(device),  # [P * E_r]
+        "local_col": local_col.to(device),  # (expert id + 1) -> this rank's local expert, or E_r (id -1 / elsewhere)
+        "arange": torch.arange(t.num_experts, device=device),  # [:k] (k <= E)
+        "ranks_node_major": torch.tensor(node_order, device=device),
+        "local_of": local_of.to(device),
+        "node_of_rank": torch.tensor(t.node_of_rank, device=device),  # [P] node of each EP rank
+        "q_ib": torch.tensor(ranks_ib, device=device),  # [R, N]: EP rank of local index i on node b
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def count_layout(t: Topology, k: int, device: torch.device) -> dict:
+    """Bins of the routing-count histogram (see :class:`RoutingCounts`) and their device offsets."""
+    max_nodes, max_ranks, max_experts = min(t.num_nodes, k), min(t.ranks_per_node, k), min(t.experts_per_rank, k)
+    node_rank_at = max_nodes + 1
+    rank_expert_at = node_rank_at + t.num_nodes * (max_ranks + 1)
+    expert_at = rank_expert_at + t.ep_size * (max_experts + 1)
+    return {
+        "levels": (max_nodes, max_ranks, max_experts),
+        "node_rank_bins": node_rank_at, "rank_expert_bins": rank_expert_at, "expert_bins": expert_at, "bins": expert_at + t.num_experts + 2,
+        "node_rank_offsets": (node_rank_at + torch.arange(t.num_nodes) * (max_ranks + 1)).to(device),
+        "rank_expert_offsets": (rank_expert_at + torch.arange(t.ep_size) * (max_experts + 1)).to(device),
+        "one": torch.ones((), dtype=torch.long, device=device),
+        "node_major_is_identity": list(node_major_ranks(t)) == list(range(t.ep_size)),
+    }
+
+
+def node_major_ranks(t: Topology) -> list[int]:
+    return [r for n in range(t.num_nodes) for r in t.ranks_of_node(n)]
+
+
+class RoutingCounts:
+    """Every rank's routing counts, all-gathered once and read on the host (the plan's one sync).
+
+    Host lists, indexed by source EP rank first:
+      * ``rows_to_node [P][N]``: token rows each rank sends to each node (one per token and node);
+      * ``rows_to_rank [P][P]``: (token, rank) rows each rank's tokens need on each EP rank;
+      * ``pairs_to_expert [P][E]``: (token, expert) pairs each rank routes to each expert;
+      * copy levels for the fixed-order reduces: ``node_copies [P][node_levels]`` tokens with more
+        than c destination nodes; ``rank_copies_on_node [P][N][rank_levels]`` tokens with more than c
+        ranks on node b; ``expert_copies_on_rank [P][P][expert_levels]`` tokens with more than c
+        experts on rank q.
+
+    On the device it is one histogram: per token, its number of nodes, its ranks on each node and its
+    experts on each rank (each clamped to its level count), and its expert ids (-1 and invalid ids in
+    two extra bins), scatter-added into one int64 vector; the host turns those histograms into the counts
+    above. ``node_mask [s, N]``: the nodes each token needs (the rail hop's mask). ``per_token=False``
+    (the flat_fast plan) counts only the pairs per expert (``C``)."""
+
+    def __init__(self, groups: CommGroups, expert_ids: torch.Tensor, k: int, per_token: bool = True):
+        """Both halves at once (:meth:`start` then :meth:`wait_host`)."""
+        self.start(groups, expert_ids, k, per_token)
+        self.wait_host()
+
+    @classmethod
+    def started(cls, groups: CommGroups, expert_ids: torch.Tensor, k: int, per_token: bool = True) -> "RoutingCounts":
+        """The device half only; call :meth:`wait_host` before reading the host lists."""
+        counts = cls.__new__(cls)
+        counts.start(groups, expert_ids, k, per_token)
+        return counts
+
+    def start(self, groups: CommGroups, expert_ids: torch.Tensor, k: int, per_token: bool = True) -> None:
+        t = groups.topology
+        s = expert_ids.shape[0]
+        dev = expert_ids.device
+        lay = count_layout(t, k, dev)
+        self.node_levels, self.rank_levels, self.expert_levels = max_nodes, max_ranks, max_experts = lay["levels"]
+        n, p, e, e_r = t.num_nodes, t.ep_size, t.num_experts, t.experts_per_rank
+        valid = (expert_ids >= 0) & (expert_ids < e)
+        one = lay["one"]
+        id_keys = torch.where(valid, expert_ids, e + (expert_ids != -1))  # -1 -> bin e, bad -> e + 1
+        if not per_token:
+            # pairs per expert only (what the flat_fast plan needs): no per-token, per-node, per-rank levels
+            lay = {"bins": e + 2, "expert_bins": 0, "node_rank_bins": 0, "rank_expert_bins": 0, "levels": (0, 0, 0)}
+            self.node_levels = self.rank_levels = self.expert_levels = max_nodes = max_ranks = max_experts = 0
+            self.rank_mask = self.node_mask = None
+            keys = id_keys.reshape(-1)
+        else:
+            rank = torch.where(valid, expert_ids // e_r, p)
+            per_rank = torch.zeros(s, p + 1, dtype=torch.long, device=dev).scatter_add_(1, rank, one.expand(s, k))[:, :p]
+            used = per_rank > 0
+            self.rank_mask = used  # [s, P] the EP ranks each token needs (EP order)
+            if n == 1:
+                per_node = used.sum(1, keepdim=True)
+            else:
+                if not lay["node_major_is_identity"]:
+                    used = used.index_select(1, topology_tensors(t, dev)["ranks_node_major"])
+                per_node = used.reshape(s, n, t.ranks_per_node).sum(-1)
+            self.node_mask = per_node > 0
+            keys = torch.cat(
+                [
+                    self.node_mask.sum(1, keepdim=True).clamp_max(max_nodes),
+                    per_node.clamp_max(max_ranks) + lay["node_rank_offsets"],
+                    per_rank.clamp_max(max_experts) + lay["rank_expert_offsets"],
+                    id_keys + lay["expert_bins"],
+                ],
+                1,
+            ).reshape(-1)
+        local = torch.zeros(lay["bins"], dtype=torch.long, device=dev).scatter_add_(0, keys, one.expand(keys.numel()))
+        if groups.ep is not None and t.ep_size > 1:
+            table = local.new_empty(t.ep_size * lay["bins"])
+            ALL_GATHER_SINGLE(table, local, group=groups.ep)
+        else:
+            table = local
+        self._table, self._bins, self._expert_bins = table, lay["bins"], lay["expert_bins"]
+        self._num_experts = e
+        self._per_token, self._num_ranks = per_token, n
+        self._levels = (max_nodes, max_ranks, max_experts)
+        self._layout = {key: lay[key] for key in ("node_rank_bins", "rank_expert_bins", "expert_bins")}
+        acc = get_accelerator(dev.type)
+        if acc.is_cpu:
+            self._host_table, self._copied = table, None
+        else:
+            # asynchronous copy into pinned memory; the event marks its end (waited in wait_host)
+            self._host_table = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+            self._host_table.copy_(table, non_blocking=True)
+            self._copied = acc.Event()
+            self._copied.record()
+        self._host_ready = False
+
+    def wait_host(self) -> "RoutingCounts":
+        """Wait for the table on the host and derive the host lists (idempotent)."""
+        if self._host_ready:
+            return self
+        if self._copied is not None:
+            self._copied.synchronize()  # device-to-host sync: split sizes (the plan's one host wait)
+        flat = self._host_table.tolist()
+        self._host_ready = True
+        bins = self._bins
+        rows = [flat[i * bins : (i + 1) * bins] for i in range(len(flat) // bins)]
+        max_nodes, max_ranks, max_experts = self._levels
+        node_rank_at, rank_expert_at, expert_at = (self._layout[key] for key in ("node_rank_bins", "rank_expert_bins", "expert_bins"))
+        n, p, e = self._num_ranks, len(rows), self._num_experts
+
+        def at_least(hist, levels):  # hist[v] = tokens with value v -> tokens with value > c, c < levels
+            return [sum(hist[c + 1 :]) for c in range(levels)]
+
+        if self._per_token:
+            self.node_copies = [at_least(r[: max_nodes + 1], max_nodes) for r in rows]
+            self.rank_copies_on_node = [[at_least(r[node_rank_at + b * (max_ranks + 1) : node_rank_at + (b + 1) * (max_ranks + 1)], max_ranks) for b in range(n)] for r in rows]
+            self.expert_copies_on_rank = [[at_least(r[rank_expert_at + q * (max_experts + 1) : rank_expert_at + (q + 1) * (max_experts + 1)], max_experts) for q in range(p)] for r in rows]
+            self.rows_to_node = [[h[0] for h in h2] for h2 in self.rank_copies_on_node]
+            self.rows_to_rank = [[h[0] for h in h3] for h3 in self.expert_copies_on_rank]
+        self.pairs_to_expert = [r[expert_at : expert_at + e] for r in rows]
+        self.dropped_slots = [r[expert_at + e] for r in rows]  # slots with id -1, per source rank
+        bad = [r[expert_at + e + 1] for r in rows]
+        if any(bad):
+            # every rank saw the same table: all raise together, nobody hangs in a later collective
+            raise ValueError(
+                f"expert ids outside [-1, {e}) on EP rank(s) "
+                f"{[i for i, b in enumerate(bad) if b]}: ids must be expert indices or -1 (dropped)"
+            )
+        return self
+
+    @property
+    def table(self) -> torch.Tensor:
+        """``[P * bins]`` int64 on the device, identical on every EP rank. The router's aux loss needs
+        the pairs per expert summed over the EP group; that sum is
+        ``table.view(P, bins)[:, expert_bins : expert_bins + E].sum(0)`` (``expert_bins`` from
+        :meth:`expert_columns`), so a router that routes before the exchange can take its load from here
+        instead of a separate all-reduce (the counts are of kept slots: after capacity drops)."""
+        return self._table
+
+    def expert_columns(self) -> slice:
+        """Columns of one rank's row of :attr:`table` that hold its pairs per expert."""
+        return slice(self._expert_bins, self._expert_bins + self._num_experts)
+
+    def local_sizes(self, first_expert: int, n_local: int) -> torch.Tensor:
+        """``[P * n_local]`` (device, source-major): pairs every EP rank routed to experts ``first_expert ..
+        first_expert + n_local - 1``, read from the all-gathered table (no host-to-device copy)."""
+        o = self._expert_bins + first_expert
+        return self._table.view(-1, self._bins)[:, o : o + n_local].reshape(-1)

@@ -1,0 +1,94 @@
+"""The hierarchical (two-stage) plan: rail hop across nodes, node hop inside the node, canonical hop.
+
+Rank ``me`` on node ``a`` with local index ``j`` (N nodes x R ranks):
+  1. rail hop (group ``rail``, N members): each token once to each node hosting one of its experts, to
+     the rank with local index ``j`` there; the own-node copy stays on ``me`` (no network). Rows arrive
+     node-major: ``[rail_rows]`` = blocks from node 0, 1, ... N-1 (own node's block = this rank's rows).
+  2. node hop (group ``node``, R members): each rail row to each rank of this node holding one of its
+     experts, once per rank. Rows arrive source-rank-major, inside a block node-major.
+  3. canonical hop (local): one row per (token, expert) pair in (local expert, source, token) order.
+On a one-node group the rail hop is left out and the node hop runs on the EP group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .canonical import bits_to_fp32, canonical_hop, token_metadata
+from .counts import RoutingCounts, topology_tensors
+from .groups import CommGroups
+from .hops import Hop, fused_broadcast, mask_hop
+from .plan import Plan, Traffic
+from .return_path import ReturnPath
+
+
+def build_hierarchical_plan(expert_ids: torch.Tensor, weights: torch.Tensor, groups: CommGroups,
+                            counts: RoutingCounts) -> Plan:
+    """This rank's hierarchical plan for ``expert_ids [s, k]`` and ``weights [s, k]``; moves the metadata
+    rows (``[rows, 2k + 1]`` int64) through the rail and node hops (collective over the EP group)."""
+    t = groups.topology
+    s, k = expert_ids.shape
+    me, node, local_index = t.ep_rank, t.node, t.local_index
+    dev = expert_ids.device
+    meta = token_metadata(expert_ids, weights, me)  # [s, 2k + 1]
+    rail = t.rail(local_index)  # EP rank of local index j on each node
+    ranks_here = t.ranks_of_node(node)
+    rows_to_node = counts.rows_to_node
+    if t.num_nodes > 1:
+        rail_hop = mask_hop(
+            counts.node_mask,
+            sum(rows_to_node[me]),
+            min(t.num_nodes, k),
+            blocks=rows_to_node[me],
+            level_counts=counts.node_copies[me],
+            group=groups.rail,
+            out_splits=[rows_to_node[rail[b]][node] for b in range(t.num_nodes)],
+        )[0]
+        rail_meta = rail_hop.forward(meta)  # [rail_rows, 2k + 1]
+        first_hops: tuple[Hop, ...] = (rail_hop,)
+    else:  # one node: no rail stage, the node hop starts from the tokens (once per rank)
+        rail_meta, first_hops = meta, ()
+    rail_ids = rail_meta[:, :k]
+    rail_rows = rail_ids.shape[0]
+    if t.num_nodes == 1:  # the rows are this rank's tokens: the counts already hold that mask
+        need_rank = counts.rank_mask
+    else:  # [rail_rows, R] the ranks of this node each rail row needs
+        dest_rank = torch.where(rail_ids >= 0, rail_ids // t.experts_per_rank, t.ep_size)
+        local_of = topology_tensors(t, dev)["local_of"]
+        need_rank = torch.zeros(rail_rows, t.ranks_per_node + 1, dtype=torch.bool, device=dev)
+        need_rank.scatter_(1, local_of[dest_rank], True)
+        need_rank = need_rank[:, : t.ranks_per_node]
+    rails_by_local = [t.rail(i) for i in range(t.ranks_per_node)]
+    rows_to_rank = counts.rows_to_rank
+    node_blocks = tuple(sum(rows_to_rank[rail[b]][q] for b in range(t.num_nodes)) for q in ranks_here)
+    node_hop = mask_hop(
+        need_rank,
+        sum(node_blocks),
+        min(t.ranks_per_node, k),
+        blocks=node_blocks,
+        level_counts=[sum(counts.rank_copies_on_node[rail[b]][node][c] for b in range(t.num_nodes))
+                      for c in range(counts.rank_levels)],
+        group=groups.node if t.num_nodes > 1 else groups.ep,
+        out_splits=[sum(rows_to_rank[rails_by_local[i][b]][me] for b in range(t.num_nodes))
+                    for i in range(t.ranks_per_node)],
+    )[0]
+    node_meta = node_hop.forward(rail_meta)  # [node_rows, 2k + 1]
+    # one node: the rows arrive by source rank, tokens in order, i.e. sorted by source key
+    canon, slot, tpe = canonical_hop(node_meta[:, :k], node_meta[:, k], groups, counts, src_sorted=t.num_nodes == 1)
+    pair_weight = bits_to_fp32(node_meta[:, k + 1 :].index_select(0, canon.index).gather(1, slot.unsqueeze(1)).squeeze(1))
+    pair_src_key = node_meta[:, k].index_select(0, canon.index)
+    ret = ReturnPath.build(pair_src_key, slot, k, groups, counts)
+    hops = first_hops + (node_hop, canon)
+    inter = sum(c for b, c in enumerate(rows_to_node[me]) if b != node)
+    intra = sum(c for q, c in zip(ranks_here, node_blocks) if q != me)
+    return Plan(
+        hops=hops,
+        num_tokens=s,
+        pair_weight=pair_weight,
+        tokens_per_expert=tpe,
+        traffic=Traffic(inter_rows=inter, intra_rows=intra),
+        mode="hierarchical",
+        broadcast_steps=fused_broadcast(hops),
+        return_path=ret,
+        pair_src_key=pair_src_key,
+    )
