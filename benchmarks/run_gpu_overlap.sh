@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Overlap of the inter-node transfer (split-by-origin dispatch) against the same dispatcher without it,
-# in one command on 4 GPUs (~5 minutes at the default sizes):
-#   * 2 emulated nodes x 2 (launch/emulate_nodes.sh), NCCL's default socket transport between them;
+# in one command on NGPU GPUs (default 4; ~5 minutes at the default sizes):
+#   * 2 emulated nodes x NGPU/2 (launch/emulate_nodes.sh), NCCL's default socket transport between them;
 #   * the same with NCCL_NSOCKS_PERTHREAD=8 NCCL_SOCKET_NTHREADS=8 (a faster inter-node link);
 #     both at cross-node shares 0, 0.15 and 0.5 of the routed pairs;
-#   * one node x 4 (the overlap is a no-op there: measures that it costs nothing).
+#   * one node x NGPU (the overlap is a no-op there: measures that it costs nothing).
 # 8192 tokens/rank, hidden 2048, expert MLPs d -> 1408 -> d, 32 experts, top-4, bf16; systems timed in
 # interleaved shuffled rounds. Usage (repo root):
 #   bash benchmarks/run_gpu_overlap.sh OUT_DIR
@@ -13,6 +13,8 @@
 set -uo pipefail
 out=${1:?usage: run_gpu_overlap.sh OUT_DIR}
 mkdir -p "$out"
+NGPU=${NGPU:-4}
+half=$(( NGPU / 2 ))
 PY=${PYTHON:-python3}
 export PYTHON=$PY NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 args=(--tokens "${TOKENS:-8192}" --hidden "${HIDDEN:-2048}" --expert-ffn "${FFN:-1408}" --experts "${EXPERTS:-32}"
@@ -23,22 +25,22 @@ shares=(--cross-share 0 0.15 0.5)
 
 run2() {  # name, extra env
   local name=$1; shift
-  env "$@" launch/emulate_nodes.sh --nodes 2 --nproc-per-node 4 -- benchmarks/bench_dispatch.py \
-    --gpus-per-node 2 --json "$out/$name.json" "${args[@]}" "${shares[@]}" > "$out/$name.log" 2>&1
+  env "$@" launch/emulate_nodes.sh --nodes 2 --nproc-per-node "$NGPU" -- benchmarks/bench_dispatch.py \
+    --gpus-per-node "$half" --json "$out/$name.json" "${args[@]}" "${shares[@]}" > "$out/$name.log" 2>&1
   echo "$name: exit $?"
 }
-run2 overlap_2x2_socket NCCL_DEBUG=WARN
-run2 overlap_2x2_socket8 NCCL_NSOCKS_PERTHREAD=8 NCCL_SOCKET_NTHREADS=8
-"$PY" -m torch.distributed.run --standalone --nproc-per-node 4 benchmarks/bench_dispatch.py --gpus-per-node 4 \
-  --json "$out/overlap_1x4.json" "${args[@]}" > "$out/overlap_1x4.log" 2>&1
-echo "overlap_1x4: exit $?"
+run2 "overlap_2x${half}_socket" NCCL_DEBUG=WARN
+run2 "overlap_2x${half}_socket8" NCCL_NSOCKS_PERTHREAD=8 NCCL_SOCKET_NTHREADS=8
+"$PY" -m torch.distributed.run --standalone --nproc-per-node "$NGPU" benchmarks/bench_dispatch.py --gpus-per-node "$NGPU" \
+  --json "$out/overlap_1x${NGPU}.json" "${args[@]}" > "$out/overlap_1x${NGPU}.log" 2>&1
+echo "overlap_1x${NGPU}: exit $?"
 
-"$PY" - "$out" <<'PYEOF'
+"$PY" - "$out" "$NGPU" <<'PYEOF'
 import json, os, sys
-out = sys.argv[1]
+out, ngpu = sys.argv[1], int(sys.argv[2])
 print(f"{'run':<20} {'cross':>5} {'hier ms':>8} {'ovl ms':>8} {'ovl/hier':>8} {'ovl6/hier':>9} "
       f"{'coll hier/ovl':>13} {'syncs':>5} {'exp ms':>7} {'rail ms':>7} {'hidden':>6}")
-for name in ("overlap_2x2_socket", "overlap_2x2_socket8", "overlap_1x4"):
+for name in (f"overlap_2x{ngpu // 2}_socket", f"overlap_2x{ngpu // 2}_socket8", f"overlap_1x{ngpu}"):
     path = os.path.join(out, name + ".json")
     if not os.path.exists(path):
         print(f"{name:<20} no result (see {name}.log)")
