@@ -11,10 +11,6 @@
 # --gpus-per-node / --locmoe-gpus-per-node). For a deepspeed job use the same per-rank wrapper:
 #   deepspeed --no_python --no_local_rank --num_gpus P launch/emulate_nodes.sh --rank-wrapper script.py [args]
 # with GPUS_PER_NODE exported. Never enable NVLink multicast on shared machines (kept off here).
-<<<<<<< HEAD
-# Several jobs on the same GPUs at once: give each its own --master-port (a fixed rendezvous port instead
-# of --standalone's) and --hostid-prefix (its emulated nodes get host ids PREFIXemunodeN).
-=======
 #
 # --link names the link between emulated nodes (exported as LOCMOE_LINK, which benchmarks record):
 #   slow  NCCL's socket defaults (measured ~2.7 GB/s per rank on 4 x H200, ~93 x below NVLink);
@@ -22,7 +18,8 @@
 # A cluster with a 400 Gb/s NIC per GPU is about 5-10 x below NVLink: both settings are slower than that.
 # Without --link, NCCL socket variables already in the environment are kept and the link is named
 # "custom" if any is set, else "slow". `locmoe bandwidth` measures the link in force.
->>>>>>> dev-21
+# Several jobs on the same GPUs at once: give each its own --master-port (a fixed rendezvous port instead
+# of --standalone's) and --hostid-prefix (its emulated nodes get host ids PREFIXemunodeN).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -36,22 +33,15 @@ if [ "${1:-}" = "--rank-wrapper" ]; then   # per-rank mode: set this rank's host
   exec "${PYTHON:-python3}" "$@"
 fi
 
-<<<<<<< HEAD
-nodes=2 nproc=8 extra="" rdzv="--standalone"
-=======
-nodes=2 nproc=8 extra="" link=""
->>>>>>> dev-21
+nodes=2 nproc=8 extra="" rdzv="--standalone" link=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --nodes) nodes=$2; shift 2 ;;
     --nproc-per-node) nproc=$2; shift 2 ;;
     --torchrun-args) extra=$2; shift 2 ;;
-<<<<<<< HEAD
     --master-port) rdzv="--nnodes 1 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:$2"; shift 2 ;;
     --hostid-prefix) export EMULATE_HOSTID_PREFIX=$2; shift 2 ;;
-=======
     --link) link=$2; shift 2 ;;
->>>>>>> dev-21
     --) shift; break ;;
     *) echo "emulate_nodes.sh: unknown option $1 (use -- before the script)" >&2; exit 2 ;;
   esac
