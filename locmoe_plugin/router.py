@@ -8,8 +8,11 @@ Hash routing (``routing="hash"``) builds no gate: ``forward`` takes the token id
 the aux or z-loss and no gate to teach locality; ``aux_loss_coeff`` is accepted and unused).
 
 Collectives in forward (all on the EP group, all ranks call them in the same order):
+  * the first forward (and the first after :meth:`LocMoERouter.bind`): one all-gather of a fingerprint of
+    the config, the input's dtype and last dimension (:mod:`locmoe_plugin.agreement`); ranks that
+    disagree raise the same error naming the setting, before any other collective;
   * ``aux_loss_scope="ep_group"`` with an aux-loss coefficient > 0, or with ``expert_bias_rate > 0`` in a
-    training forward under grad: one all-reduce of ``n + 1`` counts (shared by both);
+    training forward under grad: one all-reduce of ``n + 2`` counts (shared by both);
   * capacity ``bound``/``adaptive``: a tiny all-reduce at estimation steps only.
 """
 
@@ -22,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .agreement import check_agreement, config_settings
 from .capacity import CapacityController
 from .config import ConfigError, LocMoEConfig
 from .gate import build_gate
@@ -117,6 +121,8 @@ class LocMoERouter(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(config.num_experts, device=device)
                              if config.expert_bias_rate > 0 else None)
         self.last_stats: RoutingStats | None = None
+        #: whether the ranks of ``group`` agreed on the settings (checked at the first forward)
+        self._settings_checked = False
 
     def _new_locality_bias(self, topology: Topology, device) -> nn.Parameter | None:
         """``[ep_size, n]`` zeros when ``config.locality_bias`` and the EP group has several ranks."""
@@ -139,6 +145,7 @@ class LocMoERouter(nn.Module):
         self.topology = topology
         self.group = group
         self.capacity.group = group
+        self._settings_checked = False
         device = self.expert_to_node.device
         self.expert_to_node = topology.expert_to_node.to(device)
         self.local_expert_mask = topology.local_expert_mask().to(device)
@@ -157,16 +164,19 @@ class LocMoERouter(nn.Module):
 
     def set_extra_state(self, state) -> None:
         if state:
+            if not isinstance(state, dict):
+                raise ConfigError(f"the checkpoint's LocMoE router state is a {type(state).__name__}, not a dict: "
+                                  f"the checkpoint is damaged or not a LocMoE router's")
             self.capacity.load_state_dict(state.get("capacity", {}))
 
     # ------------------------------------------------------------------------------------------
-    def _global_counts(self, counts: torch.Tensor, pairs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-expert requested counts and total pairs (int or 0-d tensor), summed over the EP group when
-        asked."""
-        if torch.is_tensor(pairs):
-            packed = torch.cat([counts, pairs.to(counts.dtype).reshape(1)])
-        else:  # a Python int: written on the device (a fill), not copied from the host
-            packed = torch.cat([counts, counts.new_full((1,), pairs)])
+    def _global_counts(self, counts: torch.Tensor, pairs, bad: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-expert requested counts, total pairs (int or 0-d tensor) and ``bad`` (0-d: ranks whose
+        logits are not all finite), summed over the EP group when asked."""
+        if not torch.is_tensor(pairs):  # a Python int: written on the device (a fill), not copied from the host
+            pairs = counts.new_full((), pairs)
+        packed = torch.cat([counts, pairs.to(counts.dtype).reshape(1), bad.to(counts.dtype).reshape(1)])
         g = self.group
         if (
             self.config.aux_loss_scope == "ep_group"
@@ -176,15 +186,18 @@ class LocMoERouter(nn.Module):
             and dist.get_world_size(g) > 1
         ):
             dist.all_reduce(packed, group=g)
-        return packed[:-1], packed[-1]
+        return packed[:-2], packed[-2], packed[-1]
 
     @torch.no_grad()
-    def _update_expert_bias(self, counts: torch.Tensor) -> None:
+    def _update_expert_bias(self, counts: torch.Tensor, bad: torch.Tensor) -> None:
         """``b += rate * sign(mean - load)``: under-loaded experts gain, over-loaded ones lose. Only in
         training forwards under grad (not in evaluation, nor in the no-grad first pass of activation
-        checkpointing, whose recompute updates once)."""
+        checkpointing, whose recompute updates once). A batch with non-finite logits on any rank of the
+        group (``bad > 0``) moves nothing: its routing is noise, and one such batch must not shift the
+        offsets for the rest of the run (no host sync: the step is multiplied by 0)."""
         load = counts.float()
-        self.expert_bias.add_(torch.sign(load.mean() - load), alpha=self.config.expert_bias_rate)
+        step = torch.sign(load.mean() - load) * (bad == 0)
+        self.expert_bias.add_(step, alpha=self.config.expert_bias_rate)
 
     def forward(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None,
                 valid: torch.Tensor | None = None) -> RouterOutput:
@@ -195,6 +208,18 @@ class LocMoERouter(nn.Module):
         (padding excluded, as Megatron's TopKRouter does); every token is still routed and dispatched.
         """
         c = self.config
+        if not self._settings_checked:
+            # before this forward's first collective: ranks that disagree raise together, none hangs
+            check_agreement({**config_settings(c), "input dtype": str(hidden.dtype),
+                             "input last dimension": hidden.shape[-1] if hidden.dim() else None},
+                            self.group, where="LocMoE router")
+            self._settings_checked = True
+        if hidden.dim() < 1 or hidden.shape[-1] != c.hidden_size:
+            raise ValueError(
+                f"hidden has shape {tuple(hidden.shape)}, but the router was built for hidden_size="
+                f"{c.hidden_size}: pass [..., {c.hidden_size}] (tokens x hidden), or build the router with "
+                f"the model's hidden size"
+            )
         x = hidden.reshape(-1, c.hidden_size)
         s = x.shape[0]
         if c.routing == "hash":
@@ -202,6 +227,11 @@ class LocMoERouter(nn.Module):
                 raise ValueError(
                     "routing='hash' picks experts from the token ids: call the router as "
                     "router(hidden, token_ids) with one id per token"
+                )
+            if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
+                raise TypeError(
+                    f"token_ids has dtype {token_ids.dtype}: hash routing needs integer token ids "
+                    f"(torch.long), not values that would be truncated; pass the tokenizer's ids"
                 )
             if token_ids.numel() != s:
                 raise ValueError(
@@ -211,6 +241,10 @@ class LocMoERouter(nn.Module):
             token_ids, logits = token_ids.reshape(-1).to(x.device), None
         else:
             token_ids, logits = None, self.gate(x)
+        if valid is not None:
+            valid = valid.reshape(-1).to(device=x.device, dtype=torch.bool)
+            if valid.numel() != s:
+                raise ValueError(f"valid has {valid.numel()} entries for {s} tokens: one per token")
 
         if self.expert_bias is not None and self.expert_bias.dtype != torch.float32:
             # half-precision wrappers (Megatron's Float16Module, .half()) cast buffers; increments of
@@ -218,7 +252,7 @@ class LocMoERouter(nn.Module):
             self.expert_bias.data = self.expert_bias.data.float()
         # the capacity estimate reads the token features' own affinity, without the locality bias
         affinity = self.gate.affinity(x, logits) if self.capacity.needs_affinity(self.training) else None
-        capacity = self.capacity.capacity(s, affinity, self.training)
+        capacity = self.capacity.capacity(s, affinity, self.training, valid=valid)
         if self.locality_bias is not None:
             bias = self.locality_bias[self.topology.ep_rank].to(logits.dtype) * c.locality_bias_scale
             logits = logits + bias
@@ -253,22 +287,20 @@ class LocMoERouter(nn.Module):
         )
 
         requested = assignment.requested_per_expert()
-        if valid is not None:
-            valid = valid.reshape(-1).to(device=x.device, dtype=torch.bool)
-            if valid.numel() != s:
-                raise ValueError(f"valid has {valid.numel()} entries for {s} tokens: one per token")
         losses = {}
         update_bias = self.expert_bias is not None and self.training and torch.is_grad_enabled()
         if logits is not None and (c.aux_loss_coeff > 0 or update_bias):
+            bad = (~torch.isfinite(logits)).any()
             if valid is None:
-                counts, pairs = self._global_counts(requested, s * c.topk)
+                counts, pairs, bad = self._global_counts(requested, s * c.topk, bad)
             else:
                 ids = torch.where(valid.unsqueeze(1), assignment.requested_ids, -1)  # padding: not counted
-                counts, pairs = self._global_counts(count_valid_ids(ids, c.num_experts), valid.sum() * c.topk)
+                counts, pairs, bad = self._global_counts(count_valid_ids(ids, c.num_experts),
+                                                         valid.sum() * c.topk, bad)
             if c.aux_loss_coeff > 0:
                 losses["aux"] = switch_aux_loss(probs, counts, pairs, c.aux_loss_coeff, valid)
             if update_bias:  # after this batch's selection: the next forward routes with the new offsets
-                self._update_expert_bias(counts)
+                self._update_expert_bias(counts, bad)
         if c.locality_loss_coeff > 0:
             if self.topology.num_nodes > 1:
                 losses["locality"] = locality_loss(logits, self.local_expert_mask, c.locality_loss_coeff, valid)
@@ -297,6 +329,7 @@ class LocMoERouter(nn.Module):
             capacity_factor=self.capacity.factor,
             delta=self.capacity.delta,
             p_hat=self.capacity.p_hat,
+            capacity_deferred=self.capacity.deferred,
             losses={k: v.detach() for k, v in losses.items()},
         )
         self.last_stats = stats

@@ -38,6 +38,8 @@ class RoutingStats:
     capacity_factor: float | None = None
     delta: float | None = None
     p_hat: float | None = None
+    #: why this forward's capacity estimate was deferred (empty / all-padding / non-finite batch), or None
+    capacity_deferred: str | None = None
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -69,6 +71,7 @@ class RoutingStats:
             capacity_factor=self.capacity_factor,
             delta=self.delta,
             p_hat=self.p_hat,
+            capacity_deferred=self.capacity_deferred,
             losses=dict(self.losses),
         )
 
@@ -90,6 +93,7 @@ class RoutingStats:
             "capacity_factor": self.capacity_factor,
             "delta": self.delta,
             "p_hat": self.p_hat,
+            "capacity_deferred": self.capacity_deferred,
             "tokens_per_expert": [int(v) for v in self.tokens_per_expert.tolist()],
         }
         for name, value in self.losses.items():
