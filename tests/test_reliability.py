@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from locmoe_plugin.capacity import CapacityController, usable_for_estimation
+from locmoe_plugin.capacity import CapacityController
 from locmoe_plugin.config import ConfigError, LocMoEConfig
 from locmoe_plugin.router import LocMoERouter
 
@@ -83,6 +83,8 @@ def test_padding_tokens_are_left_out_of_the_estimate():
 
 
 def test_usable_for_estimation_marks_padding_and_broken_batches():
+    from locmoe_plugin.capacity import usable_for_estimation
+
     aff = torch.tensor([[0.1, 0.2], [0.0, 0.0], [0.3, -0.1]])
     assert usable_for_estimation(aff).tolist() == [True, False, True]
     assert usable_for_estimation(aff, torch.tensor([True, True, False])).tolist() == [True, False, False]
