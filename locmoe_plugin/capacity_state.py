@@ -7,11 +7,11 @@ and the fix, instead of loading silently and breaking the capacity for the rest 
 Resuming with changed capacity settings follows one rule: **the new config wins**, and a warning names
 each setting that changed (``old -> new``). What a run *measured* is kept (the step count, a delta
 estimated from tokens - unless the new config sets ``delta``); what follows from settings is derived
-again from the new config: ``factor`` mode takes the configured ``capacity_factor``; ``bound`` recomputes
-its factor from delta at the next forward; ``adaptive`` keeps its factor only when no capacity setting
-changed, else re-estimates at the next forward. Checkpoints written before the settings were saved
+again from the new config: ``factor`` mode takes the configured ``capacity_factor``; ``bound`` and
+``adaptive`` keep their factor only when no capacity setting changed, else ``bound`` recomputes it from
+delta and ``adaptive`` re-estimates it at the next forward. Checkpoints written before the settings were saved
 (no ``"settings"`` entry) are treated as if every setting were unchanged, except that a ``factor``
-router always uses its configured factor and an ``adaptive`` factor is clamped to the new range.
+router always uses its configured factor and a saved factor is clamped to the new range.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def resume_capacity_state(saved: Any, config: LocMoEConfig) -> dict:
     factor, p_hat = None, None
     if mode == "factor":
         factor = config.capacity_factor
-    elif mode == "adaptive" and state.get("factor") is not None and not changes and delta is not None:
+    elif mode in ("bound", "adaptive") and state.get("factor") is not None and not changes and delta is not None:
         factor = min(config.capacity_factor_max, max(config.capacity_factor_min, state["factor"]))
         p_hat = state.get("p_hat")
     if changes:
