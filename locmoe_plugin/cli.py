@@ -1,18 +1,39 @@
-"""``locmoe``: the command-line entry point. One subcommand per job; ``locmoe --help`` lists them."""
+"""``locmoe``: the command-line entry point. One subcommand per job; ``locmoe --help`` lists them.
+
+Exit status (every subcommand): 0 success; 1 the check failed (``check-comm``: hierarchical and flat
+disagree, or a rank failed; ``demo``: a rank failed); 2 bad usage (a flag, option or environment
+variable, with one line naming it); 3 an input or output file could not be read or written.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from .bounds import capacity_bounds
 
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_IO = 0, 1, 2, 3
+
+
+def json_safe(value):
+    """``value`` with every non-finite float replaced by None, so ``json.dumps`` writes valid JSON (no
+    ``Infinity`` / ``NaN``). An infinite bound means "no finite capacity suffices"; read null so."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _cmd_capacity(args: argparse.Namespace) -> int:
     b = capacity_bounds(args.delta, args.hidden_size, args.num_experts)
     if args.json:
-        print(json.dumps(b, indent=2, sort_keys=True))
+        print(json.dumps(json_safe(b), indent=2, sort_keys=True, allow_nan=False))
         return 0
     print(f"LocMoE capacity lower bound (Theorem 1), d={args.hidden_size}, n={args.num_experts}, delta={args.delta}")
     print(f"  p_delta = P(|cos| >= delta) = 1 - I_(delta^2)(1/2, (d-1)/2) : {b['p_delta']:.6g}")
@@ -90,12 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
     except ValueError as exc:  # ConfigError and bad numeric input: one clear line, no traceback
         print(f"locmoe {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except OSError as exc:  # a file that cannot be read or written
+        print(f"locmoe {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_IO
 
 
 if __name__ == "__main__":

@@ -45,6 +45,12 @@ def _int_at_least(name: str, value: Any, low: int) -> None:
         raise ConfigError(f"{name}={value!r} must be an integer >= {low}")
 
 
+def _finite(name: str, value: Any, what: str) -> None:
+    """A real number (not a bool, not a string), finite; else ConfigError saying ``what`` it must be."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be {what}")
+
+
 def _non_negative(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ConfigError(f"{name}={value!r} must be a finite number >= 0 (0 disables it)")
@@ -293,18 +299,28 @@ class LocMoEConfig:
                     f"capacity_factor={self.capacity_factor} is only used with capacity='factor' "
                     f"(capacity is {self.capacity!r}); remove it or set capacity='factor'"
                 )
-            if not (isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0):
+            _finite("capacity_factor", self.capacity_factor, "a finite number > 0 (e.g. 1.25)")
+            if self.capacity_factor <= 0:
                 raise ConfigError(f"capacity_factor={self.capacity_factor!r} must be > 0 (e.g. 1.25)")
         _int_at_least("min_capacity", self.min_capacity, 0)
+        for name in ("capacity_factor_min", "capacity_factor_max"):
+            _finite(name, getattr(self, name), "a finite number > 0")
         if not (0 < self.capacity_factor_min <= self.capacity_factor_max):
             raise ConfigError(
                 f"capacity_factor_min={self.capacity_factor_min} and capacity_factor_max="
                 f"{self.capacity_factor_max} must satisfy 0 < min <= max"
             )
+        if self.delta is not None:
+            _finite("delta", self.delta, "a number in (0, 1), e.g. 0.03")
         if self.delta is not None and not (0 < self.delta < 1):
             raise ConfigError(
                 f"delta={self.delta} is outside (0, 1): it is a cosine-similarity threshold "
                 f"(LocMoE measured ~0.03); leave it None to estimate it from the first batch"
+            )
+        if self.delta is not None and self.capacity not in ("bound", "adaptive"):
+            raise ConfigError(
+                f"delta={self.delta!r} is only used with capacity 'bound' or 'adaptive' (capacity is "
+                f"{self.capacity!r}); remove it or choose one of those capacity modes"
             )
         _int_at_least("adaptive_interval", self.adaptive_interval, 1)
         iso = self.capacity_factor_isotropic
@@ -358,8 +374,16 @@ class LocMoEConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "LocMoEConfig":
-        """Build from a mapping (a JSON config section); unknown keys are an error, not ignored."""
+        """Build from a mapping (a JSON config section); unknown or missing required keys are an error."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"LocMoE options must be a mapping of option names to values, got a "
+                              f"{type(values).__name__}: {values!r}")
         known = {f.name for f in dataclasses.fields(cls)}
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in values]
+        if missing:
+            raise ConfigError(f"LocMoE options lack {missing}: give {', '.join(missing)}")
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown LocMoE option(s) {unknown}; known options: {sorted(known)}")

@@ -8,9 +8,12 @@ Hash routing (``routing="hash"``) builds no gate: ``forward`` takes the token id
 the aux or z-loss and no gate to teach locality; ``aux_loss_coeff`` is accepted and unused).
 
 Collectives in forward (all on the EP group, all ranks call them in the same order):
+  * the first forward (and the first after :meth:`LocMoERouter.bind`): one all-gather of a fingerprint of
+    the config, the input's dtype and last dimension (:mod:`locmoe_plugin.agreement`); ranks that
+    disagree raise the same error naming the setting, before any other collective;
   * ``aux_loss_scope="ep_group"`` with an aux-loss coefficient > 0, or with ``expert_bias_rate > 0`` or a
-    ``cross_node_budget`` in a training forward under grad: one all-reduce of ``n + 1`` counts (per-expert
-    pairs, total pairs; plus the cross-node pairs with a budget), shared by all three;
+    ``cross_node_budget`` in a training forward under grad: one all-reduce of ``n + 1`` numbers (per-expert
+    pairs, ranks with non-finite logits; plus the cross-node pairs with a budget), shared by all three;
   * capacity ``bound``/``adaptive``: a tiny all-reduce at estimation steps only.
 
 LocMoE+ (``routing="hybrid"``) ranks its expert choice by the unbiased token-expert cosine; the locality
@@ -26,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .agreement import check_agreement, config_settings
 from .budget import CrossNodeBudget
 from .capacity import CapacityController
 from .config import ConfigError, LocMoEConfig
@@ -135,6 +139,8 @@ class LocMoERouter(nn.Module):
         self.budget = None if config.cross_node_budget is None else CrossNodeBudget(config.cross_node_budget,
                                                                                     device=device)
         self.last_stats: RoutingStats | None = None
+        #: whether the ranks of ``group`` agreed on the settings (checked at the first forward)
+        self._settings_checked = False
 
     def _new_locality_bias(self, topology: Topology, device) -> nn.Parameter | None:
         """``[ep_size, n]`` zeros when ``config.locality_bias`` and the EP group has several ranks."""
@@ -157,6 +163,7 @@ class LocMoERouter(nn.Module):
         self.topology = topology
         self.group = group
         self.capacity.group = group
+        self._settings_checked = False
         device = self.expert_to_node.device
         self.expert_to_node = topology.expert_to_node.to(device)
         self.local_expert_mask = topology.local_expert_mask().to(device)
@@ -179,20 +186,25 @@ class LocMoERouter(nn.Module):
     def set_extra_state(self, state) -> None:
         """A checkpoint without budget state (saved without a budget) leaves the preference at 0."""
         if state:
+            if not isinstance(state, dict):
+                raise ConfigError(f"the checkpoint's LocMoE router state is a {type(state).__name__}, not a dict: "
+                                  f"the checkpoint is damaged or not a LocMoE router's")
             self.capacity.load_state_dict(state.get("capacity", {}))
             if self.budget is not None:
                 self.budget.load_state_dict_extra(state.get("budget", {}))
 
     # ------------------------------------------------------------------------------------------
-    def _global_counts(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[n]`` fp32 copy of the per-expert counts and, with a cross-node budget, the pairs among them that
-        cross nodes (0-d fp32; else None), summed over the EP group when asked: one all-reduce of ``n`` (or
-        ``n + 1``) numbers. fp32 holds integer counts exactly up to 2**24 per expert (the aux loss, the
-        expert bias and the budget read them as fp32)."""
-        counts = counts.to(torch.float32)  # a copy: the local int64 counts stay for the telemetry
+    def _global_counts(self, counts: torch.Tensor, bad: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``[n]`` fp32 copy of the per-expert counts, ``bad`` (0-d: ranks whose logits are not all finite)
+        and, with a cross-node budget, the pairs among the counts that cross nodes (0-d; else None), summed
+        over the EP group when asked: one all-reduce of ``n + 1`` (or ``n + 2``) numbers. fp32 holds integer
+        counts exactly up to 2**24 per expert (the aux loss, the expert bias and the budget read them as
+        fp32); the local int64 counts stay for the telemetry."""
+        parts = [counts.to(torch.float32), bad.to(torch.float32).reshape(1)]
         if self.budget is not None:
-            cross = (counts * (self.expert_to_node != self.topology.node)).sum().reshape(1)
-            counts = torch.cat([counts, cross])
+            parts.append((parts[0] * (self.expert_to_node != self.topology.node)).sum().reshape(1))
+        packed = torch.cat(parts)
         g = self.group
         if (
             self.config.aux_loss_scope == "ep_group"
@@ -201,11 +213,9 @@ class LocMoERouter(nn.Module):
             and dist.is_initialized()
             and dist.get_world_size(g) > 1
         ):
-            dist.all_reduce(counts, group=g)
-        if self.budget is None:
-            return counts, None
+            dist.all_reduce(packed, group=g)
         n = self.config.num_experts
-        return counts[:n], counts[n]
+        return packed[:n], packed[n], (packed[n + 1] if self.budget is not None else None)
 
     def _selection_bias(self) -> torch.Tensor | None:
         """``[n]`` fp32 offsets of the selection scores: the expert bias plus the cross-node budget's local
@@ -216,12 +226,15 @@ class LocMoERouter(nn.Module):
         return offset if self.expert_bias is None else offset + self.expert_bias
 
     @torch.no_grad()
-    def _update_expert_bias(self, counts: torch.Tensor) -> None:
+    def _update_expert_bias(self, counts: torch.Tensor, bad: torch.Tensor) -> None:
         """``b += rate * sign(mean - load)``: under-loaded experts gain, over-loaded ones lose. Only in
         training forwards under grad (not in evaluation, nor in the no-grad first pass of activation
-        checkpointing, whose recompute updates once)."""
+        checkpointing, whose recompute updates once). A batch with non-finite logits on any rank of the
+        group (``bad > 0``) moves nothing: its routing is noise, and one such batch must not shift the
+        offsets for the rest of the run (no host sync: the step is multiplied by 0)."""
         load = counts.float()
-        self.expert_bias.add_(torch.sign(load.mean() - load), alpha=self.config.expert_bias_rate)
+        step = torch.sign(load.mean() - load) * (bad == 0)
+        self.expert_bias.add_(step, alpha=self.config.expert_bias_rate)
 
     def forward(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None,
                 valid: torch.Tensor | None = None) -> RouterOutput:
@@ -232,9 +245,18 @@ class LocMoERouter(nn.Module):
         (padding excluded, as Megatron's TopKRouter does); every token is still routed and dispatched.
         """
         c = self.config
-        if hidden.shape[-1] != c.hidden_size:
-            raise ValueError(f"hidden has {hidden.shape[-1]} features in its last dimension; the router was "
-                             f"built for hidden_size={c.hidden_size}")
+        if not self._settings_checked:
+            # before this forward's first collective: ranks that disagree raise together, none hangs
+            check_agreement({**config_settings(c), "input dtype": str(hidden.dtype),
+                             "input last dimension": hidden.shape[-1] if hidden.dim() else None},
+                            self.group, where="LocMoE router")
+            self._settings_checked = True
+        if hidden.dim() < 1 or hidden.shape[-1] != c.hidden_size:
+            raise ValueError(
+                f"hidden has shape {tuple(hidden.shape)}, but the router was built for hidden_size="
+                f"{c.hidden_size}: pass [..., {c.hidden_size}] (tokens x hidden), or build the router with "
+                f"the model's hidden size"
+            )
         # [s, d] view made only where it is read (GrAP reads [..., d] directly: one op less per forward)
         x = hidden if hidden.dim() == 2 else None
         s = hidden.numel() // c.hidden_size
@@ -244,6 +266,11 @@ class LocMoERouter(nn.Module):
                 raise ValueError(
                     "routing='hash' picks experts from the token ids: call the router as "
                     "router(hidden, token_ids) with one id per token"
+                )
+            if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
+                raise TypeError(
+                    f"token_ids has dtype {token_ids.dtype}: hash routing needs integer token ids "
+                    f"(torch.long), not values that would be truncated; pass the tokenizer's ids"
                 )
             if token_ids.numel() != s:
                 raise ValueError(
@@ -256,6 +283,10 @@ class LocMoERouter(nn.Module):
         else:
             x = hidden.reshape(-1, c.hidden_size)
             token_ids, logits = None, self.gate(x)
+        if valid is not None:
+            valid = valid.reshape(-1).to(device=hidden.device, dtype=torch.bool)
+            if valid.numel() != s:
+                raise ValueError(f"valid has {valid.numel()} entries for {s} tokens: one per token")
 
         if self.expert_bias is not None and self.expert_bias.dtype != torch.float32:
             # half-precision wrappers (Megatron's Float16Module, .half()) cast buffers; increments of
@@ -269,7 +300,7 @@ class LocMoERouter(nn.Module):
         if x is None and needs_affinity:
             x = hidden.reshape(-1, c.hidden_size)
         affinity = self.gate.affinity(x, logits) if needs_affinity else None
-        capacity = self.capacity.capacity(s, affinity, self.training)
+        capacity = self.capacity.capacity(s, affinity, self.training, valid=valid)
         choice_affinity = affinity  # the hybrid's token choice; its expert choice ranks by `affinity`
         if self.locality_bias is not None:
             bias = self.locality_bias[self.topology.ep_rank]
@@ -310,27 +341,25 @@ class LocMoERouter(nn.Module):
         )
 
         requested = assignment.requested_per_expert()
-        if valid is not None:
-            valid = valid.reshape(-1).to(device=hidden.device, dtype=torch.bool)
-            if valid.numel() != s:
-                raise ValueError(f"valid has {valid.numel()} entries for {s} tokens: one per token")
         losses = {}
         learning = self.training and torch.is_grad_enabled()
         update_bias = self.expert_bias is not None and learning
         update_budget = self.budget is not None and learning
         if logits is not None and (c.aux_loss_coeff > 0 or update_bias or update_budget):
+            bad = (~torch.isfinite(logits)).any()
             if valid is None:
-                counts, cross_pairs = self._global_counts(requested)
+                counts, bad, cross_pairs = self._global_counts(requested, bad)
             else:
                 ids = torch.where(valid.unsqueeze(1), assignment.requested_ids, -1)  # padding: not counted
-                counts, cross_pairs = self._global_counts(count_valid_ids(ids, c.num_experts))
+                counts, bad, cross_pairs = self._global_counts(count_valid_ids(ids, c.num_experts), bad)
             if c.aux_loss_coeff > 0:  # total pairs = the counts' sum (every routed, counted pair is in them)
                 losses["aux"] = switch_aux_loss(probs, counts, None, c.aux_loss_coeff, valid)
-            # both after this batch's selection: the next forward routes with the new offsets
+            # both after this batch's selection: the next forward routes with the new offsets; a batch with
+            # non-finite logits on any rank moves neither (its routing is noise)
             if update_bias:
-                self._update_expert_bias(counts)
+                self._update_expert_bias(counts, bad)
             if update_budget:
-                self.budget.update(cross_pairs, counts.sum())
+                self.budget.update(cross_pairs, counts.sum() * (bad == 0))  # 0 pairs: no step
         if c.locality_loss_coeff > 0:
             if self.topology.num_nodes > 1:
                 losses["locality"] = locality_loss(logits, self.local_expert_mask, c.locality_loss_coeff, valid)
@@ -359,6 +388,7 @@ class LocMoERouter(nn.Module):
             capacity_factor=self.capacity.factor,
             delta=self.capacity.delta,
             q_hat=self.capacity.q_hat,
+            capacity_deferred=self.capacity.deferred,
             losses=losses,  # detached when read (RoutingStats.to_dict): no op per loss here
         )
         self.last_stats = stats

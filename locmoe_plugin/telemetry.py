@@ -40,6 +40,8 @@ class RoutingStats:
     capacity_factor: float | None = None
     delta: float | None = None
     q_hat: float | None = None
+    #: why this forward's capacity estimate was deferred (empty / all-padding / non-finite batch), or None
+    capacity_deferred: str | None = None
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -80,6 +82,7 @@ class RoutingStats:
             capacity_factor=self.capacity_factor,
             delta=self.delta,
             q_hat=self.q_hat,
+            capacity_deferred=self.capacity_deferred,
             losses=dict(self.losses),
         )
 
@@ -101,6 +104,7 @@ class RoutingStats:
             "capacity_factor": self.capacity_factor,
             "delta": self.delta,
             "q_hat": self.q_hat,
+            "capacity_deferred": self.capacity_deferred,
             "tokens_per_expert": [int(v) for v in self.tokens_per_expert.tolist()],
         }
         for name, value in self.losses.items():

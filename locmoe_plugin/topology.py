@@ -12,15 +12,24 @@ rank j of every other node: the "rail").
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from .config import ConfigError
+from .env import env_int
+
+
+def describe_gpus_per_node(gpus_per_node: int | None) -> str:
+    """How :meth:`Topology.detect` will place ranks on nodes, as a comparable string: the explicit
+    value, ``LOCAL_WORLD_SIZE``'s, or host names."""
+    if gpus_per_node is not None:
+        return str(gpus_per_node)
+    local = env_int("LOCAL_WORLD_SIZE", 1)
+    return f"{local} (LOCAL_WORLD_SIZE)" if local is not None else "detected from host names"
 
 
 class TopologyError(ConfigError):
@@ -111,8 +120,8 @@ class Topology:
 
         ranks = dist.get_process_group_ranks(group)
         ep_rank = dist.get_rank(group)
-        if gpus_per_node is None and os.environ.get("LOCAL_WORLD_SIZE"):
-            gpus_per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+        if gpus_per_node is None:
+            gpus_per_node = env_int("LOCAL_WORLD_SIZE", 1)
         if gpus_per_node is not None:
             return cls.from_global_ranks(ranks, gpus_per_node, num_experts, ep_rank)
         hosts: list = [None] * len(ranks)
@@ -120,17 +129,27 @@ class Topology:
         return cls(tuple(hosts), num_experts, ep_rank)
 
     @classmethod
-    def for_group(cls, group, num_experts: int, gpus_per_node: int | None = None) -> "Topology":
+    def for_group(cls, group, num_experts: int, gpus_per_node: int | None = None,
+                  settings: Mapping[str, object] | None = None, where: str = "LocMoE") -> "Topology":
         """Topology of an expert-parallel process ``group`` (None or no distributed run: one rank).
 
         ``gpus_per_node`` (explicit) wins, then ``LOCMOE_GPUS_PER_NODE`` (set by
-        ``launch/emulate_nodes.sh``), then :meth:`detect` (``LOCAL_WORLD_SIZE`` or host names)."""
+        ``launch/emulate_nodes.sh``), then :meth:`detect` (``LOCAL_WORLD_SIZE`` or host names).
+
+        First, one collective over ``group`` checks that every rank resolved the same GPUs per node and
+        passed the same ``settings`` (e.g. the router config and dispatcher mode,
+        :func:`locmoe_plugin.agreement.check_agreement`): ranks that disagree raise the same error
+        instead of hanging in the host-name exchange or in ``new_group``."""
         import torch.distributed as dist
+
+        from .agreement import check_agreement
 
         if group is None or not (dist.is_available() and dist.is_initialized()):
             return cls.single_node(1, num_experts)
-        if gpus_per_node is None and os.environ.get("LOCMOE_GPUS_PER_NODE"):
-            gpus_per_node = int(os.environ["LOCMOE_GPUS_PER_NODE"])
+        if gpus_per_node is None:
+            gpus_per_node = env_int("LOCMOE_GPUS_PER_NODE", 1)
+        check_agreement({**(settings or {}), "num_experts": num_experts,
+                         "gpus_per_node": describe_gpus_per_node(gpus_per_node)}, group, where=where)
         return cls.detect(group, num_experts, gpus_per_node)
 
     # ---------------------------------------------------------------- derived facts

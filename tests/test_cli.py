@@ -40,4 +40,4 @@ def test_check_comm_passes_on_cpu_in_under_a_minute(tmp_path):
 def test_check_comm_rejects_bad_layout_before_spawning():
     out = _run("check-comm", "--nproc", "4", "--gpus-per-node", "3")
     assert out.returncode == 2
-    assert "ranks per node 3 does not divide the expert-parallel size 4" in out.stderr
+    assert "--gpus-per-node 3 does not divide the 4 ranks (--nproc)" in out.stderr

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch.distributed as dist
 
+from ..agreement import check_agreement
 from ..topology import Topology
 
 
@@ -54,13 +55,19 @@ def build_comm_groups(
             only one, i.e. it is the whole world).
         backend: backend for the subgroups (default: the world's).
     """
+    t = topology
+    # new_group is collective over the whole world: every rank must enumerate the same subgroups, so the
+    # node shape is checked world-wide first (ranks that disagree on gpus_per_node raise, not hang)
+    check_agreement({"expert-parallel size": t.ep_size, "nodes per expert-parallel group": t.num_nodes,
+                     "ranks per node (gpus_per_node)": t.ranks_per_node,
+                     "node of each expert-parallel rank": t.node_of_rank, "num_experts": t.num_experts},
+                    dist.group.WORLD if dist.is_initialized() else None, where="LocMoE dispatcher groups")
     ep_ranks = tuple(dist.get_process_group_ranks(ep_group))
     if all_ep_global_ranks is None:
         all_ep_global_ranks = [ep_ranks]
     all_ep_global_ranks = [tuple(g) for g in all_ep_global_ranks]
     if ep_ranks not in all_ep_global_ranks:
         raise ValueError(f"this rank's EP group {ep_ranks} is not in all_ep_global_ranks")
-    t = topology
     rails: list[list[int]] = []
     nodes: list[list[int]] = []
     for group in all_ep_global_ranks:

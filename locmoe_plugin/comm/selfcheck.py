@@ -33,7 +33,7 @@ SYSTEMS = ("hierarchical", "flat", "overlap")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=4, help="processes to spawn (ignored under torchrun)")
-    p.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("LOCMOE_GPUS_PER_NODE", 2)),
+    p.add_argument("--gpus-per-node", type=int, default=None,
                    help="ranks per (emulated) node (default: $LOCMOE_GPUS_PER_NODE, else 2)")
     p.add_argument("--backend", choices=("gloo", "nccl", "hccl"), default=None,
                    help="default: from the device (nccl on CUDA, hccl on Ascend, gloo on CPU)")
@@ -175,24 +175,50 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def validate(args: argparse.Namespace, world: int) -> None:
-    """Every check that needs no collective, before any process group exists."""
-    from ..topology import Topology
-
-    Topology.from_ranks_per_node(world, args.gpus_per_node, args.experts)  # divisibility errors
+def validate(args: argparse.Namespace, world: int, world_source: str = "--nproc") -> None:
+    """Every check that needs no collective, before any process group exists (messages name the flags)."""
+    if world < 1:
+        raise ValueError(f"{world_source} {world} must be >= 1")
+    if args.gpus_per_node < 1 or world % args.gpus_per_node:
+        raise ValueError(
+            f"--gpus-per-node {args.gpus_per_node} does not divide the {world} ranks ({world_source}): every "
+            f"(emulated) node holds the same number of ranks; use a divisor of {world}"
+        )
+    if args.experts < 1 or args.experts % world:
+        raise ValueError(f"--experts {args.experts} is not a positive multiple of the {world} ranks ({world_source}): "
+                         f"every rank hosts the same number of experts")
     if not 1 <= args.topk <= args.experts:
         raise ValueError(f"--topk {args.topk} must be between 1 and --experts {args.experts}")
     if args.tokens < 0 or args.hidden < 1 or args.iters < 1:
         raise ValueError("--tokens must be >= 0, --hidden >= 1 and --iters >= 1")
+    device_type = device_type_for_backend(args.backend)
+    if device_type != "cpu":
+        try:
+            get_accelerator(device_type)
+        except (RuntimeError, ImportError) as exc:
+            raise ValueError(f"--backend {args.backend} needs {device_type} devices, and none is usable here "
+                             f"({exc}); on a CPU machine use --backend gloo") from None
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..env import env_int
+
+    if args.gpus_per_node is None:
+        args.gpus_per_node = env_int("LOCMOE_GPUS_PER_NODE", 1) or 2
     if args.backend is None:
         args.backend = backend_for(get_accelerator().device_type)
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    world = int(os.environ["WORLD_SIZE"]) if launched else args.nproc
-    validate(args, world)
+    world = env_int("WORLD_SIZE", 1) if launched else args.nproc
+    validate(args, world, "WORLD_SIZE" if launched else "--nproc")
+    if args.json:  # an unwritable report path fails now, not after the whole check
+        with open(args.json, "a"):
+            pass
     if launched:
+        env_int("RANK", 0)
+        print(f"check-comm: RANK={os.environ['RANK']} and WORLD_SIZE={world} are set: joining that launched run "
+              f"(MASTER_ADDR={os.environ.get('MASTER_ADDR', '(unset)')}, MASTER_PORT="
+              f"{os.environ.get('MASTER_PORT', '(unset)')}); unset RANK and WORLD_SIZE to spawn --nproc "
+              f"processes here", file=sys.stderr, flush=True)
         _init(args)
         try:
             return _check_worker(args, None)

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..agreement import config_settings
 from ..config import LocMoEConfig
 from ..router import LocMoERouter
 from ..routing import count_ids
@@ -71,7 +72,8 @@ class LocMoEGate(nn.Module):
     def _set_ep_group(self, ep_group) -> None:
         assert self.ep_group is None, "Attempting to override an existing ep_group"
         self.ep_group = ep_group
-        topo = Topology.for_group(ep_group, self.num_experts, self.router.config.gpus_per_node)
+        topo = Topology.for_group(ep_group, self.num_experts, self.router.config.gpus_per_node,
+                                  settings=config_settings(self.router.config), where="LocMoEGate (DeepSpeed)")
         self.router.bind(topo, ep_group if topo.ep_size > 1 else None)
 
     def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None, sparse_routes: bool = False,

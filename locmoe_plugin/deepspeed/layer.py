@@ -34,6 +34,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..comm import TokenDispatcher, build_comm_groups
 from ..comm.groups import all_group_ranks
+from ..agreement import config_settings
 from ..config import ConfigError, LocMoEConfig
 from ..router import LocMoERouter
 from ..topology import Topology
@@ -49,6 +50,8 @@ def locmoe_settings_from_ds_config(ds_config: Mapping | str | None) -> dict:
     if isinstance(ds_config, str):
         with open(ds_config) as f:
             ds_config = json.load(f)
+    if not isinstance(ds_config, Mapping):
+        raise ConfigError(f"the DeepSpeed config must be a JSON object (a mapping), got a {type(ds_config).__name__}")
     section = ds_config.get("locmoe", {})
     if not isinstance(section, Mapping):
         raise ConfigError(f'the "locmoe" section of the DeepSpeed config must be an object, got {type(section).__name__}')
@@ -78,7 +81,9 @@ class _LocMoELayer(nn.Module):
 
     def _set_ep_group(self, ep_group) -> None:
         """Called by ``MoE._create_process_groups`` once DeepSpeed's EP group exists (a collective)."""
-        topo = Topology.for_group(ep_group, self.config.num_experts, self.config.gpus_per_node)
+        settings = {**config_settings(self.config), "dispatcher": self.mode, "overlap_chunks": self.chunks}
+        topo = Topology.for_group(ep_group, self.config.num_experts, self.config.gpus_per_node, settings=settings,
+                                  where="LocMoE layer (DeepSpeed)")
         if topo.ep_size != self.ep_size:
             raise ConfigError(f"DeepSpeed's expert-parallel group has {topo.ep_size} ranks, the layer ep_size={self.ep_size}")
         self.router.bind(topo, ep_group if topo.ep_size > 1 else None)

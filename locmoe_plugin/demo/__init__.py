@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..env import env_int
 from .megatron_job import BASE_SETTINGS, parse_system
 
 
@@ -61,10 +62,17 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def validate(opts: argparse.Namespace, world: int) -> None:
-    """All checks that need no process group, before any is created."""
-    from ..topology import Topology
-
-    Topology.from_ranks_per_node(world, opts.gpus_per_node, opts.num_experts)
+    """All checks that need no process group, before any is created (messages name the flags)."""
+    if not opts.systems:
+        raise ValueError("--systems names no system: give one or more, e.g. --systems baseline,locmoe")
+    if opts.nproc < 1 or opts.threads < 1:
+        raise ValueError("--nproc and --threads must be >= 1")
+    if opts.gpus_per_node < 1 or world % opts.gpus_per_node:
+        raise ValueError(f"--gpus-per-node {opts.gpus_per_node} does not divide the {world} ranks: every "
+                         f"(emulated) node holds the same number of ranks; use a divisor of {world}")
+    if opts.num_experts < 1 or opts.num_experts % world:
+        raise ValueError(f"--num-experts {opts.num_experts} is not a positive multiple of the {world} ranks: "
+                         f"every rank hosts the same number of experts")
     if opts.hidden_size % opts.num_experts:
         raise ValueError(f"--hidden-size {opts.hidden_size} is not divisible by --num-experts {opts.num_experts}: "
                          f"the GrAP gate needs d % n == 0")
@@ -86,7 +94,29 @@ def validate(opts: argparse.Namespace, world: int) -> None:
         if opts.framework == "deepspeed" and settings["routing"] == "hash":
             raise ValueError("--systems: hash routing needs token ids, which DeepSpeed's MoE layer does not get; "
                              "use --framework megatron")
-        LocMoEConfig(num_experts=opts.num_experts, hidden_size=opts.hidden_size, topk=opts.topk, **settings)
+        try:
+            LocMoEConfig.from_dict(dict(num_experts=opts.num_experts, hidden_size=opts.hidden_size, topk=opts.topk,
+                                        **settings))
+        except ValueError as exc:
+            raise ValueError(f"--systems {system!r}: {exc}") from None
+
+
+def prepare_outputs(opts: argparse.Namespace) -> None:
+    """Read the corpus and create ``--out`` before any rank starts: a missing, empty or too short corpus
+    and an unwritable folder fail here (exit 2 / 3), not inside the ranks after a first system trained."""
+    from .corpus import load_corpus
+
+    corpus = load_corpus(opts.corpus, seed=opts.seed)
+    for split in ("train", "val"):
+        size = getattr(corpus, split).numel()
+        if size <= opts.seq_len + 1:
+            raise ValueError(f"--corpus {opts.corpus}: its {split} split has {size} bytes, fewer than --seq-len "
+                             f"{opts.seq_len} + 2; give more text or a shorter --seq-len")
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / ".locmoe-write-test"
+    probe.write_text("")
+    probe.unlink()
 
 
 def _accelerator(backend: str):
@@ -151,14 +181,16 @@ def run_demo(args: argparse.Namespace) -> int:
     sep = ";" if ";" in args.systems or ":" in args.systems else ","
     args.systems = [s.strip() for s in args.systems.split(sep) if s.strip()]
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    world = int(os.environ["WORLD_SIZE"]) if launched else args.nproc
+    world = env_int("WORLD_SIZE", 1) if launched else args.nproc
     os.environ.setdefault("PYTHONWARNINGS", "ignore")  # spawned ranks: no import-time fallback notices
     validate(args, world)
     args.world = world
     if args.corpus is None:
         args.corpus = str(fetch_corpus(quiet=True))  # once, before any rank starts
-    rank0 = not launched or int(os.environ["RANK"]) == 0
+    rank0 = not launched or env_int("RANK", 0) == 0
     args.out = str(args.out or Path("locmoe_runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
+    if rank0:
+        prepare_outputs(args)
     if rank0:
         print(f"locmoe demo: {len(args.systems)} systems x {args.steps} steps, {world} ranks = "
               f"{world // args.gpus_per_node} nodes x {args.gpus_per_node} ({args.backend}); GPT {args.num_layers} "

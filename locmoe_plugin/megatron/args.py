@@ -7,6 +7,8 @@ Megatron's own flags keep their meaning (``--num-experts``, ``--moe-router-topk`
 from __future__ import annotations
 
 import argparse
+import math
+import re
 from typing import Any
 
 from ..config import AUX_SCOPES, CAPACITIES, DROP_POLICIES, GATES, ROUTINGS, ConfigError, LocMoEConfig
@@ -43,6 +45,60 @@ _FIELDS = {
 }
 
 
+#: LocMoEConfig field -> the Megatron-LM flag that sets it (for messages in the user's terms)
+FIELD_FLAGS = {
+    **{field: "--" + flag.replace("_", "-") for flag, field in _FIELDS.items()},
+    "num_experts": "--num-experts",
+    "hidden_size": "--hidden-size",
+    "topk": "--moe-router-topk",
+    "aux_loss_coeff": "--moe-aux-loss-coeff",
+    "z_loss_coeff": "--moe-z-loss-coeff",
+    "dispatcher": "--locmoe-dispatcher",
+    "capacity_factor_max": "capacity_factor_max (no flag)",
+}
+_FIELD_PATTERN = re.compile(
+    r"(?<![-\w.])(" + "|".join(sorted(map(re.escape, FIELD_FLAGS), key=len, reverse=True))
+    + r")(?:=('[^']*'|[^\s,:;)]+))?(?![\w-])"
+)
+
+
+def with_flag_names(message: str) -> str:
+    """``message`` with LocMoEConfig field names written as the flags that set them:
+    ``capacity_factor=inf`` -> ``--locmoe-capacity-factor inf``. A one-word field (``routing``,
+    ``delta``...) is rewritten only where a value follows (``routing='hash'``), not in prose."""
+
+    def flag(m: re.Match) -> str:
+        field, value = m.group(1), m.group(2)
+        if value is None:
+            return FIELD_FLAGS[field] if "_" in field else field
+        return f"{FIELD_FLAGS[field]} {value.strip(chr(39))}"
+
+    return _FIELD_PATTERN.sub(flag, message)
+
+
+def flag_named(settings: dict) -> dict:
+    """``settings`` keyed ``"field (--flag)"`` where a flag sets the field (for disagreement messages)."""
+    return {f"{k} ({FIELD_FLAGS[k]})" if k in FIELD_FLAGS else k: v for k, v in settings.items()}
+
+
+def _on_off(value: str) -> bool:
+    """argparse type of ``--locmoe-locality-bias``."""
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected 'on' or 'off', got {value!r}")
+    return value == "on"
+
+
+def _non_negative_float(value: str) -> float:
+    """argparse type of a coefficient or rate: a finite number >= 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0 = off), got {value!r}")
+    return number
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the LocMoE flags to ``parser`` (use as Megatron-LM's ``extra_args_provider``)."""
     g = parser.add_argument_group("LocMoE", "LocMoE / LocMoE+ routing and hierarchical all-to-all (locmoe-plugin)")
@@ -53,9 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="topk: plain top-k; locmoe: top-k + locality loss; hybrid: LocMoE+ token/expert choice; "
                         "hash: experts from a fixed hash of the token id (Hash Layers baseline; needs "
                         "locmoe_plugin.megatron.router.attach_token_ids(model))")
-    g.add_argument("--locmoe-locality-loss-coeff", type=float, default=None,
+    g.add_argument("--locmoe-locality-loss-coeff", type=_non_negative_float, default=None,
                    help="mu of the locality loss (default 0.01 for locmoe/hybrid, 0 for topk/hash)")
-    g.add_argument("--locmoe-locality-bias", type=lambda v: {"on": True, "off": False}[v], default=None,
+    g.add_argument("--locmoe-locality-bias", type=_on_off, default=None,
                    metavar="{on,off}",
                    help="learned per-rank routing-score offset through which the locality loss moves traffic "
                         "onto the token's node (default: on with the locality loss)")
@@ -83,7 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="GPUs per node (default: LOCMOE_GPUS_PER_NODE, LOCAL_WORLD_SIZE, or host names)")
     g.add_argument("--locmoe-hash-seed", type=int, default=_DEFAULTS["hash_seed"],
                    help="seed of the token-id hash for --locmoe-routing hash")
-    g.add_argument("--locmoe-expert-bias-rate", type=float, default=_DEFAULTS["expert_bias_rate"],
+    g.add_argument("--locmoe-expert-bias-rate", type=_non_negative_float, default=_DEFAULTS["expert_bias_rate"],
                    help="loss-free load balancing: per-expert selection offsets moved by this rate towards "
                         "balance after every training forward (0 = off; e.g. 1e-3). LocMoE's form of "
                         "--moe-router-enable-expert-bias, which needs sigmoid scores")
@@ -152,7 +208,10 @@ def settings_from_args(args: Any) -> tuple[dict, str]:
     base = dict(num_experts=args.num_experts, hidden_size=args.hidden_size, topk=getattr(args, "moe_router_topk", 2))
     if cf is not None and "capacity" not in overrides:
         base.update(capacity="factor", capacity_factor=cf)
-    LocMoEConfig.from_dict({**base, **overrides})
+    try:
+        LocMoEConfig.from_dict({**base, **overrides})
+    except ConfigError as exc:  # the user set flags: speak of flags
+        raise ConfigError(with_flag_names(str(exc))) from None
     ep = getattr(args, "expert_model_parallel_size", 1) or 1
     if args.num_experts % ep:
         raise ConfigError(f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size {ep}")
@@ -161,7 +220,10 @@ def settings_from_args(args: Any) -> tuple[dict, str]:
         # with expert tensor parallelism 1 (required), an EP group is ep consecutive ranks
         from ..topology import Topology
 
-        Topology.from_global_ranks(range(ep), gpn, args.num_experts)
+        try:
+            Topology.from_global_ranks(range(ep), gpn, args.num_experts)
+        except ConfigError as exc:
+            raise ConfigError(f"--locmoe-gpus-per-node {gpn} with --expert-model-parallel-size {ep}: {exc}") from None
     from .dispatcher import DispatcherSetting
 
     return overrides, DispatcherSetting(args.locmoe_dispatcher, overlap=overlap)

@@ -34,6 +34,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..agreement import config_settings
 from ..config import ConfigError, LocMoEConfig
 from ..router import LocMoERouter
 from ..routing import index_to_dense
@@ -292,7 +293,15 @@ class LocMoEMegatronRouter(torch.nn.Module):
 
             pg_collection = get_default_pg_collection()
         ep_group = getattr(pg_collection, "ep", None)
-        topology = Topology.for_group(ep_group, config.num_moe_experts, self.locmoe_config.gpus_per_node)
+        # every setting that shapes a collective, checked over the EP group before the first one
+        from .args import flag_named
+
+        settings = {**config_settings(self.locmoe_config), "dispatcher": dispatcher,
+                    "with the LocMoE dispatcher": with_locmoe_dispatcher,
+                    "overlap (--overlap-moe-expert-parallel-comm)":
+                        bool(getattr(config, "overlap_moe_expert_parallel_comm", False))}
+        topology = Topology.for_group(ep_group, config.num_moe_experts, self.locmoe_config.gpus_per_node,
+                                      settings=flag_named(settings), where="LocMoE router (Megatron)")
         if topology.ep_size == 1:
             ep_group = None
         self.tp_cp_group = getattr(pg_collection, "tp_cp", None)
@@ -328,6 +337,9 @@ class LocMoEMegatronRouter(torch.nn.Module):
                 error_msgs.append(
                     f"{prefix + key}: the checkpoint's router has a {key.replace('_', ' ')} "
                     f"(TopKRouter option) that the LocMoE router does not implement"
+                    + (": LocMoE's own loss-free balancing is --locmoe-expert-bias-rate R (e.g. 1e-3); its "
+                       "offsets start at zero (TopKRouter's are for sigmoid scores and do not carry over)"
+                       if key == "expert_bias" else "")
                 )
                 state_dict.pop(prefix + key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
