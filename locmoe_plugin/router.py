@@ -121,9 +121,12 @@ class LocMoERouter(nn.Module):
         # loss-free balancing offsets (config.expert_bias_rate); fp32, saved with the model
         self.register_buffer("expert_bias", torch.zeros(config.num_experts, device=device)
                              if config.expert_bias_rate > 0 else None)
-        # cross-node traffic budget: the dual variable (local preference) of docs/locality.md
-        self.budget = None if config.cross_node_budget is None else CrossNodeBudget(config.cross_node_budget,
-                                                                                    device=device)
+        # cross-node traffic budget: the dual variable (locality-loss coefficient or selection margin) of
+        # docs/locality.md
+        self.budget = None if config.cross_node_budget is None else CrossNodeBudget(
+            config.cross_node_budget, device=device, mechanism=config.budget_mechanism)
+        #: the locality loss's coefficient in the last forward (float, or 0-d fp32 with the "loss" budget)
+        self.last_locality_coeff: float | torch.Tensor = config.locality_loss_coeff
         self.last_stats: RoutingStats | None = None
 
     def _new_locality_bias(self, topology: Topology, device) -> nn.Parameter | None:
@@ -199,11 +202,11 @@ class LocMoERouter(nn.Module):
         return packed[:n], packed[n], (packed[n + 1] if self.budget is not None else None)
 
     def _selection_bias(self) -> torch.Tensor | None:
-        """``[n]`` fp32 offsets of the selection scores: the expert bias plus the cross-node budget's local
+        """``[n]`` fp32 offsets of the selection scores: the expert bias plus the "selection" budget's local
         preference (None when neither is on)."""
-        if self.budget is None:
+        offset = None if self.budget is None else self.budget.selection_offset(self.local_expert_mask)
+        if offset is None:
             return self.expert_bias
-        offset = self.budget.selection_offset(self.local_expert_mask)
         return offset if self.expert_bias is None else offset + self.expert_bias
 
     @torch.no_grad()
@@ -294,6 +297,9 @@ class LocMoERouter(nn.Module):
             if valid.numel() != s:
                 raise ValueError(f"valid has {valid.numel()} entries for {s} tokens: one per token")
         losses = {}
+        # mu of this forward: the "loss" budget's lam from before this forward's update, plus the fixed mu
+        budget_mu = None if self.budget is None else self.budget.locality_coeff()
+        locality_coeff = c.locality_loss_coeff if budget_mu is None else budget_mu + c.locality_loss_coeff
         learning = self.training and torch.is_grad_enabled()
         update_bias = self.expert_bias is not None and learning
         update_budget = self.budget is not None and learning
@@ -311,8 +317,12 @@ class LocMoERouter(nn.Module):
                 self._update_expert_bias(counts)
             if update_budget:
                 self.budget.update(cross_pairs, pairs)
-        if c.locality_loss_coeff > 0:
-            if self.topology.num_nodes > 1:
+        self.last_locality_coeff = locality_coeff
+        if c.locality_loss_coeff > 0 or budget_mu is not None:
+            if self.topology.num_nodes > 1 and budget_mu is not None:  # a tensor coefficient: no host sync
+                unit = locality_loss(logits, self.local_expert_mask, 1.0, valid)
+                losses["locality"] = unit * locality_coeff.to(unit.dtype)
+            elif self.topology.num_nodes > 1:
                 losses["locality"] = locality_loss(logits, self.local_expert_mask, c.locality_loss_coeff, valid)
             else:  # every expert is local: the loss is 0 with zero gradient; a sum over no tokens gives that
                 losses["locality"] = logits[:0].sum()
