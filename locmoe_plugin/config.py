@@ -168,8 +168,9 @@ class LocMoEConfig:
     #: Cross-node traffic budget: the largest share, in [0, 1], of the EP group's routed (token, expert)
     #: pairs whose expert sits on another node (None = DEFAULT_CROSS_NODE_BUDGET where it applies, else off;
     #: 1.0 never constrains). A controller
-    #: (:class:`locmoe_plugin.budget.CrossNodeBudget`) raises a selection-only preference for the
-    #: token's own node until the measured share is at most the budget (see docs/locality.md). With a
+    #: (:class:`locmoe_plugin.budget.CrossNodeBudget`) raises the locality strength (``budget_mechanism``:
+    #: the locality loss's coefficient, or a selection margin) until the measured share is at most the
+    #: budget (see docs/locality.md). With a
     #: budget, ``locality_loss_coeff`` defaults to 0 (the controller is the locality term); needs routing
     #: "locmoe" or "hybrid" and ``aux_loss_scope="ep_group"`` (the share is read from its reduced counts).
     cross_node_budget: float | None = None

@@ -163,14 +163,14 @@ class LocMoERouter(nn.Module):
 
     def get_extra_state(self) -> dict:
         """Saved with the module: the capacity controller's delta / factor / step count, so a resumed
-        run keeps its ``bound`` / ``adaptive`` capacity, and the cross-node budget's local preference."""
+        run keeps its ``bound`` / ``adaptive`` capacity, and the cross-node budget's multiplier."""
         state = {"capacity": self.capacity.state_dict()}
         if self.budget is not None:
             state["budget"] = self.budget.state_dict_extra()
         return state
 
     def set_extra_state(self, state) -> None:
-        """A checkpoint without budget state (saved without a budget) leaves the preference at 0."""
+        """A checkpoint without budget state (saved without a budget) leaves the multiplier at 0."""
         if state:
             self.capacity.load_state_dict(state.get("capacity", {}))
             if self.budget is not None:

@@ -11,7 +11,7 @@ Reads ``OUT/jobs/*.json`` (one ``bench_layer.py --json`` per budget and seed) an
   * inter-node bytes: the timed LocMoE layer's over Megatron alltoall's, and the cut 1 - ratio;
   * time x a2a: the LocMoE layer's fwd+bwd time over Megatron alltoall's in the same run (median of the
     per-round ratios with --rounds), median over seeds;
-  * lam: the controller's local preference at the end of training.
+  * lam: the controller's multiplier at the end of training (locality-loss coefficient or selection margin).
 The baseline's spread: per seed the mean of its validation loss over the jobs, then (max - min) / mean
 over seeds; and the largest difference of one seed's baseline between jobs (run-to-run reproducibility).
 """
