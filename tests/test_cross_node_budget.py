@@ -311,11 +311,11 @@ def _worker(rank, world):
     # the "loss" mechanism: each rank trains its own copy on its own tokens; lam follows the group's counts
     loss_shares, lams, _ = _train_loss_mechanism(0.2, steps=20, rank=rank, group=dist.group.WORLD, topo=topo)
     out.update(loss_shares=loss_shares, lams=lams)
-    # Megatron router (the default mechanism): lam rides in the router's state dict (core._extra_state) and
-    # round-trips
+    # Megatron router, "loss" mechanism (a tensor loss coefficient through Megatron's loss plumbing): lam
+    # rides in the router's state dict (core._extra_state) and round-trips
     cpu_shims.install()
     parallel_state.initialize_model_parallel(expert_model_parallel_size=world)
-    locmoe = {"routing": "locmoe", "cross_node_budget": 0.1, "gpus_per_node": 2}
+    locmoe = {"routing": "locmoe", "cross_node_budget": 0.1, "budget_mechanism": "loss", "gpus_per_node": 2}
     torch.manual_seed(0)
     layer = build_layer(MoELayer, 1, world, locmoe, topk=2, dispatcher="flat")
     g = torch.Generator().manual_seed(rank)
@@ -329,7 +329,8 @@ def _worker(rank, world):
     fresh = build_layer(MoELayer, 1, world, locmoe, topk=2, dispatcher="flat")
     fresh.router.load_state_dict(state)
     out.update(mcore_strength=core.budget.strength.item(), mcore_loaded=fresh.router.core.budget.strength.item(),
-               mcore_steps=fresh.router.core.budget.steps)
+               mcore_steps=fresh.router.core.budget.steps,
+               mcore_bias_grad=core.locality_bias.grad[rank].abs().sum().item())  # the bias is on and trained
     parallel_state.destroy_model_parallel()
     return out
 
@@ -349,3 +350,4 @@ def test_four_ranks_two_nodes():
     mc = [r["mcore_strength"] for r in res]
     assert len(set(mc)) == 1 and mc[0] > 0
     assert all(r["mcore_loaded"] == r["mcore_strength"] and r["mcore_steps"] == 5 for r in res)
+    assert all(r["mcore_bias_grad"] > 0 for r in res)
