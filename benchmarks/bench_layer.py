@@ -119,6 +119,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=None,
                    help="LocMoE routers: cross-node traffic budget (LocMoEConfig.cross_node_budget), in training "
                         "and in the timed steps; pass --mu 0 for the budget alone. Default: none")
+    p.add_argument("--budget-mechanism", choices=["loss", "selection"], default=None,
+                   help="how --budget acts (LocMoEConfig.budget_mechanism): loss = its controller sets the locality "
+                        "loss's coefficient (locality bias on); selection = a margin on the local experts' "
+                        "selection scores. Default: LocMoEConfig's")
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
                    help="after 20 warm-up steps: constant --lr, or cosine decay to 0.1 x --lr at the last step "
                         "(ends with small steps: less seed-to-seed spread of the final loss)")
@@ -290,6 +294,13 @@ class ByteLM(nn.Module):
         return self.head(self.norm2(h + y.transpose(0, 1)))
 
 
+def _budget_mechanism(a) -> str | None:
+    """The budget's mechanism as LocMoEConfig resolves it (None without a budget)."""
+    from locmoe_plugin.config import DEFAULT_BUDGET_MECHANISM
+
+    return None if a.budget is None else a.budget_mechanism or DEFAULT_BUDGET_MECHANISM
+
+
 def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: bool = True):
     """Train a ByteLM whose MoE layer is a LocMoELayer (``gate`` "dense"/"grap") or, for ``gate="topk"``,
     megatron-core's MoELayer with TopKRouter + aux loss (the baselines' router); return (model, summary)."""
@@ -301,9 +312,9 @@ def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: boo
         tensor_parallel.model_parallel_cuda_manual_seed(a.seed)
     locmoe = None if gate == "topk" else {"gate": gate, "routing": "locmoe", "locality_loss_coeff": mu,
                                           "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope,
-                                          "locality_bias": bias and mu > 0,
+                                          "locality_bias": bias and (mu > 0 or _budget_mechanism(a) == "loss"),
                                           "expert_bias_rate": a.expert_bias_rate,
-                                          "cross_node_budget": a.budget}
+                                          "cross_node_budget": a.budget, "budget_mechanism": _budget_mechanism(a)}
     moe = build_megatron_layer(ctx, "alltoall", torch.float32, locmoe)
     model = ByteLM(a.hidden, moe).to(ctx.dev)
     expert_params = list(model.moe.experts.parameters())
@@ -671,7 +682,7 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
         gate = name[len("locmoe_"):]
         settings = {"gate": gate, "routing": "locmoe", "locality_loss_coeff": trained[gate]["summary"]["mu"],
                     "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope, "expert_bias_rate": a.expert_bias_rate,
-                    "cross_node_budget": a.budget}
+                    "cross_node_budget": a.budget, "budget_mechanism": _budget_mechanism(a)}
         layer = build_megatron_layer(ctx, "alltoall", ctx.dtype, settings)
         missing, unexpected = layer.load_state_dict(trained[gate]["state"], strict=False)
         if [m for m in missing if not m.endswith("_extra_state")] or unexpected:
@@ -889,7 +900,7 @@ def main() -> None:
             "inter_node_bw_GBps": ctx.bw_inter / 1e9, "inter_node_link": link, "mu": mus, "sync": args.sync,
             "train_steps": args.train_steps, "ds_capacity_factor": args.ds_capacity_factor,
             "aux_scope": args.aux_scope, "expert_bias_rate": args.expert_bias_rate, "budget": args.budget,
-            "seed": args.seed, "eval_batches": args.eval_batches, "lr_schedule": args.lr_schedule}
+            "budget_mechanism": _budget_mechanism(args), "seed": args.seed, "eval_batches": args.eval_batches, "lr_schedule": args.lr_schedule}
     try:
         import deepspeed
 

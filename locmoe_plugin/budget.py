@@ -1,44 +1,65 @@
 """Cross-node traffic budget: a dual variable that holds the EP group's cross-node share at a target.
 
 ``LocMoEConfig.cross_node_budget = B`` asks that at most a share ``B`` of the expert-parallel group's
-routed (token, expert) pairs go to an expert on another node. The router keeps one scalar, the
-*local preference* ``lam >= 0``, and selects experts by
+routed (token, expert) pairs go to an expert on another node. The router keeps one scalar ``lam >= 0``,
+the Lagrange multiplier of the constraint ``share <= B``, and ``LocMoEConfig.budget_mechanism`` says
+where it acts:
 
-    select_score[t, i] = score[t, i] + lam * 1{expert i is on token t's node}
+* ``"loss"``: ``lam`` is the coefficient of the locality loss, ``lam * mean_t(-log p_local(t))`` (added
+  to an explicit ``locality_loss_coeff``), with the learned locality bias on. The gate itself learns to
+  put probability mass on the token's node, so the combine weights follow the selection; the bias is
+  what lets the loss move traffic when every rank sees alike data (see ``LocMoEConfig.locality_bias``).
+* ``"selection"``: ``lam`` is a margin added to the local experts' *selection* scores,
+  ``select_score[t, i] = score[t, i] + lam * 1{expert i is on token t's node}`` (``score`` = gate
+  probability, or affinity for "hybrid"; plus the expert bias, if any). The combine weights stay the
+  unbiased probabilities: a remote expert is picked over a local one only when its probability is higher
+  by more than ``lam``, and ``lam >= 1`` (probabilities) forces full locality. The gate is not taught
+  anything, so locally picked experts can carry small renormalised weights.
 
-(``score`` = gate probability, or affinity for "hybrid"; the expert bias, if any, is added as well). The
-preference acts on the selection only: the combine weights stay the unbiased probabilities, so a token's
-output and the gate's gradient are those of the experts it picked. In probability terms a remote expert
-is picked over a local one only when its probability is higher by more than ``lam``: ``lam`` is a score
-margin within which near-tied candidates go to the local expert, and ``lam >= 1`` (probabilities) forces
-full locality.
-
-Update (projected dual ascent on the constraint ``share <= B``), after every training forward under grad,
-from the counts the router already all-reduces over the EP group for the aux loss and the expert bias
-(one more number rides on that tensor: no extra collective):
+Update (projected dual ascent), after every training forward under grad, from the counts the router
+already all-reduces over the EP group for the aux loss and the expert bias (one more number rides on that
+tensor: no extra collective):
 
     share = sum_ranks(cross-node pairs) / sum_ranks(routed pairs)        (requested pairs, before capacity)
     lam  <- clip(lam + rate * (share - B), 0, max_strength)
 
-Every rank of the EP group sees the same reduced numbers and applies the same fp32 operations, so ``lam``
-stays equal on all of them without being communicated; it is saved in the router's extra state.
+with ``rate`` / ``max_strength`` per mechanism (:data:`RATES`, :data:`MAX_STRENGTHS`). The loss of a
+forward uses the ``lam`` from before its own update (``mu_t = lam_t``); the selection of a forward uses it
+likewise. Every rank of the EP group sees the same reduced numbers and applies the same fp32 operations,
+so ``lam`` stays equal on all of them without being communicated; it is saved in the router's extra state.
 Data-parallel replicas of the EP group keep their own ``lam`` (as with the expert bias). When the share is
-below the budget without help (e.g. one node, or a learned locality loss already does the work), ``lam``
-stays at 0 and routing is unchanged: the budget is an upper bound, not a target to reach from below.
+below the budget without help (e.g. one node), ``lam`` stays at 0: the budget is an upper bound, not a
+target to reach from below.
 """
 
 from __future__ import annotations
 
 import torch
 
-#: Step of the dual update per unit of share error. Top-k probabilities of a trained gate are ~0.05-0.5
-#: apart, so holding a low budget can take ``lam`` ~1. At 0.2 a share 0.4 above the budget moves ``lam``
-#: by 0.08 per step: on a synthetic peaked gate (tests) the share settles within ~40 steps; noise of
-#: +-0.02 in one batch's share (a few thousand pairs) moves ``lam`` by 0.004.
-DEFAULT_RATE = 0.2
-#: Upper clip of ``lam``: above 2 every local expert outranks every remote one for scores in [-1, 1]
-#: (probabilities and cosine affinities), so larger values change nothing and would only slow the way back.
-MAX_STRENGTH = 2.0
+MECHANISMS = ("loss", "selection")
+
+#: Step of the dual update per unit of share error, per mechanism.
+#:
+#: "selection": top-k probabilities of a trained gate are ~0.05-0.5 apart, so holding a low budget can
+#: take ``lam`` ~1. At 0.2 a share 0.4 above the budget moves ``lam`` by 0.08 per step: on a synthetic
+#: peaked gate (tests) the share settles within ~40 steps; noise of +-0.02 in one batch's share (a few
+#: thousand pairs) moves ``lam`` by 0.004.
+#:
+#: "loss": useful locality coefficients are mu ~0.003-0.3 (0.03 left a share of 0.06 and 0.3 a share of 0
+#: at EP = 4 over 2 nodes; 0.1 gave 0 in the CPU demo). The share answers a change of mu only as fast as
+#: the optimizer moves the locality bias (Adam: ~``lr * locality_bias_scale`` per step, tens of steps to
+#: an offset of order 1), so a fast integrator winds up far past the needed mu while the bias catches up.
+#: At 0.01 a share 0.4 above the budget raises mu by 0.004 per step (0.03 in ~8 steps, 0.1 in ~25), a
+#: share 0.1 below it lowers mu by 0.001 per step, and batch noise of +-0.02 moves mu by 2e-4.
+RATES = {"selection": 0.2, "loss": 0.01}
+#: Upper clip of ``lam``, per mechanism. "selection": above 2 every local expert outranks every remote one
+#: for scores in [-1, 1] (probabilities and cosine affinities), so larger values change nothing and would
+#: only slow the way back. "loss": 0.5, above the mu that gave full locality in every measurement (0.1-0.3);
+#: a larger clip only lengthens the wind-down (at most 0.001 per step for a budget of 0.1) after an overshoot.
+MAX_STRENGTHS = {"selection": 2.0, "loss": 0.5}
+#: the selection mechanism's values under their earlier names
+DEFAULT_RATE = RATES["selection"]
+MAX_STRENGTH = MAX_STRENGTHS["selection"]
 
 
 class CrossNodeBudget(torch.nn.Module):
@@ -46,27 +67,42 @@ class CrossNodeBudget(torch.nn.Module):
 
     Args:
         budget: the largest cross-node share, in [0, 1] (validated by :class:`LocMoEConfig`).
-        rate: step of the update per unit of share error (:data:`DEFAULT_RATE`).
-        max_strength: upper clip of the preference (:data:`MAX_STRENGTH`).
+        mechanism: "selection" (``lam`` = margin on the local experts' selection scores) or "loss"
+            (``lam`` = locality-loss coefficient); see the module docstring.
+        rate: step of the update per unit of share error (None: :data:`RATES` of the mechanism).
+        max_strength: upper clip of ``lam`` (None: :data:`MAX_STRENGTHS` of the mechanism).
 
     Buffers (fp32, 0-d, not in ``state_dict``; saved through :meth:`state_dict_extra`):
-        strength: ``lam``, the local preference added to the local experts' selection scores.
+        strength: ``lam``, the multiplier (margin or loss coefficient).
         share: the last measured EP-group share (NaN before the first update).
     """
 
-    def __init__(self, budget: float, rate: float = DEFAULT_RATE, max_strength: float = MAX_STRENGTH,
-                 device=None) -> None:
+    def __init__(self, budget: float, rate: float | None = None, max_strength: float | None = None,
+                 device=None, mechanism: str = "selection") -> None:
         super().__init__()
+        if mechanism not in MECHANISMS:
+            raise ValueError(f"mechanism={mechanism!r}: choose one of {', '.join(MECHANISMS)}")
         self.budget = float(budget)
-        self.rate = float(rate)
-        self.max_strength = float(max_strength)
+        self.mechanism = mechanism
+        self.rate = float(RATES[mechanism] if rate is None else rate)
+        self.max_strength = float(MAX_STRENGTHS[mechanism] if max_strength is None else max_strength)
         self.register_buffer("strength", torch.zeros((), device=device), persistent=False)
         self.register_buffer("share", torch.full((), float("nan"), device=device), persistent=False)
         self.steps = 0
 
-    def selection_offset(self, local_expert_mask: torch.Tensor) -> torch.Tensor:
-        """``[n]`` fp32: ``lam`` on the experts of this rank's node (``local_expert_mask [n]`` bool), 0 else."""
+    def selection_offset(self, local_expert_mask: torch.Tensor) -> torch.Tensor | None:
+        """"selection": ``[n]`` fp32, ``lam`` on the experts of this rank's node (``local_expert_mask [n]``
+        bool), 0 else. "loss": None (the selection is left alone)."""
+        if self.mechanism != "selection":
+            return None
         return local_expert_mask.float() * self.strength.float()
+
+    def locality_coeff(self) -> torch.Tensor | None:
+        """"loss": a 0-d fp32 copy of ``lam`` (a copy, so the update after the forward leaves the graph's
+        saved coefficient alone), the locality loss's coefficient for this forward. "selection": None."""
+        if self.mechanism != "loss":
+            return None
+        return self.strength.float().clone()
 
     @torch.no_grad()
     def update(self, cross_pairs: torch.Tensor, pairs: torch.Tensor) -> None:
@@ -81,18 +117,23 @@ class CrossNodeBudget(torch.nn.Module):
         self.steps += 1
 
     def state_dict_extra(self) -> dict:
-        """What a checkpoint keeps: ``{"strength", "share", "steps", "budget"}`` as Python numbers."""
+        """What a checkpoint keeps: ``{"strength", "share", "steps", "budget", "mechanism"}`` as Python
+        numbers and a string."""
         return {"strength": float(self.strength), "share": float(self.share), "steps": self.steps,
-                "budget": self.budget}
+                "budget": self.budget, "mechanism": self.mechanism}
 
     def load_state_dict_extra(self, state: dict) -> None:
         """Restore :meth:`state_dict_extra`'s values. A checkpoint saved with another budget keeps its
         ``lam`` (a warm start; the controller moves it to the new budget). An empty ``state`` (a checkpoint
-        saved without a budget) restarts the controller as a fresh one: ``lam`` = 0."""
-        state = state or {"strength": 0.0}
+        saved without a budget), or one saved with the other mechanism (a margin is no loss coefficient;
+        checkpoints without a "mechanism" entry were saved by the selection mechanism), restarts the
+        controller as a fresh one: ``lam`` = 0."""
+        if not state or state.get("mechanism", "selection") != self.mechanism:
+            state = {"strength": 0.0}
         self.strength.fill_(float(state["strength"]))
         self.share.fill_(float(state.get("share", float("nan"))))
         self.steps = int(state.get("steps", 0))
 
     def extra_repr(self) -> str:
-        return f"budget={self.budget}, rate={self.rate}, max_strength={self.max_strength}"
+        return (f"budget={self.budget}, mechanism={self.mechanism}, rate={self.rate}, "
+                f"max_strength={self.max_strength}")

@@ -29,6 +29,11 @@ DEFAULT_LOCALITY_LOSS_COEFF = 0.01
 #: ``locality_loss_coeff`` is given (with ``aux_loss_scope="ep_group"``); None = no budget, the learned
 #: locality loss instead. Pick it from the measured curve (benchmarks/quality/run_budget_curve.py).
 DEFAULT_CROSS_NODE_BUDGET: float | None = None
+#: How a cross-node budget acts when ``budget_mechanism`` is not given (see locmoe_plugin/budget.py).
+#: "selection": on the CPU demo (5 seeds, docs/locality.md) it held the share at the budget, while "loss"
+#: undershot to near full locality, at quality costs not distinguishable from each other (+1.4 / +1.8 %).
+DEFAULT_BUDGET_MECHANISM = "selection"
+BUDGET_MECHANISMS = ("loss", "selection")
 
 
 class ConfigError(ValueError):
@@ -182,11 +187,17 @@ class LocMoEConfig:
     #: Cross-node traffic budget: the largest share, in [0, 1], of the EP group's routed (token, expert)
     #: pairs whose expert sits on another node (None = DEFAULT_CROSS_NODE_BUDGET where it applies, else off;
     #: 1.0 never constrains). A controller
-    #: (:class:`locmoe_plugin.budget.CrossNodeBudget`) raises a selection-only preference for the
-    #: token's own node until the measured share is at most the budget (see docs/locality.md). With a
+    #: (:class:`locmoe_plugin.budget.CrossNodeBudget`) raises the locality strength (``budget_mechanism``:
+    #: the locality loss's coefficient, or a selection margin) until the measured share is at most the
+    #: budget (see docs/locality.md). With a
     #: budget, ``locality_loss_coeff`` defaults to 0 (the controller is the locality term); needs routing
     #: "locmoe" or "hybrid" and ``aux_loss_scope="ep_group"`` (the share is read from its reduced counts).
     cross_node_budget: float | None = None
+    #: How the budget's controller acts (None = DEFAULT_BUDGET_MECHANISM; only with a budget). "loss": its
+    #: multiplier is the locality loss's coefficient (added to ``locality_loss_coeff``) and the locality
+    #: bias is on, so the gate learns where to send tokens and the combine weights follow. "selection":
+    #: its multiplier is a margin added to the local experts' selection scores only (the gate is not taught).
+    budget_mechanism: str | None = None
     #: Ranks of the expert-parallel group per node; None = detect (LOCAL_WORLD_SIZE or host names).
     gpus_per_node: int | None = None
     #: Seed of the token-id hash for routing="hash", in [0, 2**32); a different seed is a different
@@ -244,6 +255,16 @@ class LocMoEConfig:
                     f"cross_node_budget={budget} reads the cross-node share from the per-expert counts summed "
                     f"over the expert-parallel group: set aux_loss_scope='ep_group' or remove cross_node_budget"
                 )
+        if budget is None and self.budget_mechanism is not None:
+            raise ConfigError(
+                f"budget_mechanism={self.budget_mechanism!r} says how a cross-node budget acts, and no "
+                f"cross_node_budget is set: set cross_node_budget (e.g. 0.1) or remove budget_mechanism"
+            )
+        if budget is not None:
+            if self.budget_mechanism is None:
+                object.__setattr__(self, "budget_mechanism", DEFAULT_BUDGET_MECHANISM)
+            _choice("budget_mechanism", self.budget_mechanism, BUDGET_MECHANISMS)
+        budget_loss = self.budget_mechanism == "loss"
         if self.locality_loss_coeff is None:
             learned = self.routing not in ("topk", "hash") and budget is None
             object.__setattr__(self, "locality_loss_coeff", DEFAULT_LOCALITY_LOSS_COEFF if learned else 0.0)
@@ -260,10 +281,16 @@ class LocMoEConfig:
                 raise ConfigError(f"{flag}={getattr(self, flag)!r} must be True or False")
         _non_negative("locality_bias_scale", self.locality_bias_scale)
         if self.locality_bias is None:
-            object.__setattr__(self, "locality_bias", self.locality_loss_coeff > 0)
+            object.__setattr__(self, "locality_bias", self.locality_loss_coeff > 0 or budget_loss)
         elif not isinstance(self.locality_bias, bool):
             raise ConfigError(f"locality_bias={self.locality_bias!r} must be True, False or None (automatic)")
-        elif self.locality_bias and self.locality_loss_coeff == 0:
+        elif budget_loss and not self.locality_bias:
+            raise ConfigError(
+                "budget_mechanism='loss' moves traffic through the locality bias (the gate sees token content "
+                "only, which is alike on every node): leave locality_bias on (None), or set "
+                "budget_mechanism='selection'"
+            )
+        elif self.locality_bias and self.locality_loss_coeff == 0 and not budget_loss:
             raise ConfigError(
                 "locality_bias is trained by the locality loss, which is off (locality_loss_coeff=0): set "
                 "locality_loss_coeff > 0 with routing 'locmoe' or 'hybrid', or locality_bias=False"

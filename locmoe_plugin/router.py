@@ -135,9 +135,12 @@ class LocMoERouter(nn.Module):
         # loss-free balancing offsets (config.expert_bias_rate); fp32, saved with the model
         self.register_buffer("expert_bias", torch.zeros(config.num_experts, device=device)
                              if config.expert_bias_rate > 0 else None)
-        # cross-node traffic budget: the dual variable (local preference) of docs/locality.md
-        self.budget = None if config.cross_node_budget is None else CrossNodeBudget(config.cross_node_budget,
-                                                                                    device=device)
+        # cross-node traffic budget: the dual variable (locality-loss coefficient or selection margin) of
+        # docs/locality.md
+        self.budget = None if config.cross_node_budget is None else CrossNodeBudget(
+            config.cross_node_budget, device=device, mechanism=config.budget_mechanism)
+        #: the locality loss's coefficient in the last forward (float, or 0-d fp32 with the "loss" budget)
+        self.last_locality_coeff: float | torch.Tensor = config.locality_loss_coeff
         self.last_stats: RoutingStats | None = None
         #: whether the ranks of ``group`` agreed on the settings (checked at the first forward)
         self._settings_checked = False
@@ -177,14 +180,14 @@ class LocMoERouter(nn.Module):
 
     def get_extra_state(self) -> dict:
         """Saved with the module: the capacity controller's delta / factor / step count, so a resumed
-        run keeps its ``bound`` / ``adaptive`` capacity, and the cross-node budget's local preference."""
+        run keeps its ``bound`` / ``adaptive`` capacity, and the cross-node budget's multiplier."""
         state = {"capacity": self.capacity.state_dict()}
         if self.budget is not None:
             state["budget"] = self.budget.state_dict_extra()
         return state
 
     def set_extra_state(self, state) -> None:
-        """A checkpoint without budget state (saved without a budget) leaves the preference at 0."""
+        """A checkpoint without budget state (saved without a budget) leaves the multiplier at 0."""
         if state:
             if not isinstance(state, dict):
                 raise ConfigError(f"the checkpoint's LocMoE router state is a {type(state).__name__}, not a dict: "
@@ -218,11 +221,11 @@ class LocMoERouter(nn.Module):
         return packed[:n], packed[n], (packed[n + 1] if self.budget is not None else None)
 
     def _selection_bias(self) -> torch.Tensor | None:
-        """``[n]`` fp32 offsets of the selection scores: the expert bias plus the cross-node budget's local
+        """``[n]`` fp32 offsets of the selection scores: the expert bias plus the "selection" budget's local
         preference (None when neither is on)."""
-        if self.budget is None:
+        offset = None if self.budget is None else self.budget.selection_offset(self.local_expert_mask)
+        if offset is None:
             return self.expert_bias
-        offset = self.budget.selection_offset(self.local_expert_mask)
         return offset if self.expert_bias is None else offset + self.expert_bias
 
     @torch.no_grad()
@@ -342,6 +345,9 @@ class LocMoERouter(nn.Module):
 
         requested = assignment.requested_per_expert()
         losses = {}
+        # mu of this forward: the "loss" budget's lam from before this forward's update, plus the fixed mu
+        budget_mu = None if self.budget is None else self.budget.locality_coeff()
+        locality_coeff = c.locality_loss_coeff if budget_mu is None else budget_mu + c.locality_loss_coeff
         learning = self.training and torch.is_grad_enabled()
         update_bias = self.expert_bias is not None and learning
         update_budget = self.budget is not None and learning
@@ -360,8 +366,12 @@ class LocMoERouter(nn.Module):
                 self._update_expert_bias(counts, bad)
             if update_budget:
                 self.budget.update(cross_pairs, counts.sum() * (bad == 0))  # 0 pairs: no step
-        if c.locality_loss_coeff > 0:
-            if self.topology.num_nodes > 1:
+        self.last_locality_coeff = locality_coeff
+        if c.locality_loss_coeff > 0 or budget_mu is not None:
+            if self.topology.num_nodes > 1 and budget_mu is not None:  # a tensor coefficient: no host sync
+                unit = locality_loss(logits, self.local_expert_mask, 1.0, valid)
+                losses["locality"] = unit * locality_coeff.to(unit.dtype)
+            elif self.topology.num_nodes > 1:
                 losses["locality"] = locality_loss(logits, self.local_expert_mask, c.locality_loss_coeff, valid)
             else:  # every expert is local: the loss is 0 with zero gradient; a sum over no tokens gives that
                 losses["locality"] = logits[:0].sum()

@@ -23,8 +23,11 @@ def _load(name):
         sys.path.remove(QUALITY)
 
 
-def _job(base, loc, cross, ms_loc, ms_a2a, budget, seed, mib_loc=10.0, mib_a2a=100.0, lam=0.5):
-    return {"meta": {"seed": seed, "budget": budget, "device": "test", "ranks": 4, "nodes": 2, "gpus_per_node": 2},
+def _job(base, loc, cross, ms_loc, ms_a2a, budget, seed, mib_loc=10.0, mib_a2a=100.0, lam=0.5, mechanism=None):
+    meta = {"seed": seed, "budget": budget, "device": "test", "ranks": 4, "nodes": 2, "gpus_per_node": 2}
+    if mechanism:
+        meta["budget_mechanism"] = mechanism
+    return {"meta": meta,
             "training": [{"gate": "dense", "val_lm_loss": loc, "val_cross_node_share": cross,
                           "cross_node_share_last10": cross, "budget_strength": lam},
                          {"gate": "topk", "val_lm_loss": base, "val_cross_node_share": 0.5,
@@ -37,15 +40,17 @@ def test_dry_run_lists_pending_jobs_with_own_ports(tmp_path, capsys):
     run = _load("run_budget_curve")
     (tmp_path / "jobs").mkdir()
     (tmp_path / "jobs" / "budget-off_seed-1.json").write_text("{}")  # finished: skipped
+    assert run.parse([str(tmp_path)]).mechanism == run.DEFAULT_BUDGET_MECHANISM
     assert run.main([str(tmp_path), "--budgets", "off,0.2,0", "--seeds", "1,2", "--parallel", "2", "--dry-run",
-                     "--", "--iters", "3"]) == 0
+                     "--mechanism", "loss", "--", "--iters", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("budget curve: 5 job(s) pending of 6")
     cmds = dict(line.split(": ", 1) for line in lines[1:])
-    assert sorted(cmds) == ["budget-0.2_seed-1", "budget-0.2_seed-2", "budget-0_seed-1", "budget-0_seed-2",
-                            "budget-off_seed-2"]
-    assert "--budget 0.2 " in cmds["budget-0.2_seed-1"] and "--budget" not in cmds["budget-off_seed-2"]
-    assert "--seed 2 " in cmds["budget-off_seed-2"] and cmds["budget-0_seed-2"].endswith("--iters 3")
+    assert sorted(cmds) == ["budget-0-loss_seed-1", "budget-0-loss_seed-2", "budget-0.2-loss_seed-1",
+                            "budget-0.2-loss_seed-2", "budget-off_seed-2"]
+    assert "--budget 0.2 --budget-mechanism loss " in cmds["budget-0.2-loss_seed-1"]
+    assert "--budget" not in cmds["budget-off_seed-2"]
+    assert "--seed 2 " in cmds["budget-off_seed-2"] and cmds["budget-0-loss_seed-2"].endswith("--iters 3")
     ports = {c.split("--master-port ")[1].split()[0] for c in cmds.values()}
     prefixes = {c.split("--hostid-prefix ")[1].split()[0] for c in cmds.values()}
     assert len(ports) == 2 and len(prefixes) == 2  # one per parallel slot
@@ -60,14 +65,18 @@ def test_report_pairs_by_job_and_reports_the_spread(tmp_path):
     # baseline 2.00 / 2.02 (seed 1 twice: 2.00 and 2.00), LocMoE +1 % and +3 % at budget 0.1; off: +0 %
     files = {"budget-0.1_seed-1": _job(2.00, 2.02, 0.1, 2.0, 10.0, 0.1, 1),
              "budget-0.1_seed-2": _job(2.02, 2.0806, 0.12, 3.0, 10.0, 0.1, 2),
-             "budget-off_seed-1": _job(2.00, 2.00, 0.5, 8.0, 10.0, None, 1, mib_loc=80.0, lam=None)}
+             "budget-off_seed-1": _job(2.00, 2.00, 0.5, 8.0, 10.0, None, 1, mib_loc=80.0, lam=None),
+             # the other mechanism at the same budget: a row of its own
+             "budget-0.1-loss_seed-1": _job(2.00, 2.01, 0.08, 2.0, 10.0, 0.1, 1, mechanism="loss")}
     for name, data in files.items():
         (jobs / f"{name}.json").write_text(json.dumps(data))
     (jobs / "budget-0_seed-1.tmp.json").write_text("not json: an unfinished job is ignored")
     assert rep.main([str(tmp_path)]) == 0
     s = json.loads((tmp_path / "curve.json").read_text())
-    off, b01 = s["rows"]
+    off, b01_loss, b01 = s["rows"]
     assert off["budget"] is None and off["dval_mean"] == pytest.approx(0.0)
+    assert b01_loss["mechanism"] == "loss" and b01_loss["dval_pct"] == pytest.approx([0.5])
+    assert b01["mechanism"] == "selection"  # jobs without the entry ran the selection margin
     assert b01["dval_pct"] == pytest.approx([1.0, 3.0])
     assert b01["dval_mean"] == pytest.approx(2.0) and b01["dval_std"] == pytest.approx(2 ** 0.5)
     assert b01["dval_worst"] == pytest.approx(3.0)
@@ -76,6 +85,6 @@ def test_report_pairs_by_job_and_reports_the_spread(tmp_path):
     assert s["baseline_spread_pct"] == pytest.approx(100 * 0.02 / 2.01)
     assert s["baseline_repeat_pct"] == pytest.approx(0.0)
     table = (tmp_path / "table.txt").read_text()
-    assert "   0.1     2       +2.00" in table and "90%" in table
+    assert "0.1 selection     2       +2.00" in table and "90%" in table and "0.1 loss     1" in table
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "curve.png").stat().st_size > 1000

@@ -11,7 +11,7 @@ Reads ``OUT/jobs/*.json`` (one ``bench_layer.py --json`` per budget and seed) an
   * inter-node bytes: the timed LocMoE layer's over Megatron alltoall's, and the cut 1 - ratio;
   * time x a2a: the LocMoE layer's fwd+bwd time over Megatron alltoall's in the same run (median of the
     per-round ratios with --rounds), median over seeds;
-  * lam: the controller's local preference at the end of training.
+  * lam: the controller's multiplier at the end of training (locality-loss coefficient or selection margin).
 The baseline's spread: per seed the mean of its validation loss over the jobs, then (max - min) / mean
 over seeds; and the largest difference of one seed's baseline between jobs (run-to-run reproducibility).
 """
@@ -40,6 +40,9 @@ def load_jobs(out: Path) -> list[dict]:
         ratio = loc.get("ratio_median", loc["ms"] / a2a["ms"] if "ms" in loc and "ms" in a2a else None)
         jobs.append({
             "job": path.stem, "seed": data["meta"].get("seed"), "budget": data["meta"].get("budget"),
+            # jobs from before the mechanism was recorded ran the selection margin, the only one then
+            "mechanism": (None if data["meta"].get("budget") is None
+                          else data["meta"].get("budget_mechanism") or "selection"),
             "base_val": train["topk"]["val_lm_loss"], "loc_val": train["dense"]["val_lm_loss"],
             "val_cross": train["dense"]["val_cross_node_share"],
             "train_cross": train["dense"]["cross_node_share_last10"],
@@ -58,16 +61,16 @@ def _mean(xs):
 
 
 def summarize(jobs: list[dict]) -> dict:
-    by_budget: dict = {}
+    by_budget: dict = {}  # (budget, mechanism) -> jobs
     for j in jobs:
-        by_budget.setdefault(j["budget"], []).append(j)
+        by_budget.setdefault((j["budget"], j["mechanism"]), []).append(j)
     rows = []
-    for budget in sorted(by_budget, key=lambda b: (b is not None, -(b or 0))):
-        js = sorted(by_budget[budget], key=lambda j: j["seed"])
+    for budget, mechanism in sorted(by_budget, key=lambda k: (k[0] is not None, -(k[0] or 0), k[1] or "")):
+        js = sorted(by_budget[budget, mechanism], key=lambda j: j["seed"])
         d = [100.0 * (j["loc_val"] - j["base_val"]) / j["base_val"] for j in js]
         ratios = [j["time_ratio"] for j in js if j["time_ratio"] is not None]
         rows.append({
-            "budget": budget, "seeds": [j["seed"] for j in js], "dval_pct": d, "dval_mean": statistics.fmean(d),
+            "budget": budget, "mechanism": mechanism, "seeds": [j["seed"] for j in js], "dval_pct": d, "dval_mean": statistics.fmean(d),
             "dval_std": statistics.stdev(d) if len(d) > 1 else 0.0, "dval_worst": max(d),
             "val_cross": _mean(j["val_cross"] for j in js), "train_cross": _mean(j["train_cross"] for j in js),
             "layer_cross": _mean(j["layer_cross"] for j in js), "bytes_ratio": _mean(j["bytes_ratio"] for j in js),
@@ -87,6 +90,11 @@ def summarize(jobs: list[dict]) -> dict:
                                               "megatron_core", "torch")}}
 
 
+def row_label(row: dict) -> str:
+    """``off``, or the budget and its mechanism: ``0.1 loss``."""
+    return "off" if row["budget"] is None else f"{row['budget']:g} {row.get('mechanism') or ''}".strip()
+
+
 def _fmt(v, f):
     return "-" if v is None else format(v, f)
 
@@ -96,12 +104,12 @@ def format_table(summary: dict) -> str:
     lines = [f"cross-node budget curve: {m.get('ranks')} ranks as {m.get('nodes')} nodes x {m.get('gpus_per_node')}, "
              f"{m.get('device')}, d {m.get('hidden')}, ffn {m.get('ffn')}, E {m.get('experts')} top-{m.get('topk')}, "
              f"{m.get('train_steps')} steps, {m.get('eval_batches')} eval batches, {m.get('date')}, commit {m.get('commit')}",
-             f"{'budget':>6} {'seeds':>5} {'dval % mean':>11} {'std':>5} {'worst':>6} {'cross val':>9} {'cross layer':>11} "
+             f"{'budget':>14} {'seeds':>5} {'dval % mean':>11} {'std':>5} {'worst':>6} {'cross val':>9} {'cross layer':>11} "
              f"{'bytes cut':>9} {'time x a2a':>10} {'lam':>6}"]
     for r in summary["rows"]:
-        b = "off" if r["budget"] is None else f"{r['budget']:g}"
+        b = row_label(r)
         cut = None if r["bytes_ratio"] is None else 1 - r["bytes_ratio"]
-        lines.append(f"{b:>6} {len(r['seeds']):>5} {r['dval_mean']:>+11.2f} {r['dval_std']:>5.2f} {r['dval_worst']:>+6.2f} "
+        lines.append(f"{b:>14} {len(r['seeds']):>5} {r['dval_mean']:>+11.2f} {r['dval_std']:>5.2f} {r['dval_worst']:>+6.2f} "
                      f"{_fmt(r['val_cross'], '.3f'):>9} {_fmt(r['layer_cross'], '.3f'):>11} {_fmt(cut, '.0%'):>9} "
                      f"{_fmt(r['time_ratio'], '.3f'):>10} {_fmt(r['lam'], '.3f'):>6}")
     lines.append(f"baseline (TopKRouter + aux loss) val loss by seed: "
@@ -129,7 +137,7 @@ def plot(summary: dict, path: Path) -> Path | None:
             x = r[key]
             if x is None:
                 continue
-            name = "off" if r["budget"] is None else f"{r['budget']:g}"
+            name = row_label(r)
             ax.errorbar([x], [r["dval_mean"]], yerr=[r["dval_std"]], fmt="o", capsize=4, color="C0")
             ax.scatter([x] * len(r["dval_pct"]), r["dval_pct"], s=10, color="C1", alpha=0.6)
             ax.annotate(name, (x, r["dval_mean"]), textcoords="offset points", xytext=(6, 4), fontsize=8)

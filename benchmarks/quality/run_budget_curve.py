@@ -37,6 +37,9 @@ sys.path.insert(0, str(HERE))
 
 import budget_report  # noqa: E402
 
+sys.path.insert(0, str(ROOT))
+from locmoe_plugin.config import DEFAULT_BUDGET_MECHANISM  # noqa: E402
+
 #: model and schedule of one job on the GPU machine (bench_layer.py flags). 32 experts top-4 over
 #: 2 nodes x 2; ~4.9 M training tokens per model (600 steps x 16 x 128 x 4 ranks, cosine to 0.1 x lr)
 #: and 16 x 4 x 16 x 128 held-out tokens, for a seed-to-seed spread of the baseline's loss below 1 %.
@@ -52,6 +55,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("out", help="results folder (reused to resume)")
     p.add_argument("--budgets", default="off,0.3,0.2,0.1,0.05,0",
                    help="comma-separated cross-node budgets in [0, 1]; 'off' = LocMoE without a budget")
+    p.add_argument("--mechanism", choices=["loss", "selection"], default=DEFAULT_BUDGET_MECHANISM,
+                   help="how the budget acts (LocMoEConfig.budget_mechanism; see docs/locality.md); jobs of "
+                        "another mechanism are kept apart by their file name. Default: %(default)s")
     p.add_argument("--seeds", default="1234,2345,3456", help="comma-separated seeds (the pairing key)")
     p.add_argument("--nproc", type=int, default=4, help="ranks per job (one per GPU)")
     p.add_argument("--gpus-per-node", type=int, default=2, help="ranks per emulated node")
@@ -84,8 +90,10 @@ def parse_budget(text: str) -> float | None:
     return value
 
 
-def job_name(budget: float | None, seed: int) -> str:
-    return f"budget-{'off' if budget is None else f'{budget:g}'}_seed-{seed}"
+def job_name(budget: float | None, seed: int, mechanism: str) -> str:
+    """``budget-0.1-loss_seed-1234``; ``budget-off_seed-1234`` (no budget, no mechanism): runs of both
+    mechanisms can share OUT, and "off" is run once for both."""
+    return f"budget-{'off' if budget is None else f'{budget:g}-{mechanism}'}_seed-{seed}"
 
 
 def job_command(args, budget: float | None, seed: int, slot: int, json_path: Path) -> list[str]:
@@ -93,7 +101,7 @@ def job_command(args, budget: float | None, seed: int, slot: int, json_path: Pat
     flags += ["--gates", "dense", "--mu", "0", "--systems", "locmoe", "mcore_alltoall",
               "--gpus-per-node", str(args.gpus_per_node), "--seed", str(seed), "--json", str(json_path)]
     if budget is not None:
-        flags += ["--budget", str(budget)]
+        flags += ["--budget", str(budget), "--budget-mechanism", args.mechanism]
     return ["bash", str(ROOT / "launch" / "emulate_nodes.sh"), "--nodes", str(args.nproc // args.gpus_per_node),
             "--nproc-per-node", str(args.nproc), "--master-port", str(args.port + slot),
             "--hostid-prefix", f"slot{slot}-", "--", str(ROOT / "benchmarks" / "bench_layer.py"),
@@ -105,7 +113,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     pending = [(b, s) for s in args.seed_list for b in args.budget_list
-               if not (out / "jobs" / f"{job_name(b, s)}.json").exists()]
+               if not (out / "jobs" / f"{job_name(b, s, args.mechanism)}.json").exists()]
     print(f"budget curve: {len(pending)} job(s) pending of {len(args.budget_list) * len(args.seed_list)} in {out}",
           flush=True)
     env = dict(os.environ, PYTHON=os.environ.get("PYTHON", sys.executable),
@@ -118,7 +126,7 @@ def main(argv=None) -> int:
         env.setdefault("OMP_NUM_THREADS", "1")
     if args.dry_run:
         for i, (b, s) in enumerate(pending):
-            name = job_name(b, s)
+            name = job_name(b, s, args.mechanism)
             print(name + ": " + shlex.join(job_command(args, b, s, i % args.parallel, out / "jobs" / f"{name}.tmp.json")))
         return 0
     start, durations, running, failed = time.monotonic(), [], {}, []
@@ -128,7 +136,7 @@ def main(argv=None) -> int:
         free = [i for i in range(args.parallel) if i not in running]
         while pending and free and now + estimate <= args.time_limit:
             b, s = pending.pop(0)
-            slot, name = free.pop(0), job_name(b, s)
+            slot, name = free.pop(0), job_name(b, s, args.mechanism)
             tmp = out / "jobs" / f"{name}.tmp.json"
             log = open(out / "jobs" / f"{name}.log", "w")
             cmd = job_command(args, b, s, slot, tmp)
@@ -157,7 +165,7 @@ def main(argv=None) -> int:
                 print(f"  FAILED {name} (exit {proc.returncode}); see {out / 'jobs' / (name + '.log')}", flush=True)
             log.close()
             del running[slot]
-    left = [job_name(b, s) for b, s in pending]
+    left = [job_name(b, s, args.mechanism) for b, s in pending]
     if left:
         print(f"not started (time limit): {', '.join(left)}; rerun the same command to continue")
     budget_report.main([str(out)])

@@ -11,7 +11,8 @@ import math
 import re
 from typing import Any
 
-from ..config import AUX_SCOPES, CAPACITIES, DROP_POLICIES, GATES, ROUTINGS, ConfigError, LocMoEConfig
+from ..config import (AUX_SCOPES, BUDGET_MECHANISMS, CAPACITIES, DEFAULT_BUDGET_MECHANISM, DROP_POLICIES, GATES,
+                      ROUTINGS, ConfigError, LocMoEConfig)
 
 _DEFAULTS = {f.name: f.default for f in LocMoEConfig.__dataclass_fields__.values()}
 #: why Megatron's expert bias is refused with LocMoE (here and by the router, for configs built in code)
@@ -42,6 +43,7 @@ _FIELDS = {
     "locmoe_hash_seed": "hash_seed",
     "locmoe_expert_bias_rate": "expert_bias_rate",
     "locmoe_cross_node_budget": "cross_node_budget",
+    "locmoe_budget_mechanism": "budget_mechanism",
 }
 
 
@@ -145,8 +147,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "--moe-router-enable-expert-bias, which needs sigmoid scores")
     g.add_argument("--locmoe-cross-node-budget", type=float, default=_DEFAULTS["cross_node_budget"],
                    help="cross-node traffic budget: at most this share (0..1) of routed pairs go to another node; "
-                        "a controller adapts a selection-only preference for the token's node online (the "
-                        "locality loss then defaults to 0; see docs/locality.md). Default: off")
+                        "a controller adapts the locality strength online (see --locmoe-budget-mechanism; the "
+                        "fixed locality loss then defaults to 0; see docs/locality.md). Default: off")
+    g.add_argument("--locmoe-budget-mechanism", choices=BUDGET_MECHANISMS, default=None,
+                   help="how the cross-node budget acts: loss = its controller sets the locality loss's coefficient "
+                        "(with the locality bias; the gate learns where to send tokens); selection = a margin on "
+                        f"the local experts' selection scores only. Default: {DEFAULT_BUDGET_MECHANISM}")
     g.add_argument("--locmoe-dispatcher", choices=DISPATCHERS, default="hierarchical",
                    help="hierarchical: each token crosses to a remote node once (on a one-node EP group: "
                         "one all-to-all of (token, expert) pairs, the plan with the fewest host ops); flat: "

@@ -366,6 +366,11 @@ class LocMoEMegatronRouter(torch.nn.Module):
         """A loss value (coefficient included) into the tracker as Megatron logs its own: without the
         coefficient, under Megatron's names."""
         c = self.locmoe_config
+        if key == "locality" and torch.is_tensor(self.core.last_locality_coeff):
+            # the "loss" budget's coefficient moves every step: divided by the last forward's (exact for one
+            # forward per flush); a coefficient of 0 gave a loss of 0, logged as 0
+            self._log(LOSS_METRICS[key], value / self.core.last_locality_coeff.clamp_min(1e-12))
+            return
         coeff = {"aux": c.aux_loss_coeff, "locality": c.locality_loss_coeff, "z": c.z_loss_coeff}[key]
         self._log(LOSS_METRICS[key], value / coeff)
 
