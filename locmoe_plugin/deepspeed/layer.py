@@ -81,7 +81,7 @@ class _LocMoELayer(nn.Module):
 
     def _set_ep_group(self, ep_group) -> None:
         """Called by ``MoE._create_process_groups`` once DeepSpeed's EP group exists (a collective)."""
-        settings = {**config_settings(self.config), "dispatcher": self.mode, "overlap_chunks": self.chunks}
+        settings = {**config_settings(self.config), "dispatcher": self.mode, "overlap": self.overlap}
         topo = Topology.for_group(ep_group, self.config.num_experts, self.config.gpus_per_node, settings=settings,
                                   where="LocMoE layer (DeepSpeed)")
         if topo.ep_size != self.ep_size:

@@ -296,7 +296,10 @@ class LocMoEMegatronRouter(torch.nn.Module):
         # every setting that shapes a collective, checked over the EP group before the first one
         from .args import flag_named
 
-        settings = {**config_settings(self.locmoe_config), "dispatcher": dispatcher,
+        from .dispatcher import overlap_of
+
+        settings = {**config_settings(self.locmoe_config), "dispatcher": str(dispatcher),
+                    "overlap (--locmoe-overlap)": overlap_of(dispatcher),
                     "with the LocMoE dispatcher": with_locmoe_dispatcher,
                     "overlap (--overlap-moe-expert-parallel-comm)":
                         bool(getattr(config, "overlap_moe_expert_parallel_comm", False))}
