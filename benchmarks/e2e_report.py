@@ -56,8 +56,11 @@ def table(rows: list[dict]) -> str:
             + f" {b['grad_sync']:6.1f} {b['optimizer']:6.1f} {b['total']:7.1f}")
     links = sorted({(r["layout"], r["bandwidth"]["inter_node_gbps"], r["bandwidth"]["intra_node_gbps"])
                     for r in rows if r["nodes"] > 1}, key=str)
+    def gbps(value):  # None: no such link in the layout (e.g. one rank per node has no intra-node peer)
+        return "-" if value is None else f"{value:.2f} GB/s"
+
     for layout, inter, intra in links:
-        lines.append(f"link {layout}: all-to-all inter-node {inter:.2f} GB/s, intra-node {intra:.2f} GB/s per rank")
+        lines.append(f"link {layout}: all-to-all inter-node {gbps(inter)}, intra-node {gbps(intra)} per rank")
     if rows:
         r = rows[0]
         lines.append(f"commit {r.get('commit')}, {r.get('device')}, {r.get('date')}; {r['measured_steps']} measured "

@@ -34,23 +34,26 @@ def load_jobs(out: Path) -> list[dict]:
             data = json.load(f)
         train = {t["gate"]: t for t in data["training"]}
         systems = data["systems"]
-        if "topk" not in train or "dense" not in train:
+        gates = [g for g in train if g != "topk"]  # the LocMoE router's gate (dense by default, or grap)
+        if "topk" not in train or len(gates) != 1:
             continue
-        loc, a2a = systems.get("locmoe_dense", {}), systems.get("mcore_alltoall", {})
+        gate = gates[0]
+        loc, a2a = systems.get(f"locmoe_{gate}", {}), systems.get("mcore_alltoall", {})
         ratio = loc.get("ratio_median", loc["ms"] / a2a["ms"] if "ms" in loc and "ms" in a2a else None)
         jobs.append({
             "job": path.stem, "seed": data["meta"].get("seed"), "budget": data["meta"].get("budget"),
             # jobs from before the mechanism was recorded ran the selection margin, the only one then
             "mechanism": (None if data["meta"].get("budget") is None
-                          else data["meta"].get("budget_mechanism") or "selection"),
-            "base_val": train["topk"]["val_lm_loss"], "loc_val": train["dense"]["val_lm_loss"],
-            "val_cross": train["dense"]["val_cross_node_share"],
-            "train_cross": train["dense"]["cross_node_share_last10"],
+                          else data["meta"].get("budget_mechanism") or "selection")
+                         if gate == "dense" else f"{data['meta'].get('budget_mechanism') or 'off'} {gate}",
+            "base_val": train["topk"]["val_lm_loss"], "loc_val": train[gate]["val_lm_loss"],
+            "val_cross": train[gate]["val_cross_node_share"],
+            "train_cross": train[gate]["cross_node_share_last10"],
             "base_val_cross": train["topk"]["val_cross_node_share"],
             "layer_cross": loc.get("cross_node_share"), "time_ratio": ratio,
             "bytes_ratio": (loc["inter_node_MiB"] / a2a["inter_node_MiB"]
                             if a2a.get("inter_node_MiB") and "inter_node_MiB" in loc else None),
-            "lam": train["dense"].get("budget_strength"), "meta": data["meta"],
+            "lam": train[gate].get("budget_strength"), "meta": data["meta"],
         })
     return jobs
 
