@@ -392,6 +392,8 @@ def timeline(step, acc, dev, repeats: int = 3) -> dict:
 
         step(mark=mark, backward=False)
         acc.synchronize()
+        if "rail_launched" not in events:  # no row crossed nodes: the unsplit plan ran, nothing to time
+            return {}
         t = {n: events["rail_launched"].elapsed_time(ev) for n, ev in events.items()}
         experts = t["local_experts_end"] - t["local_experts_start"]
         window = t["rail_waited"]

@@ -74,7 +74,8 @@ def _run_modes(groups, x, ids, w, W, corrupt=False, wrong_order=False):
                 tpe = (tpe[1], tpe[0]) + tuple(tpe[2:])  # a deliberately wrong split of the expert rows
             y = disp.combine(_expert_fn(inp, tpe, first, W), h)
         (y * torch.linspace(-1, 1, D)).sum().backward()
-        res[system] = dict(y=y.detach(), gx=xx.grad, gw=ww.grad, traffic=disp.traffic.to_dict())
+        res[system] = dict(y=y.detach(), gx=xx.grad, gw=ww.grad, traffic=disp.traffic.to_dict(),
+                           split=None if through_forward else h.plan.origin_split is not None)
     ref = torch.zeros_like(x)
     ref_gw = torch.zeros_like(w)  # d sum(y * c) / d w[tok, j] = c . expert_j(x[tok]); 0 for a dropped slot
     for tok in range(x.shape[0]):
@@ -142,6 +143,10 @@ def _check(results):
             tag = f"{layout} {name}"
             if name in ("corrupt", "wrong_order"):
                 continue
+            # the split runs exactly when some row crosses nodes (all_local: none anywhere -> unsplit)
+            several_nodes = layout[0] < len(results)
+            if name in ("all_local", "all_remote", "uneven"):
+                assert r["overlap"]["split"] == (several_nodes and name != "all_local"), tag
             # bitwise parity of output, input gradient and weight gradient; overlapped == not == flat
             for other in ("flat", "overlap", "overlap_fwd"):
                 for key in ("y", "gx", "gw"):

@@ -20,6 +20,7 @@ import torch
 from .build import build_plan, start_counts
 from .counts import RoutingCounts
 from .groups import CommGroups
+from .hierarchical_plan import crosses_nodes
 from .origin_split import split_by_origin
 from .overlap import InFlight, broadcast_split, finish_reduce, finish_remote, launch_remote, reduce_remote, reduce_split
 from .plan import Plan
@@ -149,7 +150,8 @@ class TokenDispatcher:
         overlap: split the two-stage plan by origin (:mod:`.origin_split`) so the inter-node (rail)
             transfer of rows from and to other nodes runs while this node's rows move and compute.
             Only the hierarchical plan on a group spanning nodes has an inter-node stage to hide; elsewhere
-            it is a no-op (``overlap_active`` says which). Results are bitwise equal either way.
+            it is a no-op (``overlap_active`` says which); a layer call whose count table shows no row
+            crossing nodes runs the unsplit plan too. Results are bitwise equal either way.
 
     Attributes:
         plan_mode: the plan actually built (:func:`resolve_mode`).
@@ -185,7 +187,9 @@ class TokenDispatcher:
         if counts is None:
             counts = self.start_counts(expert_ids)
         plan = build_plan(expert_ids, self.groups, self.plan_mode, weights, counts=counts)
-        if self.overlap_active:
+        # nothing crosses nodes anywhere in the EP group (every rank reads the same table, so all ranks
+        # agree): nothing to hide, the unsplit plan costs less (one expert call, fewer gathers)
+        if self.overlap_active and crosses_nodes(counts, self.topology):
             split = split_by_origin(plan, self.groups, counts)
             if self.order_hook is not None:
                 split = dataclasses.replace(split, order_hook=self.order_hook)

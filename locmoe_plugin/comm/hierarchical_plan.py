@@ -8,6 +8,9 @@ Rank ``me`` on node ``a`` with local index ``j`` (N nodes x R ranks):
      experts, once per rank. Rows arrive source-rank-major, inside a block node-major.
   3. canonical hop (local): one row per (token, expert) pair in (local expert, source, token) order.
 On a one-node group the rail hop is left out and the node hop runs on the EP group.
+
+A hop whose group moves no row between two of its members (every rank reads the same count table, so
+all members agree) runs as a local gather: no collective, for the metadata and the payload alike.
 """
 
 from __future__ import annotations
@@ -20,6 +23,27 @@ from .groups import CommGroups
 from .hops import Hop, fused_broadcast, mask_hop
 from .plan import Plan, Traffic
 from .return_path import ReturnPath
+
+
+def rail_group_moves(counts: RoutingCounts, t, local_index: int) -> bool:
+    """Whether any member of the rail group of ``local_index`` sends a row to another node (the same
+    answer on every member: read from the all-gathered counts)."""
+    to_node = counts.rows_to_node
+    return any(to_node[r][b] for r in t.rail(local_index) for b in range(t.num_nodes) if t.node_of_rank[r] != b)
+
+
+def node_group_moves(counts: RoutingCounts, t, node: int, origin_nodes) -> bool:
+    """Whether any member of ``node``'s node group sends another member a (token, rank) row whose token
+    comes from one of ``origin_nodes`` (the same answer on every member)."""
+    to_rank = counts.rows_to_rank
+    ranks_here = t.ranks_of_node(node)
+    return any(to_rank[t.rail(i)[b]][p] for i in range(t.ranks_per_node) for b in origin_nodes
+               for p in ranks_here if p != ranks_here[i])
+
+
+def crosses_nodes(counts: RoutingCounts, t) -> bool:
+    """Whether any EP rank sends a row to another node (the same answer on every EP rank)."""
+    return any(c for r in range(t.ep_size) for b, c in enumerate(counts.rows_to_node[r]) if b != t.node_of_rank[r])
 
 
 def build_hierarchical_plan(expert_ids: torch.Tensor, weights: torch.Tensor, groups: CommGroups,
@@ -41,7 +65,7 @@ def build_hierarchical_plan(expert_ids: torch.Tensor, weights: torch.Tensor, gro
             min(t.num_nodes, k),
             blocks=rows_to_node[me],
             level_counts=counts.node_copies[me],
-            group=groups.rail,
+            group=groups.rail if rail_group_moves(counts, t, local_index) else None,
             out_splits=[rows_to_node[rail[b]][node] for b in range(t.num_nodes)],
         )[0]
         rail_meta = rail_hop.forward(meta)  # [rail_rows, 2k + 1]
@@ -68,7 +92,7 @@ def build_hierarchical_plan(expert_ids: torch.Tensor, weights: torch.Tensor, gro
         blocks=node_blocks,
         level_counts=[sum(counts.rank_copies_on_node[rail[b]][node][c] for b in range(t.num_nodes))
                       for c in range(counts.rank_levels)],
-        group=groups.node if t.num_nodes > 1 else groups.ep,
+        group=(groups.node if t.num_nodes > 1 else groups.ep) if node_group_moves(counts, t, node, range(t.num_nodes)) else None,
         out_splits=[sum(rows_to_rank[rails_by_local[i][b]][me] for b in range(t.num_nodes))
                     for i in range(t.ranks_per_node)],
     )[0]

@@ -10,7 +10,7 @@ additions into one element race): deterministic on every device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -61,6 +61,8 @@ class Hop:
         more: for c = 1, 2, ...: ``(rows, positions)`` of the rows' (c+1)-th copies.
         group: process group of the all-to-all, or None for a local hop.
         out_splits: rows received from each peer of ``group`` (host ints).
+        occ: ``[rows_sent]`` int64 copy number of each entry plus ``occ_base`` (kept so a hop restricted
+            to some rows with all their copies, e.g. one origin's, reuses it instead of a sort).
 
     The reduce takes each row's first copy with one gather and adds its later copies level by level
     (copies sit in send order, i.e. destination-block order): no atomics, the same order on every
@@ -74,6 +76,8 @@ class Hop:
     more: tuple
     group: object | None = None
     out_splits: tuple[int, ...] | None = None
+    occ: torch.Tensor | None = field(default=None, repr=False)
+    occ_base: int = 0
 
     @classmethod
     def build(cls, index, blocks, prev_rows, fan_in, group=None, out_splits=None, level_counts=None,
@@ -117,7 +121,16 @@ class Hop:
                 more.append((None, slot[c * prev_rows : (c + 1) * prev_rows]))
             start += m
         blocks = tuple(blocks)
-        return cls(index, blocks, prev_rows, first, tuple(more), group, None if out_splits is None else tuple(out_splits))
+        return cls(index, blocks, prev_rows, first, tuple(more), group,
+                   None if out_splits is None else tuple(out_splits), occ, occ_base)
+
+    def restricted(self, entries: torch.Tensor, index: torch.Tensor, blocks, prev_rows: int, fan_in: int,
+                   group=None, out_splits=None, level_counts=None) -> "Hop":
+        """This hop on a subset of its previous rows: ``entries [m]`` ascending positions of the entries
+        kept (every copy of a kept row must be kept, so each entry's copy number stays as it is and no
+        sort is needed), ``index [m]`` those entries' rows renumbered among the kept rows."""
+        return Hop.build(index, blocks, prev_rows, fan_in, group, out_splits, level_counts,
+                         occ=self.occ.index_select(0, entries), occ_base=self.occ_base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.index_select(0, self.index)
@@ -168,10 +181,11 @@ def mask_hop(mask: torch.Tensor, n_sent: int, fan_in: int, blocks, level_counts=
 
 
 
-def fused_broadcast(hops: tuple[Hop, ...]) -> tuple:
-    """Compose consecutive local gathers so broadcast does one gather before each all-to-all."""
+def fused_broadcast(hops: tuple[Hop, ...], first_index: torch.Tensor | None = None) -> tuple:
+    """Compose consecutive local gathers so broadcast does one gather before each all-to-all;
+    ``first_index``: a gather that comes before the first hop."""
     steps = []
-    pending: torch.Tensor | None = None
+    pending: torch.Tensor | None = first_index
     for hop in hops:
         idx = hop.index if pending is None else pending.index_select(0, hop.index)
         if hop.group is None:
@@ -183,3 +197,11 @@ def fused_broadcast(hops: tuple[Hop, ...]) -> tuple:
         steps.append((pending, None))
     return tuple(steps)
 
+
+def run_broadcast(x: torch.Tensor, steps: tuple) -> torch.Tensor:
+    """Run :func:`fused_broadcast`'s ``(index, hop)`` steps on ``x [rows, F]`` (copies only)."""
+    for index, hop in steps:
+        x = x.index_select(0, index)
+        if hop is not None:
+            x = all_to_all_rows(x, hop.out_splits, hop.blocks, hop.group)
+    return x

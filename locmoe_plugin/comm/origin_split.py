@@ -23,6 +23,14 @@ additions; the rail level (the only sum mixing origins) is done once on the reas
 buffer with the unsplit hop's own gathers. Results equal the unsplit and flat plans bit for bit.
 
 Collectives whose group moves no rows (every rank knows every count) are skipped by all members alike.
+When no row crosses nodes anywhere in the EP group (:func:`.hierarchical_plan.crosses_nodes`, the same
+answer on every rank) there is nothing to hide and the dispatcher keeps the unsplit plan.
+
+Host and device cost over the unsplit plan: the split's index work reuses the unsplit hops' copy
+numbers (no sort for the node and canonical hops of a route); each route's local gathers are composed
+into one gather per all-to-all (the local route: from the tokens straight to its node hop or pairs);
+the rail level's own-node block and remote blocks are contiguous slices of its send order, so the
+reassembly before the rail sum is slice copies.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ import torch.distributed as dist
 
 from .counts import SRC_SHIFT, RoutingCounts, topology_tensors
 from .groups import CommGroups
-from .hops import Hop, true_positions
+from .hierarchical_plan import node_group_moves, rail_group_moves
+from .hops import Hop, fused_broadcast, run_broadcast, true_positions
 from .plan import Plan
 
 
@@ -49,16 +58,19 @@ class OriginRoute:
         pair_positions: ``[pairs]`` int64 position of each of this origin's pairs in the plan's
             canonical order (ascending).
         tokens_per_expert: this origin's pairs per local expert (host ints).
+        broadcast_steps: :func:`.hops.fused_broadcast` steps to this origin's pairs (the local route's
+            start at the tokens ``[s, F]``, the remote route's at its received rail rows).
     """
 
     node_hop: Hop
     canonical: Hop
     pair_positions: torch.Tensor
     tokens_per_expert: tuple[int, ...]
+    broadcast_steps: tuple = field(default=(), repr=False)
 
-    def broadcast(self, rail_rows: torch.Tensor) -> torch.Tensor:
-        """``rail_rows [rail rows of this origin, F]`` -> ``[pairs, F]`` in canonical order."""
-        return self.canonical.forward(self.node_hop.forward(rail_rows))
+    def broadcast(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` (see ``broadcast_steps``) -> ``[pairs, F]`` in canonical order."""
+        return run_broadcast(rows, self.broadcast_steps)
 
     def reduce(self, pairs: torch.Tensor) -> torch.Tensor:
         """``pairs [pairs, F]`` -> ``[rail rows of this origin, F]`` (sums in the unsplit order)."""
@@ -71,31 +83,31 @@ class OriginSplit:
 
     Attributes:
         rail_hop: the unsplit rail hop (tokens -> rail-level rows); its gathers sum the rail level.
-        local_send: ``[rows]`` positions in the rail hop's send order of the own-node block.
-        remote_send: ``[rows]`` positions in send order of the blocks for other nodes (node order).
+        own_block: ``(start, rows)`` of the own-node block in the rail hop's send order (the remote
+            blocks are the rows before and after it, in node order).
+        remote_gather: ``[remote rows sent]`` int64 token of each remote row in send order.
         remote_send_splits / remote_recv_splits: the rail all-to-all of remote rows (own node: 0).
         rail_moves: whether any member of the rail group sends a remote row (else the collective is
             skipped by all of them).
         local / remote: the two routes.
         num_pairs: pairs at this rank (both routes).
-        merge_index: ``[num_pairs]`` position of each canonical pair in ``cat(local pairs, remote pairs)``.
     """
 
     rail_hop: Hop
-    local_send: torch.Tensor
-    remote_send: torch.Tensor
+    own_block: tuple[int, int]
+    remote_gather: torch.Tensor
     remote_send_splits: tuple[int, ...]
     remote_recv_splits: tuple[int, ...]
     rail_moves: bool
     local: OriginRoute
     remote: OriginRoute
     num_pairs: int
-    merge_index: torch.Tensor = field(repr=False)
     order_hook: object = field(default=None, repr=False)
 
     # ------------------------------------------------------------------------------ rail transfers
     def start_rail(self, rows: torch.Tensor, send_splits, recv_splits) -> tuple[torch.Tensor, object]:
-        """Launch the rail all-to-all of ``rows`` (asynchronous); returns ``(receive buffer, work)``."""
+        """Launch the rail all-to-all of ``rows`` (asynchronous, on the rail group's own communication
+        stream); returns ``(receive buffer, work or None)``."""
         out = rows.new_empty((sum(recv_splits),) + tuple(rows.shape[1:]))
         if not self.rail_moves:
             return out, None
@@ -104,38 +116,44 @@ class OriginSplit:
         return out, work
 
     def sum_rail(self, local_rows: torch.Tensor, remote_rows: torch.Tensor) -> torch.Tensor:
-        """Rail level of the reduce: own-node rows ``[local, F]`` and returned remote rows ``[remote, F]``
+        """Rail level of the reduce: own-node rows ``[own rows, F]`` and returned remote rows ``[remote, F]``
         back into send order, then each token's copies summed in node order (the unsplit hop's gathers)."""
         n = self.rail_hop.index.numel()
-        ext = local_rows.new_zeros((n + 1,) + tuple(local_rows.shape[1:]))
-        ext.index_copy_(0, self.local_send, local_rows)
-        ext.index_copy_(0, self.remote_send, remote_rows)
+        start, own = self.own_block
+        ext = local_rows.new_empty((n + 1,) + tuple(local_rows.shape[1:]))
+        ext[start : start + own].copy_(local_rows)
+        ext[:start].copy_(remote_rows[:start])
+        ext[start + own : n].copy_(remote_rows[start:])
+        ext[n].zero_()
         if self.order_hook is not None:  # test-only: ``hook(ext, rail_hop) -> [s, F]`` in another order
             return self.order_hook(ext, self.rail_hop)
         return self.rail_hop.sum_copies(ext)
 
     def merge(self, local_pairs: torch.Tensor, remote_pairs: torch.Tensor) -> torch.Tensor:
         """Both routes' pairs -> ``[num_pairs, F]`` in the plan's canonical order (a permutation)."""
-        return torch.cat([local_pairs, remote_pairs]).index_select(0, self.merge_index)
+        out = local_pairs.new_empty((self.num_pairs,) + tuple(local_pairs.shape[1:]))
+        out.index_copy_(0, self.local.pair_positions, local_pairs)
+        return out.index_copy_(0, self.remote.pair_positions, remote_pairs)
 
 
 def _route(is_origin_rail, rail_rank_in_origin, rail_origin_rows, node_hop: Hop, node_blocks, node_out_splits,
-           node_levels, node_moves, canon: Hop, node_row_is_origin, n_node_rows, pair_is_origin, tpe,
-           expert_levels) -> OriginRoute:
+           node_levels, moves, canon: Hop, node_row_is_origin, n_node_rows, pair_is_origin, tpe,
+           expert_levels, fan_in: tuple[int, int], first_index=None) -> OriginRoute:
     """One origin's route from the unsplit node and canonical hops (device index work only; the split
-    sizes and copy levels are host ints from the count table)."""
+    sizes and copy levels are host ints from the count table; copy numbers from the unsplit hops)."""
     # node hop: the entries whose rail row has this origin, in send order (destination blocks keep order)
     entries = true_positions(is_origin_rail.index_select(0, node_hop.index), sum(node_blocks))
     sub_index = rail_rank_in_origin.index_select(0, node_hop.index.index_select(0, entries))
-    sub_node = Hop.build(sub_index, node_blocks, rail_origin_rows, len(node_levels),
-                         group=node_hop.group if node_moves else None,
-                         out_splits=node_out_splits if node_moves else None, level_counts=node_levels)
+    sub_node = node_hop.restricted(entries, sub_index, node_blocks, rail_origin_rows, fan_in[0],
+                                   group=node_hop.group if moves else None,
+                                   out_splits=node_out_splits if moves else None, level_counts=node_levels)
     # canonical hop: this origin's pairs, rows renumbered among this origin's node-level rows
     pair_positions = true_positions(pair_is_origin, sum(tpe))
     row_rank = torch.cumsum(node_row_is_origin.long(), 0) - 1
     canon_index = row_rank.index_select(0, canon.index.index_select(0, pair_positions))
-    sub_canon = Hop.build(canon_index, tpe, n_node_rows, len(expert_levels), level_counts=expert_levels)
-    return OriginRoute(sub_node, sub_canon, pair_positions, tuple(tpe))
+    sub_canon = canon.restricted(pair_positions, canon_index, tpe, n_node_rows, fan_in[1], level_counts=expert_levels)
+    steps = fused_broadcast((sub_node, sub_canon), first_index)
+    return OriginRoute(sub_node, sub_canon, pair_positions, tuple(tpe), steps)
 
 
 def split_by_origin(plan: Plan, groups: CommGroups, counts: RoutingCounts) -> OriginSplit:
@@ -150,7 +168,7 @@ def split_by_origin(plan: Plan, groups: CommGroups, counts: RoutingCounts) -> Or
     rail = t.rail(j)
     rails_by_local = [t.rail(i) for i in range(ranks)]
     ranks_here = t.ranks_of_node(node)
-    to_node, to_rank = counts.rows_to_node, counts.rows_to_rank
+    to_rank = counts.rows_to_rank
 
     # rail level: send blocks by node; rail-level rows arrive by node too (own block = own rows)
     send_blocks = list(rail_hop.blocks)
@@ -158,14 +176,11 @@ def split_by_origin(plan: Plan, groups: CommGroups, counts: RoutingCounts) -> Or
     send_at = sum(send_blocks[:node])
     recv_at = sum(recv_blocks[:node])
     own = send_blocks[node]
-    n_sent, n_rail = sum(send_blocks), sum(recv_blocks)
-    positions = torch.arange(n_sent, device=dev)
-    local_send = positions[send_at : send_at + own]
-    remote_send = torch.cat([positions[:send_at], positions[send_at + own :]])
+    n_rail = sum(recv_blocks)
+    local_gather = rail_hop.index[send_at : send_at + own]
+    remote_gather = torch.cat([rail_hop.index[:send_at], rail_hop.index[send_at + own :]])
     remote_send_splits = tuple(0 if b == node else c for b, c in enumerate(send_blocks))
     remote_recv_splits = tuple(0 if b == node else c for b, c in enumerate(recv_blocks))
-    # every member of this rail group computes the same answer from the same table
-    rail_moves = any(to_node[r][b] for r in rail for b in range(nodes) if t.node_of_rank[r] != b)
 
     rail_pos = torch.arange(n_rail, device=dev)
     rail_is_local = (rail_pos >= recv_at) & (rail_pos < recv_at + own)
@@ -179,19 +194,18 @@ def split_by_origin(plan: Plan, groups: CommGroups, counts: RoutingCounts) -> Or
     n_node_rows = canon.prev_rows
     node_row_is_local = torch.zeros(n_node_rows + 1, dtype=torch.long, device=dev).scatter_(
         0, torch.where(pair_is_local, canon.index, n_node_rows), 1)[:n_node_rows].bool()
+    fan_in = (counts.rank_levels, counts.expert_levels)  # the unsplit node and canonical hops' fan-ins
 
     def route_sizes(origin_local: bool):
         origin_nodes = [b for b in range(nodes) if (b == node) == origin_local]
         send = tuple(sum(to_rank[rail[b]][q] for b in origin_nodes) for q in ranks_here)
         recv = tuple(sum(to_rank[rails_by_local[i][b]][me] for b in origin_nodes) for i in range(ranks))
         levels = [sum(counts.rank_copies_on_node[rail[b]][node][c] for b in origin_nodes) for c in range(counts.rank_levels)]
-        # the node group moves rows of this origin iff some member sends one to another member
-        moves = any(to_rank[rails_by_local[i][b]][p] for i in range(ranks) for b in origin_nodes
-                    for p in ranks_here if p != ranks_here[i])
         sources = [q for q in range(t.ep_size) if (t.node_of_rank[q] == node) == origin_local]
         first, e_r = me * t.experts_per_rank, t.experts_per_rank
         tpe = [sum(counts.pairs_to_expert[q][e] for q in sources) for e in range(first, first + e_r)]
         expert_levels = [sum(counts.expert_copies_on_rank[q][me][c] for q in sources) for c in range(counts.expert_levels)]
+        moves = node_group_moves(counts, t, node, origin_nodes)
         return send, recv, levels, moves, tpe, expert_levels
 
     routes = []
@@ -203,11 +217,9 @@ def split_by_origin(plan: Plan, groups: CommGroups, counts: RoutingCounts) -> Or
             own if origin_local else n_rail - own,
             node_hop, send, recv, levels, moves, canon,
             node_row_is_local if origin_local else ~node_row_is_local,
-            sum(recv), pair_is_local if origin_local else ~pair_is_local, tpe, expert_levels,
+            sum(recv), pair_is_local if origin_local else ~pair_is_local, tpe, expert_levels, fan_in,
+            first_index=local_gather if origin_local else None,
         ))
     local, remote = routes
-    n_pairs = plan.pair_weight.numel()
-    merge_index = torch.empty(n_pairs, dtype=torch.long, device=dev)
-    merge_index.index_copy_(0, torch.cat([local.pair_positions, remote.pair_positions]), torch.arange(n_pairs, device=dev))
-    return OriginSplit(rail_hop, local_send, remote_send, remote_send_splits, remote_recv_splits, rail_moves,
-                       local, remote, n_pairs, merge_index)
+    return OriginSplit(rail_hop, (send_at, own), remote_gather, remote_send_splits, remote_recv_splits,
+                       rail_group_moves(counts, t, j), local, remote, plan.pair_weight.numel())

@@ -50,11 +50,10 @@ class _LaunchRemote(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, split: OriginSplit, flight: InFlight):
         ctx.split, ctx.flight = split, flight
-        sent = x.index_select(0, split.rail_hop.index)  # [rows sent, F] node-major
-        remote_rows = sent.index_select(0, split.remote_send)
+        remote_rows = x.index_select(0, split.remote_gather)  # [remote rows sent, F] node-major
+        # the payload moves first; the local rows' work is queued behind its launch
         flight.forward = split.start_rail(remote_rows, split.remote_send_splits, split.remote_recv_splits)
-        local_pairs = split.local.broadcast(sent.index_select(0, split.local_send))
-        return local_pairs, remote_rows
+        return split.local.broadcast(x), remote_rows
 
     @staticmethod
     def backward(ctx, grad_local_pairs, grad_remote_link):
@@ -102,11 +101,10 @@ class _FinishReduce(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         split, flight = ctx.split, ctx.flight
-        sent = grad.contiguous().index_select(0, split.rail_hop.index)
-        buf, flight.backward_work = split.start_rail(sent.index_select(0, split.remote_send),
+        grad = grad.contiguous()
+        buf, flight.backward_work = split.start_rail(grad.index_select(0, split.remote_gather),
                                                      split.remote_send_splits, split.remote_recv_splits)
-        grad_local = split.local.broadcast(sent.index_select(0, split.local_send))
-        return grad_local, buf, None, None
+        return split.local.broadcast(grad), buf, None, None
 
 
 def launch_remote(x: torch.Tensor, split: OriginSplit, flight: InFlight) -> tuple[torch.Tensor, torch.Tensor]:
