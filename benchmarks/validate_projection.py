@@ -1,10 +1,16 @@
-"""Check ``locmoe project`` against measured layer runs: predict each 2-emulated-node x 2 run from the
-same call's one-node x 4 run (calibration: expert GEMM rate, NVLink bandwidth, fixed per-layer costs)
-plus that call's measured inter-node link bandwidth, and print predicted vs measured.
+"""Check ``locmoe project`` against measured runs, leave-one-out.
 
-Leave-one-out: nothing measured on the 2-node layout enters the prediction except the link probe
-(``inter_node_bw_GBps``) and the routing the run produced (cross-node share; for LocMoE the busiest
-rank's cross-node bytes over the mean, recovered from the recorded floor). Usage, from the repo root:
+Layer runs (``bench_layer.py``): each 2-emulated-node run (``layer_2nodes_<G>gpu.json``: 2 x 2 from 4 GPUs,
+2 x 1 from 2) is predicted from the same call's one-node run on the same G GPUs (``layer_1node_<G>gpu.json``;
+calibration: expert GEMM rate, NVLink bandwidth, fixed per-layer costs) plus that call's measured
+inter-node link (the probe's bandwidth, latency and duplex). Nothing else measured on the 2-node layout
+enters, except the routing the run produced (cross-node share, the busiest rank's expert rows and its
+cross-node bytes over the mean).
+
+Dispatch runs (``bench_dispatch.py``, ``overlap_2x<R>_socket*.json``): each 2-node row is predicted from the
+one-node run's time of the same system (``overlap_1x<G>.json``), the two-stage plan's host cost, and the
+link figure of ``locmoe bandwidth`` at that link setting (``bandwidth_slow.txt`` for ``_socket``,
+``bandwidth_fast.txt`` for ``_socket8``) with the layer probe's latency. Usage, from the repo root:
 
     python benchmarks/validate_projection.py [benchmarks/results] [--json OUT]
 """
@@ -30,16 +36,26 @@ from locmoe_plugin.projection.calibration import (calibration_from_layer_results
 # directions.
 EMULATED_DUPLEX = "shared"
 
-SYSTEMS = {"mcore_alltoall": "megatron_alltoall", "locmoe_grap": "locmoe_hier", "locmoe_dense": "locmoe_hier"}
+SYSTEMS = {"mcore_alltoall": "megatron_alltoall", "mcore_allgather": "megatron_allgather",
+           "mcore_grouplimited": "megatron_group_limited", "deepspeed_moe": "deepspeed_moe",
+           "locmoe_grap": "locmoe_hier", "locmoe_dense": "locmoe_hier"}
+# bench_dispatch system -> model system, and whether it runs the two-stage plan across nodes
+DISPATCH_SYSTEMS = {"hierarchical": ("locmoe_hier", True), "overlap": ("locmoe_hier", True),
+                    "overlap_phases": ("locmoe_hier", True), "flat": ("locmoe_flat", False)}
+# overlap run name suffix -> `locmoe bandwidth` file of the same link setting (run_gpu_overlap.sh)
+LINK_FILES = {"socket": "bandwidth_slow.txt", "socket8": "bandwidth_fast.txt"}
 
 
-def two_node_results(run_dir: str, one_node: dict) -> dict | None:
-    """The run's 2-node result dict: its JSON, or the per-system JSON lines and the link line of its log."""
-    path = os.path.join(run_dir, "layer_2nodes_4gpu.json")
+def two_node_results(run_dir: str, one_node: dict, gpus: int) -> dict | None:
+    """The run's 2-node result dict: its JSON, or (old 4-GPU runs) the per-system JSON lines and the link
+    line of its log."""
+    path = os.path.join(run_dir, f"layer_2nodes_{gpus}gpu.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     log = os.path.join(run_dir, "layer_2nodes.log")
+    if gpus != 4:
+        return None
     if not os.path.exists(log):
         return None
     systems, bw = {}, None
@@ -91,15 +107,18 @@ def row_calibration(one: dict, name: str, bw: float, two_stage: float | None):
 
 def validate(root: str) -> list[dict]:
     rows = []
-    for one_path in sorted(glob.glob(os.path.join(root, "**", "layer_1node_4gpu.json"), recursive=True)):
+    for one_path in sorted(glob.glob(os.path.join(root, "**", "layer_1node_*gpu.json"), recursive=True)):
         run_dir = os.path.dirname(one_path)
+        gpus = int(re.search(r"layer_1node_(\d+)gpu\.json$", one_path).group(1))
         with open(one_path) as f:
             one = json.load(f)
-        two = two_node_results(run_dir, one)
+        two = two_node_results(run_dir, one, gpus)
         if two is None:
             continue
         m, m2 = one["meta"], two["meta"]
         link = inter_link(m2)
+        if link is None:
+            continue
         bw = link["bandwidth_GBps"]
         duplex = link.get("duplex")
         two_stage = dispatch_two_stage_ms(root, m["topk"])
@@ -107,7 +126,7 @@ def validate(root: str) -> list[dict]:
                           tokens_per_rank=m["tokens_per_rank"], dtype=m["dtype"], swiglu=False)
         for name, system in SYSTEMS.items():
             v = two["systems"].get(name)
-            if v is None or name not in one["systems"]:
+            if v is None or "ms" not in v or "ms" not in one["systems"].get(name, {}):
                 continue
             cal = row_calibration(one, name, bw, two_stage)
             u_x = busiest_inter_ratio(v, bw, m2["ranks"])
@@ -121,17 +140,90 @@ def validate(root: str) -> list[dict]:
                 cluster = ClusterSpec(nodes=m2["nodes"], gpus_per_node=m2["gpus_per_node"], intra_bw_GBps=200.0,
                                       intra_latency_us=0.0, inter_bw_GBps=bw, inter_latency_us=0.0,
                                       peak_tflops=1000.0, inter_duplex=dup)
-                cal_v = replace(cal, inter_node={**cal.inter_node, "duplex": dup})
+                cal_v = replace(cal, inter_node={**link, "duplex": dup})
                 routing = RoutingSpec(cross_node_share=min(1.0, v["cross_node_share"]), imbalance=u,
                                       inter_imbalance=u_x, chunks=1)
                 t = predict_layer(system, cluster, model, routing, cal_v)
                 rows.append({"run": os.path.relpath(run_dir, root), "commit": m2.get("commit") or m.get("commit"),
+                             "layout": f"{m2['nodes']}x{m2['gpus_per_node']}", "latency_us": link["latency_us"],
                              "system": name, "share": v["cross_node_share"], "imbalance": u, "inter_imbalance": u_x,
                              "duplex": dup, "variant": label, "link_GBps": bw,
                              "two_stage_ms": two_stage if name.startswith("locmoe") else 0.0,
                              "one_node_ms": one["systems"][name]["ms"], "measured_ms": v["ms"],
                              "predicted_ms": t.layer_ms, "error": t.layer_ms / v["ms"] - 1})
     return rows
+
+
+def link_figure(path: str) -> float | None:
+    """The per-rank inter-node rate a ``locmoe bandwidth`` output file reports (GB/s), or None."""
+    if not os.path.exists(path):
+        return None
+    m = re.search(r"inter-node ([\d.]+) GB/s per rank", open(path).read())
+    return float(m.group(1)) if m else None
+
+
+def probe_latency_us(run_dir: str) -> float:
+    """The inter-node latency the same device call's layer probe measured (4 KiB exchange), else 0."""
+    for path in sorted(glob.glob(os.path.join(run_dir, "**", "layer_2nodes_*gpu.json"), recursive=True)):
+        with open(path) as f:
+            link = inter_link(json.load(f)["meta"])
+        if link:
+            return float(link.get("latency_us", 0.0))
+    return 0.0
+
+
+def validate_dispatch(root: str) -> list[dict]:
+    """Predict every 2-node ``bench_dispatch.py`` row (per system, cross share and link setting) from the
+    one-node run of the same call: ``one-node ms + two-stage host cost (two-stage systems) + 4 x (latency +
+    the model's cross-node bytes per rank / link rate)``. bench_dispatch's experts are light and run on both
+    layouts, so they sit inside the one-node time; the overlap rows get no overlap credit (the model's
+    chunked term pipelines expert GEMMs, which this benchmark barely has)."""
+    out = []
+    for one_path in sorted(glob.glob(os.path.join(root, "**", "overlap_1x*.json"), recursive=True)):
+        odir = os.path.dirname(one_path)
+        run_dir = os.path.dirname(odir)
+        with open(one_path) as f:
+            one = json.load(f)
+        if one["meta"].get("nodes", 1) != 1 or not one.get("rows"):
+            continue
+        one_sys = one["rows"][0]["systems"]
+        lat = probe_latency_us(run_dir)
+        for two_path in sorted(glob.glob(os.path.join(odir, "overlap_2x*_*.json"))):
+            setting = re.search(r"overlap_2x\d+_(\w+)\.json$", two_path).group(1)
+            bw = link_figure(os.path.join(run_dir, LINK_FILES.get(setting, "")))
+            if bw is None:
+                continue
+            with open(two_path) as f:
+                two = json.load(f)
+            mt = two["meta"]
+            ranks_per_node = mt["ranks"] // mt["nodes"]
+            for row in two["rows"]:
+                k = row["topk"]
+                two_stage = dispatch_two_stage_ms(root, k) or 0.0
+                model = ModelSpec(hidden=mt["hidden"], ffn=1, experts=row["experts"], topk=k,
+                                  tokens_per_rank=mt["tokens_per_rank"], dtype=mt["dtype"], swiglu=False)
+                cluster = ClusterSpec(nodes=mt["nodes"], gpus_per_node=ranks_per_node, intra_bw_GBps=200.0,
+                                      intra_latency_us=0.0, inter_bw_GBps=bw, inter_latency_us=lat,
+                                      peak_tflops=1000.0, inter_duplex="full")
+                routing = RoutingSpec(cross_node_share=min(1.0, row["cross_node_pair_share"]), chunks=1)
+                for name, v in row["systems"].items():
+                    system, two_stage_plan = DISPATCH_SYSTEMS.get(name, (None, False))
+                    if system is None or "ms" not in v or "ms" not in one_sys.get(name, {}):
+                        continue
+                    t = predict_layer(system, cluster, model, routing)
+                    extra = two_stage if two_stage_plan else 0.0
+                    pred = one_sys[name]["ms"] + extra + t.comm_ms
+                    out.append({"run": os.path.relpath(two_path, root), "setting": setting, "system": name,
+                                "share": row["cross_node_pair_share"], "link_GBps": bw, "latency_us": lat,
+                                "two_stage_ms": extra, "one_node_ms": one_sys[name]["ms"],
+                                "measured_ms": v["ms"], "predicted_ms": pred, "error": pred / v["ms"] - 1})
+    return out
+
+
+def _summary(rows: list[dict], what: str) -> str:
+    errs = [abs(r["error"]) for r in rows]
+    return (f"{what}: mean |error| {100 * sum(errs) / len(errs):.1f} %, max {100 * max(errs):.1f} % over "
+            f"{len(errs)} predictions, {sum(e <= 0.15 for e in errs)} within 15 %")
 
 
 def main() -> int:
@@ -150,12 +242,22 @@ def main() -> int:
               f"{r['link_GBps']:>5.2f} {r['two_stage_ms'] or 0:>5.2f} {r['one_node_ms']:>6.2f} {r['measured_ms']:>8.2f} "
               f"{r['predicted_ms']:>9.2f} {100 * r['error']:>+6.1f}%")
     main_rows = [r for r in rows if r["variant"] == "model"]
-    errs = [abs(r["error"]) for r in main_rows]
-    print(f"mean |error| {100 * sum(errs) / len(errs):.1f} %, max {100 * max(errs):.1f} % over {len(errs)} "
-          f"predictions (first row of each system; the others: the same with a full-duplex link)")
+    print(_summary(main_rows, "layer") + " (first row of each system; the others: the same with a full-duplex link)")
+    for layout in sorted({r["layout"] for r in main_rows}):
+        print("  " + _summary([r for r in main_rows if r["layout"] == layout], f"2 nodes x {layout[2:]}"))
+    drows = validate_dispatch(a.root)
+    if drows:
+        print(f"\n{'dispatch run':<52} {'system':<14} {'share':>5} {'link':>5} {'lat us':>6} {'2-stg':>5} "
+              f"{'1-node':>6} {'measured':>8} {'predicted':>9} {'error':>7}")
+        for r in drows:
+            print(f"{r['run']:<52} {r['system']:<14} {r['share']:>5.3f} {r['link_GBps']:>5.2f} {r['latency_us']:>6.1f} "
+                  f"{r['two_stage_ms']:>5.2f} {r['one_node_ms']:>6.2f} {r['measured_ms']:>8.2f} "
+                  f"{r['predicted_ms']:>9.2f} {100 * r['error']:>+6.1f}%")
+        for name in sorted({r["system"] for r in drows}):
+            print("  " + _summary([r for r in drows if r["system"] == name], f"dispatch {name}"))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"layer": rows, "dispatch": drows}, f, indent=2)
     return 0
 
 

@@ -15,7 +15,7 @@ and its two-stage plan across nodes, so the one-node fixed cost plus the two-sta
 measured on one node with the two-stage plan forced (``bench_dispatch.py``'s ``hier_tree`` rows,
 ``exact_tree=True``, against its ``hierarchical`` rows): :func:`two_stage_extra_ms`.
 
-``fixed_ms`` keys: ``megatron_alltoall``, ``megatron_group_limited``, ``deepspeed_moe``, ``locmoe`` (the
+``fixed_ms`` keys: ``megatron_alltoall``, ``megatron_group_limited``, ``megatron_allgather``, ``deepspeed_moe``, ``locmoe`` (the
 LocMoE systems; the overlapped one pays it per chunk). A missing key falls back to ``megatron_alltoall``'s,
 then 0. :func:`calibration_from_layer_results` derives a calibration from ``benchmarks/bench_layer.py``'s
 JSON; the benchmark writes it with ``--calibration FILE``.
@@ -32,7 +32,7 @@ SCHEMA = "locmoe-projection-calibration/1"
 _KEYS = {"schema", "source", "expert_gemm_tflops", "fixed_ms", "fixed_ms_multi_node", "intra_node", "inter_node"}
 # bench_layer system -> calibration key
 BENCH_SYSTEMS = {"mcore_alltoall": "megatron_alltoall", "mcore_grouplimited": "megatron_group_limited",
-                 "deepspeed_moe": "deepspeed_moe", "locmoe_grap": "locmoe", "locmoe_dense": "locmoe"}
+                 "mcore_allgather": "megatron_allgather", "deepspeed_moe": "deepspeed_moe", "locmoe_grap": "locmoe", "locmoe_dense": "locmoe"}
 
 
 @dataclass(frozen=True, kw_only=True)

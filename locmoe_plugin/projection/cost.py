@@ -22,13 +22,16 @@ from dataclasses import dataclass
 
 from .calibration import Calibration
 from .cluster import ClusterSpec
-from .traffic import Rows, capacity, expected_rows, node_pmfs, padded_rows
+from .traffic import Rows, allgather_rows, capacity, expected_rows, node_pmfs, padded_rows
 from .workload import ModelSpec, RoutingSpec
 from ..config import ConfigError
 
 SYSTEMS = ("megatron_alltoall", "megatron_group_limited", "deepspeed_moe", "locmoe_flat", "locmoe_hier",
            "locmoe_hier_overlap")
 BASELINE = "megatron_alltoall"
+# Also predicted on request (validation against measured runs), not in the default table: Megatron's
+# ``allgather`` dispatcher (the whole EP group's tokens to every rank, a collective rather than pairs).
+EXTRA_SYSTEMS = ("megatron_allgather",)
 
 
 @dataclass(frozen=True)
@@ -96,23 +99,27 @@ def predict_layer(system: str, cluster: ClusterSpec, model: ModelSpec, routing: 
     tflops = cal.expert_gemm_tflops or cl.gemm_tflops
     u = routing.imbalance
     rows_gemm = s * k
-    if system in ("megatron_alltoall", "deepspeed_moe"):
+    if system in ("megatron_alltoall", "deepspeed_moe", "megatron_allgather"):
         own, rem = node_pmfs("uniform", n, r, e, k)
     elif system == "megatron_group_limited":
         own, rem = node_pmfs("group", n, r, e, k, group_nodes=routing.group_nodes or min(n, 4))
     elif system.startswith("locmoe_"):
         own, rem = node_pmfs("share", n, r, e, k, share=routing.cross_node_share)
     else:
-        raise ConfigError(f"unknown system {system!r}: use one of {SYSTEMS}")
+        raise ConfigError(f"unknown system {system!r}: use one of {SYSTEMS + EXTRA_SYSTEMS}")
     hier = system.startswith("locmoe_hier")
     if system == "deepspeed_moe":
         rows = padded_rows(n, r, e, k, s, routing.capacity_factor)
         rows_gemm = e * capacity(k, s, routing.capacity_factor, e)  # E_r local experts x P sources x C rows
         scale = scale_inter = 1.0  # padded: every rank moves and computes full buffers whatever the imbalance
+    elif system == "megatron_allgather":
+        rows = allgather_rows(n, r, s)  # every rank moves the same rows; its experts still get u x the rows
+        scale, scale_inter = 1.0, inter_scale(1.0, cl.inter_duplex, n * r)
     else:
         rows = expected_rows("hierarchical" if hier else "pairs", n, r, e, k, s, own, rem)
         scale, scale_inter = u, inter_scale(routing.inter_scale, cl.inter_duplex, n * r)
-    gemm = rows_gemm * scale * model.expert_flops_per_row / (tflops * 1e9)
+    gemm_scale = u if system == "megatron_allgather" else scale
+    gemm = rows_gemm * gemm_scale * model.expert_flops_per_row / (tflops * 1e9)
     one = _a2a_ms(rows, model, cl, n, hier, scale, scale_inter)
     fixed = cal.fixed_for(system, n)
     chunks = routing.chunks if system == "locmoe_hier_overlap" else 1

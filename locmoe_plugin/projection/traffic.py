@@ -123,6 +123,15 @@ def padded_rows(nodes: int, ranks_per_node: int, experts: int, k: int, tokens: i
     return Rows(inter=(nodes - 1) * ranks_per_node * e_r * cap, intra=(ranks_per_node - 1) * e_r * cap)
 
 
+def allgather_rows(nodes: int, ranks_per_node: int, tokens: int) -> Rows:
+    """Megatron's ``allgather`` dispatcher: every rank all-gathers the EP group's tokens (then keeps the rows
+    of its own experts) and reduce-scatters the results back, so the rows follow the layout, not the
+    routing. A node must receive the (N - 1) R s rows of the other nodes through its R NICs: (N - 1) s rows
+    per NIC; inside the node every rank receives the N s rows of each other local rank's rail:
+    (R - 1) N s (a ring's per-rank traffic, (P - 1) s, split by link)."""
+    return Rows(inter=float((nodes - 1) * tokens), intra=float((ranks_per_node - 1) * nodes * tokens))
+
+
 def count_rows(expert_ids: list, nodes: int, ranks_per_node: int, experts: int) -> list[dict]:
     """Count a routing exactly. ``expert_ids[p]``: ``[s_p, k]`` int expert ids of EP rank p (-1 = dropped),
     ranks node-major (rank p on node p // R). Returns per rank ``{"pairs": Rows, "hierarchical": Rows}``
