@@ -106,8 +106,9 @@ def render() -> str:
     parts += [
         "",
         "The Megatron-LM flags also include `--locmoe` (turn LocMoE on), `--locmoe-dispatcher` "
-        "(`hierarchical` or `flat`) and `--locmoe-overlap-chunks`; the DeepSpeed section also takes "
-        "`\"dispatcher\"` and `\"overlap_chunks\"` (see [megatron.md](megatron.md), [deepspeed.md](deepspeed.md)).",
+        "(`hierarchical` or `flat`) and `--locmoe-overlap {on,off}` (default on; see [overlap.md](overlap.md)); "
+        "the DeepSpeed section also takes `\"dispatcher\"` and `\"overlap\"` (`true` by default, or `false`) "
+        "(see [megatron.md](megatron.md), [deepspeed.md](deepspeed.md)).",
         "",
     ]
     return "\n".join(parts)
