@@ -204,23 +204,23 @@ def _mc_share(d: int, deltas, samples: int, seed: int, chunk: int = 25_000):
     return [c / samples for c in counts]
 
 
-def _assert_within_4se(p_hat, p, samples):
+def _assert_within_4se(q_hat, p, samples):
     se = math.sqrt(p * (1 - p) / samples)
-    assert abs(p_hat - p) <= 4 * se, (p_hat, p, se)
+    assert abs(q_hat - p) <= 4 * se, (q_hat, p, se)
 
 
 def test_monte_carlo_d64():
     deltas = (0.1, 0.2, 0.3)
     samples = 200_000
     shares = _mc_share(64, deltas, samples, seed=1234)
-    for t, p_hat in zip(deltas, shares):
-        _assert_within_4se(p_hat, p_delta(t, 64), samples)
+    for t, q_hat in zip(deltas, shares):
+        _assert_within_4se(q_hat, p_delta(t, 64), samples)
 
 
 def test_monte_carlo_d512():
     samples = 100_000  # p ~ 0.024, 4 SE ~ 8 % of p
-    (p_hat,) = _mc_share(512, (0.1,), samples, seed=99)
-    _assert_within_4se(p_hat, p_delta(0.1, 512), samples)
+    (q_hat,) = _mc_share(512, (0.1,), samples, seed=99)
+    _assert_within_4se(q_hat, p_delta(0.1, 512), samples)
 
 
 # ---------------------------------------------------------------------------

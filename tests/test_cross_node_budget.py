@@ -170,7 +170,7 @@ def test_entry_points():
         p.parse_args(["--locmoe", "--locmoe-budget-mechanism", "margin"])
     args = p.parse_args(["--locmoe", "--locmoe-cross-node-budget", "1.2"])
     args.num_experts, args.hidden_size, args.moe_router_topk = 8, 64, 2
-    with pytest.raises(ConfigError, match="cross_node_budget"):
+    with pytest.raises(ConfigError, match="cross.node.budget"):
         settings_from_args(args)
 
 

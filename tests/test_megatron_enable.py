@@ -67,7 +67,7 @@ def test_flags_parse_and_reach_the_settings():
     [
         (("--locmoe",), {"num_experts": None}, r"--locmoe needs an MoE model: add --num-experts"),
         (("--locmoe", "--locmoe-gpus-per-node", "3"), {}, r"ranks per node 3 does not divide|different numbers"),
-        (("--locmoe",), {"hidden_size": 100}, r"hidden_size 100 is not divisible by num_experts 8: GrAP"),
+        (("--locmoe",), {"hidden_size": 100}, r"--hidden-size 100 is not divisible by --num-experts 8: GrAP"),
         (("--locmoe",), {"expert_model_parallel_size": 3}, r"--num-experts 8 is not divisible by --expert-model-parallel-size 3"),
         (("--locmoe", "--locmoe-overlap-chunks", "2"), {}, r"is removed: use --locmoe-overlap on"),
         (("--locmoe",), {"overlap_moe_expert_parallel_comm": True}, r"pass --locmoe-overlap off"),

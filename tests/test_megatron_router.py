@@ -146,10 +146,13 @@ def _layer_worker(rank, world, cases):
 
 
 def test_locmoe_router_in_megatron_moe_layer_matches_dense_reference():
+    # the learned locality loss (an explicit coefficient, so no default cross-node budget): the router's
+    # state does not move between the layer's forward and the reference's
     cases = [
-        {"gate": "grap", "routing": "locmoe"},
-        {"gate": "dense", "routing": "locmoe", "z_loss_coeff": 1e-3},
-        {"gate": "grap", "routing": "hybrid", "capacity": "factor", "capacity_factor": 1.0, "min_capacity": 0},
+        {"gate": "grap", "routing": "locmoe", "locality_loss_coeff": 0.01},
+        {"gate": "dense", "routing": "locmoe", "z_loss_coeff": 1e-3, "locality_loss_coeff": 0.01},
+        {"gate": "grap", "routing": "hybrid", "capacity": "factor", "capacity_factor": 1.0, "min_capacity": 0,
+         "locality_loss_coeff": 0.01},
     ]
     res = run_workers(_layer_worker, 4, cases)
     for rank_res in res:

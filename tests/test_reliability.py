@@ -113,7 +113,7 @@ def test_bad_case_9_non_finite_checkpoint_state_is_refused():
     r = _router()
     r(_batch(0))
     for key, value in [("delta", float("nan")), ("delta", 2.0), ("factor", -1.0), ("factor", "1.5"),
-                       ("p_hat", float("inf")), ("steps", -3), ("steps", True)]:
+                       ("q_hat", float("inf")), ("steps", -3), ("steps", True)]:
         state = r.state_dict()
         extra = state["_extra_state"]
         extra = {"capacity": {**extra["capacity"], key: value}}
@@ -155,7 +155,7 @@ def test_resume_with_the_same_settings_keeps_the_measured_state_silently():
 
 def test_older_checkpoint_without_settings_loads():
     c = CapacityController(LocMoEConfig(num_experts=N, hidden_size=D, routing="hybrid", capacity="adaptive"))
-    c.load_state_dict({"delta": 0.05, "factor": 9.0, "p_hat": 0.2, "steps": 7})
+    c.load_state_dict({"delta": 0.05, "factor": 9.0, "q_hat": 0.2, "steps": 7})
     assert c.delta == 0.05 and c.factor == 4.0 and c.steps == 7  # clamped to capacity_factor_max
 
 

@@ -67,7 +67,7 @@ def test_adaptive_factor_falls_as_tokens_concentrate():
     """Tokens drawn around their experts with rising concentration: the factor falls monotonically from
     about the isotropic factor (2.0) to below 0.5. Each value is 2.0 * 2 (n + 1) * q_hat (n = 8), e.g.
     q_hat ~ 0.053 (chance 1/18) at kappa = 0 and ~ 0.0066 at kappa = 0.2. The earlier
-    ``1 / (n * p_hat)`` rose towards 1.0 on the same tokens."""
+    ``1 / (n * q_hat)`` rose towards 1.0 on the same tokens."""
     n, d = 8, 256
     cfg = LocMoEConfig(num_experts=n, hidden_size=d, topk=1, routing="hybrid", capacity="adaptive",
                        adaptive_interval=1, capacity_factor_min=0.05)

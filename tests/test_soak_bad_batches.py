@@ -70,7 +70,7 @@ def test_bad_batches_leave_a_run_as_a_clean_one(capacity):
     assert dirty_final[-1] > 0 and clean_final[-1] == 0  # NaN batches were met and their steps skipped
     assert dirty_final[:-1] == clean_final[:-1]  # capacity, drops, loads and losses
     assert dirty.capacity.delta == clean.capacity.delta
-    assert dirty.capacity.factor == clean.capacity.factor and dirty.capacity.p_hat == clean.capacity.p_hat
+    assert dirty.capacity.factor == clean.capacity.factor and dirty.capacity.q_hat == clean.capacity.q_hat
     assert dirty.capacity.skipped > 0 and clean.capacity.skipped == 0
     assert torch.equal(dirty.expert_bias, clean.expert_bias) and dirty.expert_bias.abs().sum() > 0
     assert torch.equal(dirty.gate.weight, clean.gate.weight)

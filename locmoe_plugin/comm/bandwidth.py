@@ -45,7 +45,7 @@ def link_settings() -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=4, help="processes to spawn (ignored under torchrun)")
-    p.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("LOCMOE_GPUS_PER_NODE", 0)) or None,
+    p.add_argument("--gpus-per-node", type=int, default=None,
                    help="ranks per (emulated) node (default: $LOCMOE_GPUS_PER_NODE, else the world size)")
     p.add_argument("--backend", choices=("gloo", "nccl", "hccl"), default=None,
                    help="default: from the device (nccl on CUDA, hccl on Ascend, gloo on CPU)")
@@ -152,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
         args.backend = backend_for(get_accelerator().device_type)
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if launched else args.nproc
+    if args.gpus_per_node is None:
+        from ..env import env_int
+
+        args.gpus_per_node = env_int("LOCMOE_GPUS_PER_NODE", 1)  # a bad value: one error naming the variable
     gpn = args.gpus_per_node or world
     if gpn < 1 or world % gpn:
         raise ValueError(f"--gpus-per-node {gpn} must divide the number of ranks {world}")
