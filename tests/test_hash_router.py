@@ -216,6 +216,7 @@ def _megatron_worker(rank, world):
 
     from locmoe_plugin.megatron import locmoe_spec
     from locmoe_plugin.megatron import router as mrouter
+    from locmoe_plugin.megatron import token_ids
 
     out = {}
     # A: a GPTModel (EP=2 as 2 nodes) with hash routing; the pre-hook hands input_ids to both MoE layers
@@ -237,7 +238,7 @@ def _megatron_worker(rank, world):
     mask = torch.triu(torch.ones(1, 1, 8, 8, dtype=torch.bool), diagonal=1)
     handle = mrouter.attach_token_ids(model)
     model(input_ids, torch.arange(8).expand(2, 8), mask).sum().backward()  # trains without router grads
-    out["cleared"] = mrouter._token_ids is None
+    out["cleared"] = token_ids._token_ids is None
     out["grads"] = all(p.grad is not None for p in model.decoder.layers[0].mlp.experts.parameters())
     out["maps"] = [o.tolist() for _, _, o in seen]
     # the same experts as the core router called with the ids in Megatron's [s, b] order, and as the hash
@@ -271,7 +272,7 @@ def _megatron_worker(rank, world):
     stand = Stand()
     handle = mrouter.attach_token_ids(stand)
     ids = torch.arange(16).reshape(2, 8)
-    out["sp"] = (stand(ids), stand(input_ids=ids), mrouter._token_ids)  # positional, keyword, cleared
+    out["sp"] = (stand(ids), stand(input_ids=ids), token_ids._token_ids)  # positional, keyword, cleared
     handle.remove()
     parallel_state.destroy_model_parallel()
     return out

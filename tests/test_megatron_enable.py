@@ -67,7 +67,7 @@ def test_flags_parse_and_reach_the_settings():
     [
         (("--locmoe",), {"num_experts": None}, r"--locmoe needs an MoE model: add --num-experts"),
         (("--locmoe", "--locmoe-gpus-per-node", "3"), {}, r"ranks per node 3 does not divide|different numbers"),
-        (("--locmoe",), {"hidden_size": 100}, r"hidden_size 100 is not divisible by num_experts 8: GrAP"),
+        (("--locmoe",), {"hidden_size": 100}, r"--hidden-size 100 is not divisible by --num-experts 8: GrAP"),
         (("--locmoe",), {"expert_model_parallel_size": 3}, r"--num-experts 8 is not divisible by --expert-model-parallel-size 3"),
         (("--locmoe", "--locmoe-overlap-chunks", "2"), {}, r"is removed: use --locmoe-overlap on"),
         (("--locmoe",), {"overlap_moe_expert_parallel_comm": True}, r"pass --locmoe-overlap off"),
@@ -229,7 +229,7 @@ def test_metrics_patch_adds_locmoe_names_only_when_locmoe_is_on():
 
 
 def test_metrics_report_flushes_the_routers_pending_telemetry(monkeypatch):
-    from locmoe_plugin.megatron import router as router_mod
+    from locmoe_plugin.megatron import metrics as router_mod
     from locmoe_plugin.megatron.enable import _wrap_track_names
 
     class Router:  # stands in for LocMoEMegatronRouter (only flush_telemetry is called)
@@ -275,7 +275,7 @@ def test_gpt_token_ids_patch_attaches_only_for_hash_routing():
 
 def test_enable_metrics_report_alone_turns_on_deferred_loss_records():
     from locmoe_plugin.megatron import disable, enable_metrics_report, status
-    from locmoe_plugin.megatron.router import _report_flushes
+    from locmoe_plugin.megatron.metrics import report_flushes as _report_flushes
 
     disable()
     assert not _report_flushes()

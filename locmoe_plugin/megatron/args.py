@@ -110,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--locmoe-routing", choices=ROUTINGS, default=_DEFAULTS["routing"],
                    help="topk: plain top-k; locmoe: top-k + locality loss; hybrid: LocMoE+ token/expert choice; "
                         "hash: experts from a fixed hash of the token id (Hash Layers baseline; needs "
-                        "locmoe_plugin.megatron.router.attach_token_ids(model))")
+                        "locmoe_plugin.megatron.attach_token_ids(model))")
     g.add_argument("--locmoe-locality-loss-coeff", type=_non_negative_float, default=None,
                    help="mu of the locality loss (default 0.01 for locmoe/hybrid, 0 for topk/hash)")
     g.add_argument("--locmoe-locality-bias", type=_on_off, default=None,
