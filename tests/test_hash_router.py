@@ -194,7 +194,8 @@ def test_megatron_flags_and_construction_checks():
     for k, v in dict(num_experts=8, hidden_size=64, moe_router_topk=2, expert_model_parallel_size=1,
                      moe_expert_capacity_factor=None).items():
         setattr(ns, k, v)
-    assert settings_from_args(ns) == ({"routing": "hash", "hash_seed": 3}, "hierarchical")
+    assert settings_from_args(ns)[0] == {"routing": "hash", "hash_seed": 3}
+    assert settings_from_args(ns)[1].mode == "hierarchical"
 
     tc = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_moe_experts=8, moe_router_topk=2,
                            moe_token_dispatcher_type="alltoall", recompute_granularity="selective",
@@ -231,9 +232,10 @@ def _megatron_worker(rank, world):
     model = GPTModel(cfg, spec, vocab_size=64, max_sequence_length=8)
     seen = []
     for layer in model.decoder.layers:
-        # inside LocMoELayer the router returns the index form; dense_routing_map gives Megatron's map
-        layer.mlp.router.register_forward_hook(
-            lambda m, args, o: seen.append((m, args[0].detach(), mrouter.dense_routing_map(o, 8))))
+        # inside LocMoELayer the router routes through route_indices; dense_routing_map gives Megatron's map
+        for target in mrouter.routing_hook_targets(layer.mlp.router):
+            target.register_forward_hook(lambda m, args, o, r=layer.mlp.router: seen.append(
+                (r, args[0].detach(), mrouter.dense_routing_map(o, 8))))
     input_ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(10 + rank))
     mask = torch.triu(torch.ones(1, 1, 8, 8, dtype=torch.bool), diagonal=1)
     handle = mrouter.attach_token_ids(model)

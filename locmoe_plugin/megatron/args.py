@@ -11,6 +11,7 @@ import math
 import re
 from typing import Any
 
+from ..comm.settings import DISPATCHER_MODES, DispatcherSettings
 from ..config import (AUX_SCOPES, BUDGET_MECHANISMS, CAPACITIES, DEFAULT_BUDGET_MECHANISM, DROP_POLICIES, GATES,
                       ROUTINGS, ConfigError, LocMoEConfig)
 
@@ -21,7 +22,7 @@ TOPK_EXPERT_BIAS_ERROR = (
     "sigmoid scores; the LocMoE router routes by softmax and has its own: use --locmoe-expert-bias-rate R "
     "(expert_bias_rate, e.g. 1e-3) and leave it off"
 )
-DISPATCHERS = ("hierarchical", "flat")
+DISPATCHERS = DISPATCHER_MODES
 
 #: flag -> LocMoEConfig field
 _FIELDS = {
@@ -56,6 +57,7 @@ FIELD_FLAGS = {
     "aux_loss_coeff": "--moe-aux-loss-coeff",
     "z_loss_coeff": "--moe-z-loss-coeff",
     "dispatcher": "--locmoe-dispatcher",
+    "overlap": "--locmoe-overlap",
     "capacity_factor_max": "capacity_factor_max (no flag)",
 }
 _FIELD_PATTERN = re.compile(
@@ -182,8 +184,8 @@ def _require_parsed_flags(args: Any) -> None:
         )
 
 
-def settings_from_args(args: Any) -> tuple[dict, str]:
-    """``(locmoe overrides for LocMoEConfig, dispatcher mode)`` from parsed arguments. Validates
+def settings_from_args(args: Any) -> tuple[dict, DispatcherSettings]:
+    """``(locmoe overrides for LocMoEConfig, dispatcher settings)`` from parsed arguments. Validates
     everything that can be checked before a process group exists; raises :class:`ConfigError`."""
     if not getattr(args, "locmoe", False):
         raise ConfigError("--locmoe is not set")
@@ -230,6 +232,4 @@ def settings_from_args(args: Any) -> tuple[dict, str]:
             Topology.from_global_ranks(range(ep), gpn, args.num_experts)
         except ConfigError as exc:
             raise ConfigError(f"--locmoe-gpus-per-node {gpn} with --expert-model-parallel-size {ep}: {exc}") from None
-    from .dispatcher import DispatcherSetting
-
-    return overrides, DispatcherSetting(args.locmoe_dispatcher, overlap=overlap)
+    return overrides, DispatcherSettings(mode=args.locmoe_dispatcher, overlap=overlap)

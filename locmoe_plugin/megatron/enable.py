@@ -28,6 +28,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..comm.settings import DispatcherSettings
 from ..device import apply_transfer_to_npu, get_accelerator
 from .compat import check_supported
 from .metrics import LOCMOE_METRICS, flush_locmoe_metrics, register_report_flusher
@@ -222,13 +223,13 @@ for _patch in METRICS_PATCHES:  # while one is applied, the routers defer their 
     register_report_flusher(_patch)
 
 
-def enable(settings: dict | None = None, dispatcher: str = "hierarchical") -> list[str]:
+def enable(settings: dict | None = None, dispatcher: DispatcherSettings | str = "hierarchical") -> list[str]:
     """Apply the patches (idempotent). ``settings``: LocMoE overrides to use without Megatron-LM's
     argument parser (megatron-core scripts); without it, ``--locmoe`` on the command line decides.
     Returns the names of the patches applied by this call."""
     check_supported()
     if settings is not None:
-        _explicit.update(locmoe=dict(settings), dispatcher=dispatcher)
+        _explicit.update(locmoe=dict(settings), dispatcher=DispatcherSettings.of(dispatcher))
     if get_accelerator().device_type == "npu":
         apply_transfer_to_npu()
     return _apply(PATCHES)

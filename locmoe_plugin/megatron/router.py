@@ -25,11 +25,13 @@ Both names stay importable from here.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Mapping
 
 import torch
 
 from ..agreement import config_settings
+from ..comm.settings import DispatcherSettings
 from ..config import ConfigError, LocMoEConfig
 from ..router import LocMoERouter
 from ..routing import index_to_dense
@@ -44,6 +46,7 @@ __all__ = [
     "LOSS_METRICS",
     "TELEMETRY_METRICS",
     "LocMoEMegatronRouter",
+    "IndexRouting",
     "TokenIdsHandle",
     "attach_token_ids",
     "current_token_ids",
@@ -51,16 +54,44 @@ __all__ = [
     "drop_stale_locmoe_metrics",
     "flush_locmoe_metrics",
     "locmoe_config_from_megatron",
+    "routing_hook_targets",
 ]
 
 def dense_routing_map(output, num_experts: int) -> torch.Tensor:
-    """``[s, n]`` bool routing map of a Megatron router's output ``(probs, routing_map)``, in either form
-    :class:`LocMoEMegatronRouter` returns (dense; or ``(weights, expert_ids)`` [s, k] inside ``LocMoELayer``);
-    for forward hooks that count routing."""
+    """``[s, n]`` bool routing map of a router's output in either form: Megatron's ``(probs [s, n],
+    routing_map [s, n] bool)`` or LocMoE's index form ``(weights [s, k], expert_ids [s, k])`` (what
+    :class:`IndexRouting` returns); for forward hooks that count routing (see :func:`routing_hook_targets`)."""
     probs, routing_map = output
     if routing_map.dtype == torch.bool:
         return routing_map
     return index_to_dense(routing_map, probs.detach(), num_experts)[1]
+
+
+def routing_hook_targets(router: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose forward hooks see every routing of ``router``: the router itself (Megatron's
+    ``MoELayer`` calls its ``forward``) and, for :class:`LocMoEMegatronRouter`, its ``route_indices``
+    (``LocMoELayer`` calls that). One of them runs per routing; read either output with
+    :func:`dense_routing_map`."""
+    indices = getattr(router, "route_indices", None)
+    return [router] + ([indices] if isinstance(indices, torch.nn.Module) else [])
+
+
+class IndexRouting(torch.nn.Module):
+    """``LocMoEMegatronRouter.route_indices``: the router's routing in index form, ``hidden [S, B, d]`` ->
+    ``(weights [s, k] fp32, expert_ids [s, k] int64)`` with ``-1`` / 0 for a dropped pair; the losses'
+    backward rides on ``weights``, telemetry and losses are recorded as by ``forward``.
+
+    ``LocMoELayer`` routes through it: its dispatcher takes this form, which saves building the dense form
+    and converting it back (about 15 kernels per layer and forward). A module (no parameters, nothing in
+    the state dict) rather than a method so that forward hooks can observe it (:func:`routing_hook_targets`).
+    """
+
+    def __init__(self, router: "LocMoEMegatronRouter") -> None:
+        super().__init__()
+        self._router = weakref.ref(router)  # not a child module: no cycle in the module tree
+
+    def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        return self._router()._route(hidden, padding_mask, index_form=True)
 
 
 def locmoe_config_from_megatron(config, overrides: Mapping[str, Any] | None = None) -> LocMoEConfig:
@@ -112,7 +143,8 @@ class LocMoEMegatronRouter(torch.nn.Module):
             ``tp_cp`` for loss logging). Default: Megatron's globals (``get_default_pg_collection``).
         is_mtp_layer: accepted for megatron-core >= 0.19; LocMoE routes MTP layers the same way.
         locmoe: LocMoE-only settings (dict of ``LocMoEConfig`` fields), e.g. ``{"routing": "hybrid"}``.
-        dispatcher: token dispatcher mode used by ``LocMoELayer`` (``"hierarchical"`` or ``"flat"``).
+        dispatcher: the token dispatcher's settings used by ``LocMoELayer``: a mode (``"hierarchical"`` or
+            ``"flat"``, overlap on) or :class:`~locmoe_plugin.comm.settings.DispatcherSettings`.
         with_locmoe_dispatcher: True when the layer is ``LocMoELayer`` (set by :func:`locmoe_spec`).
     """
 
@@ -122,19 +154,20 @@ class LocMoEMegatronRouter(torch.nn.Module):
         pg_collection=None,
         is_mtp_layer: bool = False,
         locmoe: Mapping | None = None,
-        dispatcher: str = "hierarchical",
+        dispatcher: DispatcherSettings | str = "hierarchical",
         with_locmoe_dispatcher: bool = False,
     ):
         check_supported()
-        if dispatcher not in ("hierarchical", "flat"):
-            raise ConfigError(f"dispatcher={dispatcher!r} is not 'hierarchical' or 'flat'")
+        dispatcher = DispatcherSettings.of(dispatcher)
         super().__init__()
-        self.dispatcher_mode = dispatcher
+        #: what ``LocMoELayer``'s dispatcher does (the rank-agreement check below covers it)
+        self.dispatcher_settings = dispatcher
         self.config = config
         self.is_mtp_layer = is_mtp_layer
         self.layer_number: int | None = None
-        #: set by ``LocMoELayer``, whose dispatcher reads the index form (see :meth:`forward`)
-        self.index_form = False
+        #: ``route_indices(hidden, padding_mask=None) -> (weights [s, k] fp32, expert_ids [s, k] int64)``:
+        #: the routing in index form, for ``LocMoELayer`` (see :class:`IndexRouting`)
+        self.route_indices = IndexRouting(self)
         self._telemetry_sum: torch.Tensor | None = None  # raw telemetry counts summed since the last flush
         self._loss_sums: dict[str, torch.Tensor] = {}  # loss values summed since the last flush (deferred)
         self._telemetry_forwards = 0
@@ -196,10 +229,7 @@ class LocMoEMegatronRouter(torch.nn.Module):
         # every setting that shapes a collective, checked over the EP group before the first one
         from .args import flag_named
 
-        from .dispatcher import overlap_of
-
-        settings = {**config_settings(self.locmoe_config), "dispatcher": str(dispatcher),
-                    "overlap (--locmoe-overlap)": overlap_of(dispatcher),
+        settings = {**config_settings(self.locmoe_config), **dispatcher.agreement(),
                     "with the LocMoE dispatcher": with_locmoe_dispatcher,
                     "overlap (--overlap-moe-expert-parallel-comm)":
                         bool(getattr(config, "overlap_moe_expert_parallel_comm", False))}
@@ -278,25 +308,24 @@ class LocMoEMegatronRouter(torch.nn.Module):
         self._log(LOSS_METRICS[key], value / coeff)
 
     def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """``hidden [S, B, d]`` (or ``[s, d]``) -> ``(probs [s, n] fp32, routing_map [s, n] bool)``.
-
-        Inside ``LocMoELayer`` (``index_form`` set by the layer) the same routing is returned in index
-        form instead, ``(weights [s, k] fp32, expert_ids [s, k] int64)`` with ``-1`` / 0 for a dropped
-        pair: ``MoELayer`` hands the router's output to its dispatcher unread, and the LocMoE dispatcher
-        takes that form, which saves building the dense form and converting it back (about 15 kernels
-        per layer and forward). Either way the losses' backward rides on the first tensor.
+        """Megatron's router contract: ``hidden [S, B, d]`` (or ``[s, d]``) -> ``(probs [s, n] fp32,
+        routing_map [s, n] bool)``; the losses' backward rides on ``probs``.
 
         ``padding_mask [S, B]``: True marks padding, as ``MoELayer`` passes it to ``TopKRouter`` (which
         counts ``~padding_mask`` as the valid tokens). As there, padding tokens are still routed and
         dispatched but left out of the losses (aux, locality, z). Hash routing reads the token ids from
         :func:`current_token_ids`.
         """
+        return self._route(hidden, padding_mask, index_form=False)
+
+    def _route(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None, index_form: bool):
+        """The routing of :meth:`forward` (``index_form=False``, dense) or :attr:`route_indices` (True)."""
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         token_ids = current_token_ids() if self.locmoe_config.routing == "hash" else None
         valid = None if padding_mask is None else ~padding_mask.bool()
         out = self.core(hidden, token_ids, valid)
-        if self.index_form:
+        if index_form:
             probs, routing_map = out.assignment.weights, out.assignment.expert_ids
         else:
             probs, routing_map = out.to_megatron()
