@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from ..comm.settings import DISPATCHER_MODES, DispatcherSettings
+from .compat import capacity_from_megatron
 from ..config import (AUX_SCOPES, BUDGET_MECHANISMS, CAPACITIES, DEFAULT_BUDGET_MECHANISM, DROP_POLICIES, GATES,
                       ROUTINGS, ConfigError, LocMoEConfig)
 
@@ -214,8 +215,7 @@ def settings_from_args(args: Any) -> tuple[dict, DispatcherSettings]:
     # the full config must validate now (hidden size vs experts, coefficients, capacity...)
     cf = getattr(args, "moe_expert_capacity_factor", None)
     base = dict(num_experts=args.num_experts, hidden_size=args.hidden_size, topk=getattr(args, "moe_router_topk", 2))
-    if cf is not None and "capacity" not in overrides:
-        base.update(capacity="factor", capacity_factor=cf)
+    base.update(capacity_from_megatron(cf, overrides))  # as the router maps it (hybrid keeps adaptive)
     try:
         LocMoEConfig.from_dict({**base, **overrides})
     except ConfigError as exc:  # the user set flags: speak of flags

@@ -36,7 +36,7 @@ from ..config import ConfigError, LocMoEConfig
 from ..router import LocMoERouter
 from ..routing import index_to_dense
 from ..topology import Topology
-from .compat import aux_loss_coeff, check_supported
+from .compat import aux_loss_coeff, capacity_from_megatron, check_supported
 from .cuda_graphs import check_cuda_graph_support
 from . import metrics
 from .metrics import LOSS_METRICS, TELEMETRY_METRICS, drop_stale_locmoe_metrics, flush_locmoe_metrics
@@ -113,10 +113,8 @@ def locmoe_config_from_megatron(config, overrides: Mapping[str, Any] | None = No
         aux_loss_coeff=aux_loss_coeff(config),
         z_loss_coeff=float(getattr(config, "moe_z_loss_coeff", None) or 0.0),
     )
-    cf = getattr(config, "moe_expert_capacity_factor", None)
     overrides = dict(overrides or {})
-    if cf is not None and overrides.get("capacity") is None and overrides.get("routing", "locmoe") != "hybrid":
-        values.update(capacity="factor", capacity_factor=float(cf))
+    values.update(capacity_from_megatron(getattr(config, "moe_expert_capacity_factor", None), overrides))
     values.update(overrides)
     if values.get("capacity") not in (None, "factor"):
         values.pop("capacity_factor", None)
