@@ -86,7 +86,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from locmoe_plugin.device import get_accelerator  # noqa: E402
-from locmoe_plugin.megatron.router import dense_routing_map  # noqa: E402
+from locmoe_plugin.megatron.router import dense_routing_map, routing_hook_targets  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -325,8 +325,10 @@ def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: boo
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(a.seed + 1000 * ctx.rank)
     routed_map = {}
-    model.moe.router.register_forward_hook(
-        lambda mod, inp, out: routed_map.__setitem__("map", dense_routing_map(out, mod.config.num_moe_experts)))
+    num_experts = model.moe.router.config.num_moe_experts
+    for target in routing_hook_targets(model.moe.router):
+        target.register_forward_hook(
+            lambda mod, inp, out: routed_map.__setitem__("map", dense_routing_map(out, num_experts)))
     remote_mask = ctx.expert_node != ctx.node
     losses, cross, routed, loads = [], [], [], []
     t0 = time.perf_counter()

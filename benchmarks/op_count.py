@@ -181,7 +181,7 @@ def _megatron_layers(a: argparse.Namespace, rank: int, world: int) -> dict:
 
     for name, layer in layers.items():
         layer.set_layer_number(1)
-        layer.router.forward = labelled(layer.router.forward, "router")
+        layer.route = labelled(layer.route, "router")  # MoELayer.route: router.forward; LocMoELayer: route_indices
         layer.experts.forward = labelled(layer.experts.forward, "experts")
         td = layer.token_dispatcher
         for ph in ("dispatch_preprocess", "token_dispatch", "dispatch_postprocess", "combine_preprocess",

@@ -179,7 +179,7 @@ def _label_phases(layer):
         setattr(obj, attr, labelled(old, label))
         undo.append(lambda: setattr(obj, attr, old) if had else delattr(obj, attr))
 
-    wrap(layer.router, "forward", "router")
+    wrap(layer, "route", "router")  # MoELayer.route calls router.forward; LocMoELayer.route route_indices
     wrap(layer.experts, "forward", "experts")
     for ph in ("dispatch_preprocess", "token_dispatch", "dispatch_postprocess", "combine_preprocess",
                "token_combine", "combine_postprocess"):

@@ -10,7 +10,7 @@ all-gather of the settings themselves builds the error, so every rank raises the
 
 Callers name their settings in a plain mapping; adding a setting to the check is one more entry::
 
-    check_agreement({**config_settings(config), "dispatcher": mode, "overlap_chunks": chunks}, group,
+    check_agreement({**config_settings(config), **dispatcher_settings.agreement()}, group,
                     where="LocMoE layer")
 
 Values must have a stable ``repr`` (numbers, strings, bools, None, tuples of them, dtypes).

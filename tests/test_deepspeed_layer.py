@@ -112,7 +112,7 @@ def test_config_section_and_errors(tmp_path):
         LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"dispatcher": "ring"})
     with pytest.raises(ConfigError, match='"overlap_chunks": 2 is removed: use "overlap": true'):
         LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"overlap_chunks": 2})
-    with pytest.raises(ConfigError, match='"overlap": 1 must be true or false'):
+    with pytest.raises(ConfigError, match="overlap=1 must be True or False"):
         LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"overlap": 1})
     with pytest.raises(ConfigError, match="routing='hash' needs token ids"):
         LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"routing": "hash"})

@@ -194,7 +194,8 @@ def test_megatron_flags_and_construction_checks():
     for k, v in dict(num_experts=8, hidden_size=64, moe_router_topk=2, expert_model_parallel_size=1,
                      moe_expert_capacity_factor=None).items():
         setattr(ns, k, v)
-    assert settings_from_args(ns) == ({"routing": "hash", "hash_seed": 3}, "hierarchical")
+    assert settings_from_args(ns)[0] == {"routing": "hash", "hash_seed": 3}
+    assert settings_from_args(ns)[1].mode == "hierarchical"
 
     tc = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_moe_experts=8, moe_router_topk=2,
                            moe_token_dispatcher_type="alltoall", recompute_granularity="selective",
@@ -216,6 +217,7 @@ def _megatron_worker(rank, world):
 
     from locmoe_plugin.megatron import locmoe_spec
     from locmoe_plugin.megatron import router as mrouter
+    from locmoe_plugin.megatron import token_ids
 
     out = {}
     # A: a GPTModel (EP=2 as 2 nodes) with hash routing; the pre-hook hands input_ids to both MoE layers
@@ -230,14 +232,15 @@ def _megatron_worker(rank, world):
     model = GPTModel(cfg, spec, vocab_size=64, max_sequence_length=8)
     seen = []
     for layer in model.decoder.layers:
-        # inside LocMoELayer the router returns the index form; dense_routing_map gives Megatron's map
-        layer.mlp.router.register_forward_hook(
-            lambda m, args, o: seen.append((m, args[0].detach(), mrouter.dense_routing_map(o, 8))))
+        # inside LocMoELayer the router routes through route_indices; dense_routing_map gives Megatron's map
+        for target in mrouter.routing_hook_targets(layer.mlp.router):
+            target.register_forward_hook(lambda m, args, o, r=layer.mlp.router: seen.append(
+                (r, args[0].detach(), mrouter.dense_routing_map(o, 8))))
     input_ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(10 + rank))
     mask = torch.triu(torch.ones(1, 1, 8, 8, dtype=torch.bool), diagonal=1)
     handle = mrouter.attach_token_ids(model)
     model(input_ids, torch.arange(8).expand(2, 8), mask).sum().backward()  # trains without router grads
-    out["cleared"] = mrouter._token_ids is None
+    out["cleared"] = token_ids._token_ids is None
     out["grads"] = all(p.grad is not None for p in model.decoder.layers[0].mlp.experts.parameters())
     out["maps"] = [o.tolist() for _, _, o in seen]
     # the same experts as the core router called with the ids in Megatron's [s, b] order, and as the hash
@@ -271,7 +274,7 @@ def _megatron_worker(rank, world):
     stand = Stand()
     handle = mrouter.attach_token_ids(stand)
     ids = torch.arange(16).reshape(2, 8)
-    out["sp"] = (stand(ids), stand(input_ids=ids), mrouter._token_ids)  # positional, keyword, cleared
+    out["sp"] = (stand(ids), stand(input_ids=ids), token_ids._token_ids)  # positional, keyword, cleared
     handle.remove()
     parallel_state.destroy_model_parallel()
     return out

@@ -21,7 +21,8 @@ def _worker(rank, world):
     from megatron.core import parallel_state
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    from locmoe_plugin.megatron.dispatcher import DispatcherSetting, make_locmoe_layer_class
+    from locmoe_plugin.comm.settings import DispatcherSettings
+    from locmoe_plugin.megatron.dispatcher import make_locmoe_layer_class
     from locmoe_plugin.megatron.router import dense_routing_map
 
     LocMoELayer = make_locmoe_layer_class()
@@ -35,7 +36,7 @@ def _worker(rank, world):
         mega = _build(MoELayer, 1, 4, locmoe, topk)
         # "hierarchical": the overlap on by default (2 nodes: split by origin); "no_overlap": the unsplit plan
         modes = {"hierarchical": "hierarchical", "flat": "flat",
-                 "no_overlap": DispatcherSetting("hierarchical", overlap=False)}
+                 "no_overlap": DispatcherSettings(mode="hierarchical", overlap=False)}
         ours = {m: _build(LocMoELayer, 1, 4, locmoe, topk, dispatcher=d) for m, d in modes.items()}
         out[("overlap_active", topk)] = {m: layer.token_dispatcher.core.overlap_active for m, layer in ours.items()}
         for layer in ours.values():
@@ -48,12 +49,14 @@ def _worker(rank, world):
             res[m] = _fwd_bwd(layer, x, cot)
             res[m + "_traffic"] = layer.token_dispatcher.traffic.to_dict()
         res["ref"] = _dense_reference(mega, x, cot, ep)
-        # inside LocMoELayer the router hands over the index form; dense_routing_map recovers Megatron's map
+        # inside LocMoELayer the router hands over the index form (route_indices); dense_routing_map recovers
+        # Megatron's map; its forward keeps Megatron's contract there too
         with torch.no_grad():
-            w_ids = ours["hierarchical"].router(x)
+            w_ids = ours["hierarchical"].router.route_indices(x)
             dense = mega.router(x)
             res["forms"] = (w_ids[0].shape, w_ids[1].dtype, dense_routing_map(w_ids, 8), dense,
                             dense_routing_map(dense, 8) is dense[1])
+            res["forward_in_layer"] = ours["hierarchical"].router(x)
         out[("ep4", topk)] = res
     # A': EP=4 on one node: LocMoELayer uses the pairs plan (flat_fast) there
     torch.manual_seed(9)
@@ -100,6 +103,9 @@ def test_locmoe_dispatcher_in_megatron_moe_layer():
             assert w_shape[1] == topk and ids_dtype == torch.int64 and mega_map.dtype == torch.bool
             assert torch.equal(ours_map, mega_map) and passed_through
             assert int(ours_map.sum()) == ours_map.shape[0] * topk
+            fwd_probs, fwd_map = r["forward_in_layer"]
+            assert fwd_map.dtype == torch.bool and torch.equal(fwd_map, mega_map)
+            torch.testing.assert_close(fwd_probs, mega_probs)
         r = res[("ep4_one_node", 4)]
         assert r["plan"] == "flat_fast"
         torch.testing.assert_close(r["ours"][0], r["ref"][0], rtol=1e-5, atol=1e-6)

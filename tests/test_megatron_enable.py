@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
+from locmoe_plugin.comm.settings import DispatcherSettings  # noqa: E402
 from locmoe_plugin.config import ConfigError  # noqa: E402
 from locmoe_plugin.megatron import (  # noqa: E402
     add_arguments,
@@ -40,22 +41,24 @@ def _args(*argv, **megatron):
 
 
 def test_flags_parse_and_reach_the_settings():
+    from locmoe_plugin.comm.settings import DispatcherSettings
+
     ns = _args("--locmoe", "--locmoe-routing", "hybrid", "--locmoe-locality-loss-coeff", "0.05",
                "--locmoe-capacity", "bound", "--locmoe-gpus-per-node", "2", "--locmoe-dispatcher", "flat")
     overrides, dispatcher = settings_from_args(ns)
-    assert dispatcher == "flat" and dispatcher.overlap  # overlap on by default
+    assert dispatcher == DispatcherSettings(mode="flat", overlap=True)  # overlap on by default
     assert not settings_from_args(_args("--locmoe", "--locmoe-overlap", "off"))[1].overlap
     # Megatron's 1F1B overlap with ours off: accepted here (the layer then runs the unsplit plan)
     assert settings_from_args(_args("--locmoe", "--locmoe-overlap", "off", overlap_moe_expert_parallel_comm=True))
     assert overrides == {"routing": "hybrid", "locality_loss_coeff": 0.05, "capacity": "bound", "gpus_per_node": 2}
-    assert dispatcher == "flat"
+    assert dispatcher.mode == "flat"
     ns = _args("--locmoe", "--locmoe-routing", "hybrid", "--locmoe-capacity-factor-min", "1.0",
                "--locmoe-renormalize-kept", "--locmoe-drop-policy", "choice")
     assert settings_from_args(ns)[0] == {"routing": "hybrid", "capacity_factor_min": 1.0, "renormalize_kept": True,
                                          "drop_policy": "choice"}
     # defaults come from the core config
     ns = _args("--locmoe")
-    assert settings_from_args(ns) == ({}, "hierarchical")
+    assert settings_from_args(ns) == ({}, DispatcherSettings())
     assert ns.locmoe_gate == "grap" and ns.locmoe_min_capacity == 4
     help_text = argparse.ArgumentParser()
     add_arguments(help_text)
@@ -94,7 +97,7 @@ def test_spec_rewrite_and_enable_disable_are_idempotent():
     spec = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
     assert count_locmoe_layers(spec) == 1
     router = spec.submodules.mlp.submodules.router
-    assert router.keywords == {"locmoe": {"routing": "locmoe"}, "dispatcher": "hierarchical", "with_locmoe_dispatcher": True}
+    assert router.keywords == {"locmoe": {"routing": "locmoe"}, "dispatcher": DispatcherSettings(), "with_locmoe_dispatcher": True}
     # dense (non-MoE) specs are untouched
     assert count_locmoe_layers(gpt_layer_specs.get_gpt_layer_local_spec()) == 0
 
@@ -229,7 +232,7 @@ def test_metrics_patch_adds_locmoe_names_only_when_locmoe_is_on():
 
 
 def test_metrics_report_flushes_the_routers_pending_telemetry(monkeypatch):
-    from locmoe_plugin.megatron import router as router_mod
+    from locmoe_plugin.megatron import metrics as router_mod
     from locmoe_plugin.megatron.enable import _wrap_track_names
 
     class Router:  # stands in for LocMoEMegatronRouter (only flush_telemetry is called)
@@ -275,7 +278,7 @@ def test_gpt_token_ids_patch_attaches_only_for_hash_routing():
 
 def test_enable_metrics_report_alone_turns_on_deferred_loss_records():
     from locmoe_plugin.megatron import disable, enable_metrics_report, status
-    from locmoe_plugin.megatron.router import _report_flushes
+    from locmoe_plugin.megatron.metrics import report_flushes as _report_flushes
 
     disable()
     assert not _report_flushes()

@@ -98,11 +98,11 @@ def _layer_worker(rank, world, cases):
 
         # with Megatron's report flushing the routers first (enable()'s metrics patch), the loss values are
         # summed on the device and recorded at the flush: the same totals as one record per forward
-        import locmoe_plugin.megatron.router as mrouter
+        import locmoe_plugin.megatron.metrics as mrouter
 
         def two_forwards(defer):
-            original = mrouter._report_flushes
-            mrouter._report_flushes = lambda: defer
+            original = mrouter.report_flushes
+            mrouter.report_flushes = lambda: defer
             try:
                 moe_utils.clear_aux_losses_tracker()
                 with torch.no_grad():
@@ -113,7 +113,7 @@ def _layer_worker(rank, world, cases):
                 flush_locmoe_metrics()
                 return pre, snap()
             finally:
-                mrouter._report_flushes = original
+                mrouter.report_flushes = original
 
         deferred = two_forwards(True)
         immediate = two_forwards(False)

@@ -111,7 +111,7 @@ def test_settings_from_args_on_a_plain_namespace_names_the_fix():
     add_arguments(parser)
     overrides, dispatcher = settings_from_args(parser.parse_args(
         ["--locmoe", "--num-experts", "8", "--hidden-size", "32", "--locmoe-routing", "hybrid"]))
-    assert overrides == {"routing": "hybrid"} and dispatcher == "hierarchical"
+    assert overrides == {"routing": "hybrid"} and dispatcher.mode == "hierarchical" and dispatcher.overlap
 
 
 def test_wrapper_help_lists_the_flags_and_refuses_other_scripts(tmp_path, capsys):
@@ -126,3 +126,22 @@ def test_wrapper_help_lists_the_flags_and_refuses_other_scripts(tmp_path, capsys
     assert main([str(script), "--locmoe"]) == 2
     captured = capsys.readouterr()
     assert "RAN" not in captured.out and "not a Megatron-LM script" in captured.err and "enable(settings=" in captured.err
+
+
+def test_flag_validation_maps_megatrons_capacity_factor_as_the_router_does():
+    """Hybrid routing keeps its adaptive capacity under --moe-expert-capacity-factor (the router's mapping),
+    so a setting only adaptive capacity takes (--locmoe-delta) is valid in the flags' check too."""
+    import argparse
+
+    from locmoe_plugin.megatron import add_arguments, locmoe_config_from_megatron, settings_from_args
+
+    ns = add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--locmoe", "--locmoe-routing", "hybrid", "--locmoe-delta", "0.5"])
+    for k, v in dict(num_experts=8, hidden_size=32, moe_router_topk=2, expert_model_parallel_size=1,
+                     moe_expert_capacity_factor=1.0).items():
+        setattr(ns, k, v)
+    overrides, _ = settings_from_args(ns)
+    tc = argparse.Namespace(num_moe_experts=8, hidden_size=32, moe_router_topk=2, moe_aux_loss_coeff=0.01,
+                            moe_z_loss_coeff=None, moe_expert_capacity_factor=1.0)
+    config = locmoe_config_from_megatron(tc, overrides)
+    assert (config.capacity, config.delta) == ("adaptive", 0.5)

@@ -34,6 +34,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..comm import TokenDispatcher, build_comm_groups
 from ..comm.groups import all_group_ranks
+from ..comm.settings import DispatcherSettings
 from ..agreement import config_settings
 from ..config import ConfigError, LocMoEConfig
 from ..router import LocMoERouter
@@ -61,34 +62,30 @@ def locmoe_settings_from_ds_config(ds_config: Mapping | str | None) -> dict:
 class _LocMoELayer(nn.Module):
     """Replaces DeepSpeed's ``MOELayer`` inside :class:`LocMoE` (router + dispatcher + DeepSpeed's experts)."""
 
-    def __init__(self, config: LocMoEConfig, experts: nn.Module, ep_size: int, dispatcher: str, overlap: bool) -> None:
+    def __init__(self, config: LocMoEConfig, experts: nn.Module, ep_size: int, dispatcher: DispatcherSettings) -> None:
         super().__init__()
-        if dispatcher not in ("hierarchical", "flat"):
-            raise ConfigError(f"dispatcher={dispatcher!r} is not 'hierarchical' or 'flat'")
-        if not isinstance(overlap, bool):
-            raise ConfigError(f'"overlap": {overlap!r} must be true or false')
         self.config = config
         # placeholder topology of the final EP size until DeepSpeed's EP group exists (bind() then places
         # it); the locality bias, one row per EP rank, is thus created before the optimizer is built
         self.router = LocMoERouter(config, Topology.single_node(ep_size, config.num_experts))
         self.experts = experts
         self.ep_size = ep_size
-        self.mode = dispatcher
-        self.overlap = overlap
+        self.dispatcher_settings = dispatcher
         self.dispatcher: TokenDispatcher | None = None
         self.l_aux = None
         self.exp_counts = None
 
     def _set_ep_group(self, ep_group) -> None:
         """Called by ``MoE._create_process_groups`` once DeepSpeed's EP group exists (a collective)."""
-        settings = {**config_settings(self.config), "dispatcher": self.mode, "overlap": self.overlap}
+        settings = {**config_settings(self.config), **self.dispatcher_settings.agreement()}
         topo = Topology.for_group(ep_group, self.config.num_experts, self.config.gpus_per_node, settings=settings,
                                   where="LocMoE layer (DeepSpeed)")
         if topo.ep_size != self.ep_size:
             raise ConfigError(f"DeepSpeed's expert-parallel group has {topo.ep_size} ranks, the layer ep_size={self.ep_size}")
         self.router.bind(topo, ep_group if topo.ep_size > 1 else None)
         groups = build_comm_groups(topo, ep_group, all_group_ranks(ep_group))
-        self.dispatcher = TokenDispatcher(groups, self.mode, overlap=self.overlap)
+        d = self.dispatcher_settings
+        self.dispatcher = TokenDispatcher(groups, d.mode, overlap=d.overlap)
 
     def _run_experts(self, inp: torch.Tensor, tokens_per_expert) -> torch.Tensor:
         outs, start = [], 0
@@ -135,11 +132,11 @@ class LocMoE(_DeepSpeedMoE):
         super().__init__(hidden_size, expert, num_experts=num_experts, ep_size=ep_size, k=k, **moe_kwargs)
         settings = {} if locmoe is None else locmoe
         if isinstance(settings, LocMoEConfig):
-            config, dispatcher, overlap = settings, "hierarchical", True
+            config, dispatcher = settings, DispatcherSettings()
         else:
             settings = dict(settings)
-            dispatcher = settings.pop("dispatcher", "hierarchical")
-            overlap = settings.pop("overlap", True)
+            dispatcher = DispatcherSettings(mode=settings.pop("dispatcher", "hierarchical"),
+                                            overlap=settings.pop("overlap", True))
             if "overlap_chunks" in settings:
                 raise ConfigError(
                     f'"overlap_chunks": {settings["overlap_chunks"]!r} is removed: use "overlap": true (default; '
@@ -157,7 +154,7 @@ class LocMoE(_DeepSpeedMoE):
                 f"disagrees with the layer (num_experts {num_experts}, hidden_size {hidden_size}, k {k})"
             )
         # keep DeepSpeed's Experts (allreduce=False, group name); drop its TopKGate and MOELayer
-        self.deepspeed_moe = _LocMoELayer(config, self.deepspeed_moe.experts, ep_size, dispatcher, overlap)
+        self.deepspeed_moe = _LocMoELayer(config, self.deepspeed_moe.experts, ep_size, dispatcher)
 
     @property
     def router(self) -> LocMoERouter:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..megatron.router import routing_hook_targets  # imports no Megatron module itself
+
 
 class RoutingMonitor:
     """Counts routing per step over all ranks. ``node_of_expert[e]`` is expert e's node; ``my_node`` the
@@ -28,7 +30,9 @@ class RoutingMonitor:
         self.topk = topk
         self.group = group
         self._step = None
-        self.handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(routers)]
+        # a LocMoE router inside LocMoELayer routes through its route_indices module: hook both
+        self.handles = [t.register_forward_hook(self._hook(i)) for i, r in enumerate(routers)
+                        for t in routing_hook_targets(r)]
 
     def _hook(self, layer: int):
         def hook(module, inputs, output):

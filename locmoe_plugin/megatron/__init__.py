@@ -10,13 +10,9 @@ own megatron-core script, ``locmoe_spec(spec, ...)`` / ``MoESubmodules(router=pa
 from .args import add_arguments, settings_from_args
 from .compat import UnsupportedMegatronError, check_supported, megatron_core_version
 from .enable import PATCHES, disable, enable, enable_metrics_report, status
-from .router import (
-    LocMoEMegatronRouter,
-    attach_token_ids,
-    dense_routing_map,
-    flush_locmoe_metrics,
-    locmoe_config_from_megatron,
-)
+from .metrics import flush_locmoe_metrics
+from .router import LocMoEMegatronRouter, dense_routing_map, locmoe_config_from_megatron
+from .token_ids import attach_token_ids
 from .spec import count_locmoe_layers, locmoe_spec
 
 __all__ = [

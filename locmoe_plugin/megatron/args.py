@@ -11,6 +11,8 @@ import math
 import re
 from typing import Any
 
+from ..comm.settings import DISPATCHER_MODES, DispatcherSettings
+from .compat import capacity_from_megatron
 from ..config import (AUX_SCOPES, BUDGET_MECHANISMS, CAPACITIES, DEFAULT_BUDGET_MECHANISM, DROP_POLICIES, GATES,
                       ROUTINGS, ConfigError, LocMoEConfig)
 
@@ -21,7 +23,7 @@ TOPK_EXPERT_BIAS_ERROR = (
     "sigmoid scores; the LocMoE router routes by softmax and has its own: use --locmoe-expert-bias-rate R "
     "(expert_bias_rate, e.g. 1e-3) and leave it off"
 )
-DISPATCHERS = ("hierarchical", "flat")
+DISPATCHERS = DISPATCHER_MODES
 
 #: flag -> LocMoEConfig field
 _FIELDS = {
@@ -56,6 +58,7 @@ FIELD_FLAGS = {
     "aux_loss_coeff": "--moe-aux-loss-coeff",
     "z_loss_coeff": "--moe-z-loss-coeff",
     "dispatcher": "--locmoe-dispatcher",
+    "overlap": "--locmoe-overlap",
     "capacity_factor_max": "capacity_factor_max (no flag)",
 }
 _FIELD_PATTERN = re.compile(
@@ -110,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--locmoe-routing", choices=ROUTINGS, default=_DEFAULTS["routing"],
                    help="topk: plain top-k; locmoe: top-k + locality loss; hybrid: LocMoE+ token/expert choice; "
                         "hash: experts from a fixed hash of the token id (Hash Layers baseline; needs "
-                        "locmoe_plugin.megatron.router.attach_token_ids(model))")
+                        "locmoe_plugin.megatron.attach_token_ids(model))")
     g.add_argument("--locmoe-locality-loss-coeff", type=_non_negative_float, default=None,
                    help="mu of the locality loss (default 0.01 for locmoe/hybrid, 0 for topk/hash)")
     g.add_argument("--locmoe-locality-bias", type=_on_off, default=None,
@@ -182,8 +185,8 @@ def _require_parsed_flags(args: Any) -> None:
         )
 
 
-def settings_from_args(args: Any) -> tuple[dict, str]:
-    """``(locmoe overrides for LocMoEConfig, dispatcher mode)`` from parsed arguments. Validates
+def settings_from_args(args: Any) -> tuple[dict, DispatcherSettings]:
+    """``(locmoe overrides for LocMoEConfig, dispatcher settings)`` from parsed arguments. Validates
     everything that can be checked before a process group exists; raises :class:`ConfigError`."""
     if not getattr(args, "locmoe", False):
         raise ConfigError("--locmoe is not set")
@@ -212,8 +215,7 @@ def settings_from_args(args: Any) -> tuple[dict, str]:
     # the full config must validate now (hidden size vs experts, coefficients, capacity...)
     cf = getattr(args, "moe_expert_capacity_factor", None)
     base = dict(num_experts=args.num_experts, hidden_size=args.hidden_size, topk=getattr(args, "moe_router_topk", 2))
-    if cf is not None and "capacity" not in overrides:
-        base.update(capacity="factor", capacity_factor=cf)
+    base.update(capacity_from_megatron(cf, overrides))  # as the router maps it (hybrid keeps adaptive)
     try:
         LocMoEConfig.from_dict({**base, **overrides})
     except ConfigError as exc:  # the user set flags: speak of flags
@@ -230,6 +232,4 @@ def settings_from_args(args: Any) -> tuple[dict, str]:
             Topology.from_global_ranks(range(ep), gpn, args.num_experts)
         except ConfigError as exc:
             raise ConfigError(f"--locmoe-gpus-per-node {gpn} with --expert-model-parallel-size {ep}: {exc}") from None
-    from .dispatcher import DispatcherSetting
-
-    return overrides, DispatcherSetting(args.locmoe_dispatcher, overlap=overlap)
+    return overrides, DispatcherSettings(mode=args.locmoe_dispatcher, overlap=overlap)

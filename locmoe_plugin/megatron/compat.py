@@ -59,3 +59,14 @@ def aux_loss_coeff(config) -> float:
         types = types if isinstance(types, (list, tuple)) else [types]
         coeff = sum(c for c, t in zip(coeff, types) if t in ("aux_loss", "seq_aux_loss", "global_aux_loss"))
     return float(coeff)
+
+
+def capacity_from_megatron(capacity_factor: float | None, overrides: dict) -> dict:
+    """The capacity fields Megatron's ``moe_expert_capacity_factor`` adds to LocMoE ``overrides``:
+    ``capacity="factor"`` with that factor only where the overrides choose no capacity mode and the routing
+    mode's own default is dropless (``topk``, ``locmoe``, ``hash``); LocMoE+ (``routing="hybrid"``) keeps
+    its adaptive capacity, since Megatron's own dispatchers need the factor set for any dropping router.
+    One rule for the router and for the flag validation."""
+    if capacity_factor is None or overrides.get("capacity") is not None or overrides.get("routing", "locmoe") == "hybrid":
+        return {}
+    return {"capacity": "factor", "capacity_factor": float(capacity_factor)}

@@ -34,6 +34,7 @@ import torch
 
 from ..comm.dispatcher import TokenDispatcher
 from ..comm.groups import all_group_ranks, build_comm_groups
+from ..comm.settings import DispatcherSettings
 from ..config import ConfigError
 from ..routing import dense_to_index
 
@@ -43,27 +44,6 @@ OVERLAP_CONFLICT_ERROR = (
     "dispatcher's own overlap is not supported: pass --locmoe-overlap off to use Megatron's, or drop "
     "--overlap-moe-expert-parallel-comm"
 )
-
-
-class DispatcherSetting(str):
-    """The dispatcher mode (``"hierarchical"`` | ``"flat"``; a ``str``, as the router and
-    :func:`~locmoe_plugin.megatron.spec.locmoe_spec` take it) with the overlap setting attached:
-    ``DispatcherSetting("hierarchical", overlap=False)``. A plain string means overlap on."""
-
-    overlap: bool
-
-    def __new__(cls, mode: str, overlap: bool = True):
-        obj = super().__new__(cls, mode)
-        obj.overlap = bool(overlap)
-        return obj
-
-    def __reduce__(self):
-        return (DispatcherSetting, (str(self), self.overlap))
-
-
-def overlap_of(dispatcher) -> bool:
-    """The overlap setting a dispatcher value carries (on unless it says otherwise)."""
-    return getattr(dispatcher, "overlap", True)
 
 
 def validate_parallel_config(config, overlap: bool = True) -> None:
@@ -97,20 +77,20 @@ class LocMoETokenDispatcher:
     Args:
         num_local_experts / local_expert_indices / config / pg_collection: as Megatron passes them.
         topology: the router's topology (same EP group, same nodes).
-        mode: ``"hierarchical"`` or ``"flat"``.
-        overlap: split the two-stage plan by origin (see the module doc); no-op on one node.
+        settings: :class:`~locmoe_plugin.comm.settings.DispatcherSettings` (mode; overlap, which splits the
+            two-stage plan by origin, see the module doc, and is a no-op on one node).
     """
 
-    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, topology, mode="hierarchical",
-                 overlap=True):
-        validate_parallel_config(config, overlap)
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, topology,
+                 settings: DispatcherSettings = DispatcherSettings()):
+        validate_parallel_config(config, settings.overlap)
         self.config = config
         self.num_local_experts = num_local_experts
         self.local_expert_indices = list(local_expert_indices)
         self.topk = config.moe_router_topk
         ep_ranks = all_group_ranks(pg_collection.ep) if topology.ep_size > 1 else None
         groups = build_comm_groups(topology, pg_collection.ep, ep_ranks)
-        self.core = TokenDispatcher(groups, str(mode), overlap=bool(overlap))
+        self.core = TokenDispatcher(groups, settings.mode, overlap=settings.overlap)
         self._plan = None
         self._routing = None  # (ids, weights, counts in flight) between dispatch_preprocess and token_dispatch
         self._hidden_shape = None
@@ -124,7 +104,7 @@ class LocMoETokenDispatcher:
         self._hidden_shape = hidden_states.shape
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         if routing_map.dtype != torch.bool:
-            # the index form LocMoEMegatronRouter returns inside LocMoELayer: (weights [s, k], ids [s, k])
+            # LocMoEMegatronRouter.route_indices' form, as LocMoELayer routes: (weights [s, k], ids [s, k])
             ids, weights = routing_map, probs
         else:  # Megatron's dense form, from any router
             ids, weights = dense_to_index(probs, routing_map, self.topk)
@@ -166,11 +146,11 @@ def make_dispatcher_class():
     from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
     class MegatronLocMoETokenDispatcher(LocMoETokenDispatcher, MoETokenDispatcher):
-        def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, topology, mode="hierarchical",
-                     overlap=True):
+        def __init__(self, num_local_experts, local_expert_indices, config, pg_collection, topology,
+                     settings: DispatcherSettings = DispatcherSettings()):
             MoETokenDispatcher.__init__(self, config=config, pg_collection=pg_collection)
             LocMoETokenDispatcher.__init__(self, num_local_experts, local_expert_indices, config, pg_collection,
-                                           topology, mode, overlap)
+                                           topology, settings)
 
     MegatronLocMoETokenDispatcher.__name__ = MegatronLocMoETokenDispatcher.__qualname__ = "LocMoETokenDispatcher"
     return MegatronLocMoETokenDispatcher
@@ -180,9 +160,12 @@ def make_dispatcher_class():
 def make_locmoe_layer_class():
     """``LocMoELayer``: megatron-core's ``MoELayer`` whose token dispatcher is the LocMoE one (built
     lazily so importing this module does not import Megatron)."""
+    from megatron.core.transformer.moe import moe_layer
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from .router import LocMoEMegatronRouter
+
+    _cuda_graph_route_decorator = getattr(moe_layer, "maybe_skip_or_early_return_by_cudagraph", None)
 
     class _ComparesEqualToMoELayer(type(MoELayer)):
         """Megatron's ``TransformerLayer`` (0.16) passes its ``pg_collection`` only to MLP classes it lists,
@@ -197,13 +180,13 @@ def make_locmoe_layer_class():
 
     class LocMoELayer(MoELayer, metaclass=_ComparesEqualToMoELayer):
         """``MoELayer`` + LocMoE dispatcher. Needs the LocMoE router (for its topology). The dispatcher
-        mode and overlap come from the router's ``dispatcher`` (a mode string or a
-        :class:`DispatcherSetting`; default hierarchical, overlap on)."""
+        mode and overlap come from the router's ``dispatcher`` (a mode string or
+        :class:`~locmoe_plugin.comm.settings.DispatcherSettings`; default hierarchical, overlap on)."""
 
         def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, **kwargs):
             router_spec = getattr(submodules, "router", None)
-            dispatcher = getattr(router_spec, "keywords", {}).get("dispatcher", "hierarchical")
-            validate_parallel_config(config, overlap_of(dispatcher))
+            dispatcher = DispatcherSettings.of(getattr(router_spec, "keywords", {}).get("dispatcher"))
+            validate_parallel_config(config, dispatcher.overlap)
             super().__init__(config, submodules=submodules, layer_number=layer_number,
                              pg_collection=pg_collection, **kwargs)
             if not isinstance(self.router, LocMoEMegatronRouter):
@@ -217,9 +200,15 @@ def make_locmoe_layer_class():
                 pgc = get_default_pg_collection()
             self.token_dispatcher = make_dispatcher_class()(
                 self.num_local_experts, self.local_expert_indices, config, pgc,
-                self.router.topology, mode=self.router.dispatcher_mode,
-                overlap=overlap_of(self.router.dispatcher_mode),
+                self.router.topology, self.router.dispatcher_settings,
             )
-            self.router.index_form = True  # the router hands this dispatcher (weights, ids) [s, k]
+
+        def route(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None):
+            """The LocMoE router's index form ``(weights [s, k], expert_ids [s, k])``, which this layer's
+            dispatcher takes in place of Megatron's dense ``(probs, routing_map)``."""
+            return self.router.route_indices(hidden_states, padding_mask)
+
+        if _cuda_graph_route_decorator is not None:  # as MoELayer.route: partial CUDA graphs can skip it
+            route = _cuda_graph_route_decorator("route")(route)
 
     return LocMoELayer

@@ -28,8 +28,11 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..comm.settings import DispatcherSettings
 from ..device import apply_transfer_to_npu, get_accelerator
 from .compat import check_supported
+from .metrics import LOCMOE_METRICS, flush_locmoe_metrics, register_report_flusher
+from .token_ids import attach_token_ids
 
 
 def _owner(obj, attr: str):
@@ -150,15 +153,9 @@ def _wrap_gpt_init(original):
         original(self, *args, **kwargs)
         settings = _current_settings()
         if settings is not None and settings[0].get("routing") == "hash" and getattr(self, "_locmoe_ids", None) is None:
-            from .router import attach_token_ids
-
             self._locmoe_ids = attach_token_ids(self)
 
     return __init__
-
-
-#: what LocMoEMegatronRouter records in Megatron's MoE metrics tracker besides the standard losses
-LOCMOE_METRICS = ("locmoe_locality_loss", "locmoe_cross_node_share", "locmoe_dropped_share", "locmoe_max_over_mean_load")
 
 
 def _wrap_track_names(original):
@@ -167,8 +164,6 @@ def _wrap_track_names(original):
     sig = inspect.signature(original)
 
     def with_locmoe_metrics(*args, **kwargs):
-        from .router import flush_locmoe_metrics
-
         flush_locmoe_metrics()  # the routers' summed telemetry joins the tracker (stale LocMoE names leave)
         bound = sig.bind(*args, **kwargs)
         names = bound.arguments.get("track_names")
@@ -224,15 +219,17 @@ PATCHES = (
 
 #: the patches through which Megatron's MoE metrics report flushes the LocMoE routers first
 METRICS_PATCHES = tuple(p for p in PATCHES if p.name.startswith("megatron-moe-metrics"))
+for _patch in METRICS_PATCHES:  # while one is applied, the routers defer their loss records to the report
+    register_report_flusher(_patch)
 
 
-def enable(settings: dict | None = None, dispatcher: str = "hierarchical") -> list[str]:
+def enable(settings: dict | None = None, dispatcher: DispatcherSettings | str = "hierarchical") -> list[str]:
     """Apply the patches (idempotent). ``settings``: LocMoE overrides to use without Megatron-LM's
     argument parser (megatron-core scripts); without it, ``--locmoe`` on the command line decides.
     Returns the names of the patches applied by this call."""
     check_supported()
     if settings is not None:
-        _explicit.update(locmoe=dict(settings), dispatcher=dispatcher)
+        _explicit.update(locmoe=dict(settings), dispatcher=DispatcherSettings.of(dispatcher))
     if get_accelerator().device_type == "npu":
         apply_transfer_to_npu()
     return _apply(PATCHES)

@@ -8,7 +8,7 @@ bool)``, ``set_layer_number(n)``. Its losses ride on ``probs`` through Megatron'
 ``MoEAuxLossAutoScaler`` (so they follow the pipeline schedule's loss scaling) and are logged with
 Megatron's aux-loss tracker, next to LocMoE's telemetry (cross-node share, drops, max/mean load),
 which therefore appears in Megatron's training log like ``load_balancing_loss`` does. The telemetry is
-summed per layer on the device and recorded when Megatron reports (:func:`flush_locmoe_metrics`).
+summed per layer on the device and recorded when Megatron reports (:func:`~.metrics.flush_locmoe_metrics`).
 
 With a LocMoE capacity that drops tokens and *Megatron's own* dispatchers (``MoELayer`` rather than
 ``LocMoELayer``), ``moe_expert_capacity_factor`` must be set (Megatron otherwise sizes its buffers as
@@ -18,13 +18,9 @@ Use: ``MoESubmodules(experts=..., router=functools.partial(LocMoEMegatronRouter,
 where ``settings`` is a dict of :class:`~locmoe_plugin.config.LocMoEConfig` fields beyond what the
 TransformerConfig already says (experts, hidden size, top-k, aux / z-loss coefficients).
 
-Hash routing (``{"routing": "hash"}``) needs each token's id, which Megatron's router contract does not
-pass. :func:`attach_token_ids` adds that, explicitly and removably: a forward pre-hook on the
-``GPTModel`` keeps its ``input_ids`` in this module's context, in the order the routers see tokens,
-until the model's forward returns. Limits: the routers must run inside ``GPTModel.forward`` (no
-activation recomputation of the router - refused at construction -, no CUDA graph replay of it, and
-the ``input_ids`` must reach every pipeline stage, which Megatron-LM's ``get_batch`` gives to the
-first and last stages only); MTP layers hash the input token at the same position.
+Hash routing (``{"routing": "hash"}``) reads each token's id from :mod:`.token_ids`
+(:func:`attach_token_ids`); the deferred recording of losses and telemetry lives in :mod:`.metrics`.
+Both names stay importable from here.
 """
 
 from __future__ import annotations
@@ -35,132 +31,67 @@ from typing import Any, Mapping
 import torch
 
 from ..agreement import config_settings
+from ..comm.settings import DispatcherSettings
 from ..config import ConfigError, LocMoEConfig
 from ..router import LocMoERouter
 from ..routing import index_to_dense
 from ..topology import Topology
-from .compat import aux_loss_coeff, check_supported
+from .compat import aux_loss_coeff, capacity_from_megatron, check_supported
 from .cuda_graphs import check_cuda_graph_support
+from . import metrics
+from .metrics import LOSS_METRICS, TELEMETRY_METRICS, drop_stale_locmoe_metrics, flush_locmoe_metrics
+from .token_ids import TokenIdsHandle, attach_token_ids, current_token_ids
 
-_token_ids: torch.Tensor | None = None  # set by attach_token_ids' hooks during GPTModel.forward
-
-#: LocMoE's telemetry in Megatron's MoE metrics tracker (the losses are recorded as TopKRouter records its own)
-TELEMETRY_METRICS = ("locmoe_cross_node_share", "locmoe_dropped_share", "locmoe_max_over_mean_load")
-#: the router's losses in Megatron's tracker (TopKRouter's names where it has the same loss)
-LOSS_METRICS = {"aux": "load_balancing_loss", "locality": "locmoe_locality_loss", "z": "z_loss"}
-_pending: "weakref.WeakSet[LocMoEMegatronRouter]" = weakref.WeakSet()  # routers with unrecorded telemetry
-_live: "weakref.WeakSet[LocMoEMegatronRouter]" = weakref.WeakSet()  # every LocMoE router not yet freed
-# routers whose sums live in a persistent device buffer: flushed at every report, because a CUDA graph replay
-# of the router adds to the buffer without running the Python that would put the router in `_pending`
-_accumulating: "weakref.WeakSet[LocMoEMegatronRouter]" = weakref.WeakSet()
-
-
-def _report_flushes() -> bool:
-    """Whether Megatron's MoE metrics report flushes the LocMoE routers first (:func:`enable`'s metrics
-    patch is on): then the routers also sum their loss values on the device and record them at the flush,
-    instead of recording each forward's (a few host ops per loss and forward saved; the same totals)."""
-    from .enable import METRICS_PATCHES
-
-    return any(p.applied for p in METRICS_PATCHES)
-
-
-def flush_locmoe_metrics() -> None:
-    """Record every LocMoE router's telemetry summed since the last flush into Megatron's MoE metrics
-    tracker (one record per metric and layer, as if recorded at each forward: the tracker only sums).
-
-    The routers keep their telemetry in one small device tensor per layer and add to it in forward (one
-    kernel); Megatron's tracker takes a few host ops per metric and call, which on one node is host time
-    the layer cannot spare. :func:`locmoe_plugin.megatron.enable` patches Megatron's metrics report to call
-    this first; a training loop that reports the tracker itself calls it before reporting. With that patch
-    on, the routers' loss values are summed the same way and recorded here too (:func:`_report_flushes`)."""
-    for router in set(_pending) | set(_accumulating):
-        router.flush_telemetry()
-    _pending.clear()
-    drop_stale_locmoe_metrics()
-
-
-def drop_stale_locmoe_metrics() -> bool:
-    """Remove LocMoE's own names (``locmoe_*``) from Megatron's MoE metrics tracker when no LocMoE router
-    is alive in this process (an earlier LocMoE model was freed), so a later stock model's report does not
-    list them as zeros. The names the stock router shares (``load_balancing_loss``, ``z_loss``) stay.
-    Returns whether names were removed."""
-    if _live:
-        return False
-    try:
-        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-    except ImportError:
-        return False
-    tracker = get_moe_layer_wise_logging_tracker()
-    stale = [name for name in tracker if name.startswith("locmoe_")]
-    for name in stale:
-        del tracker[name]
-    return bool(stale)
-
+__all__ = [
+    "LOSS_METRICS",
+    "TELEMETRY_METRICS",
+    "LocMoEMegatronRouter",
+    "IndexRouting",
+    "TokenIdsHandle",
+    "attach_token_ids",
+    "current_token_ids",
+    "dense_routing_map",
+    "drop_stale_locmoe_metrics",
+    "flush_locmoe_metrics",
+    "locmoe_config_from_megatron",
+    "routing_hook_targets",
+]
 
 def dense_routing_map(output, num_experts: int) -> torch.Tensor:
-    """``[s, n]`` bool routing map of a Megatron router's output ``(probs, routing_map)``, in either form
-    :class:`LocMoEMegatronRouter` returns (dense; or ``(weights, expert_ids)`` [s, k] inside ``LocMoELayer``);
-    for forward hooks that count routing."""
+    """``[s, n]`` bool routing map of a router's output in either form: Megatron's ``(probs [s, n],
+    routing_map [s, n] bool)`` or LocMoE's index form ``(weights [s, k], expert_ids [s, k])`` (what
+    :class:`IndexRouting` returns); for forward hooks that count routing (see :func:`routing_hook_targets`)."""
     probs, routing_map = output
     if routing_map.dtype == torch.bool:
         return routing_map
     return index_to_dense(routing_map, probs.detach(), num_experts)[1]
 
 
-class TokenIdsHandle:
-    """What :func:`attach_token_ids` returns: ``remove()`` takes both hooks off and clears the ids."""
-
-    def __init__(self, *handles) -> None:
-        self._handles = handles
-
-    def remove(self) -> None:
-        global _token_ids
-        for h in self._handles:
-            h.remove()
-        _token_ids = None
+def routing_hook_targets(router: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose forward hooks see every routing of ``router``: the router itself (Megatron's
+    ``MoELayer`` calls its ``forward``) and, for :class:`LocMoEMegatronRouter`, its ``route_indices``
+    (``LocMoELayer`` calls that). One of them runs per routing; read either output with
+    :func:`dense_routing_map`."""
+    indices = getattr(router, "route_indices", None)
+    return [router] + ([indices] if isinstance(indices, torch.nn.Module) else [])
 
 
-def attach_token_ids(gpt_model) -> TokenIdsHandle:
-    """Let LocMoE hash routers in ``gpt_model`` see the token ids (see the module doc).
+class IndexRouting(torch.nn.Module):
+    """``LocMoEMegatronRouter.route_indices``: the router's routing in index form, ``hidden [S, B, d]`` ->
+    ``(weights [s, k] fp32, expert_ids [s, k] int64)`` with ``-1`` / 0 for a dropped pair; the losses'
+    backward rides on ``weights``, telemetry and losses are recorded as by ``forward``.
 
-    A forward pre-hook stores ``input_ids [b, s]`` as ``[s, b]`` (Megatron's token order), cut to this
-    tensor-parallel rank's sequence shard under sequence parallelism (as the embedding scatters the
-    hidden states); a forward hook clears them when the forward returns or raises. Call once after
-    building the model, on the ``GPTModel`` itself (not a DDP / Float16Module wrapper); with virtual
-    pipeline stages, on every model chunk.
+    ``LocMoELayer`` routes through it: its dispatcher takes this form, which saves building the dense form
+    and converting it back (about 15 kernels per layer and forward). A module (no parameters, nothing in
+    the state dict) rather than a method so that forward hooks can observe it (:func:`routing_hook_targets`).
     """
-    tp = gpt_model.tp_group
-    shard = gpt_model.config.sequence_parallel and tp.size() > 1
 
-    def keep(module, args, kwargs):
-        global _token_ids
-        ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
-        if ids is not None:
-            ids = ids.t()
-            if shard:
-                ids = ids.chunk(tp.size(), dim=0)[tp.rank()]
-        _token_ids = ids
+    def __init__(self, router: "LocMoEMegatronRouter") -> None:
+        super().__init__()
+        self._router = weakref.ref(router)  # not a child module: no cycle in the module tree
 
-    def clear(module, args, kwargs, output):
-        global _token_ids
-        _token_ids = None
-
-    return TokenIdsHandle(
-        gpt_model.register_forward_pre_hook(keep, with_kwargs=True),
-        gpt_model.register_forward_hook(clear, with_kwargs=True, always_call=True),
-    )
-
-
-def current_token_ids() -> torch.Tensor:
-    """The ``[s, b]`` token ids of the ``GPTModel`` forward in progress; a clear error without them."""
-    if _token_ids is None:
-        raise RuntimeError(
-            "LocMoE routing='hash' needs the token ids, and none are set: call "
-            "locmoe_plugin.megatron.router.attach_token_ids(gpt_model) once after building the model, run the "
-            "router inside GPTModel.forward (not in activation recomputation), and pass input_ids to "
-            "every pipeline stage"
-        )
-    return _token_ids
+    def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        return self._router()._route(hidden, padding_mask, index_form=True)
 
 
 def locmoe_config_from_megatron(config, overrides: Mapping[str, Any] | None = None) -> LocMoEConfig:
@@ -182,10 +113,8 @@ def locmoe_config_from_megatron(config, overrides: Mapping[str, Any] | None = No
         aux_loss_coeff=aux_loss_coeff(config),
         z_loss_coeff=float(getattr(config, "moe_z_loss_coeff", None) or 0.0),
     )
-    cf = getattr(config, "moe_expert_capacity_factor", None)
     overrides = dict(overrides or {})
-    if cf is not None and overrides.get("capacity") is None and overrides.get("routing", "locmoe") != "hybrid":
-        values.update(capacity="factor", capacity_factor=float(cf))
+    values.update(capacity_from_megatron(getattr(config, "moe_expert_capacity_factor", None), overrides))
     values.update(overrides)
     if values.get("capacity") not in (None, "factor"):
         values.pop("capacity_factor", None)
@@ -212,7 +141,8 @@ class LocMoEMegatronRouter(torch.nn.Module):
             ``tp_cp`` for loss logging). Default: Megatron's globals (``get_default_pg_collection``).
         is_mtp_layer: accepted for megatron-core >= 0.19; LocMoE routes MTP layers the same way.
         locmoe: LocMoE-only settings (dict of ``LocMoEConfig`` fields), e.g. ``{"routing": "hybrid"}``.
-        dispatcher: token dispatcher mode used by ``LocMoELayer`` (``"hierarchical"`` or ``"flat"``).
+        dispatcher: the token dispatcher's settings used by ``LocMoELayer``: a mode (``"hierarchical"`` or
+            ``"flat"``, overlap on) or :class:`~locmoe_plugin.comm.settings.DispatcherSettings`.
         with_locmoe_dispatcher: True when the layer is ``LocMoELayer`` (set by :func:`locmoe_spec`).
     """
 
@@ -222,23 +152,24 @@ class LocMoEMegatronRouter(torch.nn.Module):
         pg_collection=None,
         is_mtp_layer: bool = False,
         locmoe: Mapping | None = None,
-        dispatcher: str = "hierarchical",
+        dispatcher: DispatcherSettings | str = "hierarchical",
         with_locmoe_dispatcher: bool = False,
     ):
         check_supported()
-        if dispatcher not in ("hierarchical", "flat"):
-            raise ConfigError(f"dispatcher={dispatcher!r} is not 'hierarchical' or 'flat'")
+        dispatcher = DispatcherSettings.of(dispatcher)
         super().__init__()
-        self.dispatcher_mode = dispatcher
+        #: what ``LocMoELayer``'s dispatcher does (the rank-agreement check below covers it)
+        self.dispatcher_settings = dispatcher
         self.config = config
         self.is_mtp_layer = is_mtp_layer
         self.layer_number: int | None = None
-        #: set by ``LocMoELayer``, whose dispatcher reads the index form (see :meth:`forward`)
-        self.index_form = False
+        #: ``route_indices(hidden, padding_mask=None) -> (weights [s, k] fp32, expert_ids [s, k] int64)``:
+        #: the routing in index form, for ``LocMoELayer`` (see :class:`IndexRouting`)
+        self.route_indices = IndexRouting(self)
         self._telemetry_sum: torch.Tensor | None = None  # raw telemetry counts summed since the last flush
         self._loss_sums: dict[str, torch.Tensor] = {}  # loss values summed since the last flush (deferred)
         self._telemetry_forwards = 0
-        _live.add(self)
+        metrics._live.add(self)
         # what forward adds up, one fp32 row per forward into one persistent buffer (one kernel; the same
         # memory every time, so a CUDA graph replay of the router adds to what the flush reads):
         # [deferred loss values..., crossing pairs, dropped pairs, kept pairs, busiest expert's pairs, 1]
@@ -296,10 +227,7 @@ class LocMoEMegatronRouter(torch.nn.Module):
         # every setting that shapes a collective, checked over the EP group before the first one
         from .args import flag_named
 
-        from .dispatcher import overlap_of
-
-        settings = {**config_settings(self.locmoe_config), "dispatcher": str(dispatcher),
-                    "overlap (--locmoe-overlap)": overlap_of(dispatcher),
+        settings = {**config_settings(self.locmoe_config), **dispatcher.agreement(),
                     "with the LocMoE dispatcher": with_locmoe_dispatcher,
                     "overlap (--overlap-moe-expert-parallel-comm)":
                         bool(getattr(config, "overlap_moe_expert_parallel_comm", False))}
@@ -378,25 +306,24 @@ class LocMoEMegatronRouter(torch.nn.Module):
         self._log(LOSS_METRICS[key], value / coeff)
 
     def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """``hidden [S, B, d]`` (or ``[s, d]``) -> ``(probs [s, n] fp32, routing_map [s, n] bool)``.
-
-        Inside ``LocMoELayer`` (``index_form`` set by the layer) the same routing is returned in index
-        form instead, ``(weights [s, k] fp32, expert_ids [s, k] int64)`` with ``-1`` / 0 for a dropped
-        pair: ``MoELayer`` hands the router's output to its dispatcher unread, and the LocMoE dispatcher
-        takes that form, which saves building the dense form and converting it back (about 15 kernels
-        per layer and forward). Either way the losses' backward rides on the first tensor.
+        """Megatron's router contract: ``hidden [S, B, d]`` (or ``[s, d]``) -> ``(probs [s, n] fp32,
+        routing_map [s, n] bool)``; the losses' backward rides on ``probs``.
 
         ``padding_mask [S, B]``: True marks padding, as ``MoELayer`` passes it to ``TopKRouter`` (which
         counts ``~padding_mask`` as the valid tokens). As there, padding tokens are still routed and
         dispatched but left out of the losses (aux, locality, z). Hash routing reads the token ids from
         :func:`current_token_ids`.
         """
+        return self._route(hidden, padding_mask, index_form=False)
+
+    def _route(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None, index_form: bool):
+        """The routing of :meth:`forward` (``index_form=False``, dense) or :attr:`route_indices` (True)."""
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         token_ids = current_token_ids() if self.locmoe_config.routing == "hash" else None
         valid = None if padding_mask is None else ~padding_mask.bool()
         out = self.core(hidden, token_ids, valid)
-        if self.index_form:
+        if index_form:
             probs, routing_map = out.assignment.weights, out.assignment.expert_ids
         else:
             probs, routing_map = out.to_megatron()
@@ -405,7 +332,7 @@ class LocMoEMegatronRouter(torch.nn.Module):
             probs = MoEAuxLossAutoScaler.apply(probs, out.total)
         if self.layer_number is None:  # as the tracker: no layer number, nothing recorded
             return probs, routing_map
-        deferred = out.losses if _report_flushes() else {}  # recorded at the flush, summed on the device
+        deferred = out.losses if metrics.report_flushes() else {}  # recorded at the flush, summed on the device
         if not deferred:
             for key, loss in out.losses.items():
                 self._log_loss(key, loss)
@@ -420,7 +347,7 @@ class LocMoEMegatronRouter(torch.nn.Module):
                 self._flush_sums()  # the deferred losses changed (report patch toggled): record what was summed
                 self._sums, self._sum_keys = torch.zeros_like(row), tuple(deferred)
             self._sums.add_(row)
-        _accumulating.add(self)
+        metrics._accumulating.add(self)
         return probs, routing_map
 
     def _flush_sums(self) -> None:
@@ -439,7 +366,7 @@ class LocMoEMegatronRouter(torch.nn.Module):
         self._telemetry_forwards = self._telemetry_forwards + snap[n + 4]
 
     def flush_telemetry(self) -> None:
-        """Record this layer's summed loss values (when deferred, see :func:`_report_flushes`) and telemetry
+        """Record this layer's summed loss values (when deferred, see :func:`~.metrics.report_flushes`) and telemetry
         since the last flush in Megatron's tracker (see :func:`flush_locmoe_metrics`): each share pooled over
         the forwards (crossing / kept pairs, dropped /
         requested pairs, mean busiest-expert load / mean load), recorded times the number of forwards

@@ -1,0 +1,59 @@
+"""The token dispatcher's settings, one frozen object shared by the Megatron and DeepSpeed adapters.
+
+``DispatcherSettings(mode="hierarchical", overlap=True)``:
+
+* ``mode``: ``"hierarchical"`` (inter-node once per node, then the intra-node fan-out; on one node the
+  pairs plan) or ``"flat"`` (one all-to-all over the expert-parallel group).
+* ``overlap``: split the two-stage plan by origin so the inter-node transfer of other nodes' rows overlaps
+  this node's rows' work; a no-op on one node or with ``mode="flat"``. On by default.
+
+Both settings shape collectives, so every rank must hold the same: :meth:`DispatcherSettings.agreement`
+gives them, by name, to :func:`locmoe_plugin.agreement.check_agreement`. The public entry points keep
+taking a plain mode string (``locmoe_spec(..., dispatcher="flat")``, DeepSpeed's ``"dispatcher"`` /
+``"overlap"`` keys); :meth:`DispatcherSettings.of` turns what they were given into this object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import ConfigError
+
+#: the dispatcher modes a user chooses between
+DISPATCHER_MODES = ("hierarchical", "flat")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DispatcherSettings:
+    """How the LocMoE dispatcher moves tokens (see the module doc). Frozen; validated at construction."""
+
+    mode: str = "hierarchical"
+    overlap: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in DISPATCHER_MODES:
+            raise ConfigError(
+                f"dispatcher={self.mode!r} is not one of {', '.join(map(repr, DISPATCHER_MODES))}: pick one of them"
+            )
+        if not isinstance(self.overlap, bool):
+            raise ConfigError(f"overlap={self.overlap!r} must be True or False (on by default)")
+
+    @classmethod
+    def of(cls, value: "DispatcherSettings | str | None" = None, *, overlap: bool | None = None) -> "DispatcherSettings":
+        """``value`` as settings: a :class:`DispatcherSettings` as it is, a mode string (overlap on), or
+        None (the defaults); ``overlap``, where given, replaces the overlap setting."""
+        if value is None:
+            value = cls()
+        elif isinstance(value, str):
+            value = cls(mode=value)
+        elif not isinstance(value, cls):
+            raise ConfigError(
+                f"dispatcher={value!r} is neither a mode ({', '.join(map(repr, DISPATCHER_MODES))}) nor "
+                f"DispatcherSettings(mode=..., overlap=...)"
+            )
+        return value if overlap is None else cls(mode=value.mode, overlap=overlap)
+
+    def agreement(self) -> dict[str, Any]:
+        """The settings by name, for the rank-agreement check (both shape collectives)."""
+        return {"dispatcher": self.mode, "overlap": self.overlap}
