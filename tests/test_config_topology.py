@@ -11,7 +11,7 @@ BASE = dict(num_experts=16, hidden_size=1024, topk=2)
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(hidden_size=1000), r"hidden_size 1000 is not divisible by num_experts 16: GrAP needs d % n == 0"),
+        (dict(hidden_size=1000, gate="grap"), r"hidden_size 1000 is not divisible by num_experts 16: GrAP needs d % n == 0"),
         (dict(topk=17), r"topk=17 is larger than num_experts=16.*use topk <= 16"),
         (dict(topk=0), r"topk=0 must be an integer >= 1"),
         (dict(num_experts=0), r"num_experts=0 must be an integer >= 1"),
@@ -42,7 +42,13 @@ def test_invalid_config_messages(changes, message):
 
 
 def test_defaults_resolve_per_routing_mode():
-    assert LocMoEConfig(**BASE).locality_loss_coeff == 0.01
+    # locmoe: the dense gate and the default cross-node budget (no locality loss unless asked for)
+    assert LocMoEConfig(**BASE).gate == "dense" and LocMoEConfig(**BASE).cross_node_budget == 0.2
+    assert LocMoEConfig(**BASE).locality_loss_coeff == 0.0
+    assert LocMoEConfig(**BASE, locality_loss_coeff=None, cross_node_budget=None).cross_node_budget == 0.2
+    mu = LocMoEConfig(**BASE, locality_loss_coeff=0.01)  # an explicit locality loss: no default budget
+    assert mu.cross_node_budget is None and mu.locality_loss_coeff == 0.01
+    assert LocMoEConfig(**BASE, routing="hybrid").gate == "grap"
     assert LocMoEConfig(**BASE, routing="topk").locality_loss_coeff == 0.0
     assert LocMoEConfig(**BASE, routing="hybrid").capacity == "adaptive"
     assert LocMoEConfig(**BASE).capacity == "none"

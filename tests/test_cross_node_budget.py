@@ -137,10 +137,10 @@ def test_bad_values_are_refused():
 def test_default_budget_is_one_constant(monkeypatch):
     import locmoe_plugin.config as config
 
-    assert LocMoEConfig(num_experts=8, hidden_size=16).cross_node_budget is None  # unchanged for now
-    monkeypatch.setattr(config, "DEFAULT_CROSS_NODE_BUDGET", 0.2)
+    assert LocMoEConfig(num_experts=8, hidden_size=16).cross_node_budget == config.DEFAULT_CROSS_NODE_BUDGET == 0.2
+    monkeypatch.setattr(config, "DEFAULT_CROSS_NODE_BUDGET", 0.3)
     c = LocMoEConfig(num_experts=8, hidden_size=16)
-    assert c.cross_node_budget == 0.2 and c.locality_loss_coeff == 0.0
+    assert c.cross_node_budget == 0.3 and c.locality_loss_coeff == 0.0
     assert c.budget_mechanism == config.DEFAULT_BUDGET_MECHANISM
     assert c.locality_bias is (c.budget_mechanism == "loss")
     assert LocMoEConfig(num_experts=8, hidden_size=16, routing="topk").cross_node_budget is None
@@ -283,11 +283,11 @@ def test_budget_mechanism_config():
     assert sel.locality_bias is False and sel.locality_loss_coeff == 0.0
     loss = LocMoEConfig(**base, cross_node_budget=0.1, budget_mechanism="loss")
     assert loss.locality_bias is True and loss.locality_loss_coeff == 0.0
-    assert LocMoEConfig(**base).budget_mechanism is None  # no budget, no mechanism
+    assert LocMoEConfig(**base, locality_loss_coeff=0.01).budget_mechanism is None  # no budget, no mechanism
     with pytest.raises(ConfigError, match="budget_mechanism='margin' .* 'loss', 'selection'|budget_mechanism"):
         LocMoEConfig(**base, cross_node_budget=0.1, budget_mechanism="margin")
     with pytest.raises(ConfigError, match="no cross_node_budget is set: set cross_node_budget"):
-        LocMoEConfig(**base, budget_mechanism="loss")
+        LocMoEConfig(**base, locality_loss_coeff=0.01, budget_mechanism="loss")
     with pytest.raises(ConfigError, match="leave locality_bias on"):
         LocMoEConfig(**base, cross_node_budget=0.1, budget_mechanism="loss", locality_bias=False)
     with pytest.raises(ConfigError, match="locality_bias is trained by the locality loss"):

@@ -17,7 +17,7 @@ N, D, K = 8, 32, 2
 
 
 def _cfg(**kw):
-    base = dict(num_experts=N, hidden_size=D, topk=K, routing="locmoe", gate="dense")
+    base = dict(num_experts=N, hidden_size=D, topk=K, routing="locmoe", gate="dense", locality_loss_coeff=0.01)
     return LocMoEConfig(**{**base, **kw})
 
 
@@ -67,7 +67,7 @@ def test_locality_loss_trains_only_this_ranks_row_towards_local_experts():
 def test_no_bias_where_it_cannot_help_or_is_not_asked_for():
     assert LocMoERouter(_cfg(), Topology.single_node(1, N)).locality_bias is None  # one rank: no rows to learn
     two = Topology.from_ranks_per_node(4, 2, N, ep_rank=0)
-    assert LocMoERouter(_cfg(routing="topk"), two).locality_bias is None  # no locality loss
+    assert LocMoERouter(_cfg(routing="topk", locality_loss_coeff=None), two).locality_bias is None  # no locality loss
     assert LocMoERouter(_cfg(locality_bias=False), two).locality_bias is None
     assert "locality_bias" not in dict(LocMoERouter(_cfg(locality_bias=False), two).named_parameters())
 

@@ -15,7 +15,7 @@ from locmoe_plugin.cli import main as cli_main
 def test_cross_node_pairs_hand_example():
     # d = n = 4: GrAP logits are the features themselves. Experts 0,1 on node 0 (this rank), 2,3 on node 1.
     topo = Topology.from_ranks_per_node(2, 1, 4, ep_rank=0)
-    cfg = LocMoEConfig(num_experts=4, hidden_size=4, topk=2, routing="locmoe")
+    cfg = LocMoEConfig(num_experts=4, hidden_size=4, topk=2, routing="locmoe", gate="grap", locality_loss_coeff=0.01)
     x = torch.tensor([[5.0, 4.0, 0.0, 0.0], [0.0, 0.0, 5.0, 4.0], [5.0, 0.0, 4.0, 0.0]])
     out = LocMoERouter(cfg, topo)(x)
     assert out.assignment.expert_ids.tolist() == [[0, 1], [2, 3], [0, 2]]
@@ -42,7 +42,7 @@ def test_zero_tokens_and_zero_norm_give_no_nan(routing, gate):
 
 
 def test_single_node_locality_loss_is_exactly_zero():
-    cfg = LocMoEConfig(num_experts=8, hidden_size=64, topk=2)
+    cfg = LocMoEConfig(num_experts=8, hidden_size=64, topk=2, locality_loss_coeff=0.01)
     x = torch.randn(16, 64, requires_grad=True)
     out = LocMoERouter(cfg, Topology.single_node(4, 8))(x)
     assert out.losses["locality"].item() == 0.0
@@ -197,7 +197,8 @@ def test_node_limited_router_keeps_each_token_on_one_node():
 def test_padding_is_left_out_of_the_losses(routing):
     """With ``valid``, every loss equals the loss of the valid tokens alone; all tokens are still routed."""
     topo = Topology.from_ranks_per_node(4, 2, 8, ep_rank=1)
-    cfg = LocMoEConfig(num_experts=8, hidden_size=32, topk=2, routing=routing, gate="dense", z_loss_coeff=1e-3)
+    cfg = LocMoEConfig(num_experts=8, hidden_size=32, topk=2, routing=routing, gate="dense", z_loss_coeff=1e-3,
+                       locality_loss_coeff=0.01 if routing == "locmoe" else None)
     torch.manual_seed(0)
     r = LocMoERouter(cfg, topo)
     x = torch.randn(24, 32, generator=torch.Generator().manual_seed(3))
