@@ -73,7 +73,7 @@ MEGATRON_SYSTEMS = {
     "mcore_alltoall": None,
     "mcore_grouplimited": None,
     "locmoe_topk": {"routing": "topk", "gate": "dense"},
-    "locmoe": {"routing": "locmoe", "gate": "grap"},
+    "locmoe": {"routing": "locmoe"},  # LocMoEConfig defaults (dense gate, cross-node budget)
     "locmoe_plus": {"routing": "hybrid", "gate": "grap", "capacity": "adaptive"},
 }
 SYSTEMS = (*MEGATRON_SYSTEMS, "deepspeed_moe")

@@ -25,7 +25,7 @@ AUX_SCOPES = ("ep_group", "local")
 #: gives the same order of magnitude as the Switch aux loss (alpha = 0.01) at a 50 % local share.
 DEFAULT_LOCALITY_LOSS_COEFF = 0.01
 
-#: Cross-node budget that routing "locmoe" / "hybrid" gets when neither ``cross_node_budget`` nor
+#: Cross-node budget that routing "locmoe" gets when neither ``cross_node_budget`` nor
 #: ``locality_loss_coeff`` is given (with ``aux_loss_scope="ep_group"``); None would mean no budget, the
 #: learned locality loss instead. 0.2 is the lowest point of the measured speed/quality curve within 1 %
 #: of Megatron's TopKRouter (benchmarks/RESULTS.md, "Quality": +0.3 % validation loss over 3 seeds,
@@ -242,7 +242,7 @@ class LocMoEConfig:
                 f"and hash routing has no gate; set z_loss_coeff=0 (--moe-z-loss-coeff) or change routing"
             )
         if (self.cross_node_budget is None and self.locality_loss_coeff is None
-                and self.routing in ("locmoe", "hybrid") and self.aux_loss_scope == "ep_group"):
+                and self.routing == "locmoe" and self.aux_loss_scope == "ep_group"):
             object.__setattr__(self, "cross_node_budget", DEFAULT_CROSS_NODE_BUDGET)
         budget = self.cross_node_budget
         if budget is not None:

@@ -20,6 +20,10 @@ def build_layer(layer_cls, tp, ep, locmoe, topk, dispatcher="hierarchical"):
 
     from locmoe_plugin.megatron.router import LocMoEMegatronRouter
 
+    if locmoe.get("routing", "locmoe") in ("locmoe", "hybrid") and "cross_node_budget" not in locmoe:
+        # the learned locality loss, not the default cross-node budget: the budget's controller moves in every
+        # training forward, so a reference that routes again would route differently
+        locmoe = {"locality_loss_coeff": 0.01, **locmoe}
     cfg = TransformerConfig(
         num_layers=1, hidden_size=D, num_attention_heads=4, num_moe_experts=8, moe_router_topk=topk,
         moe_token_dispatcher_type="alltoall", tensor_model_parallel_size=tp, expert_model_parallel_size=ep,

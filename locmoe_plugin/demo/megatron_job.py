@@ -30,7 +30,7 @@ from .corpus import VOCAB_SIZE
 #: demo systems: the LocMoE settings each starts from (None: the framework's own router)
 BASE_SETTINGS = {
     "baseline": None,
-    "locmoe": {"routing": "locmoe", "gate": "grap"},
+    "locmoe": {"routing": "locmoe"},  # LocMoEConfig's defaults: the dense gate and the cross-node budget
     "locmoe+": {"routing": "hybrid", "gate": "grap", "capacity": "adaptive"},
     "hash": {"routing": "hash"},
 }
@@ -72,7 +72,7 @@ def locmoe_settings(system: str, opts) -> dict | None:
     if base is None:
         return None
     settings = {"gpus_per_node": opts.gpus_per_node, **base}
-    budgeted = "cross_node_budget" in overrides or (DEFAULT_CROSS_NODE_BUDGET is not None and name != "hash")
+    budgeted = "cross_node_budget" in overrides or (DEFAULT_CROSS_NODE_BUDGET is not None and name == "locmoe")
     if name != "hash" and not budgeted:  # with a budget, mu defaults to 0 (LocMoEConfig)
         settings["locality_loss_coeff"] = opts.locality_coeff
     if name == "locmoe":

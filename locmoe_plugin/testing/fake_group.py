@@ -120,7 +120,7 @@ def megatron_parallel_state(expert_model_parallel_size: int | None = None, **kwa
 
 
 def megatron_moe_layer(*, num_experts: int, hidden_size: int, topk: int = 2, locmoe: Mapping | None = None,
-                       dispatcher: str = "hierarchical", layer_number: int = 1, **config: Any):
+                       dispatcher: Any = None, layer_number: int = 1, **config: Any):
     """A megatron-core ``TransformerLayer`` (local spec, no TransformerEngine) whose MLP is a LocMoE layer,
     built as :func:`~locmoe_plugin.megatron.locmoe_spec` builds it, on the current ``parallel_state``.
 
@@ -128,6 +128,11 @@ def megatron_moe_layer(*, num_experts: int, hidden_size: int, topk: int = 2, loc
     ``TransformerConfig`` fields. Needs megatron-core, :func:`megatron_parallel_state`, and on a CPU-only
     machine :func:`~locmoe_plugin.testing.megatron_cpu_shims`. The layer is on the CPU
     (``use_cpu_initialization``); its ``.mlp`` is the ``LocMoELayer``, ``.mlp.router`` the LocMoE router.
+
+    ``dispatcher`` (a mode string or :class:`~locmoe_plugin.comm.settings.DispatcherSettings`) defaults to
+    the hierarchical plan without the split-by-origin overlap: on the fake group collectives move no real
+    data, so the count table disagrees with what arrives, and only the unsplit plan tolerates that (the
+    forward then runs for shapes and settings; its values mean nothing).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -144,5 +149,9 @@ def megatron_moe_layer(*, num_experts: int, hidden_size: int, topk: int = 2, loc
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
     )
     values.update(config)
+    if dispatcher is None:
+        from ..comm.settings import DispatcherSettings
+
+        dispatcher = DispatcherSettings(mode="hierarchical", overlap=False)
     spec = locmoe_spec(get_gpt_layer_local_spec(num_experts=num_experts), locmoe, dispatcher)
     return build_module(spec, config=TransformerConfig(**values), layer_number=layer_number)
