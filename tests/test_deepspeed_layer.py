@@ -34,7 +34,7 @@ def _worker(rank, world):
 
     out = {}
     for name, settings, k in [
-        ("locmoe", {"gpus_per_node": 2}, 2),
+        ("locmoe", {"gpus_per_node": 2, "gate": "grap", "locality_loss_coeff": 0.01}, 2),
         ("hybrid_flat", {"gpus_per_node": 2, "routing": "hybrid", "capacity": "factor", "capacity_factor": 1.0,
                          "min_capacity": 0, "dispatcher": "flat"}, 2),
         ("dense_k4_no_overlap", {"gpus_per_node": 2, "gate": "dense", "overlap": False}, 4),
@@ -107,7 +107,7 @@ def test_config_section_and_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown LocMoE option\(s\) \['routng'\]"):
         LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"routng": "hybrid"})
     with pytest.raises(ConfigError, match="hidden_size 16 is not divisible by num_experts 3"):
-        LocMoE(D, _expert(), num_experts=3, k=1)
+        LocMoE(D, _expert(), num_experts=3, k=1, locmoe={"gate": "grap"})
     with pytest.raises(ConfigError, match="dispatcher='ring'"):
         LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"dispatcher": "ring"})
     with pytest.raises(ConfigError, match='"overlap_chunks": 2 is removed: use "overlap": true'):

@@ -41,7 +41,7 @@ def _worker(rank, world, ckpt_dir):
     out["weights_equal"] = torch.equal(ours.router.core.gate.weight, ref_layer.router.weight)
     out["expert_bias_moved"] = bool(ours.router.core.expert_bias.abs().sum() > 0)  # from 0, after one forward
     # 2. the GrAP router refuses a learned gate with a message that names the fix
-    grap = _build(LocMoELayer, 1, world, {"gpus_per_node": 2}, 2)
+    grap = _build(LocMoELayer, 1, world, {"gpus_per_node": 2, "gate": "grap"}, 2)
     try:
         grap.load_state_dict(ckpt)
         out["grap_error"] = None

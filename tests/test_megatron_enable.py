@@ -59,7 +59,7 @@ def test_flags_parse_and_reach_the_settings():
     # defaults come from the core config
     ns = _args("--locmoe")
     assert settings_from_args(ns) == ({}, DispatcherSettings())
-    assert ns.locmoe_gate == "grap" and ns.locmoe_min_capacity == 4
+    assert ns.locmoe_gate is None and ns.locmoe_min_capacity == 4  # None: LocMoEConfig picks it per routing
     help_text = argparse.ArgumentParser()
     add_arguments(help_text)
     assert "LocMoE+ token/expert choice" in help_text.format_help()
@@ -70,7 +70,8 @@ def test_flags_parse_and_reach_the_settings():
     [
         (("--locmoe",), {"num_experts": None}, r"--locmoe needs an MoE model: add --num-experts"),
         (("--locmoe", "--locmoe-gpus-per-node", "3"), {}, r"ranks per node 3 does not divide|different numbers"),
-        (("--locmoe",), {"hidden_size": 100}, r"--hidden-size 100 is not divisible by --num-experts 8: GrAP"),
+        (("--locmoe", "--locmoe-gate", "grap"), {"hidden_size": 100},
+         r"--hidden-size 100 is not divisible by --num-experts 8: GrAP"),
         (("--locmoe",), {"expert_model_parallel_size": 3}, r"--num-experts 8 is not divisible by --expert-model-parallel-size 3"),
         (("--locmoe", "--locmoe-overlap-chunks", "2"), {}, r"is removed: use --locmoe-overlap on"),
         (("--locmoe",), {"overlap_moe_expert_parallel_comm": True}, r"pass --locmoe-overlap off"),

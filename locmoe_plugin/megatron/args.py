@@ -109,7 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("LocMoE", "LocMoE / LocMoE+ routing and hierarchical all-to-all (locmoe-plugin)")
     g.add_argument("--locmoe", action="store_true", help="use the LocMoE router and dispatcher in every MoE layer")
     g.add_argument("--locmoe-gate", choices=GATES, default=_DEFAULTS["gate"],
-                   help="grap: parameter-free grouped average pooling (LocMoE); dense: learned linear gate")
+                   help="dense: learned linear gate (default for --locmoe-routing topk/locmoe); grap: parameter-free "
+                        "grouped average pooling (LocMoE; default for hybrid/hash)")
     g.add_argument("--locmoe-routing", choices=ROUTINGS, default=_DEFAULTS["routing"],
                    help="topk: plain top-k; locmoe: top-k + locality loss; hybrid: LocMoE+ token/expert choice; "
                         "hash: experts from a fixed hash of the token id (Hash Layers baseline; needs "
