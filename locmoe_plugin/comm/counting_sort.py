@@ -24,7 +24,7 @@ def slot_bins(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return expert_ids.clamp(-2, num_experts).remainder_(num_experts + EXTRA_BINS)
 
 
-def count_pairs(bins: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def count_pairs(bins: torch.Tensor, num_experts: int, one: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The counting sort's device pass over ``bins [s, k]`` (from :func:`slot_bins`). Returns
 
       * ``before [(E + 3) * s + 1]`` int64: at cell ``bin * s + t``, the number of (expert, token) pairs in
@@ -34,12 +34,15 @@ def count_pairs(bins: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, tor
       * ``hist [E + 4]`` int64: slots per bin (``E + 3``), then the most slots one (expert, token) cell
         holds: 1 when every token's expert ids are distinct (the counts raise on more).
 
+    ``one``: a 0-dim int64 1 on the device (cached by the caller; made here if None).
     Kernels: ``zeros``, ``scatter_add_``, ``sum``, ``amax``, ``zero_``, ``cumsum_``."""
     s, k = bins.shape
     e, nb = num_experts, num_experts + EXTRA_BINS
     before = torch.zeros(nb * s + 1, dtype=torch.long, device=bins.device)
     cells = before[1:].view(nb, s)  # slots per (bin, token) cell; before[0] stays 0
-    cells.scatter_add_(0, bins.t(), torch.ones((), dtype=torch.long, device=bins.device).expand(k, s))
+    if one is None:
+        one = torch.ones((), dtype=torch.long, device=bins.device)
+    cells.scatter_add_(0, bins.t(), one.expand(k, s))
     hist = torch.empty(nb + 1, dtype=torch.long, device=bins.device)
     torch.sum(cells, 1, out=hist[:nb])
     if s:
@@ -51,8 +54,9 @@ def count_pairs(bins: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, tor
     return before, hist
 
 
-def slot_positions(bins: torch.Tensor, before: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def slot_positions(bins: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     """``[s, k]`` int64 position of each slot's pair in the expert-major order (``n`` = the number of pairs
-    for slots not routed): ``before`` read at cell ``(bin, t)``. ``tokens``: ``arange(s)``."""
+    for slots not routed): ``before`` read at cell ``(bin, t)``, one ``gather`` over its ``[s, bins]``
+    transposed view."""
     s = bins.shape[0]
-    return before.take(torch.add(tokens.unsqueeze(1), bins, alpha=s))
+    return before[:-1].view(-1, s).t().gather(1, bins) if s else bins.clone()

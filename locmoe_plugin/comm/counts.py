@@ -140,7 +140,7 @@ class RoutingCounts:
                    "levels": (0, 0, 0)}
             self.node_levels = self.rank_levels = self.expert_levels = max_nodes = max_ranks = max_experts = 0
             self.rank_mask = self.node_mask = None
-            self.pairs_before, local = count_pairs(id_keys, e)  # its histogram is this rank's row
+            self.pairs_before, local = count_pairs(id_keys, e, one)  # its histogram is this rank's row
         else:
             valid = id_keys < e
             rank = torch.where(valid, expert_ids // e_r, p)

@@ -66,7 +66,8 @@ class PairsRoute:
         return self.to_canonical(rows)
 
     def _back(self, y: torch.Tensor) -> torch.Tensor:
-        """Canonical rows -> the source's send order, plus a zero row at the end (the slots not sent)."""
+        """Canonical rows -> the source's send order, plus a row at the end that the slots not sent read:
+        zeroed only when there are such slots (none without drops)."""
         recv = self._regroup(y, to_canonical=False)
         n = self.n_src
         out = y.new_empty((n + 1,) + tuple(y.shape[1:]))
@@ -75,7 +76,8 @@ class PairsRoute:
         else:
             dist.all_to_all_single(out[:n], recv.contiguous(), list(self.send_splits), list(self.recv_splits),
                                    group=self.group)
-        out[n].zero_()
+        if self.n_src < self.slot_pos.numel():
+            out[n].zero_()
         return out
 
     def reduce(self, y: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -96,7 +98,7 @@ def pairs_source_order(counts: RoutingCounts, weights: torch.Tensor) -> tuple:
     bins = counts.slot_bins
     s, k = bins.shape
     dev = bins.device
-    pos = slot_positions(bins, counts.pairs_before, torch.arange(s, device=dev))  # [s, k]
+    pos = slot_positions(bins, counts.pairs_before)  # [s, k]
     # slots not routed all write position n_pairs (past the pairs sent): which of them lands there is moot
     order_w = torch.empty(s * k + 1, dtype=torch.float32, device=dev).index_put_((pos,), weights.detach().float())
     return pos, order_w
