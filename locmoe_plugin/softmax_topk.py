@@ -1,9 +1,9 @@
 """Softmax -> top-k -> renormalise as one autograd node, with the exact gradient written out.
 
 Composed of torch ops, the chain leaves four backward nodes (division, its row sum, top-k's scatter,
-softmax) and about a dozen kernels; here the backward is the closed form in seven (``mul``, ``sum``,
-``sub``, ``div``, a scatter-add onto the probabilities' own gradient - the aux loss's - and the softmax
-backward). With ``p = softmax(l)``, ``v = p[ids]`` (the k largest), ``S = sum(v)``, ``w = v / S``:
+softmax) and about a dozen kernels; here the backward is the closed form in six (``bmm`` for the row
+dot products, ``sub``, ``div``, a scatter-add onto the probabilities' own gradient - the aux loss's - and
+the softmax backward). With ``p = softmax(l)``, ``v = p[ids]`` (the k largest), ``S = sum(v)``, ``w = v / S``:
 
     dL/dv = (dL/dw - sum_j dL/dw_j w_j) / S
     dL/dp = dL/dp (from other uses, e.g. the aux loss) + scatter(ids, dL/dv)
@@ -43,7 +43,8 @@ class SoftmaxTopK(torch.autograd.Function):
         if g_weights is None:
             g = g_probs
         else:
-            g_top = (g_weights - (g_weights * weights).sum(-1, keepdim=True)) / total
+            dot = torch.bmm(g_weights.unsqueeze(1), weights.unsqueeze(2)).view(-1, 1)  # [s, 1]: sum_j g_j w_j
+            g_top = (g_weights - dot) / total
             if g_probs is None:
                 g = torch.zeros_like(probs).scatter_(1, ids, g_top)
             else:
