@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .resonance import summed_affinity_keep
+from .softmax_topk import softmax_topk
 
 NEG_INF = float("-inf")
 _M32 = 0xFFFFFFFF
@@ -303,6 +304,35 @@ def route(
             kept_ids = torch.where(keep, ids, -1)
             weights = torch.where(keep, weights, 0.0)
         return Assignment(kept_ids, weights, ids, num_experts), probs
+    if mode != "hybrid" and renormalize and expert_bias is None and node_limit is None and allowed is None:
+        # the plain top-k by probability: one autograd node with a closed-form backward (fewer kernels)
+        probs, weights, top, ids = softmax_topk(logits, topk)
+        rank_by = probs
+    else:
+        probs, weights, top, ids, rank_by, expert_choice_affinity = _select(
+            logits, topk, mode, renormalize, affinity, allowed, node_limit, expert_bias, expert_choice_affinity)
+    if capacity is None:
+        kept_ids = ids
+    else:
+        if mode == "hybrid":
+            scores = torch.gather(expert_choice_affinity, 1, ids)
+        else:
+            scores = top if rank_by is probs else torch.gather(rank_by, 1, ids)
+        if capacity_nodes is not None:
+            capacity = node_demand_capacity(ids, capacity, *capacity_nodes)
+        keep = capacity_keep(ids, scores, capacity, logits.shape[-1], drop_policy)
+        if mode == "hybrid" and resonance_mass is not None:
+            keep &= summed_affinity_keep(ids, scores, logits.shape[-1], resonance_mass)
+        kept_ids = torch.where(keep, ids, -1)
+        weights = torch.where(keep, weights, 0.0)
+        if renormalize_kept:  # a token that lost experts puts their weight on the ones it kept
+            weights = _rows_sum_to_one(weights)
+    return Assignment(kept_ids, weights, ids, logits.shape[-1]), probs
+
+
+def _select(logits, topk, mode, renormalize, affinity, allowed, node_limit, expert_bias, expert_choice_affinity):
+    """Token choice for the cases :func:`route` does not fuse: ``(probs, weights, top, ids, rank_by,
+    expert_choice_affinity)``."""
     probs = torch.softmax(logits, dim=-1)
     if mode == "hybrid":
         if affinity is None:
@@ -328,20 +358,4 @@ def route(
         weights = top = torch.gather(probs, 1, ids)
         if renormalize:
             weights = _rows_sum_to_one(weights)
-    if capacity is None:
-        kept_ids = ids
-    else:
-        if mode == "hybrid":
-            scores = torch.gather(expert_choice_affinity, 1, ids)
-        else:
-            scores = top if rank_by is probs else torch.gather(rank_by, 1, ids)
-        if capacity_nodes is not None:
-            capacity = node_demand_capacity(ids, capacity, *capacity_nodes)
-        keep = capacity_keep(ids, scores, capacity, logits.shape[-1], drop_policy)
-        if mode == "hybrid" and resonance_mass is not None:
-            keep &= summed_affinity_keep(ids, scores, logits.shape[-1], resonance_mass)
-        kept_ids = torch.where(keep, ids, -1)
-        weights = torch.where(keep, weights, 0.0)
-        if renormalize_kept:  # a token that lost experts puts their weight on the ones it kept
-            weights = _rows_sum_to_one(weights)
-    return Assignment(kept_ids, weights, ids, logits.shape[-1]), probs
+    return probs, weights, top, ids, rank_by, expert_choice_affinity

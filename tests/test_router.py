@@ -213,3 +213,33 @@ def test_padding_is_left_out_of_the_losses(routing):
     assert all(torch.isfinite(v) and v == 0 for v in nothing.losses.values())
     with pytest.raises(ValueError, match="one per token"):
         r(x, valid=valid[:5])
+
+
+def test_softmax_topk_node_has_the_composed_gradient():
+    """The fused softmax -> top-k -> renormalise node: gradcheck in fp64, and in fp32 the same values and
+    (to rounding) the same gradients as the composed ops, for gradients through the weights, through the
+    probabilities (the aux loss's path), both, and through capacity drops."""
+    from locmoe_plugin.routing import route
+    from locmoe_plugin.softmax_topk import softmax_topk
+
+    g = torch.Generator().manual_seed(11)
+    l64 = torch.randn(9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: softmax_topk(x, 3)[:2], (l64,))
+    logits = torch.randn(40, 16, generator=g) * 3
+    f = torch.rand(16, generator=g)
+    cot = torch.randn(40, 4, generator=g)
+    allowed = torch.ones(40, 16, dtype=torch.bool)  # forces the composed path, same selection
+    for capacity in (None, 7):
+        for use in ("weights", "probs", "both"):
+            grads, outs = [], []
+            for kwargs in ({}, {"allowed": allowed}):
+                x = logits.clone().requires_grad_(True)
+                a, probs = route(x, topk=4, mode="locmoe", capacity=capacity, **kwargs)
+                loss = {"weights": (a.weights * cot).sum(), "probs": (probs @ f).sum(),
+                        "both": (a.weights * cot).sum() + (probs @ f).sum()}[use]
+                grads.append(torch.autograd.grad(loss, x)[0])
+                outs.append((a.expert_ids, a.weights.detach(), probs.detach()))
+            for u, v in zip(*outs):
+                assert torch.equal(u, v)
+            torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=2e-6, msg=f"{use}, capacity {capacity}")
+            assert grads[0].abs().sum() > 0

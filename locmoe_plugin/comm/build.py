@@ -23,8 +23,9 @@ PLAN_MODES = ("hierarchical", "flat", "flat_fast")
 
 
 def _build_flat_fast(expert_ids, weights, groups, counts, source=None) -> Plan:
+    """``counts`` started with ``per_token=False`` (it runs the pairs' counting sort)."""
     if source is None:
-        source = pairs_source_order(expert_ids, weights, groups.topology.num_experts)
+        source = pairs_source_order(counts, weights)
     return build_pairs_plan(expert_ids, groups, counts, source)
 
 
@@ -62,10 +63,10 @@ def build_plan(
     s, k = expert_ids.shape
     if weights is None:
         weights = torch.ones(s, k, device=expert_ids.device)
-    # the pairs plan's source order needs no counts: queued before the host wait
-    source = pairs_source_order(expert_ids, weights, groups.topology.num_experts) if mode == "flat_fast" else None
     if counts is None:
         counts = start_counts(expert_ids, groups, mode)
+    # the pairs plan's source order needs only the device half of the counts: queued before the host wait
+    source = pairs_source_order(counts, weights) if mode == "flat_fast" else None
     counts.wait_host()  # raises on invalid ids, on every rank alike
     if mode == "flat_fast":
         return _build_flat_fast(expert_ids, weights, groups, counts, source)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from ..device import get_accelerator
 from ..topology import Topology
+from .counting_sort import EXTRA_BINS, count_pairs, slot_bins
 from .groups import CommGroups
 
 
@@ -75,7 +76,8 @@ def count_layout(t: Topology, k: int, device: torch.device) -> dict:
     expert_at = rank_expert_at + t.ep_size * (max_experts + 1)
     return {
         "levels": (max_nodes, max_ranks, max_experts),
-        "node_rank_bins": node_rank_at, "rank_expert_bins": rank_expert_at, "expert_bins": expert_at, "bins": expert_at + t.num_experts + 2,
+        "node_rank_bins": node_rank_at, "rank_expert_bins": rank_expert_at, "expert_bins": expert_at,
+        "bins": expert_at + t.num_experts + EXTRA_BINS,
         "node_rank_offsets": (node_rank_at + torch.arange(t.num_nodes) * (max_ranks + 1)).to(device),
         "rank_expert_offsets": (rank_expert_at + torch.arange(t.ep_size) * (max_experts + 1)).to(device),
         "one": torch.ones((), dtype=torch.long, device=device),
@@ -100,10 +102,13 @@ class RoutingCounts:
         experts on rank q.
 
     On the device it is one histogram: per token, its number of nodes, its ranks on each node and its
-    experts on each rank (each clamped to its level count), and its expert ids (-1 and invalid ids in
-    two extra bins), scatter-added into one int64 vector; the host turns those histograms into the counts
-    above. ``node_mask [s, N]``: the nodes each token needs (the rail hop's mask). ``per_token=False``
-    (the flat_fast plan) counts only the pairs per expert (``C``)."""
+    experts on each rank (each clamped to its level count), and its slot bins (expert ids; -1 and invalid
+    ids in three extra bins, :func:`.counting_sort.slot_bins`), scatter-added into one int64 vector; the
+    host turns those histograms into the counts above. ``node_mask [s, N]``: the nodes each token needs
+    (the rail hop's mask). ``per_token=False`` (the flat_fast plan) counts only the pairs per expert
+    (``C``), from the pairs plan's counting sort (``pairs_before``, ``slot_bins``: see
+    :mod:`.counting_sort`), plus one more bin, the most slots one (token, expert) cell holds, so that a
+    token listing one expert twice raises on every rank."""
 
     def __init__(self, groups: CommGroups, expert_ids: torch.Tensor, k: int, per_token: bool = True):
         """Both halves at once (:meth:`start` then :meth:`wait_host`)."""
@@ -124,16 +129,20 @@ class RoutingCounts:
         lay = count_layout(t, k, dev)
         self.node_levels, self.rank_levels, self.expert_levels = max_nodes, max_ranks, max_experts = lay["levels"]
         n, p, e, e_r = t.num_nodes, t.ep_size, t.num_experts, t.experts_per_rank
-        valid = (expert_ids >= 0) & (expert_ids < e)
         one = lay["one"]
-        id_keys = torch.where(valid, expert_ids, e + (expert_ids != -1))  # -1 -> bin e, bad -> e + 1
+        id_keys = slot_bins(expert_ids, e)  # [s, k]: expert id, or e / e + 1 (invalid), e + 2 (-1)
+        self.slot_bins = id_keys
+        self.pairs_before = None
         if not per_token:
-            # pairs per expert only (what the flat_fast plan needs): no per-token, per-node, per-rank levels
-            lay = {"bins": e + 2, "expert_bins": 0, "node_rank_bins": 0, "rank_expert_bins": 0, "levels": (0, 0, 0)}
+            # pairs per expert only (what the flat_fast plan needs): no per-token, per-node, per-rank levels;
+            # one more bin: the most slots in one (expert, token) cell, from the counting sort
+            lay = {"bins": e + EXTRA_BINS + 1, "expert_bins": 0, "node_rank_bins": 0, "rank_expert_bins": 0,
+                   "levels": (0, 0, 0)}
             self.node_levels = self.rank_levels = self.expert_levels = max_nodes = max_ranks = max_experts = 0
             self.rank_mask = self.node_mask = None
-            keys = id_keys.reshape(-1)
+            self.pairs_before, local = count_pairs(id_keys, e, one)  # its histogram is this rank's row
         else:
+            valid = id_keys < e
             rank = torch.where(valid, expert_ids // e_r, p)
             per_rank = torch.zeros(s, p + 1, dtype=torch.long, device=dev).scatter_add_(1, rank, one.expand(s, k))[:, :p]
             used = per_rank > 0
@@ -154,7 +163,7 @@ class RoutingCounts:
                 ],
                 1,
             ).reshape(-1)
-        local = torch.zeros(lay["bins"], dtype=torch.long, device=dev).scatter_add_(0, keys, one.expand(keys.numel()))
+            local = torch.zeros(lay["bins"], dtype=torch.long, device=dev).scatter_add_(0, keys, one.expand(keys.numel()))
         if groups.ep is not None and t.ep_size > 1:
             table = local.new_empty(t.ep_size * lay["bins"])
             ALL_GATHER_SINGLE(table, local, group=groups.ep)
@@ -200,14 +209,21 @@ class RoutingCounts:
             self.rows_to_node = [[h[0] for h in h2] for h2 in self.rank_copies_on_node]
             self.rows_to_rank = [[h[0] for h in h3] for h3 in self.expert_copies_on_rank]
         self.pairs_to_expert = [r[expert_at : expert_at + e] for r in rows]
-        self.dropped_slots = [r[expert_at + e] for r in rows]  # slots with id -1, per source rank
-        bad = [r[expert_at + e + 1] for r in rows]
+        self.dropped_slots = [r[expert_at + e + 2] for r in rows]  # slots with id -1, per source rank
+        bad = [r[expert_at + e] + r[expert_at + e + 1] for r in rows]
         if any(bad):
             # every rank saw the same table: all raise together, nobody hangs in a later collective
             raise ValueError(
                 f"expert ids outside [-1, {e}) on EP rank(s) "
                 f"{[i for i, b in enumerate(bad) if b]}: ids must be expert indices or -1 (dropped)"
             )
+        if not self._per_token:
+            repeated = [i for i, r in enumerate(rows) if r[expert_at + e + EXTRA_BINS] > 1]
+            if repeated:
+                raise ValueError(
+                    f"a token lists one expert in two of its slots on EP rank(s) {repeated}: the k expert ids "
+                    f"of a token must be distinct (mark an unused slot -1)"
+                )
         return self
 
     @property

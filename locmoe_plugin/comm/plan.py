@@ -32,7 +32,8 @@ counts (:mod:`.counts`); all later index work sizes its outputs from those host 
 
 Host cost: on one node the layer is bound by the host's kernel launches, not by bytes, so the builders
 avoid sorts where the order is known (:func:`.hops.mask_hop`: copy numbers from a cumsum; one node: rows
-arrive sorted by source) and reuse the count pass's masks; ``benchmarks/op_count.py`` counts the ops per
+arrive sorted by source) and reuse the count pass's masks; the pairs plan orders its pairs with the count
+pass's counting sort (:mod:`.counting_sort`, ``docs/one_node.md``); ``benchmarks/op_count.py`` counts the ops per
 phase.
 """
 
