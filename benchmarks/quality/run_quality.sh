@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The quality study (issue 7): every router trained on the same tokens, seed and schedule through
+# The quality study: every router trained on the same tokens, seed and schedule through
 # megatron-core, through `locmoe demo` (which measures each the same way: validation loss curve, load,
 # tokens per expert, drops, cross-node share, capacity factor and delta, step time).
 #
