@@ -106,8 +106,8 @@ def render() -> str:
     parts += [
         "",
         "The Megatron-LM flags also include `--locmoe` (turn LocMoE on), `--locmoe-dispatcher` "
-        "(`hierarchical` or `flat`) and `--locmoe-overlap {on,off}` (default on; see [overlap.md](overlap.md)); "
-        "the DeepSpeed section also takes `\"dispatcher\"` and `\"overlap\"` (`true` by default, or `false`) "
+        "(`hierarchical` or `flat`) and `--locmoe-overlap {on,off}` (default off; see [overlap.md](overlap.md)); "
+        "the DeepSpeed section also takes `\"dispatcher\"` and `\"overlap\"` (`false` by default, or `true`) "
         "(see [megatron.md](megatron.md), [deepspeed.md](deepspeed.md)).",
         "",
     ]

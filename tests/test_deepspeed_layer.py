@@ -34,11 +34,11 @@ def _worker(rank, world):
 
     out = {}
     for name, settings, k in [
-        ("locmoe", {"gpus_per_node": 2, "gate": "grap", "locality_loss_coeff": 0.01}, 2),
+        ("locmoe", {"gpus_per_node": 2, "gate": "grap", "locality_loss_coeff": 0.01, "overlap": True}, 2),
         ("hybrid_flat", {"gpus_per_node": 2, "routing": "hybrid", "capacity": "factor", "capacity_factor": 1.0,
                          "min_capacity": 0, "dispatcher": "flat"}, 2),
         ("dense_k4_no_overlap", {"gpus_per_node": 2, "gate": "dense", "overlap": False}, 4),
-        ("dense_k4_overlap", {"gpus_per_node": 2, "gate": "dense"}, 4),  # overlap on by default
+        ("dense_k4_overlap", {"gpus_per_node": 2, "gate": "dense", "overlap": True}, 4),
         ("one_node", {"gpus_per_node": 4}, 4),  # one node: the layer uses the pairs plan (flat_fast)
     ]:
         torch.manual_seed(11)

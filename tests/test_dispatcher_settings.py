@@ -10,8 +10,8 @@ from locmoe_plugin.config import ConfigError
 
 
 def test_defaults_strings_and_validation():
-    assert DispatcherSettings() == DispatcherSettings(mode="hierarchical", overlap=True)
-    assert DispatcherSettings.of("flat") == DispatcherSettings(mode="flat", overlap=True)
+    assert DispatcherSettings() == DispatcherSettings(mode="hierarchical", overlap=False)
+    assert DispatcherSettings.of("flat") == DispatcherSettings(mode="flat", overlap=False)
     assert DispatcherSettings.of(None) == DispatcherSettings()
     off = DispatcherSettings(mode="hierarchical", overlap=False)
     assert DispatcherSettings.of(off) is off

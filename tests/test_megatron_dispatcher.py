@@ -34,9 +34,9 @@ def _worker(rank, world):
         locmoe = {"gpus_per_node": 2}
         torch.manual_seed(7)
         mega = _build(MoELayer, 1, 4, locmoe, topk)
-        # "hierarchical": the overlap on by default (2 nodes: split by origin); "no_overlap": the unsplit plan
-        modes = {"hierarchical": "hierarchical", "flat": "flat",
-                 "no_overlap": DispatcherSettings(mode="hierarchical", overlap=False)}
+        # "hierarchical": the overlap switched on (2 nodes: split by origin); "no_overlap": the default unsplit plan
+        modes = {"hierarchical": DispatcherSettings(mode="hierarchical", overlap=True), "flat": "flat",
+                 "no_overlap": "hierarchical"}  # a plain mode string: overlap off (the default)
         ours = {m: _build(LocMoELayer, 1, 4, locmoe, topk, dispatcher=d) for m, d in modes.items()}
         out[("overlap_active", topk)] = {m: layer.token_dispatcher.core.overlap_active for m, layer in ours.items()}
         for layer in ours.values():
@@ -129,7 +129,7 @@ def test_unsupported_layouts_are_refused():
     with pytest.raises(ConfigError, match="add --sequence-parallel"):
         validate_parallel_config(SimpleNamespace(tensor_model_parallel_size=2, sequence_parallel=False))
     with pytest.raises(ConfigError, match="pass --locmoe-overlap off"):
-        validate_parallel_config(SimpleNamespace(overlap_moe_expert_parallel_comm=True))
+        validate_parallel_config(SimpleNamespace(overlap_moe_expert_parallel_comm=True), overlap=True)
     validate_parallel_config(SimpleNamespace(overlap_moe_expert_parallel_comm=True), overlap=False)
     with pytest.raises(ConfigError, match="drop-and-pad"):
         validate_parallel_config(SimpleNamespace(moe_pad_expert_input_to_capacity=True))

@@ -46,8 +46,8 @@ def test_flags_parse_and_reach_the_settings():
     ns = _args("--locmoe", "--locmoe-routing", "hybrid", "--locmoe-locality-loss-coeff", "0.05",
                "--locmoe-capacity", "bound", "--locmoe-gpus-per-node", "2", "--locmoe-dispatcher", "flat")
     overrides, dispatcher = settings_from_args(ns)
-    assert dispatcher == DispatcherSettings(mode="flat", overlap=True)  # overlap on by default
-    assert not settings_from_args(_args("--locmoe", "--locmoe-overlap", "off"))[1].overlap
+    assert dispatcher == DispatcherSettings(mode="flat", overlap=False)  # overlap off by default
+    assert settings_from_args(_args("--locmoe", "--locmoe-overlap", "on"))[1].overlap
     # Megatron's 1F1B overlap with ours off: accepted here (the layer then runs the unsplit plan)
     assert settings_from_args(_args("--locmoe", "--locmoe-overlap", "off", overlap_moe_expert_parallel_comm=True))
     assert overrides == {"routing": "hybrid", "locality_loss_coeff": 0.05, "capacity": "bound", "gpus_per_node": 2}
@@ -74,7 +74,8 @@ def test_flags_parse_and_reach_the_settings():
          r"--hidden-size 100 is not divisible by --num-experts 8: GrAP"),
         (("--locmoe",), {"expert_model_parallel_size": 3}, r"--num-experts 8 is not divisible by --expert-model-parallel-size 3"),
         (("--locmoe", "--locmoe-overlap-chunks", "2"), {}, r"is removed: use --locmoe-overlap on"),
-        (("--locmoe",), {"overlap_moe_expert_parallel_comm": True}, r"pass --locmoe-overlap off"),
+        (("--locmoe", "--locmoe-overlap", "on"), {"overlap_moe_expert_parallel_comm": True},
+         r"pass --locmoe-overlap off"),
         (("--locmoe", "--locmoe-routing", "hybrid", "--locmoe-capacity", "none"), {}, r"needs a capacity"),
     ],
 )

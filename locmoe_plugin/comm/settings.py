@@ -1,11 +1,14 @@
 """The token dispatcher's settings, one frozen object shared by the Megatron and DeepSpeed adapters.
 
-``DispatcherSettings(mode="hierarchical", overlap=True)``:
+``DispatcherSettings(mode="hierarchical", overlap=False)``:
 
 * ``mode``: ``"hierarchical"`` (inter-node once per node, then the intra-node fan-out; on one node the
   pairs plan) or ``"flat"`` (one all-to-all over the expert-parallel group).
 * ``overlap``: split the two-stage plan by origin so the inter-node transfer of other nodes' rows overlaps
-  this node's rows' work; a no-op on one node or with ``mode="flat"``. On by default.
+  this node's rows' work; a no-op on one node or with ``mode="flat"``. Off by default: on 2 x H200 as 2
+  emulated nodes the split cost more than it hid in most rows (0.96-1.20 x the unsplit dispatch, see
+  docs/overlap.md for the bound: it hides at most the local experts' compute). Results are bitwise equal
+  either way.
 
 Both settings shape collectives, so every rank must hold the same: :meth:`DispatcherSettings.agreement`
 gives them, by name, to :func:`locmoe_plugin.agreement.check_agreement`. The public entry points keep
@@ -29,7 +32,7 @@ class DispatcherSettings:
     """How the LocMoE dispatcher moves tokens (see the module doc). Frozen; validated at construction."""
 
     mode: str = "hierarchical"
-    overlap: bool = True
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in DISPATCHER_MODES:
@@ -37,11 +40,11 @@ class DispatcherSettings:
                 f"dispatcher={self.mode!r} is not one of {', '.join(map(repr, DISPATCHER_MODES))}: pick one of them"
             )
         if not isinstance(self.overlap, bool):
-            raise ConfigError(f"overlap={self.overlap!r} must be True or False (on by default)")
+            raise ConfigError(f"overlap={self.overlap!r} must be True or False (off by default)")
 
     @classmethod
     def of(cls, value: "DispatcherSettings | str | None" = None, *, overlap: bool | None = None) -> "DispatcherSettings":
-        """``value`` as settings: a :class:`DispatcherSettings` as it is, a mode string (overlap on), or
+        """``value`` as settings: a :class:`DispatcherSettings` as it is, a mode string (overlap off), or
         None (the defaults); ``overlap``, where given, replaces the overlap setting."""
         if value is None:
             value = cls()

@@ -120,8 +120,8 @@ class LocMoE(_DeepSpeedMoE):
     Args:
         hidden_size, expert, num_experts, ep_size, k: as DeepSpeed's MoE (``k`` is LocMoE's top-k / l).
         locmoe: LocMoE settings: a :class:`LocMoEConfig`, or a dict of its fields plus ``"dispatcher"``
-            (``"hierarchical"`` | ``"flat"``) and ``"overlap"`` (true by default: the inter-node transfer
-            of other nodes' rows runs while this node's rows go through the experts; a no-op on one node)
+            (``"hierarchical"`` | ``"flat"``) and ``"overlap"`` (false by default; true: the inter-node
+            transfer of other nodes' rows runs while this node's rows go through the experts; a no-op on one node)
             - e.g. the ``"locmoe"`` section of the DeepSpeed config (:func:`locmoe_settings_from_ds_config`).
         **moe_kwargs: passed to DeepSpeed's MoE (``use_residual``, ``enable_expert_tensor_parallelism``...);
             its gate options (``capacity_factor``, ``drop_tokens``, ``use_rts``...) do not apply.
@@ -136,11 +136,11 @@ class LocMoE(_DeepSpeedMoE):
         else:
             settings = dict(settings)
             dispatcher = DispatcherSettings(mode=settings.pop("dispatcher", "hierarchical"),
-                                            overlap=settings.pop("overlap", True))
+                                            overlap=settings.pop("overlap", False))
             if "overlap_chunks" in settings:
                 raise ConfigError(
-                    f'"overlap_chunks": {settings["overlap_chunks"]!r} is removed: use "overlap": true (default; '
-                    f'the inter-node transfer overlaps this node\'s expert compute) or "overlap": false'
+                    f'"overlap_chunks": {settings["overlap_chunks"]!r} is removed: use "overlap": true (the '
+                    f'inter-node transfer overlaps this node\'s expert compute) or "overlap": false (default)'
                 )
             config = LocMoEConfig.from_dict({"num_experts": num_experts, "hidden_size": hidden_size, "topk": k, **settings})
         if config.routing == "hash":

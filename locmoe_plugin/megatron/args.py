@@ -162,9 +162,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "one all-to-all of (token, expert) pairs, the plan with the fewest host ops); flat: "
                         "one all-to-all of pairs summed in the two-stage plan's order (bitwise equal to hierarchical "
                         "on groups that span nodes)")
-    g.add_argument("--locmoe-overlap", choices=("on", "off"), default="on",
+    g.add_argument("--locmoe-overlap", choices=("on", "off"), default="off",
                    help="split the hierarchical dispatch by origin so the inter-node transfer of other nodes' "
-                        "rows runs while this node's rows move (no-op on one node; results bitwise equal)")
+                        "rows runs while this node's rows move (default off: it measured slower than it hid at our sizes, see "
+                        "docs/overlap.md; no-op on one node; results bitwise equal)")
     g.add_argument("--locmoe-overlap-chunks", type=int, default=None,
                    help="removed: the chunked overlap is replaced by --locmoe-overlap {on,off}")
     return parser
@@ -196,10 +197,10 @@ def settings_from_args(args: Any) -> tuple[dict, DispatcherSettings]:
     _require_parsed_flags(args)
     if getattr(args, "locmoe_overlap_chunks", None) is not None:
         raise ConfigError(
-            f"--locmoe-overlap-chunks {args.locmoe_overlap_chunks} is removed: use --locmoe-overlap on (default; "
-            f"the inter-node transfer overlaps this node's rows) or --locmoe-overlap off"
+            f"--locmoe-overlap-chunks {args.locmoe_overlap_chunks} is removed: use --locmoe-overlap on (the "
+            f"inter-node transfer overlaps this node's rows) or --locmoe-overlap off (default)"
         )
-    overlap = getattr(args, "locmoe_overlap", "on") == "on"
+    overlap = getattr(args, "locmoe_overlap", "off") == "on"
     if overlap and getattr(args, "overlap_moe_expert_parallel_comm", False):
         from .dispatcher import OVERLAP_CONFLICT_ERROR
 

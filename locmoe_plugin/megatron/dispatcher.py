@@ -8,7 +8,7 @@ count exchange (one all-gather and an asynchronous copy of the table to the host
 dispatcher copies its counts on a side stream); ``token_dispatch`` waits for it (the layer's one host
 sync), exchanges the routing metadata and moves the payload.
 
-Overlap (``overlap=True``, default; a no-op on a one-node EP group): Megatron's ``MoELayer`` runs the
+Overlap (``overlap=True``, off by default; a no-op on a one-node EP group): Megatron's ``MoELayer`` runs the
 experts between ``token_dispatch`` and ``token_combine``, on all rows at once, so the experts cannot
 hide the inter-node transfer here. What overlaps: in ``token_dispatch`` the rail (inter-node) transfer
 of other nodes' rows with this node's rows' intra-node hop; in ``token_combine`` the rail return of the
@@ -46,7 +46,7 @@ OVERLAP_CONFLICT_ERROR = (
 )
 
 
-def validate_parallel_config(config, overlap: bool = True) -> None:
+def validate_parallel_config(config, overlap: bool = False) -> None:
     """Layouts the LocMoE dispatcher does not handle; raise before any collective."""
     etp = getattr(config, "expert_tensor_parallel_size", None) or 1
     if etp > 1:
@@ -181,7 +181,7 @@ def make_locmoe_layer_class():
     class LocMoELayer(MoELayer, metaclass=_ComparesEqualToMoELayer):
         """``MoELayer`` + LocMoE dispatcher. Needs the LocMoE router (for its topology). The dispatcher
         mode and overlap come from the router's ``dispatcher`` (a mode string or
-        :class:`~locmoe_plugin.comm.settings.DispatcherSettings`; default hierarchical, overlap on)."""
+        :class:`~locmoe_plugin.comm.settings.DispatcherSettings`; default hierarchical, overlap off)."""
 
         def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, **kwargs):
             router_spec = getattr(submodules, "router", None)
