@@ -73,9 +73,6 @@ def _package_text_files() -> list[str]:
     return sorted(out)
 
 
-README_PENDING = pytest.mark.xfail(strict=False, reason="README rewrite pending")
-
-
 @pytest.mark.parametrize("paths", [
     pytest.param(lambda: [os.path.join(ROOT, "README.md")], id="README.md"),
     pytest.param(_docs_files, id="docs"),
@@ -87,7 +84,7 @@ def test_relative_links_point_to_existing_files(paths):
 
 
 @pytest.mark.parametrize("paths", [
-    pytest.param(lambda: [os.path.join(ROOT, "README.md")], id="README.md", marks=README_PENDING),
+    pytest.param(lambda: [os.path.join(ROOT, "README.md")], id="README.md"),
     pytest.param(_docs_files, id="docs"),
     pytest.param(lambda: sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.md"))), id="benchmarks/*.md"),
     pytest.param(_package_text_files, id="locmoe_plugin"),
