@@ -27,9 +27,8 @@ DEFAULT_LOCALITY_LOSS_COEFF = 0.01
 
 #: Cross-node budget that routing "locmoe" gets when neither ``cross_node_budget`` nor
 #: ``locality_loss_coeff`` is given (with ``aux_loss_scope="ep_group"``); None would mean no budget, the
-#: learned locality loss instead. 0.2 is the lowest point of the measured speed/quality curve within 1 %
-#: of Megatron's TopKRouter (benchmarks/RESULTS.md, "Quality": +0.3 % validation loss over 3 seeds,
-#: 67 % fewer inter-node bytes than Megatron's alltoall, layer 0.49 x its time across 2 nodes).
+#: learned locality loss instead. 0.2: the lowest budget of the measured speed/quality curve whose cost
+#: stayed within 1 % of Megatron's TopKRouter (benchmarks/RESULTS.md, "Cross-node budget curve").
 DEFAULT_CROSS_NODE_BUDGET: float | None = 0.2
 #: How a cross-node budget acts when ``budget_mechanism`` is not given (see locmoe_plugin/budget.py).
 #: "selection": on the CPU demo (5 seeds, docs/locality.md) it held the share at the budget, while "loss"
@@ -106,9 +105,9 @@ class LocMoEConfig:
     #: Experts per token (k; LocMoE+'s l).
     topk: int = 2
     #: "grap": parameter-free grouped average pooling, one group of d/n features per expert (LocMoE);
-    #: "dense": a learned linear gate ``[n, d]``. None -> "dense" for routing "topk" / "locmoe" (at the
-    #: default cross-node budget the GrAP gate cost +3.9 % validation loss against +0.3 % for the dense
-    #: gate, 3 seeds, benchmarks/RESULTS.md "Quality"), "grap" for "hybrid" (LocMoE+'s affinity) and "hash".
+    #: "dense": a learned linear gate ``[n, d]``. None -> "dense" for routing "topk" / "locmoe" (the gate of
+    #: the measured default point, benchmarks/RESULTS.md "Cross-node budget curve"), "grap" for "hybrid"
+    #: (LocMoE+'s affinity) and "hash".
     gate: str | None = None
     #: "topk", "locmoe", "hybrid" (LocMoE+) or "hash": see the routing modes above.
     routing: str = "locmoe"

@@ -5,10 +5,9 @@
 * ``mode``: ``"hierarchical"`` (inter-node once per node, then the intra-node fan-out; on one node the
   pairs plan) or ``"flat"`` (one all-to-all over the expert-parallel group).
 * ``overlap``: split the two-stage plan by origin so the inter-node transfer of other nodes' rows overlaps
-  this node's rows' work; a no-op on one node or with ``mode="flat"``. Off by default: on 2 x H200 as 2
-  emulated nodes the split cost more than it hid in most rows (0.96-1.20 x the unsplit dispatch, see
-  docs/overlap.md for the bound: it hides at most the local experts' compute). Results are bitwise equal
-  either way.
+  this node's rows' work; a no-op on one node or with ``mode="flat"``. Off by default: it hides at most
+  the local experts' compute, and where measured the split cost more than that (docs/overlap.md).
+  Results are bitwise equal either way.
 
 Both settings shape collectives, so every rank must hold the same: :meth:`DispatcherSettings.agreement`
 gives them, by name, to :func:`locmoe_plugin.agreement.check_agreement`. The public entry points keep
