@@ -48,7 +48,9 @@ def _worker(rank, world, ckpt_dir):
     except RuntimeError as exc:
         out["grap_error"] = str(exc)
     # 3. Megatron distributed checkpointing round trip, with the capacity state and the expert bias
-    settings = {"gpus_per_node": 2, "capacity": "bound", "expert_bias_rate": 0.01}
+    # GrAP: no gate weight (this worker seeds each rank differently, so a learned gate would start unlike
+    # on the ranks, where Megatron's same seed on every rank makes it replicated)
+    settings = {"gpus_per_node": 2, "capacity": "bound", "expert_bias_rate": 0.01, "gate": "grap"}
     layer = _build(LocMoELayer, 1, world, settings, 2)
     layer.train()
     _fwd_bwd(layer, x, cot)  # estimates delta / factor

@@ -111,7 +111,7 @@ def test_settings_from_args_on_a_plain_namespace_names_the_fix():
     add_arguments(parser)
     overrides, dispatcher = settings_from_args(parser.parse_args(
         ["--locmoe", "--num-experts", "8", "--hidden-size", "32", "--locmoe-routing", "hybrid"]))
-    assert overrides == {"routing": "hybrid"} and dispatcher.mode == "hierarchical" and dispatcher.overlap
+    assert overrides == {"routing": "hybrid"} and dispatcher.mode == "hierarchical" and not dispatcher.overlap
 
 
 def test_wrapper_help_lists_the_flags_and_refuses_other_scripts(tmp_path, capsys):
