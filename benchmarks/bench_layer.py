@@ -1,6 +1,9 @@
 """One full MoE layer, forward + backward: LocMoE (router trained with its locality loss on real text)
 against megatron-core's MoELayer (alltoall, allgather, group-limited) and DeepSpeed's MoE.
 
+Router training lives in ``layer_training.py``, the run context and the Megatron layer builder in
+``layer_setup.py`` (beside this file); this file builds the systems, times them and reports.
+
 Run on one host with torchrun; add node emulation with launch/emulate_nodes.sh:
 
   torchrun --standalone --nproc-per-node 4 benchmarks/bench_layer.py --gpus-per-node 4
@@ -66,7 +69,6 @@ the layer's own SequentialMLP on the rows its experts received.
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import math
@@ -78,15 +80,19 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from locmoe_plugin.device import get_accelerator  # noqa: E402
-from locmoe_plugin.megatron.router import dense_routing_map, routing_hook_targets  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # the benchmark's own modules, also when loaded by file path (tests)
+    sys.path.insert(0, HERE)
+
+from layer_setup import Ctx, build_megatron_layer, time_it  # noqa: E402
+from layer_training import _budget_mechanism, corpus_batch, train  # noqa: E402
+from locmoe_plugin.megatron.router import dense_routing_map  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -153,258 +159,6 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     return p.parse_args()
 
-
-# ------------------------------------------------------------------------------------------ helpers
-class Ctx:
-    def __init__(self, args):
-        self.args = args
-        self.acc = get_accelerator()
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if not self.acc.is_cpu:
-            self.acc.set_device(self.local_rank)
-        dist.init_process_group(backend=self.acc.backend)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.dev = self.acc.device(None if self.acc.is_cpu else self.local_rank)
-        self.gpn = args.gpus_per_node or self.world
-        self.current = None  # the system being built (run_systems)
-        self.deferred = {}  # system -> fwd+bwd step, timed in rounds when --rounds > 1
-        if self.world % self.gpn:
-            raise SystemExit(f"world {self.world} is not divisible by --gpus-per-node {self.gpn}")
-        self.nodes = self.world // self.gpn
-        self.node = self.rank // self.gpn
-        self.dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        # my own node and rail groups (every rank creates every group, in the same order)
-        self.node_group = self.rail_group = None
-        for n in range(self.nodes):
-            g = dist.new_group(list(range(n * self.gpn, (n + 1) * self.gpn)))
-            if n == self.node:
-                self.node_group = g
-        for j in range(self.gpn):
-            g = dist.new_group([n * self.gpn + j for n in range(self.nodes)])
-            if j == self.rank % self.gpn:
-                self.rail_group = g
-        self.expert_node = torch.arange(args.experts, device=self.dev) // (args.experts // self.world) // self.gpn
-
-    def sync(self):
-        self.acc.synchronize()
-
-    def allmax(self, v: float) -> float:
-        t = torch.tensor([float(v)], device=self.dev, dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item()
-
-    def allsum(self, values) -> list[float]:
-        t = torch.tensor([float(v) for v in values], device=self.dev, dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def log(self, *a):
-        if self.rank == 0:
-            print(*a, flush=True)
-
-
-def time_it(ctx: Ctx, step, warmup: int, iters: int) -> float:
-    """Median ms of ``step()`` over ``iters`` after ``warmup``, max over ranks."""
-    samples = []
-    for it in range(warmup + iters):
-        dist.barrier()
-        ctx.sync()
-        t0 = time.perf_counter()
-        step()
-        ctx.sync()
-        if it >= warmup:
-            samples.append(time.perf_counter() - t0)
-    return ctx.allmax(statistics.median(samples) * 1e3)
-
-
-def megatron_config(ctx: Ctx, dispatcher: str, dtype, group_limited: bool = False):
-    from megatron.core.transformer import TransformerConfig
-
-    a = ctx.args
-    kw = dict(
-        num_layers=1, hidden_size=a.hidden, num_attention_heads=16, num_moe_experts=a.experts,
-        moe_router_topk=a.topk, moe_token_dispatcher_type=dispatcher, expert_model_parallel_size=ctx.world,
-        expert_tensor_parallel_size=1, ffn_hidden_size=a.ffn, moe_ffn_hidden_size=a.ffn, add_bias_linear=False,
-        moe_aux_loss_coeff=a.aux_coeff, moe_router_load_balancing_type="aux_loss", moe_permute_fusion=False,
-        moe_grouped_gemm=False, bf16=dtype == torch.bfloat16, params_dtype=dtype,
-        use_cpu_initialization=ctx.acc.is_cpu,
-    )
-    if group_limited:
-        kw.update(moe_router_num_groups=ctx.nodes, moe_router_group_topk=1)
-    return TransformerConfig(**kw)
-
-
-def build_megatron_layer(ctx: Ctx, dispatcher: str, dtype, locmoe: dict | None = None, group_limited=False):
-    """MoELayer (``locmoe=None``: TopKRouter) or LocMoELayer (LocMoE router, hierarchical dispatcher)."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.mlp import MLPSubmodules
-    from megatron.core.transformer.moe import moe_utils
-    from megatron.core.transformer.moe.experts import SequentialMLP
-    from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
-    from megatron.core.transformer.moe.router import TopKRouter
-    from megatron.core.transformer.spec_utils import ModuleSpec
-
-    from locmoe_plugin.megatron.dispatcher import make_locmoe_layer_class
-    from locmoe_plugin.megatron.enable import enable_metrics_report
-    from locmoe_plugin.megatron.router import LocMoEMegatronRouter
-
-    enable_metrics_report()  # as Megatron-LM with --locmoe: router losses summed for the report (idempotent)
-
-    cfg = megatron_config(ctx, dispatcher, dtype, group_limited)
-    experts = ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                                         linear_fc2=RowParallelLinear))
-    if locmoe is None:
-        cls, router = MoELayer, TopKRouter
-    else:
-        cls = make_locmoe_layer_class()
-        router = functools.partial(LocMoEMegatronRouter, locmoe=locmoe, dispatcher="hierarchical",
-                                   with_locmoe_dispatcher=True)
-    layer = cls(cfg, submodules=MoESubmodules(experts=experts, router=router), layer_number=1,
-                pg_collection=moe_utils.get_default_pg_collection())
-    layer.set_layer_number(1)
-    return layer.to(ctx.dev)
-
-
-# ------------------------------------------------------------------------------------------ training
-class ByteLM(nn.Module):
-    """embedding -> causal depthwise-conv mixing block -> RMSNorm -> MoE layer -> RMSNorm -> head."""
-
-    def __init__(self, d: int, moe: nn.Module, kernel: int = 8):
-        super().__init__()
-        self.emb = nn.Embedding(256, d)
-        self.norm0 = nn.RMSNorm(d)
-        self.conv = nn.Conv1d(d, d, kernel, groups=d, padding=kernel - 1)
-        self.mix = nn.Linear(d, d, bias=False)
-        self.norm1 = nn.RMSNorm(d)
-        self.moe = moe
-        self.norm2 = nn.RMSNorm(d)
-        self.head = nn.Linear(d, 256, bias=False)
-
-    def pre_moe(self, tokens):
-        """``tokens [B, T]`` -> residual ``h [B, T, d]`` and the MoE input ``u [T, B, d]``."""
-        T = tokens.shape[1]
-        h = self.emb(tokens)
-        c = self.conv(self.norm0(h).transpose(1, 2))[..., :T].transpose(1, 2)
-        h = h + self.mix(F.gelu(c))
-        return h, self.norm1(h).transpose(0, 1).contiguous()
-
-    def forward(self, tokens):
-        h, u = self.pre_moe(tokens)
-        y, _ = self.moe(u)
-        return self.head(self.norm2(h + y.transpose(0, 1)))
-
-
-def _budget_mechanism(a) -> str | None:
-    """The budget's mechanism as LocMoEConfig resolves it (None without a budget)."""
-    from locmoe_plugin.config import DEFAULT_BUDGET_MECHANISM
-
-    return None if a.budget is None else a.budget_mechanism or DEFAULT_BUDGET_MECHANISM
-
-
-def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: bool = True):
-    """Train a ByteLM whose MoE layer is a LocMoELayer (``gate`` "dense"/"grap") or, for ``gate="topk"``,
-    megatron-core's MoELayer with TopKRouter + aux loss (the baselines' router); return (model, summary)."""
-    from megatron.core import tensor_parallel
-
-    a = ctx.args
-    torch.manual_seed(a.seed)  # same dense init on every rank
-    if not ctx.acc.is_cpu:
-        tensor_parallel.model_parallel_cuda_manual_seed(a.seed)
-    locmoe = None if gate == "topk" else {"gate": gate, "routing": "locmoe", "locality_loss_coeff": mu,
-                                          "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope,
-                                          "locality_bias": bias and (mu > 0 or _budget_mechanism(a) == "loss"),
-                                          "expert_bias_rate": a.expert_bias_rate,
-                                          "cross_node_budget": a.budget, "budget_mechanism": _budget_mechanism(a)}
-    moe = build_megatron_layer(ctx, "alltoall", torch.float32, locmoe)
-    model = ByteLM(a.hidden, moe).to(ctx.dev)
-    expert_params = list(model.moe.experts.parameters())
-    eids = {id(p) for p in expert_params}
-    dense_params = [p for p in model.parameters() if id(p) not in eids]
-    group = ctx.node_group if sync == "node" else dist.group.WORLD
-    gsize = dist.get_world_size(group)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(a.seed + 1000 * ctx.rank)
-    routed_map = {}
-    num_experts = model.moe.router.config.num_moe_experts
-    for target in routing_hook_targets(model.moe.router):
-        target.register_forward_hook(
-            lambda mod, inp, out: routed_map.__setitem__("map", dense_routing_map(out, num_experts)))
-    remote_mask = ctx.expert_node != ctx.node
-    losses, cross, routed, loads = [], [], [], []
-    t0 = time.perf_counter()
-    for step in range(a.train_steps):
-        for g in opt.param_groups:
-            g["lr"] = a.lr * min(1.0, (step + 1) / 20) * (
-                1.0 if a.lr_schedule == "constant" else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / a.train_steps)))
-        tokens, labels = corpus_batch(corpus.train, a.train_batch, a.seq, gen, ctx.dev)
-        logits = model(tokens)
-        loss = F.cross_entropy(logits.reshape(-1, 256), labels.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grads = [p.grad for p in dense_params if p.grad is not None]
-        if gsize > 1 and grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=group)
-            flat /= gsize
-            off = 0
-            for g in grads:
-                g.copy_(flat[off : off + g.numel()].view_as(g))
-                off += g.numel()
-        opt.step()
-        rmap = routed_map["map"]
-        losses.append(loss.detach())
-        cross.append((rmap & remote_mask).sum().float())
-        routed.append(rmap.sum().float())
-        loads.append(rmap.sum(0).float())
-        if (step + 1) % 50 == 0 or step == 0:
-            w = slice(max(0, len(losses) - 10), len(losses))
-            lm = ctx.allsum([torch.stack(losses[w]).mean().item()])[0] / ctx.world
-            cr = ctx.allsum([torch.stack(cross[w]).sum().item(), torch.stack(routed[w]).sum().item()])
-            ctx.log(f"  [{tag}] step {step + 1:4d}  LM loss {lm:.3f}  cross-node share {cr[0] / max(cr[1], 1):.3f}"
-                    f"  ({time.perf_counter() - t0:.1f} s)")
-    ctx.sync()
-    train_s = time.perf_counter() - t0
-    n = min(10, len(losses))
-    first = ctx.allsum([torch.stack(losses[:n]).mean().item()])[0] / ctx.world
-    last = ctx.allsum([torch.stack(losses[-n:]).mean().item()])[0] / ctx.world
-    cr = ctx.allsum([torch.stack(cross[-n:]).sum().item(), torch.stack(routed[-n:]).sum().item()])
-    load = torch.stack(loads[-n:]).sum(0)  # per expert over the last n steps, summed over ranks
-    dist.all_reduce(load)
-    # held-out LM loss and cross-node share on validation windows (the same windows for every model)
-    vgen = torch.Generator().manual_seed(a.seed + 7 + 1000 * ctx.rank)
-    model.eval()
-    vloss = vcross = vrouted = 0.0
-    with torch.no_grad():
-        for _ in range(a.eval_batches):
-            vt, vl = corpus_batch(corpus.val, a.train_batch, a.seq, vgen, ctx.dev)
-            vloss += F.cross_entropy(model(vt).reshape(-1, 256), vl.reshape(-1)).item() / a.eval_batches
-            rmap = routed_map["map"]
-            vcross += (rmap & remote_mask).sum().item()
-            vrouted += rmap.sum().item()
-        vcr = ctx.allsum([vloss, vcross, vrouted])
-    model.train()
-    core = getattr(model.moe.router, "core", None)
-    strength = None if core is None or core.budget is None else core.budget.strength.item()
-    summary = {"tag": tag, "gate": gate, "mu": mu, "sync": sync, "locality_bias": locmoe is not None and
-               locmoe["locality_bias"], "expert_bias_rate": a.expert_bias_rate if locmoe is not None else None,
-               "steps": a.train_steps,
-               "tokens_per_rank_per_step": a.train_batch * a.seq, "lm_loss_first10": first, "lm_loss_last10": last,
-               "val_lm_loss": vcr[0] / ctx.world, "cross_node_share_last10": cr[0] / max(cr[1], 1),
-               "val_cross_node_share": vcr[1] / max(vcr[2], 1), "train_seconds": train_s,
-               "max_over_mean_load_last10": (load.max() / load.mean()).item(),
-               "cross_node_budget": None if locmoe is None else a.budget, "budget_strength": strength,
-               "eval_batches": a.eval_batches, "seed": a.seed}
-    ctx.log(f"  [{tag}] done: LM loss {first:.3f} -> {last:.3f} (val {summary['val_lm_loss']:.3f}), cross-node "
-            f"share {summary['cross_node_share_last10']:.3f} (val {summary['val_cross_node_share']:.3f}), max/mean "
-            f"load {summary['max_over_mean_load_last10']:.2f}, {train_s:.1f} s")
-    return model, summary
-
-
-def corpus_batch(stream, batch, seq, gen, dev):
-    from locmoe_plugin.demo.corpus import sample_batch
-
-    x, y = sample_batch(stream, batch, seq, gen)
-    return x.to(dev), y.to(dev)
 
 
 # ------------------------------------------------------------------------------------------ routing stats
