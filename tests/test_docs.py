@@ -17,7 +17,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 #: pages whose code this test runs (the pages of other topics follow the same fence convention)
-PAGES = ("testing.md", "megatron.md", "deepspeed.md", "ascend.md", "configuration.md")
+PAGES = ("testing.md", "megatron.md", "deepspeed.md", "ascend.md", "configuration.md", "dispatcher.md")
 FENCE = re.compile(r"^```python(?P<info>[^\n]*)\n(?P<code>.*?)^```", re.S | re.M)
 
 
