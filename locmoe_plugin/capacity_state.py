@@ -24,7 +24,7 @@ from .config import ConfigError, LocMoEConfig
 
 #: the config fields a capacity state depends on (saved with it, compared on resume)
 CAPACITY_SETTINGS = ("capacity", "capacity_factor", "delta", "capacity_factor_min", "capacity_factor_max",
-                     "hidden_size", "num_experts")
+                     "hidden_size", "num_experts", "capacity_bound_form", "capacity_factor_isotropic")
 
 _FIX = ("remove the LocMoE routers' capacity state from the checkpoint (their '_extra_state' entries) so "
         "the capacity is estimated again, or resume from an earlier checkpoint")
@@ -73,7 +73,8 @@ def resume_capacity_state(saved: Any, config: LocMoEConfig) -> dict:
     old = state.get("settings")
     new = capacity_settings(config)
     if old is not None:
-        changes = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in CAPACITY_SETTINGS if old.get(k) != new[k]]
+        # only the settings the checkpoint recorded (older ones lack the later fields)
+        changes = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in CAPACITY_SETTINGS if k in old and old[k] != new[k]]
     else:  # older checkpoint: only a factor router's configured factor can be compared
         changes = []
         if config.capacity == "factor" and state.get("factor") not in (None, config.capacity_factor):

@@ -68,9 +68,11 @@ class LocMoEConfig:
 
     Routing modes:
       * ``topk``   - plain token choice: softmax over gate logits, top-k, Switch aux loss. The baseline.
-      * ``locmoe`` - LocMoE: the same selection, plus the locality loss that teaches the router to
-        prefer experts on the token's own node. Locality is learned, not forced: the loss acts through
-        the gate and through the *locality bias* (see ``locality_bias``).
+      * ``locmoe`` - LocMoE: the same selection, kept mostly on the token's own node. By default a
+        cross-node budget (``cross_node_budget``, 0.2) holds the share of routed pairs that cross nodes:
+        a controller adds a margin to the local experts' selection scores (no loss). Given
+        ``locality_loss_coeff`` instead, locality is learned: the locality loss acts through the gate and
+        through the *locality bias* (see ``locality_bias``).
       * ``hybrid`` - LocMoE+: token choice of the top-``topk`` (the paper's l) experts by token-expert
         affinity, then expert choice: each expert keeps at most C of the tokens that chose it, ranked by
         highest affinity. Needs a capacity mode other than "none" (default "adaptive").
@@ -248,7 +250,7 @@ class LocMoEConfig:
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 1:
                 raise ConfigError(
                     f"cross_node_budget={budget!r} must be a share in [0, 1] (e.g. 0.2 = at most 20 % of routed "
-                    f"pairs cross nodes), or None for no budget"
+                    f"pairs cross nodes); for no budget with routing 'locmoe', give locality_loss_coeff instead"
                 )
             if self.routing in ("topk", "hash"):
                 raise ConfigError(
@@ -297,8 +299,9 @@ class LocMoEConfig:
             )
         elif self.locality_bias and self.locality_loss_coeff == 0 and not budget_loss:
             raise ConfigError(
-                "locality_bias is trained by the locality loss, which is off (locality_loss_coeff=0): set "
-                "locality_loss_coeff > 0 with routing 'locmoe' or 'hybrid', or locality_bias=False"
+                "locality_bias is trained by the locality loss, which is off (locality_loss_coeff=0; routing "
+                "'locmoe' uses the cross-node budget by default): set locality_loss_coeff > 0 with routing "
+                "'locmoe' or 'hybrid', or locality_bias=False"
             )
 
         _non_negative("expert_bias_rate", self.expert_bias_rate)

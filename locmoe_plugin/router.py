@@ -205,7 +205,7 @@ class LocMoERouter(nn.Module):
         counts exactly up to 2**24 per expert (the aux loss, the expert bias and the budget read them as
         fp32); the local int64 counts stay for the telemetry."""
         parts = [counts.to(torch.float32), bad.to(torch.float32).reshape(1)]
-        if self.budget is not None:
+        if self._budget_acts:
             parts.append((parts[0] * (self.expert_to_node != self.topology.node)).sum().reshape(1))
         packed = torch.cat(parts)
         g = self.group
@@ -218,12 +218,18 @@ class LocMoERouter(nn.Module):
         ):
             dist.all_reduce(packed, group=g)
         n = self.config.num_experts
-        return packed[:n], packed[n], (packed[n + 1] if self.budget is not None else None)
+        return packed[:n], packed[n], (packed[n + 1] if self._budget_acts else None)
+
+    @property
+    def _budget_acts(self) -> bool:
+        """The cross-node budget only acts across nodes: on one node no pair crosses, its controller would stay
+        at 0, so it costs nothing there (no offset, no count, no update; every EP rank decides alike)."""
+        return self.budget is not None and self.topology.num_nodes > 1
 
     def _selection_bias(self) -> torch.Tensor | None:
         """``[n]`` fp32 offsets of the selection scores: the expert bias plus the "selection" budget's local
         preference (None when neither is on)."""
-        offset = None if self.budget is None else self.budget.selection_offset(self.local_expert_mask)
+        offset = self.budget.selection_offset(self.local_expert_mask) if self._budget_acts else None
         if offset is None:
             return self.expert_bias
         return offset if self.expert_bias is None else offset + self.expert_bias
@@ -350,7 +356,7 @@ class LocMoERouter(nn.Module):
         locality_coeff = c.locality_loss_coeff if budget_mu is None else budget_mu + c.locality_loss_coeff
         learning = self.training and torch.is_grad_enabled()
         update_bias = self.expert_bias is not None and learning
-        update_budget = self.budget is not None and learning
+        update_budget = self._budget_acts and learning
         if logits is not None and (c.aux_loss_coeff > 0 or update_bias or update_budget):
             bad = (~torch.isfinite(logits)).any()
             if valid is None:

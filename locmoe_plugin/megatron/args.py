@@ -116,7 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "hash: experts from a fixed hash of the token id (Hash Layers baseline; needs "
                         "locmoe_plugin.megatron.attach_token_ids(model))")
     g.add_argument("--locmoe-locality-loss-coeff", type=_non_negative_float, default=None,
-                   help="mu of the locality loss (default 0.01 for locmoe/hybrid, 0 for topk/hash)")
+                   help="mu of the locality loss (default: 0 for locmoe, which has the cross-node budget instead; 0.01 for "
+                        "hybrid; 0 for topk/hash). Giving it for locmoe selects the learned locality loss without "
+                        "the default budget")
     g.add_argument("--locmoe-locality-bias", type=_on_off, default=None,
                    metavar="{on,off}",
                    help="learned per-rank routing-score offset through which the locality loss moves traffic "
@@ -152,7 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--locmoe-cross-node-budget", type=float, default=_DEFAULTS["cross_node_budget"],
                    help="cross-node traffic budget: at most this share (0..1) of routed pairs go to another node; "
                         "a controller adapts the locality strength online (see --locmoe-budget-mechanism; the "
-                        "fixed locality loss then defaults to 0; see docs/locality.md). Default: off")
+                        "fixed locality loss then defaults to 0; see docs/locality.md). Default: 0.2 for --locmoe-routing "
+                        "locmoe, unless --locmoe-locality-loss-coeff is given (then no budget); off otherwise")
     g.add_argument("--locmoe-budget-mechanism", choices=BUDGET_MECHANISMS, default=None,
                    help="how the cross-node budget acts: loss = its controller sets the locality loss's coefficient "
                         "(with the locality bias; the gate learns where to send tokens); selection = a margin on "
