@@ -46,7 +46,6 @@ import argparse
 import datetime
 import json
 import logging
-import math
 import os
 import statistics
 import sys
@@ -483,14 +482,10 @@ def main(argv=None) -> int:
     corpus = load_corpus(opts.corpus, seed=opts.seed)
     deepspeed = todo == ["deepspeed_moe"]
     if deepspeed:
-        import deepspeed as ds
+        from locmoe_plugin.testing.deepspeed_init import init_deepspeed_distributed
 
         os.environ.setdefault("DS_ACCELERATOR", accel.device_type)
-        if accel.is_cpu:
-            shm = sys.modules.get("deepspeed.comm.torch")
-            if shm is not None and hasattr(shm, "build_shm_op"):
-                shm.build_shm_op = lambda *a, **k: None  # skip compiling DeepSpeed's CPU shared-memory op
-        ds.init_distributed(dist_backend=accel.backend, verbose=False)
+        init_deepspeed_distributed(accel.backend)
     else:
         dist.init_process_group(backend=accel.backend)
     try:

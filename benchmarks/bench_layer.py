@@ -374,12 +374,9 @@ def deepspeed_ready(ctx: Ctx):
     if not _DS_READY:
         if ctx.acc.is_cpu:
             os.environ["DS_ACCELERATOR"] = "cpu"
-        import deepspeed
+        from locmoe_plugin.testing.deepspeed_init import init_deepspeed_distributed
 
-        shm = sys.modules.get("deepspeed.comm.torch")
-        if ctx.acc.is_cpu and shm is not None and hasattr(shm, "build_shm_op"):
-            shm.build_shm_op = lambda *a, **k: None  # no compiled CPU op in the smoke test
-        deepspeed.init_distributed(dist_backend=ctx.acc.backend)
+        init_deepspeed_distributed(ctx.acc.backend)
         _DS_READY = True
 
 

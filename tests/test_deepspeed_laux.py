@@ -28,14 +28,10 @@ def _router_grads(loss, router):
 
 def _worker(rank, world):
     os.environ["DS_ACCELERATOR"] = "cpu"
-    import sys
 
-    import deepspeed
+    from locmoe_plugin.testing import init_deepspeed_distributed
 
-    shm = sys.modules.get("deepspeed.comm.torch")
-    if shm is not None and hasattr(shm, "build_shm_op"):
-        shm.build_shm_op = lambda *a, **k: None  # skip compiling the CPU shared-memory op
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_distributed("gloo")
     from locmoe_plugin.deepspeed import LocMoE
     from locmoe_plugin.router import LocMoERouter
 

@@ -21,15 +21,11 @@ def _expert():
 
 def _worker(rank, world):
     os.environ["DS_ACCELERATOR"] = "cpu"
-    import sys
-
-    import deepspeed
     import torch.distributed as dist
 
-    shm = sys.modules.get("deepspeed.comm.torch")
-    if shm is not None and hasattr(shm, "build_shm_op"):
-        shm.build_shm_op = lambda *a, **k: None  # skip compiling the CPU shared-memory op
-    deepspeed.init_distributed(dist_backend="gloo")
+    from locmoe_plugin.testing import init_deepspeed_distributed
+
+    init_deepspeed_distributed("gloo")
     from locmoe_plugin.deepspeed import LocMoE
 
     out = {}

@@ -12,7 +12,6 @@ groups, ZeRO stage 0, fp32.
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 
 import torch
@@ -119,17 +118,12 @@ class DeepSpeedSystem:
 
 
 def run_rank(opts, accel, dev, corpus) -> list[dict]:
-    import deepspeed
-
+    from ..testing.deepspeed_init import init_deepspeed_distributed
     from .train import train_system
 
     warnings.filterwarnings("ignore")
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    if accel.is_cpu:
-        shm = sys.modules.get("deepspeed.comm.torch")
-        if shm is not None and hasattr(shm, "build_shm_op"):
-            shm.build_shm_op = lambda *a, **k: None  # skip compiling DeepSpeed's CPU shared-memory op
-    deepspeed.init_distributed(dist_backend=opts.backend, verbose=False)
+    init_deepspeed_distributed(opts.backend)
     results = []
     for name in opts.systems:
         torch.manual_seed(opts.seed)
