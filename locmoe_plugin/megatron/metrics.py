@@ -25,12 +25,11 @@ LOSS_METRICS = {"aux": "load_balancing_loss", "locality": "locmoe_locality_loss"
 #: what a LocMoE router records in the tracker besides the losses TopKRouter also records
 LOCMOE_METRICS = ("locmoe_locality_loss", *TELEMETRY_METRICS)
 
-# routers (anything with ``flush_telemetry()``) with unrecorded telemetry
-_pending: weakref.WeakSet = weakref.WeakSet()
 # every LocMoE router not yet freed
 _live: weakref.WeakSet = weakref.WeakSet()
-# routers whose sums live in a persistent device buffer: flushed at every report, because a CUDA graph replay
-# of the router adds to the buffer without running the Python that would put the router in `_pending`
+# routers (anything with ``flush_telemetry()``) whose sums live in a persistent device buffer, added once when
+# the buffer is made: flushed at every report, since a CUDA graph replay of the router adds to the buffer
+# without running any Python that could mark the router as having new telemetry
 _accumulating: weakref.WeakSet = weakref.WeakSet()
 # objects with an ``applied`` flag (the metrics-report patches of enable.py register here)
 _report_flushers: list = []
@@ -56,9 +55,8 @@ def flush_locmoe_metrics() -> None:
 
     Call it before reporting Megatron's tracker in your own training loop; with
     :func:`locmoe_plugin.megatron.enable`'s metrics patch, Megatron's report calls it first."""
-    for router in set(_pending) | set(_accumulating):
+    for router in list(_accumulating):
         router.flush_telemetry()
-    _pending.clear()
     drop_stale_locmoe_metrics()
 
 

@@ -347,14 +347,14 @@ class LocMoEMegatronRouter(torch.nn.Module):
             if self._sums is None or self._sum_keys != tuple(deferred):
                 self._flush_sums()  # the deferred losses changed (report patch toggled): record what was summed
                 self._sums, self._sum_keys = torch.zeros_like(row), tuple(deferred)
+                metrics._accumulating.add(self)  # once per buffer, not per forward
             self._sums.add_(row)
-        metrics._accumulating.add(self)
         return probs, routing_map
 
     def _flush_sums(self) -> None:
         """Move the persistent buffer's sums into ``_loss_sums`` / ``_telemetry_sum`` /
         ``_telemetry_forwards`` (what :meth:`flush_telemetry` records) and zero the buffer in place."""
-        sums = getattr(self, "_sums", None)
+        sums = getattr(self, "_sums", None)  # absent on stand-ins that carry only the flushed sums (tests)
         if sums is None:
             return
         snap = sums.clone()
