@@ -163,7 +163,7 @@ def _label_phases(layer):
     in profiler ranges; returns a function that takes the wrappers off."""
     from torch.profiler import record_function
 
-    from locmoe_plugin.comm import plan as plan_mod
+    from locmoe_plugin.comm.counts import RoutingCounts
 
     def labelled(fn, label):
         def run(*args, **kwargs):
@@ -184,14 +184,8 @@ def _label_phases(layer):
     for ph in ("dispatch_preprocess", "token_dispatch", "dispatch_postprocess", "combine_preprocess",
                "token_combine", "combine_postprocess"):
         wrap(layer.token_dispatcher, ph, ph)
-    init = plan_mod._Counts.__init__
-
-    def counts_init(self, *args, **kwargs):
-        with record_function("phase:  plan: count exchange + host sync"):
-            init(self, *args, **kwargs)
-
-    plan_mod._Counts.__init__ = counts_init
-    undo.append(lambda: setattr(plan_mod._Counts, "__init__", init))
+    # the plan's count exchange: started on the device in dispatch_preprocess, its one host wait later
+    wrap(RoutingCounts, "wait_host", "  plan: count exchange host sync")
     return lambda: [u() for u in reversed(undo)]
 
 

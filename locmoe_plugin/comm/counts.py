@@ -110,15 +110,10 @@ class RoutingCounts:
     :mod:`.counting_sort`), plus one more bin, the most slots one (token, expert) cell holds, so that a
     token listing one expert twice raises on every rank."""
 
-    def __init__(self, groups: CommGroups, expert_ids: torch.Tensor, k: int, per_token: bool = True):
-        """Both halves at once (:meth:`start` then :meth:`wait_host`)."""
-        self.start(groups, expert_ids, k, per_token)
-        self.wait_host()
-
     @classmethod
     def started(cls, groups: CommGroups, expert_ids: torch.Tensor, k: int, per_token: bool = True) -> "RoutingCounts":
         """The device half only; call :meth:`wait_host` before reading the host lists."""
-        counts = cls.__new__(cls)
+        counts = cls()
         counts.start(groups, expert_ids, k, per_token)
         return counts
 
@@ -171,8 +166,7 @@ class RoutingCounts:
             table = local
         self._table, self._bins, self._expert_bins = table, lay["bins"], lay["expert_bins"]
         self._num_experts = e
-        self._per_token, self._num_ranks = per_token, n
-        self._levels = (max_nodes, max_ranks, max_experts)
+        self._per_token, self._num_nodes = per_token, n
         self._layout = {key: lay[key] for key in ("node_rank_bins", "rank_expert_bins", "expert_bins")}
         acc = get_accelerator(dev.type)
         if acc.is_cpu:
@@ -195,9 +189,9 @@ class RoutingCounts:
         self._host_ready = True
         bins = self._bins
         rows = [flat[i * bins : (i + 1) * bins] for i in range(len(flat) // bins)]
-        max_nodes, max_ranks, max_experts = self._levels
+        max_nodes, max_ranks, max_experts = self.node_levels, self.rank_levels, self.expert_levels
         node_rank_at, rank_expert_at, expert_at = (self._layout[key] for key in ("node_rank_bins", "rank_expert_bins", "expert_bins"))
-        n, p, e = self._num_ranks, len(rows), self._num_experts
+        n, p, e = self._num_nodes, len(rows), self._num_experts
 
         def at_least(hist, levels):  # hist[v] = tokens with value v -> tokens with value > c, c < levels
             return [sum(hist[c + 1 :]) for c in range(levels)]
@@ -209,7 +203,6 @@ class RoutingCounts:
             self.rows_to_node = [[h[0] for h in h2] for h2 in self.rank_copies_on_node]
             self.rows_to_rank = [[h[0] for h in h3] for h3 in self.expert_copies_on_rank]
         self.pairs_to_expert = [r[expert_at : expert_at + e] for r in rows]
-        self.dropped_slots = [r[expert_at + e + 2] for r in rows]  # slots with id -1, per source rank
         bad = [r[expert_at + e] + r[expert_at + e + 1] for r in rows]
         if any(bad):
             # every rank saw the same table: all raise together, nobody hangs in a later collective
@@ -238,9 +231,3 @@ class RoutingCounts:
     def expert_columns(self) -> slice:
         """Columns of one rank's row of :attr:`table` that hold its pairs per expert."""
         return slice(self._expert_bins, self._expert_bins + self._num_experts)
-
-    def local_sizes(self, first_expert: int, n_local: int) -> torch.Tensor:
-        """``[P * n_local]`` (device, source-major): pairs every EP rank routed to experts ``first_expert ..
-        first_expert + n_local - 1``, read from the all-gathered table (no host-to-device copy)."""
-        o = self._expert_bins + first_expert
-        return self._table.view(-1, self._bins)[:, o : o + n_local].reshape(-1)

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .build import build_plan, start_counts
+from .build import PLAN_MODES, build_plan, start_counts
 from .counts import RoutingCounts
 from .groups import CommGroups
 from .hierarchical_plan import crosses_nodes
@@ -25,7 +25,7 @@ from .origin_split import split_by_origin
 from .overlap import InFlight, broadcast_split, finish_reduce, finish_remote, launch_remote, reduce_remote, reduce_split
 from .plan import Plan
 
-MODES = ("hierarchical", "flat", "flat_fast")
+MODES = PLAN_MODES
 
 
 def resolve_mode(mode: str, topology, exact_tree: bool = False) -> str:

@@ -37,7 +37,8 @@ def node_group_moves(counts: RoutingCounts, t, node: int, origin_nodes) -> bool:
     comes from one of ``origin_nodes`` (the same answer on every member)."""
     to_rank = counts.rows_to_rank
     ranks_here = t.ranks_of_node(node)
-    return any(to_rank[t.rail(i)[b]][p] for i in range(t.ranks_per_node) for b in origin_nodes
+    origin_ranks = [t.ranks_of_node(b) for b in origin_nodes]  # once, not per (rank, node) pair
+    return any(to_rank[ranks_b[i]][p] for i in range(t.ranks_per_node) for ranks_b in origin_ranks
                for p in ranks_here if p != ranks_here[i])
 
 

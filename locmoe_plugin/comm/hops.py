@@ -169,11 +169,7 @@ def mask_hop(mask: torch.Tensor, n_sent: int, fan_in: int, blocks, level_counts=
     The copy number of each entry is the row's running count over the destinations (a cumsum), so no
     sort is needed. Also returns each entry's flat ``d * rows + r`` position (for per-entry lookups)."""
     rows, d = mask.shape
-    flat = mask.t().reshape(-1)
-    cell = torch.empty(n_sent + 1, dtype=torch.long, device=mask.device)
-    # 1-based send positions; False cells land on the phantom slot 0, which is cut off
-    cell.scatter_(0, torch.where(flat, torch.cumsum(flat, 0), 0), torch.arange(flat.numel(), device=mask.device))
-    cell = cell[1:]
+    cell = true_positions(mask.t(), n_sent)  # flat d * rows + r positions, destination-major
     index = cell % max(rows, 1)
     occ1 = torch.cumsum(mask, 1).t().reshape(-1).index_select(0, cell)  # 1-based copy numbers
     hop = Hop.build(index, blocks, rows, fan_in, group, out_splits, level_counts, occ=occ1, occ_base=1)

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .hops import Hop, all_to_all_rows
+from .hops import Hop, run_broadcast
 from .return_path import ReturnPath
 
 if TYPE_CHECKING:
@@ -114,11 +114,7 @@ class Plan:
         """``x [s, F]`` -> ``[num_pairs, F]`` rows in canonical pair order (copies only)."""
         if self.pairs_route is not None:
             return self.pairs_route.broadcast(x)
-        for index, hop in self.broadcast_steps:
-            x = x.index_select(0, index)
-            if hop is not None:
-                x = all_to_all_rows(x, hop.out_splits, hop.blocks, hop.group)
-        return x
+        return run_broadcast(x, self.broadcast_steps)
 
     def reduce(self, y: torch.Tensor) -> torch.Tensor:
         """``y [num_pairs, F]`` -> ``[s, F]``: sums in the fixed node / rank / expert tree (``flat_fast``:
