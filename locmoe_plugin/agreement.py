@@ -46,7 +46,8 @@ def fingerprint(settings: Mapping[str, Any]) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def _group_active(group) -> bool:
+def group_active(group) -> bool:
+    """Whether ``group`` has several ranks in an initialised process group (else collectives are skipped)."""
     return group is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
@@ -81,7 +82,7 @@ def check_agreement(settings: Mapping[str, Any], group=None, *, where: str = "Lo
 
     Cost: one all-gather of one int64 per rank; on a mismatch, one more all-gather of the settings.
     """
-    if not _group_active(group):
+    if not group_active(group):
         return
     mine = torch.tensor([fingerprint(settings)], dtype=torch.int64, device=_collective_device(group))
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]

@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import torch
 
-MECHANISMS = ("loss", "selection")
+from .config import BUDGET_MECHANISMS
+
+MECHANISMS = BUDGET_MECHANISMS
 
 #: Step of the dual update per unit of share error, per mechanism.
 #:
@@ -57,9 +59,6 @@ RATES = {"selection": 0.2, "loss": 0.01}
 #: only slow the way back. "loss": 0.5, above the mu that gave full locality in every measurement (0.1-0.3);
 #: a larger clip only lengthens the wind-down (at most 0.001 per step for a budget of 0.1) after an overshoot.
 MAX_STRENGTHS = {"selection": 2.0, "loss": 0.5}
-#: the selection mechanism's values under their earlier names
-DEFAULT_RATE = RATES["selection"]
-MAX_STRENGTH = MAX_STRENGTHS["selection"]
 
 
 class CrossNodeBudget(torch.nn.Module):

@@ -32,6 +32,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from .agreement import group_active
 from .bounds import ec_min_erfc, ec_min_exact, ec_min_exp
 from .capacity_state import capacity_settings, resume_capacity_state
 from .config import LocMoEConfig
@@ -70,10 +71,6 @@ def estimation_skip_reason(tokens: float, nonfinite_ranks: float) -> str:
 def capacity_from_factor(factor: float, num_tokens: int, topk: int, num_experts: int, min_capacity: int) -> int:
     """``max(min_capacity, ceil(factor * s * k / n))``."""
     return max(min_capacity, math.ceil(factor * num_tokens * topk / num_experts))
-
-
-def _group_active(group) -> bool:
-    return group is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 class CapacityController:
@@ -115,7 +112,7 @@ class CapacityController:
         """0-d tensors summed over the group (one all-reduce), as Python floats."""
         # fp32 (every backend reduces it): pair counts past 2**24 round at 6e-8 relative, harmless in a ratio
         both = torch.stack([v.float() for v in values])
-        if _group_active(self.group):
+        if group_active(self.group):
             dist.all_reduce(both, group=self.group)
         return both.tolist()  # device-to-host sync: estimation steps only
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .agreement import check_agreement, config_settings
+from .agreement import check_agreement, config_settings, group_active
 from .budget import CrossNodeBudget
 from .capacity import CapacityController
 from .config import ConfigError, LocMoEConfig
@@ -208,15 +208,8 @@ class LocMoERouter(nn.Module):
         if self._budget_acts:
             parts.append((parts[0] * (self.expert_to_node != self.topology.node)).sum().reshape(1))
         packed = torch.cat(parts)
-        g = self.group
-        if (
-            self.config.aux_loss_scope == "ep_group"
-            and g is not None
-            and dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size(g) > 1
-        ):
-            dist.all_reduce(packed, group=g)
+        if self.config.aux_loss_scope == "ep_group" and group_active(self.group):
+            dist.all_reduce(packed, group=self.group)
         n = self.config.num_experts
         return packed[:n], packed[n], (packed[n + 1] if self._budget_acts else None)
 
