@@ -10,9 +10,14 @@ cross-node bytes over the mean).
 Dispatch runs (``bench_dispatch.py``, ``overlap_2x<R>_socket*.json``): each 2-node row is predicted from the
 one-node run's time of the same system (``overlap_1x<G>.json``), the two-stage plan's host cost, and the
 link figure of ``locmoe bandwidth`` at that link setting (``bandwidth_slow.txt`` for ``_socket``,
-``bandwidth_fast.txt`` for ``_socket8``) with the layer probe's latency. Usage, from the repo root:
+``bandwidth_fast.txt`` for ``_socket8``) with the layer probe's latency.
 
-    python benchmarks/validate_projection.py [benchmarks/results] [--json OUT]
+Each prediction also shows the held-out run's own spread over its timing rounds (``ms_rounds``, half the
+interquartile range over the median, where recorded): an error inside it is inside the measurement's
+round-to-round noise. Usage, from the repo root (any number of result folders, each searched
+recursively; default ``benchmarks/results``):
+
+    python benchmarks/validate_projection.py [FOLDER ...] [--json OUT]
 """
 
 from __future__ import annotations
@@ -89,14 +94,65 @@ def busiest_inter_ratio(v: dict, bw_GBps: float, ranks: int) -> float:
     return max(1.0, busiest / mean)
 
 
-def dispatch_two_stage_ms(root: str, topk: int) -> float | None:
+DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def as_roots(roots) -> list[str]:
+    """One result folder or a list of them, as a list without repeats (order kept)."""
+    roots = [roots] if isinstance(roots, str) else list(roots)
+    return list(dict.fromkeys(os.path.normpath(r) for r in roots))
+
+
+def find(roots, pattern: str) -> list[tuple[str, str]]:
+    """``(root, path)`` of every file named ``pattern`` under each root (recursively), each path once."""
+    seen, out = set(), []
+    for root in as_roots(roots):
+        for path in sorted(glob.glob(os.path.join(root, "**", pattern), recursive=True)):
+            real = os.path.realpath(path)
+            if real not in seen:
+                seen.add(real)
+                out.append((root, path))
+    return out
+
+
+def run_name(root: str, path: str) -> str:
+    """``path`` relative to the folder it was found under; a folder given as the run itself is named by its
+    own name."""
+    rel = os.path.relpath(path, root)
+    return os.path.basename(os.path.abspath(root)) if rel == "." else rel
+
+
+def round_spread(v: dict) -> float | None:
+    """Half the interquartile range of a system's timing rounds (``ms_rounds``) over their median: the
+    run's own round-to-round noise; None where fewer than 3 rounds are recorded."""
+    rounds = sorted(v.get("ms_rounds") or [])
+    if len(rounds) < 3:
+        return None
+    med = _quantile(rounds, 0.5)
+    return (_quantile(rounds, 0.75) - _quantile(rounds, 0.25)) / 2 / med if med > 0 else None
+
+
+def _quantile(xs: list[float], f: float) -> float:
+    """Linear-interpolation quantile of sorted ``xs`` (numpy's default)."""
+    pos = f * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def dispatch_two_stage_ms(roots, topk: int) -> float | None:
     """The two-stage plan's extra host time on one node from every one-node ``bench_dispatch.py`` JSON
-    under ``root`` that has ``hier_tree`` rows (:func:`two_stage_extra_ms`)."""
-    res = []
-    for path in sorted(glob.glob(os.path.join(root, "**", "dispatch_1node_*.json"), recursive=True)):
-        with open(path) as f:
-            res.append(json.load(f))
-    return two_stage_extra_ms(res, topk)
+    under ``roots`` that has ``hier_tree`` rows (:func:`two_stage_extra_ms`); where none has them, from
+    those under the repository's ``benchmarks/results`` (one-node runs only: no held-out layout enters)."""
+    def from_(where):
+        res = []
+        for _, path in find(where, "dispatch_1node_*.json"):
+            with open(path) as f:
+                res.append(json.load(f))
+        return two_stage_extra_ms(res, topk)
+
+    got = from_(roots)
+    return got if got is not None else from_(DEFAULT_ROOT)
 
 
 def row_calibration(one: dict, name: str, bw: float, two_stage: float | None):
@@ -105,9 +161,10 @@ def row_calibration(one: dict, name: str, bw: float, two_stage: float | None):
     return calibration_from_layer_results(one, inter_bw_GBps=bw, two_stage_ms=two_stage, fixed_from=name)
 
 
-def validate(root: str) -> list[dict]:
+def validate(roots) -> list[dict]:
+    """Layer predictions for every one-node / two-node pair under ``roots`` (a folder or a list)."""
     rows = []
-    for one_path in sorted(glob.glob(os.path.join(root, "**", "layer_1node_*gpu.json"), recursive=True)):
+    for root, one_path in find(roots, "layer_1node_*gpu.json"):
         run_dir = os.path.dirname(one_path)
         gpus = int(re.search(r"layer_1node_(\d+)gpu\.json$", one_path).group(1))
         with open(one_path) as f:
@@ -121,7 +178,7 @@ def validate(root: str) -> list[dict]:
             continue
         bw = link["bandwidth_GBps"]
         duplex = link.get("duplex")
-        two_stage = dispatch_two_stage_ms(root, m["topk"])
+        two_stage = dispatch_two_stage_ms(roots, m["topk"])
         model = ModelSpec(hidden=m["hidden"], ffn=m["ffn"], experts=m["experts"], topk=m["topk"],
                           tokens_per_rank=m["tokens_per_rank"], dtype=m["dtype"], swiglu=False)
         for name, system in SYSTEMS.items():
@@ -144,7 +201,7 @@ def validate(root: str) -> list[dict]:
                 routing = RoutingSpec(cross_node_share=min(1.0, v["cross_node_share"]), imbalance=u,
                                       inter_imbalance=u_x, chunks=1)
                 t = predict_layer(system, cluster, model, routing, cal_v)
-                rows.append({"run": os.path.relpath(run_dir, root), "commit": m2.get("commit") or m.get("commit"),
+                rows.append({"run": run_name(root, run_dir), "spread": round_spread(v), "commit": m2.get("commit") or m.get("commit"),
                              "layout": f"{m2['nodes']}x{m2['gpus_per_node']}", "latency_us": link["latency_us"],
                              "system": name, "share": v["cross_node_share"], "imbalance": u, "inter_imbalance": u_x,
                              "duplex": dup, "variant": label, "link_GBps": bw,
@@ -172,14 +229,14 @@ def probe_latency_us(run_dir: str) -> float:
     return 0.0
 
 
-def validate_dispatch(root: str) -> list[dict]:
+def validate_dispatch(roots) -> list[dict]:
     """Predict every 2-node ``bench_dispatch.py`` row (per system, cross share and link setting) from the
     one-node run of the same call: ``one-node ms + two-stage host cost (two-stage systems) + 4 x (latency +
     the model's cross-node bytes per rank / link rate)``. bench_dispatch's experts are light and run on both
     layouts, so they sit inside the one-node time; the overlap rows get no overlap credit (the model's
     chunked term pipelines expert GEMMs, which this benchmark barely has)."""
     out = []
-    for one_path in sorted(glob.glob(os.path.join(root, "**", "overlap_1x*.json"), recursive=True)):
+    for root, one_path in find(roots, "overlap_1x*.json"):
         odir = os.path.dirname(one_path)
         run_dir = os.path.dirname(odir)
         with open(one_path) as f:
@@ -199,7 +256,7 @@ def validate_dispatch(root: str) -> list[dict]:
             ranks_per_node = mt["ranks"] // mt["nodes"]
             for row in two["rows"]:
                 k = row["topk"]
-                two_stage = dispatch_two_stage_ms(root, k) or 0.0
+                two_stage = dispatch_two_stage_ms(roots, k) or 0.0
                 model = ModelSpec(hidden=mt["hidden"], ffn=1, experts=row["experts"], topk=k,
                                   tokens_per_rank=mt["tokens_per_rank"], dtype=mt["dtype"], swiglu=False)
                 cluster = ClusterSpec(nodes=mt["nodes"], gpus_per_node=ranks_per_node, intra_bw_GBps=200.0,
@@ -213,7 +270,7 @@ def validate_dispatch(root: str) -> list[dict]:
                     t = predict_layer(system, cluster, model, routing)
                     extra = two_stage if two_stage_plan else 0.0
                     pred = one_sys[name]["ms"] + extra + t.comm_ms
-                    out.append({"run": os.path.relpath(two_path, root), "setting": setting, "system": name,
+                    out.append({"run": run_name(root, two_path), "spread": round_spread(v), "setting": setting, "system": name,
                                 "share": row["cross_node_pair_share"], "link_GBps": bw, "latency_us": lat,
                                 "two_stage_ms": extra, "one_node_ms": one_sys[name]["ms"],
                                 "measured_ms": v["ms"], "predicted_ms": pred, "error": pred / v["ms"] - 1})
@@ -222,37 +279,53 @@ def validate_dispatch(root: str) -> list[dict]:
 
 def _summary(rows: list[dict], what: str) -> str:
     errs = [abs(r["error"]) for r in rows]
-    return (f"{what}: mean |error| {100 * sum(errs) / len(errs):.1f} %, max {100 * max(errs):.1f} % over "
-            f"{len(errs)} predictions, {sum(e <= 0.15 for e in errs)} within 15 %")
+    out = (f"{what}: mean |error| {100 * sum(errs) / len(errs):.1f} %, max {100 * max(errs):.1f} % over "
+           f"{len(errs)} predictions, {sum(e <= 0.15 for e in errs)} within 15 %")
+    miss = [r for r in rows if abs(r["error"]) > 0.15]
+    noisy = [r for r in miss if r.get("spread") is not None]
+    if noisy:
+        out += (f"; of the {len(miss)} others, {len(noisy)} have recorded rounds, with a round spread of "
+                f"{100 * min(r['spread'] for r in noisy):.0f}-{100 * max(r['spread'] for r in noisy):.0f} %")
+    return out
+
+
+def _spread(r: dict) -> str:
+    return f"{100 * r['spread']:>5.1f}%" if r.get("spread") is not None else f"{'-':>6}"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("root", nargs="?", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("roots", nargs="*", default=[DEFAULT_ROOT], metavar="FOLDER",
+                   help="result folders, each searched recursively (default: benchmarks/results)")
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     a = p.parse_args()
-    rows = validate(a.root)
+    missing = [r for r in a.roots if not os.path.isdir(r)]
+    if missing:
+        print(f"not a folder: {missing}; pass folders holding layer_1node_<G>gpu.json and a 2-node run",
+              file=sys.stderr)
+        return 2
+    rows = validate(a.roots)
     if not rows:
-        print(f"no run under {a.root} has both layer_1node_4gpu.json and a 2-node result", file=sys.stderr)
+        print(f"no run under {a.roots} has both layer_1node_<G>gpu.json and a 2-node result", file=sys.stderr)
         return 1
     print(f"{'run':<46} {'system':<14} {'share':>5} {'x-imb':>5} {'duplex':>6} {'link':>5} {'2-stg':>5} "
-          f"{'1-node':>6} {'measured':>8} {'predicted':>9} {'error':>7}")
+          f"{'1-node':>6} {'measured':>8} {'predicted':>9} {'error':>7} {'spread':>6}")
     for r in rows:
         print(f"{r['run']:<46} {r['system']:<14} {r['share']:>5.3f} {r['inter_imbalance']:>5.2f} {r['duplex']:>6} "
               f"{r['link_GBps']:>5.2f} {r['two_stage_ms'] or 0:>5.2f} {r['one_node_ms']:>6.2f} {r['measured_ms']:>8.2f} "
-              f"{r['predicted_ms']:>9.2f} {100 * r['error']:>+6.1f}%")
+              f"{r['predicted_ms']:>9.2f} {100 * r['error']:>+6.1f}% {_spread(r)}")
     main_rows = [r for r in rows if r["variant"] == "model"]
     print(_summary(main_rows, "layer") + " (first row of each system; the others: the same with a full-duplex link)")
     for layout in sorted({r["layout"] for r in main_rows}):
         print("  " + _summary([r for r in main_rows if r["layout"] == layout], f"2 nodes x {layout[2:]}"))
-    drows = validate_dispatch(a.root)
+    drows = validate_dispatch(a.roots)
     if drows:
         print(f"\n{'dispatch run':<52} {'system':<14} {'share':>5} {'link':>5} {'lat us':>6} {'2-stg':>5} "
-              f"{'1-node':>6} {'measured':>8} {'predicted':>9} {'error':>7}")
+              f"{'1-node':>6} {'measured':>8} {'predicted':>9} {'error':>7} {'spread':>6}")
         for r in drows:
             print(f"{r['run']:<52} {r['system']:<14} {r['share']:>5.3f} {r['link_GBps']:>5.2f} {r['latency_us']:>6.1f} "
                   f"{r['two_stage_ms']:>5.2f} {r['one_node_ms']:>6.2f} {r['measured_ms']:>8.2f} "
-                  f"{r['predicted_ms']:>9.2f} {100 * r['error']:>+6.1f}%")
+                  f"{r['predicted_ms']:>9.2f} {100 * r['error']:>+6.1f}% {_spread(r)}")
         for name in sorted({r["system"] for r in drows}):
             print("  " + _summary([r for r in drows if r["system"] == name], f"dispatch {name}"))
     if a.json:

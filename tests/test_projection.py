@@ -226,3 +226,25 @@ def test_allgather_rows_follow_the_layout():
     assert allgather_rows(2, 1, 8) == Rows(inter=8.0, intra=0.0)
     assert allgather_rows(1, 4, 8) == Rows(inter=0.0, intra=24.0)
     assert allgather_rows(4, 2, 8) == Rows(inter=24.0, intra=32.0)  # (P - 1) s = 56 rows in all
+
+
+def test_validation_takes_a_list_of_result_folders(tmp_path):
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("validate_projection", "benchmarks/validate_projection.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a = "benchmarks/results/2026-11-22_h200x4_layer"
+    b = tmp_path / "new_4gpu_run"  # a run folder of its own, as a new measurement arrives
+    shutil.copytree("benchmarks/results/2026-11-26_h200x2_overlap_layer/layer", b)
+    one = mod.validate([a])
+    both = mod.validate([a, str(b), a])  # a repeated folder counts once
+    assert {r["run"] for r in both} == {"2026-11-22_h200x4_layer", "new_4gpu_run"}
+    assert [r for r in both if r["run"] == "2026-11-22_h200x4_layer"] == one
+    # the two-stage host cost comes from one-node dispatch runs, found under benchmarks/results when the
+    # given folders have none
+    new = [r for r in both if r["run"] == "new_4gpu_run" and r["system"] == "locmoe_grap"]
+    assert new and new[0]["two_stage_ms"] > 0 and new[0]["spread"] is not None
+    assert mod.round_spread({"ms_rounds": [1.0, 2.0, 3.0, 4.0, 5.0]}) == (4.0 - 2.0) / 2 / 3.0
+    assert mod.round_spread({"ms": 1.0}) is None
