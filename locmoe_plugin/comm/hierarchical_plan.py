@@ -20,9 +20,8 @@ import torch
 from .canonical import bits_to_fp32, canonical_hop, token_metadata
 from .counts import RoutingCounts, topology_tensors
 from .groups import CommGroups
-from .hops import Hop, fused_broadcast, mask_hop
-from .plan import Plan, Traffic
-from .return_path import ReturnPath
+from .hops import Hop, mask_hop
+from .plan import Plan, Traffic, tree_plan
 
 
 def rail_group_moves(counts: RoutingCounts, t, local_index: int) -> bool:
@@ -102,18 +101,8 @@ def build_hierarchical_plan(expert_ids: torch.Tensor, weights: torch.Tensor, gro
     canon, slot, tpe = canonical_hop(node_meta[:, :k], node_meta[:, k], groups, counts, src_sorted=t.num_nodes == 1)
     pair_weight = bits_to_fp32(node_meta[:, k + 1 :].index_select(0, canon.index).gather(1, slot.unsqueeze(1)).squeeze(1))
     pair_src_key = node_meta[:, k].index_select(0, canon.index)
-    ret = ReturnPath.build(pair_src_key, slot, k, groups, counts)
-    hops = first_hops + (node_hop, canon)
     inter = sum(c for b, c in enumerate(rows_to_node[me]) if b != node)
     intra = sum(c for q, c in zip(ranks_here, node_blocks) if q != me)
-    return Plan(
-        hops=hops,
-        num_tokens=s,
-        pair_weight=pair_weight,
-        tokens_per_expert=tpe,
-        traffic=Traffic(inter_rows=inter, intra_rows=intra),
-        mode="hierarchical",
-        broadcast_steps=fused_broadcast(hops),
-        return_path=ret,
-        pair_src_key=pair_src_key,
-    )
+    return tree_plan(mode="hierarchical", hops=first_hops + (node_hop, canon), k=k, pair_weight=pair_weight,
+                     pair_src_key=pair_src_key, slot=slot, traffic=Traffic(inter_rows=inter, intra_rows=intra),
+                     groups=groups, counts=counts, num_tokens=s, tokens_per_expert=tpe)

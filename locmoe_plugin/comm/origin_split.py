@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from .counts import SRC_SHIFT, RoutingCounts, topology_tensors
 from .groups import CommGroups
-from .hierarchical_plan import node_group_moves, rail_group_moves
+from .hierarchical_plan import node_group_moves
 from .hops import Hop, fused_broadcast, run_broadcast, true_positions
 from .plan import Plan
 
@@ -87,8 +87,6 @@ class OriginSplit:
             blocks are the rows before and after it, in node order).
         remote_gather: ``[remote rows sent]`` int64 token of each remote row in send order.
         remote_send_splits / remote_recv_splits: the rail all-to-all of remote rows (own node: 0).
-        rail_moves: whether any member of the rail group sends a remote row (else the collective is
-            skipped by all of them).
         local / remote: the two routes.
         num_pairs: pairs at this rank (both routes).
     """
@@ -98,11 +96,17 @@ class OriginSplit:
     remote_gather: torch.Tensor
     remote_send_splits: tuple[int, ...]
     remote_recv_splits: tuple[int, ...]
-    rail_moves: bool
     local: OriginRoute
     remote: OriginRoute
     num_pairs: int
     order_hook: object = field(default=None, repr=False)
+
+    @property
+    def rail_moves(self) -> bool:
+        """Whether any member of the rail group sends a row to another node (else every member skips
+        the rail collective). The unsplit rail hop holds its group only then (every row it sends to
+        another node is a remote row), so this is read from the hop, the same answer on every member."""
+        return self.rail_hop.group is not None
 
     # ------------------------------------------------------------------------------ rail transfers
     def start_rail(self, rows: torch.Tensor, send_splits, recv_splits) -> tuple[torch.Tensor, object]:
@@ -222,4 +226,4 @@ def split_by_origin(plan: Plan, groups: CommGroups, counts: RoutingCounts) -> Or
         ))
     local, remote = routes
     return OriginSplit(rail_hop, (send_at, own), remote_gather, remote_send_splits, remote_recv_splits,
-                       rail_group_moves(counts, t, j), local, remote, plan.pair_weight.numel())
+                       local, remote, plan.pair_weight.numel())

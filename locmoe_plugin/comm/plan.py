@@ -44,10 +44,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .hops import Hop, run_broadcast
+from .hops import Hop, fused_broadcast, run_broadcast
 from .return_path import ReturnPath
 
 if TYPE_CHECKING:
+    from .counts import RoutingCounts
+    from .groups import CommGroups
     from .origin_split import OriginSplit
     from .pairs_plan import PairsRoute
 
@@ -62,6 +64,15 @@ class Traffic:
 
     inter_rows: int = 0
     intra_rows: int = 0
+
+    @classmethod
+    def of_rank_sends(cls, rows_to_rank, topology) -> "Traffic":
+        """From the rows this rank sends to each EP rank (``rows_to_rank [P]`` host ints): those to
+        other nodes, and those to other ranks of this node."""
+        me, node = topology.ep_rank, topology.node
+        on_node = [topology.node_of_rank[q] == node for q in range(topology.ep_size)]
+        return cls(inter_rows=sum(c for q, c in enumerate(rows_to_rank) if not on_node[q]),
+                   intra_rows=sum(c for q, c in enumerate(rows_to_rank) if on_node[q] and q != me))
 
     def bytes(self, hidden: int, element_size: int) -> tuple[int, int]:
         """``(inter_node_bytes, intra_node_bytes)`` of one direction."""
@@ -125,3 +136,22 @@ class Plan:
             y = hop.backward(y)
         return y
 
+
+
+def tree_plan(*, mode: str, hops: tuple[Hop, ...], k: int, pair_weight: torch.Tensor, pair_src_key: torch.Tensor,
+              slot: torch.Tensor, traffic: Traffic, groups: "CommGroups", counts: "RoutingCounts",
+              num_tokens: int, tokens_per_expert: tuple[int, ...]) -> Plan:
+    """A tree plan (hierarchical or flat) from its hops and its canonical pairs' ``pair_weight [pairs]``
+    fp32, ``pair_src_key [pairs]`` int64 and ``slot [pairs]`` int64 (the slot at the source): adds the
+    combine weights' return path and the fused broadcast steps."""
+    return Plan(
+        hops=hops,
+        num_tokens=num_tokens,
+        pair_weight=pair_weight,
+        tokens_per_expert=tokens_per_expert,
+        traffic=traffic,
+        mode=mode,
+        broadcast_steps=fused_broadcast(hops),
+        return_path=ReturnPath.build(pair_src_key, slot, k, groups, counts),
+        pair_src_key=pair_src_key,
+    )
