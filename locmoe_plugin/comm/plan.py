@@ -87,7 +87,8 @@ class Plan:
         hops: the chain of hops (empty for ``flat_fast``, which keeps its route in ``pairs_route``).
         num_tokens: ``s``, tokens of this rank.
         pair_weight: ``[num_pairs]`` fp32, each final row's combine weight (carried with the metadata, no
-            autograd: see the dispatcher).
+            autograd: see the dispatcher); None on a plan split by origin, whose remote pairs' weights
+            arrive with their rows (:meth:`combine_weights`).
         tokens_per_expert: rows per local expert (host ints), in canonical order.
         traffic: payload rows this rank sends per direction.
         mode: the plan kind (``"hierarchical"``, ``"flat"``, ``"flat_fast"``).
@@ -96,13 +97,13 @@ class Plan:
         pair_src_key: ``[num_pairs]`` int64 ``source EP rank * SRC_SHIFT + token`` of each pair (tree plans).
         return_path: the combine weights' gradient route (tree plans).
         pairs_route: the ``flat_fast`` route.
-        origin_split: the hierarchical plan split into this node's rows and other nodes' rows (built on
-            request, for the overlapped dispatch; :mod:`.origin_split`).
+        origin_split: the hierarchical plan split into this node's rows and other nodes' rows (for the
+            overlapped dispatch; :mod:`.origin_split`); then ``hops`` is empty and the split routes the rows.
     """
 
     hops: tuple[Hop, ...]
     num_tokens: int
-    pair_weight: torch.Tensor
+    pair_weight: torch.Tensor | None
     tokens_per_expert: tuple[int, ...]
     traffic: Traffic
     mode: str
@@ -119,7 +120,16 @@ class Plan:
         slots). The router's weight gradient goes back this way."""
         if self.pairs_route is not None:
             return self.pairs_route.values_to_slots(v, self.num_tokens, k)
+        if self.origin_split is not None:
+            return self.origin_split.return_path().values_to_slots(v, self.num_tokens, k)
         return self.return_path.values_to_slots(v, self.num_tokens, k)
+
+    def combine_weights(self) -> torch.Tensor:
+        """``[num_pairs]`` fp32 combine weight of each pair in canonical order (a split plan: once its
+        remote rows have arrived)."""
+        if self.origin_split is not None:
+            return self.origin_split.pair_weight()
+        return self.pair_weight
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """``x [s, F]`` -> ``[num_pairs, F]`` rows in canonical pair order (copies only)."""
