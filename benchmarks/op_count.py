@@ -219,7 +219,7 @@ def main() -> None:
                         "so the LocMoE router sums its loss values for the report instead of logging each")
     a = p.parse_args()
     a.gpus_per_node = a.gpus_per_node or a.nproc
-    from locmoe_plugin.comm.selfcheck import free_port
+    from locmoe_plugin.comm.launch import free_port
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()

@@ -23,13 +23,13 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 
-from ..device import backend_for, device_type_for_backend, get_accelerator
+from ..device import backend_for, get_accelerator
+from .launch import add_launch_arguments, init_process_group, launched, set_spawned_rank, spawn_local
 
 #: environment variables that shape the link between (emulated) nodes, recorded with each measurement
 LINK_ENV = ("LOCMOE_LINK", "NCCL_NSOCKS_PERTHREAD", "NCCL_SOCKET_NTHREADS", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE",
@@ -44,14 +44,9 @@ def link_settings() -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nproc", type=int, default=4, help="processes to spawn (ignored under torchrun)")
-    p.add_argument("--gpus-per-node", type=int, default=None,
-                   help="ranks per (emulated) node (default: $LOCMOE_GPUS_PER_NODE, else the world size)")
-    p.add_argument("--backend", choices=("gloo", "nccl", "hccl"), default=None,
-                   help="default: from the device (nccl on CUDA, hccl on Ascend, gloo on CPU)")
+    add_launch_arguments(p, gpus_per_node_default="the world size")
     p.add_argument("--mib", type=float, default=32.0, help="MiB each rank sends to each peer")
     p.add_argument("--iters", type=int, default=5, help="timed all-to-alls per group (after 2 warm-ups)")
-    p.add_argument("--json", default=None, help="also write the result to this JSON file")
 
 
 def _a2a_seconds(group, per_peer_bytes: int, dev, sync, iters: int) -> float:
@@ -120,11 +115,8 @@ def format_bandwidth(r: dict) -> str:
 
 
 def _worker(args: argparse.Namespace, result_path: str | None) -> None:
-    acc = get_accelerator(device_type_for_backend(args.backend))
+    acc = init_process_group(args.backend)
     local = int(os.environ.get("LOCAL_RANK", 0))
-    if not acc.is_cpu:
-        acc.set_device(local)
-    dist.init_process_group(backend=args.backend)
     try:
         dev = acc.device(None if acc.is_cpu else local)
         r = measure_bandwidth(args.gpus_per_node or dist.get_world_size(), dev, acc.synchronize, args.mib, args.iters)
@@ -139,19 +131,15 @@ def _worker(args: argparse.Namespace, result_path: str | None) -> None:
 
 
 def _spawn_entry(local_rank: int, args: argparse.Namespace, port: int, result_path: str) -> None:
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(args.nproc),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(args.nproc))
-    torch.set_num_threads(1)
+    set_spawned_rank(local_rank, args.nproc, port)
     _worker(args, result_path if local_rank == 0 else None)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .selfcheck import free_port
-
     if args.backend is None:
         args.backend = backend_for(get_accelerator().device_type)
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    world = int(os.environ["WORLD_SIZE"]) if launched else args.nproc
+    joined = launched()
+    world = int(os.environ["WORLD_SIZE"]) if joined else args.nproc
     if args.gpus_per_node is None:
         from ..env import env_int
 
@@ -161,16 +149,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--gpus-per-node {gpn} must divide the number of ranks {world}")
     if args.mib <= 0 or args.iters < 1:
         raise ValueError("--mib must be > 0 and --iters >= 1")
-    if launched:
+    if joined:
         _worker(args, None)
         return 0
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "bandwidth.json")
-        try:
-            mp.start_processes(_spawn_entry, args=(args, free_port(), path), nprocs=args.nproc, start_method="spawn")
-        except mp.ProcessExitedException as exc:
-            print(f"bandwidth: a rank failed: {exc}", file=sys.stderr)
-            return 1
+    result, failure = spawn_local(_spawn_entry, args, "bandwidth.json")
+    if failure or result is None:
+        print(f"bandwidth: a rank failed: {failure}", file=sys.stderr)
+        return 1
     return 0

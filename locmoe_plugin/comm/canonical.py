@@ -20,9 +20,10 @@ def token_metadata(expert_ids: torch.Tensor, weights: torch.Tensor, ep_rank: int
 
 
 def canonical_hop(ids: torch.Tensor, src_key: torch.Tensor, groups: CommGroups, counts: RoutingCounts,
-                   src_sorted: bool = False):
+                  src_sorted: bool = False, sources=None):
     """At this expert rank: ``ids [m, k]`` of the rows received (all slots), ``src_key [m]``. Returns
-    the local hop rows -> pairs in (local expert, source) order, and each pair's slot.
+    the local hop rows -> pairs in (local expert, source) order, each pair's slot, and the pairs per
+    local expert (host ints). ``sources``: the EP ranks whose tokens the rows hold (default: all).
 
     ``src_sorted``: the rows arrive in ascending ``src_key`` order (one node: blocks by source rank,
     tokens in order), so the canonical order is the local-expert-major listing of the rows, without a
@@ -32,9 +33,11 @@ def canonical_hop(ids: torch.Tensor, src_key: torch.Tensor, groups: CommGroups, 
     m, k = ids.shape
     e_r = t.experts_per_rank
     first = me * e_r
-    tpe = tuple(sum(c[e] for c in counts.pairs_to_expert) for e in range(first, first + e_r))
+    sources = range(t.ep_size) if sources is None else sources
+    tpe = tuple(sum(counts.pairs_to_expert[q][e] for q in sources) for e in range(first, first + e_r))
     # rows here are (token, this rank) rows (k slots) or single pairs (k == 1)
-    levels = [sum(h[me][c] for h in counts.expert_copies_on_rank) for c in range(counts.expert_levels)] if k > 1 else None
+    levels = ([sum(counts.expert_copies_on_rank[q][me][c] for q in sources) for c in range(counts.expert_levels)]
+              if k > 1 else None)
     if src_sorted:
         # slot_of[r, e]: the slot of local expert e in row r, k where the row has none (ids of a row are
         # distinct); column e_r collects the other experts' slots and is cut off

@@ -11,7 +11,6 @@ way, so gradients reach the router through them.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,8 +19,8 @@ import torch
 from .build import PLAN_MODES, build_plan, start_counts
 from .counts import RoutingCounts
 from .groups import CommGroups
-from .hierarchical_plan import crosses_nodes
-from .origin_split import split_by_origin
+from .hierarchical_plan import crosses_nodes, hierarchical_traffic
+from .origin_split import build_origin_split
 from .overlap import InFlight, broadcast_split, finish_reduce, finish_remote, launch_remote, reduce_remote, reduce_split
 from .plan import Plan
 
@@ -75,7 +74,7 @@ class _PairWeights(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights, plan: Plan):
         ctx.plan, ctx.k, ctx.dtype = plan, weights.shape[1], weights.dtype
-        return plan.pair_weight.clone()
+        return plan.combine_weights().clone()
 
     @staticmethod
     def backward(ctx, grad):
@@ -183,18 +182,24 @@ class TokenDispatcher:
 
     def prepare(self, expert_ids: torch.Tensor, weights: torch.Tensor, counts: RoutingCounts | None = None) -> Plan:
         """Build the routing plan (the count exchange's one host wait, the metadata exchange) without
-        moving payload; pass it to :meth:`dispatch` as ``plan``. ``counts``: from :meth:`start_counts`."""
+        moving payload; pass it to :meth:`dispatch` as ``plan``. ``counts``: from :meth:`start_counts`.
+
+        With the overlap active the plan is split by origin: only the metadata of this node's rows
+        moves here (inside the node); the other nodes' rows bring theirs with the payload."""
         if counts is None:
             counts = self.start_counts(expert_ids)
-        plan = build_plan(expert_ids, self.groups, self.plan_mode, weights, counts=counts)
         # nothing crosses nodes anywhere in the EP group (every rank reads the same table, so all ranks
         # agree): nothing to hide, the unsplit plan costs less (one expert call, fewer gathers)
-        if self.overlap_active and crosses_nodes(counts, self.topology):
-            split = split_by_origin(plan, self.groups, counts)
-            if self.order_hook is not None:
-                split = dataclasses.replace(split, order_hook=self.order_hook)
-            plan = dataclasses.replace(plan, origin_split=split)
-        return plan
+        if self.overlap_active and crosses_nodes(counts.wait_host(), self.topology):
+            expert_ids = expert_ids.long()
+            split = build_origin_split(expert_ids, weights, self.groups, counts)
+            split.order_hook = self.order_hook
+            t = self.topology
+            mine = range(t.ep_rank * t.experts_per_rank, (t.ep_rank + 1) * t.experts_per_rank)
+            return Plan(hops=(), num_tokens=expert_ids.shape[0], pair_weight=None,
+                        tokens_per_expert=tuple(sum(c[e] for c in counts.pairs_to_expert) for e in mine),
+                        traffic=hierarchical_traffic(counts, t), mode="hierarchical", origin_split=split)
+        return build_plan(expert_ids, self.groups, self.plan_mode, weights, counts=counts)
 
     def dispatch(
         self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, plan: Plan | None = None
@@ -294,7 +299,6 @@ class TokenDispatcher:
             return out.reshape(hidden.shape[:-1] + (out.shape[-1],))
         split = plan.origin_split
         self._count_traffic(plan, x, dispatch=True)
-        pair_w = _PairWeights.apply(weights.float(), plan)
         flight = InFlight()
         mark = mark or (lambda name: None)
         local_in, link = launch_remote(x, split, flight)
@@ -305,8 +309,9 @@ class TokenDispatcher:
         remote_in = finish_remote(link, split, flight)
         mark("rail_waited")
         remote_out = expert_fn(remote_in, split.remote.tokens_per_expert)
+        pair_w = _PairWeights.apply(weights.float(), plan)  # the remote pairs' weights arrived with their rows
         w_local = pair_w.index_select(0, split.local.pair_positions).unsqueeze(1).to(remote_out.dtype)
-        w_remote = pair_w.index_select(0, split.remote.pair_positions).unsqueeze(1).to(remote_out.dtype)
+        w_remote = pair_w.index_select(0, split.remote_positions).unsqueeze(1).to(remote_out.dtype)
         back = InFlight()
         link = reduce_remote(remote_out * w_remote, split, back)
         out = finish_reduce(local_out * w_local, link, split, back)

@@ -9,9 +9,8 @@ import torch
 from .canonical import bits_to_fp32, canonical_hop, token_metadata
 from .counts import SRC_SHIFT, RoutingCounts, topology_tensors
 from .groups import CommGroups
-from .hops import Hop, fused_broadcast, true_positions
-from .plan import Plan, Traffic
-from .return_path import ReturnPath
+from .hops import Hop, true_positions
+from .plan import Plan, Traffic, tree_plan
 
 
 def expert_mask(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -28,7 +27,7 @@ def build_flat_plan(expert_ids: torch.Tensor, weights: torch.Tensor, groups: Com
     metadata words)."""
     t = groups.topology
     s, k = expert_ids.shape
-    me, node = t.ep_rank, t.node
+    me = t.ep_rank
     dev = expert_ids.device
     meta = token_metadata(expert_ids, weights, me)
     e_r, ranks, nodes = t.experts_per_rank, t.ranks_per_node, t.num_nodes
@@ -72,18 +71,7 @@ def build_flat_plan(expert_ids: torch.Tensor, weights: torch.Tensor, groups: Com
     slot = recv[:, 2].index_select(0, canon.index)
     pair_weight = bits_to_fp32(recv[:, 3].index_select(0, canon.index))
     pair_src_key = recv[:, 1].index_select(0, canon.index)
-    ret = ReturnPath.build(pair_src_key, slot, k, groups, counts)
-    hops = (node_level, rank_level, expert_level, send, canon)
-    inter = sum(c for q, c in enumerate(pairs_to_rank) if t.node_of_rank[q] != node)
-    intra = sum(c for q, c in enumerate(pairs_to_rank) if t.node_of_rank[q] == node and q != me)
-    return Plan(
-        hops=hops,
-        num_tokens=s,
-        pair_weight=pair_weight,
-        tokens_per_expert=tpe,
-        traffic=Traffic(inter_rows=inter, intra_rows=intra),
-        mode="flat",
-        broadcast_steps=fused_broadcast(hops),
-        return_path=ret,
-        pair_src_key=pair_src_key,
-    )
+    return tree_plan(mode="flat", hops=(node_level, rank_level, expert_level, send, canon), k=k,
+                     pair_weight=pair_weight, pair_src_key=pair_src_key, slot=slot,
+                     traffic=Traffic.of_rank_sends(pairs_to_rank, t), groups=groups, counts=counts,
+                     num_tokens=s, tokens_per_expert=tpe)

@@ -10,7 +10,7 @@ additions into one element race): deterministic on every device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -61,8 +61,6 @@ class Hop:
         more: for c = 1, 2, ...: ``(rows, positions)`` of the rows' (c+1)-th copies.
         group: process group of the all-to-all, or None for a local hop.
         out_splits: rows received from each peer of ``group`` (host ints).
-        occ: ``[rows_sent]`` int64 copy number of each entry plus ``occ_base`` (kept so a hop restricted
-            to some rows with all their copies, e.g. one origin's, reuses it instead of a sort).
 
     The reduce takes each row's first copy with one gather and adds its later copies level by level
     (copies sit in send order, i.e. destination-block order): no atomics, the same order on every
@@ -76,8 +74,6 @@ class Hop:
     more: tuple
     group: object | None = None
     out_splits: tuple[int, ...] | None = None
-    occ: torch.Tensor | None = field(default=None, repr=False)
-    occ_base: int = 0
 
     @classmethod
     def build(cls, index, blocks, prev_rows, fan_in, group=None, out_splits=None, level_counts=None,
@@ -122,15 +118,7 @@ class Hop:
             start += m
         blocks = tuple(blocks)
         return cls(index, blocks, prev_rows, first, tuple(more), group,
-                   None if out_splits is None else tuple(out_splits), occ, occ_base)
-
-    def restricted(self, entries: torch.Tensor, index: torch.Tensor, blocks, prev_rows: int, fan_in: int,
-                   group=None, out_splits=None, level_counts=None) -> "Hop":
-        """This hop on a subset of its previous rows: ``entries [m]`` ascending positions of the entries
-        kept (every copy of a kept row must be kept, so each entry's copy number stays as it is and no
-        sort is needed), ``index [m]`` those entries' rows renumbered among the kept rows."""
-        return Hop.build(index, blocks, prev_rows, fan_in, group, out_splits, level_counts,
-                         occ=self.occ.index_select(0, entries), occ_base=self.occ_base)
+                   None if out_splits is None else tuple(out_splits))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.index_select(0, self.index)

@@ -1,9 +1,10 @@
 """Autograd for the origin-split dispatch (:mod:`.origin_split`): four steps, each a
 ``torch.autograd.Function``, joined by a small record of the collective in flight.
 
-Dispatch:  ``launch_remote(x)``   -> ``(local_pairs, remote_link)``  rail transfer launched, local rows
-                                     through the node hop;
-           ``finish_remote(link)`` -> ``remote_pairs``               wait, remote rows through the node hop.
+Dispatch:  ``launch_remote(x)``   -> ``(local_pairs, remote_link)``  rail transfer of the remote rows and
+                                     their metadata launched, local rows through the node hop;
+           ``finish_remote(link)`` -> ``remote_pairs``               wait, remote route built from the
+                                                                     metadata, remote rows through the node hop.
 Combine:   ``reduce_remote(remote_pairs)`` -> ``remote_link``         remote rows reduced in the node, rail
                                                                      return launched;
            ``finish_reduce(local_pairs, link)`` -> ``[s, F]``        local rows reduced, wait, rail level
@@ -51,8 +52,10 @@ class _LaunchRemote(torch.autograd.Function):
     def forward(ctx, x, split: OriginSplit, flight: InFlight):
         ctx.split, ctx.flight = split, flight
         remote_rows = x.index_select(0, split.remote_gather)  # [remote rows sent, F] node-major
-        # the payload moves first; the local rows' work is queued behind its launch
-        flight.forward = split.start_rail(remote_rows, split.remote_send_splits, split.remote_recv_splits)
+        # the payload moves first, its routing metadata packed behind each row; the local rows' work is
+        # queued behind its launch
+        flight.forward = split.start_rail(remote_rows, split.remote_send_splits, split.remote_recv_splits,
+                                          meta=split.remote_meta)
         return split.local.broadcast(x), remote_rows
 
     @staticmethod
@@ -67,7 +70,8 @@ class _FinishRemote(torch.autograd.Function):
     @staticmethod
     def forward(ctx, remote_link, split: OriginSplit, flight: InFlight):
         ctx.split, ctx.flight = split, flight
-        return split.remote.broadcast(flight.wait_forward())
+        rows = split.arrived(flight.wait_forward(), remote_link.dtype, remote_link.shape[1])
+        return split.remote.broadcast(rows)
 
     @staticmethod
     def backward(ctx, grad_remote_pairs):
@@ -134,12 +138,13 @@ def broadcast_split(x: torch.Tensor, split: OriginSplit) -> torch.Tensor:
     rail transfer overlaps the local rows' node hop)."""
     flight = InFlight()
     local_pairs, link = launch_remote(x, split, flight)
-    return split.merge(local_pairs, finish_remote(link, split, flight))
+    remote_pairs = finish_remote(link, split, flight)
+    return split.merge(local_pairs, remote_pairs)
 
 
 def reduce_split(y: torch.Tensor, split: OriginSplit) -> torch.Tensor:
     """Both combine steps: ``y [num_pairs, F]`` canonical -> ``[s, F]`` (the rail return overlaps the
     local rows' reduce)."""
     flight = InFlight()
-    link = reduce_remote(y.index_select(0, split.remote.pair_positions), split, flight)
+    link = reduce_remote(y.index_select(0, split.remote_positions), split, flight)
     return finish_reduce(y.index_select(0, split.local.pair_positions), link, split, flight)

@@ -120,10 +120,7 @@ def build_pairs_plan(expert_ids: torch.Tensor, groups: CommGroups, counts: Routi
     w = order_w[:n_src]
     if group is not None:
         w = all_to_all_rows(w, recv_splits, send_splits, group)
-    a = t.node
     tpe = tuple(sum(mine[q][i] for q in range(p)) for i in range(e_r))
-    inter = sum(c for q, c in enumerate(send_splits) if t.node_of_rank[q] != a)
-    intra = sum(c for q, c in enumerate(send_splits) if t.node_of_rank[q] == a and q != me)
     return Plan(hops=(), num_tokens=s, pair_weight=route.to_canonical(w),
-                tokens_per_expert=tpe, traffic=Traffic(inter_rows=inter, intra_rows=intra), mode="flat_fast",
+                tokens_per_expert=tpe, traffic=Traffic.of_rank_sends(send_splits, t), mode="flat_fast",
                 pairs_route=route)

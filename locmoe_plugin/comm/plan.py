@@ -44,10 +44,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .hops import Hop, run_broadcast
+from .hops import Hop, fused_broadcast, run_broadcast
 from .return_path import ReturnPath
 
 if TYPE_CHECKING:
+    from .counts import RoutingCounts
+    from .groups import CommGroups
     from .origin_split import OriginSplit
     from .pairs_plan import PairsRoute
 
@@ -63,6 +65,15 @@ class Traffic:
     inter_rows: int = 0
     intra_rows: int = 0
 
+    @classmethod
+    def of_rank_sends(cls, rows_to_rank, topology) -> "Traffic":
+        """From the rows this rank sends to each EP rank (``rows_to_rank [P]`` host ints): those to
+        other nodes, and those to other ranks of this node."""
+        me, node = topology.ep_rank, topology.node
+        on_node = [topology.node_of_rank[q] == node for q in range(topology.ep_size)]
+        return cls(inter_rows=sum(c for q, c in enumerate(rows_to_rank) if not on_node[q]),
+                   intra_rows=sum(c for q, c in enumerate(rows_to_rank) if on_node[q] and q != me))
+
     def bytes(self, hidden: int, element_size: int) -> tuple[int, int]:
         """``(inter_node_bytes, intra_node_bytes)`` of one direction."""
         return self.inter_rows * hidden * element_size, self.intra_rows * hidden * element_size
@@ -76,7 +87,8 @@ class Plan:
         hops: the chain of hops (empty for ``flat_fast``, which keeps its route in ``pairs_route``).
         num_tokens: ``s``, tokens of this rank.
         pair_weight: ``[num_pairs]`` fp32, each final row's combine weight (carried with the metadata, no
-            autograd: see the dispatcher).
+            autograd: see the dispatcher); None on a plan split by origin, whose remote pairs' weights
+            arrive with their rows (:meth:`combine_weights`).
         tokens_per_expert: rows per local expert (host ints), in canonical order.
         traffic: payload rows this rank sends per direction.
         mode: the plan kind (``"hierarchical"``, ``"flat"``, ``"flat_fast"``).
@@ -85,13 +97,13 @@ class Plan:
         pair_src_key: ``[num_pairs]`` int64 ``source EP rank * SRC_SHIFT + token`` of each pair (tree plans).
         return_path: the combine weights' gradient route (tree plans).
         pairs_route: the ``flat_fast`` route.
-        origin_split: the hierarchical plan split into this node's rows and other nodes' rows (built on
-            request, for the overlapped dispatch; :mod:`.origin_split`).
+        origin_split: the hierarchical plan split into this node's rows and other nodes' rows (for the
+            overlapped dispatch; :mod:`.origin_split`); then ``hops`` is empty and the split routes the rows.
     """
 
     hops: tuple[Hop, ...]
     num_tokens: int
-    pair_weight: torch.Tensor
+    pair_weight: torch.Tensor | None
     tokens_per_expert: tuple[int, ...]
     traffic: Traffic
     mode: str
@@ -108,7 +120,16 @@ class Plan:
         slots). The router's weight gradient goes back this way."""
         if self.pairs_route is not None:
             return self.pairs_route.values_to_slots(v, self.num_tokens, k)
+        if self.origin_split is not None:
+            return self.origin_split.return_path().values_to_slots(v, self.num_tokens, k)
         return self.return_path.values_to_slots(v, self.num_tokens, k)
+
+    def combine_weights(self) -> torch.Tensor:
+        """``[num_pairs]`` fp32 combine weight of each pair in canonical order (a split plan: once its
+        remote rows have arrived)."""
+        if self.origin_split is not None:
+            return self.origin_split.pair_weight()
+        return self.pair_weight
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """``x [s, F]`` -> ``[num_pairs, F]`` rows in canonical pair order (copies only)."""
@@ -125,3 +146,22 @@ class Plan:
             y = hop.backward(y)
         return y
 
+
+
+def tree_plan(*, mode: str, hops: tuple[Hop, ...], k: int, pair_weight: torch.Tensor, pair_src_key: torch.Tensor,
+              slot: torch.Tensor, traffic: Traffic, groups: "CommGroups", counts: "RoutingCounts",
+              num_tokens: int, tokens_per_expert: tuple[int, ...]) -> Plan:
+    """A tree plan (hierarchical or flat) from its hops and its canonical pairs' ``pair_weight [pairs]``
+    fp32, ``pair_src_key [pairs]`` int64 and ``slot [pairs]`` int64 (the slot at the source): adds the
+    combine weights' return path and the fused broadcast steps."""
+    return Plan(
+        hops=hops,
+        num_tokens=num_tokens,
+        pair_weight=pair_weight,
+        tokens_per_expert=tokens_per_expert,
+        traffic=traffic,
+        mode=mode,
+        broadcast_steps=fused_broadcast(hops),
+        return_path=ReturnPath.build(pair_src_key, slot, k, groups, counts),
+        pair_src_key=pair_src_key,
+    )

@@ -16,38 +16,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 
-from ..device import Accelerator, backend_for, device_type_for_backend, get_accelerator
+from ..device import backend_for, device_type_for_backend, get_accelerator
+from .launch import accelerator_for, add_launch_arguments, init_process_group, launched, set_spawned_rank, spawn_local
 
 
 SYSTEMS = ("hierarchical", "flat", "overlap")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nproc", type=int, default=4, help="processes to spawn (ignored under torchrun)")
-    p.add_argument("--gpus-per-node", type=int, default=None,
-                   help="ranks per (emulated) node (default: $LOCMOE_GPUS_PER_NODE, else 2)")
-    p.add_argument("--backend", choices=("gloo", "nccl", "hccl"), default=None,
-                   help="default: from the device (nccl on CUDA, hccl on Ascend, gloo on CPU)")
+    add_launch_arguments(p, gpus_per_node_default="2")
     p.add_argument("--tokens", type=int, default=512, help="tokens per rank")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--topk", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=5, help="timed iterations per mode (after 1 warm-up)")
-    p.add_argument("--json", default=None, help="also write the result to this JSON file")
-
-
-def _device_for(backend: str) -> Accelerator:
-    return get_accelerator(device_type_for_backend(backend))
 
 
 def _expert(inp: torch.Tensor, tpe, first: int, W: torch.Tensor) -> torch.Tensor:
@@ -64,7 +54,7 @@ def _check_worker(args: argparse.Namespace, result_path: str | None) -> int:
     from .groups import build_comm_groups
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    acc = _device_for(args.backend)
+    acc = accelerator_for(args.backend)
     dev = acc.device(int(os.environ.get("LOCAL_RANK", 0)) if not acc.is_cpu else None)
     topo = Topology.from_ranks_per_node(world, args.gpus_per_node, args.experts, ep_rank=rank)
     groups = build_comm_groups(topo, dist.group.WORLD)
@@ -149,30 +139,14 @@ def _print_report(r: dict) -> None:
 
 
 def _spawn_entry(local_rank: int, args: argparse.Namespace, port: int, result_path: str) -> None:
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(args.nproc),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(args.nproc))
-    torch.set_num_threads(1)
-    _init(args)
+    set_spawned_rank(local_rank, args.nproc, port)
+    init_process_group(args.backend)
     try:
         rc = _check_worker(args, result_path if local_rank == 0 else None)
     finally:
         dist.destroy_process_group()
     if rc:
         sys.exit(rc)
-
-
-def _init(args: argparse.Namespace) -> None:
-    acc = _device_for(args.backend)
-    if not acc.is_cpu:
-        acc.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=args.backend)
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 for a locally spawned process group."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def validate(args: argparse.Namespace, world: int, world_source: str = "--nproc") -> None:
@@ -207,32 +181,25 @@ def run(args: argparse.Namespace) -> int:
         args.gpus_per_node = env_int("LOCMOE_GPUS_PER_NODE", 1) or 2
     if args.backend is None:
         args.backend = backend_for(get_accelerator().device_type)
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    world = env_int("WORLD_SIZE", 1) if launched else args.nproc
-    validate(args, world, "WORLD_SIZE" if launched else "--nproc")
+    joined = launched()
+    world = env_int("WORLD_SIZE", 1) if joined else args.nproc
+    validate(args, world, "WORLD_SIZE" if joined else "--nproc")
     if args.json:  # an unwritable report path fails now, not after the whole check
         with open(args.json, "a"):
             pass
-    if launched:
+    if joined:
         env_int("RANK", 0)
         print(f"check-comm: RANK={os.environ['RANK']} and WORLD_SIZE={world} are set: joining that launched run "
               f"(MASTER_ADDR={os.environ.get('MASTER_ADDR', '(unset)')}, MASTER_PORT="
               f"{os.environ.get('MASTER_PORT', '(unset)')}); unset RANK and WORLD_SIZE to spawn --nproc "
               f"processes here", file=sys.stderr, flush=True)
-        _init(args)
+        init_process_group(args.backend)
         try:
             return _check_worker(args, None)
         finally:
             dist.destroy_process_group()
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "report.json")
-        try:
-            mp.start_processes(_spawn_entry, args=(args, free_port(), path), nprocs=args.nproc, start_method="spawn")
-        except mp.ProcessExitedException as exc:
-            if not os.path.exists(path):
-                print(f"check-comm: a rank failed: {exc}", file=sys.stderr)
-                return 1
-        with open(path) as f:
-            return 0 if json.load(f)["ok"] else 1
+    report, failure = spawn_local(_spawn_entry, args, "report.json")
+    if report is None:
+        print(f"check-comm: a rank failed: {failure}", file=sys.stderr)
+        return 1
+    return 0 if json.loads(report)["ok"] else 1

@@ -204,7 +204,7 @@ def run_demo(args: argparse.Namespace) -> int:
     else:
         import torch.multiprocessing as mp
 
-        from ..comm.selfcheck import free_port
+        from ..comm.launch import free_port
 
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "results.json")
