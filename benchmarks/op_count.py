@@ -197,7 +197,7 @@ def _megatron_layers(a: argparse.Namespace, rank: int, world: int) -> dict:
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: nproc (one node)")
@@ -217,8 +217,13 @@ def main() -> None:
     p.add_argument("--report-flush", action="store_true",
                    help="with --megatron: apply enable()'s metrics-report patch (as Megatron-LM with --locmoe), "
                         "so the LocMoE router sums its loss values for the report instead of logging each")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     a.gpus_per_node = a.gpus_per_node or a.nproc
+    return a
+
+
+def count(a: argparse.Namespace) -> dict:
+    """Spawn ``a.nproc`` gloo ranks and return rank 0's ``{layer: (ops, kernels, kernel names)}`` per phase."""
     from locmoe_plugin.comm.launch import free_port
 
     ctx = mp.get_context("spawn")
@@ -230,6 +235,23 @@ def main() -> None:
     counted = q.get(timeout=600)
     for pr in procs:
         pr.join()
+    return counted
+
+
+def comparison(counted: dict) -> str | None:
+    """One line: LocMoELayer's kernels and router ops against Megatron's alltoall layer (None without it)."""
+    if "LocMoELayer" not in counted:
+        return None
+    ours, theirs = counted["LocMoELayer"], counted["megatron alltoall"]
+    k_ours, k_theirs = sum(ours[1].values()), sum(theirs[1].values())
+    return (f"LocMoELayer {k_ours} kernels vs Megatron alltoall {k_theirs} ({k_ours - k_theirs:+d}); "
+            f"routers: {ours[0].get('router', 0)} ops / {ours[1].get('router', 0)} kernels vs "
+            f"{theirs[0].get('router', 0)} / {theirs[1].get('router', 0)}")
+
+
+def main() -> None:
+    a = parse_args()
+    counted = count(a)
     print(f"{a.nproc} ranks = {a.nproc // a.gpus_per_node} node(s) x {a.gpus_per_node}, {a.tokens} tokens/rank, "
           f"{a.experts} experts, top-{a.topk}, gate {a.gate}, routing {a.routing}, capacity {a.capacity}, "
           f"mode {a.mode}")
@@ -244,6 +266,10 @@ def main() -> None:
         print(f"  {'total':40s} {sum(counts.values()):5d} {sum(kernels.values()):8d}")
     print("ops: top-level aten ops; kernels: aten ops that compute or copy, without such an op inside "
           "(views and allocations left out)")
+    line = comparison(counted)
+    if line:
+        print(line)
+
 
 if __name__ == "__main__":
     main()

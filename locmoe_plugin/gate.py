@@ -33,8 +33,9 @@ def _acc(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _row_norm(x: torch.Tensor) -> torch.Tensor:
-    """``[s, 1]`` L2 norms in the accumulation dtype, floored so a zero row divides to 0."""
+def row_norm(x: torch.Tensor) -> torch.Tensor:
+    """``[s, 1]`` L2 norms in the accumulation dtype, floored so a zero row divides to 0 (of tokens: the
+    denominator of every gate's ``affinity``, which takes it precomputed as ``norm``)."""
     return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=_acc(x)).clamp_min(_TINY)
 
 
@@ -52,7 +53,7 @@ def cosine_affinity(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``cos(x_t, w_i)`` for ``x [s, d]`` and ``weight [n, d]`` -> ``[s, n]`` (fp32, or fp64 for fp64
     input); 0 for zero norms."""
     x, w = x.to(_acc(x)), weight.to(_acc(x))
-    return (x @ w.t()) / _row_norm(x) / _row_norm(w).t()
+    return (x @ w.t()) / row_norm(x) / row_norm(w).t()
 
 
 class GrAPGate(nn.Module):
@@ -74,11 +75,13 @@ class GrAPGate(nn.Module):
         return torch.mean(x.reshape(-1, self.num_experts, self.hidden_size // self.num_experts), dim=-1,
                           dtype=_acc(x))
 
-    def affinity(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
-        """``[s, n]`` fp32 cosine between each token and each GrAP weight vector."""
+    def affinity(self, x: torch.Tensor, logits: torch.Tensor | None = None,
+                 norm: torch.Tensor | None = None) -> torch.Tensor:
+        """``[s, n]`` fp32 cosine between each token and each GrAP weight vector. ``norm``: the tokens'
+        :func:`row_norm` when the caller has it (a second affinity of the same tokens reads it again)."""
         if logits is None:
             logits = self.forward(x)
-        return logits * self._scale / _row_norm(x)
+        return logits * self._scale / (row_norm(x) if norm is None else norm)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, parameter-free"
@@ -105,10 +108,12 @@ class DenseGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x.float(), self.weight.float())
 
-    def affinity(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+    def affinity(self, x: torch.Tensor, logits: torch.Tensor | None = None,
+                 norm: torch.Tensor | None = None) -> torch.Tensor:
+        """``[s, n]`` fp32 cosine between each token and each gate row; ``norm`` as for :class:`GrAPGate`."""
         if logits is None:
             logits = self.forward(x)
-        return logits / _row_norm(x) / _row_norm(self.weight.float()).t()
+        return logits / (row_norm(x) if norm is None else norm) / row_norm(self.weight.float()).t()
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, num_experts={self.num_experts}"

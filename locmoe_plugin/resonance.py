@@ -89,7 +89,7 @@ def resonance_factor(q_hat: float, num_experts: int, isotropic_factor: float) ->
 
 
 def summed_affinity_keep(expert_ids: torch.Tensor, scores: torch.Tensor, num_experts: int,
-                         mass: float) -> torch.Tensor:
+                         mass: float, order: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. (6)'s threshold: which pairs each expert keeps, ``[s, k]`` bool.
 
     Args:
@@ -98,6 +98,11 @@ def summed_affinity_keep(expert_ids: torch.Tensor, scores: torch.Tensor, num_exp
         mass: in (0, 1]; an expert keeps its highest-affinity pairs while the affinity summed over the
             pairs ranked above stays below ``mass`` times its candidates' total (clamped at 0 below).
             So its best positive pair is always kept, and ``mass = 1`` keeps exactly its positive pairs.
+        order: ``[s * k]`` the pairs expert-major, highest ``scores`` first (ties: lower index), as
+            :func:`locmoe_plugin.routing.score_order` gives it for capacity: reused instead of sorting again.
+            The same keep results: it differs from this function's own order (by scores clamped at 0) only
+            in where pairs of affinity <= 0 sit, after every positive pair of their expert either way, and
+            those add 0 to the running sums and are never kept.
     """
     flat = expert_ids.reshape(-1)
     w = scores.reshape(-1).detach().float().clamp_min(0)
@@ -105,8 +110,9 @@ def summed_affinity_keep(expert_ids: torch.Tensor, scores: torch.Tensor, num_exp
     if mass >= 1.0:
         return (valid & (w > 0)).reshape(expert_ids.shape)
     key = torch.where(valid, flat, num_experts)
-    order = torch.argsort(w, descending=True, stable=True)
-    order = order[torch.argsort(key[order], stable=True)]  # expert-major, highest affinity first
+    if order is None:
+        order = torch.argsort(w, descending=True, stable=True)
+        order = order[torch.argsort(key[order], stable=True)]  # expert-major, highest affinity first
     key_sorted, w_sorted = key[order], w[order]
     total = torch.zeros(num_experts + 1, device=w.device).scatter_add_(0, key_sorted, w_sorted)
     running = torch.cumsum(w_sorted, 0)

@@ -33,9 +33,10 @@ from .agreement import check_agreement, config_settings, group_active
 from .budget import CrossNodeBudget
 from .capacity import CapacityController
 from .config import ConfigError, LocMoEConfig
-from .gate import build_gate
+from .gate import build_gate, row_norm
 from .losses import locality_loss, switch_aux_loss, z_loss
 from .routing import Assignment, count_valid_ids, route
+from .row_bias import add_row_bias
 from .telemetry import RoutingStats
 from .topology import Topology
 
@@ -129,8 +130,9 @@ class LocMoERouter(nn.Module):
         self.register_buffer("expert_to_node", topology.expert_to_node.clone(), persistent=False)
         self.register_buffer("local_expert_mask", topology.local_expert_mask(), persistent=False)
         # the count of a telemetry counter that is 0 by construction (dropless: drops; one node: crossing
-        # pairs): one shared 0-d int64 zero, never written, instead of a new tensor (a kernel) per forward
-        self.register_buffer("_zero_count", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        # pairs): one shared 0-d int64 zero, never written, instead of a new tensor (a kernel) per forward;
+        # a stats field that *is* this tensor is 0 by construction (the Megatron adapter sums no such field)
+        self.register_buffer("zero_count", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.register_parameter("locality_bias", self._new_locality_bias(topology, device))
         # loss-free balancing offsets (config.expert_bias_rate); fp32, saved with the model
         self.register_buffer("expert_bias", torch.zeros(config.num_experts, device=device)
@@ -197,21 +199,33 @@ class LocMoERouter(nn.Module):
                 self.budget.load_state_dict_extra(state.get("budget", {}))
 
     # ------------------------------------------------------------------------------------------
-    def _global_counts(self, counts: torch.Tensor, bad: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``[n]`` fp32 copy of the per-expert counts, ``bad`` (0-d: ranks whose logits are not all finite)
-        and, with a cross-node budget, the pairs among the counts that cross nodes (0-d; else None), summed
-        over the EP group when asked: one all-reduce of ``n + 1`` (or ``n + 2``) numbers. fp32 holds integer
-        counts exactly up to 2**24 per expert (the aux loss, the expert bias and the budget read them as
-        fp32); the local int64 counts stay for the telemetry."""
-        parts = [counts.to(torch.float32), bad.to(torch.float32).reshape(1)]
+    def _global_counts(self, counts: torch.Tensor, bad: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``[n]`` fp32 copy of the per-expert counts, ``bad`` (0-d: ranks whose logits are not all finite;
+        None when not asked for, see :attr:`_reads_bad`) and, with a cross-node budget, the pairs among the
+        counts that cross nodes (0-d; else None), summed over the EP group when asked: one all-reduce of
+        ``n`` numbers plus one per extra. fp32 holds integer counts exactly up to 2**24 per expert (the aux
+        loss, the expert bias and the budget read them as fp32); the local int64 counts stay for the
+        telemetry. Which extras travel depends only on the config and topology, alike on every rank."""
+        counts_f = counts.to(torch.float32)
+        extras = [] if bad is None else [bad.to(torch.float32).reshape(1)]
         if self._budget_acts:
-            parts.append((parts[0] * (self.expert_to_node != self.topology.node)).sum().reshape(1))
-        packed = torch.cat(parts)
+            # remote experts: the local mask's complement, read by masked_fill (no per-forward mask kernel)
+            extras.append(counts_f.masked_fill(self.local_expert_mask, 0).sum().reshape(1))
+        packed = torch.cat([counts_f, *extras]) if extras else counts_f
         if self.config.aux_loss_scope == "ep_group" and group_active(self.group):
             dist.all_reduce(packed, group=self.group)
+        if not extras:
+            return packed, None, None
         n = self.config.num_experts
-        return packed[:n], packed[n], (packed[n + 1] if self._budget_acts else None)
+        return packed[:n], (None if bad is None else packed[n]), (packed[-1] if self._budget_acts else None)
+
+    @property
+    def _reads_bad(self) -> bool:
+        """Whether forwards count the ranks with non-finite logits: only the expert bias and the budget read
+        it (to skip their step on such a batch). A setting, not the training state, so the all-reduce has
+        the same size on every rank in every forward."""
+        return self.expert_bias is not None or self._budget_acts
 
     @property
     def _budget_acts(self) -> bool:
@@ -301,20 +315,21 @@ class LocMoERouter(nn.Module):
         needs_affinity = hybrid or self.capacity.needs_affinity(self.training)
         if x is None and needs_affinity:
             x = hidden.reshape(-1, c.hidden_size)
-        affinity = self.gate.affinity(x, logits) if needs_affinity else None
+        # the tokens' norms, read once: the hybrid with the locality bias takes a second affinity below
+        norm = row_norm(x) if needs_affinity else None
+        affinity = self.gate.affinity(x, logits, norm) if needs_affinity else None
         capacity = self.capacity.capacity(s, affinity, self.training, valid=valid)
         choice_affinity = affinity  # the hybrid's token choice; its expert choice ranks by `affinity`
         if self.locality_bias is not None:
-            bias = self.locality_bias[self.topology.ep_rank]
-            # one kernel: logits + scale * bias (the parameter follows the module's dtype; logits are fp32)
-            logits = torch.add(logits, bias if bias.dtype == logits.dtype else bias.to(logits.dtype),
-                               alpha=c.locality_bias_scale)
+            # one kernel: logits + scale * bias[rank] (the parameter follows the module's dtype; logits are
+            # fp32); its backward sums the logits' gradient over tokens into the row (row_bias.py)
+            logits = add_row_bias(logits, self.locality_bias, self.topology.ep_rank, c.locality_bias_scale)
             # the bias is a logit offset: the hybrid's token choice uses the cosine of the biased logits (the
             # gate's per-token, per-expert normalisation applied to the offset too; added to the cosine as
             # is, an offset of order 1 outweighs every token's content, cosines ~0.1). Its expert choice
             # still ranks by the unbiased cosine: divided by ||x||, the offset would put small-norm tokens
             # first whatever their content.
-            choice_affinity = self.gate.affinity(x, logits) if hybrid else None
+            choice_affinity = self.gate.affinity(x, logits, norm) if hybrid else None
 
         node_limit = None
         if c.max_nodes_per_token is not None and c.max_nodes_per_token < self.topology.num_nodes:
@@ -351,7 +366,7 @@ class LocMoERouter(nn.Module):
         update_bias = self.expert_bias is not None and learning
         update_budget = self._budget_acts and learning
         if logits is not None and (c.aux_loss_coeff > 0 or update_bias or update_budget):
-            bad = (~torch.isfinite(logits)).any()
+            bad = (~torch.isfinite(logits)).any() if self._reads_bad else None
             if valid is None:
                 counts, bad, cross_pairs = self._global_counts(requested, bad)
             else:
@@ -379,14 +394,14 @@ class LocMoERouter(nn.Module):
 
         # telemetry in few kernels: dropless -> kept = requested, nothing dropped; one node -> no remote pair
         if capacity is None:
-            kept_per_expert, dropped = requested, self._zero_count
+            kept_per_expert, dropped = requested, self.zero_count
         else:
             kept_per_expert = assignment.tokens_per_expert()
             dropped = (~assignment.kept).sum()
         if self.topology.num_nodes > 1:
-            cross = (kept_per_expert * (self.expert_to_node != self.topology.node)).sum()
+            cross = kept_per_expert.masked_fill(self.local_expert_mask, 0).sum()
         else:
-            cross = self._zero_count
+            cross = self.zero_count
         stats = RoutingStats(
             tokens_per_expert=kept_per_expert,
             requested_per_expert=requested,

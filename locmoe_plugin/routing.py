@@ -19,6 +19,7 @@ process, run and device agrees on them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -65,11 +66,20 @@ class Assignment:
         return index_to_dense(self.expert_ids, self.weights, self.num_experts)
 
 
+@functools.lru_cache(maxsize=None)
+def _device_one(device: torch.device) -> torch.Tensor:
+    """A 0-d int64 1 on ``device``, made once and never written: the source of every count's scatter-add,
+    expanded (a view) instead of a ``ones`` tensor filled per call."""
+    return torch.ones((), dtype=torch.long, device=device)
+
+
 def count_ids(key: torch.Tensor, bins: int) -> torch.Tensor:
     """``[bins]`` int64 occurrences of each value of ``key`` (values in ``[0, bins)``). A scatter-add, not
-    ``torch.bincount``, whose CUDA version reads the maximum back to the host (a sync per call)."""
+    ``torch.bincount``, whose CUDA version reads the maximum back to the host (a sync per call). Kernels:
+    the zeros and the scatter-add (its source is a cached 1, expanded)."""
     # put_ treats the target as flat and takes ``key`` in any shape: no reshape op
-    return torch.zeros(bins, dtype=torch.long, device=key.device).put_(key, torch.ones_like(key), accumulate=True)
+    return torch.zeros(bins, dtype=torch.long, device=key.device).put_(
+        key, _device_one(key.device).expand(key.shape), accumulate=True)
 
 
 def count_valid_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -171,12 +181,27 @@ def hash_experts(token_ids: torch.Tensor, num_experts: int, topk: int, seed: int
     return torch.stack(taken, -1)
 
 
+def pair_keys(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[s * k]`` int64 queue of each flattened pair: its expert, or a phantom expert ``n`` for id -1."""
+    flat = expert_ids.reshape(-1)
+    return torch.where(flat >= 0, flat, num_experts)
+
+
+def score_order(key: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``[s * k]`` int64 flattened pair indices expert-major (by ``key``, from :func:`pair_keys`), highest
+    score first inside an expert, ties by lower index: two stable argsorts. The one order both
+    :func:`capacity_keep` (policy "score") and :func:`~locmoe_plugin.resonance.summed_affinity_keep` read."""
+    order = torch.argsort(scores.reshape(-1).detach(), descending=True, stable=True)
+    return order[torch.argsort(key[order], stable=True)]
+
+
 def capacity_keep(
     expert_ids: torch.Tensor,
     scores: torch.Tensor,
     capacity,
     num_experts: int,
     policy: str = "score",
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Which pairs each expert keeps when it may take at most ``capacity`` of them: ``[s, k]`` bool.
 
@@ -186,15 +211,17 @@ def capacity_keep(
     by score inside one choice rank (GShard's priority of first choices: a token loses its later experts
     before another token loses its first); ``"position"`` keeps the first pairs in token order. Pairs with
     id -1 are never kept. Stable argsorts give each pair its rank inside its expert's queue; no host sync.
+    ``order``: policy "score" only, :func:`score_order` of these pairs when the caller has it already.
     """
     flat = expert_ids.reshape(-1)
     m = flat.numel()
-    key = torch.where(flat >= 0, flat, num_experts)  # invalid pairs queue at a phantom expert n
-    if policy in ("score", "choice"):
+    key = pair_keys(expert_ids, num_experts)  # invalid pairs queue at a phantom expert n
+    if policy == "score":
+        order = score_order(key, scores) if order is None else order
+    elif policy == "choice":
         order = torch.argsort(scores.reshape(-1).detach(), descending=True, stable=True)
-        if policy == "choice":
-            slot = torch.arange(m, device=flat.device) % expert_ids.shape[-1]
-            order = order[torch.argsort(slot[order], stable=True)]
+        slot = torch.arange(m, device=flat.device) % expert_ids.shape[-1]
+        order = order[torch.argsort(slot[order], stable=True)]
         order = order[torch.argsort(key[order], stable=True)]
     elif policy == "position":
         order = torch.argsort(key, stable=True)
@@ -320,9 +347,14 @@ def route(
             scores = top if rank_by is probs else torch.gather(rank_by, 1, ids)
         if capacity_nodes is not None:
             capacity = node_demand_capacity(ids, capacity, *capacity_nodes)
-        keep = capacity_keep(ids, scores, capacity, logits.shape[-1], drop_policy)
+        n = logits.shape[-1]
+        order = None
+        if mode == "hybrid" and resonance_mass is not None and resonance_mass < 1.0 and drop_policy == "score":
+            # both limits rank an expert's pairs by the same scores: one sort for the two
+            order = score_order(pair_keys(ids, n), scores)
+        keep = capacity_keep(ids, scores, capacity, n, drop_policy, order=order)
         if mode == "hybrid" and resonance_mass is not None:
-            keep &= summed_affinity_keep(ids, scores, logits.shape[-1], resonance_mass)
+            keep &= summed_affinity_keep(ids, scores, n, resonance_mass, order=order)
         kept_ids = torch.where(keep, ids, -1)
         weights = torch.where(keep, weights, 0.0)
         if renormalize_kept:  # a token that lost experts puts their weight on the ones it kept
@@ -349,10 +381,10 @@ def _select(logits, topk, mode, renormalize, affinity, allowed, node_limit, expe
         allowed = limited if allowed is None else allowed & limited
     select_by = biased if allowed is None else biased.masked_fill(~allowed, NEG_INF)
     if select_by is probs:
-        # ranked by the probabilities themselves: topk's values are the combine weights (no gather), and
-        # they include the token's largest probability (>= 1/n), so a row sum is never 0 (no clamp)
+        # ranked by the probabilities themselves, with no offset, limit or mask: :func:`route` sends that case
+        # here only without renormalisation (it fuses the renormalised one), so topk's values are the weights
         top, ids = torch.topk(probs, topk, dim=-1)  # [s, k]
-        weights = top / top.sum(-1, keepdim=True) if renormalize else top
+        weights = top
     else:
         ids = torch.topk(select_by, topk, dim=-1).indices  # [s, k]
         weights = top = torch.gather(probs, 1, ids)

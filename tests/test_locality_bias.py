@@ -109,3 +109,24 @@ def test_locality_needs_the_bias_on_iid_data():
     shares = run_workers(_train_worker, 4)[0]
     assert shares[False] == pytest.approx(0.5, abs=0.06)  # content-only router: 1 - 1/N, whatever it learns
     assert shares[True] < 0.15
+
+
+def test_row_bias_node_matches_the_composed_ops():
+    """RowBias (one autograd node): value and gradients of ``logits + scale * bias[row]`` as select + add with
+    alpha give them (the bias gradient to rounding: summed before scaling), bf16 bias included."""
+    from locmoe_plugin.row_bias import add_row_bias
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(7, N, requires_grad=True)
+        bias = torch.randn(3, N, dtype=dtype, requires_grad=True)
+        cot = torch.randn(7, N)
+        out = add_row_bias(logits, bias, 1, 10.0)
+        g_logits, g_bias = torch.autograd.grad(out, (logits, bias), cot)
+        ref = torch.add(logits, bias[1].float(), alpha=10.0)
+        r_logits, r_bias = torch.autograd.grad(ref, (logits, bias), cot)
+        assert out.dtype == torch.float32 and torch.equal(out, ref)
+        assert torch.equal(g_logits, r_logits) and g_bias.dtype == dtype
+        torch.testing.assert_close(g_bias.float(), r_bias.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                                   atol=1e-5)
+        assert (g_bias[[0, 2]] == 0).all()

@@ -156,3 +156,19 @@ def test_resonance_config_validation():
     with pytest.raises(ConfigError, match="capacity_bound_form"):
         LocMoEConfig(**base, capacity="bound", capacity_bound_form="beta")
     assert LocMoEConfig(**base, routing="hybrid", resonance_mass=1.0).resonance_mass == 1.0
+
+
+def test_threshold_reads_the_capacity_order_with_the_same_result():
+    """The hybrid sorts its pairs once (routing.score_order) for the capacity and the threshold: the order by
+    raw affinity keeps exactly what the threshold's own order (affinity clamped at 0) keeps, ties, negative
+    and dropped pairs included."""
+    from locmoe_plugin.routing import pair_keys, score_order
+
+    torch.manual_seed(3)
+    for _ in range(20):
+        ids = torch.randint(-1, 6, (40, 2))
+        scores = torch.randn(40, 2).round(decimals=1)  # many ties
+        order = score_order(pair_keys(ids, 6), scores)
+        for mass in (0.3, 0.7, 0.95):
+            assert torch.equal(summed_affinity_keep(ids, scores, 6, mass, order=order),
+                               summed_affinity_keep(ids, scores, 6, mass))

@@ -172,11 +172,13 @@ class LocMoEMegatronRouter(torch.nn.Module):
         metrics._live.add(self)
         # what forward adds up, one fp32 row per forward into one persistent buffer (one kernel; the same
         # memory every time, so a CUDA graph replay of the router adds to what the flush reads):
-        # [deferred loss values..., crossing pairs, dropped pairs, kept pairs, busiest expert's pairs, 1]
+        # [deferred loss values..., kept pairs, busiest expert's pairs, 1, crossing pairs, dropped pairs]; a
+        # forward adds a prefix: the last two only where they can be non-zero (several nodes; a capacity)
         self._sums: torch.Tensor | None = None
         self._sum_keys: tuple[str, ...] = ()
-        # the forward count's 1, made once (never written): no fill kernel per forward
-        self.register_buffer("_one_count", torch.ones((), dtype=torch.long, device=_param_device(config)),
+        # the forward count's 1, made once (never written): no fill kernel per forward; fp32 as the row, so
+        # the row's stack casts only the two counts
+        self.register_buffer("_one_count", torch.ones((), dtype=torch.float32, device=_param_device(config)),
                              persistent=False)
         if getattr(config, "moe_router_enable_expert_bias", False):
             # finalize_model_grads would then update every module with an `expert_bias` by TopKRouter's rules
@@ -337,15 +339,20 @@ class LocMoEMegatronRouter(torch.nn.Module):
         if not deferred:
             for key, loss in out.losses.items():
                 self._log_loss(key, loss)
-        # raw counts summed per layer on the device: kept pairs crossing nodes, dropped pairs, kept pairs,
-        # the busiest expert's kept pairs, forwards; ratios at the flush. Four ops: sum, max, stack, add_.
+        # raw counts summed per layer on the device: kept pairs, the busiest expert's kept pairs, forwards,
+        # kept pairs crossing nodes, dropped pairs; ratios at the flush. Four ops: sum, max, stack, add_. The
+        # core router hands out its shared zero for a count that is 0 by construction (one node: crossing
+        # pairs; dropless: drops): those are left out of the row (the buffer's tail stays 0)
         st = out.stats
         load = st.tokens_per_expert
+        zero = self.core.zero_count
+        tail = () if st.dropped_pairs is zero and st.cross_node_pairs is zero else (
+            (st.cross_node_pairs,) if st.dropped_pairs is zero else (st.cross_node_pairs, st.dropped_pairs))
         with torch.no_grad():
-            row = torch.stack([*deferred.values(), st.cross_node_pairs, st.dropped_pairs, load.sum(), load.max(),
-                               self._one_count])
-            if self._sums is None or self._sum_keys != tuple(deferred):
-                self._flush_sums()  # the deferred losses changed (report patch toggled): record what was summed
+            row = torch.stack([*deferred.values(), load.sum(), load.max(), self._one_count, *tail])
+            if self._sums is None or self._sum_keys != tuple(deferred) or self._sums.shape != row.shape:
+                # the deferred losses changed (report patch toggled) or the row did: record what was summed
+                self._flush_sums()
                 self._sums, self._sum_keys = torch.zeros_like(row), tuple(deferred)
                 metrics._accumulating.add(self)  # once per buffer, not per forward
             self._sums.add_(row)
@@ -357,14 +364,15 @@ class LocMoEMegatronRouter(torch.nn.Module):
         sums = getattr(self, "_sums", None)  # absent on stand-ins that carry only the flushed sums (tests)
         if sums is None:
             return
-        snap = sums.clone()
-        sums.zero_()
         n = len(self._sum_keys)
+        snap = torch.zeros(n + 5, dtype=sums.dtype, device=sums.device)  # the row's absent tail: 0
+        snap[: sums.numel()] = sums
+        sums.zero_()
         for i, key in enumerate(self._sum_keys):
             self._loss_sums[key] = snap[i] if key not in self._loss_sums else self._loss_sums[key] + snap[i]
-        counts = snap[n : n + 4]
+        counts = snap[[n + 3, n + 4, n, n + 1]]  # crossing, dropped, kept, busiest (the flush's order)
         self._telemetry_sum = counts if self._telemetry_sum is None else self._telemetry_sum + counts
-        self._telemetry_forwards = self._telemetry_forwards + snap[n + 4]
+        self._telemetry_forwards = self._telemetry_forwards + snap[n + 2]
 
     def flush_telemetry(self) -> None:
         """Record this layer's summed loss values (when deferred, see :func:`~.metrics.report_flushes`) and telemetry
