@@ -1,7 +1,6 @@
 """Every invalid configuration fails at construction with a message that names the fix."""
 
 import pytest
-import torch
 
 from locmoe_plugin import ConfigError, LocMoEConfig, LocMoERouter, Topology, TopologyError
 

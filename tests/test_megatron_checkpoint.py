@@ -18,7 +18,6 @@ def _worker(rank, world, ckpt_dir):
     cpu_shims.install()
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.transformer.moe.moe_layer import MoELayer
-    from megatron.core.transformer.moe.router import TopKRouter
 
     from locmoe_plugin.megatron.dispatcher import make_locmoe_layer_class
 

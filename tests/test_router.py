@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from locmoe_plugin import LocMoEConfig, LocMoERouter, Topology, collect_stats, format_stats
-from locmoe_plugin.bounds import ec_min_exact, p_delta
+from locmoe_plugin.bounds import ec_min_exact
 from locmoe_plugin.capacity import CapacityController, capacity_from_factor
 from locmoe_plugin.cli import main as cli_main
 

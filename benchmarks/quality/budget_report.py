@@ -115,7 +115,7 @@ def format_table(summary: dict) -> str:
         lines.append(f"{b:>14} {len(r['seeds']):>5} {r['dval_mean']:>+11.2f} {r['dval_std']:>5.2f} {r['dval_worst']:>+6.2f} "
                      f"{_fmt(r['val_cross'], '.3f'):>9} {_fmt(r['layer_cross'], '.3f'):>11} {_fmt(cut, '.0%'):>9} "
                      f"{_fmt(r['time_ratio'], '.3f'):>10} {_fmt(r['lam'], '.3f'):>6}")
-    lines.append(f"baseline (TopKRouter + aux loss) val loss by seed: "
+    lines.append("baseline (TopKRouter + aux loss) val loss by seed: "
                  + ", ".join(f"{s}: {v:.4f}" for s, v in summary["baseline_val_by_seed"].items())
                  + f"; seed-to-seed spread (max-min)/mean {_fmt(summary['baseline_spread_pct'], '.2f')} %; "
                  f"same seed across jobs {_fmt(summary['baseline_repeat_pct'], '.2f')} %")

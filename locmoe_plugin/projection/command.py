@@ -7,7 +7,7 @@ import json
 
 from .calibration import load_calibration
 from .cluster import PRESETS, preset, ClusterSpec
-from .cost import SYSTEMS, predict
+from .cost import predict
 from .report import as_json, plot, sweep_table, table
 from .workload import ModelSpec, RoutingSpec
 
