@@ -145,6 +145,9 @@ def node_hop_of(rail_meta: torch.Tensor, origin_nodes, groups: CommGroups, count
     )[0]
 
 
+_NOT_ARRIVED = "the rows have not reached their experts yet: dispatch the tokens before combining"
+
+
 class NodeRoute:
     """The node stage of some origin nodes' rail-level rows, built in two halves so that its metadata
     needs no all-to-all of its own: the node hop from the rail-level rows' metadata when the route is
@@ -181,7 +184,7 @@ class NodeRoute:
 
     def built(self) -> NodeStage:
         if self.stage is None:
-            raise RuntimeError("the rows have not reached their experts yet: dispatch the tokens before combining")
+            raise RuntimeError(_NOT_ARRIVED)
         return self.stage
 
     @property
@@ -233,8 +236,7 @@ class HierarchicalRoute:
 
     def reduce(self, y: torch.Tensor) -> torch.Tensor:
         """``y [num_pairs, F]`` -> ``[s, F]``: sums in the fixed node / rank / expert tree."""
-        if self.node is None:
-            raise RuntimeError("the rows have not reached their experts yet: dispatch the tokens before combining")
+        self._built()
         y = self.node.reduce(y)
         return y if self.rail_hop is None else self.rail_hop.backward(y)
 
@@ -252,7 +254,7 @@ class HierarchicalRoute:
 
     def _built(self) -> NodeStage:
         if self.node is None:
-            raise RuntimeError("the rows have not reached their experts yet: dispatch the tokens before combining")
+            raise RuntimeError(_NOT_ARRIVED)
         return self.node.built()
 
 
