@@ -52,8 +52,9 @@ def build_plan(
     counts: RoutingCounts | None = None,
 ) -> Plan:
     """Build this rank's plan for ``expert_ids [s, k]`` (int64, -1 = not routed) and combine
-    ``weights [s, k]`` (default 1). Collective over the EP group (all-gather of counts, then the
-    metadata all-to-alls); every EP rank must call it.
+    ``weights [s, k]`` (default 1). Collective over the EP group (all-gather of counts; the flat
+    plan's metadata all-to-all; the hierarchical plan's metadata moves with its payload later); every EP
+    rank must call it.
 
     ``mode``: ``"hierarchical"``, ``"flat"`` (exact tree) or ``"flat_fast"``. ``counts``: an exchange
     already started with :func:`start_counts` (same ids and mode); its host wait happens here.

@@ -19,7 +19,7 @@ import torch
 from .build import PLAN_MODES, build_plan, start_counts
 from .counts import RoutingCounts
 from .groups import CommGroups
-from .hierarchical_plan import crosses_nodes, hierarchical_traffic
+from .hierarchical_plan import crosses_nodes, hierarchical_traffic, tokens_per_local_expert
 from .origin_split import build_origin_split
 from .overlap import InFlight, broadcast_split, finish_reduce, finish_remote, launch_remote, reduce_remote, reduce_split
 from .plan import Plan
@@ -181,11 +181,12 @@ class TokenDispatcher:
         return start_counts(expert_ids, self.groups, self.plan_mode)
 
     def prepare(self, expert_ids: torch.Tensor, weights: torch.Tensor, counts: RoutingCounts | None = None) -> Plan:
-        """Build the routing plan (the count exchange's one host wait, the metadata exchange) without
-        moving payload; pass it to :meth:`dispatch` as ``plan``. ``counts``: from :meth:`start_counts`.
+        """Build the routing plan (the count exchange's one host wait; the flat plan's metadata exchange)
+        without moving payload; pass it to :meth:`dispatch` as ``plan``. ``counts``: from
+        :meth:`start_counts`.
 
-        With the overlap active the plan is split by origin: only the metadata of this node's rows
-        moves here (inside the node); the other nodes' rows bring theirs with the payload."""
+        The hierarchical plan, split by origin or not, exchanges no metadata here: each hop's rows carry
+        theirs packed behind the payload, and the receive side is built when they arrive."""
         if counts is None:
             counts = self.start_counts(expert_ids)
         # nothing crosses nodes anywhere in the EP group (every rank reads the same table, so all ranks
@@ -195,10 +196,8 @@ class TokenDispatcher:
             split = build_origin_split(expert_ids, weights, self.groups, counts)
             split.order_hook = self.order_hook
             t = self.topology
-            mine = range(t.ep_rank * t.experts_per_rank, (t.ep_rank + 1) * t.experts_per_rank)
             return Plan(hops=(), num_tokens=expert_ids.shape[0], pair_weight=None,
-                        tokens_per_expert=tuple(sum(c[e] for c in counts.pairs_to_expert) for e in mine),
-                        traffic=hierarchical_traffic(counts, t), mode="hierarchical", origin_split=split)
+                        tokens_per_expert=tokens_per_local_expert(counts, t), traffic=hierarchical_traffic(counts, t), mode="hierarchical", origin_split=split)
         return build_plan(expert_ids, self.groups, self.plan_mode, weights, counts=counts)
 
     def dispatch(
@@ -310,7 +309,7 @@ class TokenDispatcher:
         mark("rail_waited")
         remote_out = expert_fn(remote_in, split.remote.tokens_per_expert)
         pair_w = _PairWeights.apply(weights.float(), plan)  # the remote pairs' weights arrived with their rows
-        w_local = pair_w.index_select(0, split.local.pair_positions).unsqueeze(1).to(remote_out.dtype)
+        w_local = pair_w.index_select(0, split.local_positions).unsqueeze(1).to(remote_out.dtype)
         w_remote = pair_w.index_select(0, split.remote_positions).unsqueeze(1).to(remote_out.dtype)
         back = InFlight()
         link = reduce_remote(remote_out * w_remote, split, back)

@@ -8,16 +8,17 @@ From the one count table of a hierarchical plan (N > 1 nodes), two routes:
 
 No metadata all-to-all crosses nodes: the remote rows' routing metadata (expert ids, source key,
 combine-weight bits; ``[rows, 2k + 1]`` int64) rides in the same rail all-to-all as their payload,
-packed behind each payload row (:mod:`.packed_rows`), and the remote route is built when those rows
-arrive. The local route is built before any payload moves (its metadata crosses only the node hop,
-inside the node). Where each route's pairs sit in the canonical order is derived on the device from
+packed behind each payload row (:mod:`.packed_rows`), and the remote route is made when those rows
+arrive. No metadata all-to-all runs inside the node either: each route's node hop is built from its
+rail-level rows' metadata (no collective) and carries the node-level rows' metadata packed behind the
+payload; each route's canonical hop is built when they arrive. Where each route's pairs sit in the canonical order is derived on the device from
 the all-gathered count table (blocks of (local expert, source rank) pairs of known sizes).
 
 Dispatch (:func:`.overlap.launch_remote` then :func:`.overlap.finish_remote`): the rail transfer of the
 remote rows is launched as an asynchronous collective (it runs on the rail process group's own
 communication stream under NCCL / HCCL; gloo runs it on its own thread); while it is in flight the local
 rows take their node hop and (in :meth:`TokenDispatcher.forward`) their experts; then the remote route
-is built from the arrived metadata and the remote rows take their node hop. Combine mirrors it
+is made from the arrived metadata and the remote rows take their node hop. Combine mirrors it
 (:func:`.overlap.reduce_remote` then :func:`.overlap.finish_reduce`): the remote rows are reduced inside
 the node and their rail return is launched; while it travels the local rows are reduced; the rail
 level then sums every token's copies in node order. Backward swaps the two: the remote rows' rail
@@ -38,58 +39,22 @@ answer on every rank) there is nothing to hide and the dispatcher keeps the unsp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.distributed as dist
 
 from .counts import RoutingCounts, topology_tensors
 from .groups import CommGroups
-from .hierarchical_plan import NodeStage, rail_stage
-from .hops import Hop, fused_broadcast, run_broadcast, true_positions
+from .hierarchical_plan import NodeRoute, rail_stage
+from .hops import Hop, true_positions
 from .packed_rows import pack_rows, unpack_rows
 from .return_path import ReturnPath
 
 
-@dataclass(frozen=True)
-class OriginRoute:
-    """One origin's node hop and canonical hop (:class:`.hierarchical_plan.NodeStage`).
-
-    Attributes:
-        stage: the node and canonical hops of this origin's rail-level rows, and its pairs' metadata.
-        pair_positions: ``[pairs]`` int64 position of each of this origin's pairs in the plan's
-            canonical order (ascending).
-        broadcast_steps: :func:`.hops.fused_broadcast` steps to this origin's pairs (the local route's
-            start at the tokens ``[s, F]``, the remote route's at its received rail rows).
-    """
-
-    stage: NodeStage
-    pair_positions: torch.Tensor
-    broadcast_steps: tuple = field(default=(), repr=False)
-
-    @classmethod
-    def build(cls, rail_meta: torch.Tensor, origin_nodes, groups: CommGroups, counts: RoutingCounts,
-              pair_positions: torch.Tensor, first_index: torch.Tensor | None = None) -> "OriginRoute":
-        stage = NodeStage.build(rail_meta, origin_nodes, groups, counts)
-        steps = fused_broadcast((stage.node_hop, stage.canonical), first_index)
-        return cls(stage, pair_positions, steps)
-
-    @property
-    def tokens_per_expert(self) -> tuple[int, ...]:
-        return self.stage.tokens_per_expert
-
-    def broadcast(self, rows: torch.Tensor) -> torch.Tensor:
-        """``rows`` (see ``broadcast_steps``) -> ``[pairs, F]`` in canonical order."""
-        return run_broadcast(rows, self.broadcast_steps)
-
-    def reduce(self, pairs: torch.Tensor) -> torch.Tensor:
-        """``pairs [pairs, F]`` -> ``[rail rows of this origin, F]`` (sums in the unsplit order)."""
-        return self.stage.node_hop.backward(self.stage.canonical.backward(pairs))
-
-
 class OriginSplit:
-    """A hierarchical plan split by origin (see the module doc). The remote route is built once, when
-    the remote rows (and their metadata) arrive (:meth:`arrived`).
+    """A hierarchical plan split by origin (see the module doc). Each route is a
+    :class:`.hierarchical_plan.NodeRoute`: its node hop moves the payload with the metadata packed behind
+    each row, and the canonical hop is built when they arrive. The remote route is made once, when the
+    remote rows (and their metadata) arrive over the rail (:meth:`arrived`).
 
     Attributes:
         rail_hop: the unsplit rail hop (tokens -> rail-level rows); its gathers sum the rail level.
@@ -97,20 +62,25 @@ class OriginSplit:
             blocks are the rows before and after it, in node order).
         remote_gather: ``[remote rows sent]`` int64 token of each remote row in send order.
         remote_meta: ``[remote rows sent, 2k + 1]`` int64 their metadata rows (sent with the payload).
+        token_meta: ``[s, 2k + 1]`` int64 the tokens' metadata rows (the local route's travel with its payload).
         remote_send_splits / remote_recv_splits: the rail all-to-all of remote rows (own node: 0).
-        local: the local route; remote: the remote route (None until the remote rows arrived).
-        remote_positions: ``[remote pairs]`` int64 positions of the remote pairs in canonical order.
+        local: the local route (its first broadcast starts at the tokens ``[s, F]``); remote: the remote
+            route (None until the remote rows arrived; it starts at the received rail rows).
+        local_positions / remote_positions: ``[local / remote pairs]`` int64 positions of each route's
+            pairs in the plan's canonical order (ascending).
         num_pairs: pairs at this rank (both routes).
     """
 
     def __init__(self, *, rail_hop: Hop, own_block: tuple[int, int], remote_gather: torch.Tensor,
-                 remote_meta: torch.Tensor, remote_send_splits: tuple[int, ...], remote_recv_splits: tuple[int, ...],
-                 local: OriginRoute, remote_positions: torch.Tensor, num_pairs: int, groups: CommGroups,
-                 counts: RoutingCounts, k: int) -> None:
+                 remote_meta: torch.Tensor, token_meta: torch.Tensor, remote_send_splits: tuple[int, ...],
+                 remote_recv_splits: tuple[int, ...], local: NodeRoute, local_positions: torch.Tensor,
+                 remote_positions: torch.Tensor, num_pairs: int, groups: CommGroups, counts: RoutingCounts,
+                 k: int) -> None:
         self.rail_hop, self.own_block = rail_hop, own_block
-        self.remote_gather, self.remote_meta = remote_gather, remote_meta
+        self.remote_gather, self.remote_meta, self.token_meta = remote_gather, remote_meta, token_meta
         self.remote_send_splits, self.remote_recv_splits = remote_send_splits, remote_recv_splits
-        self.local, self.remote, self.remote_positions = local, None, remote_positions
+        self.local, self.remote = local, None
+        self.local_positions, self.remote_positions = local_positions, remote_positions
         self.num_pairs, self.k = num_pairs, k
         self._groups, self._counts = groups, counts
         self._return_path: ReturnPath | None = None
@@ -138,16 +108,16 @@ class OriginSplit:
                                       group=self.rail_hop.group, async_op=True)
         return out, work
 
-    def arrived(self, packed: torch.Tensor, dtype: torch.dtype, features: int) -> torch.Tensor:
+    def arrived(self, packed: torch.Tensor, dtype: torch.dtype, features: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The received remote rail rows ``packed`` (payload and metadata, see :meth:`start_rail`) ->
-        their payload ``[remote rail rows, features]``; builds the remote route from their metadata the
-        first time (collective over the node group: the node hop's metadata, inside the node)."""
+        ``(payload [remote rail rows, features], metadata [remote rail rows, 2k + 1] int64)``; makes the
+        remote route from the metadata the first time (no collective)."""
         payload, meta = unpack_rows(packed, dtype, features)
         if self.remote is None:
             t = self._groups.topology
             others = [b for b in range(t.num_nodes) if b != t.node]
-            self.remote = OriginRoute.build(meta, others, self._groups, self._counts, self.remote_positions)
-        return payload
+            self.remote = NodeRoute(meta, others, self._groups, self._counts)
+        return payload, meta
 
     def sum_rail(self, local_rows: torch.Tensor, remote_rows: torch.Tensor) -> torch.Tensor:
         """Rail level of the reduce: own-node rows ``[own rows, F]`` and returned remote rows ``[remote, F]``
@@ -166,23 +136,23 @@ class OriginSplit:
     def merge(self, local_pairs: torch.Tensor, remote_pairs: torch.Tensor) -> torch.Tensor:
         """Both routes' pairs -> ``[num_pairs, ...]`` in the plan's canonical order (a permutation)."""
         out = local_pairs.new_empty((self.num_pairs,) + tuple(local_pairs.shape[1:]))
-        out.index_copy_(0, self.local.pair_positions, local_pairs)
+        out.index_copy_(0, self.local_positions, local_pairs)
         return out.index_copy_(0, self.remote_positions, remote_pairs)
 
-    def _arrived_route(self) -> OriginRoute:
+    def _arrived_route(self) -> NodeRoute:
         if self.remote is None:
             raise RuntimeError("the remote rows have not arrived yet: dispatch the tokens before combining")
         return self.remote
 
     def pair_weight(self) -> torch.Tensor:
         """``[num_pairs]`` fp32 combine weight of each pair in canonical order (after the remote rows arrived)."""
-        return self.merge(self.local.stage.pair_weight, self._arrived_route().stage.pair_weight)
+        return self.merge(self.local.built().pair_weight, self._arrived_route().built().pair_weight)
 
     def return_path(self) -> ReturnPath:
         """The combine weights' gradient route of both routes' pairs (built once, after arrival)."""
         if self._return_path is None:
-            remote = self._arrived_route().stage
-            local = self.local.stage
+            remote = self._arrived_route().built()
+            local = self.local.built()
             self._return_path = ReturnPath.build(self.merge(local.pair_src_key, remote.pair_src_key),
                                                  self.merge(local.slot, remote.slot), self.k, self._groups,
                                                  self._counts)
@@ -204,8 +174,7 @@ def pair_is_local(counts: RoutingCounts, t, num_pairs: int) -> torch.Tensor:
 def build_origin_split(expert_ids: torch.Tensor, weights: torch.Tensor, groups: CommGroups,
                        counts: RoutingCounts) -> OriginSplit:
     """This rank's hierarchical plan split by origin, on a group spanning nodes: the rail hop and the
-    local route (collective over the node group: the local rows' metadata, inside the node); the
-    remote route follows when the remote rows arrive."""
+    local route's node hop (no collective); each route's canonical hop follows when its rows arrive."""
     t = groups.topology
     if t.num_nodes < 2:
         raise ValueError("build_origin_split needs an EP group spanning nodes")
@@ -222,13 +191,12 @@ def build_origin_split(expert_ids: torch.Tensor, weights: torch.Tensor, groups: 
     is_local = pair_is_local(counts, t, num_pairs)
     local_sources = t.ranks_of_node(node)
     n_local = sum(counts.pairs_to_expert[q][e] for q in local_sources for e in range(first, first + e_r))
-    local = OriginRoute.build(meta.index_select(0, local_gather), [node], groups, counts,
-                              true_positions(is_local, n_local), first_index=local_gather)
+    local = NodeRoute(meta.index_select(0, local_gather), [node], groups, counts, first_index=local_gather)
     return OriginSplit(
         rail_hop=rail_hop, own_block=(send_at, own), remote_gather=remote_gather,
-        remote_meta=meta.index_select(0, remote_gather),
+        remote_meta=meta.index_select(0, remote_gather), token_meta=meta,
         remote_send_splits=tuple(0 if b == node else c for b, c in enumerate(send_blocks)),
         remote_recv_splits=tuple(0 if b == node else c for b, c in enumerate(recv_blocks)),
-        local=local, remote_positions=true_positions(~is_local, num_pairs - n_local), num_pairs=num_pairs,
+        local=local, local_positions=true_positions(is_local, n_local), remote_positions=true_positions(~is_local, num_pairs - n_local), num_pairs=num_pairs,
         groups=groups, counts=counts, k=k,
     )

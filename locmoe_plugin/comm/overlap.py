@@ -2,7 +2,7 @@
 ``torch.autograd.Function``, joined by a small record of the collective in flight.
 
 Dispatch:  ``launch_remote(x)``   -> ``(local_pairs, remote_link)``  rail transfer of the remote rows and
-                                     their metadata launched, local rows through the node hop;
+                                     their metadata launched, local rows (and theirs) through the node hop;
            ``finish_remote(link)`` -> ``remote_pairs``               wait, remote route built from the
                                                                      metadata, remote rows through the node hop.
 Combine:   ``reduce_remote(remote_pairs)`` -> ``remote_link``         remote rows reduced in the node, rail
@@ -56,7 +56,7 @@ class _LaunchRemote(torch.autograd.Function):
         # queued behind its launch
         flight.forward = split.start_rail(remote_rows, split.remote_send_splits, split.remote_recv_splits,
                                           meta=split.remote_meta)
-        return split.local.broadcast(x), remote_rows
+        return split.local.broadcast(x, split.token_meta), remote_rows
 
     @staticmethod
     def backward(ctx, grad_local_pairs, grad_remote_link):
@@ -70,8 +70,8 @@ class _FinishRemote(torch.autograd.Function):
     @staticmethod
     def forward(ctx, remote_link, split: OriginSplit, flight: InFlight):
         ctx.split, ctx.flight = split, flight
-        rows = split.arrived(flight.wait_forward(), remote_link.dtype, remote_link.shape[1])
-        return split.remote.broadcast(rows)
+        rows, meta = split.arrived(flight.wait_forward(), remote_link.dtype, remote_link.shape[1])
+        return split.remote.broadcast(rows, meta)
 
     @staticmethod
     def backward(ctx, grad_remote_pairs):
@@ -147,4 +147,4 @@ def reduce_split(y: torch.Tensor, split: OriginSplit) -> torch.Tensor:
     local rows' reduce)."""
     flight = InFlight()
     link = reduce_remote(y.index_select(0, split.remote_positions), split, flight)
-    return finish_reduce(y.index_select(0, split.local.pair_positions), link, split, flight)
+    return finish_reduce(y.index_select(0, split.local_positions), link, split, flight)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .hops import Hop, all_to_all_rows
+
 
 def pack_rows(payload: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """``payload [n, F]`` (any dtype) and ``meta [n, M]`` int64 -> ``[n, F * element size + 8 * M]`` uint8."""
@@ -29,3 +31,17 @@ def unpack_rows(packed: torch.Tensor, dtype: torch.dtype, features: int) -> tupl
     tail = packed.shape[1] - cut
     meta = packed.new_empty((n, tail)).copy_(packed[:, cut:]).view(torch.int64).view(n, tail // 8)
     return payload, meta
+
+
+def hop_forward_with_meta(hop: Hop, x: torch.Tensor, meta: torch.Tensor,
+                          first_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hop.forward`` of ``x [prev, F]`` and of its metadata rows ``meta [prev, M]`` int64 in one
+    all-to-all (each metadata row packed behind its payload row); ``first_index``: a gather of both that
+    comes before the hop. Returns ``(rows [received, F], meta rows [received, M])``, each bit for bit
+    what ``hop.forward`` of it alone gives. A hop without a group is a local gather of both."""
+    index = hop.index if first_index is None else first_index.index_select(0, hop.index)
+    rows, meta_rows = x.index_select(0, index), meta.index_select(0, index)
+    if hop.group is None:
+        return rows, meta_rows
+    packed = all_to_all_rows(pack_rows(rows, meta_rows), hop.out_splits, hop.blocks, hop.group)
+    return unpack_rows(packed, x.dtype, x.shape[1])

@@ -50,6 +50,7 @@ from .return_path import ReturnPath
 if TYPE_CHECKING:
     from .counts import RoutingCounts
     from .groups import CommGroups
+    from .hierarchical_plan import HierarchicalRoute
     from .origin_split import OriginSplit
     from .pairs_plan import PairsRoute
 
@@ -99,6 +100,10 @@ class Plan:
         pairs_route: the ``flat_fast`` route.
         origin_split: the hierarchical plan split into this node's rows and other nodes' rows (for the
             overlapped dispatch; :mod:`.origin_split`); then ``hops`` is empty and the split routes the rows.
+        packed_route: the hierarchical plan's route, whose node and canonical hops are built when the
+            payload arrives with its metadata packed behind each row (no metadata all-to-all;
+            :class:`.hierarchical_plan.HierarchicalRoute`); then ``hops`` is empty and ``pair_weight``
+            None until the first broadcast (:meth:`combine_weights`).
     """
 
     hops: tuple[Hop, ...]
@@ -112,6 +117,7 @@ class Plan:
     return_path: ReturnPath | None = field(default=None, repr=False)
     pairs_route: "PairsRoute | None" = field(default=None, repr=False)
     origin_split: "OriginSplit | None" = field(default=None, repr=False)
+    packed_route: "HierarchicalRoute | None" = field(default=None, repr=False)
 
     def pair_values_to_slots(self, v: torch.Tensor, k: int) -> torch.Tensor:
         """``v [num_pairs]`` (one value per pair, at the expert rank) -> ``[s, k]`` fp32 at the source,
@@ -122,19 +128,25 @@ class Plan:
             return self.pairs_route.values_to_slots(v, self.num_tokens, k)
         if self.origin_split is not None:
             return self.origin_split.return_path().values_to_slots(v, self.num_tokens, k)
+        if self.packed_route is not None:
+            return self.packed_route.return_path().values_to_slots(v, self.num_tokens, k)
         return self.return_path.values_to_slots(v, self.num_tokens, k)
 
     def combine_weights(self) -> torch.Tensor:
         """``[num_pairs]`` fp32 combine weight of each pair in canonical order (a split plan: once its
-        remote rows have arrived)."""
+        remote rows have arrived; a packed route: after its first broadcast)."""
         if self.origin_split is not None:
             return self.origin_split.pair_weight()
+        if self.packed_route is not None:
+            return self.packed_route.pair_weight()
         return self.pair_weight
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """``x [s, F]`` -> ``[num_pairs, F]`` rows in canonical pair order (copies only)."""
         if self.pairs_route is not None:
             return self.pairs_route.broadcast(x)
+        if self.packed_route is not None:
+            return self.packed_route.broadcast(x)
         return run_broadcast(x, self.broadcast_steps)
 
     def reduce(self, y: torch.Tensor) -> torch.Tensor:
@@ -142,6 +154,8 @@ class Plan:
         over each token's slots)."""
         if self.pairs_route is not None:
             return self.pairs_route.reduce(y, self.num_tokens)
+        if self.packed_route is not None:
+            return self.packed_route.reduce(y)
         for hop in reversed(self.hops):
             y = hop.backward(y)
         return y

@@ -115,7 +115,7 @@ class LocMoETokenDispatcher:
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         ids, weights, counts = self._routing
         self._routing = None
-        self._plan = self.core.prepare(ids, weights, counts)  # host wait: split sizes; metadata exchange
+        self._plan = self.core.prepare(ids, weights, counts)  # host wait: split sizes (flat plan: metadata exchange)
         return self.core.send(hidden_states, probs, self._plan)
 
     def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
