@@ -73,7 +73,7 @@ MEGATRON_SYSTEMS = {
     "mcore_grouplimited": None,
     "locmoe_topk": {"routing": "topk", "gate": "dense"},
     "locmoe": {"routing": "locmoe"},  # LocMoEConfig defaults (dense gate, cross-node budget)
-    "locmoe_plus": {"routing": "hybrid", "gate": "grap", "capacity": "adaptive"},
+    "locmoe_plus": {"routing": "hybrid"},  # LocMoEConfig defaults (dense gate, budget, adaptive, resonance)
 }
 SYSTEMS = (*MEGATRON_SYSTEMS, "deepspeed_moe")
 PHASES = ("attention", "router", "dispatch", "experts", "combine")
