@@ -31,8 +31,10 @@ def _worker(rank, world):
     out = {}
     for name, settings, k in [
         ("locmoe", {"gpus_per_node": 2, "gate": "grap", "locality_loss_coeff": 0.01, "overlap": True}, 2),
+        # the learned locality loss, not the default cross-node budget: the budget's controller moves in
+        # every training forward, so the reference, which routes again, would route differently
         ("hybrid_flat", {"gpus_per_node": 2, "routing": "hybrid", "capacity": "factor", "capacity_factor": 1.0,
-                         "min_capacity": 0, "dispatcher": "flat"}, 2),
+                         "min_capacity": 0, "dispatcher": "flat", "locality_loss_coeff": 0.01}, 2),
         ("dense_k4_no_overlap", {"gpus_per_node": 2, "gate": "dense", "locality_loss_coeff": 0.01, "overlap": False}, 4),
         ("dense_k4_overlap", {"gpus_per_node": 2, "gate": "dense", "locality_loss_coeff": 0.01, "overlap": True}, 4),
         ("one_node", {"gpus_per_node": 4}, 4),  # one node: the layer uses the pairs plan (flat_fast)
