@@ -13,7 +13,8 @@ Data parallelism = expert parallelism = all ranks (TP = PP = 1). Systems:
   locmoe_topk        LocMoE's hierarchical dispatcher with TopK-like routing (dense gate, softmax top-k, aux
                      loss, no locality loss)
   locmoe             LocMoE at its defaults (dense gate, cross-node budget 0.2), hierarchical dispatcher
-  locmoe_plus        LocMoE+ (hybrid token/expert choice, adaptive capacity), hierarchical dispatcher
+  locmoe_plus        LocMoE+ at its defaults (hybrid token/expert choice, dense gate, cross-node budget 0.2,
+                     adaptive capacity, resonance_mass 0.9), hierarchical dispatcher
   deepspeed_moe      the same sizes through ``deepspeed.initialize`` (bf16, ZeRO 0): DeepSpeed's MoE (TopKGate,
                      capacity factor 1.25) in locmoe_plugin.demo.deepspeed_job's GPT; run it in its own launch
 
@@ -73,7 +74,7 @@ MEGATRON_SYSTEMS = {
     "mcore_grouplimited": None,
     "locmoe_topk": {"routing": "topk", "gate": "dense"},
     "locmoe": {"routing": "locmoe"},  # LocMoEConfig defaults (dense gate, cross-node budget)
-    "locmoe_plus": {"routing": "hybrid", "gate": "grap", "capacity": "adaptive"},
+    "locmoe_plus": {"routing": "hybrid"},  # LocMoEConfig defaults (dense gate, budget, adaptive, resonance)
 }
 SYSTEMS = (*MEGATRON_SYSTEMS, "deepspeed_moe")
 PHASES = ("attention", "router", "dispatch", "experts", "combine")

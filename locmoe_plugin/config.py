@@ -25,11 +25,17 @@ AUX_SCOPES = ("ep_group", "local")
 #: gives the same order of magnitude as the Switch aux loss (alpha = 0.01) at a 50 % local share.
 DEFAULT_LOCALITY_LOSS_COEFF = 0.01
 
-#: Cross-node budget that routing "locmoe" gets when neither ``cross_node_budget`` nor
-#: ``locality_loss_coeff`` is given (with ``aux_loss_scope="ep_group"``); None would mean no budget, the
+#: Cross-node budget that routing "locmoe" and "hybrid" (LocMoE+) get when neither ``cross_node_budget``
+#: nor ``locality_loss_coeff`` is given (with ``aux_loss_scope="ep_group"``); None would mean no budget, the
 #: learned locality loss instead. 0.2: the lowest budget of the measured speed/quality curve whose cost
-#: stayed within 1 % of Megatron's TopKRouter (benchmarks/RESULTS.md, "Cross-node budget curve").
+#: stayed within 1 % of Megatron's TopKRouter (benchmarks/RESULTS.md, "Cross-node budget curve"); LocMoE+
+#: with it (and the dense gate) measured -0.8 % val loss against TopKRouter (docs/locmoe_plus.md).
 DEFAULT_CROSS_NODE_BUDGET: float | None = 0.2
+#: LocMoE+'s expert-choice threshold on summed affinity when ``resonance_mass`` is not given (routing
+#: "hybrid"). 0.9: with the dense gate and the default budget it kept 40 % fewer tokens per expert than a
+#: capacity-factor-1.25 buffer at a mean validation loss 0.8 % below TopKRouter's (3 seeds, 2 nodes x 1,
+#: docs/locmoe_plus.md). ``resonance_mass=0`` turns the threshold off.
+DEFAULT_RESONANCE_MASS = 0.9
 #: How a cross-node budget acts when ``budget_mechanism`` is not given (see locmoe_plugin/budget.py).
 #: "selection": on the CPU demo (5 seeds, docs/locality.md) it held the share at the budget, while "loss"
 #: undershot to near full locality, at quality costs not distinguishable from each other (+1.4 / +1.8 %).
@@ -74,8 +80,14 @@ class LocMoEConfig:
         ``locality_loss_coeff`` instead, locality is learned: the locality loss acts through the gate and
         through the *locality bias* (see ``locality_bias``).
       * ``hybrid`` - LocMoE+: token choice of the top-``topk`` (the paper's l) experts by token-expert
-        affinity, then expert choice: each expert keeps at most C of the tokens that chose it, ranked by
-        highest affinity. Needs a capacity mode other than "none" (default "adaptive").
+        affinity (the cosine between the token and the gate's weight row of the expert: a learned row with
+        the default dense gate, a fixed GrAP group with ``gate="grap"``), then expert choice: each expert
+        keeps at most C of the tokens that chose it, ranked by highest unbiased affinity, and only while
+        the affinity summed over those ranked above stays below ``resonance_mass`` (0.9 by default) of
+        its candidates' total.
+        Needs a capacity mode other than "none" (default "adaptive"). Like "locmoe", it defaults to the
+        dense gate and the cross-node budget; ``gate="grap", locality_loss_coeff=0.01,
+        resonance_mass=0`` gives the earlier GrAP / locality-loss LocMoE+.
       * ``hash``   - Hash Layers (Roller et al. 2021), the LocMoE paper's baseline: each token goes to
         ``topk`` distinct experts picked by a fixed hash of its token id (seeded by ``hash_seed``), with
         weight 1/k each. No gate is built (the model gets no router parameters), so the gate-only
@@ -107,9 +119,10 @@ class LocMoEConfig:
     #: Experts per token (k; LocMoE+'s l).
     topk: int = 2
     #: "grap": parameter-free grouped average pooling, one group of d/n features per expert (LocMoE);
-    #: "dense": a learned linear gate ``[n, d]``. None -> "dense" for routing "topk" / "locmoe" (the gate of
-    #: the measured default point, benchmarks/RESULTS.md "Cross-node budget curve"), "grap" for "hybrid"
-    #: (LocMoE+'s affinity) and "hash".
+    #: "dense": a learned linear gate ``[n, d]``. None -> "dense" for routing "topk", "locmoe" and "hybrid"
+    #: (the gate of the measured default points: benchmarks/RESULTS.md "Cross-node budget curve",
+    #: docs/locmoe_plus.md; LocMoE+'s affinity is then the cosine between a token and a learned gate row),
+    #: "grap" for "hash" (which builds no gate).
     gate: str | None = None
     #: "topk", "locmoe", "hybrid" (LocMoE+) or "hash": see the routing modes above.
     routing: str = "locmoe"
@@ -127,7 +140,9 @@ class LocMoEConfig:
     #: locality loss keeps each node's tokens at home. "local": this rank's tokens only, which fights
     #: the locality loss (local balance wants every rank to use every node's experts).
     aux_loss_scope: str = "ep_group"
-    #: None -> DEFAULT_LOCALITY_LOSS_COEFF for "locmoe"/"hybrid" (0 with ``cross_node_budget``), 0 for "topk".
+    #: None -> 0 for "topk" / "hash", and for "locmoe" / "hybrid" with a cross-node budget (their default
+    #: with ``aux_loss_scope="ep_group"``); else DEFAULT_LOCALITY_LOSS_COEFF. Giving it for "locmoe" /
+    #: "hybrid" selects the learned locality loss without the default budget.
     locality_loss_coeff: float | None = None
     #: Coefficient of the router z-loss (mean squared logsumexp of the gate logits; 0 = off).
     z_loss_coeff: float = 0.0
@@ -155,7 +170,9 @@ class LocMoEConfig:
     capacity_bound_form: str = "exact"
     #: "hybrid": the expert-choice threshold on summed affinity (LocMoE+ Eq. 6): each expert keeps its
     #: highest-affinity tokens until the affinity summed over those ranked above reaches this share of
-    #: its candidates' total; 1.0 keeps exactly the tokens with a positive affinity. None: off.
+    #: its candidates' total; 1.0 keeps exactly the tokens with a positive affinity. 0: off (the
+    #: schedule's capacity alone limits each expert). None -> DEFAULT_RESONANCE_MASS (0.9) for "hybrid";
+    #: the other routings have no expert choice and take only None or 0.
     resonance_mass: float | None = None
     #: Which routed (token, expert) pairs an expert keeps when over capacity: highest "score"
     #: (gate probability; affinity for "hybrid"), tokens' first "choice"s before their second ones (by
@@ -220,7 +237,7 @@ class LocMoEConfig:
             )
         _choice("routing", self.routing, ROUTINGS)
         if self.gate is None:
-            object.__setattr__(self, "gate", "grap" if self.routing in ("hybrid", "hash") else "dense")
+            object.__setattr__(self, "gate", "grap" if self.routing == "hash" else "dense")
         _choice("gate", self.gate, GATES)
         hashed = self.routing == "hash"
         if hashed and self.gate != "grap":
@@ -243,14 +260,15 @@ class LocMoEConfig:
                 f"and hash routing has no gate; set z_loss_coeff=0 (--moe-z-loss-coeff) or change routing"
             )
         if (self.cross_node_budget is None and self.locality_loss_coeff is None
-                and self.routing == "locmoe" and self.aux_loss_scope == "ep_group"):
+                and self.routing in ("locmoe", "hybrid") and self.aux_loss_scope == "ep_group"):
             object.__setattr__(self, "cross_node_budget", DEFAULT_CROSS_NODE_BUDGET)
         budget = self.cross_node_budget
         if budget is not None:
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 1:
                 raise ConfigError(
                     f"cross_node_budget={budget!r} must be a share in [0, 1] (e.g. 0.2 = at most 20 % of routed "
-                    f"pairs cross nodes); for no budget with routing 'locmoe', give locality_loss_coeff instead"
+                    f"pairs cross nodes); for no budget with routing 'locmoe' or 'hybrid', give "
+                    f"locality_loss_coeff instead"
                 )
             if self.routing in ("topk", "hash"):
                 raise ConfigError(
@@ -300,8 +318,8 @@ class LocMoEConfig:
         elif self.locality_bias and self.locality_loss_coeff == 0 and not budget_loss:
             raise ConfigError(
                 "locality_bias is trained by the locality loss, which is off (locality_loss_coeff=0; routing "
-                "'locmoe' uses the cross-node budget by default): set locality_loss_coeff > 0 with routing "
-                "'locmoe' or 'hybrid', or locality_bias=False"
+                "'locmoe' and 'hybrid' use the cross-node budget by default): set locality_loss_coeff > 0 with "
+                "routing 'locmoe' or 'hybrid', or locality_bias=False"
             )
 
         _non_negative("expert_bias_rate", self.expert_bias_rate)
@@ -362,17 +380,19 @@ class LocMoEConfig:
         if isinstance(iso, bool) or not isinstance(iso, (int, float)) or not (0 < iso < math.inf):
             raise ConfigError(f"capacity_factor_isotropic={iso!r} must be a finite number > 0 (e.g. 2.0)")
         _choice("capacity_bound_form", self.capacity_bound_form, BOUND_FORMS)
+        if self.resonance_mass is None and self.routing == "hybrid":
+            object.__setattr__(self, "resonance_mass", DEFAULT_RESONANCE_MASS)
         rm = self.resonance_mass
         if rm is not None:
-            if isinstance(rm, bool) or not isinstance(rm, (int, float)) or not (0 < rm <= 1):
+            if isinstance(rm, bool) or not isinstance(rm, (int, float)) or not (0 <= rm <= 1):
                 raise ConfigError(
-                    f"resonance_mass={rm!r} must be in (0, 1] (share of an expert's summed affinity it keeps) "
-                    f"or None (off)"
+                    f"resonance_mass={rm!r} must be in (0, 1] (share of an expert's summed affinity it keeps), "
+                    f"0 (off) or None (the default: {DEFAULT_RESONANCE_MASS} for routing 'hybrid')"
                 )
-            if self.routing != "hybrid":
+            if rm > 0 and self.routing != "hybrid":
                 raise ConfigError(
                     f"resonance_mass={rm} is LocMoE+'s expert-choice threshold and needs routing='hybrid' "
-                    f"(routing is {self.routing!r}); remove it or set routing='hybrid'"
+                    f"(routing is {self.routing!r}); remove it (or set it to 0) or set routing='hybrid'"
                 )
         _choice("drop_policy", self.drop_policy, DROP_POLICIES)
         if self.max_nodes_per_token is not None:

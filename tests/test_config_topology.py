@@ -47,11 +47,41 @@ def test_defaults_resolve_per_routing_mode():
     assert LocMoEConfig(**BASE, locality_loss_coeff=None, cross_node_budget=None).cross_node_budget == 0.2
     mu = LocMoEConfig(**BASE, locality_loss_coeff=0.01)  # an explicit locality loss: no default budget
     assert mu.cross_node_budget is None and mu.locality_loss_coeff == 0.01
-    assert LocMoEConfig(**BASE, routing="hybrid").gate == "grap"
     assert LocMoEConfig(**BASE, routing="topk").locality_loss_coeff == 0.0
     assert LocMoEConfig(**BASE, routing="hybrid").capacity == "adaptive"
     assert LocMoEConfig(**BASE).capacity == "none"
     assert LocMoEConfig(**{**BASE, "hidden_size": 1000}, gate="dense").hidden_size == 1000  # dense has no d % n rule
+
+
+def test_hybrid_defaults_to_the_measured_point():
+    """LocMoE+: the dense gate, the cross-node budget 0.2 (selection margin, no locality loss or bias),
+    adaptive capacity and the summed-affinity threshold 0.9."""
+    cfg = LocMoEConfig(**BASE, routing="hybrid")
+    assert (cfg.gate, cfg.cross_node_budget, cfg.budget_mechanism) == ("dense", 0.2, "selection")
+    assert (cfg.locality_loss_coeff, cfg.locality_bias) == (0.0, False)
+    assert (cfg.capacity, cfg.resonance_mass) == ("adaptive", 0.9)
+    # resolved values survive replace / to_dict: a copy is the same config
+    assert cfg.replace(topk=1).resonance_mass == 0.9 and LocMoEConfig.from_dict(cfg.to_dict()) == cfg
+    # the local aux loss cannot read the budget's share: the learned locality loss instead
+    local = LocMoEConfig(**BASE, routing="hybrid", aux_loss_scope="local")
+    assert local.cross_node_budget is None and local.locality_loss_coeff == 0.01
+
+
+def test_hybrid_explicit_settings_override_the_defaults():
+    old = LocMoEConfig(**BASE, routing="hybrid", gate="grap", locality_loss_coeff=0.01, resonance_mass=0)
+    assert (old.gate, old.cross_node_budget, old.budget_mechanism) == ("grap", None, None)
+    assert (old.locality_loss_coeff, old.locality_bias, old.resonance_mass) == (0.01, True, 0)
+    assert old.replace(topk=1).resonance_mass == 0  # off stays off through a copy
+    assert LocMoEConfig(**BASE, routing="hybrid", cross_node_budget=0.1).cross_node_budget == 0.1
+    assert LocMoEConfig(**BASE, routing="hybrid", resonance_mass=1.0).resonance_mass == 1.0
+    # the other routings have no expert choice: no default threshold, 0 (off) accepted, a value refused
+    assert LocMoEConfig(**BASE).resonance_mass is None
+    assert LocMoEConfig(**BASE, routing="topk", resonance_mass=0).resonance_mass == 0
+    assert LocMoEConfig(**BASE, routing="hash").gate == "grap"
+    with pytest.raises(ConfigError, match=r"resonance_mass=0.9 is LocMoE\+'s .*set it to 0"):
+        LocMoEConfig(**BASE, resonance_mass=0.9)
+    with pytest.raises(ConfigError, match=r"resonance_mass=1.5 must be in \(0, 1\].*0 \(off\)"):
+        LocMoEConfig(**BASE, routing="hybrid", resonance_mass=1.5)
 
 
 def test_from_dict_rejects_unknown_keys_and_roundtrips():

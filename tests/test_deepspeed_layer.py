@@ -31,8 +31,10 @@ def _worker(rank, world):
     out = {}
     for name, settings, k in [
         ("locmoe", {"gpus_per_node": 2, "gate": "grap", "locality_loss_coeff": 0.01, "overlap": True}, 2),
+        # the learned locality loss, not the default cross-node budget: the budget's controller moves in
+        # every training forward, so the reference, which routes again, would route differently
         ("hybrid_flat", {"gpus_per_node": 2, "routing": "hybrid", "capacity": "factor", "capacity_factor": 1.0,
-                         "min_capacity": 0, "dispatcher": "flat"}, 2),
+                         "min_capacity": 0, "dispatcher": "flat", "locality_loss_coeff": 0.01}, 2),
         ("dense_k4_no_overlap", {"gpus_per_node": 2, "gate": "dense", "locality_loss_coeff": 0.01, "overlap": False}, 4),
         ("dense_k4_overlap", {"gpus_per_node": 2, "gate": "dense", "locality_loss_coeff": 0.01, "overlap": True}, 4),
         ("one_node", {"gpus_per_node": 4}, 4),  # one node: the layer uses the pairs plan (flat_fast)
@@ -100,6 +102,14 @@ def test_config_section_and_errors(tmp_path):
     path.write_text(json.dumps(cfg))
     assert locmoe_settings_from_ds_config(str(path)) == cfg["locmoe"]
     assert locmoe_settings_from_ds_config({"train_batch_size": 8}) == {}
+    # the section's "routing": "hybrid" alone takes LocMoE+'s defaults; explicit keys override them
+    plus = LocMoE(D, _expert(), num_experts=E, k=2, locmoe=locmoe_settings_from_ds_config(str(path)))
+    c = plus.deepspeed_moe.config
+    assert (c.gate, c.cross_node_budget, c.resonance_mass, c.capacity) == ("dense", 0.2, 0.9, "adaptive")
+    old = LocMoE(D, _expert(), num_experts=E, k=2, locmoe={**cfg["locmoe"], "gate": "grap",
+                                                          "locality_loss_coeff": 0.01, "resonance_mass": 0})
+    c = old.deepspeed_moe.config
+    assert (c.gate, c.cross_node_budget, c.locality_loss_coeff, c.resonance_mass) == ("grap", None, 0.01, 0)
     with pytest.raises(ConfigError, match=r"unknown LocMoE option\(s\) \['routng'\]"):
         LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"routng": "hybrid"})
     with pytest.raises(ConfigError, match="hidden_size 16 is not divisible by num_experts 3"):

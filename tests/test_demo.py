@@ -134,3 +134,24 @@ def test_system_specs_parse_numbers_words_and_bools():
     assert parse_system("locmoe:renormalize=False") == ("locmoe", {"renormalize": False})
     with pytest.raises(ValueError, match="the baseline takes no LocMoE options"):
         parse_system("baseline:mu=0.1")
+
+
+def test_locmoe_plus_system_takes_the_config_defaults():
+    """``locmoe+`` sets no gate, locality or threshold of its own: LocMoEConfig's LocMoE+ defaults apply
+    (dense gate, cross-node budget 0.2, resonance_mass 0.9), and options after the colon override them."""
+    import argparse
+
+    from locmoe_plugin.config import LocMoEConfig
+    from locmoe_plugin.demo.megatron_job import locmoe_settings
+
+    opts = argparse.Namespace(gpus_per_node=2, locality_coeff=0.01, locmoe_capacity="none", steps=30)
+    settings = locmoe_settings("locmoe+", opts)
+    assert settings == {"gpus_per_node": 2, "routing": "hybrid", "adaptive_interval": 3}
+    cfg = LocMoEConfig(num_experts=8, hidden_size=128, **settings)
+    assert (cfg.gate, cfg.cross_node_budget, cfg.locality_loss_coeff) == ("dense", 0.2, 0.0)
+    assert (cfg.capacity, cfg.resonance_mass) == ("adaptive", 0.9)
+    old = LocMoEConfig(num_experts=8, hidden_size=128,
+                       **locmoe_settings("locmoe+:gate=grap,mu=0.01,resonance_mass=0", opts))
+    assert (old.gate, old.cross_node_budget, old.locality_loss_coeff, old.resonance_mass) == ("grap", None, 0.01, 0)
+    budget = locmoe_settings("locmoe+:budget=0.1", opts)
+    assert budget["cross_node_budget"] == 0.1 and "locality_loss_coeff" not in budget

@@ -65,6 +65,32 @@ def test_flags_parse_and_reach_the_settings():
     assert "LocMoE+ token/expert choice" in help_text.format_help()
 
 
+def test_locmoe_plus_flags_keep_the_config_defaults_and_override_them():
+    """--locmoe-routing hybrid alone leaves gate, budget and threshold to LocMoEConfig (dense, 0.2, 0.9);
+    the old GrAP / locality-loss LocMoE+ is three flags away, and the help names the defaults and the off."""
+    from locmoe_plugin.config import LocMoEConfig
+
+    overrides, _ = settings_from_args(_args("--locmoe", "--locmoe-routing", "hybrid"))
+    assert overrides == {"routing": "hybrid"}
+    cfg = LocMoEConfig(num_experts=8, hidden_size=64, **overrides)
+    assert (cfg.gate, cfg.cross_node_budget, cfg.resonance_mass) == ("dense", 0.2, 0.9)
+    overrides, _ = settings_from_args(_args("--locmoe", "--locmoe-routing", "hybrid", "--locmoe-gate", "grap",
+                                            "--locmoe-locality-loss-coeff", "0.01", "--locmoe-resonance-mass", "0"))
+    assert overrides == {"routing": "hybrid", "gate": "grap", "locality_loss_coeff": 0.01, "resonance_mass": 0.0}
+    old = LocMoEConfig(num_experts=8, hidden_size=64, **overrides)
+    assert (old.cross_node_budget, old.locality_bias, old.resonance_mass) == (None, True, 0.0)
+    with pytest.raises(ConfigError, match=r"--locmoe-resonance-mass 1.5 must be in \(0, 1\].*0 \(off\)"):
+        settings_from_args(_args("--locmoe", "--locmoe-routing", "hybrid", "--locmoe-resonance-mass", "1.5"))
+    with pytest.raises(ConfigError, match=r"--locmoe-resonance-mass 0.9 is LocMoE\+'s expert-choice threshold"):
+        settings_from_args(_args("--locmoe", "--locmoe-resonance-mass", "0.9"))
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    help_text = "".join(p.format_help().split())  # argparse wraps lines, at hyphens too
+    for said in ("Default: 0.9 for hybrid", "0 = off", "default for --locmoe-routing topk/locmoe/hybrid",
+                 "Default: 0.2 for --locmoe-routing locmoe/hybrid"):
+        assert "".join(said.split()) in help_text
+
+
 @pytest.mark.parametrize(
     "argv, megatron, message",
     [

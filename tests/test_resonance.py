@@ -129,8 +129,9 @@ def test_expert_choice_ranks_by_unbiased_cosine_with_locality_bias():
     """A small-norm token with cosine -0.11 and a token with +0.06 both choose expert 0 through the
     locality bias; with room for one, expert 0 keeps the +0.06 token. Ranking by the cosine of the biased
     logits, (g + b) sqrt(d/n) / ||x||, kept the small-norm token (biased score ~7 against ~0.07)."""
-    cfg = LocMoEConfig(num_experts=2, hidden_size=4, topk=1, routing="hybrid", capacity="factor",
-                       capacity_factor=0.5, min_capacity=1, aux_loss_coeff=0.0, locality_loss_coeff=0.01)
+    cfg = LocMoEConfig(num_experts=2, hidden_size=4, topk=1, routing="hybrid", gate="grap", capacity="factor",
+                       capacity_factor=0.5, min_capacity=1, aux_loss_coeff=0.0, locality_loss_coeff=0.01,
+                       resonance_mass=0)
     router = LocMoERouter(cfg, Topology.single_node(2, 2, ep_rank=0))
     with torch.no_grad():
         router.locality_bias[0] = torch.tensor([0.05, 0.0]) / cfg.locality_bias_scale  # logit offset 0.05
@@ -145,7 +146,7 @@ def test_expert_choice_ranks_by_unbiased_cosine_with_locality_bias():
 
 def test_resonance_config_validation():
     base = dict(num_experts=4, hidden_size=16, topk=1)
-    for bad in (0, 1.5, -0.1, True):
+    for bad in (1.5, -0.1, True, "0.9"):
         with pytest.raises(ConfigError, match="resonance_mass"):
             LocMoEConfig(**base, routing="hybrid", resonance_mass=bad)
     with pytest.raises(ConfigError, match="routing='hybrid'"):

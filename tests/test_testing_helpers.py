@@ -66,7 +66,7 @@ def test_run_ranks_rejects_bad_layouts():
 
 
 def test_fake_group_builds_routers_for_64_ranks_on_8_nodes():
-    cfg = LocMoEConfig(num_experts=128, hidden_size=256, routing="hybrid")
+    cfg = LocMoEConfig(num_experts=128, hidden_size=256, routing="hybrid", locality_loss_coeff=0.01)  # the bias
     with fake_process_group(world_size=64, nodes=8, rank=19) as world:
         router = world.router(cfg)
         topo = router.topology

@@ -10,14 +10,15 @@
 # A run whose results.json exists is skipped (a second call resumes). Each run: OUT/seed<S>/<NN>-<system>/.
 # Last, per seed, the demo's tables (validation loss, load, drops, tokens per expert, capacity factor).
 #
-# SEEDS (default "1234 2345 3456") and SYSTEMS (default below: the baseline, LocMoE+ at its defaults,
-# with the summed-affinity threshold, and with a lower capacity floor) can be overridden.
+# SEEDS (default "1234 2345 3456") and SYSTEMS (default below: the baseline, LocMoE+ at its defaults -
+# dense gate, cross-node budget 0.2, summed-affinity threshold 0.9 -, LocMoE+ without the threshold, and
+# LocMoE at its defaults) can be overridden.
 set -euo pipefail
 out=${1:?usage: run_locmoe_plus.sh OUT [locmoe demo flags]}
 shift
 extra=("$@")  # demo flags, used inside run_share (whose own "$@" is its pair index)
 SEEDS=${SEEDS:-"1234 2345 3456"}
-SYSTEMS=${SYSTEMS:-"baseline;locmoe+;locmoe+:resonance_mass=0.9;locmoe+:capacity_factor_min=0.3"}
+SYSTEMS=${SYSTEMS:-"baseline;locmoe+;locmoe+:resonance_mass=0;locmoe"}
 STEPS=${STEPS:-300}
 PAIRS=${PAIRS:-"0,1 2,3"}
 IFS=';' read -r -a systems <<< "$SYSTEMS"

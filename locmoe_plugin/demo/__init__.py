@@ -45,7 +45,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per rank per step")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--aux-loss-coeff", type=float, default=0.01)
-    p.add_argument("--locality-coeff", type=float, default=0.01, help="mu of LocMoE's locality loss")
+    p.add_argument("--locality-coeff", type=float, default=0.01,
+                   help="mu of LocMoE's locality loss, for systems without a cross-node budget (locmoe and locmoe+ "
+                        "have one by default; 'locmoe+:mu=0.01' selects the loss instead)")
     p.add_argument("--locmoe-capacity", choices=("none", "factor", "bound"), default="none",
                    help="LocMoE's expert capacity (locmoe+ always uses adaptive)")
     p.add_argument("--eval-interval", type=int, default=50)

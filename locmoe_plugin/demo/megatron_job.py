@@ -2,9 +2,10 @@
 
 - ``baseline``: megatron-core ``MoELayer`` with ``TopKRouter`` (softmax top-k, Switch aux loss) and the
   flat ``alltoall`` dispatcher: what a Megatron user runs today;
-- ``locmoe``: ``LocMoELayer`` + LocMoE router (GrAP gate, top-k, locality loss) and the hierarchical
-  dispatcher;
-- ``locmoe+``: LocMoE+ (hybrid token/expert choice, adaptive capacity) on the hierarchical dispatcher.
+- ``locmoe``: ``LocMoELayer`` + LocMoE router (LocMoEConfig's defaults: dense gate, top-k, cross-node
+  budget) and the hierarchical dispatcher;
+- ``locmoe+``: LocMoE+ (hybrid token/expert choice, adaptive capacity, summed-affinity threshold; dense
+  gate and cross-node budget by default) on the hierarchical dispatcher.
 - ``hash``: the hash router (token id -> experts; ``attach_token_ids`` feeds it the ids).
 
 Each LocMoE system takes LocMoE options after a colon (:func:`parse_system`), e.g. ``locmoe:mu=0.03,gate=dense``.
@@ -31,7 +32,7 @@ from .corpus import VOCAB_SIZE
 BASE_SETTINGS = {
     "baseline": None,
     "locmoe": {"routing": "locmoe"},  # LocMoEConfig's defaults: the dense gate and the cross-node budget
-    "locmoe+": {"routing": "hybrid", "gate": "grap", "capacity": "adaptive"},
+    "locmoe+": {"routing": "hybrid"},  # LocMoEConfig's defaults: dense gate, budget, adaptive, resonance 0.9
     "hash": {"routing": "hash"},
 }
 #: short option names accepted after a system name: ``locmoe:mu=0.03,gate=dense``
@@ -72,7 +73,8 @@ def locmoe_settings(system: str, opts) -> dict | None:
     if base is None:
         return None
     settings = {"gpus_per_node": opts.gpus_per_node, **base}
-    budgeted = "cross_node_budget" in overrides or (DEFAULT_CROSS_NODE_BUDGET is not None and name == "locmoe")
+    budgeted = "cross_node_budget" in overrides or (
+        DEFAULT_CROSS_NODE_BUDGET is not None and name in ("locmoe", "locmoe+"))
     if name != "hash" and not budgeted:  # with a budget, mu defaults to 0 (LocMoEConfig)
         settings["locality_loss_coeff"] = opts.locality_coeff
     if name == "locmoe":

@@ -13,8 +13,8 @@ from typing import Any
 
 from ..comm.settings import DISPATCHER_MODES, DispatcherSettings
 from .compat import capacity_from_megatron
-from ..config import (AUX_SCOPES, BUDGET_MECHANISMS, CAPACITIES, DEFAULT_BUDGET_MECHANISM, DROP_POLICIES, GATES,
-                      ROUTINGS, ConfigError, LocMoEConfig)
+from ..config import (AUX_SCOPES, BUDGET_MECHANISMS, CAPACITIES, DEFAULT_BUDGET_MECHANISM, DEFAULT_CROSS_NODE_BUDGET,
+                      DEFAULT_RESONANCE_MASS, DROP_POLICIES, GATES, ROUTINGS, ConfigError, LocMoEConfig)
 
 _DEFAULTS = {f.name: f.default for f in LocMoEConfig.__dataclass_fields__.values()}
 #: why Megatron's expert bias is refused with LocMoE (here and by the router, for configs built in code)
@@ -46,6 +46,7 @@ _FIELDS = {
     "locmoe_expert_bias_rate": "expert_bias_rate",
     "locmoe_cross_node_budget": "cross_node_budget",
     "locmoe_budget_mechanism": "budget_mechanism",
+    "locmoe_resonance_mass": "resonance_mass",
 }
 
 
@@ -109,16 +110,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("LocMoE", "LocMoE / LocMoE+ routing and hierarchical all-to-all (locmoe-plugin)")
     g.add_argument("--locmoe", action="store_true", help="use the LocMoE router and dispatcher in every MoE layer")
     g.add_argument("--locmoe-gate", choices=GATES, default=_DEFAULTS["gate"],
-                   help="dense: learned linear gate (default for --locmoe-routing topk/locmoe); grap: parameter-free "
-                        "grouped average pooling (LocMoE; default for hybrid/hash)")
+                   help="dense: learned linear gate (default for --locmoe-routing topk/locmoe/hybrid); grap: "
+                        "parameter-free grouped average pooling (LocMoE's gate; needs hidden size %% experts == 0)")
     g.add_argument("--locmoe-routing", choices=ROUTINGS, default=_DEFAULTS["routing"],
                    help="topk: plain top-k; locmoe: top-k + locality loss; hybrid: LocMoE+ token/expert choice; "
                         "hash: experts from a fixed hash of the token id (Hash Layers baseline; needs "
                         "locmoe_plugin.megatron.attach_token_ids(model))")
     g.add_argument("--locmoe-locality-loss-coeff", type=_non_negative_float, default=None,
-                   help="mu of the locality loss (default: 0 for locmoe, which has the cross-node budget instead; 0.01 for "
-                        "hybrid; 0 for topk/hash). Giving it for locmoe selects the learned locality loss without "
-                        "the default budget")
+                   help="mu of the locality loss (default: 0 for locmoe/hybrid, which have the cross-node budget "
+                        "instead; 0 for topk/hash). Giving it for locmoe/hybrid selects the learned locality loss "
+                        "without the default budget")
     g.add_argument("--locmoe-locality-bias", type=_on_off, default=None,
                    metavar="{on,off}",
                    help="learned per-rank routing-score offset through which the locality loss moves traffic "
@@ -154,12 +155,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--locmoe-cross-node-budget", type=float, default=_DEFAULTS["cross_node_budget"],
                    help="cross-node traffic budget: at most this share (0..1) of routed pairs go to another node; "
                         "a controller adapts the locality strength online (see --locmoe-budget-mechanism; the "
-                        "fixed locality loss then defaults to 0; see docs/locality.md). Default: 0.2 for --locmoe-routing "
-                        "locmoe, unless --locmoe-locality-loss-coeff is given (then no budget); off otherwise")
+                        "fixed locality loss then defaults to 0; see docs/locality.md). Default: "
+                        f"{DEFAULT_CROSS_NODE_BUDGET} for --locmoe-routing locmoe/hybrid, unless "
+                        "--locmoe-locality-loss-coeff is given (then no budget); off otherwise")
     g.add_argument("--locmoe-budget-mechanism", choices=BUDGET_MECHANISMS, default=None,
                    help="how the cross-node budget acts: loss = its controller sets the locality loss's coefficient "
                         "(with the locality bias; the gate learns where to send tokens); selection = a margin on "
                         f"the local experts' selection scores only. Default: {DEFAULT_BUDGET_MECHANISM}")
+    g.add_argument("--locmoe-resonance-mass", type=float, default=_DEFAULTS["resonance_mass"],
+                   help="LocMoE+ (hybrid) expert choice: each expert keeps its highest-affinity tokens while their "
+                        "summed affinity stays below this share (0..1] of its candidates' total; 0 = off. Default: "
+                        f"{DEFAULT_RESONANCE_MASS} for hybrid (see docs/locmoe_plus.md)")
     g.add_argument("--locmoe-dispatcher", choices=DISPATCHERS, default="hierarchical",
                    help="hierarchical: each token crosses to a remote node once (on a one-node EP group: "
                         "one all-to-all of (token, expert) pairs, the plan with the fewest host ops); flat: "

@@ -213,7 +213,7 @@ class LocMoEMegatronRouter(torch.nn.Module):
                 f"{self.locmoe_config.cross_node_budget} with recompute_granularity={recompute!r} "
                 f"and pipeline parallelism: the recomputed routing would differ from the forward's; drop "
                 f"--recompute-granularity full / 'moe' from --recompute-modules, or set --locmoe-expert-bias-rate 0 "
-                f"and leave out the cross-node budget (routing 'locmoe' has one by default: pass "
+                f"and leave out the cross-node budget (routing 'locmoe' and 'hybrid' have one by default: pass "
                 f"--locmoe-locality-loss-coeff 0.01 for the learned locality loss without a budget)"
             )
         if self.locmoe_config.routing == "hash" and reruns_router:
