@@ -85,6 +85,23 @@ def test_fake_group_builds_routers_for_64_ranks_on_8_nodes():
             pass
 
 
+@pytest.mark.multiproc
+def test_fake_megatron_layer_when_a_peer_is_sent_nothing():
+    """The fake group's all-gathers repeat this rank's counts, so a rank can be told that rows arrive from
+    a peer it sends nothing to; the layer runs (the fake all-to-all receives zeros)."""
+    pytest.importorskip("megatron.core")
+    from locmoe_plugin.testing import fake_group, megatron_moe_layer
+    from locmoe_plugin.testing.cpu_shims import megatron_cpu_shims
+
+    local = {"routing": "hybrid", "gate": "grap", "locality_loss_coeff": 0.01, "resonance_mass": 0,
+             "capacity_factor_min": 1.0}
+    with fake_process_group(world_size=16, nodes=2), megatron_cpu_shims(), fake_group.megatron_parallel_state():
+        layer = megatron_moe_layer(num_experts=32, hidden_size=64, locmoe=local)
+        x = torch.randn(8, 2, 64)
+        out, _ = layer.mlp(x)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+
+
 def test_cpu_shims_context_restores_torch_cuda():
     pytest.importorskip("megatron.core")
     from locmoe_plugin.testing import cpu_shims

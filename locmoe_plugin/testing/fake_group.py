@@ -1,7 +1,8 @@
 """One process that plays one rank of an expert-parallel group of any size, on torch's fake process group.
 
 Torch's fake backend (``torch.testing._internal.distributed.fake_pg``) accepts every collective without
-moving data (an all-to-all fills its output from the local input), so a single process can build LocMoE
+moving data (an all-gather repeats the local input, an all-to-all fills its output from it; an
+all-to-all that sends nothing receives zeros here), so a single process can build LocMoE
 routers and Megatron MoE layers for, say, 64 ranks as 8 nodes, and check shapes, configurations, the
 topology and the errors raised for bad settings - in a second, without spawning. Values that depend on
 other ranks (summed loads, the other ranks' tokens) are meaningless there: test numbers with
@@ -68,6 +69,21 @@ def _fake_store():
     return FakeStore()
 
 
+def _fake_all_to_all_single(real):
+    """``all_to_all_single`` for the fake group. Its all-gathers give every rank this rank's values (a
+    symmetric world), so a rank that sends nothing across nodes can still be told that rows arrive; the
+    fake backend refuses an empty send with a non-empty receive. Such a call receives zeros: the fake
+    group moves no data either way."""
+
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+                          async_op=False):
+        if input.numel() == 0 and output.numel() > 0:
+            input, input_split_sizes = output.new_zeros(output.shape), output_split_sizes
+        return real(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+
+    return all_to_all_single
+
+
 @contextlib.contextmanager
 def fake_process_group(world_size: int, nodes: int = 1, rank: int = 0) -> Iterator[FakeWorld]:
     """Initialise the default process group on torch's fake backend as ``rank`` of ``world_size`` ranks
@@ -88,9 +104,12 @@ def fake_process_group(world_size: int, nodes: int = 1, rank: int = 0) -> Iterat
     old = os.environ.get("LOCMOE_GPUS_PER_NODE")
     os.environ["LOCMOE_GPUS_PER_NODE"] = str(world_size // nodes)
     dist.init_process_group("fake", store=_fake_store(), rank=rank, world_size=world_size)
+    real_all_to_all = dist.all_to_all_single
+    dist.all_to_all_single = _fake_all_to_all_single(real_all_to_all)
     try:
         yield FakeWorld(world_size=world_size, rank=rank, nodes=nodes)
     finally:
+        dist.all_to_all_single = real_all_to_all
         dist.destroy_process_group()
         if old is None:
             os.environ.pop("LOCMOE_GPUS_PER_NODE", None)
