@@ -43,6 +43,11 @@ DEFAULT_BUDGET_MECHANISM = "selection"
 BUDGET_MECHANISMS = ("loss", "selection")
 
 
+#: LocMoEConfig fields whose None means "resolve from the other settings" (see __post_init__)
+_RESOLVED_FIELDS = ("gate", "cross_node_budget", "budget_mechanism", "locality_loss_coeff", "locality_bias",
+                    "capacity", "resonance_mass")
+
+
 class ConfigError(ValueError):
     """An invalid LocMoE setting. The message names the field, the value and the fix."""
 
@@ -227,6 +232,8 @@ class LocMoEConfig:
     hash_seed: int = 0
 
     def __post_init__(self) -> None:
+        # fields left to their routing-dependent default; replace() resolves them again
+        object.__setattr__(self, "_defaulted", frozenset(n for n in _RESOLVED_FIELDS if getattr(self, n) is None))
         _int_at_least("num_experts", self.num_experts, 1)
         _int_at_least("hidden_size", self.hidden_size, 1)
         _int_at_least("topk", self.topk, 1)
@@ -420,9 +427,12 @@ class LocMoEConfig:
         return self.capacity != "none"
 
     def replace(self, **changes: Any) -> "LocMoEConfig":
-        """A validated copy with some fields changed (``None``-defaulted fields are re-resolved
-        only if they are passed explicitly)."""
-        return dataclasses.replace(self, **changes)
+        """A validated copy with some fields changed. Fields this config left to their default (None at
+        construction: gate, budget, mechanism, locality loss and bias, capacity, resonance mass) are
+        resolved again for the new values, as a fresh construction would; fields given explicitly keep
+        their values unless changed."""
+        reset = {name: None for name in self._defaulted if name not in changes}
+        return dataclasses.replace(self, **reset, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -46,6 +46,16 @@ def device_type_for_backend(backend: str) -> str:
     raise ValueError(f"unknown backend {backend!r}; allowed: {sorted(_BACKENDS.values())}")
 
 
+def is_stream_capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is capturing a graph (CUDA graphs; NPU graphs where torch_npu
+    has the same call); False on CPU. A tensor made during capture is filled only when the graph
+    replays, so a value cached for eager calls must not be made then."""
+    if device.type == "cpu":
+        return False
+    capturing = getattr(getattr(torch, device.type, None), "is_current_stream_capturing", None)
+    return bool(capturing()) if capturing is not None else False
+
+
 def _npu_install_hint() -> str:
     # torch_npu releases track torch releases one-to-one, so the matching version is torch's own
     # version without the local build suffix (e.g. "2.5.1+cpu" -> "2.5.1").

@@ -173,12 +173,43 @@ class LocMoERouter(nn.Module):
         self.expert_to_node = topology.expert_to_node.to(device)
         self.local_expert_mask = topology.local_expert_mask().to(device)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         """A checkpoint saved without loss-free balancing (or one of Megatron's ``TopKRouter``) loads into a
-        router with it: the offsets start at zero, as in a fresh router."""
+        router with it: the offsets start at zero, as in a fresh router. A checkpoint of this router saved
+        with the other gate, or with / without the learned locality bias, is one error naming the settings
+        it was saved with (LocMoE+ changed its defaults from GrAP with the locality loss to the dense
+        gate with the cross-node budget), also for ``strict=False``."""
         if self.expert_bias is not None:
             state_dict.setdefault(prefix + "expert_bias", torch.zeros_like(self.expert_bias))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "_extra_state" in state_dict:  # a LocMoE router's checkpoint (strict or not: a gate
+            # that does not load routes untrained)
+            error_msgs.extend(self._settings_mismatch(state_dict, prefix))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _settings_mismatch(self, state_dict, prefix) -> list[str]:
+        """Messages for a LocMoE router checkpoint whose gate or locality bias this router does not have."""
+        dense_here = self.gate is not None and hasattr(self.gate, "weight")
+        dense_there = prefix + "gate.weight" in state_dict
+        bias_here, bias_there = self.locality_bias is not None, prefix + "locality_bias" in state_dict
+        msgs = []
+        if dense_here and not dense_there:
+            msgs.append(f"{prefix}gate.weight: the checkpoint's router has no learned gate (it was saved with "
+                        f"gate='grap', e.g. LocMoE+ before its defaults changed); load it with gate='grap' "
+                        f"(Megatron --locmoe-gate grap; for that LocMoE+ also --locmoe-locality-loss-coeff 0.01 "
+                        f"--locmoe-resonance-mass 0)")
+        elif dense_there and not dense_here and self.gate is not None:
+            msgs.append(f"{prefix}gate.weight: the checkpoint's router has a learned gate; load it with "
+                        f"gate='dense' (Megatron --locmoe-gate dense)")
+        if bias_there and not bias_here:
+            msgs.append(f"{prefix}locality_bias: the checkpoint's router was saved with the learned locality bias; "
+                        f"load it with locality_loss_coeff > 0 (e.g. 0.01; Megatron --locmoe-locality-loss-coeff "
+                        f"0.01), or locality_bias=True")
+        elif bias_here and not bias_there:
+            msgs.append(f"{prefix}locality_bias: the checkpoint's router has no locality bias; load it with "
+                        f"locality_bias=False (Megatron --locmoe-locality-bias off) or the cross-node budget")
+        return msgs
 
     def get_extra_state(self) -> dict:
         """Saved with the module: the capacity controller's delta / factor / step count, so a resumed

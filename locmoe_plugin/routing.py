@@ -19,11 +19,11 @@ process, run and device agrees on them.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
+from .device import is_stream_capturing
 from .resonance import summed_affinity_keep
 from .softmax_topk import softmax_topk
 
@@ -66,11 +66,19 @@ class Assignment:
         return index_to_dense(self.expert_ids, self.weights, self.num_experts)
 
 
-@functools.lru_cache(maxsize=None)
+_DEVICE_ONES: dict[torch.device, torch.Tensor] = {}
+
+
 def _device_one(device: torch.device) -> torch.Tensor:
     """A 0-d int64 1 on ``device``, made once and never written: the source of every count's scatter-add,
-    expanded (a view) instead of a ``ones`` tensor filled per call."""
-    return torch.ones((), dtype=torch.long, device=device)
+    expanded (a view) instead of a ``ones`` tensor filled per call. One made while a graph is being
+    captured is not kept (it is filled only when the graph replays)."""
+    one = _DEVICE_ONES.get(device)
+    if one is None:
+        one = torch.ones((), dtype=torch.long, device=device)
+        if not is_stream_capturing(device):
+            _DEVICE_ONES[device] = one
+    return one
 
 
 def count_ids(key: torch.Tensor, bins: int) -> torch.Tensor:

@@ -162,3 +162,20 @@ def test_detect_uses_local_world_size(monkeypatch, tmp_path):
         assert Topology.detect(dist.group.WORLD, num_experts=4).num_nodes == 1  # via host names
     finally:
         dist.destroy_process_group()
+
+
+def test_replace_resolves_defaulted_fields_again():
+    hybrid = LocMoEConfig(num_experts=8, hidden_size=32, routing="hybrid")
+    assert (hybrid.resonance_mass, hybrid.cross_node_budget, hybrid.capacity) == (0.9, 0.2, "adaptive")
+    # the hybrid defaults do not follow the config to another routing (a fresh construction's result)
+    plain = hybrid.replace(routing="locmoe")
+    assert plain == LocMoEConfig(num_experts=8, hidden_size=32, routing="locmoe")
+    assert (plain.resonance_mass, plain.capacity) == (None, "none")
+    # giving the locality loss drops the default budget, as at construction
+    learned = hybrid.replace(locality_loss_coeff=0.01)
+    assert learned.cross_node_budget is None and learned.locality_bias is True
+    # explicit values stay
+    off = LocMoEConfig(num_experts=8, hidden_size=32, routing="hybrid", resonance_mass=0).replace(topk=1)
+    assert off.resonance_mass == 0
+    with pytest.raises(ConfigError, match="resonance_mass"):
+        LocMoEConfig(num_experts=8, hidden_size=32, routing="hybrid", resonance_mass=0.5).replace(routing="locmoe")

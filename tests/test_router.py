@@ -243,3 +243,21 @@ def test_softmax_topk_node_has_the_composed_gradient():
                 assert torch.equal(u, v)
             torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=2e-6, msg=f"{use}, capacity {capacity}")
             assert grads[0].abs().sum() > 0
+
+
+def test_checkpoint_of_other_gate_or_locality_bias_names_the_settings():
+    """LocMoE+ changed its defaults (GrAP + locality loss -> dense gate + cross-node budget): a checkpoint
+    of the old defaults loaded into the new ones is one error naming the settings it was saved with."""
+    topo = Topology.from_ranks_per_node(2, 1, 8, ep_rank=0)
+    old = LocMoERouter(LocMoEConfig(num_experts=8, hidden_size=16, routing="hybrid", gate="grap",
+                                    locality_loss_coeff=0.01, resonance_mass=0), topology=topo)
+    new = LocMoERouter(LocMoEConfig(num_experts=8, hidden_size=16, routing="hybrid"), topology=topo)
+    with pytest.raises(RuntimeError) as err:
+        new.load_state_dict(old.state_dict())
+    assert "gate='grap'" in str(err.value) and "locality_loss_coeff" in str(err.value)
+    with pytest.raises(RuntimeError, match="gate='dense'"):
+        old.load_state_dict(new.state_dict())
+    # a non-strict load too (the gate would route untrained); the same settings load
+    with pytest.raises(RuntimeError, match="gate='grap'"):
+        new.load_state_dict(old.state_dict(), strict=False)
+    LocMoERouter(old.config, topology=topo).load_state_dict(old.state_dict())

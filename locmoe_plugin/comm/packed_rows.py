@@ -24,7 +24,7 @@ def unpack_rows(packed: torch.Tensor, dtype: torch.dtype, features: int) -> tupl
     """The inverse of :func:`pack_rows`: ``packed [n, B]`` uint8 -> ``(payload [n, features] dtype, meta
     [n, M] int64)``."""
     n = packed.shape[0]
-    cut = features * torch.empty((), dtype=dtype).element_size()
+    cut = features * dtype.itemsize
     # copied into fresh buffers: a slice of the packed rows may start at an offset the wider dtype
     # cannot be viewed from (a one-row slice counts as contiguous and would not be copied)
     payload = packed.new_empty((n, cut)).copy_(packed[:, :cut]).view(dtype).view(n, features)

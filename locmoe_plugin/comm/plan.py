@@ -147,6 +147,7 @@ class Plan:
             return self.pairs_route.broadcast(x)
         if self.packed_route is not None:
             return self.packed_route.broadcast(x)
+        self._refuse_split("broadcast")
         return run_broadcast(x, self.broadcast_steps)
 
     def reduce(self, y: torch.Tensor) -> torch.Tensor:
@@ -156,10 +157,16 @@ class Plan:
             return self.pairs_route.reduce(y, self.num_tokens)
         if self.packed_route is not None:
             return self.packed_route.reduce(y)
+        self._refuse_split("reduce")
         for hop in reversed(self.hops):
             y = hop.backward(y)
         return y
 
+    def _refuse_split(self, what: str) -> None:
+        """A plan split by origin has no unsplit hops: its rows move through the overlap's steps."""
+        if self.origin_split is not None:
+            raise RuntimeError(f"Plan.{what}() on a plan split by origin: use the dispatcher's overlapped "
+                               f"path (comm.overlap: broadcast_split / reduce_split)")
 
 
 def tree_plan(*, mode: str, hops: tuple[Hop, ...], k: int, pair_weight: torch.Tensor, pair_src_key: torch.Tensor,

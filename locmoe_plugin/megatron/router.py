@@ -177,7 +177,7 @@ class LocMoEMegatronRouter(torch.nn.Module):
         self._sums: torch.Tensor | None = None
         self._sum_keys: tuple[str, ...] = ()
         # the forward count's 1, made once (never written): no fill kernel per forward; fp32 as the row, so
-        # the row's stack casts only the two counts
+        # the row's stack casts only the integer counts
         self.register_buffer("_one_count", torch.ones((), dtype=torch.float32, device=_param_device(config)),
                              persistent=False)
         if getattr(config, "moe_router_enable_expert_bias", False):
