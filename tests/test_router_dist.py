@@ -35,7 +35,8 @@ def _worker(rank, world):
     out["local_tokens"] = res.stats.tokens_per_expert
     # case 2: capacity "bound" with estimated delta and "adaptive": every rank agrees
     for mode in ("bound", "adaptive"):
-        cfg = LocMoEConfig(num_experts=N, hidden_size=D, topk=K, routing="hybrid", capacity=mode)
+        cfg = LocMoEConfig(num_experts=N, hidden_size=D, topk=K, routing="hybrid", capacity=mode, gate="grap",
+                           locality_loss_coeff=0.01, resonance_mass=0)  # GrAP affinities, checked below
         r = LocMoERouter(cfg, topo, group=dist.group.WORLD).train()
         r(x)
         out[mode] = (r.capacity.delta, r.capacity.factor, r.capacity.q_hat)
