@@ -125,16 +125,21 @@ def _count(step) -> tuple[dict, dict, dict]:
     return dict(counts), dict(kernels), {k: dict(v) for k, v in knames.items()}
 
 
-def _megatron_layers(a: argparse.Namespace, rank: int, world: int) -> dict:
-    """megatron-core's MoELayer (TopKRouter + alltoall dispatcher) and LocMoELayer at the same config."""
+def build_megatron_layers(a: argparse.Namespace, world: int, device: torch.device | None = None,
+                          dtype: torch.dtype = torch.float32) -> dict:
+    """``{"megatron alltoall": MoELayer (TopKRouter + alltoall dispatcher), "LocMoELayer": ...}`` at the same
+    config (``a``: hidden, ffn, experts, topk, gate, routing, mu, gpus_per_node, report_flush), EP = ``world``
+    over the default process group. On a CPU (``device`` None or CPU) megatron-core's CUDA calls are shimmed
+    (:mod:`locmoe_plugin.demo.cpu_shims`); elsewhere the layers are moved to ``device``."""
     import functools
 
-    from torch.profiler import record_function
-
-    from locmoe_plugin.demo import cpu_shims
-
-    cpu_shims.install()
     from megatron.core import parallel_state
+
+    on_cpu = device is None or device.type == "cpu"
+    if on_cpu:
+        from locmoe_plugin.demo import cpu_shims
+
+        cpu_shims.install()
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.mlp import MLPSubmodules
@@ -151,12 +156,14 @@ def _megatron_layers(a: argparse.Namespace, rank: int, world: int) -> dict:
         from locmoe_plugin.megatron.enable import enable_metrics_report
 
         enable_metrics_report()
-    parallel_state.initialize_model_parallel(expert_model_parallel_size=world)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(expert_model_parallel_size=world)
     cfg = TransformerConfig(num_layers=1, hidden_size=a.hidden, num_attention_heads=4, num_moe_experts=a.experts,
                             moe_router_topk=a.topk, moe_token_dispatcher_type="alltoall",
-                            expert_model_parallel_size=world, use_cpu_initialization=True, moe_aux_loss_coeff=0.01,
+                            expert_model_parallel_size=world, use_cpu_initialization=on_cpu, moe_aux_loss_coeff=0.01,
                             add_bias_linear=False, ffn_hidden_size=a.ffn, moe_ffn_hidden_size=a.ffn,
-                            moe_router_load_balancing_type="aux_loss")
+                            moe_router_load_balancing_type="aux_loss", params_dtype=dtype,
+                            bf16=dtype == torch.bfloat16)
     experts = ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                                        linear_fc2=RowParallelLinear))
     pgc = moe_utils.get_default_pg_collection()
@@ -169,6 +176,18 @@ def _megatron_layers(a: argparse.Namespace, rank: int, world: int) -> dict:
         "LocMoELayer": make_locmoe_layer_class()(cfg, submodules=MoESubmodules(experts=experts, router=router),
                                                  layer_number=1, pg_collection=pgc),
     }
+    for layer in layers.values():
+        layer.set_layer_number(1)
+        if not on_cpu:
+            layer.to(device)
+    return layers
+
+
+def _megatron_layers(a: argparse.Namespace, rank: int, world: int) -> dict:
+    """megatron-core's MoELayer (TopKRouter + alltoall dispatcher) and LocMoELayer at the same config."""
+    from torch.profiler import record_function
+
+    layers = build_megatron_layers(a, world)
     out = {}
     torch.manual_seed(1 + rank)
     x = torch.randn(a.tokens, 1, a.hidden)
@@ -180,7 +199,6 @@ def _megatron_layers(a: argparse.Namespace, rank: int, world: int) -> dict:
         return run
 
     for name, layer in layers.items():
-        layer.set_layer_number(1)
         layer.route = labelled(layer.route, "router")  # MoELayer.route: router.forward; LocMoELayer: route_indices
         layer.experts.forward = labelled(layer.experts.forward, "experts")
         td = layer.token_dispatcher

@@ -146,6 +146,7 @@ class LocMoERouter(nn.Module):
         self.last_stats: RoutingStats | None = None
         #: whether the ranks of ``group`` agreed on the settings (checked at the first forward)
         self._settings_checked = False
+        self._group_sums: tuple | None = None  # (group, whether the counts are all-reduced over it)
 
     def _new_locality_bias(self, topology: Topology, device) -> nn.Parameter | None:
         """``[ep_size, n]`` zeros when ``config.locality_bias`` and the EP group has several ranks."""
@@ -244,12 +245,21 @@ class LocMoERouter(nn.Module):
             # remote experts: the local mask's complement, read by masked_fill (no per-forward mask kernel)
             extras.append(counts_f.masked_fill(self.local_expert_mask, 0).sum().reshape(1))
         packed = torch.cat([counts_f, *extras]) if extras else counts_f
-        if self.config.aux_loss_scope == "ep_group" and group_active(self.group):
+        if self._sums_over_group():
             dist.all_reduce(packed, group=self.group)
         if not extras:
             return packed, None, None
         n = self.config.num_experts
         return packed[:n], (None if bad is None else packed[n]), (packed[-1] if self._budget_acts else None)
+
+    def _sums_over_group(self) -> bool:
+        """Whether :meth:`_global_counts` all-reduces: ``aux_loss_scope="ep_group"`` on a group of several
+        ranks. Decided once per group object (a process group's size is fixed), not in every forward."""
+        cached = self._group_sums
+        if cached is None or cached[0] is not self.group:
+            cached = self._group_sums = (self.group, self.config.aux_loss_scope == "ep_group"
+                                         and group_active(self.group))
+        return cached[1]
 
     @property
     def _reads_bad(self) -> bool:

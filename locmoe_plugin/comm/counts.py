@@ -85,6 +85,15 @@ def count_layout(t: Topology, k: int, device: torch.device) -> dict:
     }
 
 
+@functools.lru_cache(maxsize=64)
+def pairs_count_layout(num_experts: int) -> dict:
+    """Bins of the flat_fast plan's histogram: pairs per expert only (no per-token, per-node, per-rank
+    levels), then :data:`.counting_sort.EXTRA_BINS`, then one more bin: the most slots in one (expert,
+    token) cell, from the counting sort. Made once per expert count (never mutated)."""
+    return {"bins": num_experts + EXTRA_BINS + 1, "expert_bins": 0, "node_rank_bins": 0, "rank_expert_bins": 0,
+            "levels": (0, 0, 0)}
+
+
 def node_major_ranks(t: Topology) -> list[int]:
     return [r for n in range(t.num_nodes) for r in t.ranks_of_node(n)]
 
@@ -129,10 +138,7 @@ class RoutingCounts:
         self.slot_bins = id_keys
         self.pairs_before = None
         if not per_token:
-            # pairs per expert only (what the flat_fast plan needs): no per-token, per-node, per-rank levels;
-            # one more bin: the most slots in one (expert, token) cell, from the counting sort
-            lay = {"bins": e + EXTRA_BINS + 1, "expert_bins": 0, "node_rank_bins": 0, "rank_expert_bins": 0,
-                   "levels": (0, 0, 0)}
+            lay = pairs_count_layout(e)
             self.node_levels = self.rank_levels = self.expert_levels = max_nodes = max_ranks = max_experts = 0
             self.rank_mask = self.node_mask = None
             self.pairs_before, local = count_pairs(id_keys, e, one)  # its histogram is this rank's row
@@ -167,7 +173,7 @@ class RoutingCounts:
         self._table, self._bins, self._expert_bins = table, lay["bins"], lay["expert_bins"]
         self._num_experts = e
         self._per_token, self._num_nodes = per_token, n
-        self._layout = {key: lay[key] for key in ("node_rank_bins", "rank_expert_bins", "expert_bins")}
+        self._layout = lay  # read for its bin offsets only
         acc = get_accelerator(dev.type)
         if acc.is_cpu:
             self._host_table, self._copied = table, None

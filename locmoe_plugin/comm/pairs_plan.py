@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +14,15 @@ from .counts import RoutingCounts
 from .groups import CommGroups
 from .hops import all_to_all_rows
 from .plan import Plan, Traffic
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_order(p: int, e_r: int, to_canonical: bool) -> tuple[int, ...]:
+    """Which chunk goes where when regrouping ``[P, E_r]`` (q-major) chunks into ``[E_r, P]`` (e-major)
+    order (``to_canonical``) or back: made once per shape, not per call."""
+    if to_canonical:
+        return tuple(q * e_r + e for e in range(e_r) for q in range(p))
+    return tuple(e * p + q for q in range(p) for e in range(e_r))
 
 
 @dataclass(frozen=True)
@@ -45,11 +56,8 @@ class PairsRoute:
         p, e_r = len(self.recv_splits), self.local_experts
         if p == 1 or e_r == 1:
             return rows
-        if to_canonical:
-            chunks = rows.split(self.recv_chunks)
-            return torch.cat([chunks[q * e_r + e] for e in range(e_r) for q in range(p)])
-        chunks = rows.split(self.canon_chunks)
-        return torch.cat([chunks[e * p + q] for q in range(p) for e in range(e_r)])
+        chunks = rows.split(self.recv_chunks if to_canonical else self.canon_chunks)
+        return torch.cat([chunks[i] for i in _chunk_order(p, e_r, to_canonical)])
 
     def to_canonical(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows [m, ...]`` as received (source-major) -> canonical (local-expert-major) order."""
@@ -110,17 +118,19 @@ def build_pairs_plan(expert_ids: torch.Tensor, groups: CommGroups, counts: Routi
     s, k = expert_ids.shape
     me, e_r, p = t.ep_rank, t.experts_per_rank, t.ep_size
     mine = [c[me * e_r : (me + 1) * e_r] for c in counts.pairs_to_expert]  # [P][E_r] pairs from q to local e
-    send_splits = tuple(sum(counts.pairs_to_expert[me][q * e_r : (q + 1) * e_r]) for q in range(p))
-    recv_splits = tuple(sum(c) for c in mine)
+    by_expert = tuple(zip(*mine))  # [E_r][P]: the same counts, local-expert-major
+    row = counts.pairs_to_expert[me]
+    send_splits = tuple(sum(row[q * e_r : (q + 1) * e_r]) for q in range(p))
+    recv_splits = tuple(map(sum, mine))
     n_src = sum(send_splits)
     slot_pos, order_w = source
     group = groups.ep if p > 1 else None
-    route = PairsRoute(slot_pos, n_src, tuple(c for row in mine for c in row),
-                       tuple(mine[q][e] for e in range(e_r) for q in range(p)), e_r, send_splits, recv_splits, group)
+    route = PairsRoute(slot_pos, n_src, tuple(itertools.chain.from_iterable(mine)),
+                       tuple(itertools.chain.from_iterable(by_expert)), e_r, send_splits, recv_splits, group)
     w = order_w[:n_src]
     if group is not None:
         w = all_to_all_rows(w, recv_splits, send_splits, group)
-    tpe = tuple(sum(mine[q][i] for q in range(p)) for i in range(e_r))
+    tpe = tuple(map(sum, by_expert))
     return Plan(hops=(), num_tokens=s, pair_weight=route.to_canonical(w),
                 tokens_per_expert=tpe, traffic=Traffic.of_rank_sends(send_splits, t), mode="flat_fast",
                 pairs_route=route)

@@ -39,6 +39,7 @@ phase.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,15 @@ if TYPE_CHECKING:
     from .hierarchical_plan import HierarchicalRoute
     from .origin_split import OriginSplit
     from .pairs_plan import PairsRoute
+
+
+@functools.lru_cache(maxsize=64)
+def _rank_classes(topology) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(other ranks of this node, ranks on other nodes)`` of the EP group: made once per topology."""
+    me, node = topology.ep_rank, topology.node
+    peers = tuple(q for q in range(topology.ep_size) if topology.node_of_rank[q] == node and q != me)
+    others = tuple(q for q in range(topology.ep_size) if topology.node_of_rank[q] != node)
+    return peers, others
 
 
 @dataclass(frozen=True)
@@ -70,10 +80,9 @@ class Traffic:
     def of_rank_sends(cls, rows_to_rank, topology) -> "Traffic":
         """From the rows this rank sends to each EP rank (``rows_to_rank [P]`` host ints): those to
         other nodes, and those to other ranks of this node."""
-        me, node = topology.ep_rank, topology.node
-        on_node = [topology.node_of_rank[q] == node for q in range(topology.ep_size)]
-        return cls(inter_rows=sum(c for q, c in enumerate(rows_to_rank) if not on_node[q]),
-                   intra_rows=sum(c for q, c in enumerate(rows_to_rank) if on_node[q] and q != me))
+        peers_on_node, other_nodes = _rank_classes(topology)
+        return cls(inter_rows=sum(rows_to_rank[q] for q in other_nodes),
+                   intra_rows=sum(rows_to_rank[q] for q in peers_on_node))
 
     def bytes(self, hidden: int, element_size: int) -> tuple[int, int]:
         """``(inter_node_bytes, intra_node_bytes)`` of one direction."""
