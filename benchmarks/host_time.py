@@ -38,7 +38,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -252,7 +251,8 @@ def summary(res: dict) -> dict:
     return out
 
 
-def run_rank(a: argparse.Namespace, rank: int, world: int, q=None) -> None:
+def run_rank(a: argparse.Namespace, rank: int, world: int) -> dict | None:
+    """Measure on this rank of an initialised process group; rank 0 returns the results."""
     from locmoe_plugin.device import get_accelerator
 
     acc = get_accelerator()
@@ -263,19 +263,14 @@ def run_rank(a: argparse.Namespace, rank: int, world: int, q=None) -> None:
         out = {"config": {k: v for k, v in vars(a).items() if k not in ("out",)}, "world": world,
                "device": str(device), "torch": torch.__version__, "results": results,
                "summary": [summary(r) for r in results]}
-        if q is not None:
-            q.put(out)
-        else:
-            report(a, out)
-    dist.barrier()
-    dist.destroy_process_group()
+        return out
+    return None
 
 
-def _spawned(rank: int, world: int, port: int, a: argparse.Namespace, q) -> None:
-    os.environ["LOCMOE_DEVICE"] = "cpu"
+def _spawned(rank: int, world: int, a: argparse.Namespace) -> dict | None:
+    """One CPU rank (:func:`locmoe_plugin.testing.run_ranks`)."""
     torch.set_num_threads(1)  # several ranks share the cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    run_rank(a, rank, world, q)
+    return run_rank(a, rank, world)
 
 
 def report(a: argparse.Namespace, out: dict) -> None:
@@ -334,19 +329,15 @@ def main(argv: list[str] | None = None) -> dict | None:
 
             parallel_state.initialize_model_parallel(expert_model_parallel_size=dist.get_world_size())
             model_parallel_cuda_manual_seed(0)
-        run_rank(a, dist.get_rank(), dist.get_world_size())
-        return None
-    from locmoe_plugin.comm.launch import free_port
+        out = run_rank(a, dist.get_rank(), dist.get_world_size())
+        if out is not None:
+            report(a, out)
+        dist.barrier()
+        dist.destroy_process_group()
+        return out
+    from locmoe_plugin.testing import run_ranks, values
 
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_spawned, args=(r, a.nproc, port, a, q)) for r in range(a.nproc)]
-    for pr in procs:
-        pr.start()
-    out = q.get(timeout=1800)
-    for pr in procs:
-        pr.join()
+    out = values(run_ranks(_spawned, a.nproc, a, timeout=1800))[0]
     report(a, out)
     return out
 

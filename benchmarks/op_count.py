@@ -25,7 +25,6 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,9 +40,8 @@ NO_KERNEL = {
 }
 
 
-def _worker(rank: int, world: int, port: int, a: argparse.Namespace, q) -> None:
-    os.environ["LOCMOE_DEVICE"] = "cpu"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _worker(rank: int, world: int, a: argparse.Namespace) -> dict | None:
+    """One gloo rank (:func:`locmoe_plugin.testing.run_ranks`); rank 0 returns the counts."""
     from torch.profiler import record_function
 
     from locmoe_plugin.comm import TokenDispatcher, build_comm_groups
@@ -85,10 +83,7 @@ def _worker(rank: int, world: int, port: int, a: argparse.Namespace, q) -> None:
     counted = {"core": _count(step)}
     if a.megatron:
         counted.update(_megatron_layers(a, rank, world))
-    if rank == 0:
-        q.put(counted)
-    dist.barrier()
-    dist.destroy_process_group()
+    return counted if rank == 0 else None
 
 
 def _count(step) -> tuple[dict, dict, dict]:
@@ -242,18 +237,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def count(a: argparse.Namespace) -> dict:
     """Spawn ``a.nproc`` gloo ranks and return rank 0's ``{layer: (ops, kernels, kernel names)}`` per phase."""
-    from locmoe_plugin.comm.launch import free_port
+    from locmoe_plugin.testing import run_ranks, values
 
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, a.nproc, port, a, q)) for r in range(a.nproc)]
-    for pr in procs:
-        pr.start()
-    counted = q.get(timeout=600)
-    for pr in procs:
-        pr.join()
-    return counted
+    return values(run_ranks(_worker, a.nproc, a, timeout=600))[0]
 
 
 def comparison(counted: dict) -> str | None:
