@@ -35,15 +35,22 @@ def test_update_rule_hand_worked():
     assert b.selection_offset(torch.tensor([True, False, True])).tolist() == [1.0, 0.0, 1.0]
 
 
-def test_preference_changes_selection_not_weights():
-    # node 0 = experts {0, 1}; this rank is on node 0. probs [0.1, 0.2, 0.4, 0.3]: top-1 is remote expert 2
+def _four_experts_top1_remote(mechanism: str):
+    """A budget-0 router on node 0 of 2 (experts {0, 1} local) whose identity gate gives the one token ``x``
+    the probabilities [0.1, 0.2, 0.4, 0.3]: top-1 is the remote expert 2. ``-> (router, x)``"""
     cfg = LocMoEConfig(num_experts=4, hidden_size=4, topk=1, gate="dense", routing="locmoe", aux_loss_coeff=0.0,
-                       cross_node_budget=0.0, budget_mechanism="selection")
-    assert cfg.locality_loss_coeff == 0.0 and cfg.locality_bias is False  # the controller is the locality term
-    r = LocMoERouter(cfg, topology=Topology.from_ranks_per_node(2, 1, 4, ep_rank=0)).eval()
+                       cross_node_budget=0.0, budget_mechanism=mechanism)
+    r = LocMoERouter(cfg, topology=Topology.from_ranks_per_node(2, 1, 4, ep_rank=0))
     with torch.no_grad():
         r.gate.weight.copy_(torch.eye(4))
-    x = torch.log(torch.tensor([[0.1, 0.2, 0.4, 0.3]]))
+    return r, torch.log(torch.tensor([[0.1, 0.2, 0.4, 0.3]]))
+
+
+def test_preference_changes_selection_not_weights():
+    r, x = _four_experts_top1_remote("selection")
+    cfg = r.config
+    assert cfg.locality_loss_coeff == 0.0 and cfg.locality_bias is False  # the controller is the locality term
+    r.eval()
     assert r(x).assignment.expert_ids.tolist() == [[2]]
     r.budget.strength.fill_(0.19)  # 0.2 + 0.19 < 0.4: the remote expert still wins by more than the margin
     assert r(x).assignment.expert_ids.tolist() == [[2]]
@@ -194,14 +201,10 @@ def test_loss_mechanism_update_hand_worked():
 
 
 def test_loss_mechanism_sets_the_locality_coefficient_not_the_selection():
-    # node 0 = experts {0, 1}; this rank is on node 0. probs [0.1, 0.2, 0.4, 0.3]: top-1 is remote expert 2
-    cfg = LocMoEConfig(num_experts=4, hidden_size=4, topk=1, gate="dense", routing="locmoe", aux_loss_coeff=0.0,
-                       cross_node_budget=0.0, budget_mechanism="loss")
+    r, x = _four_experts_top1_remote("loss")
+    cfg = r.config
     assert cfg.locality_loss_coeff == 0.0 and cfg.locality_bias is True  # the gate learns through the bias
-    r = LocMoERouter(cfg, topology=Topology.from_ranks_per_node(2, 1, 4, ep_rank=0)).train()
-    with torch.no_grad():
-        r.gate.weight.copy_(torch.eye(4))
-    x = torch.log(torch.tensor([[0.1, 0.2, 0.4, 0.3]]))
+    r.train()
     r.budget.strength.fill_(0.05)
     out = r(x)
     assert out.assignment.expert_ids.tolist() == [[2]]  # no margin on the selection
