@@ -24,7 +24,9 @@ from typing import Any
 import torch
 
 ENV_VAR = "LOCMOE_DEVICE"
-_BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+#: torch's device type of NVIDIA GPUs (Megatron's own device): the name every other module uses for it
+CUDA = "cuda"
+_BACKENDS = {CUDA: "nccl", "npu": "hccl", "cpu": "gloo"}
 # "auto" is accepted so LOCMOE_DEVICE=auto can explicitly undo an inherited setting.
 _ALLOWED = ("cuda", "npu", "cpu", "auto")
 
@@ -46,13 +48,18 @@ def device_type_for_backend(backend: str) -> str:
     raise ValueError(f"unknown backend {backend!r}; allowed: {sorted(_BACKENDS.values())}")
 
 
+def device_module(device_type: str):
+    """torch's module of an accelerator's device type (``torch.npu`` once torch_npu is imported)."""
+    return getattr(torch, device_type)
+
+
 def is_stream_capturing(device: torch.device) -> bool:
     """Whether ``device``'s current stream is capturing a graph (CUDA graphs; NPU graphs where torch_npu
     has the same call); False on CPU. A tensor made during capture is filled only when the graph
     replays, so a value cached for eager calls must not be made then."""
     if device.type == "cpu":
         return False
-    capturing = getattr(getattr(torch, device.type, None), "is_current_stream_capturing", None)
+    capturing = getattr(getattr(torch, device.type, None), "is_current_stream_capturing", None)  # none on meta
     return bool(capturing()) if capturing is not None else False
 
 

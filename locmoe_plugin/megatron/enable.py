@@ -18,7 +18,7 @@ Each says what it replaces, is idempotent (applying twice changes nothing) and r
   reduced across ranks and printed in the training log like ``load_balancing_loss``.
 
 On Ascend (``torch_npu`` importable), ``enable()`` also applies ``torch_npu.contrib.transfer_to_npu``
-so Megatron's own ``torch.cuda`` calls run on the NPU, and process groups use HCCL.
+so Megatron's own CUDA calls run on the NPU, and process groups use HCCL.
 """
 
 from __future__ import annotations

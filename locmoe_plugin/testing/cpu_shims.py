@@ -1,9 +1,9 @@
 """Run megatron-core's ``MoELayer`` / ``GPTModel`` forward and backward on a CPU-only machine (gloo).
 
-Megatron places weights with ``torch.cuda.current_device()``, creates CUDA streams and events in its
-``alltoall`` dispatcher, keeps its dropout RNG states with ``torch.cuda`` RNG calls, moves split sizes to
-the host only when they are CUDA tensors, references ``moe_utils.te_general_gemm`` without
-TransformerEngine, and creates the pipeline schedules' token counter with a literal ``device="cuda"``.
+Megatron places weights on CUDA's current device, creates CUDA streams and events in its ``alltoall``
+dispatcher, keeps its dropout RNG states with CUDA RNG calls, moves split sizes to the host only when
+they are CUDA tensors, references ``moe_utils.te_general_gemm`` without TransformerEngine, and creates
+the pipeline schedules' token counter on the CUDA device by name.
 Each shim makes one of those work on the CPU (RNG states map to the CPU generator).
 
 Use in tests and CPU demos only, never in a training run on GPUs / NPUs (refused where an accelerator is
@@ -27,6 +27,8 @@ import importlib
 from typing import Any, Callable, Iterator
 
 import torch
+
+from ..device import CUDA, device_module
 
 _MISSING = object()
 _permanent = False
@@ -66,13 +68,13 @@ class _Stream:
 
 
 class _CpuTorch:
-    """``torch`` as one Megatron module sees it, with ``device="cuda"`` tensor factories on the CPU."""
+    """``torch`` as one Megatron module sees it, with its tensor factories' CUDA device moved to the CPU."""
 
     def __getattr__(self, name):
         value = getattr(torch, name)
         if name in ("zeros", "ones", "empty", "full", "tensor"):
             def factory(*args, _f=value, **kwargs):
-                if str(kwargs.get("device", "")).startswith("cuda"):
+                if str(kwargs.get("device", "")).startswith(CUDA):
                     kwargs["device"] = "cpu"
                 return _f(*args, **kwargs)
 
@@ -89,7 +91,7 @@ def _to_cpu(tensor, as_numpy=False, record_stream=False):
     return out.numpy() if as_numpy else out
 
 
-#: modules that create small tensors with a literal ``device="cuda"``: the pipeline schedules (token
+#: modules that create small tensors on the CUDA device by name: the pipeline schedules (token
 #: counter), the optimizers (loss scale, overflow flags), gradient clipping (norms), the DDP gradient buffers
 _CUDA_FACTORY_MODULES = ("pipeline_parallel.schedules", "optimizer.optimizer", "optimizer.clip_grads",
                          "optimizer.grad_scaler", "distributed.param_and_grad_buffer", "utils")
@@ -111,7 +113,7 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         "tensor_parallel.random", "transformer.moe.moe_utils", "transformer.moe.token_dispatcher",
         *_CUDA_FACTORY_MODULES)}
     mrandom, moe_utils = mods["tensor_parallel.random"], mods["transformer.moe.moe_utils"]
-    cuda = torch.cuda
+    cuda = device_module(CUDA)
     out: list[tuple[Any, str, Any]] = [
         (cuda, "current_device", lambda: torch.device("cpu")),
         (cuda, "Stream", _Stream),
@@ -139,7 +141,7 @@ def _check_cpu_only() -> None:
 
     if not get_accelerator().is_cpu:
         raise RuntimeError(
-            "the megatron-core CPU shims replace torch.cuda calls and must not run where an accelerator is "
+            "the megatron-core CPU shims replace CUDA calls and must not run where an accelerator is "
             "present; run the test on the accelerator without them, or set LOCMOE_DEVICE=cpu"
         )
 
