@@ -384,7 +384,7 @@ class LocMoERouter(nn.Module):
             renormalize_kept=c.renormalize_kept,
             affinity=choice_affinity,
             expert_choice_affinity=affinity if hybrid else None,
-            resonance_mass=c.resonance_mass or None,  # 0 = off in the config, None in route()
+            resonance_mass=c.resonance_mass,
             capacity=capacity,
             drop_policy=c.drop_policy,
             node_limit=node_limit,

@@ -319,7 +319,8 @@ def route(
             when they differ from ``affinity`` (the token choice's, e.g. with a locality offset); default
             ``affinity``. Should be a cosine, so that token norms do not reorder an expert's queue.
         resonance_mass: ``hybrid`` only: LocMoE+'s expert-choice threshold on summed affinity
-            (:func:`locmoe_plugin.resonance.summed_affinity_keep`), applied with ``capacity``; None: off.
+            (:func:`locmoe_plugin.resonance.summed_affinity_keep`), applied with ``capacity``; None or 0: off
+            (as ``LocMoEConfig.resonance_mass``).
 
     Returns:
         ``(assignment, probs)`` with ``probs [s, n]`` the full softmax (for the losses); for ``hash``
@@ -357,11 +358,11 @@ def route(
             capacity = node_demand_capacity(ids, capacity, *capacity_nodes)
         n = logits.shape[-1]
         order = None
-        if mode == "hybrid" and resonance_mass is not None and resonance_mass < 1.0 and drop_policy == "score":
+        if mode == "hybrid" and resonance_mass and resonance_mass < 1.0 and drop_policy == "score":
             # both limits rank an expert's pairs by the same scores: one sort for the two
             order = score_order(pair_keys(ids, n), scores)
         keep = capacity_keep(ids, scores, capacity, n, drop_policy, order=order)
-        if mode == "hybrid" and resonance_mass is not None:
+        if mode == "hybrid" and resonance_mass:
             keep &= summed_affinity_keep(ids, scores, n, resonance_mass, order=order)
         kept_ids = torch.where(keep, ids, -1)
         weights = torch.where(keep, weights, 0.0)
