@@ -27,6 +27,13 @@ Per system and configuration also: collectives per layer forward (counted by wra
 torch.distributed's calls) and host syncs per layer forward (CUDA's sync debug mode; '-' on CPU), and
 for 'overlap' a timeline from device events: local expert GEMMs vs the inter-node transfer's window.
 Prints a table (rank 0) and writes JSON (--json).
+
+--probe-link: the links are probed (link_probe.py: rail all-to-all rate, 4 KiB latency, one-way rate,
+intra-node rate) before the first configuration and after each one's timing rounds; the JSON records every
+sample and the median of each figure (meta.inter_node_link, meta.intra_node_link), which
+validate_projection.py reads as the run's link. --probe-mib sets the size per peer, by default one row per
+token (--tokens x --hidden x the dtype's bytes; 32 MiB at the defaults, about 0.3-0.5 s per sample over
+the emulated nodes' socket link).
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ from locmoe_plugin import Topology
 from locmoe_plugin.comm import TokenDispatcher, build_comm_groups
 from locmoe_plugin.device import get_accelerator
 from locmoe_plugin.routing import index_to_dense
+
+from link_probe import LinkProbe, ProbeGroups, format_links, layer_probe_mib, take_sample
 
 
 def parse() -> argparse.Namespace:
@@ -66,6 +75,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--expert-ffn", type=int, default=0,
                    help="0: the expert only scales by the weight; N: each local expert is a SwiGLU-free MLP "
                         "d -> N -> d (GELU), so chunked overlap has compute to hide transfers behind")
+    p.add_argument("--probe-link", action="store_true",
+                   help="probe the links before the first configuration and after each one (link_probe.py) and "
+                        "record every sample and their median in the JSON")
+    p.add_argument("--probe-mib", type=float, default=None,
+                   help="the probe's MiB per peer; default one row per token, the layer's own rail message")
     p.add_argument("--cross-share", type=float, nargs="+", default=[None],
                    help="share(s) of routed pairs sent to other nodes' experts, e.g. 0 0.15 0.5 (default: "
                         "uniform random experts)")
@@ -227,6 +241,12 @@ def main() -> None:
     dev = acc.device(None if acc.is_cpu else local_rank)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     rows = []
+    run = argparse.Namespace(link_probe=None)  # what take_sample reads
+    if args.probe_link:
+        groups = ProbeGroups(dev=dev, sync=acc.synchronize, gpn=min(args.gpus_per_node, world))
+        elt = torch.empty((), dtype=dtype).element_size()
+        run.link_probe = LinkProbe(groups, args.probe_mib or layer_probe_mib(args.tokens, args.hidden, elt))
+        take_sample(run, "before timing")
     for E in args.experts:
         topo = Topology.from_ranks_per_node(world, min(args.gpus_per_node, world), E, ep_rank=rank)
         groups = build_comm_groups(topo, dist.group.WORLD)
@@ -351,6 +371,7 @@ def main() -> None:
             dist.all_reduce(cross)
             rows.append({"experts": E, "topk": k, "cross_share_requested": share,
                          "cross_node_pair_share": cross.item() / world, "systems": res})
+            take_sample(run, f"after E={E} k={k} share={share}")
             if rank == 0:
                 print(json.dumps(rows[-1]), flush=True)
     if rank == 0:
@@ -361,6 +382,10 @@ def main() -> None:
             "device": torch.cuda.get_device_name() if not acc.is_cpu else "cpu",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         }
+        if run.link_probe is not None:
+            meta.update(inter_node_link=run.link_probe.summary("inter_node"),
+                        intra_node_link=run.link_probe.summary("intra_node"))
+            print(f"link probe ({run.link_probe.mib:g} MiB per peer): {format_links(run.link_probe)}")
         print_table(meta, rows)
         if args.json:
             with open(args.json, "w") as f:

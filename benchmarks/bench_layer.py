@@ -64,6 +64,13 @@ bytes one rank sends to the other nodes / time of an all_to_all over its rail gr
 same local index on every node, all rails at once, --bw-mib MiB per peer); intra-node exchange time =
 an all_to_all over the node's ranks carrying that many bytes to the node peers; GEMM time = fwd+bwd of
 the layer's own SequentialMLP on the rows its experts received.
+
+Link probe (link_probe.py): the inter-node link (rail all_to_all rate, 4 KiB latency, one-way rate) and
+the intra-node one are sampled before the timing and after every timing round (with --rounds 1: before
+and after the timing); the JSON records every sample (meta.inter_node_link.samples,
+meta.intra_node_link.samples) and the median of each figure, which the floors, the table and
+`locmoe project --calibration` use. The probe sends --bw-mib MiB per peer, by default the layer's own
+rail message (one row per token: 32 MiB at 8192 tokens x hidden 2048 bf16).
 """
 
 from __future__ import annotations
@@ -92,6 +99,7 @@ if HERE not in sys.path:  # the benchmark's own modules, also when loaded by fil
 
 from layer_setup import Ctx, build_megatron_layer, time_it  # noqa: E402
 from layer_training import _budget_mechanism, corpus_batch, train  # noqa: E402
+from link_probe import LinkProbe, a2a_time, format_links, layer_probe_mib, take_sample  # noqa: E402
 from locmoe_plugin.megatron.router import dense_routing_map  # noqa: E402
 
 
@@ -153,7 +161,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--corpus", default=None, help="text file/folder (default: load_corpus()'s default)")
-    p.add_argument("--bw-mib", type=float, default=64.0)
+    p.add_argument("--bw-mib", type=float, default=None,
+                   help="link probe's MiB per peer; default: one row per token, --tokens x --hidden x the timed "
+                        "dtype's bytes (32 MiB at the defaults), the layer's own rail message (link_probe.py)")
     p.add_argument("--json", default=None)
     p.add_argument("--calibration", default=None, help="also write a `locmoe project --calibration` JSON here")
     p.add_argument("--seed", type=int, default=1234)
@@ -193,54 +203,16 @@ def routing_map_ids(routing_map: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ floor
-def a2a_time(ctx: Ctx, group, bytes_to_peers: float, iters: int = 5) -> float:
-    """Seconds of an all_to_all over ``group`` in which this rank sends ``bytes_to_peers`` to the other
-    members (equal parts; the self part is an equal part too), median, max over the group's ranks."""
-    n = dist.get_world_size(group)
-    if n == 1 or bytes_to_peers <= 0:
-        return 0.0
-    per_peer = max(1, int(math.ceil(bytes_to_peers / (n - 1) / 2)))  # bf16 elements
-    buf = torch.empty(per_peer * n, dtype=torch.bfloat16, device=ctx.dev)
-    out = torch.empty_like(buf)
-    samples = []
-    for it in range(2 + iters):
-        dist.barrier(group=group)
-        ctx.sync()
-        t0 = time.perf_counter()
-        dist.all_to_all_single(out, buf, group=group)
-        ctx.sync()
-        if it >= 2:
-            samples.append(time.perf_counter() - t0)
-    return ctx.allmax(statistics.median(samples))
-
-
-def link_figures(ctx: Ctx, mib: float) -> dict:
-    """The inter-node link as ``locmoe project --calibration`` reads it: ``bandwidth_GBps`` (rail
-    all_to_all, every rank exchanging ``mib`` MiB per peer at once, median of 10, per direction),
-    ``latency_us`` (the same with 4 KiB), ``one_way_GBps`` (only node 0's ranks send) and ``duplex``
-    ("shared" when one-way traffic runs > 1.5 x the exchange's per-direction rate: one budget for both
-    directions, as on a socket link; else "full")."""
-    sent = mib * 2**20 * (ctx.nodes - 1)
-    two_way = sent / a2a_time(ctx, ctx.rail_group, sent, iters=10)
-    lat = a2a_time(ctx, ctx.rail_group, 4096 * (ctx.nodes - 1), iters=10)
-    n, per_peer = ctx.nodes, max(1, int(mib * 2**20 // 2))
-    sender = ctx.node == 0
-    send = [0] + [per_peer] * (n - 1) if sender else [0] * n
-    recv = [0] * n if sender else [per_peer] + [0] * (n - 1)
-    buf = torch.empty(sum(send) or 1, dtype=torch.bfloat16, device=ctx.dev)
-    out = torch.empty(sum(recv) or 1, dtype=torch.bfloat16, device=ctx.dev)
-    samples = []
-    for it in range(12):
-        dist.barrier(group=ctx.rail_group)
-        ctx.sync()
-        t0 = time.perf_counter()
-        dist.all_to_all_single(out[: sum(recv)], buf[: sum(send)], recv, send, group=ctx.rail_group)
-        ctx.sync()
-        if it >= 2:
-            samples.append(time.perf_counter() - t0)
-    one_way = sent / ctx.allmax(statistics.median(samples))
-    return {"bandwidth_GBps": two_way / 1e9, "latency_us": lat * 1e6, "one_way_GBps": one_way / 1e9,
-            "duplex": "shared" if one_way > 1.5 * two_way else "full", "probe_MiB_per_peer": mib}
+def rescale_floors(results: dict, bw_used: float, bw_final: float) -> None:
+    """The LocMoE rows' floors were computed while building, at the link probe's rate then (``bw_used``);
+    restate their inter-node term at the run's final median rate ``bw_final`` (both bytes/s)."""
+    if not (bw_used > 0 and bw_final > 0) or bw_used == bw_final:
+        return
+    for r in results.values():
+        if "floor_inter_ms" in r:
+            new = r["floor_inter_ms"] * bw_used / bw_final
+            r["floor_ms"] += new - r["floor_inter_ms"]
+            r["floor_inter_ms"] = new
 
 
 def per_rank(ctx: Ctx, value: float) -> list[float]:
@@ -317,15 +289,18 @@ def round_order(names: list[str], r: int) -> list[str]:
 
 def time_rounds(ctx: Ctx, results: dict) -> None:
     """Timing of the deferred systems in rounds (see :func:`round_order`): ``results[name]["ms"]`` = median over rounds, plus the
-    per-round times and, against mcore_alltoall, the per-round ratios and their median."""
+    per-round times and, against mcore_alltoall, the per-round ratios and their median. With a link probe
+    (``ctx.link_probe``) a sample of the links is taken before the first round and after every round."""
     a = ctx.args
     per = {name: [] for name in ctx.deferred}
     with _ManualGC(a.manual_gc):
         for name, step in ctx.deferred.items():  # warm-up pass (--warmup iterations each), not recorded
             time_it(ctx, step, a.warmup, 1)
+        take_sample(ctx, "before round 1")
         for r in range(a.rounds):  # each system: one warm-up iteration, then --iters timed
             for name in round_order(list(ctx.deferred), r):
                 per[name].append(time_it(ctx, ctx.deferred[name], 1, a.iters))
+            take_sample(ctx, f"after round {r + 1}")
             ctx.log(f"  round {r + 1}/{a.rounds}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in per.items()))
     base = per.get("mcore_alltoall")
     for name, ms in per.items():
@@ -587,15 +562,6 @@ def main() -> None:
             f"megatron-core {mcore_version}, torch {torch.__version__}; corpus {corpus.source}: "
             f"{corpus.train.numel() / 1e6:.1f} MB train, {corpus.val.numel() / 1e6:.2f} MB val")
 
-    # inter-node bandwidth (all rails at once)
-    ctx.bw_inter, link = 0.0, None
-    if ctx.nodes > 1:
-        link = link_figures(ctx, args.bw_mib)
-        ctx.bw_inter = link["bandwidth_GBps"] * 1e9
-    ctx.log(f"inter-node bandwidth per rank (rail all_to_all, {args.bw_mib:.0f} MiB per peer): "
-            f"{ctx.bw_inter / 1e9:.2f} GB/s" + (f"; one-way {link['one_way_GBps']:.2f} GB/s ({link['duplex']} "
-                                               f"duplex), latency {link['latency_us']:.0f} us" if link else ""))
-
     # phase 1: training
     trained, ablations = {}, []
     if len(args.mu) not in (1, len(args.gates)):
@@ -639,18 +605,30 @@ def main() -> None:
     g = torch.Generator().manual_seed(args.seed + 3 + ctx.rank)
     cot = torch.randn(hidden[args.gates[0]].shape, generator=g).to(ctx.dev, ctx.dtype)
 
-    # phase 2: timing
+    # phase 2: timing, with the links probed before it and after every timing round (link_probe.py)
     results = {}
+    elt = torch.empty((), dtype=ctx.dtype).element_size()
+    ctx.link_probe = LinkProbe(ctx, args.bw_mib or layer_probe_mib(batch * args.seq, args.hidden, elt))
+    take_sample(ctx, "before timing")
+    ctx.bw_inter = bw_used = ctx.link_probe.inter_bandwidth_Bps()  # the LocMoE floors' rate while building
+    ctx.log(f"link probe ({ctx.link_probe.mib:g} MiB per peer): " + format_links(ctx.link_probe))
     ctx.log(f"timing: {batch * args.seq} tokens/rank, hidden {args.hidden}, ffn {args.ffn}, {args.experts} experts, "
             f"top-{args.topk}, {args.dtype}; fwd+bwd median of {args.iters} after {args.warmup}, max over ranks")
     run_systems(ctx, trained, hidden, cot, results)
+    if args.rounds <= 1:
+        take_sample(ctx, "after timing")
+    ctx.bw_inter = ctx.link_probe.inter_bandwidth_Bps()
+    rescale_floors(results, bw_used, ctx.bw_inter)
+    link = ctx.link_probe.summary("inter_node")
+    ctx.log("link probe, median of every sample: " + format_links(ctx.link_probe))
 
     meta = {"ranks": ctx.world, "nodes": ctx.nodes, "gpus_per_node": ctx.gpn, "tokens_per_rank": batch * args.seq,
             "hidden": args.hidden, "ffn": args.ffn, "experts": args.experts, "topk": args.topk, "dtype": args.dtype,
             "iters": args.iters, "warmup": args.warmup, "rounds": args.rounds, "megatron_core": mcore_version, "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if not ctx.acc.is_cpu else "cpu",
             "date": time.strftime("%Y-%m-%d"), "commit": os.environ.get("LOCMOE_COMMIT", "unknown"),
-            "inter_node_bw_GBps": ctx.bw_inter / 1e9, "inter_node_link": link, "mu": mus, "sync": args.sync,
+            "inter_node_bw_GBps": ctx.bw_inter / 1e9, "inter_node_link": link,
+            "intra_node_link": ctx.link_probe.summary("intra_node"), "mu": mus, "sync": args.sync,
             "train_steps": args.train_steps, "ds_capacity_factor": args.ds_capacity_factor,
             "aux_scope": args.aux_scope, "expert_bias_rate": args.expert_bias_rate, "budget": args.budget,
             "budget_mechanism": _budget_mechanism(args), "seed": args.seed, "eval_batches": args.eval_batches, "lr_schedule": args.lr_schedule}
@@ -680,6 +658,7 @@ def print_table(out: dict) -> None:
     print(f"\n== {m['ranks']} ranks as {m['nodes']} node(s) x {m['gpus_per_node']}, {m['device']}, "
           f"{m['tokens_per_rank']} tokens/rank, d {m['hidden']}, ffn {m['ffn']}, E {m['experts']}, top-{m['topk']}, "
           f"{m['dtype']}; inter-node bw {m['inter_node_bw_GBps']:.2f} GB/s per rank"
+          + (f" (median of {len(m['inter_node_link']['samples'])} probes)" if (m.get("inter_node_link") or {}).get("samples") else "")
           + (f"; {m['rounds']} interleaved rounds (ms: median over rounds; x a2a: median of per-round ratios)"
              if m.get("rounds", 1) > 1 else ""))
     for t in out["training"] + out["ablations"]:

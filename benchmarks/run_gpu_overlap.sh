@@ -5,6 +5,8 @@
 #   * the same with NCCL_NSOCKS_PERTHREAD=8 NCCL_SOCKET_NTHREADS=8 (a faster inter-node link);
 #     both at cross-node shares 0, 0.15 and 0.5 of the routed pairs;
 #   * one node x NGPU (the overlap is a no-op there: measures that it costs nothing).
+# The 2-node runs probe their link (bench_dispatch.py --probe-link: before the first share and after each,
+# ~0.3-0.5 s per sample at 32 MiB per peer), so validate_projection.py predicts their rows from their own link.
 # 8192 tokens/rank, hidden 2048, expert MLPs d -> 1408 -> d, 32 experts, top-4, bf16; systems timed in
 # interleaved shuffled rounds. Usage (repo root):
 #   bash benchmarks/run_gpu_overlap.sh OUT_DIR
@@ -26,7 +28,7 @@ shares=(--cross-share 0 0.15 0.5)
 run2() {  # name, extra env
   local name=$1; shift
   env "$@" launch/emulate_nodes.sh --nodes 2 --nproc-per-node "$NGPU" -- benchmarks/bench_dispatch.py \
-    --gpus-per-node "$half" --json "$out/$name.json" "${args[@]}" "${shares[@]}" > "$out/$name.log" 2>&1
+    --gpus-per-node "$half" --json "$out/$name.json" --probe-link "${args[@]}" "${shares[@]}" > "$out/$name.log" 2>&1
   echo "$name: exit $?"
 }
 run2 "overlap_2x${half}_socket" NCCL_DEBUG=WARN

@@ -3,14 +3,20 @@
 Layer runs (``bench_layer.py``): each 2-emulated-node run (``layer_2nodes_<G>gpu.json``: 2 x 2 from 4 GPUs,
 2 x 1 from 2) is predicted from the same call's one-node run on the same G GPUs (``layer_1node_<G>gpu.json``;
 calibration: expert GEMM rate, NVLink bandwidth, fixed per-layer costs) plus that call's measured
-inter-node link (the probe's bandwidth, latency and duplex). Nothing else measured on the 2-node layout
+inter-node link (the probe's bandwidth, latency and duplex: the median over its samples where the run
+probed the link repeatedly during its timing, ``meta.inter_node_link.samples``; else its one probe). Nothing else measured on the 2-node layout
 enters, except the routing the run produced (cross-node share, the busiest rank's expert rows and its
 cross-node bytes over the mean).
 
 Dispatch runs (``bench_dispatch.py``, ``overlap_2x<R>_socket*.json``): each 2-node row is predicted from the
 one-node run's time of the same system (``overlap_1x<G>.json``), the two-stage plan's host cost, and the
-link figure of ``locmoe bandwidth`` at that link setting (``bandwidth_slow.txt`` for ``_socket``,
-``bandwidth_fast.txt`` for ``_socket8``) with the layer probe's latency.
+run's own link probe where it has one (``bench_dispatch.py --probe-link``: median bandwidth and latency
+over its samples), else the link figure of ``locmoe bandwidth`` at that link setting
+(``bandwidth_slow.txt`` for ``_socket``, ``bandwidth_fast.txt`` for ``_socket8``) with the layer probe's
+latency.
+
+The summary counts runs with a repeated probe apart from those with a one-shot probe: a one-shot probe
+can be off from what the timed layers saw (every baseline of such a call misses in the same direction).
 
 Each prediction also shows the held-out run's own spread over its timing rounds (``ms_rounds``, half the
 interquartile range over the median, where recorded): an error inside it is inside the measurement's
@@ -202,6 +208,7 @@ def validate(roots) -> list[dict]:
                                       inter_imbalance=u_x, chunks=1)
                 t = predict_layer(system, cluster, model, routing, cal_v)
                 rows.append({"run": run_name(root, run_dir), "spread": round_spread(v), "commit": m2.get("commit") or m.get("commit"),
+                             "probe": probe_kind(link),
                              "layout": f"{m2['nodes']}x{m2['gpus_per_node']}", "latency_us": link["latency_us"],
                              "system": name, "share": v["cross_node_share"], "imbalance": u, "inter_imbalance": u_x,
                              "duplex": dup, "variant": label, "link_GBps": bw,
@@ -209,6 +216,11 @@ def validate(roots) -> list[dict]:
                              "one_node_ms": one["systems"][name]["ms"], "measured_ms": v["ms"],
                              "predicted_ms": t.layer_ms, "error": t.layer_ms / v["ms"] - 1})
     return rows
+
+
+def probe_kind(link: dict) -> str:
+    """"repeated" where the link figures are the median of several probes, else "one-shot"."""
+    return "repeated" if link.get("probe_samples", 1) > 1 else "one-shot"
 
 
 def link_figure(path: str) -> float | None:
@@ -247,12 +259,16 @@ def validate_dispatch(roots) -> list[dict]:
         lat = probe_latency_us(run_dir)
         for two_path in sorted(glob.glob(os.path.join(odir, "overlap_2x*_*.json"))):
             setting = re.search(r"overlap_2x\d+_(\w+)\.json$", two_path).group(1)
-            bw = link_figure(os.path.join(run_dir, LINK_FILES.get(setting, "")))
-            if bw is None:
-                continue
             with open(two_path) as f:
                 two = json.load(f)
             mt = two["meta"]
+            own = inter_link(mt) if mt.get("inter_node_link") else None  # the run's own probe
+            if own:
+                bw, lat_row, probe = own["bandwidth_GBps"], own["latency_us"], probe_kind(own)
+            else:
+                bw, lat_row, probe = link_figure(os.path.join(run_dir, LINK_FILES.get(setting, ""))), lat, "one-shot"
+            if bw is None:
+                continue
             ranks_per_node = mt["ranks"] // mt["nodes"]
             for row in two["rows"]:
                 k = row["topk"]
@@ -260,7 +276,7 @@ def validate_dispatch(roots) -> list[dict]:
                 model = ModelSpec(hidden=mt["hidden"], ffn=1, experts=row["experts"], topk=k,
                                   tokens_per_rank=mt["tokens_per_rank"], dtype=mt["dtype"], swiglu=False)
                 cluster = ClusterSpec(nodes=mt["nodes"], gpus_per_node=ranks_per_node, intra_bw_GBps=200.0,
-                                      intra_latency_us=0.0, inter_bw_GBps=bw, inter_latency_us=lat,
+                                      intra_latency_us=0.0, inter_bw_GBps=bw, inter_latency_us=lat_row,
                                       peak_tflops=1000.0, inter_duplex="full")
                 routing = RoutingSpec(cross_node_share=min(1.0, row["cross_node_pair_share"]), chunks=1)
                 for name, v in row["systems"].items():
@@ -271,7 +287,7 @@ def validate_dispatch(roots) -> list[dict]:
                     extra = two_stage if two_stage_plan else 0.0
                     pred = one_sys[name]["ms"] + extra + t.comm_ms
                     out.append({"run": run_name(root, two_path), "spread": round_spread(v), "setting": setting, "system": name,
-                                "share": row["cross_node_pair_share"], "link_GBps": bw, "latency_us": lat,
+                                "probe": probe, "share": row["cross_node_pair_share"], "link_GBps": bw, "latency_us": lat_row,
                                 "two_stage_ms": extra, "one_node_ms": one_sys[name]["ms"],
                                 "measured_ms": v["ms"], "predicted_ms": pred, "error": pred / v["ms"] - 1})
     return out
@@ -286,6 +302,21 @@ def _summary(rows: list[dict], what: str) -> str:
     if noisy:
         out += (f"; of the {len(miss)} others, {len(noisy)} have recorded rounds, with a round spread of "
                 f"{100 * min(r['spread'] for r in noisy):.0f}-{100 * max(r['spread'] for r in noisy):.0f} %")
+    return out
+
+
+def by_probe(rows: list[dict], what: str) -> list[str]:
+    """The summary of the runs whose link figures are the median of repeated probes, and apart from it,
+    of those with a one-shot probe; each with the runs it covers."""
+    out = []
+    for kind in ("repeated", "one-shot"):
+        got = [r for r in rows if r.get("probe", "one-shot") == kind]
+        label = f"{what}, {'runs with a repeated probe' if kind == 'repeated' else 'one-shot probe'}"
+        if got:
+            runs = sorted({r["run"] for r in got})
+            out.append(f"  {_summary(got, label)} ({len(runs)} run(s))")
+        else:
+            out.append(f"  {label}: no run")
     return out
 
 
@@ -318,6 +349,8 @@ def main() -> int:
     print(_summary(main_rows, "layer") + " (first row of each system; the others: the same with a full-duplex link)")
     for layout in sorted({r["layout"] for r in main_rows}):
         print("  " + _summary([r for r in main_rows if r["layout"] == layout], f"2 nodes x {layout[2:]}"))
+    for line in by_probe(main_rows, "layer"):
+        print(line)
     drows = validate_dispatch(a.roots)
     if drows:
         print(f"\n{'dispatch run':<52} {'system':<14} {'share':>5} {'link':>5} {'lat us':>6} {'2-stg':>5} "
@@ -328,6 +361,8 @@ def main() -> int:
                   f"{r['predicted_ms']:>9.2f} {100 * r['error']:>+6.1f}% {_spread(r)}")
         for name in sorted({r["system"] for r in drows}):
             print("  " + _summary([r for r in drows if r["system"] == name], f"dispatch {name}"))
+        for line in by_probe(drows, "dispatch"):
+            print(line)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"layer": rows, "dispatch": drows}, f, indent=2)

@@ -185,7 +185,7 @@ def test_measured_link_reaches_the_model():
     meta = {"inter_node_bw_GBps": 2.0, "inter_node_link": {"bandwidth_GBps": 2.0, "latency_us": 80.0,
                                                            "one_way_GBps": 3.9, "duplex": "shared"}}
     link = inter_link(meta)
-    assert link == {"bandwidth_GBps": 2.0, "latency_us": 80.0, "duplex": "shared"}
+    assert link == {"bandwidth_GBps": 2.0, "latency_us": 80.0, "duplex": "shared", "probe_samples": 1}
     cl = ClusterSpec(nodes=2, gpus_per_node=2, intra_bw_GBps=1.0, intra_latency_us=0, inter_bw_GBps=9.0,
                      inter_latency_us=0, peak_tflops=1.0)
     eff = Calibration(inter_node=link).apply(cl)

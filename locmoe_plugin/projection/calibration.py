@@ -130,16 +130,58 @@ def two_stage_extra_ms(dispatch_results: list[dict], topk: int) -> float | None:
     return max(0.0, diffs[mid] if len(diffs) % 2 else (diffs[mid - 1] + diffs[mid]) / 2)
 
 
+#: a link whose one-way rate exceeds this multiple of the exchange's per-direction rate is read as "shared"
+#: (one budget for both directions, as a socket link where every byte either way is a host copy), else "full"
+SHARED_DUPLEX_RATIO = 1.5
+#: the figures of one link probe sample that :func:`link_summary` takes the median of
+LINK_FIGURES = ("bandwidth_GBps", "latency_us", "one_way_GBps")
+
+
+def duplex_of(one_way_GBps: float, bandwidth_GBps: float) -> str:
+    """"shared" when one-way traffic runs > :data:`SHARED_DUPLEX_RATIO` x the exchange's per-direction rate."""
+    return "shared" if one_way_GBps > SHARED_DUPLEX_RATIO * bandwidth_GBps else "full"
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def link_summary(samples: list[dict], **extra) -> dict:
+    """One link's figures from repeated probe ``samples`` (each a dict of some of :data:`LINK_FIGURES`,
+    plus ``when``): the median of each figure over the samples that have it, ``duplex`` from the median
+    one-way and exchange rates (where both are measured), ``samples`` kept as given, ``extra`` added."""
+    if not samples:
+        raise ValueError("link_summary needs at least one sample")
+    out = dict(extra)
+    for key in LINK_FIGURES:
+        vals = [float(s[key]) for s in samples if s.get(key) is not None]
+        if vals:
+            out[key] = _median(vals)
+    if "one_way_GBps" in out and "bandwidth_GBps" in out:
+        out["duplex"] = duplex_of(out["one_way_GBps"], out["bandwidth_GBps"])
+    out["samples"] = list(samples)
+    return out
+
+
 def inter_link(meta: dict, inter_bw_GBps: float | None = None) -> dict | None:
-    """The inter-node link of a ``bench_layer.py`` run: its ``inter_node_link`` probe (bandwidth, latency,
-    duplex) where recorded, else the one-shot ``inter_node_bw_GBps``; ``inter_bw_GBps`` replaces the
-    bandwidth."""
+    """The inter-node link of a ``bench_layer.py`` (or ``bench_dispatch.py --probe-link``) run, as the model
+    reads it: ``bandwidth_GBps``, ``latency_us``, ``duplex`` and ``probe_samples`` (how many probes the
+    figures come from). Where the run recorded repeated probes (``inter_node_link.samples``), the median of each
+    figure over them and the duplex of the medians (:func:`link_summary`); else its one-shot probe
+    (``inter_node_link``), else the one-shot ``inter_node_bw_GBps`` (``probe_samples`` 1). ``inter_bw_GBps`` replaces
+    the bandwidth."""
     link = dict(meta.get("inter_node_link") or {})
+    count = 1
+    if link.get("samples"):
+        count = len(link["samples"])
+        link = link_summary(link["samples"])
     link = {k: link[k] for k in ("bandwidth_GBps", "latency_us", "duplex") if k in link}
     bw = inter_bw_GBps or link.get("bandwidth_GBps") or meta.get("inter_node_bw_GBps") or None
     if not bw:
         return None
-    link.update(bandwidth_GBps=bw)
+    link.update(bandwidth_GBps=bw, probe_samples=count)
     link.setdefault("latency_us", 0.0)
     return link
 
