@@ -98,7 +98,7 @@ if HERE not in sys.path:  # the benchmark's own modules, also when loaded by fil
     sys.path.insert(0, HERE)
 
 from layer_setup import Ctx, build_megatron_layer, time_it  # noqa: E402
-from layer_training import _budget_mechanism, corpus_batch, train  # noqa: E402
+from layer_training import _budget_mechanism, _budget_warmup, corpus_batch, train  # noqa: E402
 from link_probe import LinkProbe, a2a_time, format_links, layer_probe_mib, take_sample  # noqa: E402
 from locmoe_plugin.megatron.router import dense_routing_map  # noqa: E402
 
@@ -137,6 +137,9 @@ def parse() -> argparse.Namespace:
                    help="how --budget acts (LocMoEConfig.budget_mechanism): loss = its controller sets the locality "
                         "loss's coefficient (locality bias on); selection = a margin on the local experts' "
                         "selection scores. Default: LocMoEConfig's")
+    p.add_argument("--budget-warmup", type=int, default=0,
+                   help="with --budget: training forwards over which the budget's target falls linearly from the "
+                        "unconstrained share (N-1)/N to --budget (LocMoEConfig.cross_node_budget_warmup). Default: 0")
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
                    help="after 20 warm-up steps: constant --lr, or cosine decay to 0.1 x --lr at the last step "
                         "(ends with small steps: less seed-to-seed spread of the final loss)")
@@ -410,7 +413,8 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
         gate = name[len("locmoe_"):]
         settings = {"gate": gate, "routing": "locmoe", "locality_loss_coeff": trained[gate]["summary"]["mu"],
                     "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope, "expert_bias_rate": a.expert_bias_rate,
-                    "cross_node_budget": a.budget, "budget_mechanism": _budget_mechanism(a)}
+                    "cross_node_budget": a.budget, "budget_mechanism": _budget_mechanism(a),
+                    "cross_node_budget_warmup": _budget_warmup(a)}
         layer = build_megatron_layer(ctx, "alltoall", ctx.dtype, settings)
         missing, unexpected = layer.load_state_dict(trained[gate]["state"], strict=False)
         if [m for m in missing if not m.endswith("_extra_state")] or unexpected:
@@ -431,6 +435,9 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
         per = a.experts // ctx.world
         mine = [int(v) for v in tpe_global[ctx.rank * per : (ctx.rank + 1) * per].tolist()]
         res = {"ms": ms}
+        budget = layer.router.core.budget
+        if budget is not None:  # the timed steps' target: the budget once the trained warm-up is restored
+            res["budget_target"] = float(budget.target())
         tot = ctx.allsum([st.cross_node_pairs.item(), st.tokens_per_expert.sum().item(), tr.inter_bytes,
                           tr.intra_bytes])
         res.update(cross_node_share=tot[0] / max(tot[1], 1), inter_node_MiB=tot[2] / 2**20,
@@ -631,7 +638,7 @@ def main() -> None:
             "intra_node_link": ctx.link_probe.summary("intra_node"), "mu": mus, "sync": args.sync,
             "train_steps": args.train_steps, "ds_capacity_factor": args.ds_capacity_factor,
             "aux_scope": args.aux_scope, "expert_bias_rate": args.expert_bias_rate, "budget": args.budget,
-            "budget_mechanism": _budget_mechanism(args), "seed": args.seed, "eval_batches": args.eval_batches, "lr_schedule": args.lr_schedule}
+            "budget_mechanism": _budget_mechanism(args), "budget_warmup": _budget_warmup(args), "seed": args.seed, "eval_batches": args.eval_batches, "lr_schedule": args.lr_schedule}
     try:
         import deepspeed
 

@@ -59,6 +59,11 @@ def _budget_mechanism(a) -> str | None:
     return None if a.budget is None else a.budget_mechanism or DEFAULT_BUDGET_MECHANISM
 
 
+def _budget_warmup(a) -> int:
+    """``--budget-warmup`` (0 without it, or from a namespace that predates it)."""
+    return getattr(a, "budget_warmup", 0) or 0
+
+
 def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: bool = True):
     """Train a ByteLM whose MoE layer is a LocMoELayer (``gate`` "dense"/"grap") or, for ``gate="topk"``,
     megatron-core's MoELayer with TopKRouter + aux loss (the baselines' router); return (model, summary)."""
@@ -72,7 +77,8 @@ def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: boo
                                           "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope,
                                           "locality_bias": bias and (mu > 0 or _budget_mechanism(a) == "loss"),
                                           "expert_bias_rate": a.expert_bias_rate,
-                                          "cross_node_budget": a.budget, "budget_mechanism": _budget_mechanism(a)}
+                                          "cross_node_budget": a.budget, "budget_mechanism": _budget_mechanism(a),
+                                          "cross_node_budget_warmup": _budget_warmup(a)}
     moe = build_megatron_layer(ctx, "alltoall", torch.float32, locmoe)
     model = ByteLM(a.hidden, moe).to(ctx.dev)
     expert_params = list(model.moe.experts.parameters())
@@ -118,8 +124,10 @@ def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: boo
             w = slice(max(0, len(losses) - 10), len(losses))
             lm = ctx.allsum([torch.stack(losses[w]).mean().item()])[0] / ctx.world
             cr = ctx.allsum([torch.stack(cross[w]).sum().item(), torch.stack(routed[w]).sum().item()])
+            core = getattr(model.moe.router, "core", None)
+            target = "" if core is None or core.budget is None else f" (target {float(core.budget.target()):.3f})"
             ctx.log(f"  [{tag}] step {step + 1:4d}  LM loss {lm:.3f}  cross-node share {cr[0] / max(cr[1], 1):.3f}"
-                    f"  ({time.perf_counter() - t0:.1f} s)")
+                    f"{target}  ({time.perf_counter() - t0:.1f} s)")
     ctx.sync()
     train_s = time.perf_counter() - t0
     n = min(10, len(losses))

@@ -30,6 +30,22 @@ so ``lam`` stays equal on all of them without being communicated; it is saved in
 Data-parallel replicas of the EP group keep their own ``lam`` (as with the expert bias). When the share is
 below the budget without help (e.g. one node), ``lam`` stays at 0: the budget is an upper bound, not a
 target to reach from below.
+
+Warm-up (``LocMoEConfig.cross_node_budget_warmup = W > 0``): the update's target is not ``B`` from the
+start but moves linearly, over the controller's first ``W`` updates, from the unconstrained share
+``S0 = (N-1)/N`` of the EP group's N nodes (what content-only routing sends across nodes: no constraint)
+down to ``B``:
+
+    target(t) = B + (S0 - B) * max(0, 1 - t / W)        t = updates so far (0 at the first one)
+    lam      <- clip(lam + rate * (share - target(t)), 0, max_strength)
+
+so the first update aims at ``S0`` and the ``W``-th and later ones at ``B`` (a budget above ``S0``: ``B``
+throughout). Linear rather than cosine: the target falls by the same ``(S0 - B) / W`` per step, so the
+integrating controller trails it by a constant lag (a cosine's steepest slope, mid-way, is pi/2 times the
+linear one's and its flat end spends the last steps barely moving), and the schedule reads directly off
+the logged share. ``t`` is an int64 device counter (capture-safe, immune to half-precision casts of the
+module), advanced by every update, saved with ``lam``. ``W = 0`` takes the path without it: the update is
+bitwise the one without warm-up.
 """
 
 from __future__ import annotations
@@ -61,6 +77,12 @@ RATES = {"selection": 0.2, "loss": 0.01}
 MAX_STRENGTHS = {"selection": 2.0, "loss": 0.5}
 
 
+def unconstrained_share(num_nodes: int) -> float:
+    """``(N-1)/N``: the expected cross-node share of routing that ignores where experts sit, over ``N`` nodes
+    of equally many experts (the start of the budget's warm-up)."""
+    return (num_nodes - 1) / num_nodes
+
+
 class CrossNodeBudget(torch.nn.Module):
     """The controller of one router.
 
@@ -70,14 +92,19 @@ class CrossNodeBudget(torch.nn.Module):
             (``lam`` = locality-loss coefficient); see the module docstring.
         rate: step of the update per unit of share error (None: :data:`RATES` of the mechanism).
         max_strength: upper clip of ``lam`` (None: :data:`MAX_STRENGTHS` of the mechanism).
+        warmup: ``W``, updates over which the target moves from ``start_share`` down to ``budget`` (0: the
+            budget from the first update; validated by :class:`LocMoEConfig`).
+        start_share: where the warm-up starts, the unconstrained share ``(N-1)/N`` of the EP group's layout
+            (:func:`unconstrained_share`; the router sets it again when it is bound to another group).
 
-    Buffers (fp32, 0-d, not in ``state_dict``; saved through :meth:`state_dict_extra`):
-        strength: ``lam``, the multiplier (margin or loss coefficient).
-        share: the last measured EP-group share (NaN before the first update).
+    Buffers (0-d, not in ``state_dict``; saved through :meth:`state_dict_extra`):
+        strength: fp32 ``lam``, the multiplier (margin or loss coefficient).
+        share: fp32, the last measured EP-group share (NaN before the first update).
+        warmup_step: int64 ``t``, updates counted towards the warm-up (stops at ``W``; stays 0 for ``W = 0``).
     """
 
     def __init__(self, budget: float, rate: float | None = None, max_strength: float | None = None,
-                 device=None, mechanism: str = "selection") -> None:
+                 device=None, mechanism: str = "selection", warmup: int = 0, start_share: float = 0.5) -> None:
         super().__init__()
         if mechanism not in MECHANISMS:
             raise ValueError(f"mechanism={mechanism!r}: choose one of {', '.join(MECHANISMS)}")
@@ -85,9 +112,22 @@ class CrossNodeBudget(torch.nn.Module):
         self.mechanism = mechanism
         self.rate = float(RATES[mechanism] if rate is None else rate)
         self.max_strength = float(MAX_STRENGTHS[mechanism] if max_strength is None else max_strength)
+        self.warmup = int(warmup)
+        self.start_share = float(start_share)
         self.register_buffer("strength", torch.zeros((), device=device), persistent=False)
         self.register_buffer("share", torch.full((), float("nan"), device=device), persistent=False)
+        self.register_buffer("warmup_step", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.steps = 0
+
+    def target(self) -> torch.Tensor | float:
+        """The share the next update aims at: ``budget`` (a float) without warm-up, else ``target(t)`` of the
+        module docstring as a 0-d fp32 tensor (computed on the device: no host sync)."""
+        if not self.warmup:
+            return self.budget
+        start = max(self.start_share, self.budget)
+        remaining = 1.0 - self.warmup_step.float() / self.warmup  # 1 at t = 0, 0 from t = W on
+        # budget + (start - budget) * remaining: exactly the budget once the remaining share is 0
+        return remaining * (start - self.budget) + self.budget
 
     def selection_offset(self, local_expert_mask: torch.Tensor) -> torch.Tensor | None:
         """"selection": ``[n]`` fp32, ``lam`` on the experts of this rank's node (``local_expert_mask [n]``
@@ -109,30 +149,35 @@ class CrossNodeBudget(torch.nn.Module):
         every rank). No pairs (every token padding): no step. No host sync: the step is a masked fill."""
         total = pairs.float()
         share = cross_pairs.float() / total.clamp_min(1)
-        stepped = (self.strength.float() + self.rate * (share - self.budget)).clamp(0.0, self.max_strength)
+        stepped = (self.strength.float() + self.rate * (share - self.target())).clamp(0.0, self.max_strength)
         has_pairs = total > 0
         self.strength.copy_(torch.where(has_pairs, stepped, self.strength.float()))
         self.share.copy_(torch.where(has_pairs, share, self.share.float()))
+        if self.warmup:  # the schedule runs in training forwards, with or without pairs
+            self.warmup_step.add_(1).clamp_(max=self.warmup)
         self.steps += 1
 
     def state_dict_extra(self) -> dict:
-        """What a checkpoint keeps: ``{"strength", "share", "steps", "budget", "mechanism"}`` as Python
-        numbers and a string."""
+        """What a checkpoint keeps: ``{"strength", "share", "steps", "warmup_step", "budget", "mechanism"}`` as
+        Python numbers and a string."""
         return {"strength": float(self.strength), "share": float(self.share), "steps": self.steps,
-                "budget": self.budget, "mechanism": self.mechanism}
+                "warmup_step": int(self.warmup_step), "budget": self.budget, "mechanism": self.mechanism}
 
     def load_state_dict_extra(self, state: dict) -> None:
         """Restore :meth:`state_dict_extra`'s values. A checkpoint saved with another budget keeps its
         ``lam`` (a warm start; the controller moves it to the new budget). An empty ``state`` (a checkpoint
         saved without a budget), or one saved with the other mechanism (a margin is no loss coefficient;
         checkpoints without a "mechanism" entry were saved by the selection mechanism), restarts the
-        controller as a fresh one: ``lam`` = 0."""
+        controller as a fresh one: ``lam`` = 0 and the warm-up from its start. The warm-up resumes where
+        it was (at most this controller's ``W``: a shorter warm-up than the checkpoint's may be over); a
+        checkpoint saved before the warm-up was recorded counts its ``steps`` as done."""
         if not state or state.get("mechanism", "selection") != self.mechanism:
             state = {"strength": 0.0}
         self.strength.fill_(float(state["strength"]))
         self.share.fill_(float(state.get("share", float("nan"))))
         self.steps = int(state.get("steps", 0))
+        self.warmup_step.fill_(min(int(state.get("warmup_step", self.steps)), self.warmup))
 
     def extra_repr(self) -> str:
         return (f"budget={self.budget}, mechanism={self.mechanism}, rate={self.rate}, "
-                f"max_strength={self.max_strength}")
+                f"max_strength={self.max_strength}" + (f", warmup={self.warmup}" if self.warmup else ""))

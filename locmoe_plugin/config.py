@@ -225,6 +225,13 @@ class LocMoEConfig:
     #: bias is on, so the gate learns where to send tokens and the combine weights follow. "selection":
     #: its multiplier is a margin added to the local experts' selection scores only (the gate is not taught).
     budget_mechanism: str | None = None
+    #: Warm-up of the cross-node budget, in the router's training forwards (the controller's updates: optimizer
+    #: steps x gradient-accumulation micro-batches; evaluation, no-grad forwards and the no-grad first pass
+    #: of activation recomputation do not count). During the first W, the controller's target falls
+    #: linearly from the unconstrained share (N-1)/N of the EP group's N nodes (no constraint) to
+    #: ``cross_node_budget``, so routing starts free and tightens gradually (see locmoe_plugin/budget.py).
+    #: The count is saved in checkpoints with the controller. 0 = the budget from the first step.
+    cross_node_budget_warmup: int = 0
     #: Ranks of the expert-parallel group per node; None = detect (LOCAL_WORLD_SIZE or host names).
     gpus_per_node: int | None = None
     #: Seed of the token-id hash for routing="hash", in [0, 2**32); a different seed is a different
@@ -291,6 +298,17 @@ class LocMoEConfig:
             raise ConfigError(
                 f"budget_mechanism={self.budget_mechanism!r} says how a cross-node budget acts, and no "
                 f"cross_node_budget is set: set cross_node_budget (e.g. 0.1) or remove budget_mechanism"
+            )
+        warmup = self.cross_node_budget_warmup
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ConfigError(
+                f"cross_node_budget_warmup={warmup!r} must be a whole number of training steps >= 0 (e.g. 300; "
+                f"0 = no warm-up)"
+            )
+        if warmup and budget is None:
+            raise ConfigError(
+                f"cross_node_budget_warmup={warmup} ramps a cross-node budget in, and no cross_node_budget is set: "
+                f"set cross_node_budget (e.g. 0.1) or remove cross_node_budget_warmup"
             )
         if budget is not None:
             if self.budget_mechanism is None:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .agreement import check_agreement, config_settings, group_active
-from .budget import CrossNodeBudget
+from .budget import CrossNodeBudget, unconstrained_share
 from .capacity import CapacityController
 from .config import ConfigError, LocMoEConfig
 from .gate import build_gate, row_norm
@@ -140,7 +140,8 @@ class LocMoERouter(nn.Module):
         # cross-node traffic budget: the dual variable (locality-loss coefficient or selection margin) of
         # docs/locality.md
         self.budget = None if config.cross_node_budget is None else CrossNodeBudget(
-            config.cross_node_budget, device=device, mechanism=config.budget_mechanism)
+            config.cross_node_budget, device=device, mechanism=config.budget_mechanism,
+            warmup=config.cross_node_budget_warmup, start_share=unconstrained_share(topology.num_nodes))
         #: the locality loss's coefficient in the last forward (float, or 0-d fp32 with the "loss" budget)
         self.last_locality_coeff: float | torch.Tensor = config.locality_loss_coeff
         self.last_stats: RoutingStats | None = None
@@ -173,6 +174,8 @@ class LocMoERouter(nn.Module):
         device = self.expert_to_node.device
         self.expert_to_node = topology.expert_to_node.to(device)
         self.local_expert_mask = topology.local_expert_mask().to(device)
+        if self.budget is not None:  # the warm-up starts from the new layout's unconstrained share
+            self.budget.start_share = unconstrained_share(topology.num_nodes)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

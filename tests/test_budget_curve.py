@@ -23,10 +23,13 @@ def _load(name):
         sys.path.remove(QUALITY)
 
 
-def _job(base, loc, cross, ms_loc, ms_a2a, budget, seed, mib_loc=10.0, mib_a2a=100.0, lam=0.5, mechanism=None):
+def _job(base, loc, cross, ms_loc, ms_a2a, budget, seed, mib_loc=10.0, mib_a2a=100.0, lam=0.5, mechanism=None,
+         warmup=None):
     meta = {"seed": seed, "budget": budget, "device": "test", "ranks": 4, "nodes": 2, "gpus_per_node": 2}
     if mechanism:
         meta["budget_mechanism"] = mechanism
+    if warmup is not None:
+        meta["budget_warmup"] = warmup
     return {"meta": meta,
             "training": [{"gate": "dense", "val_lm_loss": loc, "val_cross_node_share": cross,
                           "cross_node_share_last10": cross, "budget_strength": lam},
@@ -58,6 +61,25 @@ def test_dry_run_lists_pending_jobs_with_own_ports(tmp_path, capsys):
         run.main([str(tmp_path), "--budgets", "1.5", "--dry-run"])
 
 
+def test_points_with_a_warmup(tmp_path, capsys):
+    run = _load("run_budget_curve")
+    assert run.parse_point("0.1") == (0.1, 0) and run.parse_point(" off ") == (None, 0)
+    assert run.parse_point("0.1:warmup=300") == (0.1, 300) and run.parse_point("0:warmup=0") == (0.0, 0)
+    for bad in ("0.1:warmup=-3", "0.1:warmup=1.5", "0.1:ramp=300", "0.1:warmup", "off:warmup=300", "2:warmup=3"):
+        with pytest.raises(SystemExit):
+            run.parse_point(bad)
+    (tmp_path / "jobs").mkdir()
+    # a finished job of an earlier curve, named before warm-ups existed: still found, so not run again
+    (tmp_path / "jobs" / "budget-0.1-selection_seed-1.json").write_text("{}")
+    assert run.main([str(tmp_path), "--budgets", "0.1,0.1:warmup=300,0.1:warmup=450,0.1:warmup=0", "--seeds", "1",
+                     "--parallel", "3", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("budget curve: 2 job(s) pending of 3")  # 0.1 and 0.1:warmup=0: one point
+    cmds = dict(line.split(": ", 1) for line in lines[1:])
+    assert sorted(cmds) == ["budget-0.1-selection-warmup-300_seed-1", "budget-0.1-selection-warmup-450_seed-1"]
+    assert "--budget 0.1 --budget-mechanism selection --budget-warmup 300" in cmds["budget-0.1-selection-warmup-300_seed-1"]
+
+
 def test_report_pairs_by_job_and_reports_the_spread(tmp_path):
     rep = _load("budget_report")
     jobs = tmp_path / "jobs"
@@ -67,24 +89,30 @@ def test_report_pairs_by_job_and_reports_the_spread(tmp_path):
              "budget-0.1_seed-2": _job(2.02, 2.0806, 0.12, 3.0, 10.0, 0.1, 2),
              "budget-off_seed-1": _job(2.00, 2.00, 0.5, 8.0, 10.0, None, 1, mib_loc=80.0, lam=None),
              # the other mechanism at the same budget: a row of its own
-             "budget-0.1-loss_seed-1": _job(2.00, 2.01, 0.08, 2.0, 10.0, 0.1, 1, mechanism="loss")}
+             "budget-0.1-loss_seed-1": _job(2.00, 2.01, 0.08, 2.0, 10.0, 0.1, 1, mechanism="loss"),
+             # a warm-up: a row of its own; warm-up 0 recorded joins the jobs from before it was recorded
+             "budget-0.1-selection-warmup-300_seed-1": _job(2.00, 2.004, 0.1, 2.0, 10.0, 0.1, 1, warmup=300),
+             "budget-0.1-selection-warmup-300_seed-2": _job(2.02, 2.0402, 0.1, 2.0, 10.0, 0.1, 2, warmup=300),
+             "budget-0.1-selection_seed-3": _job(2.00, 2.04, 0.1, 2.5, 10.0, 0.1, 3, warmup=0)}
     for name, data in files.items():
         (jobs / f"{name}.json").write_text(json.dumps(data))
     (jobs / "budget-0_seed-1.tmp.json").write_text("not json: an unfinished job is ignored")
     assert rep.main([str(tmp_path)]) == 0
     s = json.loads((tmp_path / "curve.json").read_text())
-    off, b01_loss, b01 = s["rows"]
+    off, b01_loss, b01, b01_w300 = s["rows"]
     assert off["budget"] is None and off["dval_mean"] == pytest.approx(0.0)
     assert b01_loss["mechanism"] == "loss" and b01_loss["dval_pct"] == pytest.approx([0.5])
-    assert b01["mechanism"] == "selection"  # jobs without the entry ran the selection margin
-    assert b01["dval_pct"] == pytest.approx([1.0, 3.0])
-    assert b01["dval_mean"] == pytest.approx(2.0) and b01["dval_std"] == pytest.approx(2 ** 0.5)
+    assert b01["mechanism"] == "selection" and b01["warmup"] == 0  # jobs without the entries: selection, none
+    assert b01["dval_pct"] == pytest.approx([1.0, 3.0, 2.0])
+    assert b01["dval_mean"] == pytest.approx(2.0) and b01["dval_std"] == pytest.approx(1.0)
     assert b01["dval_worst"] == pytest.approx(3.0)
     assert b01["time_ratio"] == pytest.approx(0.25) and b01["bytes_ratio"] == pytest.approx(0.1)
-    assert b01["val_cross"] == pytest.approx(0.11)
-    assert s["baseline_spread_pct"] == pytest.approx(100 * 0.02 / 2.01)
+    assert b01["val_cross"] == pytest.approx(0.32 / 3)
+    assert b01_w300["warmup"] == 300 and b01_w300["dval_pct"] == pytest.approx([0.2, 1.0])
+    assert s["baseline_spread_pct"] == pytest.approx(100 * 0.02 / ((2.00 + 2.02 + 2.00) / 3))  # per-seed means
     assert s["baseline_repeat_pct"] == pytest.approx(0.0)
     table = (tmp_path / "table.txt").read_text()
-    assert "0.1 selection     2       +2.00" in table and "90%" in table and "0.1 loss     1" in table
+    assert "0.1 selection     3       +2.00" in table and "90%" in table and "0.1 loss     1" in table
+    assert "0.1 selection w300     2       +0.60" in table and "wS: the budget's target fell" in table
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "curve.png").stat().st_size > 1000

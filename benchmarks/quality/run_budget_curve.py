@@ -3,7 +3,11 @@
     python benchmarks/quality/run_budget_curve.py OUT [--budgets off,0.3,0.2,0.1,0.05,0]
         [--seeds 1234,2345,3456] [--parallel 2] [--time-limit 540] [-- more bench_layer.py flags]
 
-One job per (budget, seed) = one ``benchmarks/bench_layer.py`` run on NPROC ranks as emulated nodes
+A point of ``--budgets`` is a budget, optionally with a warm-up of its target (``budget:warmup=W``,
+``LocMoEConfig.cross_node_budget_warmup``: over the first W of the training steps the target falls from
+(N-1)/N to the budget), e.g. ``--budgets 0.1,0.1:warmup=300``.
+
+One job per (point, seed) = one ``benchmarks/bench_layer.py`` run on NPROC ranks as emulated nodes
 (``launch/emulate_nodes.sh``: NCCL's socket transport between nodes): it trains, on the same windows of
 the byte-level corpus (same seed = same data, same initialisation of the shared parts), Megatron's
 MoELayer with TopKRouter + aux loss (the baseline) and a LocMoE layer (dense gate, no locality loss) with
@@ -54,7 +58,8 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="results folder (reused to resume)")
     p.add_argument("--budgets", default="off,0.3,0.2,0.1,0.05,0",
-                   help="comma-separated cross-node budgets in [0, 1]; 'off' = LocMoE without a budget")
+                   help="comma-separated points: a cross-node budget in [0, 1], optionally with the warm-up of its "
+                        "target in training steps (0.1:warmup=300); 'off' = LocMoE without a budget")
     p.add_argument("--mechanism", choices=["loss", "selection"], default=DEFAULT_BUDGET_MECHANISM,
                    help="how the budget acts (LocMoEConfig.budget_mechanism; see docs/locality.md); jobs of "
                         "another mechanism are kept apart by their file name. Default: %(default)s")
@@ -71,9 +76,9 @@ def parse(argv=None) -> argparse.Namespace:
     cut = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:cut])
     args.extra = argv[cut + 1:]  # after --: more bench_layer.py flags (later flags override the defaults)
-    args.budget_list = [parse_budget(b) for b in args.budgets.split(",") if b.strip()]
+    args.points = list(dict.fromkeys(parse_point(b) for b in args.budgets.split(",") if b.strip()))  # once each
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
-    if not args.budget_list or not args.seed_list:
+    if not args.points or not args.seed_list:
         p.error("--budgets and --seeds need at least one value each")
     if args.parallel < 1 or args.nproc % args.gpus_per_node:
         p.error("--parallel must be >= 1 and --nproc divisible by --gpus-per-node")
@@ -90,18 +95,41 @@ def parse_budget(text: str) -> float | None:
     return value
 
 
-def job_name(budget: float | None, seed: int, mechanism: str) -> str:
-    """``budget-0.1-loss_seed-1234``; ``budget-off_seed-1234`` (no budget, no mechanism): runs of both
-    mechanisms can share OUT, and "off" is run once for both."""
-    return f"budget-{'off' if budget is None else f'{budget:g}-{mechanism}'}_seed-{seed}"
+def parse_point(text: str) -> tuple[float | None, int]:
+    """``"0.1"`` -> ``(0.1, 0)``; ``"0.1:warmup=300"`` -> ``(0.1, 300)``; ``"off"`` -> ``(None, 0)``."""
+    budget_text, _, options = text.strip().partition(":")
+    budget, warmup = parse_budget(budget_text), 0
+    for item in filter(None, options.split(",")):
+        key, eq, value = item.partition("=")
+        if key.strip() != "warmup" or not eq or not value.strip().isdigit():
+            raise SystemExit(f"--budgets: {text!r}: a point is a budget with optional ':warmup=STEPS' (a whole "
+                             f"number >= 0), e.g. 0.1:warmup=300")
+        warmup = int(value)
+    if warmup and budget is None:
+        raise SystemExit(f"--budgets: {text!r}: a warm-up needs a budget (e.g. 0.1:warmup={warmup})")
+    return budget, warmup
 
 
-def job_command(args, budget: float | None, seed: int, slot: int, json_path: Path) -> list[str]:
+def job_name(point: tuple[float | None, int], seed: int, mechanism: str) -> str:
+    """``budget-0.1-loss_seed-1234``; ``budget-0.1-selection-warmup-300_seed-1234`` (with a warm-up);
+    ``budget-off_seed-1234`` (no budget, no mechanism): runs of both mechanisms can share OUT, and "off" is
+    run once for both. Points without a warm-up keep the names they had before warm-ups existed, so an
+    earlier OUT resumes."""
+    budget, warmup = point
+    if budget is None:
+        return f"budget-off_seed-{seed}"
+    return f"budget-{budget:g}-{mechanism}{f'-warmup-{warmup}' if warmup else ''}_seed-{seed}"
+
+
+def job_command(args, point: tuple[float | None, int], seed: int, slot: int, json_path: Path) -> list[str]:
+    budget, warmup = point
     flags = shlex.split(TOY_FLAGS if args.toy else GPU_FLAGS)
     flags += ["--gates", "dense", "--mu", "0", "--systems", "locmoe", "mcore_alltoall",
               "--gpus-per-node", str(args.gpus_per_node), "--seed", str(seed), "--json", str(json_path)]
     if budget is not None:
         flags += ["--budget", str(budget), "--budget-mechanism", args.mechanism]
+    if warmup:
+        flags += ["--budget-warmup", str(warmup)]
     return ["bash", str(ROOT / "launch" / "emulate_nodes.sh"), "--nodes", str(args.nproc // args.gpus_per_node),
             "--nproc-per-node", str(args.nproc), "--master-port", str(args.port + slot),
             "--hostid-prefix", f"slot{slot}-", "--", str(ROOT / "benchmarks" / "bench_layer.py"),
@@ -112,9 +140,9 @@ def main(argv=None) -> int:
     args = parse(argv)
     out = Path(args.out)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
-    pending = [(b, s) for s in args.seed_list for b in args.budget_list
+    pending = [(b, s) for s in args.seed_list for b in args.points
                if not (out / "jobs" / f"{job_name(b, s, args.mechanism)}.json").exists()]
-    print(f"budget curve: {len(pending)} job(s) pending of {len(args.budget_list) * len(args.seed_list)} in {out}",
+    print(f"budget curve: {len(pending)} job(s) pending of {len(args.points) * len(args.seed_list)} in {out}",
           flush=True)
     env = dict(os.environ, PYTHON=os.environ.get("PYTHON", sys.executable),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))

@@ -36,7 +36,7 @@ BASE_SETTINGS = {
     "hash": {"routing": "hash"},
 }
 #: short option names accepted after a system name: ``locmoe:mu=0.03,gate=dense``
-ALIASES = {"mu": "locality_loss_coeff", "budget": "cross_node_budget"}
+ALIASES = {"mu": "locality_loss_coeff", "budget": "cross_node_budget", "budget_warmup": "cross_node_budget_warmup"}
 
 
 def parse_system(spec: str) -> tuple[str, dict]:

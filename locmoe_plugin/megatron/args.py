@@ -46,6 +46,7 @@ _FIELDS = {
     "locmoe_expert_bias_rate": "expert_bias_rate",
     "locmoe_cross_node_budget": "cross_node_budget",
     "locmoe_budget_mechanism": "budget_mechanism",
+    "locmoe_cross_node_budget_warmup": "cross_node_budget_warmup",
     "locmoe_resonance_mass": "resonance_mass",
 }
 
@@ -162,6 +163,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="how the cross-node budget acts: loss = its controller sets the locality loss's coefficient "
                         "(with the locality bias; the gate learns where to send tokens); selection = a margin on "
                         f"the local experts' selection scores only. Default: {DEFAULT_BUDGET_MECHANISM}")
+    g.add_argument("--locmoe-cross-node-budget-warmup", type=int, default=_DEFAULTS["cross_node_budget_warmup"],
+                   metavar="STEPS",
+                   help="ramp the cross-node budget in: over the router's first STEPS training forwards the "
+                        "controller's target falls linearly from the unconstrained share (N-1)/N of N nodes to "
+                        "--locmoe-cross-node-budget (0 = the budget from the start; see docs/locality.md)")
     g.add_argument("--locmoe-resonance-mass", type=float, default=_DEFAULTS["resonance_mass"],
                    help="LocMoE+ (hybrid) expert choice: each expert keeps its highest-affinity tokens while their "
                         "summed affinity stays below this share (0..1] of its candidates' total; 0 = off. Default: "
