@@ -2,7 +2,9 @@
 
 Every hop's routing metadata rides packed behind its payload rows, so one forward
 (``TokenDispatcher.forward(expert_fn)``) runs the count all-gather and payload all-to-alls only. One
-spawn of 4 gloo ranks: 2 nodes x 2 and 4 nodes x 1.
+spawn of 4 gloo ranks: 2 nodes x 2 and 4 nodes x 1. With more than 2 nodes the overlapped path moves
+the remote rows in one rail all-to-all per source node each way (a step no rail member moves a row in
+is skipped by all).
 """
 
 import pytest
@@ -16,7 +18,8 @@ D = 8
 
 
 def _count_forward(disp, x, ids, w):
-    """``(collectives, collectives on a group spanning nodes)`` of one forward without backward."""
+    """``(collectives, collectives on a group spanning nodes, all-to-alls on the rail group)`` of one
+    forward without backward."""
     import torch.distributed as dist
 
     from locmoe_plugin.comm import counts as counts_module
@@ -30,7 +33,8 @@ def _count_forward(disp, x, ids, w):
         return saved_gather(*a, **kw)
 
     def a2a(*a, group=None, **kw):
-        calls.append("node" if group is not None and group is node_group else "wide")
+        rail = group is not None and group is disp.groups.rail
+        calls.append("node" if group is not None and group is node_group else "rail" if rail else "wide")
         return saved_a2a(*a, group=group, **kw)
 
     counts_module.ALL_GATHER_SINGLE, dist.all_to_all_single = gather, a2a
@@ -38,7 +42,7 @@ def _count_forward(disp, x, ids, w):
         disp.forward(x, ids, w, lambda inp, tpe: torch.tanh(inp))
     finally:
         counts_module.ALL_GATHER_SINGLE, dist.all_to_all_single = saved_gather, saved_a2a
-    return len(calls), sum(c != "node" for c in calls)
+    return len(calls), sum(c != "node" for c in calls), calls.count("rail")
 
 
 def _worker(rank, world):
@@ -61,6 +65,9 @@ def _worker(rank, world):
         if rpn > 1:  # every pair on the token's own node
             cases["all_local"] = torch.tensor(own)[torch.stack([torch.randperm(len(own), generator=g)[:k]
                                                                  for _ in range(s)])]
+        else:  # every pair on the next node's rank: only the first rail step moves rows
+            nxt = (topo.node + 1) % topo.num_nodes * e_r
+            cases["next_node"] = torch.tensor([[nxt, nxt + 1, -1]] * s)
         for name, ids in cases.items():
             for overlap in (False, True):
                 disp = TokenDispatcher(groups, "hierarchical", overlap=overlap)
@@ -71,17 +78,21 @@ def _worker(rank, world):
 def test_collectives_per_forward_2x2_and_4x1():
     results = run_workers(_worker, 4)
     expected = {
-        # count all-gather; rail out; node out; node back; rail back (2 on the wide group + the all-gather)
-        (2, "random", False): (5, 3),
-        # count all-gather; remote rows' rail out; local and remote node out; remote node back, rail
-        # back, local node back
-        (2, "random", True): (7, 3),
+        # count all-gather; rail out; node out; node back; rail back (2 on the rail group + the all-gather)
+        (2, "random", False): (5, 3, 2),
+        # count all-gather; remote rows' rail out (2 nodes: one step); local and remote node out; remote
+        # node back, rail back, local node back
+        (2, "random", True): (7, 3, 2),
         # nothing crosses nodes: the unsplit plan, count all-gather and the node hop each way
-        (2, "all_local", False): (3, 1),
-        (2, "all_local", True): (3, 1),
+        (2, "all_local", False): (3, 1, 0),
+        (2, "all_local", True): (3, 1, 0),
         # one rank a node: no node hop; count all-gather and the rail hop each way
-        (1, "random", False): (3, 3),
-        (1, "random", True): (3, 3),
+        (1, "random", False): (3, 3, 2),
+        # 4 nodes: one rail step per source node (3) each way
+        (1, "random", True): (7, 7, 6),
+        (1, "next_node", False): (3, 3, 2),
+        # only step 1 (to the next node) moves rows on any rank: steps 2 and 3 are skipped everywhere
+        (1, "next_node", True): (3, 3, 2),
     }
     for rank, got in enumerate(results):
         assert got == expected, f"rank {rank}: {got}"

@@ -1,7 +1,9 @@
 """Hierarchical vs flat all-to-all on gloo: bitwise parity, autograd, empty ranks, drops, bytes.
 
 One spawn per world size runs many cases (imports cost seconds per process):
-4 ranks = 2 nodes x 2; 8 ranks = 2 nodes x 4 and 4 nodes x 2.
+4 ranks = 2 nodes x 2 and 4 nodes x 1; 8 ranks = 2 nodes x 4 and 4 nodes x 2. With more than 2 nodes
+the overlapped path moves the remote rows in one rail step per source node and works on each block
+as it arrives (all-local, all-remote, dropped-slot and empty-rank cases included).
 """
 
 import pytest
@@ -186,8 +188,9 @@ def _check(results):
     return wrong
 
 
-def test_hierarchical_equals_flat_4_ranks_2x2_and_one_node():
-    _check(run_workers(_worker, 4, [(2, 8, 3), (2, 4, 2), (4, 8, 3)]))
+def test_hierarchical_equals_flat_4_ranks_2x2_4x1_and_one_node():
+    wrong = _check(run_workers(_worker, 4, [(2, 8, 3), (2, 4, 2), (4, 8, 3), (1, 8, 3)]))
+    assert wrong and any(wrong)  # 4 nodes x 1, k = 3: tokens with three node copies exist
 
 
 def test_hierarchical_equals_flat_8_ranks_2x4_and_4x2():

@@ -21,7 +21,7 @@ from .counts import RoutingCounts
 from .groups import CommGroups
 from .hierarchical_plan import crosses_nodes, hierarchical_traffic, tokens_per_local_expert
 from .origin_split import build_origin_split
-from .overlap import InFlight, broadcast_split, finish_reduce, finish_remote, launch_remote, reduce_remote, reduce_split
+from .overlap import broadcast_split, combine_blocks, dispatch_blocks, reduce_split
 from .plan import Plan
 
 MODES = PLAN_MODES
@@ -267,20 +267,21 @@ class TokenDispatcher:
     ) -> torch.Tensor:
         """Dispatch, run ``expert_fn(expert_input, tokens_per_expert)``, combine.
 
-        With the overlap active (``overlap=True``, hierarchical plan across nodes) the experts run twice,
-        on this node's rows while the other nodes' rows cross the network, then on those rows::
+        With the overlap active (``overlap=True``, hierarchical plan across nodes) the experts run once per
+        origin node: on this node's rows while the other nodes' rows cross the network, then on each other
+        node's block as it arrives (one rail step per other node, :mod:`.rail_steps`; 2 nodes: one)::
 
-            launch rail transfer of remote rows | local node hop, local experts
-            wait; remote node hop, remote experts
-            remote reduce in the node, launch rail return | local reduce
+            launch the rail steps of the remote rows | local node hop, local experts
+            per step: wait; that block's node hop, its experts (later steps still travelling)
+            per block: reduce in the node, launch its rail return | local reduce
             wait; sum every token's node copies in node order
 
-        Backward: the rail return of the remote rows' gradients is launched before the local experts'
-        backward and waited after it. ``expert_fn`` must treat rows independently (as expert MLPs do):
+        Backward: the rail steps returning the remote rows' gradients are launched before the local
+        experts' backward and waited after it. ``expert_fn`` must treat rows independently (as expert MLPs do):
         then the result equals the unsplit call bit for bit. ``chunks`` was the old chunked overlap: pass
         ``overlap=True`` to the constructor instead. ``mark(name)``: called (host side) at
-        ``"rail_launched"``, ``"local_experts_start"``, ``"local_experts_end"`` and ``"rail_waited"`` of
-        the overlapped path, e.g. to record device events for a timeline.
+        ``"rail_launched"``, ``"local_experts_start"``, ``"local_experts_end"`` and ``"rail_waited"`` (the
+        last block arrived) of the overlapped path, e.g. to record device events for a timeline.
         """
         if chunks is not None:
             raise ValueError(
@@ -298,22 +299,20 @@ class TokenDispatcher:
             return out.reshape(hidden.shape[:-1] + (out.shape[-1],))
         split = plan.origin_split
         self._count_traffic(plan, x, dispatch=True)
-        flight = InFlight()
         mark = mark or (lambda name: None)
-        local_in, link = launch_remote(x, split, flight)
+        blocks = dispatch_blocks(x, split)  # consumed lazily: a block's experts run before the next wait
+        node, local_in = next(blocks)
         mark("rail_launched")
         mark("local_experts_start")
-        local_out = expert_fn(local_in, split.local.tokens_per_expert)
+        outs = {node: expert_fn(local_in, split.local.tokens_per_expert)}
         mark("local_experts_end")
-        remote_in = finish_remote(link, split, flight)
-        mark("rail_waited")
-        remote_out = expert_fn(remote_in, split.remote.tokens_per_expert)
+        for i, (origin, pairs) in enumerate(blocks):
+            if i == len(split.steps) - 1:
+                mark("rail_waited")
+            outs[origin] = expert_fn(pairs, split.routes[origin].tokens_per_expert)
         pair_w = _PairWeights.apply(weights.float(), plan)  # the remote pairs' weights arrived with their rows
-        w_local = pair_w.index_select(0, split.local_positions).unsqueeze(1).to(remote_out.dtype)
-        w_remote = pair_w.index_select(0, split.remote_positions).unsqueeze(1).to(remote_out.dtype)
-        back = InFlight()
-        link = reduce_remote(remote_out * w_remote, split, back)
-        out = finish_reduce(local_out * w_local, link, split, back)
+        weighted = {b: y * pair_w.index_select(0, split.positions[b]).unsqueeze(1).to(y.dtype) for b, y in outs.items()}
+        out = combine_blocks(weighted, split)
         self._count_traffic(plan, out, dispatch=False)
         return out.reshape(hidden.shape[:-1] + (out.shape[-1],))
 

@@ -1,29 +1,32 @@
-"""The hierarchical plan split by origin: rows that start on this node and rows that come from others.
+"""The hierarchical plan split by origin: one route per origin node of the rows.
 
-From the one count table of a hierarchical plan (N > 1 nodes), two routes:
-  * local route: this rank's own-node rail block (no inter-node hop) -> node hop -> canonical pairs whose
-    source rank is on this node;
-  * remote route: the rail transfer of rows to and from other nodes -> node hop -> canonical pairs whose
-    source is on another node.
+From the one count table of a hierarchical plan (N > 1 nodes), one route per node ``b``:
+  * local route (``b`` = this node): this rank's own-node rail block (no inter-node hop) -> node hop ->
+    canonical pairs whose source rank is on this node;
+  * a remote route per other node ``b``: the block of rows node ``b`` sends here over the rail ->
+    node hop -> canonical pairs whose source is on node ``b``.
+
+The rail transfer is split per source node (:mod:`.rail_steps`: ``N - 1`` ring-shifted steps, one
+block each way per step; with 2 nodes one step, the unsplit rail transfer), so each remote block is
+fanned out inside the node (and its experts run) as soon as it arrives, while later blocks travel.
 
 No metadata all-to-all crosses nodes: the remote rows' routing metadata (expert ids, source key,
-combine-weight bits; ``[rows, 2k + 1]`` int64) rides in the same rail all-to-all as their payload,
-packed behind each payload row (:mod:`.packed_rows`), and the remote route is made when those rows
-arrive. No metadata all-to-all runs inside the node either: each route's node hop is built from its
-rail-level rows' metadata (no collective) and carries the node-level rows' metadata packed behind the
-payload; each route's canonical hop is built when they arrive. Where each route's pairs sit in the canonical order is derived on the device from
-the all-gathered count table (blocks of (local expert, source rank) pairs of known sizes).
+combine-weight bits; ``[rows, 2k + 1]`` int64) rides in the same rail step as their payload, packed
+behind each payload row (:mod:`.packed_rows`), and a remote route is made when its block arrives. No
+metadata all-to-all runs inside the node either: each route's node hop is built from its rail-level
+rows' metadata (no collective) and carries the node-level rows' metadata packed behind the payload;
+each route's canonical hop is built when they arrive. Where each route's pairs sit in the canonical
+order is derived on the device from the all-gathered count table (blocks of (local expert, source
+rank) pairs of known sizes).
 
-Dispatch (:func:`.overlap.launch_remote` then :func:`.overlap.finish_remote`): the rail transfer of the
-remote rows is launched as an asynchronous collective (it runs on the rail process group's own
-communication stream under NCCL / HCCL; gloo runs it on its own thread); while it is in flight the local
-rows take their node hop and (in :meth:`TokenDispatcher.forward`) their experts; then the remote route
-is made from the arrived metadata and the remote rows take their node hop. Combine mirrors it
-(:func:`.overlap.reduce_remote` then :func:`.overlap.finish_reduce`): the remote rows are reduced inside
-the node and their rail return is launched; while it travels the local rows are reduced; the rail
-level then sums every token's copies in node order. Backward swaps the two: the remote rows' rail
-transfer of each direction is launched first and waited last, so it overlaps the local rows' gradient
-work (with ``forward(expert_fn)``, the local experts' backward too).
+Dispatch (:mod:`.overlap`): every rail step is launched asynchronously (on the rail process group's
+own communication stream under NCCL / HCCL; gloo runs it on its own thread); while they are in flight
+the local rows take their node hop and (in :meth:`TokenDispatcher.forward`) their experts; then each
+block in step order: wait, make its route from the arrived metadata, node hop (and experts). Combine
+mirrors it: each remote block is reduced inside the node and its rail return launched; while they
+travel the local rows are reduced; the rail level then sums every token's copies in node order.
+Backward swaps the two: the rail steps of each direction are launched first and waited last, so they
+overlap the local rows' gradient work (with ``forward(expert_fn)``, the local experts' backward too).
 
 Bitwise equality with the unsplit plan: every row of every level has one origin (a rail row's origin
 is its source node; node-hop and canonical rows inherit it), so each row's copies lie entirely in one
@@ -40,163 +43,152 @@ answer on every rank) there is nothing to hide and the dispatcher keeps the unsp
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from .counts import RoutingCounts, topology_tensors
 from .groups import CommGroups
 from .hierarchical_plan import NodeRoute, rail_stage
 from .hops import Hop, true_positions
 from .packed_rows import pack_rows, unpack_rows
+from .rail_steps import RailStep, rail_steps, start_step
 from .return_path import ReturnPath
 
 
 class OriginSplit:
-    """A hierarchical plan split by origin (see the module doc). Each route is a
+    """A hierarchical plan split by origin node (see the module doc). Each route is a
     :class:`.hierarchical_plan.NodeRoute`: its node hop moves the payload with the metadata packed behind
-    each row, and the canonical hop is built when they arrive. The remote route is made once, when the
-    remote rows (and their metadata) arrive over the rail (:meth:`arrived`).
+    each row, and the canonical hop is built when they arrive. A remote route is made once, when its
+    block (and its metadata) arrives over the rail (:meth:`arrived`).
 
     Attributes:
         rail_hop: the unsplit rail hop (tokens -> rail-level rows); its gathers sum the rail level.
-        own_block: ``(start, rows)`` of the own-node block in the rail hop's send order (the remote
-            blocks are the rows before and after it, in node order).
-        remote_gather: ``[remote rows sent]`` int64 token of each remote row in send order.
-        remote_meta: ``[remote rows sent, 2k + 1]`` int64 their metadata rows (sent with the payload).
-        token_meta: ``[s, 2k + 1]`` int64 the tokens' metadata rows (the local route's travel with its payload).
-        remote_send_splits / remote_recv_splits: the rail all-to-all of remote rows (own node: 0).
-        local: the local route (its first broadcast starts at the tokens ``[s, F]``); remote: the remote
-            route (None until the remote rows arrived; it starts at the received rail rows).
-        local_positions / remote_positions: ``[local / remote pairs]`` int64 positions of each route's
-            pairs in the plan's canonical order (ascending).
-        num_pairs: pairs at this rank (both routes).
+        steps: the rail transfer's steps (:func:`.rail_steps.rail_steps`), one per other node.
+        node: this rank's node; own_block: ``(start, rows)`` of its block in the rail hop's send order.
+        token_meta: ``[s, 2k + 1]`` int64 the tokens' metadata rows (they travel with the payload).
+        routes: origin node -> its route (this node's from the start; another node's once its block arrived).
+        positions: origin node -> ``[pairs of that origin]`` int64 positions of its pairs in the plan's
+            canonical order (ascending).
+        num_pairs: pairs at this rank (every route).
     """
 
-    def __init__(self, *, rail_hop: Hop, own_block: tuple[int, int], remote_gather: torch.Tensor,
-                 remote_meta: torch.Tensor, token_meta: torch.Tensor, remote_send_splits: tuple[int, ...],
-                 remote_recv_splits: tuple[int, ...], local: NodeRoute, local_positions: torch.Tensor,
-                 remote_positions: torch.Tensor, num_pairs: int, groups: CommGroups, counts: RoutingCounts,
-                 k: int) -> None:
-        self.rail_hop, self.own_block = rail_hop, own_block
-        self.remote_gather, self.remote_meta, self.token_meta = remote_gather, remote_meta, token_meta
-        self.remote_send_splits, self.remote_recv_splits = remote_send_splits, remote_recv_splits
-        self.local, self.remote = local, None
-        self.local_positions, self.remote_positions = local_positions, remote_positions
-        self.num_pairs, self.k = num_pairs, k
+    def __init__(self, *, rail_hop: Hop, steps: tuple[RailStep, ...], token_meta: torch.Tensor,
+                 local: NodeRoute, positions: dict[int, torch.Tensor], num_pairs: int, groups: CommGroups,
+                 counts: RoutingCounts, k: int) -> None:
+        t = groups.topology
+        self.rail_hop, self.steps, self.token_meta = rail_hop, steps, token_meta
+        self.node = t.node
+        start = sum(rail_hop.blocks[: t.node])
+        self.own_block = (start, rail_hop.blocks[t.node])
+        self.routes: dict[int, NodeRoute] = {t.node: local}
+        self.positions, self.num_pairs, self.k = positions, num_pairs, k
         self._groups, self._counts = groups, counts
         self._return_path: ReturnPath | None = None
         self.order_hook = None  # test-only: ``hook(ext, rail_hop) -> [s, F]`` sums the rail level in another order
 
     @property
-    def rail_moves(self) -> bool:
-        """Whether any member of the rail group sends a row to another node (else every member skips
-        the rail collective). The unsplit rail hop holds its group only then (every row it sends to
-        another node is a remote row), so this is read from the hop, the same answer on every member."""
-        return self.rail_hop.group is not None
+    def local(self) -> NodeRoute:
+        return self.routes[self.node]
+
+    def step_route(self, i: int) -> NodeRoute:
+        """The route of the block that arrives at step ``i`` (0-based), once it arrived."""
+        route = self.routes.get(self.steps[i].recv_node)
+        if route is None:
+            raise RuntimeError("the remote rows have not arrived yet: dispatch the tokens before combining")
+        return route
 
     # ------------------------------------------------------------------------------ rail transfers
-    def start_rail(self, rows: torch.Tensor, send_splits, recv_splits,
-                   meta: torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
-        """Launch the rail all-to-all of ``rows`` (asynchronous, on the rail group's own communication
-        stream), with ``meta`` packed behind each row where given (:mod:`.packed_rows`); returns
-        ``(receive buffer, work or None)``."""
+    def start_step(self, i: int, rows: torch.Tensor, meta: torch.Tensor | None = None,
+                   back: bool = False) -> tuple[torch.Tensor, object]:
+        """Launch rail step ``i`` (asynchronous; ``back``: the return trip) of ``rows``, with ``meta``
+        packed behind each row where given (:mod:`.packed_rows`); ``-> (receive buffer, work or None)``."""
         if meta is not None:
             rows = pack_rows(rows, meta)
-        out = rows.new_empty((sum(recv_splits),) + tuple(rows.shape[1:]))
-        if not self.rail_moves:
-            return out, None
-        work = dist.all_to_all_single(out, rows.contiguous(), list(recv_splits), list(send_splits),
-                                      group=self.rail_hop.group, async_op=True)
-        return out, work
+        return start_step(self.steps[i], rows, self.rail_hop.group, len(self.rail_hop.blocks), back=back)
 
-    def arrived(self, packed: torch.Tensor, dtype: torch.dtype, features: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The received remote rail rows ``packed`` (payload and metadata, see :meth:`start_rail`) ->
-        ``(payload [remote rail rows, features], metadata [remote rail rows, 2k + 1] int64)``; makes the
-        remote route from the metadata the first time (no collective)."""
+    def send_index(self, i: int) -> torch.Tensor:
+        """``[rows sent at step i]`` int64 token of each row this rank sends at step ``i``."""
+        return self.steps[i].send_index(self.rail_hop)
+
+    def arrived(self, i: int, packed: torch.Tensor, dtype: torch.dtype, features: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block received at step ``i``, ``packed`` (payload and metadata, see :meth:`start_step`) ->
+        ``(payload [block rows, features], metadata [block rows, 2k + 1] int64)``; makes the block's route
+        from the metadata the first time (no collective)."""
         payload, meta = unpack_rows(packed, dtype, features)
-        if self.remote is None:
-            t = self._groups.topology
-            others = [b for b in range(t.num_nodes) if b != t.node]
-            self.remote = NodeRoute(meta, others, self._groups, self._counts)
+        origin = self.steps[i].recv_node
+        if origin not in self.routes:
+            self.routes[origin] = NodeRoute(meta, [origin], self._groups, self._counts)
         return payload, meta
 
-    def sum_rail(self, local_rows: torch.Tensor, remote_rows: torch.Tensor) -> torch.Tensor:
-        """Rail level of the reduce: own-node rows ``[own rows, F]`` and returned remote rows ``[remote, F]``
-        back into send order, then each token's copies summed in node order (the unsplit hop's gathers)."""
+    def sum_rail(self, local_rows: torch.Tensor, returned: list[torch.Tensor]) -> torch.Tensor:
+        """Rail level of the reduce: own-node rows ``[own rows, F]`` and the rows returned at each step
+        (``returned[i] [rows sent at step i, F]``) back into send order, then each token's copies summed
+        in node order (the unsplit hop's gathers)."""
         n = self.rail_hop.index.numel()
         start, own = self.own_block
         ext = local_rows.new_empty((n + 1,) + tuple(local_rows.shape[1:]))
         ext[start : start + own].copy_(local_rows)
-        ext[:start].copy_(remote_rows[:start])
-        ext[start + own : n].copy_(remote_rows[start:])
+        for step, rows in zip(self.steps, returned):
+            ext[step.send_at : step.send_at + step.send_rows].copy_(rows)
         ext[n].zero_()
         if self.order_hook is not None:
             return self.order_hook(ext, self.rail_hop)
         return self.rail_hop.sum_copies(ext)
 
-    def merge(self, local_pairs: torch.Tensor, remote_pairs: torch.Tensor) -> torch.Tensor:
-        """Both routes' pairs -> ``[num_pairs, ...]`` in the plan's canonical order (a permutation)."""
-        out = local_pairs.new_empty((self.num_pairs,) + tuple(local_pairs.shape[1:]))
-        out.index_copy_(0, self.local_positions, local_pairs)
-        return out.index_copy_(0, self.remote_positions, remote_pairs)
+    def merge(self, pairs_by_node: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Every route's pairs (origin node -> ``[pairs, ...]``) -> ``[num_pairs, ...]`` in the plan's
+        canonical order (a permutation)."""
+        first = pairs_by_node[self.node]
+        out = first.new_empty((self.num_pairs,) + tuple(first.shape[1:]))
+        for b, pairs in pairs_by_node.items():
+            out.index_copy_(0, self.positions[b], pairs)
+        return out
 
-    def _arrived_route(self) -> NodeRoute:
-        if self.remote is None:
+    def _arrived_routes(self) -> dict[int, NodeRoute]:
+        if len(self.routes) < len(self.positions):
             raise RuntimeError("the remote rows have not arrived yet: dispatch the tokens before combining")
-        return self.remote
+        return self.routes
 
     def pair_weight(self) -> torch.Tensor:
-        """``[num_pairs]`` fp32 combine weight of each pair in canonical order (after the remote rows arrived)."""
-        return self.merge(self.local.built().pair_weight, self._arrived_route().built().pair_weight)
+        """``[num_pairs]`` fp32 combine weight of each pair in canonical order (after every block arrived)."""
+        return self.merge({b: r.built().pair_weight for b, r in self._arrived_routes().items()})
 
     def return_path(self) -> ReturnPath:
-        """The combine weights' gradient route of both routes' pairs (built once, after arrival)."""
+        """The combine weights' gradient route of every route's pairs (built once, after arrival)."""
         if self._return_path is None:
-            remote = self._arrived_route().built()
-            local = self.local.built()
-            self._return_path = ReturnPath.build(self.merge(local.pair_src_key, remote.pair_src_key),
-                                                 self.merge(local.slot, remote.slot), self.k, self._groups,
-                                                 self._counts)
+            stages = {b: r.built() for b, r in self._arrived_routes().items()}
+            self._return_path = ReturnPath.build(self.merge({b: s.pair_src_key for b, s in stages.items()}),
+                                                 self.merge({b: s.slot for b, s in stages.items()}), self.k,
+                                                 self._groups, self._counts)
         return self._return_path
 
 
-def pair_is_local(counts: RoutingCounts, t, num_pairs: int) -> torch.Tensor:
-    """``[num_pairs]`` bool: whether each pair of this rank (canonical order) comes from this node, built
-    on the device from the all-gathered count table: the canonical order is blocks of (local expert,
-    source rank) pairs, local-expert-major, of the sizes the table holds (no host sync)."""
+def pair_source_node(counts: RoutingCounts, t, num_pairs: int) -> torch.Tensor:
+    """``[num_pairs]`` int64: the node of each pair's source rank (canonical order), built on the device
+    from the all-gathered count table: the canonical order is blocks of (local expert, source rank)
+    pairs, local-expert-major, of the sizes the table holds (no host sync)."""
     e_r = t.experts_per_rank
     first = t.ep_rank * e_r
     per_expert = counts.table.view(t.ep_size, -1)[:, counts.expert_columns()]  # [P, E] pairs per source and expert
     sizes = per_expert[:, first : first + e_r].t().reshape(-1)  # [E_r * P]
-    source_local = topology_tensors(t, sizes.device)["node_of_rank"] == t.node  # [P]
-    return torch.repeat_interleave(source_local.repeat(e_r), sizes, output_size=num_pairs)
+    source_node = topology_tensors(t, sizes.device)["node_of_rank"]  # [P]
+    return torch.repeat_interleave(source_node.repeat(e_r), sizes, output_size=num_pairs)
 
 
 def build_origin_split(expert_ids: torch.Tensor, weights: torch.Tensor, groups: CommGroups,
                        counts: RoutingCounts) -> OriginSplit:
-    """This rank's hierarchical plan split by origin, on a group spanning nodes: the rail hop and the
-    local route's node hop (no collective); each route's canonical hop follows when its rows arrive."""
+    """This rank's hierarchical plan split by origin, on a group spanning nodes: the rail hop, its steps
+    and the local route's node hop (no collective); each route's canonical hop follows when its rows
+    arrive."""
     t = groups.topology
     if t.num_nodes < 2:
         raise ValueError("build_origin_split needs an EP group spanning nodes")
-    me, node, k = t.ep_rank, t.node, expert_ids.shape[1]
+    node, k = t.node, expert_ids.shape[1]
     rail_hop, meta = rail_stage(expert_ids, weights, groups, counts)
-    # rail level: send blocks by node; rail-level rows arrive by node too (own block = own rows)
-    send_blocks, recv_blocks = list(rail_hop.blocks), list(rail_hop.out_splits)
-    send_at, own = sum(send_blocks[:node]), send_blocks[node]
+    send_at, own = sum(rail_hop.blocks[:node]), rail_hop.blocks[node]
     local_gather = rail_hop.index[send_at : send_at + own]
-    remote_gather = torch.cat([rail_hop.index[:send_at], rail_hop.index[send_at + own :]])
-    e_r = t.experts_per_rank
-    first = me * e_r
-    num_pairs = sum(counts.pairs_to_expert[q][e] for q in range(t.ep_size) for e in range(first, first + e_r))
-    is_local = pair_is_local(counts, t, num_pairs)
-    local_sources = t.ranks_of_node(node)
-    n_local = sum(counts.pairs_to_expert[q][e] for q in local_sources for e in range(first, first + e_r))
+    mine = range(t.ep_rank * t.experts_per_rank, (t.ep_rank + 1) * t.experts_per_rank)
+    pairs_from = [sum(counts.pairs_to_expert[q][e] for q in t.ranks_of_node(b) for e in mine) for b in range(t.num_nodes)]
+    source_node = pair_source_node(counts, t, sum(pairs_from))
+    positions = {b: true_positions(source_node == b, c) for b, c in enumerate(pairs_from)}
     local = NodeRoute(meta.index_select(0, local_gather), [node], groups, counts, first_index=local_gather)
-    return OriginSplit(
-        rail_hop=rail_hop, own_block=(send_at, own), remote_gather=remote_gather,
-        remote_meta=meta.index_select(0, remote_gather), token_meta=meta,
-        remote_send_splits=tuple(0 if b == node else c for b, c in enumerate(send_blocks)),
-        remote_recv_splits=tuple(0 if b == node else c for b, c in enumerate(recv_blocks)),
-        local=local, local_positions=true_positions(is_local, n_local), remote_positions=true_positions(~is_local, num_pairs - n_local), num_pairs=num_pairs,
-        groups=groups, counts=counts, k=k,
-    )
+    return OriginSplit(rail_hop=rail_hop, steps=rail_steps(rail_hop, counts, t), token_meta=meta, local=local,
+                       positions=positions, num_pairs=sum(pairs_from), groups=groups, counts=counts, k=k)

@@ -1,23 +1,32 @@
-"""Autograd for the origin-split dispatch (:mod:`.origin_split`): four steps, each a
-``torch.autograd.Function``, joined by a small record of the collective in flight.
+"""Autograd for the origin-split dispatch (:mod:`.origin_split`): four kinds of step, each a
+``torch.autograd.Function``, joined by a small record of the rail collectives in flight.
 
-Dispatch:  ``launch_remote(x)``   -> ``(local_pairs, remote_link)``  rail transfer of the remote rows and
-                                     their metadata launched, local rows (and theirs) through the node hop;
-           ``finish_remote(link)`` -> ``remote_pairs``               wait, remote route built from the
-                                                                     metadata, remote rows through the node hop.
-Combine:   ``reduce_remote(remote_pairs)`` -> ``remote_link``         remote rows reduced in the node, rail
-                                                                     return launched;
-           ``finish_reduce(local_pairs, link)`` -> ``[s, F]``        local rows reduced, wait, rail level
-                                                                     summed in node order.
+Dispatch (:func:`dispatch_blocks`):
+    ``_LaunchRail(x)``          -> local pairs, one link per rail step: every step's rows (and their
+                                   metadata) launched, the local rows (and theirs) through the node hop;
+    ``_ArriveBlock(link_i)``    -> the pairs of the block of step ``i``: wait, route made from the
+                                   metadata, node hop. One per step, in step order.
+Combine (:func:`combine_blocks`):
+    ``_ReduceBlock(pairs_i)``   -> link_i: the block reduced in the node, its rail return launched.
+    ``_FinishReduce(local, links)`` -> ``[s, F]``: local rows reduced, wait, rail level summed in node order.
 
 The ``link`` tensors carry no data of their own to the next step (it reads the receive buffer from
 the record); they exist so autograd runs the backward steps in the reverse order, and their gradient
-*is* the receive buffer of the backward's own rail transfer: launched in the later step's backward
-(``finish_remote``'s, ``finish_reduce``'s) and waited in the earlier one's, so it travels while autograd
-runs the work between them (after ``finish_remote``'s backward: the local experts' backward).
+*is* the receive buffer of the backward's own rail step: launched in the later step's backward
+(``_ArriveBlock``'s, ``_FinishReduce``'s) and waited in the earlier one's, so it travels while autograd
+runs the work between them (after the blocks' backward: the local experts' backward).
+
+The per-block steps are also joined by a ``chain`` (a zero-size tensor each passes to the next), so
+their backward runs in one fixed order on every rank, whatever order the autograd engine would pick for
+independent branches (e.g. experts of different sizes): each backward step runs a node-group collective,
+which all members of the node must enter in the same order. Dispatch blocks go forward in step order
+(their backward runs last step first); combine blocks go forward last step first (so their backward
+takes the blocks in arrival order of the backward's own rail steps).
 """
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 
@@ -25,126 +34,128 @@ from .origin_split import OriginSplit
 
 
 class InFlight:
-    """The rail collective in flight between two steps: ``(receive buffer, work or None)`` of the
-    forward and the work of the backward. One record per dispatch (and one per combine)."""
+    """The rail steps in flight between two autograd steps: per step index, ``(receive buffer, work or
+    None)`` of the forward and the work of the backward. One record per dispatch (and one per combine)."""
 
-    __slots__ = ("forward", "backward_work")
+    __slots__ = ("forward", "backward")
 
     def __init__(self) -> None:
-        self.forward = None
-        self.backward_work = None
+        self.forward: dict[int, tuple] = {}
+        self.backward: dict[int, object] = {}
 
-    def wait_forward(self) -> torch.Tensor:
-        buf, work = self.forward
+    def wait_forward(self, i: int) -> torch.Tensor:
+        buf, work = self.forward.pop(i)
         if work is not None:
             work.wait()
-        self.forward = None
         return buf
 
-    def wait_backward(self) -> None:
-        if self.backward_work is not None:
-            self.backward_work.wait()
-        self.backward_work = None
+    def wait_backward(self, i: int) -> None:
+        work = self.backward.pop(i, None)
+        if work is not None:
+            work.wait()
 
 
-class _LaunchRemote(torch.autograd.Function):
+class _LaunchRail(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, split: OriginSplit, flight: InFlight):
         ctx.split, ctx.flight = split, flight
-        remote_rows = x.index_select(0, split.remote_gather)  # [remote rows sent, F] node-major
-        # the payload moves first, its routing metadata packed behind each row; the local rows' work is
-        # queued behind its launch
-        flight.forward = split.start_rail(remote_rows, split.remote_send_splits, split.remote_recv_splits,
-                                          meta=split.remote_meta)
-        return split.local.broadcast(x, split.token_meta), remote_rows
+        links = []
+        for i in range(len(split.steps)):
+            gather = split.send_index(i)
+            rows = x.index_select(0, gather)  # [rows for step i's node, F]
+            # the payload moves first, its routing metadata packed behind each row; the local rows'
+            # work is queued behind the launches
+            flight.forward[i] = split.start_step(i, rows, meta=split.token_meta.index_select(0, gather))
+            links.append(rows)
+        return (split.local.broadcast(x, split.token_meta), x.new_zeros(0), *links)
 
     @staticmethod
-    def backward(ctx, grad_local_pairs, grad_remote_link):
+    def backward(ctx, grad_local_pairs, grad_chain, *grad_links):
         split, flight = ctx.split, ctx.flight
         local_rows = split.local.reduce(grad_local_pairs.contiguous())
-        flight.wait_backward()  # grad_remote_link is its receive buffer
-        return split.sum_rail(local_rows, grad_remote_link), None, None
+        for i in range(len(grad_links)):
+            flight.wait_backward(i)  # grad_links[i] is its receive buffer
+        return split.sum_rail(local_rows, list(grad_links)), None, None
 
 
-class _FinishRemote(torch.autograd.Function):
+class _ArriveBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, remote_link, split: OriginSplit, flight: InFlight):
-        ctx.split, ctx.flight = split, flight
-        rows, meta = split.arrived(flight.wait_forward(), remote_link.dtype, remote_link.shape[1])
-        return split.remote.broadcast(rows, meta)
-
-    @staticmethod
-    def backward(ctx, grad_remote_pairs):
-        split, flight = ctx.split, ctx.flight
-        rail_rows = split.remote.reduce(grad_remote_pairs.contiguous())
-        buf, flight.backward_work = split.start_rail(rail_rows, split.remote_recv_splits, split.remote_send_splits)
-        return buf, None, None
-
-
-class _ReduceRemote(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, remote_pairs, split: OriginSplit, flight: InFlight):
-        ctx.split, ctx.flight = split, flight
-        rail_rows = split.remote.reduce(remote_pairs)  # [remote rail rows, F]
-        flight.forward = split.start_rail(rail_rows, split.remote_recv_splits, split.remote_send_splits)
-        return rail_rows
+    def forward(ctx, link, chain, split: OriginSplit, flight: InFlight, i: int):
+        ctx.split, ctx.flight, ctx.i = split, flight, i
+        rows, meta = split.arrived(i, flight.wait_forward(i), link.dtype, link.shape[1])
+        return split.step_route(i).broadcast(rows, meta), chain.new_zeros(0)
 
     @staticmethod
-    def backward(ctx, grad_link):
-        ctx.flight.wait_backward()  # grad_link is its receive buffer
-        return ctx.split.remote.broadcast(grad_link), None, None
+    def backward(ctx, grad_pairs, grad_chain):
+        split, flight, i = ctx.split, ctx.flight, ctx.i
+        rail_rows = split.step_route(i).reduce(grad_pairs.contiguous())
+        buf, flight.backward[i] = split.start_step(i, rail_rows, back=True)
+        return buf, grad_chain, None, None, None
+
+
+class _ReduceBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pairs, chain, split: OriginSplit, flight: InFlight, i: int):
+        ctx.split, ctx.flight, ctx.i = split, flight, i
+        rail_rows = split.step_route(i).reduce(pairs)  # [block rows, F]
+        flight.forward[i] = split.start_step(i, rail_rows, back=True)
+        return rail_rows, chain.new_zeros(0)
+
+    @staticmethod
+    def backward(ctx, grad_link, grad_chain):
+        ctx.flight.wait_backward(ctx.i)  # grad_link is its receive buffer
+        return ctx.split.step_route(ctx.i).broadcast(grad_link), grad_chain, None, None, None
 
 
 class _FinishReduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, local_pairs, remote_link, split: OriginSplit, flight: InFlight):
+    def forward(ctx, local_pairs, chain, split: OriginSplit, flight: InFlight, *links):
         ctx.split, ctx.flight = split, flight
         local_rows = split.local.reduce(local_pairs)
-        return split.sum_rail(local_rows, flight.wait_forward())
+        return split.sum_rail(local_rows, [flight.wait_forward(i) for i in range(len(links))])
 
     @staticmethod
     def backward(ctx, grad):
         split, flight = ctx.split, ctx.flight
         grad = grad.contiguous()
-        buf, flight.backward_work = split.start_rail(grad.index_select(0, split.remote_gather),
-                                                     split.remote_send_splits, split.remote_recv_splits)
-        return split.local.broadcast(grad), buf, None, None
+        bufs = []
+        for i in range(len(split.steps)):
+            buf, flight.backward[i] = split.start_step(i, grad.index_select(0, split.send_index(i)))
+            bufs.append(buf)
+        return (split.local.broadcast(grad), grad.new_zeros(0), None, None, *bufs)
 
 
-def launch_remote(x: torch.Tensor, split: OriginSplit, flight: InFlight) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [s, F]`` -> ``(local_pairs [local pairs, F], remote_link)``; the remote rows' rail transfer
-    is in flight on return."""
-    return _LaunchRemote.apply(x, split, flight)
+def dispatch_blocks(x: torch.Tensor, split: OriginSplit) -> Iterator[tuple[int, torch.Tensor]]:
+    """``x [s, F]`` -> yields ``(origin node, pairs [pairs of that origin, F])``: this node's first (the
+    rail steps in flight), then each other node's block as it arrives, in step order. Consume it lazily
+    to work on a block while the later ones travel."""
+    flight = InFlight()
+    local_pairs, chain, *links = _LaunchRail.apply(x, split, flight)
+    yield split.node, local_pairs
+    for i, link in enumerate(links):
+        pairs, chain = _ArriveBlock.apply(link, chain, split, flight, i)
+        yield split.steps[i].recv_node, pairs
 
 
-def finish_remote(remote_link: torch.Tensor, split: OriginSplit, flight: InFlight) -> torch.Tensor:
-    """Wait for the rail transfer; ``-> remote_pairs [remote pairs, F]``."""
-    return _FinishRemote.apply(remote_link, split, flight)
-
-
-def reduce_remote(remote_pairs: torch.Tensor, split: OriginSplit, flight: InFlight) -> torch.Tensor:
-    """Reduce the remote pairs inside the node and launch their rail return; ``-> remote_link``."""
-    return _ReduceRemote.apply(remote_pairs, split, flight)
-
-
-def finish_reduce(local_pairs: torch.Tensor, remote_link: torch.Tensor, split: OriginSplit,
-                  flight: InFlight) -> torch.Tensor:
-    """Reduce the local pairs, wait for the rail return; ``-> [s, F]`` summed in node order."""
-    return _FinishReduce.apply(local_pairs, remote_link, split, flight)
+def combine_blocks(pairs_by_node: dict[int, torch.Tensor], split: OriginSplit) -> torch.Tensor:
+    """Every route's (weighted) pairs, origin node -> ``[pairs, F]`` -> ``[s, F]``: each remote block
+    reduced in the node and its rail return launched (last step first), the local pairs reduced while
+    they travel, then every token's node copies summed in node order."""
+    flight = InFlight()
+    local = pairs_by_node[split.node]
+    chain = local.new_zeros(0)
+    links = [None] * len(split.steps)
+    for i in reversed(range(len(split.steps))):
+        links[i], chain = _ReduceBlock.apply(pairs_by_node[split.steps[i].recv_node], chain, split, flight, i)
+    return _FinishReduce.apply(local, chain, split, flight, *links)
 
 
 def broadcast_split(x: torch.Tensor, split: OriginSplit) -> torch.Tensor:
-    """Both dispatch steps back to back: ``x [s, F]`` -> ``[num_pairs, F]`` in canonical order (the
-    rail transfer overlaps the local rows' node hop)."""
-    flight = InFlight()
-    local_pairs, link = launch_remote(x, split, flight)
-    remote_pairs = finish_remote(link, split, flight)
-    return split.merge(local_pairs, remote_pairs)
+    """``x [s, F]`` -> ``[num_pairs, F]`` in canonical order (the rail steps overlap the local rows' node
+    hop and each earlier block's)."""
+    return split.merge(dict(dispatch_blocks(x, split)))
 
 
 def reduce_split(y: torch.Tensor, split: OriginSplit) -> torch.Tensor:
-    """Both combine steps: ``y [num_pairs, F]`` canonical -> ``[s, F]`` (the rail return overlaps the
-    local rows' reduce)."""
-    flight = InFlight()
-    link = reduce_remote(y.index_select(0, split.remote_positions), split, flight)
-    return finish_reduce(y.index_select(0, split.local_positions), link, split, flight)
+    """``y [num_pairs, F]`` canonical -> ``[s, F]`` (the rail returns overlap the later reduces)."""
+    return combine_blocks({b: y.index_select(0, pos) for b, pos in split.positions.items()}, split)
