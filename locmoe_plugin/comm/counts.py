@@ -105,6 +105,7 @@ class RoutingCounts:
       * ``rows_to_node [P][N]``: token rows each rank sends to each node (one per token and node);
       * ``rows_to_rank [P][P]``: (token, rank) rows each rank's tokens need on each EP rank;
       * ``pairs_to_expert [P][E]``: (token, expert) pairs each rank routes to each expert;
+      * ``slots_per_rank [P]``: each rank's ``tokens * k`` (routed or not);
       * copy levels for the fixed-order reduces: ``node_copies [P][node_levels]`` tokens with more
         than c destination nodes; ``rank_copies_on_node [P][N][rank_levels]`` tokens with more than c
         ranks on node b; ``expert_copies_on_rank [P][P][expert_levels]`` tokens with more than c
@@ -209,6 +210,8 @@ class RoutingCounts:
             self.rows_to_node = [[h[0] for h in h2] for h2 in self.rank_copies_on_node]
             self.rows_to_rank = [[h[0] for h in h3] for h3 in self.expert_copies_on_rank]
         self.pairs_to_expert = [r[expert_at : expert_at + e] for r in rows]
+        # every slot lands in one bin (an expert, -1 or invalid): s * k of each rank
+        self.slots_per_rank = [sum(r[expert_at : expert_at + e + EXTRA_BINS]) for r in rows]
         bad = [r[expert_at + e] + r[expert_at + e + 1] for r in rows]
         if any(bad):
             # every rank saw the same table: all raise together, nobody hangs in a later collective
