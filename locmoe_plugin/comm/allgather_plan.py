@@ -7,7 +7,7 @@ efficiently than an all-to-all of the same rows: a rank receives ``(P - 1) * s``
 
 Dispatch (``T = P * rows_max`` gathered tokens, :mod:`.block_collectives` for unequal counts)::
 
-    routing [s, 2k] int32 (expert ids, combine-weight fp32 bits)  --all-gather-->  [T, 2k]
+    routing [s, k + ceil(k/2)] int64 (expert ids, combine weights as fp32 bits)  --all-gather-->  [T, ...]
     local pairs: slots whose expert is on this rank, counting-sorted by local expert, tokens in gathered
                  order = the canonical (local expert, source rank, source token) order of every plan
     x [s, F]  --all-gather-->  [T, F]  --index_select(token_row)-->  expert rows [n, F]
@@ -35,6 +35,7 @@ pairs per local expert; nothing else is read back.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -81,23 +82,34 @@ class AllGatherRoute:
 
 
 def pack_routing(expert_ids: torch.Tensor, weights: torch.Tensor, rows_max: int) -> torch.Tensor:
-    """``expert_ids [s, k]`` and ``weights [s, k]`` -> ``[rows_max, 2k]`` int32: the ids, then the weights'
-    fp32 bits (one tensor, one all-gather); padding rows carry id -1 (no pair)."""
+    """``expert_ids [s, k]`` int64 and ``weights [s, k]`` -> ``[rows_max, k + ceil(k / 2)]`` int64: the ids,
+    then the weights as fp32 bits, two to a column (one tensor, one all-gather; int64 ids need no
+    conversion on either side); padding rows carry id -1 (no pair)."""
     s, k = expert_ids.shape
-    packed = torch.empty(rows_max, 2 * k, dtype=torch.int32, device=expert_ids.device)
+    packed = torch.empty(rows_max, k + (k + 1) // 2, dtype=torch.long, device=expert_ids.device)
     packed[:s, :k].copy_(expert_ids)
-    packed[:s, k:].view(torch.float32).copy_(weights.detach())
+    routed_weights(packed, k)[:s].copy_(weights.detach())
     if s < rows_max:
         packed[s:, :k].fill_(-1)
     return packed
 
 
+def routed_weights(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``[rows, k]`` fp32 view of the weights in a :func:`pack_routing` tensor."""
+    return packed[:, k:].view(torch.float32)[:, :k]
+
+
+@functools.lru_cache(maxsize=8)
+def _row_numbers(rows: int, device: torch.device) -> torch.Tensor:
+    """``[rows, 1]`` int64 ``0 .. rows - 1``, made once per gathered size (the same every step)."""
+    return torch.arange(rows, device=device).unsqueeze(1)
+
+
 def local_slot_positions(gathered_ids: torch.Tensor, first_expert: int, local_experts: int, one: torch.Tensor) -> torch.Tensor:
-    """``gathered_ids [T, k]`` int32 -> ``[T, k]`` int64: each slot's position among this rank's pairs in
+    """``gathered_ids [T, k]`` int64 -> ``[T, k]`` int64: each slot's position among this rank's pairs in
     canonical order (a counting sort by local expert, :mod:`.counting_sort`), ``n`` (the number of local
     pairs) for every other slot. Ids were validated by the count table on every rank."""
-    t, k = gathered_ids.shape
-    local = torch.sub(gathered_ids, first_expert, out=torch.empty(t, k, dtype=torch.long, device=gathered_ids.device))
+    local = gathered_ids - first_expert if first_expert else gathered_ids
     bins = slot_bins(local, local_experts)  # 0 .. E_r - 1 this rank's experts; the extra bins: elsewhere / -1
     before, _ = count_pairs(bins, local_experts, one, histogram=False)
     return slot_positions(bins, before)
@@ -113,15 +125,15 @@ def build_allgather_plan(expert_ids: torch.Tensor, weights: torch.Tensor, groups
     dev = expert_ids.device
     rows_max = max(counts.slots_per_rank) // k
     group = groups.ep if p > 1 else None
-    routing = gather_blocks(pack_routing(expert_ids, weights, rows_max), rows_max, group)  # [T, 2k]
+    routing = gather_blocks(pack_routing(expert_ids, weights, rows_max), rows_max, group)  # [T, k + ceil(k/2)]
     tokens_per_expert = tuple(sum(row[me * e_r + e] for row in counts.pairs_to_expert) for e in range(e_r))
     n = sum(tokens_per_expert)
     slot_pos = local_slot_positions(routing[:, :k], me * e_r, e_r, count_layout(t, k, dev)["one"])
-    rows = torch.arange(routing.shape[0], device=dev).unsqueeze(1).expand(-1, k)
+    rows = _row_numbers(routing.shape[0], dev).expand(-1, k)
     # slots not here all write position n, past the pairs (cut off): which of them lands there is moot
     token_row = torch.empty(n + 1, dtype=torch.long, device=dev).index_put_((slot_pos,), rows)[:n]
     pair_weight = torch.empty(n + 1, dtype=torch.float32, device=dev).index_put_(
-        (slot_pos,), routing[:, k:].view(torch.float32))[:n]
+        (slot_pos,), routed_weights(routing, k))[:n]
     route = AllGatherRoute(token_row, slot_pos, s, rows_max, group)
     return Plan(hops=(), num_tokens=s, pair_weight=pair_weight, tokens_per_expert=tokens_per_expert,
                 traffic=Traffic(intra_rows=(p - 1) * rows_max), mode="allgather", gather_route=route)
