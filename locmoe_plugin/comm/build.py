@@ -47,7 +47,8 @@ def check_mode(mode: str) -> None:
 def start_counts(expert_ids: torch.Tensor, groups: CommGroups, mode: str) -> RoutingCounts:
     """The device half of the count exchange for ``mode`` (no host wait; see :mod:`.counts`)."""
     expert_ids = expert_ids.long()
-    return RoutingCounts.started(groups, expert_ids, expert_ids.shape[1], per_token=mode not in PER_PAIR_COUNT_MODES)
+    return RoutingCounts.started(groups, expert_ids, expert_ids.shape[1], per_token=mode not in PER_PAIR_COUNT_MODES,
+                                 positions=mode == "flat_fast")  # only the pairs plan sends from these positions
 
 
 def build_plan(

@@ -121,13 +121,16 @@ class RoutingCounts:
     token listing one expert twice raises on every rank."""
 
     @classmethod
-    def started(cls, groups: CommGroups, expert_ids: torch.Tensor, k: int, per_token: bool = True) -> "RoutingCounts":
-        """The device half only; call :meth:`wait_host` before reading the host lists."""
+    def started(cls, groups: CommGroups, expert_ids: torch.Tensor, k: int, per_token: bool = True,
+                positions: bool = True) -> "RoutingCounts":
+        """The device half only; call :meth:`wait_host` before reading the host lists. ``positions=False``
+        (with ``per_token=False``): the histogram without the pairs' send positions (``pairs_before`` None)."""
         counts = cls()
-        counts.start(groups, expert_ids, k, per_token)
+        counts.start(groups, expert_ids, k, per_token, positions)
         return counts
 
-    def start(self, groups: CommGroups, expert_ids: torch.Tensor, k: int, per_token: bool = True) -> None:
+    def start(self, groups: CommGroups, expert_ids: torch.Tensor, k: int, per_token: bool = True,
+              positions: bool = True) -> None:
         t = groups.topology
         s = expert_ids.shape[0]
         dev = expert_ids.device
@@ -142,7 +145,7 @@ class RoutingCounts:
             lay = pairs_count_layout(e)
             self.node_levels = self.rank_levels = self.expert_levels = max_nodes = max_ranks = max_experts = 0
             self.rank_mask = self.node_mask = None
-            self.pairs_before, local = count_pairs(id_keys, e, one)  # its histogram is this rank's row
+            self.pairs_before, local = count_pairs(id_keys, e, one, positions=positions)  # its histogram: this rank's row
         else:
             valid = id_keys < e
             rank = torch.where(valid, expert_ids // e_r, p)
