@@ -30,6 +30,8 @@ with megatron-core's MoELayer + TopKRouter + aux loss (no locality term), same d
 Phase 2, timing: every rank takes --tokens held-out tokens (validation windows), runs each trained
 model's layers before its MoE layer, and times fwd+bwd of one MoE layer on those hidden states (bf16):
   locmoe_<gate>      (a) LocMoELayer with the trained router and experts (hierarchical dispatcher)
+  locmoe_allgather   (a') the same layer of the first gate with dispatcher="allgather" (tokens all-gathered,
+                     results reduce-scattered); one node only: in the default systems on one node
   mcore_alltoall     (b) megatron-core MoELayer, TopKRouter + aux loss, 'alltoall' dispatcher, with the
                      trained TopKRouter model's router and experts, on that model's hidden states
   mcore_allgather    (c) same, 'allgather' dispatcher
@@ -102,6 +104,11 @@ from link_probe import LinkProbe, a2a_time, format_links, layer_probe_mib, take_
 from locmoe_plugin.megatron.router import dense_routing_map  # noqa: E402
 
 
+DEFAULT_SYSTEMS = ("locmoe", "mcore_alltoall", "mcore_allgather", "mcore_grouplimited", "deepspeed_moe", "locmoe_ds",
+                   "locmoe_ds_no_overlap")
+ONE_NODE_SYSTEMS = ("locmoe_allgather",)  # the allgather dispatcher is refused on EP groups spanning nodes
+
+
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("LOCMOE_GPUS_PER_NODE", 0)) or None,
@@ -120,9 +127,8 @@ def parse() -> argparse.Namespace:
                         "median of its per-round ratios to mcore_alltoall; machine drift then hits every system alike")
     p.add_argument("--manual-gc", action="store_true",
                    help="gc.collect() before timing and the collector off while timing (all systems alike)")
-    p.add_argument("--systems", nargs="*",
-                   default=["locmoe", "mcore_alltoall", "mcore_allgather", "mcore_grouplimited", "deepspeed_moe",
-                            "locmoe_ds", "locmoe_ds_no_overlap"])
+    p.add_argument("--systems", nargs="*", default=None,
+                   help=f"default: {' '.join(DEFAULT_SYSTEMS)}, and on one node also {' '.join(ONE_NODE_SYSTEMS)}")
     p.add_argument("--ds-capacity-factor", type=float, default=1.25)
     p.add_argument("--aux-coeff", type=float, default=0.01)
     # training
@@ -368,7 +374,7 @@ def system_names(args) -> list[tuple[str, str]]:
     for system in args.systems:
         if system == "locmoe":
             rows += [(f"locmoe_{g}", g) for g in args.gates]
-        elif system.startswith("locmoe_ds"):
+        elif system.startswith("locmoe_ds") or system == "locmoe_allgather":
             rows.append((system, args.gates[0]))
         else:  # Megatron and DeepSpeed baselines: the trained TopKRouter model (or the first gate's)
             rows.append((system, "topk" if args.baseline_router == "trained" else args.gates[0]))
@@ -409,12 +415,14 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
     a = ctx.args
     remote_ranks = ctx.world - ctx.gpn
     if name.startswith("locmoe_") and not name.startswith("locmoe_ds"):
-        gate = name[len("locmoe_"):]
+        allgather = name == "locmoe_allgather"
+        gate = a.gates[0] if allgather else name[len("locmoe_"):]
         settings = {"gate": gate, "routing": "locmoe", "locality_loss_coeff": trained[gate]["summary"]["mu"],
                     "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope, "expert_bias_rate": a.expert_bias_rate,
                     "cross_node_budget": a.budget, "budget_mechanism": _budget_mechanism(a),
                     "cross_node_budget_warmup": _budget_warmup(a)}
-        layer = build_megatron_layer(ctx, "alltoall", ctx.dtype, settings)
+        layer = build_megatron_layer(ctx, "alltoall", ctx.dtype, settings,
+                                     locmoe_dispatcher="allgather" if allgather else "hierarchical")
         missing, unexpected = layer.load_state_dict(trained[gate]["state"], strict=False)
         if [m for m in missing if not m.endswith("_extra_state")] or unexpected:
             raise RuntimeError(f"trained state does not fit: missing {missing}, unexpected {unexpected}")
@@ -550,6 +558,9 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
 def main() -> None:
     args = parse()
     ctx = Ctx(args)
+    if args.systems is None:
+        # the one-node systems right after the LocMoE rows, so the table lists them together
+        args.systems = ["locmoe", *(ONE_NODE_SYSTEMS if ctx.nodes == 1 else ()), *DEFAULT_SYSTEMS[1:]]
     if ctx.acc.is_cpu:
         from locmoe_plugin.demo import cpu_shims  # Megatron's CUDA calls on CPU (never on a GPU)
 
@@ -695,6 +706,14 @@ def _median_ratio(r: dict, other: dict) -> float:
     return r["ms"] / other["ms"]
 
 
+def _quartiles(r: dict, other: dict) -> str:
+    """`` [per-round ratios: quartiles q1-q3]`` of ``r`` over ``other`` with --rounds, else ``""``."""
+    if "ms_rounds" not in r or "ms_rounds" not in other or len(r["ms_rounds"]) < 2:
+        return ""
+    q = statistics.quantiles([x / y for x, y in zip(r["ms_rounds"], other["ms_rounds"])], n=4)
+    return f" [per-round ratios: quartiles {q[0]:.3f}-{q[2]:.3f}]"
+
+
 def comparisons(out: dict) -> list[str]:
     """Each LocMoE row's time relative to the other systems (median of per-round ratios with --rounds;
     below 1 = faster) and, over several nodes, its cross-node share of kept (token, expert) pairs."""
@@ -710,6 +729,9 @@ def comparisons(out: dict) -> list[str]:
         if "ratio_quartiles" in r:
             q1, q3 = r["ratio_quartiles"]
             checks[0] += f" [per-round ratios: quartiles {q1:.3f}-{q3:.3f} over {len(r['ratio_rounds'])} rounds]"
+        if "mcore_allgather" in sy:
+            checks.append(f"{name} / mcore_allgather = {_median_ratio(r, sy['mcore_allgather']):.3f}"
+                          + _quartiles(r, sy["mcore_allgather"]))
         if out["meta"]["nodes"] > 1:
             for other in ("mcore_grouplimited", "deepspeed_moe"):
                 if other in sy:

@@ -99,8 +99,10 @@ def megatron_config(ctx: Ctx, dispatcher: str, dtype, group_limited: bool = Fals
     return TransformerConfig(**kw)
 
 
-def build_megatron_layer(ctx: Ctx, dispatcher: str, dtype, locmoe: dict | None = None, group_limited=False):
-    """MoELayer (``locmoe=None``: TopKRouter) or LocMoELayer (LocMoE router, hierarchical dispatcher)."""
+def build_megatron_layer(ctx: Ctx, dispatcher: str, dtype, locmoe: dict | None = None, group_limited=False,
+                         locmoe_dispatcher: str = "hierarchical"):
+    """MoELayer (``locmoe=None``: TopKRouter, Megatron's ``dispatcher``) or LocMoELayer (LocMoE router, the
+    LocMoE dispatcher in mode ``locmoe_dispatcher``)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.moe import moe_utils
@@ -122,7 +124,7 @@ def build_megatron_layer(ctx: Ctx, dispatcher: str, dtype, locmoe: dict | None =
         cls, router = MoELayer, TopKRouter
     else:
         cls = make_locmoe_layer_class()
-        router = functools.partial(LocMoEMegatronRouter, locmoe=locmoe, dispatcher="hierarchical",
+        router = functools.partial(LocMoEMegatronRouter, locmoe=locmoe, dispatcher=locmoe_dispatcher,
                                    with_locmoe_dispatcher=True)
     layer = cls(cfg, submodules=MoESubmodules(experts=experts, router=router), layer_number=1,
                 pg_collection=moe_utils.get_default_pg_collection())

@@ -10,7 +10,8 @@ the number to drive down. It runs on CPU (gloo) on any machine:
 it (``exact_tree=True``: on one node ``hierarchical`` counts the two-stage plan, which the dispatcher
 itself replaces there by ``flat_fast``; pass ``--mode flat_fast`` for what a one-node layer runs);
 ``--megatron`` adds the two full megatron-core layers (labels: the router, the experts and the six
-dispatcher phases), which use the dispatcher's default plan.
+dispatcher phases), which use the dispatcher's default plan; ``--allgather`` with it adds megatron-core's
+allgather layer and ``LocMoELayer`` with ``dispatcher="allgather"`` (one node only).
 
 Counts are top-level aten ops (an op called inside another op is not counted again), from
 ``torch.profiler`` on rank 0, for one forward + backward after a warm-up step.
@@ -123,8 +124,9 @@ def _count(step) -> tuple[dict, dict, dict]:
 def build_megatron_layers(a: argparse.Namespace, world: int, device: torch.device | None = None,
                           dtype: torch.dtype = torch.float32) -> dict:
     """``{"megatron alltoall": MoELayer (TopKRouter + alltoall dispatcher), "LocMoELayer": ...}`` at the same
-    config (``a``: hidden, ffn, experts, topk, gate, routing, mu, gpus_per_node, report_flush), EP = ``world``
-    over the default process group. On a CPU (``device`` None or CPU) megatron-core's CUDA calls are shimmed
+    config (``a``: hidden, ffn, experts, topk, gate, routing, mu, gpus_per_node, report_flush, allgather), EP =
+    ``world`` over the default process group; ``a.allgather`` adds ``"megatron allgather"`` and
+    ``"LocMoELayer allgather"``. On a CPU (``device`` None or CPU) megatron-core's CUDA calls are shimmed
     (:mod:`locmoe_plugin.demo.cpu_shims`); elsewhere the layers are moved to ``device``."""
     import functools
 
@@ -171,6 +173,15 @@ def build_megatron_layers(a: argparse.Namespace, world: int, device: torch.devic
         "LocMoELayer": make_locmoe_layer_class()(cfg, submodules=MoESubmodules(experts=experts, router=router),
                                                  layer_number=1, pg_collection=pgc),
     }
+    if getattr(a, "allgather", False):
+        import dataclasses
+
+        gather_cfg = dataclasses.replace(cfg, moe_token_dispatcher_type="allgather")
+        gather_router = functools.partial(router, dispatcher="allgather")
+        layers["megatron allgather"] = MoELayer(gather_cfg, submodules=MoESubmodules(experts=experts, router=TopKRouter),
+                                                layer_number=1, pg_collection=pgc)
+        layers["LocMoELayer allgather"] = make_locmoe_layer_class()(
+            cfg, submodules=MoESubmodules(experts=experts, router=gather_router), layer_number=1, pg_collection=pgc)
     for layer in layers.values():
         layer.set_layer_number(1)
         if not on_cpu:
@@ -226,6 +237,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", default="hierarchical")
     p.add_argument("--megatron", action="store_true",
                    help="also count megatron-core's MoELayer (TopKRouter + alltoall) and LocMoELayer")
+    p.add_argument("--allgather", action="store_true",
+                   help="with --megatron: also count megatron-core's allgather layer and LocMoELayer with "
+                        "dispatcher='allgather' (one node)")
     p.add_argument("--detail", action="store_true", help="list the kernels of each phase")
     p.add_argument("--report-flush", action="store_true",
                    help="with --megatron: apply enable()'s metrics-report patch (as Megatron-LM with --locmoe), "
@@ -242,13 +256,13 @@ def count(a: argparse.Namespace) -> dict:
     return values(run_ranks(_worker, a.nproc, a, timeout=600))[0]
 
 
-def comparison(counted: dict) -> str | None:
-    """One line: LocMoELayer's kernels and router ops against Megatron's alltoall layer (None without it)."""
-    if "LocMoELayer" not in counted:
+def comparison(counted: dict, ours_name: str = "LocMoELayer", theirs_name: str = "megatron alltoall") -> str | None:
+    """One line: a LocMoELayer's kernels and router ops against a Megatron layer's (None without them)."""
+    if ours_name not in counted or theirs_name not in counted:
         return None
-    ours, theirs = counted["LocMoELayer"], counted["megatron alltoall"]
+    ours, theirs = counted[ours_name], counted[theirs_name]
     k_ours, k_theirs = sum(ours[1].values()), sum(theirs[1].values())
-    return (f"LocMoELayer {k_ours} kernels vs Megatron alltoall {k_theirs} ({k_ours - k_theirs:+d}); "
+    return (f"{ours_name} {k_ours} kernels vs {theirs_name} {k_theirs} ({k_ours - k_theirs:+d}); "
             f"routers: {ours[0].get('router', 0)} ops / {ours[1].get('router', 0)} kernels vs "
             f"{theirs[0].get('router', 0)} / {theirs[1].get('router', 0)}")
 
@@ -270,9 +284,9 @@ def main() -> None:
         print(f"  {'total':40s} {sum(counts.values()):5d} {sum(kernels.values()):8d}")
     print("ops: top-level aten ops; kernels: aten ops that compute or copy, without such an op inside "
           "(views and allocations left out)")
-    line = comparison(counted)
-    if line:
-        print(line)
+    for line in (comparison(counted), comparison(counted, "LocMoELayer allgather", "megatron allgather")):
+        if line:
+            print(line)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def render() -> str:
     parts += [
         "",
         "The Megatron-LM flags also include `--locmoe` (turn LocMoE on), `--locmoe-dispatcher` "
-        "(`hierarchical` or `flat`) and `--locmoe-overlap {on,off}` (default off; see [overlap.md](overlap.md)); "
+        "(`hierarchical`, `flat` or, for an EP group inside one node, `allgather`: see "
+        "[dispatcher.md](dispatcher.md#allgather-one-node)) and `--locmoe-overlap {on,off}` (default off; see [overlap.md](overlap.md)); "
         "the DeepSpeed section also takes `\"dispatcher\"` and `\"overlap\"` (`false` by default, or `true`) "
         "(see [megatron.md](megatron.md), [deepspeed.md](deepspeed.md)).",
         "",

@@ -21,7 +21,7 @@ def test_defaults_strings_and_validation():
         off.overlap = True
     with pytest.raises(TypeError):
         DispatcherSettings("flat")  # keyword-only
-    with pytest.raises(ConfigError, match=r"dispatcher='ring' is not one of 'hierarchical', 'flat': pick one"):
+    with pytest.raises(ConfigError, match=r"dispatcher='ring' is not one of 'hierarchical', 'flat', 'allgather': pick one"):
         DispatcherSettings.of("ring")
     with pytest.raises(ConfigError, match=r"overlap='on' must be True or False"):
         DispatcherSettings(overlap="on")

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from .allgather_plan import build_allgather_plan
 from .counts import RoutingCounts
 from .flat_plan import build_flat_plan
 from .groups import CommGroups
@@ -19,7 +20,8 @@ from .plan import Plan
 
 PlanBuilder = Callable[[torch.Tensor, torch.Tensor, CommGroups, RoutingCounts], Plan]
 
-PLAN_MODES = ("hierarchical", "flat", "flat_fast")
+PLAN_MODES = ("hierarchical", "flat", "flat_fast", "allgather")
+PER_PAIR_COUNT_MODES = ("flat_fast", "allgather")  # count pairs per expert only (no per-token levels)
 
 
 def _build_flat_fast(expert_ids, weights, groups, counts, source=None) -> Plan:
@@ -33,18 +35,20 @@ PLAN_BUILDERS: dict[str, PlanBuilder] = {
     "hierarchical": build_hierarchical_plan,
     "flat": build_flat_plan,
     "flat_fast": _build_flat_fast,
+    "allgather": build_allgather_plan,
 }
 
 
 def check_mode(mode: str) -> None:
     if mode not in PLAN_MODES:
-        raise ValueError(f"dispatch mode {mode!r} is not 'hierarchical', 'flat' or 'flat_fast'")
+        raise ValueError(f"dispatch mode {mode!r} is not one of {', '.join(map(repr, PLAN_MODES))}")
 
 
 def start_counts(expert_ids: torch.Tensor, groups: CommGroups, mode: str) -> RoutingCounts:
     """The device half of the count exchange for ``mode`` (no host wait; see :mod:`.counts`)."""
     expert_ids = expert_ids.long()
-    return RoutingCounts.started(groups, expert_ids, expert_ids.shape[1], per_token=mode != "flat_fast")
+    return RoutingCounts.started(groups, expert_ids, expert_ids.shape[1], per_token=mode not in PER_PAIR_COUNT_MODES,
+                                 positions=mode == "flat_fast")  # only the pairs plan sends from these positions
 
 
 def build_plan(
@@ -56,7 +60,7 @@ def build_plan(
     plan's metadata all-to-all; the hierarchical plan's metadata moves with its payload later); every EP
     rank must call it.
 
-    ``mode``: ``"hierarchical"``, ``"flat"`` (exact tree) or ``"flat_fast"``. ``counts``: an exchange
+    ``mode``: ``"hierarchical"``, ``"flat"`` (exact tree), ``"flat_fast"`` or ``"allgather"`` (one node). ``counts``: an exchange
     already started with :func:`start_counts` (same ids and mode); its host wait happens here.
     """
     check_mode(mode)

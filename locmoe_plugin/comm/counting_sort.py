@@ -24,7 +24,8 @@ def slot_bins(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return expert_ids.clamp(-2, num_experts).remainder_(num_experts + EXTRA_BINS)
 
 
-def count_pairs(bins: torch.Tensor, num_experts: int, one: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def count_pairs(bins: torch.Tensor, num_experts: int, one: torch.Tensor | None = None,
+                histogram: bool = True, positions: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The counting sort's device pass over ``bins [s, k]`` (from :func:`slot_bins`). Returns
 
       * ``before [(E + 3) * s + 1]`` int64: at cell ``bin * s + t``, the number of (expert, token) pairs in
@@ -34,7 +35,9 @@ def count_pairs(bins: torch.Tensor, num_experts: int, one: torch.Tensor | None =
       * ``hist [E + 4]`` int64: slots per bin (``E + 3``), then the most slots one (expert, token) cell
         holds: 1 when every token's expert ids are distinct (the counts raise on more).
 
-    ``one``: a 0-dim int64 1 on the device (cached by the caller; made here if None).
+    ``one``: a 0-dim int64 1 on the device (cached by the caller; made here if None). ``histogram=False``:
+    ``hist`` is None and its two kernels are skipped (a caller that has its counts from elsewhere);
+    ``positions=False``: ``before`` is None and the ``zero_`` and ``cumsum_`` are skipped (the histogram only).
     Kernels: ``zeros``, ``scatter_add_``, ``sum``, ``amax``, ``zero_``, ``cumsum_``."""
     s, k = bins.shape
     e, nb = num_experts, num_experts + EXTRA_BINS
@@ -43,15 +46,26 @@ def count_pairs(bins: torch.Tensor, num_experts: int, one: torch.Tensor | None =
     if one is None:
         one = torch.ones((), dtype=torch.long, device=bins.device)
     cells.scatter_add_(0, bins.t(), one.expand(k, s))
-    hist = torch.empty(nb + 1, dtype=torch.long, device=bins.device)
+    hist = None
+    if histogram:
+        hist = _histogram(cells, e)
+    if not positions:
+        return None, hist
+    cells[e:].zero_()  # the extra bins hold no pairs
+    before.cumsum_(0)  # before[c] = pairs in cells 0 .. c-1 (before[0] = 0 shifts the sum by one cell)
+    return before, hist
+
+
+def _histogram(cells: torch.Tensor, e: int) -> torch.Tensor:
+    """``[E + 4]`` int64 from the ``[bins, s]`` cell table (see :func:`count_pairs`)."""
+    nb, s = cells.shape
+    hist = torch.empty(nb + 1, dtype=torch.long, device=cells.device)
     torch.sum(cells, 1, out=hist[:nb])
     if s:
         torch.amax(cells[:e], dim=(0, 1), out=hist[nb])
     else:
         hist[nb:].zero_()
-    cells[e:].zero_()  # the extra bins hold no pairs
-    before.cumsum_(0)  # before[c] = pairs in cells 0 .. c-1 (before[0] = 0 shifts the sum by one cell)
-    return before, hist
+    return hist
 
 
 def slot_positions(bins: torch.Tensor, before: torch.Tensor) -> torch.Tensor:

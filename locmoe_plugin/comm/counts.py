@@ -105,6 +105,7 @@ class RoutingCounts:
       * ``rows_to_node [P][N]``: token rows each rank sends to each node (one per token and node);
       * ``rows_to_rank [P][P]``: (token, rank) rows each rank's tokens need on each EP rank;
       * ``pairs_to_expert [P][E]``: (token, expert) pairs each rank routes to each expert;
+      * ``slots_per_rank [P]``: each rank's ``tokens * k`` (routed or not);
       * copy levels for the fixed-order reduces: ``node_copies [P][node_levels]`` tokens with more
         than c destination nodes; ``rank_copies_on_node [P][N][rank_levels]`` tokens with more than c
         ranks on node b; ``expert_copies_on_rank [P][P][expert_levels]`` tokens with more than c
@@ -120,13 +121,16 @@ class RoutingCounts:
     token listing one expert twice raises on every rank."""
 
     @classmethod
-    def started(cls, groups: CommGroups, expert_ids: torch.Tensor, k: int, per_token: bool = True) -> "RoutingCounts":
-        """The device half only; call :meth:`wait_host` before reading the host lists."""
+    def started(cls, groups: CommGroups, expert_ids: torch.Tensor, k: int, per_token: bool = True,
+                positions: bool = True) -> "RoutingCounts":
+        """The device half only; call :meth:`wait_host` before reading the host lists. ``positions=False``
+        (with ``per_token=False``): the histogram without the pairs' send positions (``pairs_before`` None)."""
         counts = cls()
-        counts.start(groups, expert_ids, k, per_token)
+        counts.start(groups, expert_ids, k, per_token, positions)
         return counts
 
-    def start(self, groups: CommGroups, expert_ids: torch.Tensor, k: int, per_token: bool = True) -> None:
+    def start(self, groups: CommGroups, expert_ids: torch.Tensor, k: int, per_token: bool = True,
+              positions: bool = True) -> None:
         t = groups.topology
         s = expert_ids.shape[0]
         dev = expert_ids.device
@@ -141,7 +145,7 @@ class RoutingCounts:
             lay = pairs_count_layout(e)
             self.node_levels = self.rank_levels = self.expert_levels = max_nodes = max_ranks = max_experts = 0
             self.rank_mask = self.node_mask = None
-            self.pairs_before, local = count_pairs(id_keys, e, one)  # its histogram is this rank's row
+            self.pairs_before, local = count_pairs(id_keys, e, one, positions=positions)  # its histogram: this rank's row
         else:
             valid = id_keys < e
             rank = torch.where(valid, expert_ids // e_r, p)
@@ -209,6 +213,8 @@ class RoutingCounts:
             self.rows_to_node = [[h[0] for h in h2] for h2 in self.rank_copies_on_node]
             self.rows_to_rank = [[h[0] for h in h3] for h3 in self.expert_copies_on_rank]
         self.pairs_to_expert = [r[expert_at : expert_at + e] for r in rows]
+        # every slot lands in one bin (an expert, -1 or invalid): s * k of each rank
+        self.slots_per_rank = [sum(r[expert_at : expert_at + e + EXTRA_BINS]) for r in rows]
         bad = [r[expert_at + e] + r[expert_at + e + 1] for r in rows]
         if any(bad):
             # every rank saw the same table: all raise together, nobody hangs in a later collective

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from ..config import ConfigError
 from .build import PLAN_MODES, build_plan, start_counts
 from .counts import RoutingCounts
 from .groups import CommGroups
@@ -25,6 +26,12 @@ from .overlap import broadcast_split, combine_blocks, dispatch_blocks, reduce_sp
 from .plan import Plan
 
 MODES = PLAN_MODES
+
+ALLGATHER_ACROSS_NODES_ERROR = (
+    "dispatcher='allgather' needs an expert-parallel group inside one node, and this one spans {nodes} nodes: "
+    "an all-gather would send every token to every node; use dispatcher='hierarchical' (the default) across "
+    "nodes, or an EP group of at most gpus_per_node ranks"
+)
 
 
 def resolve_mode(mode: str, topology, exact_tree: bool = False) -> str:
@@ -37,7 +44,8 @@ def resolve_mode(mode: str, topology, exact_tree: bool = False) -> str:
     pairs plan with the fewest host ops (Megatron's alltoall dispatcher sends the same pairs); on groups
     spanning nodes, the two-stage plan. ``exact_tree=True`` keeps every mode as named: the two-stage plan
     on one node too, whose sums follow the same node / rank / expert tree as ``"flat"`` (bitwise equal
-    outputs and gradients, what ``locmoe check-comm`` and the parity tests compare).
+    outputs and gradients, what ``locmoe check-comm`` and the parity tests compare). ``"allgather"`` (one
+    node only, :mod:`.allgather_plan`) is always built as named.
     """
     if mode == "hierarchical" and topology.num_nodes == 1 and not exact_tree:
         return "flat_fast"
@@ -143,7 +151,11 @@ class TokenDispatcher:
             one-node group the single-stage pairs plan, see :func:`resolve_mode`), ``"flat"`` (one
             EP-wide all-to-all of (token, expert) pairs, sums in the same fixed tree, bitwise equal to
             the two-stage plan) or ``"flat_fast"`` (the same pairs with one gather per side: the
-            Megatron-style dispatcher; deterministic, but its sums are not the node/rank tree).
+            Megatron-style dispatcher; deterministic, but its sums are not the node/rank tree) or
+            ``"allgather"`` (one-node EP groups only, refused across nodes with a :class:`ConfigError`: every
+            token all-gathered, the local pairs selected, combined by an index-add and a reduce-scatter,
+            as Megatron's allgather dispatcher; deterministic, allclose to the other plans, see
+            :mod:`.allgather_plan`).
         exact_tree: build the mode as named on every topology (the two-stage plan on one node too), so
             ``"hierarchical"`` and ``"flat"`` agree bitwise; for checks, not for speed.
         overlap: split the two-stage plan by origin (:mod:`.origin_split`) so the inter-node (rail)
@@ -163,6 +175,10 @@ class TokenDispatcher:
             raise ValueError(f"dispatcher mode {mode!r} is not one of {MODES}")
         if not isinstance(overlap, bool):
             raise ValueError(f"overlap={overlap!r} must be True or False")
+        if mode == "allgather" and groups.topology.num_nodes > 1:
+            # refused, not replaced by the default: the user asked for one collective pattern by name, and
+            # a plan that silently differs across nodes would make timings and numerics compare other things
+            raise ConfigError(ALLGATHER_ACROSS_NODES_ERROR.format(nodes=groups.topology.num_nodes))
         self.groups = groups
         self.mode = mode
         self.plan_mode = resolve_mode(mode, groups.topology, exact_tree)

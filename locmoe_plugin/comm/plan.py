@@ -23,6 +23,8 @@ each behind :func:`.build.build_plan`:
     canonical local hop at the expert rank.
   * flat fast (:mod:`.pairs_plan`): the EP-wide all-to-all of pairs only; its reduce sums a token's pairs
     in send order (deterministic, but not the node / rank tree). The benchmark baseline.
+  * allgather (:mod:`.allgather_plan`, one node only): every token all-gathered, the local pairs selected;
+    combine by an index-add and a reduce-scatter (deterministic, not the tree).
 
 Canonical pair order at an expert rank: (local expert, source EP rank, source token index), so the
 expert MLPs see identical input tensors whatever the plan.
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from .groups import CommGroups
     from .hierarchical_plan import HierarchicalRoute
     from .origin_split import OriginSplit
+    from .allgather_plan import AllGatherRoute
     from .pairs_plan import PairsRoute
 
 
@@ -101,7 +104,7 @@ class Plan:
             arrive with their rows (:meth:`combine_weights`).
         tokens_per_expert: rows per local expert (host ints), in canonical order.
         traffic: payload rows this rank sends per direction.
-        mode: the plan kind (``"hierarchical"``, ``"flat"``, ``"flat_fast"``).
+        mode: the plan kind (``"hierarchical"``, ``"flat"``, ``"flat_fast"``, ``"allgather"``).
         broadcast_steps: ``(index, hop)`` pairs, consecutive local gathers fused (see
             :func:`.hops.fused_broadcast`).
         pair_src_key: ``[num_pairs]`` int64 ``source EP rank * SRC_SHIFT + token`` of each pair (tree plans).
@@ -113,6 +116,7 @@ class Plan:
             payload arrives with its metadata packed behind each row (no metadata all-to-all;
             :class:`.hierarchical_plan.HierarchicalRoute`); then ``hops`` is empty and ``pair_weight``
             None until the first broadcast (:meth:`combine_weights`).
+        gather_route: the ``allgather`` route (:class:`.allgather_plan.AllGatherRoute`); then ``hops`` is empty.
     """
 
     hops: tuple[Hop, ...]
@@ -127,6 +131,7 @@ class Plan:
     pairs_route: "PairsRoute | None" = field(default=None, repr=False)
     origin_split: "OriginSplit | None" = field(default=None, repr=False)
     packed_route: "HierarchicalRoute | None" = field(default=None, repr=False)
+    gather_route: "AllGatherRoute | None" = field(default=None, repr=False)
 
     def pair_values_to_slots(self, v: torch.Tensor, k: int) -> torch.Tensor:
         """``v [num_pairs]`` (one value per pair, at the expert rank) -> ``[s, k]`` fp32 at the source,
@@ -135,6 +140,8 @@ class Plan:
         slots). The router's weight gradient goes back this way."""
         if self.pairs_route is not None:
             return self.pairs_route.values_to_slots(v, self.num_tokens, k)
+        if self.gather_route is not None:
+            return self.gather_route.values_to_slots(v, self.num_tokens, k)
         if self.origin_split is not None:
             return self.origin_split.return_path().values_to_slots(v, self.num_tokens, k)
         if self.packed_route is not None:
@@ -154,6 +161,8 @@ class Plan:
         """``x [s, F]`` -> ``[num_pairs, F]`` rows in canonical pair order (copies only)."""
         if self.pairs_route is not None:
             return self.pairs_route.broadcast(x)
+        if self.gather_route is not None:
+            return self.gather_route.broadcast(x)
         if self.packed_route is not None:
             return self.packed_route.broadcast(x)
         self._refuse_split("broadcast")
@@ -164,6 +173,8 @@ class Plan:
         over each token's slots)."""
         if self.pairs_route is not None:
             return self.pairs_route.reduce(y, self.num_tokens)
+        if self.gather_route is not None:
+            return self.gather_route.reduce(y)
         if self.packed_route is not None:
             return self.packed_route.reduce(y)
         self._refuse_split("reduce")

@@ -3,9 +3,13 @@
 ``DispatcherSettings(mode="hierarchical", overlap=False)``:
 
 * ``mode``: ``"hierarchical"`` (inter-node once per node, then the intra-node fan-out; on one node the
-  pairs plan) or ``"flat"`` (one all-to-all over the expert-parallel group).
+  pairs plan), ``"flat"`` (one all-to-all over the expert-parallel group) or ``"allgather"`` (EP groups
+  inside one node only: every token all-gathered, each rank keeps its experts' pairs, combine by a
+  reduce-scatter, as Megatron's allgather dispatcher; refused at the dispatcher's construction on a group
+  spanning nodes. Sums in another order than the pairs plan's: allclose, not bitwise, to it;
+  ``docs/dispatcher.md``).
 * ``overlap``: split the two-stage plan by origin so the inter-node transfer of other nodes' rows overlaps
-  this node's rows' work; a no-op on one node or with ``mode="flat"``. Off by default: it hides at most
+  this node's rows' work; a no-op on one node or with ``mode="flat"`` / ``"allgather"``. Off by default: it hides at most
   the local experts' compute, and where measured the split cost more than that (docs/overlap.md).
   Results are bitwise equal either way.
 
@@ -23,7 +27,7 @@ from typing import Any
 from ..config import ConfigError
 
 #: the dispatcher modes a user chooses between
-DISPATCHER_MODES = ("hierarchical", "flat")
+DISPATCHER_MODES = ("hierarchical", "flat", "allgather")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -120,7 +120,7 @@ class LocMoE(_DeepSpeedMoE):
     Args:
         hidden_size, expert, num_experts, ep_size, k: as DeepSpeed's MoE (``k`` is LocMoE's top-k / l).
         locmoe: LocMoE settings: a :class:`LocMoEConfig`, or a dict of its fields plus ``"dispatcher"``
-            (``"hierarchical"`` | ``"flat"``) and ``"overlap"`` (false by default; true: the inter-node
+            (``"hierarchical"`` | ``"flat"`` | ``"allgather"``, the last one node only) and ``"overlap"`` (false by default; true: the inter-node
             transfer of other nodes' rows runs while this node's rows go through the experts; a no-op on one node)
             - e.g. the ``"locmoe"`` section of the DeepSpeed config (:func:`locmoe_settings_from_ds_config`).
         **moe_kwargs: passed to DeepSpeed's MoE (``use_residual``, ``enable_expert_tensor_parallelism``...);

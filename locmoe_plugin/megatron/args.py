@@ -176,7 +176,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="hierarchical: each token crosses to a remote node once (on a one-node EP group: "
                         "one all-to-all of (token, expert) pairs, the plan with the fewest host ops); flat: "
                         "one all-to-all of pairs summed in the two-stage plan's order (bitwise equal to hierarchical "
-                        "on groups that span nodes)")
+                        "on groups that span nodes); allgather: EP groups inside one node only, every token "
+                        "all-gathered and the results reduce-scattered, as Megatron's allgather dispatcher "
+                        "(allclose, not bitwise, to the other modes; see docs/dispatcher.md)")
     g.add_argument("--locmoe-overlap", choices=("on", "off"), default="off",
                    help="split the hierarchical dispatch by origin so the inter-node transfer of other nodes' "
                         "rows runs while this node's rows move (default off: it measured slower than it hid at our sizes, see "

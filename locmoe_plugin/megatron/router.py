@@ -141,8 +141,8 @@ class LocMoEMegatronRouter(torch.nn.Module):
             ``tp_cp`` for loss logging). Default: Megatron's globals (``get_default_pg_collection``).
         is_mtp_layer: accepted for megatron-core >= 0.19; LocMoE routes MTP layers the same way.
         locmoe: LocMoE-only settings (dict of ``LocMoEConfig`` fields), e.g. ``{"routing": "hybrid"}``.
-        dispatcher: the token dispatcher's settings used by ``LocMoELayer``: a mode (``"hierarchical"`` or
-            ``"flat"``, overlap on) or :class:`~locmoe_plugin.comm.settings.DispatcherSettings`.
+        dispatcher: the token dispatcher's settings used by ``LocMoELayer``: a mode (``"hierarchical"``,
+            ``"flat"`` or, one node only, ``"allgather"``; overlap off) or :class:`~locmoe_plugin.comm.settings.DispatcherSettings`.
         with_locmoe_dispatcher: True when the layer is ``LocMoELayer`` (set by :func:`locmoe_spec`).
     """
 

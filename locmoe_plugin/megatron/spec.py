@@ -21,7 +21,7 @@ from ..comm.settings import DispatcherSettings
 
 def locmoe_spec(spec: Any, locmoe: Mapping | None = None, dispatcher: DispatcherSettings | str = "hierarchical") -> Any:
     """A copy of ``spec`` with every ``MoELayer`` replaced by ``LocMoELayer`` + ``LocMoEMegatronRouter``.
-    ``dispatcher``: a mode (``"hierarchical"`` | ``"flat"``, overlap on) or
+    ``dispatcher``: a mode (``"hierarchical"`` | ``"flat"`` | ``"allgather"``, overlap off) or
     ``DispatcherSettings(mode=..., overlap=...)``."""
     dispatcher = DispatcherSettings.of(dispatcher)  # a bad value fails here, not at model build
     from megatron.core.transformer.moe.moe_layer import MoELayer

@@ -1,0 +1,35 @@
+"""bench_layer's system list: the allgather LocMoE row on one node, and its comparison with Megatron's
+allgather layer (the timing itself runs on GPUs; a toy CPU run is in docs/benchmarks.md)."""
+
+import importlib.util
+import os
+import types
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_layer", os.path.join(HERE, "..", "benchmarks", "bench_layer.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_locmoe_allgather_runs_on_the_first_gates_model(bench):
+    args = types.SimpleNamespace(systems=["locmoe", "locmoe_allgather", "mcore_allgather"], gates=["dense", "grap"],
+                                 baseline_router="trained")
+    assert bench.system_names(args) == [("locmoe_dense", "dense"), ("locmoe_grap", "grap"),
+                                        ("locmoe_allgather", "dense"), ("mcore_allgather", "topk")]
+    assert "locmoe_allgather" in bench.ONE_NODE_SYSTEMS and "locmoe_allgather" not in bench.DEFAULT_SYSTEMS
+
+
+def test_every_locmoe_row_is_compared_with_megatrons_allgather_layer(bench):
+    rounds = {"mcore_alltoall": [10.0, 12.0, 10.0], "mcore_allgather": [9.0, 10.0, 9.0],
+              "locmoe_dense": [9.5, 11.0, 9.5], "locmoe_allgather": [8.1, 10.0, 9.0]}
+    systems = {n: {"ms": sorted(v)[1], "ms_rounds": v} for n, v in rounds.items()}
+    lines = bench.comparisons({"meta": {"nodes": 1}, "systems": systems})
+    assert "compare: locmoe_allgather / mcore_allgather = 1.000 [per-round ratios: quartiles 0.900-1.000]" in lines
+    assert any(line.startswith("compare: locmoe_dense / mcore_allgather = 1.056") for line in lines), lines
