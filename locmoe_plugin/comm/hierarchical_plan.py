@@ -101,9 +101,12 @@ class NodeStage:
         t = groups.topology
         k = (node_meta.shape[1] - 1) // 2
         sources = [q for b in origin_nodes for q in t.ranks_of_node(b)]
-        # one node: the rows arrive by source rank, tokens in order, i.e. sorted by source key
+        # one node: the rows arrive by source rank, tokens in order, i.e. sorted by source key; across
+        # nodes by sending local rank, inside by origin node (node-major rail rows), tokens in order
+        arrival = [t.rail(i)[b] for i in range(t.ranks_per_node) for b in sorted(origin_nodes)]
         canon, slot, tpe = canonical_hop(node_meta[:, :k], node_meta[:, k], groups, counts,
-                                         src_sorted=t.num_nodes == 1, sources=sorted(sources))
+                                         src_sorted=t.num_nodes == 1, sources=sorted(sources),
+                                         arrival=arrival if t.num_nodes > 1 else None)
         pair_meta = node_meta.index_select(0, canon.index)
         pair_weight = bits_to_fp32(pair_meta[:, k + 1 :].gather(1, slot.unsqueeze(1)).squeeze(1))
         return cls(node_hop, canon, pair_weight, pair_meta[:, k], slot, tpe)
@@ -124,9 +127,9 @@ def node_hop_of(rail_meta: torch.Tensor, origin_nodes, groups: CommGroups, count
     if t.num_nodes == 1:  # the rows are this rank's tokens: the counts already hold that mask
         need_rank = counts.rank_mask
     else:  # [rows, R] the ranks of this node each rail row needs
-        dest_rank = torch.where(rail_ids >= 0, rail_ids // t.experts_per_rank, t.ep_size)
+        dest_local = topology_tensors(t, dev)["node_local_of_expert"][rail_ids]  # -1 -> R (column cut off)
         need_rank = torch.zeros(rail_ids.shape[0], t.ranks_per_node + 1, dtype=torch.bool, device=dev)
-        need_rank.scatter_(1, topology_tensors(t, dev)["local_of"][dest_rank], True)
+        need_rank.scatter_(1, dest_local, True)
         need_rank = need_rank[:, : t.ranks_per_node]
     rails_by_local = [t.rail(i) for i in range(t.ranks_per_node)]
     rows_to_rank = counts.rows_to_rank

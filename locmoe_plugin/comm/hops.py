@@ -95,7 +95,7 @@ class Hop:
         # copy c of row r at (c + occ_base) * prev_rows + r: the first occ_base blocks stay unused
         base = occ_base * prev_rows
         slot = torch.full((base + levels * prev_rows,), n, dtype=torch.long, device=dev)
-        slot.scatter_(0, occ * prev_rows + index, ar)  # occ - occ_base < fan_in: every entry has its own cell
+        slot.scatter_(0, index.add(occ, alpha=prev_rows), ar)  # occ - occ_base < fan_in: every entry has its own cell
         slot = slot[base:]
         first = slot[:prev_rows]
         if level_counts is None:

@@ -22,13 +22,18 @@ def pack_rows(payload: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 
 def unpack_rows(packed: torch.Tensor, dtype: torch.dtype, features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of :func:`pack_rows`: ``packed [n, B]`` uint8 -> ``(payload [n, features] dtype, meta
-    [n, M] int64)``."""
+    [n, M] int64)``; strided views into ``packed`` where the byte offsets allow, else fresh copies (read
+    them, do not write them)."""
     n = packed.shape[0]
     cut = features * dtype.itemsize
-    # copied into fresh buffers: a slice of the packed rows may start at an offset the wider dtype
-    # cannot be viewed from (a one-row slice counts as contiguous and would not be copied)
-    payload = packed.new_empty((n, cut)).copy_(packed[:, :cut]).view(dtype).view(n, features)
     tail = packed.shape[1] - cut
+    if n and packed.stride(1) == 1 and packed.stride(0) % 8 == 0 and packed.storage_offset() % 8 == 0 and cut % 8 == 0:
+        # every row's payload and metadata start where their dtypes may be viewed from (the usual case:
+        # row bytes a multiple of 8, a buffer from an all-to-all): views, no copy
+        return packed[:, :cut].view(dtype), packed[:, cut:].view(torch.int64)
+    # otherwise copied into fresh buffers: a slice of the packed rows may start at an offset the wider
+    # dtype cannot be viewed from (a one-row slice counts as contiguous and would not be copied)
+    payload = packed.new_empty((n, cut)).copy_(packed[:, :cut]).view(dtype).view(n, features)
     meta = packed.new_empty((n, tail)).copy_(packed[:, cut:]).view(torch.int64).view(n, tail // 8)
     return payload, meta
 
