@@ -172,15 +172,17 @@ class NodeRoute:
         self._origin_nodes, self._groups, self._counts = tuple(origin_nodes), groups, counts
         self._steps: tuple = ()
 
-    def broadcast(self, rows: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+    def broadcast(self, rows: torch.Tensor, meta: torch.Tensor | None = None,
+                  packed: torch.Tensor | None = None) -> torch.Tensor:
         """``rows [n, F]`` (the rail-level rows after ``first_index``) -> ``[pairs, F]`` in canonical order.
         The first call needs ``meta [n, 2k + 1]`` int64, the rows' metadata: it travels with them and
-        builds the stage; later calls (the backward's broadcasts) move the payload alone."""
+        builds the stage (``packed``: both already packed, as the rail hop delivered them); later calls
+        (the backward's broadcasts) move the payload alone."""
         if self.stage is not None:
             return run_broadcast(rows, self._steps)
         if meta is None:
             raise RuntimeError("the node route's first broadcast needs the rows' metadata")
-        node_rows, node_meta = hop_forward_with_meta(self.node_hop, rows, meta, self.first_index)
+        node_rows, node_meta, _ = hop_forward_with_meta(self.node_hop, rows, meta, self.first_index, packed)
         self.stage = NodeStage.received(self.node_hop, node_meta, self._origin_nodes, self._groups, self._counts)
         self._steps = fused_broadcast((self.node_hop, self.stage.canonical), self.first_index)
         return node_rows.index_select(0, self.stage.canonical.index)
@@ -227,11 +229,11 @@ class HierarchicalRoute:
         if self.node is not None:
             return run_broadcast(x, self._steps)
         if self.rail_hop is None:
-            rail_rows, rail_meta = x, self.token_meta
+            rail_rows, rail_meta, rail_packed = x, self.token_meta, None
         else:
-            rail_rows, rail_meta = hop_forward_with_meta(self.rail_hop, x, self.token_meta)
+            rail_rows, rail_meta, rail_packed = hop_forward_with_meta(self.rail_hop, x, self.token_meta)
         node = NodeRoute(rail_meta, range(self._groups.topology.num_nodes), self._groups, self._counts)
-        out = node.broadcast(rail_rows, rail_meta)
+        out = node.broadcast(rail_rows, rail_meta, rail_packed)
         first_hops = () if self.rail_hop is None else (self.rail_hop,)
         self._steps = fused_broadcast(first_hops + (node.node_hop, node.stage.canonical))
         self.node = node

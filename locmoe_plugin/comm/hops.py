@@ -29,11 +29,11 @@ def true_positions(mask: torch.Tensor, total: int) -> torch.Tensor:
     """Row-major flat indices of the True entries of ``mask``; ``total`` (their count) is known on the
     host, so no device-to-host sync: ``[total]`` int64."""
     flat = mask.reshape(-1)
-    pos = torch.cumsum(flat, 0) - 1
     out = torch.empty(total + 1, dtype=torch.long, device=mask.device)
-    # entries that are False all land on the phantom slot ``total``, which is cut off
-    out.scatter_(0, torch.where(flat, pos, total), torch.arange(flat.numel(), device=mask.device))
-    return out[:total]
+    # the k-th True entry (1-based running count k) lands on slot k; every False entry on the phantom
+    # slot 0, which is cut off
+    out.scatter_(0, torch.where(flat, torch.cumsum(flat, 0), 0), torch.arange(flat.numel(), device=mask.device))
+    return out[1:]
 
 
 def copy_numbers(index: torch.Tensor) -> torch.Tensor:
@@ -157,9 +157,10 @@ def mask_hop(mask: torch.Tensor, n_sent: int, fan_in: int, blocks, level_counts=
     The copy number of each entry is the row's running count over the destinations (a cumsum), so no
     sort is needed. Also returns each entry's flat ``d * rows + r`` position (for per-entry lookups)."""
     rows, d = mask.shape
-    cell = true_positions(mask.t(), n_sent)  # flat d * rows + r positions, destination-major
+    by_dest = mask.t().contiguous()  # [D, rows], one copy shared by both passes below
+    cell = true_positions(by_dest, n_sent)  # flat d * rows + r positions, destination-major
     index = cell % max(rows, 1)
-    occ1 = torch.cumsum(mask, 1).t().reshape(-1).index_select(0, cell)  # 1-based copy numbers
+    occ1 = torch.cumsum(by_dest, 0).view(-1).index_select(0, cell)  # 1-based copy numbers
     hop = Hop.build(index, blocks, rows, fan_in, group, out_splits, level_counts, occ=occ1, occ_base=1)
     return hop, cell
 
