@@ -55,13 +55,14 @@ def canonical_hop(ids: torch.Tensor, src_key: torch.Tensor, groups: CommGroups, 
         n = sum(tpe)
         slot_of = slot_of.contiguous()
         mask = slot_of < k  # [m, e_r]
+        ones = mask.long()  # converted once for both cumsums
         offsets = host_ints_to_device(_arrival_offsets(counts, arrival, first, e_r), ids.device)  # [P, e_r]
-        pos = torch.cumsum(mask, 0).add_(offsets.index_select(0, src_key // SRC_SHIFT))
+        pos = torch.cumsum(ones, 0).add_(offsets.index_select(0, src_key // SRC_SHIFT))
         # entries without a pair all land on the phantom position n, which is cut off
         cell = torch.empty(n + 1, dtype=torch.long, device=ids.device)
         cell.scatter_(0, torch.where(mask, pos, n).reshape(-1), torch.arange(m * e_r, device=ids.device))
         cell = cell[:n]  # flat r * e_r + e of each pair, in canonical order
-        occ1 = torch.cumsum(mask, 1).reshape(-1).index_select(0, cell)  # 1-based copy number of the row
+        occ1 = torch.cumsum(ones, 1).reshape(-1).index_select(0, cell)  # 1-based copy number of the row
         hop = Hop.build(cell // e_r, tpe, m, min(k, e_r), level_counts=levels, occ=occ1, occ_base=1)
         return hop, slot_of.reshape(-1).index_select(0, cell), tpe
     local_e = ids - first

@@ -26,13 +26,16 @@ def all_to_all_rows(x: torch.Tensor, out_splits, in_splits, group) -> torch.Tens
 
 
 def true_positions(mask: torch.Tensor, total: int) -> torch.Tensor:
-    """Row-major flat indices of the True entries of ``mask``; ``total`` (their count) is known on the
-    host, so no device-to-host sync: ``[total]`` int64."""
+    """Row-major flat indices of the True (bool) or 1 (int64 0/1) entries of ``mask``; ``total`` (their
+    count) is known on the host, so no device-to-host sync: ``[total]`` int64. An int64 mask spares the
+    cumsum its conversion (one copy kernel)."""
     flat = mask.reshape(-1)
+    if flat.dtype != torch.long:
+        flat = flat.long()
     out = torch.empty(total + 1, dtype=torch.long, device=mask.device)
-    # the k-th True entry (1-based running count k) lands on slot k; every False entry on the phantom
-    # slot 0, which is cut off
-    out.scatter_(0, torch.where(flat, torch.cumsum(flat, 0), 0), torch.arange(flat.numel(), device=mask.device))
+    # the k-th set entry (running count k) lands on slot k; every unset entry (count * 0) on the
+    # phantom slot 0, which is cut off
+    out.scatter_(0, torch.cumsum(flat, 0).mul_(flat), torch.arange(flat.numel(), device=mask.device))
     return out[1:]
 
 
@@ -157,7 +160,8 @@ def mask_hop(mask: torch.Tensor, n_sent: int, fan_in: int, blocks, level_counts=
     The copy number of each entry is the row's running count over the destinations (a cumsum), so no
     sort is needed. Also returns each entry's flat ``d * rows + r`` position (for per-entry lookups)."""
     rows, d = mask.shape
-    by_dest = mask.t().contiguous()  # [D, rows], one copy shared by both passes below
+    # [D, rows] int64 0/1: one copy (transpose and conversion at once), shared by both cumsums below
+    by_dest = torch.empty((d, rows), dtype=torch.long, device=mask.device).copy_(mask.t())
     cell = true_positions(by_dest, n_sent)  # flat d * rows + r positions, destination-major
     index = cell % max(rows, 1)
     occ1 = torch.cumsum(by_dest, 0).view(-1).index_select(0, cell)  # 1-based copy numbers
