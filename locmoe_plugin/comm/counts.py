@@ -56,7 +56,12 @@ def topology_tensors(t: Topology, device: torch.device) -> dict[str, torch.Tenso
     local_col[1 + t.ep_rank * t.experts_per_rank : 1 + (t.ep_rank + 1) * t.experts_per_rank] = torch.arange(
         t.experts_per_rank
     )
+    # expert id -> local index on this node of the rank holding it; R elsewhere, and at index E, which a
+    # -1 (not routed) reads through advanced indexing's wrap-around
+    node_local_of_expert = local_of[torch.arange(t.num_experts + 1) // t.experts_per_rank]
+    node_local_of_expert[t.num_experts] = t.ranks_per_node
     return {
+        "node_local_of_expert": node_local_of_expert.to(device),  # [E + 1]
         "local_expert_pattern": torch.arange(t.experts_per_rank).repeat(t.ep_size).to(device),  # [P * E_r]
         "local_col": local_col.to(device),  # (expert id + 1) -> this rank's local expert, or E_r (id -1 / elsewhere)
         "arange": torch.arange(t.num_experts, device=device),  # [:k] (k <= E)
@@ -92,6 +97,17 @@ def pairs_count_layout(num_experts: int) -> dict:
     token) cell, from the counting sort. Made once per expert count (never mutated)."""
     return {"bins": num_experts + EXTRA_BINS + 1, "expert_bins": 0, "node_rank_bins": 0, "rank_expert_bins": 0,
             "levels": (0, 0, 0)}
+
+
+def host_ints_to_device(values, device: torch.device) -> torch.Tensor:
+    """Host ints (a list, or a list of equal-length lists) -> int64 tensor on ``device``, without a host
+    wait: on an accelerator the values go through pinned memory, copied asynchronously. For per-call
+    tables derived from the count table (which the plan has already read on the host, so such a plan is
+    never captured in a graph)."""
+    table = torch.tensor(values, dtype=torch.long)
+    if device.type == "cpu":
+        return table
+    return table.pin_memory().to(device, non_blocking=True)
 
 
 def node_major_ranks(t: Topology) -> list[int]:

@@ -101,9 +101,12 @@ class NodeStage:
         t = groups.topology
         k = (node_meta.shape[1] - 1) // 2
         sources = [q for b in origin_nodes for q in t.ranks_of_node(b)]
-        # one node: the rows arrive by source rank, tokens in order, i.e. sorted by source key
+        # one node: the rows arrive by source rank, tokens in order, i.e. sorted by source key; across
+        # nodes by sending local rank, inside by origin node (node-major rail rows), tokens in order
+        arrival = [t.rail(i)[b] for i in range(t.ranks_per_node) for b in sorted(origin_nodes)]
         canon, slot, tpe = canonical_hop(node_meta[:, :k], node_meta[:, k], groups, counts,
-                                         src_sorted=t.num_nodes == 1, sources=sorted(sources))
+                                         src_sorted=t.num_nodes == 1, sources=sorted(sources),
+                                         arrival=arrival if t.num_nodes > 1 else None)
         pair_meta = node_meta.index_select(0, canon.index)
         pair_weight = bits_to_fp32(pair_meta[:, k + 1 :].gather(1, slot.unsqueeze(1)).squeeze(1))
         return cls(node_hop, canon, pair_weight, pair_meta[:, k], slot, tpe)
@@ -124,9 +127,9 @@ def node_hop_of(rail_meta: torch.Tensor, origin_nodes, groups: CommGroups, count
     if t.num_nodes == 1:  # the rows are this rank's tokens: the counts already hold that mask
         need_rank = counts.rank_mask
     else:  # [rows, R] the ranks of this node each rail row needs
-        dest_rank = torch.where(rail_ids >= 0, rail_ids // t.experts_per_rank, t.ep_size)
+        dest_local = topology_tensors(t, dev)["node_local_of_expert"][rail_ids]  # -1 -> R (column cut off)
         need_rank = torch.zeros(rail_ids.shape[0], t.ranks_per_node + 1, dtype=torch.bool, device=dev)
-        need_rank.scatter_(1, topology_tensors(t, dev)["local_of"][dest_rank], True)
+        need_rank.scatter_(1, dest_local, True)
         need_rank = need_rank[:, : t.ranks_per_node]
     rails_by_local = [t.rail(i) for i in range(t.ranks_per_node)]
     rows_to_rank = counts.rows_to_rank
@@ -169,15 +172,17 @@ class NodeRoute:
         self._origin_nodes, self._groups, self._counts = tuple(origin_nodes), groups, counts
         self._steps: tuple = ()
 
-    def broadcast(self, rows: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+    def broadcast(self, rows: torch.Tensor, meta: torch.Tensor | None = None,
+                  packed: torch.Tensor | None = None) -> torch.Tensor:
         """``rows [n, F]`` (the rail-level rows after ``first_index``) -> ``[pairs, F]`` in canonical order.
         The first call needs ``meta [n, 2k + 1]`` int64, the rows' metadata: it travels with them and
-        builds the stage; later calls (the backward's broadcasts) move the payload alone."""
+        builds the stage (``packed``: both already packed, as the rail hop delivered them); later calls
+        (the backward's broadcasts) move the payload alone."""
         if self.stage is not None:
             return run_broadcast(rows, self._steps)
         if meta is None:
             raise RuntimeError("the node route's first broadcast needs the rows' metadata")
-        node_rows, node_meta = hop_forward_with_meta(self.node_hop, rows, meta, self.first_index)
+        node_rows, node_meta, _ = hop_forward_with_meta(self.node_hop, rows, meta, self.first_index, packed)
         self.stage = NodeStage.received(self.node_hop, node_meta, self._origin_nodes, self._groups, self._counts)
         self._steps = fused_broadcast((self.node_hop, self.stage.canonical), self.first_index)
         return node_rows.index_select(0, self.stage.canonical.index)
@@ -224,11 +229,11 @@ class HierarchicalRoute:
         if self.node is not None:
             return run_broadcast(x, self._steps)
         if self.rail_hop is None:
-            rail_rows, rail_meta = x, self.token_meta
+            rail_rows, rail_meta, rail_packed = x, self.token_meta, None
         else:
-            rail_rows, rail_meta = hop_forward_with_meta(self.rail_hop, x, self.token_meta)
+            rail_rows, rail_meta, rail_packed = hop_forward_with_meta(self.rail_hop, x, self.token_meta)
         node = NodeRoute(rail_meta, range(self._groups.topology.num_nodes), self._groups, self._counts)
-        out = node.broadcast(rail_rows, rail_meta)
+        out = node.broadcast(rail_rows, rail_meta, rail_packed)
         first_hops = () if self.rail_hop is None else (self.rail_hop,)
         self._steps = fused_broadcast(first_hops + (node.node_hop, node.stage.canonical))
         self.node = node

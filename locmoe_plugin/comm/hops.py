@@ -26,14 +26,17 @@ def all_to_all_rows(x: torch.Tensor, out_splits, in_splits, group) -> torch.Tens
 
 
 def true_positions(mask: torch.Tensor, total: int) -> torch.Tensor:
-    """Row-major flat indices of the True entries of ``mask``; ``total`` (their count) is known on the
-    host, so no device-to-host sync: ``[total]`` int64."""
+    """Row-major flat indices of the True (bool) or 1 (int64 0/1) entries of ``mask``; ``total`` (their
+    count) is known on the host, so no device-to-host sync: ``[total]`` int64. An int64 mask spares the
+    cumsum its conversion (one copy kernel)."""
     flat = mask.reshape(-1)
-    pos = torch.cumsum(flat, 0) - 1
+    if flat.dtype != torch.long:
+        flat = flat.long()
     out = torch.empty(total + 1, dtype=torch.long, device=mask.device)
-    # entries that are False all land on the phantom slot ``total``, which is cut off
-    out.scatter_(0, torch.where(flat, pos, total), torch.arange(flat.numel(), device=mask.device))
-    return out[:total]
+    # the k-th set entry (running count k) lands on slot k; every unset entry (count * 0) on the
+    # phantom slot 0, which is cut off
+    out.scatter_(0, torch.cumsum(flat, 0).mul_(flat), torch.arange(flat.numel(), device=mask.device))
+    return out[1:]
 
 
 def copy_numbers(index: torch.Tensor) -> torch.Tensor:
@@ -95,7 +98,7 @@ class Hop:
         # copy c of row r at (c + occ_base) * prev_rows + r: the first occ_base blocks stay unused
         base = occ_base * prev_rows
         slot = torch.full((base + levels * prev_rows,), n, dtype=torch.long, device=dev)
-        slot.scatter_(0, occ * prev_rows + index, ar)  # occ - occ_base < fan_in: every entry has its own cell
+        slot.scatter_(0, index.add(occ, alpha=prev_rows), ar)  # occ - occ_base < fan_in: every entry has its own cell
         slot = slot[base:]
         first = slot[:prev_rows]
         if level_counts is None:
@@ -157,9 +160,11 @@ def mask_hop(mask: torch.Tensor, n_sent: int, fan_in: int, blocks, level_counts=
     The copy number of each entry is the row's running count over the destinations (a cumsum), so no
     sort is needed. Also returns each entry's flat ``d * rows + r`` position (for per-entry lookups)."""
     rows, d = mask.shape
-    cell = true_positions(mask.t(), n_sent)  # flat d * rows + r positions, destination-major
+    # [D, rows] int64 0/1: one copy (transpose and conversion at once), shared by both cumsums below
+    by_dest = torch.empty((d, rows), dtype=torch.long, device=mask.device).copy_(mask.t())
+    cell = true_positions(by_dest, n_sent)  # flat d * rows + r positions, destination-major
     index = cell % max(rows, 1)
-    occ1 = torch.cumsum(mask, 1).t().reshape(-1).index_select(0, cell)  # 1-based copy numbers
+    occ1 = torch.cumsum(by_dest, 0).view(-1).index_select(0, cell)  # 1-based copy numbers
     hop = Hop.build(index, blocks, rows, fan_in, group, out_splits, level_counts, occ=occ1, occ_base=1)
     return hop, cell
 
