@@ -73,6 +73,7 @@ def node_priced_topk(scores: torch.Tensor, experts_by_row: torch.Tensor, expert_
     """
     s = scores.shape[0]
     num_rows = experts_by_row.shape[0]
+    scores = scores.detach()  # only indices leave: no autograd graph (nor its saved [s, N, E] tensors)
     by_row = scores[:, experts_by_row]  # [s, N, E]
     best = by_row.topk(topk, dim=-1).values  # [s, N, k], descending: each node's k best scores
     # candidate pool of row m: own's k best and m's k best (row 0: own's k best, nothing else)
@@ -81,5 +82,5 @@ def node_priced_topk(scores: torch.Tensor, experts_by_row: torch.Tensor, expert_
     value = torch.cat([own, others], dim=-1).topk(topk, dim=-1).values.sum(-1)  # [s, N]: V_m (V_own in row 0)
     # row 0 keeps V_own; a remote row must beat it by more than lam: argmax returns the first of equal maxima
     row = torch.where(remote_row, value - price, value).argmax(-1, keepdim=True)  # [s, 1]
-    allowed = (expert_row == 0) | (expert_row == row)  # [s, n]: own node and the chosen one
-    return scores.masked_fill(~allowed, NEG_INF).topk(topk, dim=-1).indices
+    blocked = (expert_row != 0) & (expert_row != row)  # [s, n]: neither the own node nor the chosen one
+    return scores.masked_fill(blocked, NEG_INF).topk(topk, dim=-1).indices

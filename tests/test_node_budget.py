@@ -122,6 +122,8 @@ def test_router_weights_expert_bias_and_one_node():
     assert out.assignment.expert_ids.tolist() == [[1, 0]]
     assert out.assignment.weights[0].tolist() == pytest.approx([2 / 3, 1 / 3])
     assert torch.allclose(out.probs, torch.tensor([[0.1, 0.2, 0.4, 0.3]]))
+    out.assignment.weights[0, 0].backward()  # the weights carry the gate's gradient, as under "selection"
+    assert r.gate.weight.grad.abs().sum() > 0
     # the expert bias shifts the selection scores (not the weights): +0.05 on expert 3 lifts the gain to 0.45
     r.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.05]))
     out = r(x)
