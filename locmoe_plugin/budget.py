@@ -188,9 +188,9 @@ class CrossNodeBudget(torch.nn.Module):
     def load_state_dict_extra(self, state: dict) -> None:
         """Restore :meth:`state_dict_extra`'s values. A checkpoint saved with another budget keeps its
         ``lam`` (a warm start; the controller moves it to the new budget). An empty ``state`` (a checkpoint
-        saved without a budget), or one saved with another mechanism (a margin is no loss coefficient, nor a price per node;
-        checkpoints without a "mechanism" entry were saved by the selection mechanism), restarts the
-        controller as a fresh one: ``lam`` = 0 and the warm-up from its start. The warm-up resumes where
+        saved without a budget), or one saved with another mechanism (a margin is no loss coefficient, nor
+        a price per node; checkpoints without a "mechanism" entry were saved by the selection mechanism),
+        restarts the controller as a fresh one: ``lam`` = 0 and the warm-up from its start. The warm-up resumes where
         it was (at most this controller's ``W``: a shorter warm-up than the checkpoint's may be over); a
         checkpoint saved before the warm-up was recorded counts its ``steps`` as done."""
         if not state or state.get("mechanism", "selection") != self.mechanism:
