@@ -101,6 +101,7 @@ if HERE not in sys.path:  # the benchmark's own modules, also when loaded by fil
 from layer_setup import Ctx, build_megatron_layer, time_it  # noqa: E402
 from layer_training import _budget_mechanism, _budget_warmup, corpus_batch, train  # noqa: E402
 from link_probe import LinkProbe, a2a_time, format_links, layer_probe_mib, take_sample  # noqa: E402
+from locmoe_plugin.config import BUDGET_MECHANISMS  # noqa: E402
 from locmoe_plugin.megatron.router import dense_routing_map  # noqa: E402
 
 
@@ -138,10 +139,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=None,
                    help="LocMoE routers: cross-node traffic budget (LocMoEConfig.cross_node_budget), in training "
                         "and in the timed steps; pass --mu 0 for the budget alone. Default: none")
-    p.add_argument("--budget-mechanism", choices=["loss", "selection"], default=None,
+    p.add_argument("--budget-mechanism", choices=BUDGET_MECHANISMS, default=None,
                    help="how --budget acts (LocMoEConfig.budget_mechanism): loss = its controller sets the locality "
                         "loss's coefficient (locality bias on); selection = a margin on the local experts' "
-                        "selection scores. Default: LocMoEConfig's")
+                        "selection scores; node = a price per remote node a token is sent to (bytes, not pairs). "
+                        "Default: LocMoEConfig's")
     p.add_argument("--budget-warmup", type=int, default=0,
                    help="with --budget: training forwards over which the budget's target falls linearly from the "
                         "unconstrained share (N-1)/N to --budget (LocMoEConfig.cross_node_budget_warmup). Default: 0")

@@ -15,6 +15,14 @@ where it acts:
   unbiased probabilities: a remote expert is picked over a local one only when its probability is higher
   by more than ``lam``, and ``lam >= 1`` (probabilities) forces full locality. The gate is not taught
   anything, so locally picked experts can carry small renormalised weights.
+* ``"node"``: ``lam`` is a price paid once per remote *node* a token is sent to, not per remote pair
+  (:mod:`locmoe_plugin.node_price`): the hierarchical dispatcher sends one copy of a token per destination
+  node, so inter-node bytes follow (token, remote node) copies, and a token's further experts on a node it
+  already reaches cost no bytes. A token takes its top-k over its own node plus the one remote node whose
+  experts raise the sum of its top-k selection scores by the most, if by more than ``lam``; else over its
+  own node only (with more than 2 nodes also a limit of 2 nodes per token). Combine weights as for
+  "selection": the unbiased probabilities of the chosen experts. Needs at least k experts per node.
+  The controller still measures the *pair* share, so the budget keeps its meaning across mechanisms.
 
 Update (projected dual ascent), after every training forward under grad, from the counts the router
 already all-reduces over the EP group for the aux loss and the expert bias (one more number rides on that
@@ -69,12 +77,20 @@ MECHANISMS = BUDGET_MECHANISMS
 #: an offset of order 1), so a fast integrator winds up far past the needed mu while the bias catches up.
 #: At 0.01 a share 0.4 above the budget raises mu by 0.004 per step (0.03 in ~8 steps, 0.1 in ~25), a
 #: share 0.1 below it lowers mu by 0.001 per step, and batch noise of +-0.02 moves mu by 2e-4.
-RATES = {"selection": 0.2, "loss": 0.01}
+#:
+#: "node": ``lam`` is a price in the same units, probability mass, and of the same order: a token's gain from a
+#: remote node is the selection mass its best experts there add over the own node's experts they displace,
+#: ~0.05-0.5 for a trained top-k gate like the "selection" margin's differences, so the same rate (on the
+#: synthetic peaked gate of the tests the share settles within ~40 steps as well).
+RATES = {"selection": 0.2, "loss": 0.01, "node": 0.2}
 #: Upper clip of ``lam``, per mechanism. "selection": above 2 every local expert outranks every remote one
 #: for scores in [-1, 1] (probabilities and cosine affinities), so larger values change nothing and would
 #: only slow the way back. "loss": 0.5, above the mu that gave full locality in every measurement (0.1-0.3);
 #: a larger clip only lengthens the wind-down (at most 0.001 per step for a budget of 0.1) after an overshoot.
-MAX_STRENGTHS = {"selection": 2.0, "loss": 0.5}
+#: "node": 1.0. A gain is a difference of two sums of k probabilities of one softmax, ``V_m - V_own <= 1 - V_own
+#: < 1``, so ``lam = 1`` keeps every token home (full locality) with probability scores; only an expert bias
+#: or "hybrid"'s cosine scores can gain more (there 1.0 is the strongest price the controller sets).
+MAX_STRENGTHS = {"selection": 2.0, "loss": 0.5, "node": 1.0}
 
 
 def unconstrained_share(num_nodes: int) -> float:
@@ -88,8 +104,9 @@ class CrossNodeBudget(torch.nn.Module):
 
     Args:
         budget: the largest cross-node share, in [0, 1] (validated by :class:`LocMoEConfig`).
-        mechanism: "selection" (``lam`` = margin on the local experts' selection scores) or "loss"
-            (``lam`` = locality-loss coefficient); see the module docstring.
+        mechanism: "selection" (``lam`` = margin on the local experts' selection scores), "node" (``lam`` =
+            price per remote node a token reaches) or "loss" (``lam`` = locality-loss coefficient); see the
+            module docstring.
         rate: step of the update per unit of share error (None: :data:`RATES` of the mechanism).
         max_strength: upper clip of ``lam`` (None: :data:`MAX_STRENGTHS` of the mechanism).
         warmup: ``W``, updates over which the target moves from ``start_share`` down to ``budget`` (0: the
@@ -136,6 +153,11 @@ class CrossNodeBudget(torch.nn.Module):
             return None
         return local_expert_mask.float() * self.strength.float()
 
+    def node_price(self) -> torch.Tensor | None:
+        """"node": ``lam`` itself (0-d fp32, read by this forward's selection before its update), the price of
+        a remote node (:func:`locmoe_plugin.node_price.node_priced_topk`). Other mechanisms: None."""
+        return self.strength if self.mechanism == "node" else None
+
     def locality_coeff(self) -> torch.Tensor | None:
         """"loss": a 0-d fp32 copy of ``lam`` (a copy, so the update after the forward leaves the graph's
         saved coefficient alone), the locality loss's coefficient for this forward. "selection": None."""
@@ -166,9 +188,9 @@ class CrossNodeBudget(torch.nn.Module):
     def load_state_dict_extra(self, state: dict) -> None:
         """Restore :meth:`state_dict_extra`'s values. A checkpoint saved with another budget keeps its
         ``lam`` (a warm start; the controller moves it to the new budget). An empty ``state`` (a checkpoint
-        saved without a budget), or one saved with the other mechanism (a margin is no loss coefficient;
-        checkpoints without a "mechanism" entry were saved by the selection mechanism), restarts the
-        controller as a fresh one: ``lam`` = 0 and the warm-up from its start. The warm-up resumes where
+        saved without a budget), or one saved with another mechanism (a margin is no loss coefficient, nor
+        a price per node; checkpoints without a "mechanism" entry were saved by the selection mechanism),
+        restarts the controller as a fresh one: ``lam`` = 0 and the warm-up from its start. The warm-up resumes where
         it was (at most this controller's ``W``: a shorter warm-up than the checkpoint's may be over); a
         checkpoint saved before the warm-up was recorded counts its ``steps`` as done."""
         if not state or state.get("mechanism", "selection") != self.mechanism:

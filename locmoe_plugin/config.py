@@ -40,7 +40,7 @@ DEFAULT_RESONANCE_MASS = 0.9
 #: "selection": on the CPU demo (5 seeds, docs/locality.md) it held the share at the budget, while "loss"
 #: undershot to near full locality, at quality costs not distinguishable from each other (+1.4 / +1.8 %).
 DEFAULT_BUDGET_MECHANISM = "selection"
-BUDGET_MECHANISMS = ("loss", "selection")
+BUDGET_MECHANISMS = ("loss", "node", "selection")
 
 
 #: LocMoEConfig fields whose None means "resolve from the other settings" (see __post_init__)
@@ -224,6 +224,10 @@ class LocMoEConfig:
     #: multiplier is the locality loss's coefficient (added to ``locality_loss_coeff``) and the locality
     #: bias is on, so the gate learns where to send tokens and the combine weights follow. "selection":
     #: its multiplier is a margin added to the local experts' selection scores only (the gate is not taught).
+    #: "node": its multiplier is a price paid once per remote node a token is sent to (the dispatcher sends
+    #: one copy per node, so bytes follow nodes, not pairs): a token takes its top-k over its own node plus
+    #: the one other node that raises its top-k score sum by more than the price (at most 2 nodes per
+    #: token; needs at least topk experts per node; not with ``max_nodes_per_token``).
     budget_mechanism: str | None = None
     #: Warm-up of the cross-node budget, in the router's training forwards (the controller's updates: optimizer
     #: steps x gradient-accumulation micro-batches; evaluation, no-grad forwards and the no-grad first pass
@@ -422,6 +426,12 @@ class LocMoEConfig:
         _choice("drop_policy", self.drop_policy, DROP_POLICIES)
         if self.max_nodes_per_token is not None:
             _int_at_least("max_nodes_per_token", self.max_nodes_per_token, 1)
+            if self.budget_mechanism == "node":
+                raise ConfigError(
+                    f"max_nodes_per_token={self.max_nodes_per_token} with budget_mechanism='node': that mechanism "
+                    f"chooses each token's nodes itself (its own node and at most one other); remove "
+                    f"max_nodes_per_token, or use budget_mechanism='selection' with it"
+                )
             if hashed:
                 raise ConfigError(
                     f"max_nodes_per_token={self.max_nodes_per_token} with routing='hash': node-limited "

@@ -35,6 +35,7 @@ from .capacity import CapacityController
 from .config import ConfigError, LocMoEConfig
 from .gate import build_gate, row_norm
 from .losses import locality_loss, switch_aux_loss, z_loss
+from .node_price import NodeRows
 from .routing import Assignment, count_valid_ids, route
 from .row_bias import add_row_bias
 from .telemetry import RoutingStats
@@ -83,6 +84,14 @@ def validate_against_topology(config: LocMoEConfig, topology: Topology) -> None:
         raise ConfigError(
             f"topology was built for {topology.num_experts} experts but the config has "
             f"num_experts={config.num_experts}; build both from the same expert count"
+        )
+    if (config.cross_node_budget is not None and config.budget_mechanism == "node" and topology.num_nodes > 1
+            and topology.experts_per_node < config.topk):
+        raise ConfigError(
+            f"budget_mechanism='node' keeps a token on its own node unless another node is worth its price, so "
+            f"every node must host at least topk={config.topk} experts; the {topology.num_nodes} nodes host "
+            f"{topology.experts_per_node} each: use budget_mechanism='selection', lower topk, or place at least "
+            f"{config.topk} experts per node (more experts, or more EP ranks per node)"
         )
     m = config.max_nodes_per_token
     if m is not None:
@@ -142,12 +151,22 @@ class LocMoERouter(nn.Module):
         self.budget = None if config.cross_node_budget is None else CrossNodeBudget(
             config.cross_node_budget, device=device, mechanism=config.budget_mechanism,
             warmup=config.cross_node_budget_warmup, start_share=unconstrained_share(topology.num_nodes))
+        self._set_node_rows(topology)
         #: the locality loss's coefficient in the last forward (float, or 0-d fp32 with the "loss" budget)
         self.last_locality_coeff: float | torch.Tensor = config.locality_loss_coeff
         self.last_stats: RoutingStats | None = None
         #: whether the ranks of ``group`` agreed on the settings (checked at the first forward)
         self._settings_checked = False
         self._group_sums: tuple | None = None  # (group, whether the counts are all-reduced over it)
+
+    def _set_node_rows(self, topology: Topology) -> None:
+        """The "node" budget's layout tables (:class:`~locmoe_plugin.node_price.NodeRows`) as buffers next to
+        ``expert_to_node`` (they follow ``.to()``); other mechanisms keep none."""
+        if self.budget is None or self.budget.mechanism != "node":
+            return
+        rows = NodeRows(self.expert_to_node, topology.node, topology.num_nodes)
+        for name in ("experts_by_row", "expert_row", "remote_row"):
+            self.register_buffer(name, getattr(rows, name), persistent=False)
 
     def _new_locality_bias(self, topology: Topology, device) -> nn.Parameter | None:
         """``[ep_size, n]`` zeros when ``config.locality_bias`` and the EP group has several ranks."""
@@ -176,6 +195,7 @@ class LocMoERouter(nn.Module):
         self.local_expert_mask = topology.local_expert_mask().to(device)
         if self.budget is not None:  # the warm-up starts from the new layout's unconstrained share
             self.budget.start_share = unconstrained_share(topology.num_nodes)
+        self._set_node_rows(topology)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -284,6 +304,14 @@ class LocMoERouter(nn.Module):
         if offset is None:
             return self.expert_bias
         return offset if self.expert_bias is None else offset + self.expert_bias
+
+    def _node_price(self) -> tuple | None:
+        """The "node" budget's ``(experts_by_row, expert_row, remote_row, lam)`` for :func:`route`; None for
+        other mechanisms, and on one node (nothing to price: the selection is the plain top-k)."""
+        price = self.budget.node_price() if self._budget_acts else None
+        if price is None:
+            return None
+        return self.experts_by_row, self.expert_row, self.remote_row, price
 
     @torch.no_grad()
     def _update_expert_bias(self, counts: torch.Tensor, bad: torch.Tensor) -> None:
@@ -399,6 +427,7 @@ class LocMoERouter(nn.Module):
             if capacity is not None and (c.locality_loss_coeff > 0 or self.budget is not None)
             and self.topology.num_nodes > 1 else None,
             expert_bias=self._selection_bias(),
+            node_price=self._node_price(),
         )
 
         requested = assignment.requested_per_expert()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .device import is_stream_capturing
+from .node_price import node_priced_topk
 from .resonance import summed_affinity_keep
 from .softmax_topk import softmax_topk
 
@@ -286,6 +287,7 @@ def route(
     expert_bias: torch.Tensor | None = None,
     expert_choice_affinity: torch.Tensor | None = None,
     resonance_mass: float | None = None,
+    node_price: tuple | None = None,
 ) -> tuple[Assignment, torch.Tensor]:
     """Route one batch.
 
@@ -321,6 +323,10 @@ def route(
         resonance_mass: ``hybrid`` only: LocMoE+'s expert-choice threshold on summed affinity
             (:func:`locmoe_plugin.resonance.summed_affinity_keep`), applied with ``capacity``; None or 0: off
             (as ``LocMoEConfig.resonance_mass``).
+        node_price: ``(experts_by_row [N, E], expert_row [n], remote_row [N], lam)``: the cross-node
+            budget's "node" mechanism (:mod:`locmoe_plugin.node_price`, the tables of
+            :class:`~locmoe_plugin.node_price.NodeRows`): the selection scores (with ``expert_bias``) pay
+            ``lam`` once for the one remote node a token may use. Not with ``allowed`` / ``node_limit``.
 
     Returns:
         ``(assignment, probs)`` with ``probs [s, n]`` the full softmax (for the losses); for ``hash``
@@ -340,13 +346,15 @@ def route(
             kept_ids = torch.where(keep, ids, -1)
             weights = torch.where(keep, weights, 0.0)
         return Assignment(kept_ids, weights, ids, num_experts), probs
-    if mode != "hybrid" and renormalize and expert_bias is None and node_limit is None and allowed is None:
+    if (mode != "hybrid" and renormalize and expert_bias is None and node_limit is None and allowed is None
+            and node_price is None):
         # the plain top-k by probability: one autograd node with a closed-form backward (fewer kernels)
         probs, weights, top, ids = softmax_topk(logits, topk)
         rank_by = probs
     else:
         probs, weights, top, ids, rank_by, expert_choice_affinity = _select(
-            logits, topk, mode, renormalize, affinity, allowed, node_limit, expert_bias, expert_choice_affinity)
+            logits, topk, mode, renormalize, affinity, allowed, node_limit, expert_bias, expert_choice_affinity,
+            node_price)
     if capacity is None:
         kept_ids = ids
     else:
@@ -371,7 +379,8 @@ def route(
     return Assignment(kept_ids, weights, ids, logits.shape[-1]), probs
 
 
-def _select(logits, topk, mode, renormalize, affinity, allowed, node_limit, expert_bias, expert_choice_affinity):
+def _select(logits, topk, mode, renormalize, affinity, allowed, node_limit, expert_bias, expert_choice_affinity,
+            node_price=None):
     """Token choice for the cases :func:`route` does not fuse: ``(probs, weights, top, ids, rank_by,
     expert_choice_affinity)``."""
     probs = torch.softmax(logits, dim=-1)
@@ -384,18 +393,27 @@ def _select(logits, topk, mode, renormalize, affinity, allowed, node_limit, expe
     else:
         rank_by = probs
     biased = rank_by if expert_bias is None else rank_by + expert_bias.to(rank_by.dtype)
-    if node_limit is not None:
-        expert_to_node, num_nodes, max_nodes = node_limit
-        limited = node_limited_mask(biased, expert_to_node, num_nodes, max_nodes, topk)
-        allowed = limited if allowed is None else allowed & limited
-    select_by = biased if allowed is None else biased.masked_fill(~allowed, NEG_INF)
+    if node_price is not None:
+        if allowed is not None or node_limit is not None:
+            raise ValueError("node_price chooses each token's nodes itself (its own and at most one other): "
+                             "pass no allowed mask and no node_limit with it")
+        select_by = None
+    else:
+        if node_limit is not None:
+            expert_to_node, num_nodes, max_nodes = node_limit
+            limited = node_limited_mask(biased, expert_to_node, num_nodes, max_nodes, topk)
+            allowed = limited if allowed is None else allowed & limited
+        select_by = biased if allowed is None else biased.masked_fill(~allowed, NEG_INF)
     if select_by is probs:
         # ranked by the probabilities themselves, with no offset, limit or mask: :func:`route` sends that case
         # here only without renormalisation (it fuses the renormalised one), so topk's values are the weights
         top, ids = torch.topk(probs, topk, dim=-1)  # [s, k]
         weights = top
     else:
-        ids = torch.topk(select_by, topk, dim=-1).indices  # [s, k]
+        if select_by is None:
+            ids = node_priced_topk(biased, *node_price, topk)  # [s, k]
+        else:
+            ids = torch.topk(select_by, topk, dim=-1).indices  # [s, k]
         weights = top = torch.gather(probs, 1, ids)
         if renormalize:
             weights = _rows_sum_to_one(weights)

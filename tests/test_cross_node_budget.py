@@ -61,12 +61,13 @@ def test_preference_changes_selection_not_weights():
     assert torch.allclose(out.probs, torch.tensor([[0.1, 0.2, 0.4, 0.3]]))
 
 
-def _shares(budget, steps=200, rank=0, group=None, topo=None, seed=0):
-    """Train-mode forwards of a fixed random dense gate on fresh random tokens under the selection
-    mechanism; per-step EP-group shares (the controller's own measurement) and the router."""
+def _shares(budget, steps=200, rank=0, group=None, topo=None, seed=0, mechanism="selection"):
+    """Train-mode forwards of a fixed random dense gate on fresh random tokens under ``mechanism`` (one that
+    needs no training: "selection" or "node"); per-step EP-group shares (the controller's own measurement)
+    and the router."""
     torch.manual_seed(seed)
     cfg = LocMoEConfig(num_experts=8, hidden_size=16, topk=2, gate="dense", routing="locmoe",
-                       cross_node_budget=budget, budget_mechanism="selection")
+                       cross_node_budget=budget, budget_mechanism=mechanism)
     topo = topo or Topology.from_ranks_per_node(2, 1, 8, ep_rank=rank)
     r = LocMoERouter(cfg, topology=topo, group=group).train()
     with torch.no_grad():  # a peaked gate (top probabilities ~0.3-0.6), so margins of order 0.1 are needed

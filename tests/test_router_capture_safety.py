@@ -16,6 +16,7 @@ CAPTURABLE = [
     {"capacity": "factor", "capacity_factor": 1.0},
     {"routing": "hybrid", "capacity": "factor", "capacity_factor": 1.0, "drop_policy": "choice"},
     {"gate": "dense", "z_loss_coeff": 1e-3, "expert_bias_rate": 1e-3, "max_nodes_per_token": 1},
+    {"gate": "dense", "expert_bias_rate": 1e-3, "cross_node_budget": 0.2, "budget_mechanism": "node"},
 ]
 
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE))
 import budget_report  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from locmoe_plugin.config import DEFAULT_BUDGET_MECHANISM  # noqa: E402
+from locmoe_plugin.config import BUDGET_MECHANISMS, DEFAULT_BUDGET_MECHANISM  # noqa: E402
 
 #: model and schedule of one job on the GPU machine (bench_layer.py flags). 32 experts top-4 over
 #: 2 nodes x 2; ~4.9 M training tokens per model (600 steps x 16 x 128 x 4 ranks, cosine to 0.1 x lr)
@@ -60,7 +60,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--budgets", default="off,0.3,0.2,0.1,0.05,0",
                    help="comma-separated points: a cross-node budget in [0, 1], optionally with the warm-up of its "
                         "target in training steps (0.1:warmup=300); 'off' = LocMoE without a budget")
-    p.add_argument("--mechanism", choices=["loss", "selection"], default=DEFAULT_BUDGET_MECHANISM,
+    p.add_argument("--mechanism", choices=BUDGET_MECHANISMS, default=DEFAULT_BUDGET_MECHANISM,
                    help="how the budget acts (LocMoEConfig.budget_mechanism; see docs/locality.md); jobs of "
                         "another mechanism are kept apart by their file name. Default: %(default)s")
     p.add_argument("--seeds", default="1234,2345,3456", help="comma-separated seeds (the pairing key)")

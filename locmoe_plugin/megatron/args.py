@@ -162,7 +162,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--locmoe-budget-mechanism", choices=BUDGET_MECHANISMS, default=None,
                    help="how the cross-node budget acts: loss = its controller sets the locality loss's coefficient "
                         "(with the locality bias; the gate learns where to send tokens); selection = a margin on "
-                        f"the local experts' selection scores only. Default: {DEFAULT_BUDGET_MECHANISM}")
+                        "the local experts' selection scores only; node = a price paid once per remote node a "
+                        "token is sent to (inter-node bytes, not pairs; at most one remote node per token). "
+                        f"Default: {DEFAULT_BUDGET_MECHANISM}")
     g.add_argument("--locmoe-cross-node-budget-warmup", type=int, default=_DEFAULTS["cross_node_budget_warmup"],
                    metavar="STEPS",
                    help="ramp the cross-node budget in: over the router's first STEPS training forwards the "
