@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -218,9 +219,10 @@ def test_validation_script_predicts_every_measured_pair():
     assert {r["link_GBps"] for r in old} == {3.20, 6.75} and all(r["probe"] == "one-shot" for r in old)
     probed = [r for r in dis if r["run"].startswith("2026-11-26_h100x4_91beeac/")]
     assert probed and all(r["probe"] == "repeated" for r in probed)
-    for r in dis:  # more cross-node bytes, or a slower link, never predicts less time
+    for r in dis:  # within one call: more cross-node bytes, or a slower link (no lower latency), never less time
         slower = [q for q in dis if q["system"] == r["system"] and q["share"] >= r["share"]
-                  and q["link_GBps"] <= r["link_GBps"]]
+                  and q["link_GBps"] <= r["link_GBps"] and q["latency_us"] >= r["latency_us"]
+                  and os.path.dirname(q["run"]) == os.path.dirname(r["run"])]
         assert all(q["predicted_ms"] >= r["predicted_ms"] - 1e-9 for q in slower)
 
 
