@@ -52,10 +52,47 @@ def fetch_corpus(dest: Path | None = None, quiet: bool = False) -> Path:
 
     Returns ``dest``, a folder of ``*.rst.txt`` files plus ``SOURCE`` (the package and version used).
     Raises ``RuntimeError`` with the alternative (``--corpus``) when apt is not available.
+
+    Safe when several processes (the ranks of one launch) call it at once: they take an exclusive lock on
+    ``<dest>.lock`` in turn, the first one downloads, the others find ``SOURCE`` and return; the corpus
+    appears at ``dest`` by one rename of a per-process staging folder, so no process reads a half copy.
     """
     dest = Path(dest) if dest else default_corpus_path()
     if (dest / "SOURCE").is_file():
         return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(dest.with_name(dest.name + ".lock")):
+        if (dest / "SOURCE").is_file():  # another process fetched it while this one waited
+            return dest
+        return _download_corpus(dest, quiet)
+
+
+class _exclusive_lock:
+    """``flock`` on a lock file (POSIX); where ``fcntl`` is missing, no lock (one process fetches at a time
+    is then the caller's job, as the demo does by fetching before it starts the ranks)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.fd = path, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _download_corpus(dest: Path, quiet: bool) -> Path:
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
         raise RuntimeError(
             "fetching the demo corpus needs apt-get and dpkg-deb (Debian/Ubuntu); on other systems pass "
@@ -79,7 +116,7 @@ def fetch_corpus(dest: Path | None = None, quiet: bool = False) -> Path:
         sources = sorted(unpacked.glob("usr/share/doc/python3*/html/_sources"))
         if not sources:
             raise RuntimeError(f"{debs[0].name} holds no html/_sources folder; pass --corpus PATH instead")
-        staging = dest.with_name(dest.name + ".partial")
+        staging = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(sources[0], staging)
         (staging / "SOURCE").write_text(f"Debian package {debs[0].name} (Python documentation sources)\n")
