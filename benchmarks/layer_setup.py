@@ -16,7 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from link_probe import all_max, node_and_rail_groups  # noqa: E402
+from link_probe import all_max  # noqa: E402
+from locmoe_plugin.comm.bandwidth import node_and_rail_groups  # noqa: E402
 from locmoe_plugin.device import get_accelerator  # noqa: E402
 
 

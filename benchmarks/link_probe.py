@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from locmoe_plugin.comm.bandwidth import node_and_rail_groups
 from locmoe_plugin.projection.calibration import link_summary
 
 #: the latency probe's payload per peer (bytes)
@@ -139,24 +140,6 @@ def take_sample(ctx, when: str) -> None:
     probe = getattr(ctx, "link_probe", None)
     if probe is not None:
         probe.take(when)
-
-
-def node_and_rail_groups(gpn: int) -> tuple[object, object]:
-    """``(node group, rail group)`` of this rank, with ``gpn`` consecutive ranks per node: its node's ranks,
-    and the ranks of its local index on every node. Every rank creates every group, in the same order (a
-    collective: call it on every rank)."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    nodes = world // gpn
-    node_group = rail_group = None
-    for n in range(nodes):
-        g = dist.new_group(list(range(n * gpn, (n + 1) * gpn)))
-        if n == rank // gpn:
-            node_group = g
-    for j in range(gpn):
-        g = dist.new_group([n * gpn + j for n in range(nodes)])
-        if j == rank % gpn:
-            rail_group = g
-    return node_group, rail_group
 
 
 def all_max(value: float, dev: torch.device) -> float:
