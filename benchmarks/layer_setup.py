@@ -16,6 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from link_probe import all_max  # noqa: E402
+from locmoe_plugin.comm.bandwidth import node_and_rail_groups  # noqa: E402
 from locmoe_plugin.device import get_accelerator  # noqa: E402
 
 
@@ -38,25 +40,14 @@ class Ctx:
         self.nodes = self.world // self.gpn
         self.node = self.rank // self.gpn
         self.dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        # my own node and rail groups (every rank creates every group, in the same order)
-        self.node_group = self.rail_group = None
-        for n in range(self.nodes):
-            g = dist.new_group(list(range(n * self.gpn, (n + 1) * self.gpn)))
-            if n == self.node:
-                self.node_group = g
-        for j in range(self.gpn):
-            g = dist.new_group([n * self.gpn + j for n in range(self.nodes)])
-            if j == self.rank % self.gpn:
-                self.rail_group = g
+        self.node_group, self.rail_group = node_and_rail_groups(self.gpn)  # every rank creates every group
         self.expert_node = torch.arange(args.experts, device=self.dev) // (args.experts // self.world) // self.gpn
 
     def sync(self):
         self.acc.synchronize()
 
     def allmax(self, v: float) -> float:
-        t = torch.tensor([float(v)], device=self.dev, dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item()
+        return all_max(v, self.dev)
 
     def allsum(self, values) -> list[float]:
         t = torch.tensor([float(v) for v in values], device=self.dev, dtype=torch.float64)

@@ -13,9 +13,9 @@ exchanges after 2 warm-ups, slowest rank):
     ranks, ``mib`` MiB to each node peer. Recorded beside the inter-node figure; the calibration keeps its
     intra-node rate from the LocMoE rows' own exchange (the layer's bytes).
 
-Why repeated: on the emulated nodes (NCCL's socket transport over loopback, a host-copy link) one probe
-taken once per run read 1.70-2.48 GB/s in three calls whose Megatron all-to-all moved its bytes at
-2.07-2.20 GB/s, so every baseline of a call missed its prediction in the direction of that probe's error.
+Why repeated: on the emulated nodes (NCCL's socket transport over loopback, a host-copy link) a single
+probe per run read 1.70-2.48 GB/s in three runs whose Megatron all-to-all moved its bytes at 2.07-2.20
+GB/s, so a projection calibrated on one probe inherits that probe's error for every system of the run.
 :class:`LinkProbe` takes a sample before the timing and after every timing round (bench_layer) or every
 configuration (bench_dispatch) and reports the median of each figure with every sample
 (:func:`locmoe_plugin.projection.calibration.link_summary`).
@@ -24,7 +24,7 @@ Probe size: :func:`layer_probe_mib` = one row per token, ``tokens x hidden x ele
 (32 MiB at 8192 tokens x hidden 2048 bf16): what one rail transfer of the hierarchical dispatcher sends
 to one rail peer when every token has an expert on the other node (95 % of tokens at top-4 and a pair
 share of 0.5 on 2 nodes of 32 experts), and what Megatron's ``alltoall`` sends to each remote rank on
-2 nodes x 2 (``s k / P`` rows = 8192 at top-4). The earlier fixed 64 MiB was twice the layer's message.
+2 nodes x 2 (``s k / P`` rows = 8192 at top-4). ``--bw-mib`` / ``--probe-mib`` set another size.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from locmoe_plugin.comm.bandwidth import node_and_rail_groups
 from locmoe_plugin.projection.calibration import link_summary
 
 #: the latency probe's payload per peer (bytes)
@@ -141,10 +142,17 @@ def take_sample(ctx, when: str) -> None:
         probe.take(when)
 
 
+def all_max(value: float, dev: torch.device) -> float:
+    """The largest ``value`` over the world's ranks (an all-reduce: every rank calls it)."""
+    t = torch.tensor([float(value)], device=dev, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 @dataclass
 class ProbeGroups:
     """What :func:`link_sample` needs of a run, for a benchmark without bench_layer's context: the rank's
-    node and rail groups (every rank creates every group, in the same order: a collective)."""
+    node and rail groups (:func:`node_and_rail_groups`, a collective)."""
 
     dev: torch.device
     sync: object
@@ -157,20 +165,10 @@ class ProbeGroups:
         if self.gpn < 1 or world % self.gpn:
             raise ValueError(f"--gpus-per-node {self.gpn} must divide the world size {world}")
         self.nodes, self.node = world // self.gpn, rank // self.gpn
-        self.node_group = self.rail_group = None
-        for n in range(self.nodes):
-            g = dist.new_group(list(range(n * self.gpn, (n + 1) * self.gpn)))
-            if n == self.node:
-                self.node_group = g
-        for j in range(self.gpn):
-            g = dist.new_group([n * self.gpn + j for n in range(self.nodes)])
-            if j == rank % self.gpn:
-                self.rail_group = g
+        self.node_group, self.rail_group = node_and_rail_groups(self.gpn)
 
     def allmax(self, v: float) -> float:
-        t = torch.tensor([float(v)], device=self.dev, dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item()
+        return all_max(v, self.dev)
 
 
 def format_links(probe: LinkProbe) -> str:

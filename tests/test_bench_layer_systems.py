@@ -1,21 +1,9 @@
 """bench_layer's system list: the allgather LocMoE row on one node, and its comparison with Megatron's
 allgather layer (the timing itself runs on GPUs; a toy CPU run is in docs/benchmarks.md)."""
 
-import importlib.util
-import os
 import types
 
-import pytest
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_layer", os.path.join(HERE, "..", "benchmarks", "bench_layer.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from .test_bench_layer_rounds import bench  # noqa: F401  (the fixture: benchmarks/bench_layer.py loaded once)
 
 
 def test_locmoe_allgather_runs_on_the_first_gates_model(bench):

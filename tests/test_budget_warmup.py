@@ -95,7 +95,7 @@ def test_no_warmup_is_the_update_without_it_bit_for_bit():
     g = torch.Generator().manual_seed(100)
     for _ in range(40):
         r(torch.randn(256, 16, generator=g))
-        # the controller's rule before the warm-up existed, on the share it measured
+        # the controller's rule without warm-up (target = the budget), on the share it measured
         lam = (lam + r.budget.rate * (r.budget.share - 0.1)).clamp(0.0, r.budget.max_strength)
         assert torch.equal(r.budget.strength, lam)
     assert int(r.budget.warmup_step) == 0 and "warmup" not in repr(r.budget)

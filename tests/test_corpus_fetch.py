@@ -13,7 +13,7 @@ from locmoe_plugin.demo.corpus import fetch_corpus
 FAKE_APT = """#!/bin/sh
 echo download >> "$FAKE_LOG"
 sleep 0.5
-echo fake > "$3.deb"
+echo fake > "$2.deb"
 """
 FAKE_DPKG = """#!/bin/sh
 mkdir -p "$3/usr/share/doc/python3.11/html/_sources"

@@ -28,3 +28,20 @@ def test_unpack_of_a_row_slice_at_an_odd_offset():
     meta = torch.arange(8).view(4, 2)
     got_payload, got_meta = unpack_rows(pack_rows(payload, meta)[1:2], torch.bfloat16, 3)
     assert torch.equal(got_meta, meta[1:2]) and torch.equal(got_payload.float(), payload[1:2].float())
+
+
+@pytest.mark.parametrize("dtype, features", [(torch.bfloat16, 4), (torch.float32, 6)])
+def test_aligned_rows_unpack_as_views(dtype, features):
+    """Row bytes a multiple of 8 (the usual hidden sizes): payload and metadata are views into the packed
+    rows, also for a slice of rows (e.g. one block of a receive buffer), and read back exact."""
+    g = torch.Generator().manual_seed(features)
+    payload = torch.randn(5, features, generator=g).to(dtype)
+    meta = torch.randint(-(2**62), 2**62, (5, 3), generator=g)
+    packed = pack_rows(payload, meta)
+    for rows in (slice(0, 5), slice(2, 4), slice(3, 4)):
+        block = packed[rows]
+        got_payload, got_meta = unpack_rows(block, dtype, features)
+        assert got_payload.data_ptr() == block.data_ptr()  # no copy
+        assert got_meta.data_ptr() == block.data_ptr() + features * payload.element_size()
+        assert torch.equal(got_payload.view(torch.uint8), payload[rows].view(torch.uint8))
+        assert torch.equal(got_meta, meta[rows])

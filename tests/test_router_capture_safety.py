@@ -17,6 +17,8 @@ CAPTURABLE = [
     {"routing": "hybrid", "capacity": "factor", "capacity_factor": 1.0, "drop_policy": "choice"},
     {"gate": "dense", "z_loss_coeff": 1e-3, "expert_bias_rate": 1e-3, "max_nodes_per_token": 1},
     {"gate": "dense", "expert_bias_rate": 1e-3, "cross_node_budget": 0.2, "budget_mechanism": "node"},
+    # the budget's warm-up: its target and counter stay on the device
+    {"cross_node_budget": 0.1, "cross_node_budget_warmup": 10},
 ]
 
 

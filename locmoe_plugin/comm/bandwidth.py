@@ -70,16 +70,11 @@ def _a2a_seconds(group, per_peer_bytes: int, dev, sync, iters: int) -> float:
     return float(t)
 
 
-def measure_bandwidth(gpus_per_node: int, dev, sync, mib: float = 32.0, iters: int = 5) -> dict:
-    """Intra- and inter-node all-to-all bandwidth of the current world (a collective: every rank calls
-    it with the same arguments). Creates its node and rail groups once per call (every rank creates
-    every group, in the same order). Returns GB/s per rank (None where the layout has no such link:
-    one rank per node has no intra-node peer, one node has no inter-node one) plus the link settings."""
+def node_and_rail_groups(gpus_per_node: int) -> tuple[object, object]:
+    """``(node group, rail group)`` of this rank, with ``gpus_per_node`` consecutive ranks per node: its
+    node's ranks, and the ranks of its local index on every node. Every rank creates every group, in the
+    same order (a collective: call it on every rank, with ``gpus_per_node`` dividing the world size)."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    if gpus_per_node < 1 or world % gpus_per_node:
-        raise ValueError(f"--gpus-per-node {gpus_per_node} must divide the world size {world}")
-    if mib <= 0 or iters < 1:
-        raise ValueError("--mib must be > 0 and --iters >= 1")
     nodes = world // gpus_per_node
     node_group = rail_group = None
     for n in range(nodes):
@@ -90,6 +85,21 @@ def measure_bandwidth(gpus_per_node: int, dev, sync, mib: float = 32.0, iters: i
         g = dist.new_group([n * gpus_per_node + j for n in range(nodes)])
         if j == rank % gpus_per_node:
             rail_group = g
+    return node_group, rail_group
+
+
+def measure_bandwidth(gpus_per_node: int, dev, sync, mib: float = 32.0, iters: int = 5) -> dict:
+    """Intra- and inter-node all-to-all bandwidth of the current world (a collective: every rank calls
+    it with the same arguments). Creates its node and rail groups once per call (every rank creates
+    every group, in the same order). Returns GB/s per rank (None where the layout has no such link:
+    one rank per node has no intra-node peer, one node has no inter-node one) plus the link settings."""
+    world = dist.get_world_size()
+    if gpus_per_node < 1 or world % gpus_per_node:
+        raise ValueError(f"--gpus-per-node {gpus_per_node} must divide the world size {world}")
+    if mib <= 0 or iters < 1:
+        raise ValueError("--mib must be > 0 and --iters >= 1")
+    nodes = world // gpus_per_node
+    node_group, rail_group = node_and_rail_groups(gpus_per_node)
     per_peer = int(mib * 2**20)
     out = {"ranks": world, "nodes": nodes, "ranks_per_node": gpus_per_node, "mib_per_peer": mib, **link_settings()}
     for name, group, peers in (("intra_node", node_group, gpus_per_node - 1), ("inter_node", rail_group, nodes - 1)):

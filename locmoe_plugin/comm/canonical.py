@@ -81,16 +81,18 @@ def _arrival_offsets(counts: RoutingCounts, arrival, first: int, e_r: int) -> li
     (source, ``e``) cell, and the running count = pairs of ``e`` in earlier-arriving blocks + that rank + 1."""
     pairs = {q: counts.pairs_to_expert[q][first : first + e_r] for q in arrival}
     offsets = [[0] * e_r for _ in counts.pairs_to_expert]
+    ascending = sorted(arrival)
+    base = 0  # pairs of the experts before e (a running sum: host work O(e_r * sources) per route)
     for e in range(e_r):
-        base = sum(pairs[q][e2] for q in arrival for e2 in range(e))
         before_sorted = base
-        for q in sorted(arrival):
+        for q in ascending:
             offsets[q][e] = before_sorted - 1
             before_sorted += pairs[q][e]
         before_arrival = 0
         for q in arrival:
             offsets[q][e] -= before_arrival
             before_arrival += pairs[q][e]
+        base = before_sorted
     return offsets
 
 

@@ -82,8 +82,10 @@ class _ArriveBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, link, chain, split: OriginSplit, flight: InFlight, i: int):
         ctx.split, ctx.flight, ctx.i = split, flight, i
-        rows, meta = split.arrived(i, flight.wait_forward(i), link.dtype, link.shape[1])
-        return split.step_route(i).broadcast(rows, meta), chain.new_zeros(0)
+        packed = flight.wait_forward(i)
+        rows, meta = split.arrived(i, packed, link.dtype, link.shape[1])
+        # the block arrived packed (payload and metadata per row): its node hop gathers those rows as they are
+        return split.step_route(i).broadcast(rows, meta, packed), chain.new_zeros(0)
 
     @staticmethod
     def backward(ctx, grad_pairs, grad_chain):

@@ -21,6 +21,8 @@ import random
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,29 +69,22 @@ def fetch_corpus(dest: Path | None = None, quiet: bool = False) -> Path:
         return _download_corpus(dest, quiet)
 
 
-class _exclusive_lock:
-    """``flock`` on a lock file (POSIX); where ``fcntl`` is missing, no lock (one process fetches at a time
-    is then the caller's job, as the demo does by fetching before it starts the ranks)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.fd = path, None
-
-    def __enter__(self):
-        try:
-            import fcntl
-        except ImportError:
-            return self
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            import fcntl
-
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+@contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """``flock`` on a lock file (POSIX), held while the block runs; where ``fcntl`` is missing, no lock (one
+    process fetches at a time is then the caller's job, as the demo does by fetching before it starts the
+    ranks)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _download_corpus(dest: Path, quiet: bool) -> Path:

@@ -24,6 +24,7 @@ JSON; the benchmark writes it with ``--calibration FILE``.
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass, field, replace
 
 from ..config import ConfigError
@@ -125,9 +126,7 @@ def two_stage_extra_ms(dispatch_results: list[dict], topk: int) -> float | None:
                 diffs.append(sy["hier_tree"]["ms"] - sy["hierarchical"]["ms"])
     if not diffs:
         return None
-    diffs.sort()
-    mid = len(diffs) // 2
-    return max(0.0, diffs[mid] if len(diffs) % 2 else (diffs[mid - 1] + diffs[mid]) / 2)
+    return max(0.0, statistics.median(diffs))
 
 
 #: a link whose one-way rate exceeds this multiple of the exchange's per-direction rate is read as "shared"
@@ -142,12 +141,6 @@ def duplex_of(one_way_GBps: float, bandwidth_GBps: float) -> str:
     return "shared" if one_way_GBps > SHARED_DUPLEX_RATIO * bandwidth_GBps else "full"
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
-
-
 def link_summary(samples: list[dict], **extra) -> dict:
     """One link's figures from repeated probe ``samples`` (each a dict of some of :data:`LINK_FIGURES`,
     plus ``when``): the median of each figure over the samples that have it, ``duplex`` from the median
@@ -158,7 +151,7 @@ def link_summary(samples: list[dict], **extra) -> dict:
     for key in LINK_FIGURES:
         vals = [float(s[key]) for s in samples if s.get(key) is not None]
         if vals:
-            out[key] = _median(vals)
+            out[key] = statistics.median(vals)
     if "one_way_GBps" in out and "bandwidth_GBps" in out:
         out["duplex"] = duplex_of(out["one_way_GBps"], out["bandwidth_GBps"])
     out["samples"] = list(samples)
