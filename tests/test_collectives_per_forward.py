@@ -72,6 +72,16 @@ def _worker(rank, world):
             for overlap in (False, True):
                 disp = TokenDispatcher(groups, "hierarchical", overlap=overlap)
                 out[(rpn, name, overlap)] = _count_forward(disp, x, ids, w)
+        if rpn > 1:
+            # an expert_fn whose output has no autograd history is refused on every rank, not left to
+            # skip its block's backward rail step on some ranks
+            disp = TokenDispatcher(groups, "hierarchical", overlap=True)
+            try:
+                disp.forward(x.clone().requires_grad_(True), cases["random"], w,
+                             lambda inp, tpe: torch.zeros(inp.shape[0], D))
+                out["detached_expert_fn"] = "accepted"
+            except ValueError as e:
+                out["detached_expert_fn"] = "refused" if "autograd history" in str(e) else str(e)
     return out
 
 
@@ -93,6 +103,7 @@ def test_collectives_per_forward_2x2_and_4x1():
         (1, "next_node", False): (3, 3, 2),
         # only step 1 (to the next node) moves rows on any rank: steps 2 and 3 are skipped everywhere
         (1, "next_node", True): (3, 3, 2),
+        "detached_expert_fn": "refused",
     }
     for rank, got in enumerate(results):
         assert got == expected, f"rank {rank}: {got}"

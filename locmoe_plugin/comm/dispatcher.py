@@ -52,6 +52,17 @@ def resolve_mode(mode: str, topology, exact_tree: bool = False) -> str:
     return mode
 
 
+def _connected(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    """``expert_fn``'s output of one origin block, checked to carry an autograd history when its input does
+    (the overlapped backward launches a block's rail step from that input's gradient)."""
+    if inp.requires_grad and torch.is_grad_enabled() and out.grad_fn is None:
+        raise ValueError(
+            "expert_fn returned a tensor without autograd history for a block whose input requires grad; "
+            "compute the output from the input rows (an empty block too: run the experts on the 0-row input)"
+        )
+    return out
+
+
 class _Broadcast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, plan: Plan):
@@ -294,7 +305,10 @@ class TokenDispatcher:
 
         Backward: the rail steps returning the remote rows' gradients are launched before the local
         experts' backward and waited after it. ``expert_fn`` must treat rows independently (as expert MLPs do):
-        then the result equals the unsplit call bit for bit. ``chunks`` was the old chunked overlap: pass
+        then the result equals the unsplit call bit for bit. Its output must be computed from its input
+        (autograd-connected, also for an empty block): a block's backward rail step is launched when the
+        gradient reaches that block's input, so an output cut off from it would leave the step unlaunched on
+        this rank while the others wait; an output without an autograd history is refused. ``chunks`` was the old chunked overlap: pass
         ``overlap=True`` to the constructor instead. ``mark(name)``: called (host side) at
         ``"rail_launched"``, ``"local_experts_start"``, ``"local_experts_end"`` and ``"rail_waited"`` (the
         last block arrived) of the overlapped path, e.g. to record device events for a timeline.
@@ -320,12 +334,12 @@ class TokenDispatcher:
         node, local_in = next(blocks)
         mark("rail_launched")
         mark("local_experts_start")
-        outs = {node: expert_fn(local_in, split.local.tokens_per_expert)}
+        outs = {node: _connected(expert_fn(local_in, split.local.tokens_per_expert), local_in)}
         mark("local_experts_end")
         for i, (origin, pairs) in enumerate(blocks):
             if i == len(split.steps) - 1:
                 mark("rail_waited")
-            outs[origin] = expert_fn(pairs, split.routes[origin].tokens_per_expert)
+            outs[origin] = _connected(expert_fn(pairs, split.routes[origin].tokens_per_expert), pairs)
         pair_w = _PairWeights.apply(weights.float(), plan)  # the remote pairs' weights arrived with their rows
         weighted = {b: y * pair_w.index_select(0, split.positions[b]).unsqueeze(1).to(y.dtype) for b, y in outs.items()}
         out = combine_blocks(weighted, split)
