@@ -205,6 +205,13 @@ class RoutingCounts:
             self._copied.record()
         self._host_ready = False
 
+    @property
+    def slots_per_rank(self) -> list[int]:
+        """``[P]`` each rank's ``tokens * k`` (routed or not): every slot is in an expert's bin or the -1 bin
+        (a table with invalid ids raised in :meth:`wait_host`). Derived on demand: only the allgather
+        plan reads it."""
+        return [sum(pairs) + none for pairs, none in zip(self.pairs_to_expert, self._not_routed)]
+
     def wait_host(self) -> "RoutingCounts":
         """Wait for the table on the host and derive the host lists (idempotent)."""
         if self._host_ready:
@@ -229,8 +236,7 @@ class RoutingCounts:
             self.rows_to_node = [[h[0] for h in h2] for h2 in self.rank_copies_on_node]
             self.rows_to_rank = [[h[0] for h in h3] for h3 in self.expert_copies_on_rank]
         self.pairs_to_expert = [r[expert_at : expert_at + e] for r in rows]
-        # every slot lands in one bin (an expert, -1 or invalid): s * k of each rank
-        self.slots_per_rank = [sum(r[expert_at : expert_at + e + EXTRA_BINS]) for r in rows]
+        self._not_routed = [r[expert_at + e + EXTRA_BINS - 1] for r in rows]  # the -1 slots of each rank
         bad = [r[expert_at + e] + r[expert_at + e + 1] for r in rows]
         if any(bad):
             # every rank saw the same table: all raise together, nobody hangs in a later collective
