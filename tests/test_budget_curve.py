@@ -24,8 +24,12 @@ def _load(name):
 
 
 def _job(base, loc, cross, ms_loc, ms_a2a, budget, seed, mib_loc=10.0, mib_a2a=100.0, lam=0.5, mechanism=None,
-         warmup=None):
+         warmup=None, mu=None, expert_bias=None):
     meta = {"seed": seed, "budget": budget, "device": "test", "ranks": 4, "nodes": 2, "gpus_per_node": 2}
+    if mu is not None:
+        meta["mu"] = {"dense": mu}
+    if expert_bias is not None:
+        meta["expert_bias_rate"] = expert_bias
     if mechanism:
         meta["budget_mechanism"] = mechanism
     if warmup is not None:
@@ -63,9 +67,10 @@ def test_dry_run_lists_pending_jobs_with_own_ports(tmp_path, capsys):
 
 def test_points_with_a_warmup(tmp_path, capsys):
     run = _load("run_budget_curve")
-    assert run.parse_point("0.1") == (0.1, 0) and run.parse_point(" off ") == (None, 0)
-    assert run.parse_point("0.1:warmup=300") == (0.1, 300) and run.parse_point("0:warmup=0") == (0.0, 0)
-    for bad in ("0.1:warmup=-3", "0.1:warmup=1.5", "0.1:ramp=300", "0.1:warmup", "off:warmup=300", "2:warmup=3"):
+    assert run.parse_point("0.1") == (0.1, 0, 0, 0) and run.parse_point(" off ") == (None, 0, 0, 0)
+    assert run.parse_point("0.1:warmup=300") == (0.1, 300, 0, 0) and run.parse_point("0:warmup=0") == (0.0, 0, 0, 0)
+    for bad in ("0.1:warmup=-3", "0.1:warmup=1.5", "0.1:ramp=300", "0.1:warmup", "off:warmup=300", "2:warmup=3",
+                "0.1:mu=-1", "0.1:mu=nan", "0.1:expert_bias=x", "0.1:mu"):
         with pytest.raises(SystemExit):
             run.parse_point(bad)
     (tmp_path / "jobs").mkdir()
@@ -78,6 +83,44 @@ def test_points_with_a_warmup(tmp_path, capsys):
     cmds = dict(line.split(": ", 1) for line in lines[1:])
     assert sorted(cmds) == ["budget-0.1-selection-warmup-300_seed-1", "budget-0.1-selection-warmup-450_seed-1"]
     assert "--budget 0.1 --budget-mechanism selection --budget-warmup 300" in cmds["budget-0.1-selection-warmup-300_seed-1"]
+
+
+def test_points_with_a_locality_loss_and_the_expert_bias(tmp_path, capsys):
+    run = _load("run_budget_curve")
+    assert run.split_points("off, 0.1:mu=0.01,expert_bias=0.001,0.2,0.1:warmup=3") == [
+        "off", "0.1:mu=0.01,expert_bias=0.001", "0.2", "0.1:warmup=3"]
+    assert run.parse_point("0.1:mu=0.01,expert_bias=0.001") == run.Point(0.1, mu=0.01, expert_bias=0.001)
+    assert run.parse_point("off:mu=0.01") == run.Point(None, mu=0.01)
+    assert run.main([str(tmp_path), "--budgets", "0.1,0.1:mu=0.01,0.1:mu=0.01,expert_bias=0.001,off:mu=0.01",
+                     "--seeds", "1", "--parallel", "2", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("budget curve: 4 job(s) pending of 4")
+    cmds = dict(line.split(": ", 1) for line in lines[1:])
+    assert sorted(cmds) == ["budget-0.1-selection-mu-0.01-eb-0.001_seed-1", "budget-0.1-selection-mu-0.01_seed-1",
+                            "budget-0.1-selection_seed-1", "budget-off-mu-0.01_seed-1"]
+    assert "--mu 0 " in cmds["budget-0.1-selection_seed-1"] and "--expert-bias-rate" not in cmds["budget-0.1-selection_seed-1"]
+    both = cmds["budget-0.1-selection-mu-0.01-eb-0.001_seed-1"]
+    assert "--mu 0.01 " in both and "--expert-bias-rate 0.001" in both and "--budget 0.1 " in both
+    assert "--mu 0.01 " in cmds["budget-off-mu-0.01_seed-1"] and "--budget " not in cmds["budget-off-mu-0.01_seed-1"]
+
+
+def test_report_rows_for_the_locality_loss_and_the_expert_bias(tmp_path):
+    rep = _load("budget_report")
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    files = {"budget-0.1-selection_seed-1": _job(2.00, 2.04, 0.1, 2.0, 10.0, 0.1, 1, mu=0.0),
+             "budget-0.1-selection-mu-0.01_seed-1": _job(2.00, 2.02, 0.1, 2.0, 10.0, 0.1, 1, mu=0.01),
+             "budget-0.1-selection-mu-0.01-eb-0.001_seed-1": _job(2.00, 2.01, 0.1, 2.0, 10.0, 0.1, 1, mu=0.01,
+                                                                   expert_bias=0.001)}
+    for name, data in files.items():
+        (jobs / f"{name}.json").write_text(json.dumps(data))
+    assert rep.main([str(tmp_path)]) == 0
+    s = json.loads((tmp_path / "curve.json").read_text())
+    labels = {rep.row_label(r): r["dval_pct"] for r in s["rows"]}
+    assert labels == {"0.1 selection": pytest.approx([2.0]), "0.1 selection mu0.01": pytest.approx([1.0]),
+                      "0.1 selection mu0.01 eb0.001": pytest.approx([0.5])}
+    table = (tmp_path / "table.txt").read_text()
+    assert "0.1 selection mu0.01 eb0.001" in table and "ebR: loss-free balancing" in table
 
 
 def test_report_pairs_by_job_and_reports_the_spread(tmp_path):

@@ -3,9 +3,10 @@
     python benchmarks/quality/budget_report.py OUT
 
 Reads ``OUT/jobs/*.json`` (one ``bench_layer.py --json`` per budget and seed) and writes ``OUT/table.txt``,
-``OUT/curve.json`` and ``OUT/curve.png`` (the PNG needs matplotlib). One row per budget, mechanism and
+``OUT/curve.json`` and ``OUT/curve.png`` (the PNG needs matplotlib). One row per budget, mechanism,
 warm-up of the budget's target (``w300``: over the first 300 training steps; jobs from before warm-ups were
-recorded had none), over seeds:
+recorded had none), fixed locality-loss coefficient beside the budget (``mu0.01``) and expert-bias rate
+(``eb0.001``), over seeds:
   * dval %: the paired validation-loss difference, (LocMoE - baseline) / baseline of the same job (same
     seed, data and held-out windows), mean, sample std and worst seed;
   * cross: the LocMoE model's cross-node share of routed pairs on the held-out windows (the budget's
@@ -49,6 +50,10 @@ def load_jobs(out: Path) -> list[dict]:
                           else data["meta"].get("budget_mechanism") or "selection")
                          if gate == "dense" else f"{data['meta'].get('budget_mechanism') or 'off'} {gate}",
             "warmup": data["meta"].get("budget_warmup") or 0,
+            # the fixed locality loss and the expert bias beside the budget (0 = off; jobs from before these
+            # were options ran neither)
+            "mu": float((data["meta"].get("mu") or {}).get(gate) or 0.0),
+            "expert_bias": float(data["meta"].get("expert_bias_rate") or 0.0),
             "base_val": train["topk"]["val_lm_loss"], "loc_val": train[gate]["val_lm_loss"],
             "val_cross": train[gate]["val_cross_node_share"],
             "train_cross": train[gate]["cross_node_share_last10"],
@@ -67,16 +72,19 @@ def _mean(xs):
 
 
 def summarize(jobs: list[dict]) -> dict:
-    by_budget: dict = {}  # (budget, mechanism, warm-up) -> jobs
+    by_budget: dict = {}  # (budget, mechanism, warm-up, mu, expert bias) -> jobs
     for j in jobs:
-        by_budget.setdefault((j["budget"], j["mechanism"], j["warmup"]), []).append(j)
+        key = (j["budget"], j["mechanism"], j["warmup"], j.get("mu", 0.0), j.get("expert_bias", 0.0))
+        by_budget.setdefault(key, []).append(j)
     rows = []
-    for budget, mechanism, warmup in sorted(by_budget, key=lambda k: (k[0] is not None, -(k[0] or 0), k[1] or "", k[2])):
-        js = sorted(by_budget[budget, mechanism, warmup], key=lambda j: j["seed"])
+    for key in sorted(by_budget, key=lambda k: (k[0] is not None, -(k[0] or 0), k[1] or "", *k[2:])):
+        budget, mechanism, warmup, mu, expert_bias = key
+        js = sorted(by_budget[key], key=lambda j: j["seed"])
         d = [100.0 * (j["loc_val"] - j["base_val"]) / j["base_val"] for j in js]
         ratios = [j["time_ratio"] for j in js if j["time_ratio"] is not None]
         rows.append({
-            "budget": budget, "mechanism": mechanism, "warmup": warmup, "seeds": [j["seed"] for j in js], "dval_pct": d, "dval_mean": statistics.fmean(d),
+            "budget": budget, "mechanism": mechanism, "warmup": warmup, "mu": mu, "expert_bias": expert_bias,
+            "seeds": [j["seed"] for j in js], "dval_pct": d, "dval_mean": statistics.fmean(d),
             "dval_std": statistics.stdev(d) if len(d) > 1 else 0.0, "dval_worst": max(d),
             "val_cross": _mean(j["val_cross"] for j in js), "train_cross": _mean(j["train_cross"] for j in js),
             "layer_cross": _mean(j["layer_cross"] for j in js), "bytes_ratio": _mean(j["bytes_ratio"] for j in js),
@@ -97,11 +105,13 @@ def summarize(jobs: list[dict]) -> dict:
 
 
 def row_label(row: dict) -> str:
-    """``off``, or the budget and its mechanism, and its warm-up if any: ``0.1 loss``, ``0.1 selection w300``."""
+    """``off``, or the budget and its mechanism, then its options if any: ``0.1 loss``, ``0.1 selection w300``,
+    ``0.1 selection mu0.01 eb0.001`` (warm-up steps, fixed locality-loss coefficient, expert-bias rate)."""
+    options = "".join(f" {tag}{row[key]:g}" for key, tag in (("warmup", "w"), ("mu", "mu"), ("expert_bias", "eb"))
+                      if row.get(key))
     if row["budget"] is None:
-        return "off"
-    warmup = row.get("warmup") or 0
-    return f"{row['budget']:g} {row.get('mechanism') or ''}".strip() + (f" w{warmup}" if warmup else "")
+        return "off" + options
+    return f"{row['budget']:g} {row.get('mechanism') or ''}".strip() + options
 
 
 def _fmt(v, f):
@@ -113,12 +123,12 @@ def format_table(summary: dict) -> str:
     lines = [f"cross-node budget curve: {m.get('ranks')} ranks as {m.get('nodes')} nodes x {m.get('gpus_per_node')}, "
              f"{m.get('device')}, d {m.get('hidden')}, ffn {m.get('ffn')}, E {m.get('experts')} top-{m.get('topk')}, "
              f"{m.get('train_steps')} steps, {m.get('eval_batches')} eval batches, {m.get('date')}, commit {m.get('commit')}",
-             f"{'budget':>20} {'seeds':>5} {'dval % mean':>11} {'std':>5} {'worst':>6} {'cross val':>9} {'cross layer':>11} "
+             f"{'budget':>30} {'seeds':>5} {'dval % mean':>11} {'std':>5} {'worst':>6} {'cross val':>9} {'cross layer':>11} "
              f"{'bytes cut':>9} {'time x a2a':>10} {'lam':>6}"]
     for r in summary["rows"]:
         b = row_label(r)
         cut = None if r["bytes_ratio"] is None else 1 - r["bytes_ratio"]
-        lines.append(f"{b:>20} {len(r['seeds']):>5} {r['dval_mean']:>+11.2f} {r['dval_std']:>5.2f} {r['dval_worst']:>+6.2f} "
+        lines.append(f"{b:>30} {len(r['seeds']):>5} {r['dval_mean']:>+11.2f} {r['dval_std']:>5.2f} {r['dval_worst']:>+6.2f} "
                      f"{_fmt(r['val_cross'], '.3f'):>9} {_fmt(r['layer_cross'], '.3f'):>11} {_fmt(cut, '.0%'):>9} "
                      f"{_fmt(r['time_ratio'], '.3f'):>10} {_fmt(r['lam'], '.3f'):>6}")
     lines.append("baseline (TopKRouter + aux loss) val loss by seed: "
@@ -130,7 +140,11 @@ def format_table(summary: dict) -> str:
                  "alltoall's; time x a2a: layer fwd+bwd time / Megatron alltoall's, median over seeds"
                  + ("; wS: the budget's target fell from the unconstrained share (N-1)/N of N nodes to the budget over "
                     "the first S training steps"
-                    if any(r.get("warmup") for r in summary["rows"]) else ""))
+                    if any(r.get("warmup") for r in summary["rows"]) else "")
+                 + ("; muC: a fixed locality loss of coefficient C with its learned locality bias beside the budget"
+                    if any(r.get("mu") for r in summary["rows"]) else "")
+                 + ("; ebR: loss-free balancing (expert bias) at rate R"
+                    if any(r.get("expert_bias") for r in summary["rows"]) else ""))
     return "\n".join(lines)
 
 

@@ -5,7 +5,11 @@
 
 A point of ``--budgets`` is a budget, optionally with a warm-up of its target (``budget:warmup=W``,
 ``LocMoEConfig.cross_node_budget_warmup``: over the first W of the training steps the target falls from
-(N-1)/N to the budget), e.g. ``--budgets 0.1,0.1:warmup=300``.
+(N-1)/N to the budget), a fixed locality loss beside it (``:mu=C``, ``LocMoEConfig.locality_loss_coeff``,
+with its learned locality bias) and loss-free balancing (``:expert_bias=R``,
+``LocMoEConfig.expert_bias_rate``), e.g. ``--budgets 0.1,0.1:warmup=300,0.1:mu=0.01,expert_bias=0.001``
+(a point's options follow its colon, separated by commas: an item ``key=value`` belongs to the point
+before it).
 
 One job per (point, seed) = one ``benchmarks/bench_layer.py`` run on NPROC ranks as emulated nodes
 (``launch/emulate_nodes.sh``: NCCL's socket transport between nodes): it trains, on the same windows of
@@ -28,12 +32,14 @@ from every finished job. ``--dry-run`` prints the commands; ``--toy`` shrinks th
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -59,7 +65,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("out", help="results folder (reused to resume)")
     p.add_argument("--budgets", default="off,0.3,0.2,0.1,0.05,0",
                    help="comma-separated points: a cross-node budget in [0, 1], optionally with the warm-up of its "
-                        "target in training steps (0.1:warmup=300); 'off' = LocMoE without a budget")
+                        "target in training steps (0.1:warmup=300), a fixed locality loss (0.1:mu=0.01) and the "
+                        "expert bias (0.1:expert_bias=0.001), several options after one colon "
+                        "(0.1:mu=0.01,expert_bias=0.001); 'off' = LocMoE without a budget")
     p.add_argument("--mechanism", choices=BUDGET_MECHANISMS, default=DEFAULT_BUDGET_MECHANISM,
                    help="how the budget acts (LocMoEConfig.budget_mechanism; see docs/locality.md); jobs of "
                         "another mechanism are kept apart by their file name. Default: %(default)s")
@@ -76,7 +84,7 @@ def parse(argv=None) -> argparse.Namespace:
     cut = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:cut])
     args.extra = argv[cut + 1:]  # after --: more bench_layer.py flags (later flags override the defaults)
-    args.points = list(dict.fromkeys(parse_point(b) for b in args.budgets.split(",") if b.strip()))  # once each
+    args.points = list(dict.fromkeys(parse_point(b) for b in split_points(args.budgets)))  # once each
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not args.points or not args.seed_list:
         p.error("--budgets and --seeds need at least one value each")
@@ -95,41 +103,83 @@ def parse_budget(text: str) -> float | None:
     return value
 
 
-def parse_point(text: str) -> tuple[float | None, int]:
-    """``"0.1"`` -> ``(0.1, 0)``; ``"0.1:warmup=300"`` -> ``(0.1, 300)``; ``"off"`` -> ``(None, 0)``."""
+def split_points(text: str) -> list[str]:
+    """``"off,0.1:mu=0.01,expert_bias=0.001"`` -> ``["off", "0.1:mu=0.01,expert_bias=0.001"]``: a comma-separated
+    item ``key=value`` without a colon is one more option of the point before it."""
+    points: list[str] = []
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        if points and "=" in item and ":" not in item:
+            points[-1] += "," + item
+        else:
+            points.append(item)
+    return points
+
+
+class Point(NamedTuple):
+    """One point of the curve: a budget (None = no budget) and the LocMoE router's extra training settings."""
+
+    budget: float | None
+    warmup: int = 0  # LocMoEConfig.cross_node_budget_warmup, in training steps
+    mu: float = 0.0  # LocMoEConfig.locality_loss_coeff (> 0: the learned locality loss and bias beside the budget)
+    expert_bias: float = 0.0  # LocMoEConfig.expert_bias_rate (loss-free balancing)
+
+
+POINT_SYNTAX = ("a point is a budget in [0, 1] or 'off', with optional ':' options 'warmup=STEPS' (a whole number, "
+                "needs a budget), 'mu=COEFF' and 'expert_bias=RATE' (numbers >= 0), e.g. 0.1:warmup=300 or "
+                "0.1:mu=0.01,expert_bias=0.001")
+
+
+def parse_point(text: str) -> Point:
+    """``"0.1"`` -> ``Point(0.1)``; ``"0.1:warmup=300"`` -> ``Point(0.1, warmup=300)``;
+    ``"0.1:mu=0.01,expert_bias=0.001"`` -> ``Point(0.1, mu=0.01, expert_bias=0.001)``; ``"off"`` ->
+    ``Point(None)``."""
     budget_text, _, options = text.strip().partition(":")
-    budget, warmup = parse_budget(budget_text), 0
+    point = Point(parse_budget(budget_text))
     for item in filter(None, options.split(",")):
-        key, eq, value = item.partition("=")
-        if key.strip() != "warmup" or not eq or not value.strip().isdigit():
-            raise SystemExit(f"--budgets: {text!r}: a point is a budget with optional ':warmup=STEPS' (a whole "
-                             f"number >= 0), e.g. 0.1:warmup=300")
-        warmup = int(value)
-    if warmup and budget is None:
-        raise SystemExit(f"--budgets: {text!r}: a warm-up needs a budget (e.g. 0.1:warmup={warmup})")
-    return budget, warmup
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or key not in ("warmup", "mu", "expert_bias"):
+            raise SystemExit(f"--budgets: {text!r}: {POINT_SYNTAX}")
+        if key == "warmup":
+            if not value.isdigit():
+                raise SystemExit(f"--budgets: {text!r}: {POINT_SYNTAX}")
+            point = point._replace(warmup=int(value))
+        else:
+            try:
+                number = float(value)
+            except ValueError:
+                number = -1.0
+            if not (math.isfinite(number) and number >= 0):
+                raise SystemExit(f"--budgets: {text!r}: {POINT_SYNTAX}")
+            point = point._replace(**{key: number})
+    if point.warmup and point.budget is None:
+        raise SystemExit(f"--budgets: {text!r}: a warm-up needs a budget (e.g. 0.1:warmup={point.warmup})")
+    return point
 
 
-def job_name(point: tuple[float | None, int], seed: int, mechanism: str) -> str:
+def job_name(point: Point, seed: int, mechanism: str) -> str:
     """``budget-0.1-loss_seed-1234``; ``budget-0.1-selection-warmup-300_seed-1234`` (with a warm-up);
+    ``budget-0.1-selection-mu-0.01-eb-0.001_seed-1234`` (with a locality loss and the expert bias);
     ``budget-off_seed-1234`` (no budget, no mechanism): runs of both mechanisms can share OUT, and "off" is
-    run once for both. Points without a warm-up keep the names they had before warm-ups existed, so an
+    run once for both. Points without options keep the names they had before options existed, so an
     earlier OUT resumes."""
-    budget, warmup = point
-    if budget is None:
-        return f"budget-off_seed-{seed}"
-    return f"budget-{budget:g}-{mechanism}{f'-warmup-{warmup}' if warmup else ''}_seed-{seed}"
+    extra = (f"{f'-mu-{point.mu:g}' if point.mu else ''}"
+             f"{f'-eb-{point.expert_bias:g}' if point.expert_bias else ''}")
+    if point.budget is None:
+        return f"budget-off{extra}_seed-{seed}"
+    warmup = f"-warmup-{point.warmup}" if point.warmup else ""
+    return f"budget-{point.budget:g}-{mechanism}{warmup}{extra}_seed-{seed}"
 
 
-def job_command(args, point: tuple[float | None, int], seed: int, slot: int, json_path: Path) -> list[str]:
-    budget, warmup = point
+def job_command(args, point: Point, seed: int, slot: int, json_path: Path) -> list[str]:
     flags = shlex.split(TOY_FLAGS if args.toy else GPU_FLAGS)
-    flags += ["--gates", "dense", "--mu", "0", "--systems", "locmoe", "mcore_alltoall",
+    flags += ["--gates", "dense", "--mu", f"{point.mu:g}", "--systems", "locmoe", "mcore_alltoall",
               "--gpus-per-node", str(args.gpus_per_node), "--seed", str(seed), "--json", str(json_path)]
-    if budget is not None:
-        flags += ["--budget", str(budget), "--budget-mechanism", args.mechanism]
-    if warmup:
-        flags += ["--budget-warmup", str(warmup)]
+    if point.budget is not None:
+        flags += ["--budget", str(point.budget), "--budget-mechanism", args.mechanism]
+    if point.warmup:
+        flags += ["--budget-warmup", str(point.warmup)]
+    if point.expert_bias:
+        flags += ["--expert-bias-rate", f"{point.expert_bias:g}"]
     return ["bash", str(ROOT / "launch" / "emulate_nodes.sh"), "--nodes", str(args.nproc // args.gpus_per_node),
             "--nproc-per-node", str(args.nproc), "--master-port", str(args.port + slot),
             "--hostid-prefix", f"slot{slot}-", "--", str(ROOT / "benchmarks" / "bench_layer.py"),
