@@ -4,25 +4,26 @@ A router with ``aux_loss_scope="ep_group"`` needs the expert-parallel group's pa
 loss, the expert bias), the ranks whose logits were not finite (the expert bias and the budget skip such a
 batch) and, with a cross-node budget, the pairs that cross nodes. Standalone it all-reduces them
 (:meth:`locmoe_plugin.router.LocMoERouter._global_counts`). The dispatcher all-gathers every rank's
-routing histogram anyway (:class:`locmoe_plugin.comm.counts.RoutingCounts`), and that table holds each
-rank's pairs per expert, so when the two agree the router leaves its count-dependent work in a
-:class:`FoldedCounts` that the dispatcher completes right after the all-gather, on the device: one
-collective per layer forward fewer, no host sync added.
+routing histogram anyway (:class:`locmoe_plugin.comm.counts.RoutingCounts`), so the router leaves its
+count-dependent work in a :class:`FoldedCounts` whose bins ride in that all-gather, and the dispatcher
+completes it right after the all-gather, on the device: one collective per layer forward fewer, no host
+sync added.
 
-When they agree (:meth:`~locmoe_plugin.router.LocMoERouter.fold_counts_with` decides once, from settings):
-dropless capacity (``capacity="none"``: the table counts kept slots, equal to the requested ones),
-``aux_loss_scope="ep_group"`` on a group of several ranks, and the dispatcher's EP group is the router's
-group. Every plan kind's table has per-expert bins (``flat_fast`` / ``allgather``: at column 0).
+When (:meth:`~locmoe_plugin.router.LocMoERouter.fold_counts_with` decides once, from settings, alike on
+every EP rank): ``aux_loss_scope="ep_group"`` on a group of several ranks, and the dispatcher's EP group
+is the router's group; per forward, the caller says that the dispatcher follows (``fold_counts=True``).
 
-Extra bins this rank appends to its row (``[n + 1]`` or ``[n]`` int64, the same size on every rank):
-``[0, n)`` the pairs per expert of this rank's padding tokens (``valid`` False: the losses leave them
-out, the dispatcher moves them; zeros without a ``valid`` mask), then, when the expert bias or the budget
-reads it, 1 if this rank's logits were not all finite. From the ``[P, row_bins]`` table: valid pairs
-``[P, n]`` = pairs per expert - padding pairs; the counts are their sum over ranks, the crossing pairs
-their sum over the ``[P, n]`` cells whose expert is on another node than the source rank.
+What rides: this rank's own numbers, the ones the all-reduce would sum (``[n + 1]`` or ``[n]`` int64,
+the same size on every rank): ``[0, n)`` the pairs per expert it requested (before capacity; padding
+tokens left out), then, when the expert bias or the budget reads it, 1 if its logits were not all finite.
+The plan's own per-expert bins are not reused: they count kept slots (after capacity drops) and padding
+tokens, so reading the load from them would be exact only for dropless batches without padding, and
+padding would need ``n`` more bins anyway. From the ``[P, row_bins]`` table: the counts are the ``[P, n]``
+block's sum over ranks; the crossing pairs its sum over the cells whose expert is on another node than
+the source rank.
 
-Numerics: the all-reduce sums fp32 copies of integer counts, exact below 2**24 per expert; here the int64
-sums are converted to fp32 once. Both give the same fp32 values, so the aux loss (value and gradient), the
+Numerics: the all-reduce sums fp32 copies of integer counts, exact below 2**24 per expert; here the same
+integers are summed in fp32 too. Both give the same fp32 values, so the aux loss (value and gradient), the
 expert-bias step and the budget step are bitwise the same as with the all-reduce.
 """
 
@@ -47,7 +48,8 @@ class FoldedCounts:
     """A router forward's count-dependent work, completed from the dispatcher's count table.
 
     Args:
-        extra_bins: ``[m]`` int64, this rank's bins for the table (see the module doc).
+        extra_bins: ``[m]`` int64, this rank's bins for the table (``m`` = n, or n + 1 with ``reads_bad``;
+            see the module doc).
         topology: the router's (and dispatcher's) EP topology.
         reads_bad: whether the last extra bin is the non-finite-logits flag.
         crosses: whether the crossing pairs are needed (a cross-node budget that acts).
@@ -80,12 +82,12 @@ class FoldedCounts:
         n = self.topology.num_experts
         table = counts.table.view(-1, counts.row_bins)  # [P, row_bins], identical on every EP rank
         extra = table[:, counts.extra_columns()]
-        valid_pairs = table[:, counts.expert_columns()] - extra[:, :n]  # [P, n]: padding tokens' pairs left out
-        total = valid_pairs.sum(0).to(torch.float32)
-        bad = extra[:, n].sum().to(torch.float32) if self.reads_bad else None
+        requested = extra[:, :n]  # [P, n] each rank's requested pairs per expert (padding left out)
+        total = requested.sum(0, dtype=torch.float32)  # integers: exact in fp32 below 2**24
+        bad = extra[:, n].sum(dtype=torch.float32) if self.reads_bad else None
         cross = None
         if self.crosses:
-            local = rank_local_experts(self.topology, valid_pairs.device)
-            cross = valid_pairs.masked_fill(local, 0).sum().to(torch.float32)
+            local = rank_local_experts(self.topology, requested.device)
+            cross = requested.masked_fill(local, 0).sum(dtype=torch.float32)
         self._finish(self.output, total, bad, cross)
         self.done = True

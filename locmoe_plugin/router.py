@@ -172,9 +172,6 @@ class LocMoERouter(nn.Module):
         self._group_sums: tuple | None = None  # (group, whether the counts are all-reduced over it)
         #: whether the EP group's counts may come from a dispatcher's count exchange (fold_counts_with)
         self.folds_counts = False
-        # the padding bins of a forward without a padding mask: n int64 zeros, never written
-        self.register_buffer("_no_padding_pairs", torch.zeros(config.num_experts, dtype=torch.long, device=device),
-                             persistent=False)
 
     def _set_node_rows(self, topology: Topology) -> None:
         """The "node" budget's layout tables (:class:`~locmoe_plugin.node_price.NodeRows`) as buffers next to
@@ -295,15 +292,14 @@ class LocMoERouter(nn.Module):
 
     def fold_counts_with(self, dispatcher_group) -> bool:
         """Take the EP group's counts from the count exchange of a dispatcher on ``dispatcher_group`` (one
-        all-reduce per forward fewer; :mod:`locmoe_plugin.folded_counts`) when the math allows: dropless
-        capacity (``capacity="none"``), ``aux_loss_scope="ep_group"`` on a group of several ranks, and
-        ``dispatcher_group`` is this router's group. A decision from settings only, alike on every EP rank.
+        all-reduce per forward fewer; :mod:`locmoe_plugin.folded_counts`) when the math allows:
+        ``aux_loss_scope="ep_group"`` on a group of several ranks, and ``dispatcher_group`` is this router's
+        group (any capacity: the router's own counts ride in the exchange). A decision from settings only, alike on every EP rank.
         Then a forward called with ``fold_counts=True`` that needs the counts returns them pending
         (``RouterOutput.pending``), and its caller must hand that to the dispatcher's
         :meth:`~locmoe_plugin.comm.TokenDispatcher.start_counts` (or ``forward(..., folded=...)``) before
         reading the losses; other forwards all-reduce as before. Returns whether it folds."""
-        self.folds_counts = (self.capacity.mode == "none" and self._sums_over_group()
-                             and dispatcher_group is self.group)
+        self.folds_counts = self._sums_over_group() and dispatcher_group is self.group
         return self.folds_counts
 
     def _sums_over_group(self) -> bool:
@@ -380,16 +376,12 @@ class LocMoERouter(nn.Module):
             total = loss if total is None else total + loss
         return total
 
-    def _fold(self, requested_ids: torch.Tensor, bad: torch.Tensor | None, probs: torch.Tensor,
+    def _fold(self, counts: torch.Tensor, bad: torch.Tensor | None, probs: torch.Tensor,
               valid: torch.Tensor | None, update_bias: bool, update_budget: bool) -> FoldedCounts:
-        """This forward's :class:`FoldedCounts`: its extra bins (padding tokens' pairs per expert ``[n]``,
-        then the non-finite flag when read; ``requested_ids [s, k]`` equal the kept ids: dropless)."""
-        if valid is None:
-            extra = self._no_padding_pairs
-        else:
-            extra = count_valid_ids(torch.where(valid.unsqueeze(1), -1, requested_ids), self.config.num_experts)
-        if bad is not None:
-            extra = torch.cat([extra, bad.to(torch.long).reshape(1)])
+        """This forward's :class:`FoldedCounts`: its extra bins are what :meth:`_global_counts` would all-reduce,
+        as integers: ``counts [n]`` int64 (requested pairs per expert, padding left out), then the non-finite
+        flag when read."""
+        extra = counts if bad is None else torch.cat([counts, bad.reshape(1)])  # bool promoted to int64
         finish = functools.partial(self._finish_folded, probs=probs, valid=valid, update_bias=update_bias,
                                    update_budget=update_budget)
         return FoldedCounts(extra, self.topology, reads_bad=bad is not None, crosses=self._budget_acts,
@@ -526,14 +518,15 @@ class LocMoERouter(nn.Module):
         pending = None
         if logits is not None and (c.aux_loss_coeff > 0 or update_bias or update_budget):
             bad = (~torch.isfinite(logits)).any() if self._reads_bad else None
-            if fold_counts and self.folds_counts:  # the dispatcher's count exchange completes it (same numbers)
-                pending = self._fold(assignment.requested_ids, bad, probs, valid, update_bias, update_budget)
+            if valid is None:
+                local_counts = requested
             else:
-                if valid is None:
-                    counts, bad, cross_pairs = self._global_counts(requested, bad)
-                else:
-                    ids = torch.where(valid.unsqueeze(1), assignment.requested_ids, -1)  # padding: not counted
-                    counts, bad, cross_pairs = self._global_counts(count_valid_ids(ids, c.num_experts), bad)
+                ids = torch.where(valid.unsqueeze(1), assignment.requested_ids, -1)  # padding: not counted
+                local_counts = count_valid_ids(ids, c.num_experts)
+            if fold_counts and self.folds_counts:  # the dispatcher's count exchange completes it (same numbers)
+                pending = self._fold(local_counts, bad, probs, valid, update_bias, update_budget)
+            else:
+                counts, bad, cross_pairs = self._global_counts(local_counts, bad)
                 self._apply_group_counts(losses, counts, bad, cross_pairs, probs=probs, valid=valid,
                                          update_bias=update_bias, update_budget=update_budget)
         self.last_locality_coeff = locality_coeff

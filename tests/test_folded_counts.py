@@ -1,7 +1,8 @@
 """The router's EP-wide counts folded into the dispatcher's count exchange (locmoe_plugin/folded_counts.py):
 bitwise the same aux loss, router-weight gradients, expert bias and budget state as the router's own
-all-reduce, on 4 gloo ranks (2 nodes x 2) over a few training steps, with padding masks, a non-finite batch
-on one rank (every rank skips its steps) and an evaluation forward. One spawn."""
+all-reduce, on 4 gloo ranks (2 nodes x 2) over a few training steps, with padding masks, a capacity that
+drops pairs, a non-finite batch on one rank (every rank skips its steps) and an evaluation forward. One
+spawn."""
 
 import pytest
 import torch
@@ -18,8 +19,11 @@ CONFIGS = {
     # the "loss" budget (locality loss coefficient from the budget) with padding masks
     "locmoe_loss_padding": dict(routing="locmoe", budget_mechanism="loss", aux_loss_coeff=0.01,
                                 expert_bias_rate=0.01, padding=True),
-    # LocMoE with GrAP, the learned locality loss and bias (LocMoE+ always has a capacity: never folded)
+    # LocMoE with GrAP, the learned locality loss and bias
     "locmoe_grap_locality": dict(routing="locmoe", gate="grap", locality_loss_coeff=0.01, aux_loss_coeff=0.01),
+    # LocMoE+ with a capacity that drops pairs (the aux loss counts requested pairs, before the drops), padding
+    "hybrid_dropping": dict(routing="hybrid", capacity="factor", capacity_factor=1.0, min_capacity=0,
+                            aux_loss_coeff=0.01, expert_bias_rate=0.01, padding=True),
     # plain top-k, aux loss only, the flat_fast (pairs) count layout
     "topk_flat_fast": dict(routing="topk", aux_loss_coeff=0.01, mode="flat_fast"),
 }
