@@ -83,11 +83,11 @@ class FoldedCounts:
         table = counts.table.view(-1, counts.row_bins)  # [P, row_bins], identical on every EP rank
         extra = table[:, counts.extra_columns()]
         requested = extra[:, :n]  # [P, n] each rank's requested pairs per expert (padding left out)
-        total = requested.sum(0, dtype=torch.float32)  # integers: exact in fp32 below 2**24
+        group_counts = requested.sum(0, dtype=torch.float32)  # integers: exact in fp32 below 2**24
         bad = extra[:, n].sum(dtype=torch.float32) if self.reads_bad else None
         cross = None
         if self.crosses:
             local = rank_local_experts(self.topology, requested.device)
             cross = requested.masked_fill(local, 0).sum(dtype=torch.float32)
-        self._finish(self.output, total, bad, cross)
+        self._finish(self.output, group_counts, bad, cross)
         self.done = True
