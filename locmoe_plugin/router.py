@@ -13,7 +13,9 @@ Collectives in forward (all on the EP group, all ranks call them in the same ord
     disagree raise the same error naming the setting, before any other collective;
   * ``aux_loss_scope="ep_group"`` with an aux-loss coefficient > 0, or with ``expert_bias_rate > 0`` or a
     ``cross_node_budget`` in a training forward under grad: one all-reduce of ``n + 1`` numbers (per-expert
-    pairs, ranks with non-finite logits; plus the cross-node pairs with a budget), shared by all three;
+    pairs, ranks with non-finite logits; plus the cross-node pairs with a budget), shared by all three -
+    none when the counts are folded into the dispatcher's count exchange (:meth:`LocMoERouter.fold_counts_with`,
+    :mod:`locmoe_plugin.folded_counts`; then ``RouterOutput.pending`` is completed by the dispatcher);
   * capacity ``bound``/``adaptive``: a tiny all-reduce at estimation steps only.
 
 LocMoE+ (``routing="hybrid"``) ranks its expert choice by the unbiased token-expert cosine; the locality
@@ -22,6 +24,7 @@ bias moves only the token choice (see ``forward``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,6 +36,7 @@ from .agreement import check_agreement, config_settings, group_active
 from .budget import CrossNodeBudget, unconstrained_share
 from .capacity import CapacityController
 from .config import ConfigError, LocMoEConfig
+from .folded_counts import FoldedCounts
 from .gate import build_gate, row_norm
 from .losses import locality_loss, switch_aux_loss, z_loss
 from .node_price import NodeRows
@@ -55,6 +59,10 @@ class RouterOutput:
         stats: telemetry of this call.
         total: the sum of the losses that can be non-zero (0-d), or None when there is none; the
             locality loss of a single node (identically 0) is left out of it, so its backward costs nothing.
+        pending: with the counts folded into the dispatcher's count exchange
+            (:meth:`LocMoERouter.fold_counts_with`), the count-dependent work (aux loss, expert-bias and
+            budget steps) left to the dispatcher; ``losses`` gets its ``"aux"`` and ``total`` is set when
+            it completes. None otherwise.
     """
 
     assignment: Assignment
@@ -63,10 +71,14 @@ class RouterOutput:
     losses: dict[str, torch.Tensor]
     stats: RoutingStats
     total: torch.Tensor | None = None
+    pending: FoldedCounts | None = None
 
     @property
     def total_loss(self) -> torch.Tensor:
         """Sum of the scaled losses (a 0-d tensor, 0 when every coefficient is 0)."""
+        if self.pending is not None and not self.pending.done:
+            raise RuntimeError("the router's losses wait for the dispatcher's count exchange: pass "
+                               "RouterOutput.pending to TokenDispatcher.forward / start_counts first")
         if self.total is not None:
             return self.total
         if not self.losses:
@@ -158,6 +170,8 @@ class LocMoERouter(nn.Module):
         #: whether the ranks of ``group`` agreed on the settings (checked at the first forward)
         self._settings_checked = False
         self._group_sums: tuple | None = None  # (group, whether the counts are all-reduced over it)
+        #: whether the EP group's counts may come from a dispatcher's count exchange (fold_counts_with)
+        self.folds_counts = False
 
     def _set_node_rows(self, topology: Topology) -> None:
         """The "node" budget's layout tables (:class:`~locmoe_plugin.node_price.NodeRows`) as buffers next to
@@ -190,6 +204,7 @@ class LocMoERouter(nn.Module):
         self.group = group
         self.capacity.group = group
         self._settings_checked = False
+        self.folds_counts = False  # decided again for the new group (fold_counts_with)
         device = self.expert_to_node.device
         self.expert_to_node = topology.expert_to_node.to(device)
         self.local_expert_mask = topology.local_expert_mask().to(device)
@@ -275,6 +290,18 @@ class LocMoERouter(nn.Module):
         n = self.config.num_experts
         return packed[:n], (None if bad is None else packed[n]), (packed[-1] if self._budget_acts else None)
 
+    def fold_counts_with(self, dispatcher_group) -> bool:
+        """Take the EP group's counts from the count exchange of a dispatcher on ``dispatcher_group`` (one
+        all-reduce per forward fewer; :mod:`locmoe_plugin.folded_counts`) when the math allows:
+        ``aux_loss_scope="ep_group"`` on a group of several ranks, and ``dispatcher_group`` is this router's
+        group (any capacity: the router's own counts ride in the exchange). A decision from settings only, alike on every EP rank.
+        Then a forward called with ``fold_counts=True`` that needs the counts returns them pending
+        (``RouterOutput.pending``), and its caller must hand that to the dispatcher's
+        :meth:`~locmoe_plugin.comm.TokenDispatcher.start_counts` (or ``forward(..., folded=...)``) before
+        reading the losses; other forwards all-reduce as before. Returns whether it folds."""
+        self.folds_counts = self._sums_over_group() and dispatcher_group is self.group
+        return self.folds_counts
+
     def _sums_over_group(self) -> bool:
         """Whether :meth:`_global_counts` all-reduces: ``aux_loss_scope="ep_group"`` on a group of several
         ranks. Decided once per group object (a process group's size is fixed), not in every forward."""
@@ -313,6 +340,53 @@ class LocMoERouter(nn.Module):
             return None
         return self.experts_by_row, self.expert_row, self.remote_row, price
 
+    def _apply_group_counts(self, losses: dict[str, torch.Tensor], counts: torch.Tensor, bad: torch.Tensor | None,
+                            cross_pairs: torch.Tensor | None, *, probs: torch.Tensor, valid: torch.Tensor | None,
+                            update_bias: bool, update_budget: bool) -> None:
+        """What the EP group's counts feed (``counts [n]`` fp32, ``bad`` / ``cross_pairs`` 0-d fp32 or None):
+        the aux loss into ``losses`` (first, wherever the other losses already are), the expert-bias and the
+        budget steps. The all-reduce path and the folded one (:meth:`_finish_folded`) run this same code."""
+        c = self.config
+        if c.aux_loss_coeff > 0:  # total pairs = the counts' sum (every routed, counted pair is in them)
+            rest = dict(losses)
+            losses.clear()  # the same dict object (the telemetry holds it), the aux loss first
+            losses["aux"] = switch_aux_loss(probs, counts, None, c.aux_loss_coeff, valid)
+            losses.update(rest)
+        # both after this batch's selection: the next forward routes with the new offsets; a batch with
+        # non-finite logits on any rank moves neither (its routing is noise)
+        if update_bias:
+            self._update_expert_bias(counts, bad)
+        if update_budget:
+            self.budget.update(cross_pairs, counts.sum() * (bad == 0))  # 0 pairs: no step
+
+    def _finish_folded(self, output: RouterOutput, counts: torch.Tensor, bad: torch.Tensor | None,
+                       cross_pairs: torch.Tensor | None, **kwargs) -> None:
+        """:class:`FoldedCounts`' completion: :meth:`_apply_group_counts` on ``output``'s losses, then its total
+        (summed in the same order as a forward that all-reduced: aux, locality, z)."""
+        self._apply_group_counts(output.losses, counts, bad, cross_pairs, **kwargs)
+        output.total = self._loss_total(output.losses)
+
+    def _loss_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The sum of the losses that can be non-zero, in ``losses``' order (None: none); one node's
+        locality loss (identically 0) is left out."""
+        total = None
+        for key, loss in losses.items():
+            if key == "locality" and self.topology.num_nodes == 1:
+                continue  # identically 0 (kept in `losses` for the log and for gradient checks)
+            total = loss if total is None else total + loss
+        return total
+
+    def _fold(self, counts: torch.Tensor, bad: torch.Tensor | None, probs: torch.Tensor,
+              valid: torch.Tensor | None, update_bias: bool, update_budget: bool) -> FoldedCounts:
+        """This forward's :class:`FoldedCounts`: its extra bins are what :meth:`_global_counts` would all-reduce,
+        as integers: ``counts [n]`` int64 (requested pairs per expert, padding left out), then the non-finite
+        flag when read."""
+        extra = counts if bad is None else torch.cat([counts, bad.reshape(1)])  # bool promoted to int64
+        finish = functools.partial(self._finish_folded, probs=probs, valid=valid, update_bias=update_bias,
+                                   update_budget=update_budget)
+        return FoldedCounts(extra, self.topology, reads_bad=bad is not None, crosses=self._budget_acts,
+                            finish=finish)
+
     @torch.no_grad()
     def _update_expert_bias(self, counts: torch.Tensor, bad: torch.Tensor) -> None:
         """``b += rate * sign(mean - load)``: under-loaded experts gain, over-loaded ones lose. Only in
@@ -325,12 +399,15 @@ class LocMoERouter(nn.Module):
         self.expert_bias.add_(step, alpha=self.config.expert_bias_rate)
 
     def forward(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None,
-                valid: torch.Tensor | None = None) -> RouterOutput:
+                valid: torch.Tensor | None = None, fold_counts: bool = False) -> RouterOutput:
         """Route ``hidden [..., d]`` (flattened to ``[s, d]``).
 
         ``token_ids [...]`` (the leading shape of ``hidden``, any integer dtype) is required by hash
         routing and ignored by the other modes. ``valid [...]`` bool marks the tokens the losses count
         (padding excluded, as Megatron's TopKRouter does); every token is still routed and dispatched.
+        ``fold_counts=True``: the caller passes ``RouterOutput.pending`` to the dispatcher's count exchange
+        (a layer that dispatches next, every EP rank alike); folded only where :meth:`fold_counts_with`
+        allowed it.
         """
         c = self.config
         if not self._settings_checked:
@@ -438,21 +515,20 @@ class LocMoERouter(nn.Module):
         learning = self.training and torch.is_grad_enabled()
         update_bias = self.expert_bias is not None and learning
         update_budget = self._budget_acts and learning
+        pending = None
         if logits is not None and (c.aux_loss_coeff > 0 or update_bias or update_budget):
             bad = (~torch.isfinite(logits)).any() if self._reads_bad else None
             if valid is None:
-                counts, bad, cross_pairs = self._global_counts(requested, bad)
+                local_counts = requested
             else:
                 ids = torch.where(valid.unsqueeze(1), assignment.requested_ids, -1)  # padding: not counted
-                counts, bad, cross_pairs = self._global_counts(count_valid_ids(ids, c.num_experts), bad)
-            if c.aux_loss_coeff > 0:  # total pairs = the counts' sum (every routed, counted pair is in them)
-                losses["aux"] = switch_aux_loss(probs, counts, None, c.aux_loss_coeff, valid)
-            # both after this batch's selection: the next forward routes with the new offsets; a batch with
-            # non-finite logits on any rank moves neither (its routing is noise)
-            if update_bias:
-                self._update_expert_bias(counts, bad)
-            if update_budget:
-                self.budget.update(cross_pairs, counts.sum() * (bad == 0))  # 0 pairs: no step
+                local_counts = count_valid_ids(ids, c.num_experts)
+            if fold_counts and self.folds_counts:  # the dispatcher's count exchange completes it (same numbers)
+                pending = self._fold(local_counts, bad, probs, valid, update_bias, update_budget)
+            else:
+                counts, bad, cross_pairs = self._global_counts(local_counts, bad)
+                self._apply_group_counts(losses, counts, bad, cross_pairs, probs=probs, valid=valid,
+                                         update_bias=update_bias, update_budget=update_budget)
         self.last_locality_coeff = locality_coeff
         if c.locality_loss_coeff > 0 or budget_mu is not None:
             if self.topology.num_nodes > 1 and budget_mu is not None:  # a tensor coefficient: no host sync
@@ -489,12 +565,11 @@ class LocMoERouter(nn.Module):
             losses=losses,  # detached when read (RoutingStats.to_dict): no op per loss here
         )
         self.last_stats = stats
-        total = None
-        for key, loss in losses.items():
-            if key == "locality" and self.topology.num_nodes == 1:
-                continue  # identically 0 (kept in `losses` for the log and for gradient checks)
-            total = loss if total is None else total + loss
-        return RouterOutput(assignment, probs, logits, losses, stats, total)
+        if pending is not None:  # the total is summed when the counts arrive, with the aux loss first
+            out = RouterOutput(assignment, probs, logits, losses, stats, None, pending)
+            pending.output = out
+            return out
+        return RouterOutput(assignment, probs, logits, losses, stats, self._loss_total(losses))
 
     def extra_repr(self) -> str:
         c = self.config

@@ -58,6 +58,7 @@ def _worker(rank, world):
                             dense_routing_map(dense, 8) is dense[1])
             res["forward_in_layer"] = ours["hierarchical"].router(x)
         out[("ep4", topk)] = res
+    out["folded"] = _folded_vs_all_reduce(rank, LocMoELayer)
     # A': EP=4 on one node: LocMoELayer uses the pairs plan (flat_fast) there
     torch.manual_seed(9)
     one = _build(LocMoELayer, 1, 4, {"gpus_per_node": 4}, 4)
@@ -82,9 +83,57 @@ def _worker(rank, world):
     return out
 
 
+def _folded_vs_all_reduce(rank, LocMoELayer):
+    """LocMoELayer with the router's counts folded into the dispatcher's count exchange (the default) and with
+    the router's own all-reduce: two training steps (the second with a padding mask) and an evaluation
+    forward; per step the output, input and router-weight gradients, the tracked aux loss (bits) and the
+    expert bias."""
+    from megatron.core.transformer.moe import moe_utils
+
+    from locmoe_plugin.megatron.router import flush_locmoe_metrics
+
+    locmoe = {"gpus_per_node": 2, "expert_bias_rate": 0.01}
+    layers = {}
+    for folded in (True, False):
+        torch.manual_seed(11)
+        layers[folded] = _build(LocMoELayer, 1, 4, locmoe, 2)
+    layers[False].router._folds, layers[False].token_dispatcher._take_folded = False, None  # the all-reduce path
+    res = {"folds": {f: layer.router._folds for f, layer in layers.items()}}
+    for folded, layer in layers.items():
+        torch.manual_seed(400 + rank)
+        steps = []
+        for step in range(3):
+            x = torch.randn(4 + rank, 2, D, requires_grad=True)
+            pad = (torch.rand(2, 4 + rank) > 0.7) if step == 1 else None  # [batch, seq], True = padding
+            layer.zero_grad(set_to_none=True)
+            moe_utils.clear_aux_losses_tracker()
+            layer.train(step < 2)
+            with torch.set_grad_enabled(step < 2):
+                y, _ = layer(x, padding_mask=None if pad is None else ~pad)
+                if step < 2:
+                    (y * torch.randn_like(y)).sum().backward()
+            flush_locmoe_metrics()
+            tracked = moe_utils.get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"].clone()
+            grads = [p.grad.view(torch.int32) for p in layer.router.parameters() if p.grad is not None]
+            steps.append((y.detach().view(torch.int32), None if x.grad is None else x.grad.view(torch.int32),
+                          grads, tracked.view(torch.int32), layer.router.core.expert_bias.view(torch.int32).clone()))
+        res[folded] = steps
+    return res
+
+
 def test_locmoe_dispatcher_in_megatron_moe_layer():
     results = run_workers(_worker, 4)
     for res in results:
+        folded = res["folded"]
+        assert folded["folds"] == {True: True, False: False}
+        for step, (new, old) in enumerate(zip(folded[True], folded[False])):
+            for i, what in enumerate(("output", "input grad", "router grads", "aux loss", "expert bias")):
+                a, b = new[i], old[i]
+                same = a is None and b is None or (
+                    all(torch.equal(u, v) for u, v in zip(a, b)) and len(a) == len(b) if isinstance(a, list)
+                    else torch.equal(a, b))
+                assert same, (step, what)
+        assert len(folded[True][0][2]) > 0 and bool(folded[True][0][3].ne(0).any())  # gradients and a loss seen
         for topk in (2, 4):
             r = res[("ep4", topk)]
             y_ref, g_ref = r["ref"]

@@ -43,11 +43,12 @@ def test_locmoe_layer_issues_no_more_kernels_than_megatron_alltoall():
 
 
 # LocMoELayer across 2 nodes x 2 (two-stage plan; dense gate, mu 0, so about half the pairs cross nodes)
-# measured 310 kernels per forward + backward (docs/dispatcher.md, "Host work of the two-stage plan").
+# measured 312 kernels per forward + backward (docs/dispatcher.md, "Host work of the two-stage plan"; the
+# router's counts folded into the count exchange: two more kernels than its all-reduce, one collective fewer).
 # The margin of 8 covers what the random routing may change without a code change: a hop whose copy level
 # turns sparse adds a stable sort and a gather (up to ~4 kernels as the CPU profiler counts a sort), and a
 # hop whose group moves no row drops or adds its packing.
-TWO_NODE_KERNELS, TWO_NODE_MARGIN = 310, 8
+TWO_NODE_KERNELS, TWO_NODE_MARGIN = 312, 8
 
 
 def test_two_node_locmoe_layer_kernel_count_does_not_grow():

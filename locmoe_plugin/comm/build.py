@@ -44,11 +44,14 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"dispatch mode {mode!r} is not one of {', '.join(map(repr, PLAN_MODES))}")
 
 
-def start_counts(expert_ids: torch.Tensor, groups: CommGroups, mode: str) -> RoutingCounts:
-    """The device half of the count exchange for ``mode`` (no host wait; see :mod:`.counts`)."""
+def start_counts(expert_ids: torch.Tensor, groups: CommGroups, mode: str,
+                 extra: torch.Tensor | None = None) -> RoutingCounts:
+    """The device half of the count exchange for ``mode`` (no host wait; see :mod:`.counts`); ``extra [m]``
+    int64 bins ride along in this rank's row (:meth:`.counts.RoutingCounts.extra_columns`)."""
     expert_ids = expert_ids.long()
     return RoutingCounts.started(groups, expert_ids, expert_ids.shape[1], per_token=mode not in PER_PAIR_COUNT_MODES,
-                                 positions=mode == "flat_fast")  # only the pairs plan sends from these positions
+                                 positions=mode == "flat_fast",  # only the pairs plan sends from these positions
+                                 extra=extra)
 
 
 def build_plan(

@@ -130,7 +130,9 @@ class RoutingCounts:
     On the device it is one histogram: per token, its number of nodes, its ranks on each node and its
     experts on each rank (each clamped to its level count), and its slot bins (expert ids; -1 and invalid
     ids in three extra bins, :func:`.counting_sort.slot_bins`), scatter-added into one int64 vector; the
-    host turns those histograms into the counts above. ``node_mask [s, N]``: the nodes each token needs
+    host turns those histograms into the counts above. ``extra [m]`` int64 (optional): bins a caller appends
+    to this rank's row, identical in size on every rank (the router's folded counts:
+    :mod:`locmoe_plugin.folded_counts`); the plan never reads them (:meth:`extra_columns`). ``node_mask [s, N]``: the nodes each token needs
     (the rail hop's mask). ``per_token=False`` (the flat_fast plan) counts only the pairs per expert
     (``C``), from the pairs plan's counting sort (``pairs_before``, ``slot_bins``: see
     :mod:`.counting_sort`), plus one more bin, the most slots one (token, expert) cell holds, so that a
@@ -138,15 +140,16 @@ class RoutingCounts:
 
     @classmethod
     def started(cls, groups: CommGroups, expert_ids: torch.Tensor, k: int, per_token: bool = True,
-                positions: bool = True) -> "RoutingCounts":
+                positions: bool = True, extra: torch.Tensor | None = None) -> "RoutingCounts":
         """The device half only; call :meth:`wait_host` before reading the host lists. ``positions=False``
-        (with ``per_token=False``): the histogram without the pairs' send positions (``pairs_before`` None)."""
+        (with ``per_token=False``): the histogram without the pairs' send positions (``pairs_before`` None).
+        ``extra [m]`` int64: bins appended to this rank's row (same ``m`` on every rank)."""
         counts = cls()
-        counts.start(groups, expert_ids, k, per_token, positions)
+        counts.start(groups, expert_ids, k, per_token, positions, extra)
         return counts
 
     def start(self, groups: CommGroups, expert_ids: torch.Tensor, k: int, per_token: bool = True,
-              positions: bool = True) -> None:
+              positions: bool = True, extra: torch.Tensor | None = None) -> None:
         t = groups.topology
         s = expert_ids.shape[0]
         dev = expert_ids.device
@@ -185,12 +188,17 @@ class RoutingCounts:
                 1,
             ).reshape(-1)
             local = torch.zeros(lay["bins"], dtype=torch.long, device=dev).scatter_add_(0, keys, one.expand(keys.numel()))
+        bins = lay["bins"]
+        if extra is not None:  # after every bin the plan reads: the plan's offsets stay as they are
+            local = torch.cat([local, extra])
+            bins += extra.numel()
+        self._extra = slice(lay["bins"], bins)
         if groups.ep is not None and t.ep_size > 1:
-            table = local.new_empty(t.ep_size * lay["bins"])
+            table = local.new_empty(t.ep_size * bins)
             ALL_GATHER_SINGLE(table, local, group=groups.ep)
         else:
             table = local
-        self._table, self._bins, self._expert_bins = table, lay["bins"], lay["expert_bins"]
+        self._table, self._bins, self._expert_bins = table, bins, lay["expert_bins"]
         self._num_experts = e
         self._per_token, self._num_nodes = per_token, n
         self._layout = lay  # read for its bin offsets only
@@ -255,13 +263,22 @@ class RoutingCounts:
 
     @property
     def table(self) -> torch.Tensor:
-        """``[P * bins]`` int64 on the device, identical on every EP rank. The router's aux loss needs
-        the pairs per expert summed over the EP group; that sum is
-        ``table.view(P, bins)[:, expert_bins : expert_bins + E].sum(0)`` (``expert_bins`` from
-        :meth:`expert_columns`), so a router that routes before the exchange can take its load from here
-        instead of a separate all-reduce (the counts are of kept slots: after capacity drops)."""
+        """``[P * row_bins]`` int64 on the device, identical on every EP rank. The EP group's pairs per
+        expert are ``table.view(P, row_bins)[:, expert_columns()].sum(0)`` (of kept slots: after capacity
+        drops); a dropless router takes its load from here instead of its own all-reduce
+        (:mod:`locmoe_plugin.folded_counts`)."""
         return self._table
 
     def expert_columns(self) -> slice:
         """Columns of one rank's row of :attr:`table` that hold its pairs per expert."""
         return slice(self._expert_bins, self._expert_bins + self._num_experts)
+
+    def extra_columns(self) -> slice:
+        """Columns of one rank's row of :attr:`table` that hold the ``extra`` bins given to :meth:`start`
+        (empty when none were)."""
+        return self._extra
+
+    @property
+    def row_bins(self) -> int:
+        """Bins of one rank's row of :attr:`table` (``table.view(P, row_bins)``), ``extra`` included."""
+        return self._bins

@@ -202,10 +202,19 @@ class TokenDispatcher:
     def topology(self):
         return self.groups.topology
 
-    def start_counts(self, expert_ids: torch.Tensor) -> RoutingCounts:
+    def start_counts(self, expert_ids: torch.Tensor, folded=None) -> RoutingCounts:
         """The device half of the count exchange (all-gather and an asynchronous copy to the host, no
-        host wait): call early (Megatron: ``dispatch_preprocess``) and pass the result to :meth:`prepare`."""
-        return start_counts(expert_ids, self.groups, self.plan_mode)
+        host wait): call early (Megatron: ``dispatch_preprocess``) and pass the result to :meth:`prepare`.
+
+        ``folded``: a router forward's :class:`~locmoe_plugin.folded_counts.FoldedCounts` (its
+        ``RouterOutput.pending``): its bins ride in this rank's row of the table and it is completed right
+        after the all-gather, on the device (aux loss, expert-bias and budget steps; no host wait), so the
+        router needs no all-reduce of its own. Every EP rank passes one or none alike (the router's choice
+        depends on settings and the training mode only)."""
+        counts = start_counts(expert_ids, self.groups, self.plan_mode, None if folded is None else folded.extra_bins)
+        if folded is not None:
+            folded.complete(counts)
+        return counts
 
     def prepare(self, expert_ids: torch.Tensor, weights: torch.Tensor, counts: RoutingCounts | None = None) -> Plan:
         """Build the routing plan (the count exchange's one host wait; the flat plan's metadata exchange)
@@ -291,6 +300,7 @@ class TokenDispatcher:
         expert_fn: Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor],
         chunks: int | None = None,
         mark: Callable[[str], None] | None = None,
+        folded=None,
     ) -> torch.Tensor:
         """Dispatch, run ``expert_fn(expert_input, tokens_per_expert)``, combine.
 
@@ -309,7 +319,8 @@ class TokenDispatcher:
         (autograd-connected, also for an empty block): a block's backward rail step is launched when the
         gradient reaches that block's input, so an output cut off from it would leave the step unlaunched on
         this rank while the others wait; an output without an autograd history is refused. ``chunks`` was the old chunked overlap: pass
-        ``overlap=True`` to the constructor instead. ``mark(name)``: called (host side) at
+        ``overlap=True`` to the constructor instead. ``folded``: the router's pending counts
+        (``RouterOutput.pending``), completed in the count exchange (:meth:`start_counts`). ``mark(name)``: called (host side) at
         ``"rail_launched"``, ``"local_experts_start"``, ``"local_experts_end"`` and ``"rail_waited"`` (the
         last block arrived) of the overlapped path, e.g. to record device events for a timeline.
         """
@@ -321,8 +332,8 @@ class TokenDispatcher:
         d = hidden.shape[-1]
         x = hidden.reshape(-1, d)
         plan = None
-        if self.overlap_active:
-            plan = self.prepare(expert_ids, weights)
+        if self.overlap_active or folded is not None:
+            plan = self.prepare(expert_ids, weights, self.start_counts(expert_ids, folded))
         if plan is None or plan.origin_split is None:
             inp, handle = self.dispatch(x, expert_ids, weights, plan)
             out = self.combine(expert_fn(inp, handle.tokens_per_expert), handle)

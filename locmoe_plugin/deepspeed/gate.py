@@ -12,6 +12,9 @@ Same math as the Megatron router and :class:`~locmoe_plugin.deepspeed.LocMoE` (o
 With a dense gate, plain top-k routing, no capacity (DeepSpeed ``drop_tokens=False``), ``renormalize``
 off for k=1, and DeepSpeed's randomness off (``use_rts=False``, ``top2_2nd_expert_sampling=False``),
 it selects the same experts with the same weights as TopKGate for every k (tested for k = 1, 2, 4).
+The router keeps its own count all-reduce here (``aux_loss_scope="ep_group"``): the gate returns ``l_aux``
+before DeepSpeed's dispatch, whose count exchange is not the plugin's, so nothing can be folded into it
+(:class:`~locmoe_plugin.deepspeed.LocMoE` folds it into its dispatcher's).
 Intended differences: capacity drops follow LocMoE's drop policy (TopKGate: random or position for
 k=1, first choices before second for k=2, by probability for k>2, renormalising after the drop);
 ``exp_counts`` counts every slot before capacity (TopKGate k=2 counts first choices only); ``l_aux`` is

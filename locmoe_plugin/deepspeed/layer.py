@@ -14,6 +14,11 @@ the config (``aux_loss_coeff``, ``locality_loss_coeff``, ``z_loss_coeff``). Add 
 loop that multiplies it by a coefficient again weakens balancing and locality by that factor
 (docs/deepspeed.md).
 
+Collectives: with dropless capacity (the default) and the EP-wide aux loss, the router takes its EP-wide
+counts from the dispatcher's count all-gather (``LocMoERouter.fold_counts_with``), one collective per
+forward fewer; ``l_aux`` is complete once the layer's forward returns. ``LocMoEGate`` (DeepSpeed's own
+``MOELayer`` and dispatch) keeps the router's all-reduce: its ``l_aux`` is returned before any dispatch.
+
 Differences from DeepSpeed's TopKGate (intended): LocMoE's capacity modes (``none`` = dropless by
 default) replace DeepSpeed's ``capacity_factor`` / ``drop_tokens``; no random token selection or
 second-expert sampling; combine weights are renormalised over a token's top-k before any drop.
@@ -86,6 +91,8 @@ class _LocMoELayer(nn.Module):
         groups = build_comm_groups(topo, ep_group, all_group_ranks(ep_group))
         d = self.dispatcher_settings
         self.dispatcher = TokenDispatcher(groups, d.mode, overlap=d.overlap)
+        # dropless with the EP-wide aux loss: the router's counts come from the dispatcher's count exchange
+        self.router.fold_counts_with(groups.ep)
 
     def _run_experts(self, inp: torch.Tensor, tokens_per_expert) -> torch.Tensor:
         outs, start = [], 0
@@ -104,11 +111,12 @@ class _LocMoELayer(nn.Module):
                 "layer.set_deepspeed_parallelism() first"
             )
         x = hidden.reshape(-1, hidden.shape[-1])
-        out = self.router(x)
+        out = self.router(x, fold_counts=True)  # the dispatcher below completes out.pending, if any
         a = out.assignment
         # with the overlap (hierarchical across nodes) the experts run on this node's rows while the other
         # nodes' rows cross the network, then on those (TokenDispatcher.forward)
-        y = self.dispatcher.forward(x, a.expert_ids, a.weights, self._run_experts)
+        # out.pending (folded counts): completed in the dispatcher's count exchange, before l_aux is read
+        y = self.dispatcher.forward(x, a.expert_ids, a.weights, self._run_experts, folded=out.pending)
         self.l_aux = out.total_loss
         self.exp_counts = out.stats.tokens_per_expert
         return y.reshape(hidden.shape)

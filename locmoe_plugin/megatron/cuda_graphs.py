@@ -11,6 +11,10 @@ the data. Not capturable, refused with one message:
   * ``LocMoELayer`` with the dispatch preprocess (``moe_preprocess``, which the ``local`` implementation
     adds to ``moe_router`` by itself), the whole MoE (``moe``) or the whole layer: its preprocess reads the
     split sizes back to the host (one sync, as Megatron's own ``alltoall`` dispatcher with a capacity).
+
+A captured router keeps its own count all-reduce instead of folding it into ``LocMoELayer``'s count
+exchange (:func:`captures_router`): a replay runs no Python, so nothing could hand its counts over to the
+dispatcher's later, uncaptured phase (``docs/overlap.md``).
 """
 
 from __future__ import annotations
@@ -36,12 +40,18 @@ def captured_scopes(config) -> set[str]:
     return {"full layer"} if not names or "full" in names else names
 
 
+def captures_router(config) -> bool:
+    """Whether the configured CUDA graphs capture the router (then it keeps its own count all-reduce: a
+    replay runs no Python, so it could not hand its counts to the dispatcher's later exchange)."""
+    return bool(captured_scopes(config) & _ROUTER_SCOPES)
+
+
 def check_cuda_graph_support(config, locmoe: LocMoEConfig, with_locmoe_dispatcher: bool) -> None:
     """Raise ConfigError if the configured CUDA graphs would capture a part of LocMoE that cannot be
     captured (see the module doc)."""
-    scopes = captured_scopes(config)
-    if not scopes & _ROUTER_SCOPES:
+    if not captures_router(config):
         return
+    scopes = captured_scopes(config)
     problems = []
     if locmoe.capacity in ("bound", "adaptive"):
         problems.append(f"capacity {locmoe.capacity!r} estimates its factor on the host; use --locmoe-capacity "

@@ -8,6 +8,13 @@ count exchange (one all-gather and an asynchronous copy of the table to the host
 dispatcher copies its counts on a side stream); ``token_dispatch`` waits for it (the layer's one host
 sync), exchanges the routing metadata and moves the payload.
 
+Folded router counts: in ``LocMoELayer`` (dropless capacity, EP-wide aux loss, router not captured in a
+CUDA graph) the router does not all-reduce its per-expert counts; ``dispatch_preprocess`` appends its
+extra bins to this rank's count histogram, completes the router's aux loss, expert-bias and budget steps
+from the all-gathered table on the device, and returns the probs with the router's losses attached
+(``MoEAuxLossAutoScaler``, as the router attaches them otherwise): one collective per layer forward fewer
+(:mod:`locmoe_plugin.folded_counts`).
+
 Overlap (``overlap=True``, off by default; a no-op on a one-node EP group): Megatron's ``MoELayer`` runs the
 experts between ``token_dispatch`` and ``token_combine``, on all rows at once, so the experts cannot
 hide the inter-node transfer here. What overlaps: in ``token_dispatch`` the rail (inter-node) transfer
@@ -91,6 +98,7 @@ class LocMoETokenDispatcher:
         ep_ranks = all_group_ranks(pg_collection.ep) if topology.ep_size > 1 else None
         groups = build_comm_groups(topology, pg_collection.ep, ep_ranks)
         self.core = TokenDispatcher(groups, settings.mode, overlap=settings.overlap)
+        self._take_folded = None  # the router's LocMoEMegatronRouter.take_folded when its counts are folded here
         self._plan = None
         self._routing = None  # (ids, weights, counts in flight) between dispatch_preprocess and token_dispatch
         self._hidden_shape = None
@@ -98,6 +106,14 @@ class LocMoETokenDispatcher:
     @property
     def traffic(self):
         return self.core.traffic
+
+    def fold_router_counts(self, router) -> bool:
+        """Take ``router``'s (a ``LocMoEMegatronRouter``'s) EP-wide counts from this dispatcher's count
+        exchange where the math allows (:meth:`LocMoEMegatronRouter.fold_counts_with`). Returns whether it
+        does."""
+        folds = router.fold_counts_with(self.core.groups.ep)
+        self._take_folded = router.take_folded if folds else None
+        return folds
 
     # ---------------------------------------------------------------------------- dispatch
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
@@ -108,8 +124,13 @@ class LocMoETokenDispatcher:
             ids, weights = routing_map, probs
         else:  # Megatron's dense form, from any router
             ids, weights = dense_to_index(probs, routing_map, self.topk)
-        # the count exchange starts here; its host copy lands while the layer does other work
-        self._routing = (ids, weights, self.core.start_counts(ids))
+        # the count exchange starts here; its host copy lands while the layer does other work. With the router's
+        # counts folded into it, the router's losses and steps complete right after its all-gather (device work)
+        folded = None if self._take_folded is None else self._take_folded()
+        counts = self.core.start_counts(ids, None if folded is None else folded.counts)
+        self._routing = (ids, weights, counts)
+        if folded is not None:
+            weights = folded.attach(weights)
         return x, weights
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
@@ -202,11 +223,13 @@ def make_locmoe_layer_class():
                 self.num_local_experts, self.local_expert_indices, config, pgc,
                 self.router.topology, self.router.dispatcher_settings,
             )
+            # the router's EP-wide counts ride in the dispatcher's count exchange where the math allows
+            self.token_dispatcher.fold_router_counts(self.router)
 
         def route(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None):
             """The LocMoE router's index form ``(weights [s, k], expert_ids [s, k])``, which this layer's
             dispatcher takes in place of Megatron's dense ``(probs, routing_map)``."""
-            return self.router.route_indices(hidden_states, padding_mask)
+            return self.router.route_indices(hidden_states, padding_mask, dispatch_follows=True)
 
         if _cuda_graph_route_decorator is not None:  # as MoELayer.route: partial CUDA graphs can skip it
             route = _cuda_graph_route_decorator("route")(route)

@@ -37,7 +37,7 @@ from ..router import LocMoERouter
 from ..routing import index_to_dense
 from ..topology import Topology
 from .compat import aux_loss_coeff, capacity_from_megatron, check_supported
-from .cuda_graphs import check_cuda_graph_support
+from .cuda_graphs import captures_router, check_cuda_graph_support
 from . import metrics
 from .metrics import LOSS_METRICS, TELEMETRY_METRICS, drop_stale_locmoe_metrics, flush_locmoe_metrics
 from .token_ids import TokenIdsHandle, attach_token_ids, current_token_ids
@@ -90,8 +90,11 @@ class IndexRouting(torch.nn.Module):
         super().__init__()
         self._router = weakref.ref(router)  # not a child module: no cycle in the module tree
 
-    def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        return self._router()._route(hidden, padding_mask, index_form=True)
+    def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None, dispatch_follows: bool = False):
+        """``dispatch_follows=True`` (``LocMoELayer.route``): ``LocMoELayer``'s ``dispatch_preprocess`` runs next and
+        completes the losses from its count exchange when the router folds its counts into it
+        (:meth:`LocMoEMegatronRouter.fold_counts_with`); any other call keeps the router's own all-reduce."""
+        return self._router()._route(hidden, padding_mask, index_form=True, dispatch_follows=dispatch_follows)
 
 
 def locmoe_config_from_megatron(config, overrides: Mapping[str, Any] | None = None) -> LocMoEConfig:
@@ -169,6 +172,8 @@ class LocMoEMegatronRouter(torch.nn.Module):
         self._telemetry_sum: torch.Tensor | None = None  # raw telemetry counts summed since the last flush
         self._loss_sums: dict[str, torch.Tensor] = {}  # loss values summed since the last flush (deferred)
         self._telemetry_forwards = 0
+        self._folded: _FoldedRoute | None = None  # a routing whose losses wait for the count exchange
+        self._folds = False  # whether LocMoELayer's dispatcher takes the counts (fold_counts_with)
         metrics._live.add(self)
         # what forward adds up, one fp32 row per forward into one persistent buffer (one kernel; the same
         # memory every time, so a CUDA graph replay of the router adds to what the flush reads):
@@ -199,6 +204,7 @@ class LocMoEMegatronRouter(torch.nn.Module):
                 f"(--locmoe / locmoe_spec), whose dispatcher handles drops"
             )
         check_cuda_graph_support(config, self.locmoe_config, with_locmoe_dispatcher)
+        self._graph_captured = bool(captures_router(config))
         recompute = getattr(config, "recompute_granularity", None)
         reruns_router = recompute == "full" or (recompute == "selective" and "moe" in (config.recompute_modules or ()))
         moves_in_forward = self.locmoe_config.expert_bias_rate > 0 or self.locmoe_config.cross_node_budget is not None
@@ -319,22 +325,52 @@ class LocMoEMegatronRouter(torch.nn.Module):
         """
         return self._route(hidden, padding_mask, index_form=False)
 
-    def _route(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None, index_form: bool):
-        """The routing of :meth:`forward` (``index_form=False``, dense) or :attr:`route_indices` (True)."""
-        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    def fold_counts_with(self, dispatcher_group) -> bool:
+        """Leave the EP group's counts to ``LocMoELayer``'s dispatcher on ``dispatcher_group`` (see
+        :meth:`LocMoERouter.fold_counts_with`): then a forward's losses are attached to the probs that
+        ``dispatch_preprocess`` returns (:meth:`take_folded`), not to the router's. Not under a CUDA graph
+        that captures the router (a replay would skip the Python that hands the counts over): there the
+        router keeps its all-reduce. Returns whether it folds."""
+        self._folds = self.core.fold_counts_with(dispatcher_group) and not self._graph_captured
+        return self._folds
 
+    def take_folded(self) -> "_FoldedRoute | None":
+        """The last forward's routing whose losses wait for the dispatcher's count exchange (None: nothing
+        waits); taken once (``LocMoELayer``'s ``dispatch_preprocess`` calls it right after the route)."""
+        folded, self._folded = self._folded, None
+        return folded
+
+    def _route(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None, index_form: bool,
+               dispatch_follows: bool = False):
+        """The routing of :meth:`forward` (``index_form=False``, dense) or :attr:`route_indices` (True);
+        ``dispatch_follows``: see :class:`IndexRouting`."""
         token_ids = current_token_ids() if self.locmoe_config.routing == "hash" else None
         valid = None if padding_mask is None else ~padding_mask.bool()
-        out = self.core(hidden, token_ids, valid)
+        if self._folded is not None:
+            raise RuntimeError(
+                "the previous routing's losses were never completed: with folded counts every route is "
+                "followed by LocMoELayer's dispatch_preprocess (call the router through LocMoELayer)"
+            )
+        out = self.core(hidden, token_ids, valid, fold_counts=self._folds and dispatch_follows)
         if index_form:
             probs, routing_map = out.assignment.weights, out.assignment.expert_ids
         else:
             probs, routing_map = out.to_megatron()
+        if out.pending is not None:  # completed in dispatch_preprocess, which attaches the losses
+            self._folded = _FoldedRoute(self, out)
+            return probs, routing_map
+        return self._attach_losses(out, probs), routing_map
+
+    def _attach_losses(self, out, probs: torch.Tensor) -> torch.Tensor:
+        """``probs`` with the router's losses attached (``MoEAuxLossAutoScaler``), the losses logged (or summed
+        for the flush) and the telemetry summed."""
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
         if out.total is not None:
             # one autoscaler for the sum: each loss gets the same scaled gradient as with one per loss
             probs = MoEAuxLossAutoScaler.apply(probs, out.total)
         if self.layer_number is None:  # as the tracker: no layer number, nothing recorded
-            return probs, routing_map
+            return probs
         deferred = out.losses if metrics.report_flushes() else {}  # recorded at the flush, summed on the device
         if not deferred:
             for key, loss in out.losses.items():
@@ -356,7 +392,7 @@ class LocMoEMegatronRouter(torch.nn.Module):
                 self._sums, self._sum_keys = torch.zeros_like(row), tuple(deferred)
                 metrics._accumulating.add(self)  # once per buffer, not per forward
             self._sums.add_(row)
-        return probs, routing_map
+        return probs
 
     def _flush_sums(self) -> None:
         """Move the persistent buffer's sums into ``_loss_sums`` / ``_telemetry_sum`` /
@@ -397,3 +433,21 @@ class LocMoEMegatronRouter(torch.nn.Module):
                 self._log(name, values[i])
         self._telemetry_sum = None
         self._telemetry_forwards = 0
+
+
+class _FoldedRoute:
+    """A routing of :class:`LocMoEMegatronRouter` whose losses wait for ``LocMoELayer``'s count exchange.
+
+    ``counts``: the core router's :class:`~locmoe_plugin.folded_counts.FoldedCounts`, for
+    ``TokenDispatcher.start_counts``; :meth:`attach` (after it completed) attaches the losses to the probs
+    ``dispatch_preprocess`` returns and records them and the telemetry, as an unfolded route does itself."""
+
+    def __init__(self, router: LocMoEMegatronRouter, out) -> None:
+        self.router, self.out = router, out
+
+    @property
+    def counts(self):
+        return self.out.pending
+
+    def attach(self, probs: torch.Tensor) -> torch.Tensor:
+        return self.router._attach_losses(self.out, probs)
