@@ -10,7 +10,7 @@ completes it right after the all-gather, on the device: one collective per layer
 sync added.
 
 When (:meth:`~locmoe_plugin.router.LocMoERouter.fold_counts_with` decides once, from settings, alike on
-every EP rank): ``aux_loss_scope="ep_group"`` on a group of several ranks, and the dispatcher's EP group
+every EP rank): ``aux_loss_scope="ep_group"`` on a group that spans nodes, and the dispatcher's EP group
 is the router's group; per forward, the caller says that the dispatcher follows (``fold_counts=True``).
 
 What rides: this rank's own numbers, the ones the all-reduce would sum (``[n + 1]`` or ``[n]`` int64,

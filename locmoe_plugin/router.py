@@ -294,12 +294,17 @@ class LocMoERouter(nn.Module):
         """Take the EP group's counts from the count exchange of a dispatcher on ``dispatcher_group`` (one
         all-reduce per forward fewer; :mod:`locmoe_plugin.folded_counts`) when the math allows:
         ``aux_loss_scope="ep_group"`` on a group of several ranks, and ``dispatcher_group`` is this router's
-        group (any capacity: the router's own counts ride in the exchange). A decision from settings only, alike on every EP rank.
+        group (any capacity: the router's own counts ride in the exchange), and the group spans nodes. A
+        decision from settings only, alike on every EP rank. On one node the router keeps its all-reduce: there
+        the fold saves an NVLink all-reduce of ``n`` numbers, and a one-node layer measured slower with it
+        (docs/overlap.md, "The router's counts in the count exchange"); across nodes it saves a collective on
+        the inter-node link.
         Then a forward called with ``fold_counts=True`` that needs the counts returns them pending
         (``RouterOutput.pending``), and its caller must hand that to the dispatcher's
         :meth:`~locmoe_plugin.comm.TokenDispatcher.start_counts` (or ``forward(..., folded=...)``) before
         reading the losses; other forwards all-reduce as before. Returns whether it folds."""
-        self.folds_counts = self._sums_over_group() and dispatcher_group is self.group
+        self.folds_counts = (self._sums_over_group() and dispatcher_group is self.group
+                             and self.topology.num_nodes > 1)
         return self.folds_counts
 
     def _sums_over_group(self) -> bool:

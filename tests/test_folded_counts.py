@@ -86,10 +86,27 @@ def _run(rank, world, name, settings, folded_path):
     return folds, steps
 
 
+def _one_node_keeps_the_all_reduce(rank, world):
+    """On one node x 4 the router does not fold (it keeps its all-reduce), and its output is complete."""
+    import torch.distributed as dist
+
+    from locmoe_plugin import LocMoEConfig, LocMoERouter, Topology
+    from locmoe_plugin.comm import TokenDispatcher, build_comm_groups
+
+    topo = Topology.from_ranks_per_node(world, world, E, ep_rank=rank)
+    router = LocMoERouter(LocMoEConfig(num_experts=E, hidden_size=D, topk=K, routing="topk", aux_loss_coeff=0.01),
+                          topo, group=dist.group.WORLD).train()
+    disp = TokenDispatcher(build_comm_groups(topo, dist.group.WORLD))
+    folds = router.fold_counts_with(disp.groups.ep)
+    out = router(torch.randn(S, D), fold_counts=True)
+    return folds, out.pending is None and "aux" in out.losses
+
+
 def _worker(rank, world):
     out = {}
     for name, settings in CONFIGS.items():
         out[name] = {path: _run(rank, world, name, settings, path) for path in (False, True)}
+    out["one_node"] = _one_node_keeps_the_all_reduce(rank, world)
     return out
 
 
@@ -106,6 +123,7 @@ def _equal(a, b):
 def test_folded_counts_bitwise_equal_to_the_all_reduce_2x2():
     results = run_workers(_worker, 4)
     for rank, res in enumerate(results):
+        assert res["one_node"] == (False, True), rank  # one node: no fold, the all-reduce path complete
         for name in CONFIGS:
             (folds_old, old), (folds_new, new) = res[name][False], res[name][True]
             assert not folds_old and folds_new, (rank, name)

@@ -14,7 +14,7 @@ the config (``aux_loss_coeff``, ``locality_loss_coeff``, ``z_loss_coeff``). Add 
 loop that multiplies it by a coefficient again weakens balancing and locality by that factor
 (docs/deepspeed.md).
 
-Collectives: with dropless capacity (the default) and the EP-wide aux loss, the router takes its EP-wide
+Collectives: with the EP-wide aux loss on an EP group that spans nodes, the router takes its EP-wide
 counts from the dispatcher's count all-gather (``LocMoERouter.fold_counts_with``), one collective per
 forward fewer; ``l_aux`` is complete once the layer's forward returns. ``LocMoEGate`` (DeepSpeed's own
 ``MOELayer`` and dispatch) keeps the router's all-reduce: its ``l_aux`` is returned before any dispatch.
@@ -91,7 +91,7 @@ class _LocMoELayer(nn.Module):
         groups = build_comm_groups(topo, ep_group, all_group_ranks(ep_group))
         d = self.dispatcher_settings
         self.dispatcher = TokenDispatcher(groups, d.mode, overlap=d.overlap)
-        # dropless with the EP-wide aux loss: the router's counts come from the dispatcher's count exchange
+        # EP-wide aux loss across nodes: the router's counts come from the dispatcher's count exchange
         self.router.fold_counts_with(groups.ep)
 
     def _run_experts(self, inp: torch.Tensor, tokens_per_expert) -> torch.Tensor:

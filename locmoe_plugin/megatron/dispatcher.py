@@ -8,8 +8,8 @@ count exchange (one all-gather and an asynchronous copy of the table to the host
 dispatcher copies its counts on a side stream); ``token_dispatch`` waits for it (the layer's one host
 sync), exchanges the routing metadata and moves the payload.
 
-Folded router counts: in ``LocMoELayer`` (dropless capacity, EP-wide aux loss, router not captured in a
-CUDA graph) the router does not all-reduce its per-expert counts; ``dispatch_preprocess`` appends its
+Folded router counts: in ``LocMoELayer`` (EP-wide aux loss, an EP group that spans nodes, router not
+captured in a CUDA graph) the router does not all-reduce its per-expert counts; ``dispatch_preprocess`` appends its
 extra bins to this rank's count histogram, completes the router's aux loss, expert-bias and budget steps
 from the all-gathered table on the device, and returns the probs with the router's losses attached
 (``MoEAuxLossAutoScaler``, as the router attaches them otherwise): one collective per layer forward fewer
