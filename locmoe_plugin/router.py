@@ -297,7 +297,7 @@ class LocMoERouter(nn.Module):
         group (any capacity: the router's own counts ride in the exchange), and the group spans nodes. A
         decision from settings only, alike on every EP rank. On one node the router keeps its all-reduce: there
         the fold saves an NVLink all-reduce of ``n`` numbers, and a one-node layer measured slower with it
-        (docs/overlap.md, "The router's counts in the count exchange"); across nodes it saves a collective on
+        (docs/overlap.md, "The router's counts ride in the count exchange"); across nodes it saves a collective on
         the inter-node link.
         Then a forward called with ``fold_counts=True`` that needs the counts returns them pending
         (``RouterOutput.pending``), and its caller must hand that to the dispatcher's
