@@ -110,7 +110,7 @@ DEFAULT_SYSTEMS = ("locmoe", "mcore_alltoall", "mcore_allgather", "mcore_groupli
 ONE_NODE_SYSTEMS = ("locmoe_allgather",)  # the allgather dispatcher is refused on EP groups spanning nodes
 
 
-def parse() -> argparse.Namespace:
+def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus-per-node", type=int, default=int(os.environ.get("LOCMOE_GPUS_PER_NODE", 0)) or None,
                    help="ranks per (emulated) node; default $LOCMOE_GPUS_PER_NODE, else the world size")
@@ -152,6 +152,9 @@ def parse() -> argparse.Namespace:
                         "(ends with small steps: less seed-to-seed spread of the final loss)")
     p.add_argument("--eval-batches", type=int, default=1,
                    help="validation batches (of --train-batch x --seq tokens per rank) for the held-out loss")
+    p.add_argument("--eval-seed", type=int, default=7,
+                   help="seed of the held-out windows (one set for every --seed, so the seeds of a quality "
+                        "comparison differ in training only, not in what they are evaluated on). Default: %(default)s")
     p.add_argument("--expert-bias-rate", type=float, default=0.0,
                    help="LocMoE routers: loss-free balancing rate (LocMoEConfig.expert_bias_rate), in training "
                         "and in the timed training steps; 0 = off")
@@ -177,7 +180,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--json", default=None)
     p.add_argument("--calibration", default=None, help="also write a `locmoe project --calibration` JSON here")
     p.add_argument("--seed", type=int, default=1234)
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 
@@ -650,7 +653,7 @@ def main() -> None:
             "intra_node_link": ctx.link_probe.summary("intra_node"), "mu": mus, "sync": args.sync,
             "train_steps": args.train_steps, "ds_capacity_factor": args.ds_capacity_factor,
             "aux_scope": args.aux_scope, "expert_bias_rate": args.expert_bias_rate, "budget": args.budget,
-            "budget_mechanism": _budget_mechanism(args), "budget_warmup": _budget_warmup(args), "seed": args.seed, "eval_batches": args.eval_batches, "lr_schedule": args.lr_schedule}
+            "budget_mechanism": _budget_mechanism(args), "budget_warmup": _budget_warmup(args), "seed": args.seed, "eval_seed": args.eval_seed, "eval_batches": args.eval_batches, "lr_schedule": args.lr_schedule}
     try:
         import deepspeed
 

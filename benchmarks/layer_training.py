@@ -59,6 +59,13 @@ def _budget_mechanism(a) -> str | None:
     return None if a.budget is None else a.budget_mechanism or DEFAULT_BUDGET_MECHANISM
 
 
+def eval_seed(a) -> int:
+    """Seed of the held-out windows: ``--eval-seed``; a namespace from before the option drew them from
+    ``--seed`` + 7 (each training seed its own windows)."""
+    value = getattr(a, "eval_seed", None)
+    return a.seed + 7 if value is None else value
+
+
 def _budget_warmup(a) -> int:
     """``--budget-warmup`` (0 without it, or from a namespace that predates it)."""
     return getattr(a, "budget_warmup", 0) or 0
@@ -136,8 +143,9 @@ def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: boo
     cr = ctx.allsum([torch.stack(cross[-n:]).sum().item(), torch.stack(routed[-n:]).sum().item()])
     load = torch.stack(loads[-n:]).sum(0)  # per expert over the last n steps, summed over ranks
     dist.all_reduce(load)
-    # held-out LM loss and cross-node share on validation windows (the same windows for every model)
-    vgen = torch.Generator().manual_seed(a.seed + 7 + 1000 * ctx.rank)
+    # held-out LM loss and cross-node share on validation windows: the same windows for every model and,
+    # from --eval-seed (not --seed), for every training seed, so seeds differ in training only
+    vgen = torch.Generator().manual_seed(eval_seed(a) + 1000 * ctx.rank)
     model.eval()
     vloss = vcross = vrouted = 0.0
     with torch.no_grad():

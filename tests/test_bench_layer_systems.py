@@ -21,3 +21,14 @@ def test_every_locmoe_row_is_compared_with_megatrons_allgather_layer(bench):
     lines = bench.comparisons({"meta": {"nodes": 1}, "systems": systems})
     assert "compare: locmoe_allgather / mcore_allgather = 1.000 [per-round ratios: quartiles 0.900-1.000]" in lines
     assert any(line.startswith("compare: locmoe_dense / mcore_allgather = 1.056") for line in lines), lines
+
+
+def test_held_out_windows_do_not_depend_on_the_training_seed(bench):
+    import layer_training  # on the path once bench_layer is loaded (it imports it)
+
+    parse = bench.parse
+    a, b = parse(["--seed", "1234"]), parse(["--seed", "2345"])
+    assert layer_training.eval_seed(a) == layer_training.eval_seed(b) == 7
+    assert layer_training.eval_seed(parse(["--seed", "1", "--eval-seed", "11"])) == 11
+    # a namespace from before the option (e.g. a saved run's arguments): the old per-seed windows
+    assert layer_training.eval_seed(types.SimpleNamespace(seed=1234)) == 1241

@@ -100,8 +100,8 @@ def summarize(jobs: list[dict]) -> dict:
     return {"rows": rows, "baseline_val_by_seed": {str(s): statistics.fmean(v) for s, v in per_seed.items()},
             "baseline_spread_pct": spread, "baseline_repeat_pct": repeat,
             "meta": {k: meta.get(k) for k in ("device", "date", "commit", "ranks", "nodes", "gpus_per_node", "hidden",
-                                              "ffn", "experts", "topk", "train_steps", "eval_batches", "lr_schedule",
-                                              "megatron_core", "torch")}}
+                                              "ffn", "experts", "topk", "train_steps", "eval_batches", "eval_seed",
+                                              "lr_schedule", "megatron_core", "torch")}}
 
 
 def row_label(row: dict) -> str:
@@ -122,7 +122,9 @@ def format_table(summary: dict) -> str:
     m = summary["meta"]
     lines = [f"cross-node budget curve: {m.get('ranks')} ranks as {m.get('nodes')} nodes x {m.get('gpus_per_node')}, "
              f"{m.get('device')}, d {m.get('hidden')}, ffn {m.get('ffn')}, E {m.get('experts')} top-{m.get('topk')}, "
-             f"{m.get('train_steps')} steps, {m.get('eval_batches')} eval batches, {m.get('date')}, commit {m.get('commit')}",
+             f"{m.get('train_steps')} steps, {m.get('eval_batches')} eval batches "
+             f"({'one set of held-out windows for every seed' if m.get('eval_seed') is not None else 'held-out windows drawn per seed'}), "
+             f"{m.get('date')}, commit {m.get('commit')}",
              f"{'budget':>30} {'seeds':>5} {'dval % mean':>11} {'std':>5} {'worst':>6} {'cross val':>9} {'cross layer':>11} "
              f"{'bytes cut':>9} {'time x a2a':>10} {'lam':>6}"]
     for r in summary["rows"]:
