@@ -32,6 +32,9 @@ model's layers before its MoE layer, and times fwd+bwd of one MoE layer on those
   locmoe_<gate>      (a) LocMoELayer with the trained router and experts (hierarchical dispatcher)
   locmoe_allgather   (a') the same layer of the first gate with dispatcher="allgather" (tokens all-gathered,
                      results reduce-scattered); one node only: in the default systems on one node
+  locmoe_unfolded    (a'') the same layer of the first gate with the router's own count all-reduce instead of
+                     its counts riding in the dispatcher's count exchange (identical results; an A/B of the
+                     fold, which acts on EP groups spanning nodes); not in the default systems
   mcore_alltoall     (b) megatron-core MoELayer, TopKRouter + aux loss, 'alltoall' dispatcher, with the
                      trained TopKRouter model's router and experts, on that model's hidden states
   mcore_allgather    (c) same, 'allgather' dispatcher
@@ -379,7 +382,7 @@ def system_names(args) -> list[tuple[str, str]]:
     for system in args.systems:
         if system == "locmoe":
             rows += [(f"locmoe_{g}", g) for g in args.gates]
-        elif system.startswith("locmoe_ds") or system == "locmoe_allgather":
+        elif system.startswith("locmoe_ds") or system in ("locmoe_allgather", "locmoe_unfolded"):
             rows.append((system, args.gates[0]))
         else:  # Megatron and DeepSpeed baselines: the trained TopKRouter model (or the first gate's)
             rows.append((system, "topk" if args.baseline_router == "trained" else args.gates[0]))
@@ -421,13 +424,15 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
     remote_ranks = ctx.world - ctx.gpn
     if name.startswith("locmoe_") and not name.startswith("locmoe_ds"):
         allgather = name == "locmoe_allgather"
-        gate = a.gates[0] if allgather else name[len("locmoe_"):]
+        gate = a.gates[0] if name in ("locmoe_allgather", "locmoe_unfolded") else name[len("locmoe_"):]
         settings = {"gate": gate, "routing": "locmoe", "locality_loss_coeff": trained[gate]["summary"]["mu"],
                     "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope, "expert_bias_rate": a.expert_bias_rate,
                     "cross_node_budget": a.budget, "budget_mechanism": _budget_mechanism(a),
                     "cross_node_budget_warmup": _budget_warmup(a)}
         layer = build_megatron_layer(ctx, "alltoall", ctx.dtype, settings,
                                      locmoe_dispatcher="allgather" if allgather else "hierarchical")
+        if name == "locmoe_unfolded":
+            layer.token_dispatcher.fold_router_counts(layer.router, fold=False)
         missing, unexpected = layer.load_state_dict(trained[gate]["state"], strict=False)
         if [m for m in missing if not m.endswith("_extra_state")] or unexpected:
             raise RuntimeError(f"trained state does not fit: missing {missing}, unexpected {unexpected}")
@@ -724,6 +729,7 @@ def comparisons(out: dict) -> list[str]:
     below 1 = faster) and, over several nodes, its cross-node share of kept (token, expert) pairs."""
     sy = {k: v for k, v in out["systems"].items() if "ms" in v}
     a2a = sy.get("mcore_alltoall", {}).get("ms")
+    first_gate = next(iter(out["meta"].get("mu") or {}), None)  # --gates' first (mu is recorded per gate)
     lines = []
     for name in [k for k in sy if k.startswith("locmoe_") and not k.startswith("locmoe_ds")]:
         r = sy[name]
@@ -737,6 +743,9 @@ def comparisons(out: dict) -> list[str]:
         if "mcore_allgather" in sy:
             checks.append(f"{name} / mcore_allgather = {_median_ratio(r, sy['mcore_allgather']):.3f}"
                           + _quartiles(r, sy["mcore_allgather"]))
+        if "locmoe_unfolded" in sy and name == f"locmoe_{first_gate}":  # the same gate's layer, fold on / off
+            checks.append(f"{name} / locmoe_unfolded = {_median_ratio(r, sy['locmoe_unfolded']):.3f}"
+                          + _quartiles(r, sy["locmoe_unfolded"]))
         if out["meta"]["nodes"] > 1:
             for other in ("mcore_grouplimited", "deepspeed_moe"):
                 if other in sy:

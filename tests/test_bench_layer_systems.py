@@ -32,3 +32,17 @@ def test_held_out_windows_do_not_depend_on_the_training_seed(bench):
     assert layer_training.eval_seed(parse(["--seed", "1", "--eval-seed", "11"])) == 11
     # a namespace from before the option (e.g. a saved run's arguments): the old per-seed windows
     assert layer_training.eval_seed(types.SimpleNamespace(seed=1234)) == 1241
+
+
+def test_the_unfolded_layer_is_compared_with_the_first_gates_layer(bench):
+    args = types.SimpleNamespace(systems=["locmoe", "locmoe_unfolded", "mcore_alltoall"], gates=["dense", "grap"],
+                                 baseline_router="trained")
+    assert bench.system_names(args) == [("locmoe_dense", "dense"), ("locmoe_grap", "grap"),
+                                        ("locmoe_unfolded", "dense"), ("mcore_alltoall", "topk")]
+    assert "locmoe_unfolded" not in bench.DEFAULT_SYSTEMS
+    rounds = {"mcore_alltoall": [10.0, 10.0, 10.0], "locmoe_dense": [4.0, 4.2, 4.4],
+              "locmoe_grap": [3.0, 3.0, 3.0], "locmoe_unfolded": [4.0, 4.0, 4.0]}
+    systems = {n: {"ms": sorted(v)[1], "ms_rounds": v, "cross_node_share": 0.2} for n, v in rounds.items()}
+    lines = bench.comparisons({"meta": {"nodes": 2, "mu": {"dense": 0.0, "grap": 0.0}}, "systems": systems})
+    assert "compare: locmoe_dense / locmoe_unfolded = 1.050 [per-round ratios: quartiles 1.000-1.100]" in lines, lines
+    assert not any(line.startswith("compare: locmoe_grap / locmoe_unfolded") for line in lines), lines

@@ -97,7 +97,7 @@ def _folded_vs_all_reduce(rank, LocMoELayer):
     for folded in (True, False):
         torch.manual_seed(11)
         layers[folded] = _build(LocMoELayer, 1, 4, locmoe, 2)
-    layers[False].router._folds, layers[False].token_dispatcher._take_folded = False, None  # the all-reduce path
+    assert not layers[False].token_dispatcher.fold_router_counts(layers[False].router, fold=False)  # all-reduce
     res = {"folds": {f: layer.router._folds for f, layer in layers.items()}}
     for folded, layer in layers.items():
         torch.manual_seed(400 + rank)

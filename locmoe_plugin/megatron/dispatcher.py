@@ -107,11 +107,12 @@ class LocMoETokenDispatcher:
     def traffic(self):
         return self.core.traffic
 
-    def fold_router_counts(self, router) -> bool:
+    def fold_router_counts(self, router, fold: bool = True) -> bool:
         """Take ``router``'s (a ``LocMoEMegatronRouter``'s) EP-wide counts from this dispatcher's count
-        exchange where the math allows (:meth:`LocMoEMegatronRouter.fold_counts_with`). Returns whether it
-        does."""
-        folds = router.fold_counts_with(self.core.groups.ep)
+        exchange where the math allows (:meth:`LocMoEMegatronRouter.fold_counts_with`); ``fold=False``: the
+        router all-reduces its counts itself (the same results; for A/B timing). Call it alike on every EP
+        rank, before the first forward. Returns whether it folds."""
+        folds = router.fold_counts_with(self.core.groups.ep if fold else None)
         self._take_folded = router.take_folded if folds else None
         return folds
 
