@@ -56,8 +56,8 @@ class FoldedCounts:
         finish: ``finish(output, counts [n] fp32, bad 0-d fp32 | None, cross_pairs 0-d fp32 | None)``, the
             router's work on the EP group's counts (the same code its all-reduce path runs).
 
-    ``output`` (the :class:`~locmoe_plugin.router.RouterOutput` it completes) is set by the router; ``done``
-    says whether :meth:`complete` ran. Megatron's adapter completes it in ``dispatch_preprocess``, the
+    ``output`` (the :class:`~locmoe_plugin.router.RouterOutput` it completes) is set by the router and
+    released by :meth:`complete`; ``done`` says whether :meth:`complete` ran. Megatron's adapter completes it in ``dispatch_preprocess``, the
     DeepSpeed layer in ``TokenDispatcher.forward``; until then the output has no ``"aux"`` loss and no
     ``total``.
     """
@@ -91,3 +91,7 @@ class FoldedCounts:
             cross = requested.masked_fill(local, 0).sum(dtype=torch.float32)
         self._finish(self.output, group_counts, bad, cross)
         self.done = True
+        # the output holds this object (``pending``) and this object the output: drop the back references so
+        # the pair (probs, logits and their graph) is freed by reference counting, not only by a garbage
+        # collection pass (Megatron's --manual-gc runs those rarely)
+        self.output = self._finish = None

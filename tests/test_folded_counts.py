@@ -4,6 +4,9 @@ all-reduce, on 4 gloo ranks (2 nodes x 2) over a few training steps, with paddin
 drops pairs, a non-finite batch on one rank (every rank skips its steps) and an evaluation forward. One
 spawn."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -83,6 +86,17 @@ def _run(rank, world, name, settings, folded_path):
                       "bias": None if router.expert_bias is None else _bits(router.expert_bias.clone()),
                       # a call that does not say the dispatcher follows keeps the router's own all-reduce
                       "standalone_pending": router(x).pending is not None})
+    # a completed output is freed by reference counting alone (no cycle through its pending counts), as
+    # under Megatron's --manual-gc
+    ref = weakref.ref(out)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del out, a
+        steps[-1]["freed_without_gc"] = ref() is None
+    finally:
+        if enabled:
+            gc.enable()
     return folds, steps
 
 
@@ -132,6 +146,7 @@ def test_folded_counts_bitwise_equal_to_the_all_reduce_2x2():
                 assert _equal(a, b), (rank, name, step, a, b)
             assert "aux" in new[0]["losses"] and "aux" in new[-1]["eval_losses"], (rank, name)
             assert not new[-1]["standalone_pending"], (rank, name)
+            assert new[-1]["freed_without_gc"], (rank, name)
             if new[0]["bias"] is not None:  # the non-finite batch (step 2) moved no state on any rank
                 assert _equal(new[2]["bias"], new[1]["bias"]), (rank, name)
                 assert not _equal(new[1]["bias"], new[0]["bias"]), (rank, name)  # other steps do move it
