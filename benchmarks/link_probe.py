@@ -30,14 +30,12 @@ share of 0.5 on 2 nodes of 32 experts), and what Megatron's ``alltoall`` sends t
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from locmoe_plugin.comm.bandwidth import node_and_rail_groups
+from locmoe_plugin.comm.bandwidth import node_and_rail_groups, time_all_to_all
 from locmoe_plugin.projection.calibration import link_summary
 
 #: the latency probe's payload per peer (bytes)
@@ -57,17 +55,7 @@ def a2a_time(ctx, group, bytes_to_peers: float, iters: int = 5) -> float:
         return 0.0
     per_peer = max(1, int(math.ceil(bytes_to_peers / (n - 1) / 2)))  # bf16 elements
     buf = torch.empty(per_peer * n, dtype=torch.bfloat16, device=ctx.dev)
-    out = torch.empty_like(buf)
-    samples = []
-    for it in range(2 + iters):
-        dist.barrier(group=group)
-        ctx.sync()
-        t0 = time.perf_counter()
-        dist.all_to_all_single(out, buf, group=group)
-        ctx.sync()
-        if it >= 2:
-            samples.append(time.perf_counter() - t0)
-    return ctx.allmax(statistics.median(samples))
+    return time_all_to_all(group, torch.empty_like(buf), buf, ctx.dev, ctx.sync, iters)
 
 
 def one_way_time(ctx, per_peer_bytes: float, iters: int) -> float:
@@ -79,16 +67,7 @@ def one_way_time(ctx, per_peer_bytes: float, iters: int) -> float:
     recv = [0] * n if sender else [per_peer] + [0] * (n - 1)
     buf = torch.empty(sum(send) or 1, dtype=torch.bfloat16, device=ctx.dev)
     out = torch.empty(sum(recv) or 1, dtype=torch.bfloat16, device=ctx.dev)
-    samples = []
-    for it in range(2 + iters):
-        dist.barrier(group=ctx.rail_group)
-        ctx.sync()
-        t0 = time.perf_counter()
-        dist.all_to_all_single(out[: sum(recv)], buf[: sum(send)], recv, send, group=ctx.rail_group)
-        ctx.sync()
-        if it >= 2:
-            samples.append(time.perf_counter() - t0)
-    return ctx.allmax(statistics.median(samples))
+    return time_all_to_all(ctx.rail_group, out[: sum(recv)], buf[: sum(send)], ctx.dev, ctx.sync, iters, recv, send)
 
 
 def link_sample(ctx, mib: float, iters: int = 10) -> dict:
@@ -166,9 +145,6 @@ class ProbeGroups:
             raise ValueError(f"--gpus-per-node {self.gpn} must divide the world size {world}")
         self.nodes, self.node = world // self.gpn, rank // self.gpn
         self.node_group, self.rail_group = node_and_rail_groups(self.gpn)
-
-    def allmax(self, v: float) -> float:
-        return all_max(v, self.dev)
 
 
 def format_links(probe: LinkProbe) -> str:

@@ -49,25 +49,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=5, help="timed all-to-alls per group (after 2 warm-ups)")
 
 
-def _a2a_seconds(group, per_peer_bytes: int, dev, sync, iters: int) -> float:
-    """Median seconds of one ``all_to_all_single`` over ``group`` with ``per_peer_bytes`` to each member,
-    slowest rank of the world (every rank calls this for its own group, all groups at once)."""
-    n = dist.get_world_size(group)
-    numel = max(1, per_peer_bytes // 2) * n  # bf16 elements
-    buf = torch.ones(numel, dtype=torch.bfloat16, device=dev)
-    out = torch.empty_like(buf)
+def time_all_to_all(group, out: torch.Tensor, inp: torch.Tensor, dev, sync, iters: int,
+                    out_splits=None, in_splits=None) -> float:
+    """Median seconds of ``all_to_all_single(out, inp, out_splits, in_splits, group=group)`` over ``iters``
+    calls after 2 warm-ups, each between a world barrier and a device ``sync()``; the slowest rank of the
+    world. A collective: every rank calls it (each for its own group, all groups at once)."""
     samples = []
     for it in range(2 + iters):
         dist.barrier()
         sync()
         t0 = time.perf_counter()
-        dist.all_to_all_single(out, buf, group=group)
+        dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
         sync()
         if it >= 2:
             samples.append(time.perf_counter() - t0)
     t = torch.tensor([statistics.median(samples)], dtype=torch.float64, device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
+
+
+def _a2a_seconds(group, per_peer_bytes: int, dev, sync, iters: int) -> float:
+    """Median seconds of one ``all_to_all_single`` over ``group`` with ``per_peer_bytes`` to each member,
+    slowest rank of the world (every rank calls this for its own group, all groups at once)."""
+    n = dist.get_world_size(group)
+    numel = max(1, per_peer_bytes // 2) * n  # bf16 elements
+    buf = torch.ones(numel, dtype=torch.bfloat16, device=dev)
+    return time_all_to_all(group, torch.empty_like(buf), buf, dev, sync, iters)
 
 
 def node_and_rail_groups(gpus_per_node: int) -> tuple[object, object]:

@@ -265,8 +265,8 @@ class RoutingCounts:
     def table(self) -> torch.Tensor:
         """``[P * row_bins]`` int64 on the device, identical on every EP rank. The EP group's pairs per
         expert are ``table.view(P, row_bins)[:, expert_columns()].sum(0)`` (of kept slots: after capacity
-        drops); a dropless router takes its load from here instead of its own all-reduce
-        (:mod:`locmoe_plugin.folded_counts`)."""
+        drops, padding included); the router's folded counts ride in their own columns
+        (:meth:`extra_columns`, :mod:`locmoe_plugin.folded_counts`)."""
         return self._table
 
     def expert_columns(self) -> slice:
