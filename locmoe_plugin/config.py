@@ -25,11 +25,15 @@ AUX_SCOPES = ("ep_group", "local")
 #: gives the same order of magnitude as the Switch aux loss (alpha = 0.01) at a 50 % local share.
 DEFAULT_LOCALITY_LOSS_COEFF = 0.01
 
-#: Cross-node budget that routing "locmoe" and "hybrid" (LocMoE+) get when neither ``cross_node_budget``
-#: nor ``locality_loss_coeff`` is given (with ``aux_loss_scope="ep_group"``); None would mean no budget, the
-#: learned locality loss instead. 0.2: the lowest budget of the measured speed/quality curve whose cost
-#: stayed within 1 % of Megatron's TopKRouter (benchmarks/RESULTS.md, "Cross-node budget curve"); LocMoE+
-#: with it (and the dense gate) measured -0.8 % val loss against TopKRouter (docs/locmoe_plus.md).
+#: Cross-node budget that routing "locmoe" and "hybrid" (LocMoE+) get on an EP group over 2 nodes when
+#: neither ``cross_node_budget`` nor ``locality_loss_coeff`` is given (with ``aux_loss_scope="ep_group"``);
+#: None would mean no budget, the learned locality loss instead. On N nodes the router scales it with the
+#: share that routing blind to placement sends across, (N-1)/N (:func:`default_cross_node_budget`): 0.2 on
+#: 2 nodes, 0.3 on 4, 0.35 on 8, always 40 % of the unconstrained crossing. Measured (3 seeds paired with
+#: Megatron's TopKRouter, benchmarks/RESULTS.md "Cross-node budget curve"): 0.2 on 2 nodes x 2 cost
+#: +0.50 % validation loss for 67 % fewer inter-node bytes than Megatron's alltoall; on 4 nodes x 1 the
+#: unscaled 0.2 cost +2.25 % and the scaled 0.3 +1.05 % (74 % and 63 % fewer bytes). LocMoE+ with it
+#: (and the dense gate) measured -0.8 % val loss against TopKRouter on 2 nodes (docs/locmoe_plus.md).
 DEFAULT_CROSS_NODE_BUDGET: float | None = 0.2
 #: LocMoE+'s expert-choice threshold on summed affinity when ``resonance_mass`` is not given (routing
 #: "hybrid"). 0.9: with the dense gate and the default budget it kept 40 % fewer tokens per expert than a
@@ -41,6 +45,17 @@ DEFAULT_RESONANCE_MASS = 0.9
 #: undershot to near full locality, at quality costs not distinguishable from each other (+1.4 / +1.8 %).
 DEFAULT_BUDGET_MECHANISM = "selection"
 BUDGET_MECHANISMS = ("loss", "node", "selection")
+
+
+def default_cross_node_budget(num_nodes: int) -> float | None:
+    """The default budget on an EP group over ``num_nodes`` nodes: :data:`DEFAULT_CROSS_NODE_BUDGET` (its
+    2-node value) times ``((N-1)/N) / (1/2)``, i.e. the same fraction of the unconstrained cross-node share
+    (N-1)/N on every layout; one node gets the 2-node value (a budget changes nothing there). None when
+    :data:`DEFAULT_CROSS_NODE_BUDGET` is None."""
+    if DEFAULT_CROSS_NODE_BUDGET is None:
+        return None
+    nodes = max(int(num_nodes), 2)
+    return min(1.0, DEFAULT_CROSS_NODE_BUDGET * 2.0 * (nodes - 1) / nodes)
 
 
 #: LocMoEConfig fields whose None means "resolve from the other settings" (see __post_init__)
@@ -212,8 +227,9 @@ class LocMoEConfig:
     #: together with pipeline parallelism (several forwards before their recomputes) is refused.
     expert_bias_rate: float = 0.0
     #: Cross-node traffic budget: the largest share, in [0, 1], of the EP group's routed (token, expert)
-    #: pairs whose expert sits on another node (None = DEFAULT_CROSS_NODE_BUDGET where it applies, else off;
-    #: 1.0 never constrains). A controller
+    #: pairs whose expert sits on another node (None = the default where it applies, else off; 1.0 never
+    #: constrains). Left to its default, this field shows DEFAULT_CROSS_NODE_BUDGET (the 2-node value) and
+    #: the router applies :meth:`cross_node_budget_on` its EP group's node count. A controller
     #: (:class:`locmoe_plugin.budget.CrossNodeBudget`) raises the locality strength (``budget_mechanism``:
     #: the locality loss's coefficient, or a selection margin) until the measured share is at most the
     #: budget (see docs/locality.md). With a
@@ -453,6 +469,16 @@ class LocMoEConfig:
     @property
     def drops_tokens(self) -> bool:
         return self.capacity != "none"
+
+    def cross_node_budget_on(self, num_nodes: int) -> float | None:
+        """The budget a router applies on an EP group over ``num_nodes`` nodes: ``cross_node_budget`` as
+        given, or, where it was left to its default, :func:`default_cross_node_budget` of the node count
+        (0.2 on 2 nodes, 0.3 on 4); None without a budget."""
+        if self.cross_node_budget is None:
+            return None
+        if "cross_node_budget" in self._defaulted:
+            return default_cross_node_budget(num_nodes)
+        return float(self.cross_node_budget)
 
     def replace(self, **changes: Any) -> "LocMoEConfig":
         """A validated copy with some fields changed. Fields this config left to their default (None at

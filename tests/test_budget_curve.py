@@ -155,7 +155,7 @@ def test_report_pairs_by_job_and_reports_the_spread(tmp_path):
     assert s["baseline_spread_pct"] == pytest.approx(100 * 0.02 / ((2.00 + 2.02 + 2.00) / 3))  # per-seed means
     assert s["baseline_repeat_pct"] == pytest.approx(0.0)
     table = (tmp_path / "table.txt").read_text()
-    assert "0.1 selection     3       +2.00" in table and "90%" in table and "0.1 loss     1" in table
+    assert "0.1 selection     3       +2.00" in table and "90.0%" in table and "0.1 loss     1" in table
     assert "0.1 selection w300     2       +0.60" in table and "wS: the budget's target fell" in table
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "curve.png").stat().st_size > 1000

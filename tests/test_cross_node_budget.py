@@ -155,6 +155,38 @@ def test_default_budget_is_one_constant(monkeypatch):
     assert LocMoEConfig(num_experts=8, hidden_size=16, locality_loss_coeff=0.01).cross_node_budget is None
 
 
+def test_default_budget_scales_with_nodes(monkeypatch):
+    """Left to its default, the budget is the same fraction (40 %) of the unconstrained share (N-1)/N on
+    every layout; a budget given explicitly is applied as given. The router applies it for its EP group's
+    node count, also after bind() to another layout."""
+    import locmoe_plugin.config as config
+    from locmoe_plugin.config import default_cross_node_budget
+
+    assert [default_cross_node_budget(n) for n in (1, 2, 4, 8)] == pytest.approx([0.2, 0.2, 0.3, 0.35])
+    cfg = LocMoEConfig(num_experts=8, hidden_size=16)
+    assert cfg.cross_node_budget == 0.2  # the field shows the 2-node value
+    assert cfg.cross_node_budget_on(4) == pytest.approx(0.3)
+    explicit = LocMoEConfig(num_experts=8, hidden_size=16, cross_node_budget=0.2)
+    assert explicit.cross_node_budget_on(4) == 0.2
+    assert LocMoEConfig(num_experts=8, hidden_size=16, routing="topk").cross_node_budget_on(4) is None
+    # replace() keeps a defaulted budget defaulted and an explicit one explicit
+    assert cfg.replace(topk=1).cross_node_budget_on(4) == pytest.approx(0.3)
+    assert explicit.replace(topk=1).cross_node_budget_on(4) == 0.2
+
+    four_nodes = Topology.from_ranks_per_node(4, 1, 8)
+    two_nodes = Topology.from_ranks_per_node(4, 2, 8)
+    router = LocMoERouter(cfg, four_nodes)
+    assert router.budget.budget == pytest.approx(0.3)
+    router.bind(two_nodes)
+    assert router.budget.budget == pytest.approx(0.2)
+    assert LocMoERouter(explicit, four_nodes).budget.budget == 0.2
+
+    monkeypatch.setattr(config, "DEFAULT_CROSS_NODE_BUDGET", 0.1)
+    assert default_cross_node_budget(4) == pytest.approx(0.15)
+    monkeypatch.setattr(config, "DEFAULT_CROSS_NODE_BUDGET", None)
+    assert default_cross_node_budget(4) is None
+
+
 def test_entry_points():
     from locmoe_plugin.demo.megatron_job import locmoe_settings
 

@@ -87,7 +87,8 @@ def test_locmoe_plus_flags_keep_the_config_defaults_and_override_them():
     add_arguments(p)
     help_text = "".join(p.format_help().split())  # argparse wraps lines, at hyphens too
     for said in ("Default: 0.9 for hybrid", "0 = off", "default for --locmoe-routing topk/locmoe/hybrid",
-                 "Default: 0.2 for --locmoe-routing locmoe/hybrid"):
+                 "Default: 0.2 on 2 nodes, scaled with the EP group's N nodes by 2 (N-1)/N (0.3 on 4), "
+                 "for --locmoe-routing locmoe/hybrid"):
         assert "".join(said.split()) in help_text
 
 

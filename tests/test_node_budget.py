@@ -251,3 +251,13 @@ def test_four_ranks_two_nodes_share_one_state():
     shares = res[0]["shares"]
     for i in range(70, 120, 10):
         assert abs(sum(shares[i:i + 10]) / 10 - 0.2) <= 0.03
+
+
+def test_more_than_two_nodes_warns_of_the_node_limit():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # two nodes: no warning
+        _router(nodes=2, experts=4)
+    with pytest.warns(UserWarning, match=r"budget_mechanism='node' on 3 nodes.*Prefer budget_mechanism='selection'"):
+        _router(nodes=3, experts=6)

@@ -134,6 +134,17 @@ def test_cli_table_json_png(capsys, tmp_path):
     assert math.isclose(d["systems"]["locmoe_flat"]["pair_share"], 0.2)
 
 
+def test_default_share_is_the_default_budget_per_node_count(capsys):
+    """Without --cross-node-share LocMoE holds its default budget, which scales with the nodes."""
+    rt = RoutingSpec()
+    assert [rt.share_on(n) for n in (1, 2, 4, 8)] == pytest.approx([0.0, 0.2, 0.3, 0.35])
+    assert RoutingSpec(cross_node_share=0.1).share_on(4) == 0.1
+    for nodes, share in (("2", 0.2), ("4", 0.3)):
+        rc, out = _run(capsys, "--preset", "h100", "--nodes", nodes, "--experts", "64", "--json")
+        assert rc == 0
+        assert math.isclose(json.loads(out.out)["systems"]["locmoe_flat"]["pair_share"], share, rel_tol=1e-9)
+
+
 def test_inter_scale_by_hand():
     from locmoe_plugin.projection.cost import inter_scale
 

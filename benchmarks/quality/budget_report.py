@@ -131,7 +131,7 @@ def format_table(summary: dict) -> str:
         b = row_label(r)
         cut = None if r["bytes_ratio"] is None else 1 - r["bytes_ratio"]
         lines.append(f"{b:>30} {len(r['seeds']):>5} {r['dval_mean']:>+11.2f} {r['dval_std']:>5.2f} {r['dval_worst']:>+6.2f} "
-                     f"{_fmt(r['val_cross'], '.3f'):>9} {_fmt(r['layer_cross'], '.3f'):>11} {_fmt(cut, '.0%'):>9} "
+                     f"{_fmt(r['val_cross'], '.3f'):>9} {_fmt(r['layer_cross'], '.3f'):>11} {_fmt(cut, '.1%'):>9} "
                      f"{_fmt(r['time_ratio'], '.3f'):>10} {_fmt(r['lam'], '.3f'):>6}")
     lines.append("baseline (TopKRouter + aux loss) val loss by seed: "
                  + ", ".join(f"{s}: {v:.4f}" for s, v in summary["baseline_val_by_seed"].items())

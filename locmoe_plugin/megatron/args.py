@@ -157,7 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="cross-node traffic budget: at most this share (0..1) of routed pairs go to another node; "
                         "a controller adapts the locality strength online (see --locmoe-budget-mechanism; the "
                         "fixed locality loss then defaults to 0; see docs/locality.md). Default: "
-                        f"{DEFAULT_CROSS_NODE_BUDGET} for --locmoe-routing locmoe/hybrid, unless "
+                        f"{DEFAULT_CROSS_NODE_BUDGET} on 2 nodes, scaled with the EP group's N nodes by "
+                        "2 (N-1)/N (0.3 on 4), for --locmoe-routing locmoe/hybrid, unless "
                         "--locmoe-locality-loss-coeff is given (then no budget); off otherwise")
     g.add_argument("--locmoe-budget-mechanism", choices=BUDGET_MECHANISMS, default=None,
                    help="how the cross-node budget acts: loss = its controller sets the locality loss's coefficient "

@@ -40,8 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--dtype", default="bf16")
     m.add_argument("--gelu", action="store_true", help="2-matrix GELU experts (default: SwiGLU, 3 matrices)")
     r = p.add_argument_group("routing")
-    r.add_argument("--cross-node-share", type=float, default=0.1,
-                   help="LocMoE's share of pairs crossing nodes (measured, or the budget it is held to)")
+    r.add_argument("--cross-node-share", type=float, default=None,
+                   help="LocMoE's share of pairs crossing nodes (measured, or the budget it is held to). Default: "
+                        "LocMoE's default budget at each node count (0.2 on 2 nodes, 0.3 on 4, towards 0.4)")
     r.add_argument("--imbalance", type=float, default=1.0, help="busiest rank's rows / mean (>= 1)")
     r.add_argument("--inter-imbalance", type=float, default=None,
                    help="busiest rank's cross-node bytes / mean (>= 1; default: --imbalance)")
@@ -71,6 +72,12 @@ def _cluster(a, nodes: int) -> ClusterSpec:
     return ClusterSpec(nodes=nodes, **over)
 
 
+def _share_text(routing: RoutingSpec) -> str:
+    if routing.cross_node_share is not None:
+        return f"{routing.cross_node_share:g}"
+    return "= the default budget (" + ", ".join(f"{routing.share_on(n):.2f} on {n}" for n in (2, 4, 8)) + " nodes)"
+
+
 def run(a: argparse.Namespace) -> int:
     cal = load_calibration(a.calibration) if a.calibration else None
     model = ModelSpec(hidden=a.hidden, ffn=a.ffn, experts=a.experts, topk=a.topk, tokens_per_rank=a.tokens_per_rank,
@@ -85,7 +92,7 @@ def run(a: argparse.Namespace) -> int:
               "calibration": cal.to_dict() if cal else None}
     eff = cal.apply(cluster) if cal else cluster
     title = (f"{cluster.name}: {cluster.gpus_per_node} GPUs/node, d {model.hidden}, F {model.ffn}, E {model.experts}, "
-             f"top-{model.topk}, {model.tokens_per_rank} tok/rank, LocMoE share {routing.cross_node_share}")
+             f"top-{model.topk}, {model.tokens_per_rank} tok/rank, LocMoE share {_share_text(routing)}")
     png = plot(sweep, a.png, title) if a.png else None
     if a.json:
         out = as_json(point, sweep, inputs)
@@ -98,7 +105,7 @@ def run(a: argparse.Namespace) -> int:
           f"{'; calibrated: ' + a.calibration if cal else '; uncalibrated: fixed per-layer costs 0'}")
     print(table(point, f"model: d {model.hidden}, F {model.ffn} ({'SwiGLU' if model.swiglu else 'GELU'}), "
                        f"E {model.experts}, top-{model.topk}, {model.tokens_per_rank} tokens/rank, {model.layers} "
-                       f"layers, {model.dtype}; LocMoE cross-node share {routing.cross_node_share}, imbalance "
+                       f"layers, {model.dtype}; LocMoE cross-node share {_share_text(routing)}, imbalance "
                        f"{routing.imbalance}"))
     print()
     print(sweep_table(sweep))

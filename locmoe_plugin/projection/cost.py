@@ -104,7 +104,7 @@ def predict_layer(system: str, cluster: ClusterSpec, model: ModelSpec, routing: 
     elif system == "megatron_group_limited":
         own, rem = node_pmfs("group", n, r, e, k, group_nodes=routing.group_nodes or min(n, 4))
     elif system.startswith("locmoe_"):
-        own, rem = node_pmfs("share", n, r, e, k, share=routing.cross_node_share)
+        own, rem = node_pmfs("share", n, r, e, k, share=routing.share_on(n))
     else:
         raise ConfigError(f"unknown system {system!r}: use one of {SYSTEMS + EXTRA_SYSTEMS}")
     hier = system.startswith("locmoe_hier")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError
+from ..config import ConfigError, default_cross_node_budget
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
 
@@ -60,8 +60,10 @@ class ModelSpec:
 class RoutingSpec:
     """Args:
         cross_node_share: share of LocMoE's (token, expert) pairs whose expert is on another node (the
-            router's measured ``cross_node_share``, or the locality budget it is held to). The baselines
-            route uniformly: share (N - 1) / N.
+            router's measured ``cross_node_share``, or the locality budget it is held to); None = LocMoE's
+            default budget on the EP group's N nodes (:func:`locmoe_plugin.config.default_cross_node_budget`:
+            0.2 on 2 nodes, 0.3 on 4, towards 0.4 on many), what a run with the defaults holds. The
+            baselines route uniformly: share (N - 1) / N.
         imbalance: the busiest rank's rows over the mean rank's (>= 1): its expert GEMMs and the bytes it
             sends or receives scale by it; the layer waits for that rank. Applied to every dropless system.
         inter_imbalance: the busiest rank's cross-node bytes over the mean rank's (>= 1), where it differs
@@ -75,7 +77,7 @@ class RoutingSpec:
         chunks: chunks of LocMoE's overlapped dispatch (``TokenDispatcher.forward(chunks=...)``).
     """
 
-    cross_node_share: float
+    cross_node_share: float | None = None
     imbalance: float = 1.0
     inter_imbalance: float | None = None
     group_nodes: int | None = None
@@ -83,7 +85,7 @@ class RoutingSpec:
     chunks: int = 4
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.cross_node_share <= 1.0:
+        if self.cross_node_share is not None and not 0.0 <= self.cross_node_share <= 1.0:
             raise ConfigError(f"cross_node_share={self.cross_node_share!r}: a share of pairs lies in [0, 1] "
                               f"(--cross-node-share 0.1 = 10 % of pairs cross nodes)")
         if not self.imbalance >= 1.0:
@@ -98,6 +100,15 @@ class RoutingSpec:
             raise ConfigError(f"capacity_factor={self.capacity_factor!r}: must be > 0 (--capacity-factor)")
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
             raise ConfigError(f"chunks={self.chunks!r}: must be an integer >= 1 (--chunks)")
+
+    def share_on(self, nodes: int) -> float:
+        """LocMoE's cross-node pair share on an EP group over ``nodes`` nodes: ``cross_node_share``, or the
+        default budget there (0 on one node, where nothing crosses)."""
+        if nodes <= 1:
+            return 0.0
+        if self.cross_node_share is not None:
+            return self.cross_node_share
+        return default_cross_node_budget(nodes) or 0.0
 
     @property
     def inter_scale(self) -> float:
