@@ -12,8 +12,8 @@ Data parallelism = expert parallelism = all ranks (TP = PP = 1). Systems:
   mcore_grouplimited the same with moe_router_num_groups = nodes, moe_router_group_topk = 1
   locmoe_topk        LocMoE's hierarchical dispatcher with TopK-like routing (dense gate, softmax top-k, aux
                      loss, no locality loss)
-  locmoe             LocMoE at its defaults (dense gate, cross-node budget 0.2), hierarchical dispatcher
-  locmoe_plus        LocMoE+ at its defaults (hybrid token/expert choice, dense gate, cross-node budget 0.2,
+  locmoe             LocMoE at its defaults (dense gate, cross-node budget 0.2 on 2 nodes), hierarchical dispatcher
+  locmoe_plus        LocMoE+ at its defaults (hybrid token/expert choice, dense gate, cross-node budget 0.2 on 2 nodes,
                      adaptive capacity, resonance_mass 0.9), hierarchical dispatcher
   deepspeed_moe      the same sizes through ``deepspeed.initialize`` (bf16, ZeRO 0): DeepSpeed's MoE (TopKGate,
                      capacity factor 1.25) in locmoe_plugin.demo.deepspeed_job's GPT; run it in its own launch

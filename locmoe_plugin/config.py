@@ -55,7 +55,7 @@ def default_cross_node_budget(num_nodes: int) -> float | None:
     if DEFAULT_CROSS_NODE_BUDGET is None:
         return None
     nodes = max(int(num_nodes), 2)
-    return min(1.0, DEFAULT_CROSS_NODE_BUDGET * 2.0 * (nodes - 1) / nodes)
+    return round(min(1.0, DEFAULT_CROSS_NODE_BUDGET * 2.0 * (nodes - 1) / nodes), 12)
 
 
 #: LocMoEConfig fields whose None means "resolve from the other settings" (see __post_init__)
@@ -229,7 +229,7 @@ class LocMoEConfig:
     #: Cross-node traffic budget: the largest share, in [0, 1], of the EP group's routed (token, expert)
     #: pairs whose expert sits on another node (None = the default where it applies, else off; 1.0 never
     #: constrains). Left to its default, this field shows DEFAULT_CROSS_NODE_BUDGET (the 2-node value) and
-    #: the router applies :meth:`cross_node_budget_on` its EP group's node count. A controller
+    #: the router applies :meth:`cross_node_budget_on` for its EP group's node count. A controller
     #: (:class:`locmoe_plugin.budget.CrossNodeBudget`) raises the locality strength (``budget_mechanism``:
     #: the locality loss's coefficient, or a selection margin) until the measured share is at most the
     #: budget (see docs/locality.md). With a
@@ -489,7 +489,12 @@ class LocMoEConfig:
         return dataclasses.replace(self, **reset, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as given: None where a field was left to its default (the attributes hold the resolved
+        values), so ``from_dict(to_dict())`` rebuilds the same config, defaults included (a defaulted
+        cross-node budget stays scaled with the node count, :meth:`cross_node_budget_on`)."""
+        values = dataclasses.asdict(self)
+        values.update({name: None for name in self._defaulted})
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "LocMoEConfig":

@@ -110,7 +110,8 @@ def validate_against_topology(config: LocMoEConfig, topology: Topology) -> None:
         warnings.warn(
             f"budget_mechanism='node' on {topology.num_nodes} nodes: each token reaches its own node and at most "
             f"one other, a node limit of 2 on top of the budget; measured on 4 emulated nodes x 1 (budget 0.3, "
-            f"3 seeds, docs/locality.md) it cost +4.6 % validation loss against +1.05 % for 'selection'. "
+            f"with the expert bias 0.001, 3 seeds, docs/locality.md) it cost +4.6 % validation loss against +1.05 % "
+            f"for 'selection'. "
             f"Prefer budget_mechanism='selection' on more than 2 nodes",
             stacklevel=3,
         )
@@ -306,7 +307,7 @@ class LocMoERouter(nn.Module):
         ``aux_loss_scope="ep_group"`` on a group of several ranks, and ``dispatcher_group`` is this router's
         group (any capacity: the router's own counts ride in the exchange), and the group spans nodes. A
         decision from settings only, alike on every EP rank. On one node the router keeps its all-reduce: there
-        the fold saves an NVLink all-reduce of ``n`` numbers, and a one-node layer measured slower with it
+        the fold saves an NVLink all-reduce of ``n`` numbers, and a one-node layer measured no faster with it
         (docs/overlap.md, "The router's counts ride in the count exchange"); across nodes it saves a collective on
         the inter-node link.
         Then a forward called with ``fold_counts=True`` that needs the counts returns them pending

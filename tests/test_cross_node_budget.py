@@ -181,6 +181,17 @@ def test_default_budget_scales_with_nodes(monkeypatch):
     assert router.budget.budget == pytest.approx(0.2)
     assert LocMoERouter(explicit, four_nodes).budget.budget == 0.2
 
+    # a round trip through to_dict / from_dict keeps the budget defaulted; hybrid routing scales alike
+    assert LocMoEConfig.from_dict(cfg.to_dict()).cross_node_budget_on(4) == pytest.approx(0.3)
+    assert LocMoEConfig.from_dict(explicit.to_dict()).cross_node_budget_on(4) == 0.2
+    assert LocMoEConfig(num_experts=8, hidden_size=16, routing="hybrid").cross_node_budget_on(4) == pytest.approx(0.3)
+    # the warm-up starts from the bound layout's unconstrained share and ends at its default budget
+    warm = LocMoERouter(cfg.replace(cross_node_budget_warmup=10), two_nodes)
+    warm.bind(four_nodes)
+    assert warm.budget.target().item() == pytest.approx(0.75)
+    warm.budget.warmup_step.fill_(10)
+    assert warm.budget.target().item() == pytest.approx(0.3)
+
     monkeypatch.setattr(config, "DEFAULT_CROSS_NODE_BUDGET", 0.1)
     assert default_cross_node_budget(4) == pytest.approx(0.15)
     monkeypatch.setattr(config, "DEFAULT_CROSS_NODE_BUDGET", None)

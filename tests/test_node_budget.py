@@ -261,3 +261,6 @@ def test_more_than_two_nodes_warns_of_the_node_limit():
         _router(nodes=2, experts=4)
     with pytest.warns(UserWarning, match=r"budget_mechanism='node' on 3 nodes.*Prefer budget_mechanism='selection'"):
         _router(nodes=3, experts=6)
+    two = _router(nodes=2, experts=6)  # bound later to 3 nodes (DeepSpeed binds its EP group after building)
+    with pytest.warns(UserWarning, match=r"budget_mechanism='node' on 3 nodes"):
+        two.bind(Topology.from_ranks_per_node(3, 1, 6))

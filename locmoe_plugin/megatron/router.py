@@ -215,8 +215,9 @@ class LocMoEMegatronRouter(torch.nn.Module):
             # schedule runs several micro-batches' no-grad forwards before their recomputes, so a recompute
             # would route with offsets moved since its forward, and the gradients would be of other routing
             raise ConfigError(
-                f"expert_bias_rate={self.locmoe_config.expert_bias_rate} / cross_node_budget="
-                f"{self.locmoe_config.cross_node_budget} with recompute_granularity={recompute!r} "
+                f"expert_bias_rate={self.locmoe_config.expert_bias_rate} / "
+                f"{'a cross-node budget' if self.locmoe_config.cross_node_budget is not None else 'no budget'} "
+                f"with recompute_granularity={recompute!r} "
                 f"and pipeline parallelism: the recomputed routing would differ from the forward's; drop "
                 f"--recompute-granularity full / 'moe' from --recompute-modules, or set --locmoe-expert-bias-rate 0 "
                 f"and leave out the cross-node budget (routing 'locmoe' and 'hybrid' have one by default: pass "
