@@ -100,6 +100,19 @@ def busiest_inter_ratio(v: dict, bw_GBps: float, ranks: int) -> float:
     return max(1.0, busiest / mean)
 
 
+def measured_pairs_per_copy(v: dict, model: ModelSpec, topk: int) -> float | None:
+    """A LocMoE row's cross-node pairs per inter-node row of the hierarchical plan (``RoutingSpec.pairs_per_copy``):
+    the share's pairs per rank (share x top-k x tokens) over the mean rank's rail rows (its dispatch bytes over
+    hidden x element size); None where the run recorded no per-rank bytes or nothing crossed. On 2 nodes a
+    token's remote pairs all lie on the one other node, so this gives the rail rows exactly."""
+    per = v.get("inter_bytes_per_rank")
+    share = v.get("cross_node_share", 0.0)
+    if not per or share <= 0:
+        return None
+    rows = sum(per["dispatch"]) / len(per["dispatch"]) / (model.hidden * model.elt)
+    return max(1.0, share * topk * model.tokens_per_rank / rows) if rows > 0 else None
+
+
 DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -204,8 +217,9 @@ def validate(roots) -> list[dict]:
                                       intra_latency_us=0.0, inter_bw_GBps=bw, inter_latency_us=0.0,
                                       peak_tflops=1000.0, inter_duplex=dup)
                 cal_v = replace(cal, inter_node={**link, "duplex": dup})
-                routing = RoutingSpec(cross_node_share=min(1.0, v["cross_node_share"]), imbalance=u,
-                                      inter_imbalance=u_x, chunks=1)
+                mu = measured_pairs_per_copy(v, model, m["topk"]) if system == "locmoe_hier" else None
+                routing = RoutingSpec(cross_node_share=min(1.0, v["cross_node_share"]), pairs_per_copy=mu,
+                                      imbalance=u, inter_imbalance=u_x, chunks=1)
                 t = predict_layer(system, cluster, model, routing, cal_v)
                 rows.append({"run": run_name(root, run_dir), "spread": round_spread(v), "commit": m2.get("commit") or m.get("commit"),
                              "probe": probe_kind(link),

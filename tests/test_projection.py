@@ -265,3 +265,71 @@ def test_validation_takes_a_list_of_result_folders(tmp_path):
     assert new and new[0]["two_stage_ms"] > 0 and new[0]["spread"] is not None
     assert mod.round_spread({"ms_rounds": [1.0, 2.0, 3.0, 4.0, 5.0]}) == (4.0 - 2.0) / 2 / 3.0
     assert mod.round_spread({"ms": 1.0}) is None
+
+
+def test_concentrated_copies_by_hand_and_against_the_counter():
+    """The "copies" model: a token's remote pairs on one other node, pairs_per_copy of them per copy."""
+    from locmoe_plugin.projection import count_rows, expected_rows
+    from locmoe_plugin.projection.traffic import node_pmfs
+
+    # 2 nodes of 4 experts, top-4, share 0.25, 2 pairs per copy: half the tokens cross (c = 0.25 * 4 / 2)
+    own, rem = node_pmfs("copies", 2, 2, 8, 4, share=0.25, pairs_per_copy=2.0)
+    assert rem.tolist() == pytest.approx([0.5, 0, 0.5, 0, 0]) and own.tolist() == pytest.approx([0, 0, 0.5, 0, 0.5])
+    # a fractional mean splits between the two integers around it; the pair share holds
+    own, rem = node_pmfs("copies", 4, 1, 16, 4, share=0.3, pairs_per_copy=2.5)
+    assert float(np.arange(5) @ rem) * 3 == pytest.approx(0.3 * 4) and own.sum() == pytest.approx(1.0)
+    assert rem[2] == pytest.approx(rem[3]) and rem[1] == rem[4] == 0
+    # fewer pairs per copy than the share needs: every token crosses, to one node
+    own, rem = node_pmfs("copies", 2, 1, 8, 4, share=0.5, pairs_per_copy=1.0)
+    assert rem[0] == pytest.approx(0.0) and rem[2] == pytest.approx(1.0)
+
+    # a sampled routing of that kind, counted exactly: half the tokens put 2 of 4 experts on the other node
+    rng = np.random.default_rng(0)
+    s, e, r = 4000, 16, 2  # 2 nodes x 2 ranks, 4 experts per rank, 8 per node
+    ids = []
+    for p in range(4):
+        node = p // r
+        local, remote = np.arange(8) + 8 * node, np.arange(8) + 8 * (1 - node)
+        rows = []
+        for _ in range(s):
+            n_rem = 2 if rng.random() < 0.5 else 0
+            rows.append(np.concatenate([rng.choice(local, 4 - n_rem, replace=False),
+                                        rng.choice(remote, n_rem, replace=False)]))
+        ids.append(np.stack(rows))
+    counted = count_rows(ids, 2, r, e)
+    own, rem = node_pmfs("copies", 2, r, e, 4, share=0.25, pairs_per_copy=2.0)
+    exp = expected_rows("hierarchical", 2, r, e, 4, s, own, rem)
+    assert np.mean([c["hierarchical"].inter for c in counted]) == pytest.approx(exp.inter, rel=0.03)
+    assert np.mean([c["hierarchical"].intra for c in counted]) == pytest.approx(exp.intra, rel=0.03)
+    # the binomial "share" model of the same pair share overstates this router's copies
+    b_own, b_rem = node_pmfs("share", 2, r, e, 4, share=0.25)
+    assert expected_rows("hierarchical", 2, r, e, 4, s, b_own, b_rem).inter > 1.3 * exp.inter
+
+
+def test_pairs_per_copy_input():
+    with pytest.raises(ConfigError, match=r"pairs_per_copy=0.5: a copy carries at least one pair"):
+        RoutingSpec(cross_node_share=0.2, pairs_per_copy=0.5)
+    m = ModelSpec(hidden=2048, ffn=1408, experts=32, topk=4, tokens_per_rank=8192, swiglu=False)
+    cl = ClusterSpec(nodes=2, gpus_per_node=2, intra_bw_GBps=200.0, intra_latency_us=0, inter_bw_GBps=2.0,
+                     inter_latency_us=0, peak_tflops=1000.0)
+    spread = predict_layer("locmoe_hier", cl, m, RoutingSpec(cross_node_share=0.285, chunks=1))
+    concentrated = predict_layer("locmoe_hier", cl, m, RoutingSpec(cross_node_share=0.285, pairs_per_copy=2.9,
+                                                                    chunks=1))
+    assert concentrated.layer_ms < spread.layer_ms
+    flat = [predict_layer("locmoe_flat", cl, m, RoutingSpec(cross_node_share=0.285, pairs_per_copy=mu, chunks=1))
+            for mu in (None, 2.9)]
+    assert flat[0].layer_ms == pytest.approx(flat[1].layer_ms)  # the pairs plan sends one row per pair either way
+
+
+def test_validation_reads_pairs_per_copy_from_the_recorded_bytes():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("validate_projection", "benchmarks/validate_projection.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    m = ModelSpec(hidden=16, ffn=16, experts=8, topk=4, tokens_per_rank=100, dtype="bf16", swiglu=False)
+    # 0.25 x 4 x 100 = 100 remote pairs per rank over 50 rail rows (50 x 16 x 2 bytes) = 2 pairs per copy
+    v = {"cross_node_share": 0.25, "inter_bytes_per_rank": {"dispatch": [1500.0, 1700.0]}}
+    assert mod.measured_pairs_per_copy(v, m, 4) == pytest.approx(2.0)
+    assert mod.measured_pairs_per_copy({"cross_node_share": 0.25}, m, 4) is None
+    assert mod.measured_pairs_per_copy({**v, "cross_node_share": 0.0}, m, 4) is None

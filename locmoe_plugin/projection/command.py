@@ -43,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--cross-node-share", type=float, default=None,
                    help="LocMoE's share of pairs crossing nodes (measured, or the budget it is held to). Default: "
                         "LocMoE's default budget at each node count (0.2 on 2 nodes, 0.3 on 4, towards 0.4)")
+    r.add_argument("--pairs-per-copy", type=float, default=None,
+                   help="for a router that puts a token's remote pairs on one other node (--locmoe-budget-mechanism "
+                        "node): its pairs per inter-node copy (cross-node pairs / inter-node rows, from the traffic "
+                        "counter; about 2.9 at top-4 over 2 nodes). Default: the pairs spread as the share implies")
     r.add_argument("--imbalance", type=float, default=1.0, help="busiest rank's rows / mean (>= 1)")
     r.add_argument("--inter-imbalance", type=float, default=None,
                    help="busiest rank's cross-node bytes / mean (>= 1; default: --imbalance)")
@@ -82,7 +86,7 @@ def run(a: argparse.Namespace) -> int:
     cal = load_calibration(a.calibration) if a.calibration else None
     model = ModelSpec(hidden=a.hidden, ffn=a.ffn, experts=a.experts, topk=a.topk, tokens_per_rank=a.tokens_per_rank,
                       layers=a.layers, seq=a.seq, dtype=a.dtype, swiglu=not a.gelu)
-    routing = RoutingSpec(cross_node_share=a.cross_node_share, imbalance=a.imbalance,
+    routing = RoutingSpec(cross_node_share=a.cross_node_share, pairs_per_copy=a.pairs_per_copy, imbalance=a.imbalance,
                           inter_imbalance=a.inter_imbalance, group_nodes=a.group_nodes,
                           capacity_factor=a.capacity_factor, chunks=a.chunks)
     cluster = _cluster(a, a.nodes)

@@ -104,7 +104,10 @@ def predict_layer(system: str, cluster: ClusterSpec, model: ModelSpec, routing: 
     elif system == "megatron_group_limited":
         own, rem = node_pmfs("group", n, r, e, k, group_nodes=routing.group_nodes or min(n, 4))
     elif system.startswith("locmoe_"):
-        own, rem = node_pmfs("share", n, r, e, k, share=routing.share_on(n))
+        if routing.pairs_per_copy is None:
+            own, rem = node_pmfs("share", n, r, e, k, share=routing.share_on(n))
+        else:
+            own, rem = node_pmfs("copies", n, r, e, k, share=routing.share_on(n), pairs_per_copy=routing.pairs_per_copy)
     else:
         raise ConfigError(f"unknown system {system!r}: use one of {SYSTEMS + EXTRA_SYSTEMS}")
     hier = system.startswith("locmoe_hier")

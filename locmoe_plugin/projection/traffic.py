@@ -44,7 +44,8 @@ def _hypergeom(pop: int, succ: int, draws: int) -> list[float]:
 
 
 def node_pmfs(model: str, nodes: int, ranks_per_node: int, experts: int, k: int,
-              share: float = 0.0, group_nodes: int = 1) -> tuple[np.ndarray, np.ndarray]:
+              share: float = 0.0, group_nodes: int = 1, pairs_per_copy: float | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
     """``(pmf of j on the token's own node, pmf of j on one given other node)``, each ``[k + 1]``.
 
     Routing models (each token takes k distinct experts):
@@ -54,6 +55,12 @@ def node_pmfs(model: str, nodes: int, ranks_per_node: int, experts: int, k: int,
         the rest renormalised. The pair share is then ``share`` exactly when k <= G.
       * ``"group"``: ``group_nodes`` = M nodes drawn uniformly (what group-limited routing picks when the
         scores carry no locality), then k experts uniformly among their M G experts.
+      * ``"copies"``: a router that concentrates a token's remote pairs on one other node (the "node"
+        budget mechanism), ``pairs_per_copy`` = mu of them per node it reaches (the two integers around mu,
+        mean mu, clipped to [1, min(k, G)]): a share c = share k / ((N-1) mu) of the (token, other node)
+        combinations carry a copy, each crossing token reaches one other node and its own node keeps the
+        rest. Where share k > mu (more remote pairs per token than one copy carries) every token crosses,
+        to one node, with share k pairs. Pair share ``share`` holds in expectation.
     """
     n, g = nodes, experts // nodes
     own, rem = np.zeros(k + 1), np.zeros(k + 1)
@@ -73,6 +80,8 @@ def node_pmfs(model: str, nodes: int, ranks_per_node: int, experts: int, k: int,
             own[k - m] += p
             for j, q in enumerate(_hypergeom((n - 1) * g, g, m)):
                 rem[j] += p * q
+    elif model == "copies":
+        return _concentrated_pmfs(n, g, k, share, pairs_per_copy)
     elif model == "group":
         mm = min(group_nodes, n)
         if k > mm * g:
@@ -83,7 +92,29 @@ def node_pmfs(model: str, nodes: int, ranks_per_node: int, experts: int, k: int,
         own[0] += 1 - mm / n
         rem = own.copy()
     else:
-        raise ConfigError(f"routing model {model!r} is not 'uniform', 'share' or 'group'")
+        raise ConfigError(f"routing model {model!r} is not 'uniform', 'share', 'copies' or 'group'")
+    return own, rem
+
+
+def _concentrated_pmfs(n: int, g: int, k: int, share: float, mu: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``"copies"`` model of :func:`node_pmfs`."""
+    own, rem = np.zeros(k + 1), np.zeros(k + 1)
+    if n == 1 or not share:
+        own[k] = 1.0
+        return own, rem
+    if mu is None or not mu >= 1.0:
+        raise ConfigError(f"pairs_per_copy={mu!r}: a copy carries at least one pair; give a value >= 1")
+    mu = min(max(mu, share * k, 1.0), float(min(k, g)))
+    c = share * k / ((n - 1) * mu)  # copies per (token, other node); (n - 1) c <= 1 by the clip above
+    lo = int(np.floor(mu))
+    hi_weight = mu - lo
+    rem[0] = 1.0 - c
+    rem[lo] += c * (1.0 - hi_weight)
+    if hi_weight > 0:
+        rem[lo + 1] += c * hi_weight
+    own[k] = 1.0 - c * (n - 1)
+    for j in range(1, k + 1):
+        own[k - j] += (n - 1) * rem[j]
     return own, rem
 
 

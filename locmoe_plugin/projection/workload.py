@@ -64,6 +64,11 @@ class RoutingSpec:
             default budget on the EP group's N nodes (:func:`locmoe_plugin.config.default_cross_node_budget`:
             0.2 on 2 nodes, 0.3 on 4, towards 0.4 on many), what a run with the defaults holds. The
             baselines route uniformly: share (N - 1) / N.
+        pairs_per_copy: for a router that concentrates a token's remote pairs on one other node
+            (``budget_mechanism="node"``): the mean number of its pairs a token sends to each other node it
+            reaches, i.e. cross-node pairs over the hierarchical plan's inter-node rows (the dispatcher's
+            traffic counter); None = the pairs spread as the share alone implies (a Binomial(k, share) of
+            remote pairs per token), which overstates the copies, so the bytes, of such a router.
         imbalance: the busiest rank's rows over the mean rank's (>= 1): its expert GEMMs and the bytes it
             sends or receives scale by it; the layer waits for that rank. Applied to every dropless system.
         inter_imbalance: the busiest rank's cross-node bytes over the mean rank's (>= 1), where it differs
@@ -78,6 +83,7 @@ class RoutingSpec:
     """
 
     cross_node_share: float | None = None
+    pairs_per_copy: float | None = None
     imbalance: float = 1.0
     inter_imbalance: float | None = None
     group_nodes: int | None = None
@@ -88,6 +94,9 @@ class RoutingSpec:
         if self.cross_node_share is not None and not 0.0 <= self.cross_node_share <= 1.0:
             raise ConfigError(f"cross_node_share={self.cross_node_share!r}: a share of pairs lies in [0, 1] "
                               f"(--cross-node-share 0.1 = 10 % of pairs cross nodes)")
+        if self.pairs_per_copy is not None and not self.pairs_per_copy >= 1.0:
+            raise ConfigError(f"pairs_per_copy={self.pairs_per_copy!r}: a copy carries at least one pair; give a "
+                              f"value >= 1 (--pairs-per-copy)")
         if not self.imbalance >= 1.0:
             raise ConfigError(f"imbalance={self.imbalance!r}: the busiest rank's rows over the mean is >= 1 "
                               f"(1 = balanced)")
