@@ -67,8 +67,9 @@ def test_dry_run_lists_pending_jobs_with_own_ports(tmp_path, capsys):
 
 def test_points_with_a_warmup(tmp_path, capsys):
     run = _load("run_budget_curve")
-    assert run.parse_point("0.1") == (0.1, 0, 0, 0) and run.parse_point(" off ") == (None, 0, 0, 0)
-    assert run.parse_point("0.1:warmup=300") == (0.1, 300, 0, 0) and run.parse_point("0:warmup=0") == (0.0, 0, 0, 0)
+    assert run.parse_point("0.1") == (0.1, 0, 0, 0, None) and run.parse_point(" off ") == (None, 0, 0, 0, None)
+    assert run.parse_point("0.1:warmup=300") == (0.1, 300, 0, 0, None)
+    assert run.parse_point("0:warmup=0") == (0.0, 0, 0, 0, None)
     for bad in ("0.1:warmup=-3", "0.1:warmup=1.5", "0.1:ramp=300", "0.1:warmup", "off:warmup=300", "2:warmup=3",
                 "0.1:mu=-1", "0.1:mu=nan", "0.1:expert_bias=x", "0.1:mu"):
         with pytest.raises(SystemExit):
@@ -102,6 +103,24 @@ def test_points_with_a_locality_loss_and_the_expert_bias(tmp_path, capsys):
     both = cmds["budget-0.1-selection-mu-0.01-eb-0.001_seed-1"]
     assert "--mu 0.01 " in both and "--expert-bias-rate 0.001" in both and "--budget 0.1 " in both
     assert "--mu 0.01 " in cmds["budget-off-mu-0.01_seed-1"] and "--budget " not in cmds["budget-off-mu-0.01_seed-1"]
+
+
+def test_points_with_their_own_mechanism(tmp_path, capsys):
+    run = _load("run_budget_curve")
+    assert run.parse_point("0.3:mechanism=node,expert_bias=0.001") == run.Point(0.3, expert_bias=0.001,
+                                                                               mechanism="node")
+    for bad in ("0.3:mechanism=price", "off:mechanism=node"):
+        with pytest.raises(SystemExit):
+            run.parse_point(bad)
+    # one command mixes mechanisms; a point naming the default mechanism is the same job as one without
+    assert run.main([str(tmp_path), "--budgets", "0.2,0.2:mechanism=selection,0.3:mechanism=node,expert_bias=0.001",
+                     "--seeds", "1", "--parallel", "2", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("budget curve: 2 job(s) pending of 2")
+    cmds = dict(line.split(": ", 1) for line in lines[1:])
+    assert sorted(cmds) == ["budget-0.2-selection_seed-1", "budget-0.3-node-eb-0.001_seed-1"]
+    assert "--budget-mechanism node " in cmds["budget-0.3-node-eb-0.001_seed-1"]
+    assert cmds["budget-0.2-selection_seed-1"].endswith("--budget-mechanism selection")
 
 
 def test_report_rows_for_the_locality_loss_and_the_expert_bias(tmp_path):

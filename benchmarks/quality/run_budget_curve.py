@@ -7,7 +7,8 @@ A point of ``--budgets`` is a budget, optionally with a warm-up of its target (`
 ``LocMoEConfig.cross_node_budget_warmup``: over the first W of the training steps the target falls from
 (N-1)/N to the budget), a fixed locality loss beside it (``:mu=C``, ``LocMoEConfig.locality_loss_coeff``,
 with its learned locality bias) and loss-free balancing (``:expert_bias=R``,
-``LocMoEConfig.expert_bias_rate``), e.g. ``--budgets 0.1,0.1:warmup=300,0.1:mu=0.01,expert_bias=0.001``
+``LocMoEConfig.expert_bias_rate``) and its own mechanism (``:mechanism=node``, else ``--mechanism``), e.g.
+``--budgets 0.1,0.1:warmup=300,0.1:mu=0.01,expert_bias=0.001,0.3:mechanism=node,expert_bias=0.001``
 (a point's options follow its colon, separated by commas: an item ``key=value`` belongs to the point
 before it).
 
@@ -67,8 +68,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--budgets", default="off,0.3,0.2,0.1,0.05,0",
                    help="comma-separated points: a cross-node budget in [0, 1], optionally with the warm-up of its "
                         "target in training steps (0.1:warmup=300), a fixed locality loss (0.1:mu=0.01) and the "
-                        "expert bias (0.1:expert_bias=0.001), several options after one colon "
-                        "(0.1:mu=0.01,expert_bias=0.001); 'off' = LocMoE without a budget")
+                        "expert bias (0.1:expert_bias=0.001), its own mechanism (0.3:mechanism=node; else "
+                        "--mechanism), several options after one colon (0.1:mu=0.01,expert_bias=0.001); 'off' = "
+                        "LocMoE without a budget")
     p.add_argument("--mechanism", choices=BUDGET_MECHANISMS, default=DEFAULT_BUDGET_MECHANISM,
                    help="how the budget acts (LocMoEConfig.budget_mechanism; see docs/locality.md); jobs of "
                         "another mechanism are kept apart by their file name. Default: %(default)s")
@@ -85,7 +87,9 @@ def parse(argv=None) -> argparse.Namespace:
     cut = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:cut])
     args.extra = argv[cut + 1:]  # after --: more bench_layer.py flags (later flags override the defaults)
-    args.points = list(dict.fromkeys(parse_point(b) for b in split_points(args.budgets)))  # once each
+    points = (parse_point(b) for b in split_points(args.budgets))
+    args.points = list(dict.fromkeys(  # once each; a budget's mechanism made explicit
+        p if p.budget is None else p._replace(mechanism=p.mechanism or args.mechanism) for p in points))
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not args.points or not args.seed_list:
         p.error("--budgets and --seeds need at least one value each")
@@ -123,11 +127,13 @@ class Point(NamedTuple):
     warmup: int = 0  # LocMoEConfig.cross_node_budget_warmup, in training steps
     mu: float = 0.0  # LocMoEConfig.locality_loss_coeff (> 0: the learned locality loss and bias beside the budget)
     expert_bias: float = 0.0  # LocMoEConfig.expert_bias_rate (loss-free balancing)
+    mechanism: str | None = None  # LocMoEConfig.budget_mechanism of this point (None: --mechanism)
 
 
 POINT_SYNTAX = ("a point is a budget in [0, 1] or 'off', with optional ':' options 'warmup=STEPS' (a whole number, "
-                "needs a budget), 'mu=COEFF' and 'expert_bias=RATE' (numbers >= 0), e.g. 0.1:warmup=300 or "
-                "0.1:mu=0.01,expert_bias=0.001")
+                "needs a budget), 'mu=COEFF' and 'expert_bias=RATE' (numbers >= 0) and 'mechanism=" +
+                "|".join(BUDGET_MECHANISMS) + "' (needs a budget; default --mechanism), e.g. 0.1:warmup=300 or "
+                "0.1:mu=0.01,expert_bias=0.001 or 0.3:mechanism=node,expert_bias=0.001")
 
 
 def parse_point(text: str) -> Point:
@@ -138,9 +144,13 @@ def parse_point(text: str) -> Point:
     point = Point(parse_budget(budget_text))
     for item in filter(None, options.split(",")):
         key, eq, value = (part.strip() for part in item.partition("="))
-        if not eq or key not in ("warmup", "mu", "expert_bias"):
+        if not eq or key not in ("warmup", "mu", "expert_bias", "mechanism"):
             raise SystemExit(f"--budgets: {text!r}: {POINT_SYNTAX}")
-        if key == "warmup":
+        if key == "mechanism":
+            if value not in BUDGET_MECHANISMS or point.budget is None:
+                raise SystemExit(f"--budgets: {text!r}: {POINT_SYNTAX}")
+            point = point._replace(mechanism=value)
+        elif key == "warmup":
             if not value.isdigit():
                 raise SystemExit(f"--budgets: {text!r}: {POINT_SYNTAX}")
             point = point._replace(warmup=int(value))
@@ -171,12 +181,17 @@ def job_name(point: Point, seed: int, mechanism: str) -> str:
     return f"budget-{point.budget:g}-{mechanism}{warmup}{extra}_seed-{seed}"
 
 
+def mechanism_of(point: Point, args) -> str:
+    """The point's own mechanism, else the command's ``--mechanism``."""
+    return point.mechanism or args.mechanism
+
+
 def job_command(args, point: Point, seed: int, slot: int, json_path: Path) -> list[str]:
     flags = shlex.split(TOY_FLAGS if args.toy else GPU_FLAGS)
     flags += ["--gates", "dense", "--mu", f"{point.mu:g}", "--systems", "locmoe", "mcore_alltoall",
               "--gpus-per-node", str(args.gpus_per_node), "--seed", str(seed), "--json", str(json_path)]
     if point.budget is not None:
-        flags += ["--budget", str(point.budget), "--budget-mechanism", args.mechanism]
+        flags += ["--budget", str(point.budget), "--budget-mechanism", mechanism_of(point, args)]
     if point.warmup:
         flags += ["--budget-warmup", str(point.warmup)]
     if point.expert_bias:
@@ -192,7 +207,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     pending = [(b, s) for s in args.seed_list for b in args.points
-               if not (out / "jobs" / f"{job_name(b, s, args.mechanism)}.json").exists()]
+               if not (out / "jobs" / f"{job_name(b, s, mechanism_of(b, args))}.json").exists()]
     print(f"budget curve: {len(pending)} job(s) pending of {len(args.points) * len(args.seed_list)} in {out}",
           flush=True)
     env = dict(os.environ, PYTHON=os.environ.get("PYTHON", sys.executable),
@@ -205,7 +220,7 @@ def main(argv=None) -> int:
         env.setdefault("OMP_NUM_THREADS", "1")
     if args.dry_run:
         for i, (b, s) in enumerate(pending):
-            name = job_name(b, s, args.mechanism)
+            name = job_name(b, s, mechanism_of(b, args))
             print(name + ": " + shlex.join(job_command(args, b, s, i % args.parallel, out / "jobs" / f"{name}.tmp.json")))
         return 0
     start, durations, running, failed = time.monotonic(), [], {}, []
@@ -215,7 +230,7 @@ def main(argv=None) -> int:
         free = [i for i in range(args.parallel) if i not in running]
         while pending and free and now + estimate <= args.time_limit:
             b, s = pending.pop(0)
-            slot, name = free.pop(0), job_name(b, s, args.mechanism)
+            slot, name = free.pop(0), job_name(b, s, mechanism_of(b, args))
             tmp = out / "jobs" / f"{name}.tmp.json"
             log = open(out / "jobs" / f"{name}.log", "w")
             cmd = job_command(args, b, s, slot, tmp)
@@ -244,7 +259,7 @@ def main(argv=None) -> int:
                 print(f"  FAILED {name} (exit {proc.returncode}); see {out / 'jobs' / (name + '.log')}", flush=True)
             log.close()
             del running[slot]
-    left = [job_name(b, s, args.mechanism) for b, s in pending]
+    left = [job_name(b, s, mechanism_of(b, args)) for b, s in pending]
     if left:
         print(f"not started (time limit): {', '.join(left)}; rerun the same command to continue")
     budget_report.main([str(out)])
