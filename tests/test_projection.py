@@ -283,6 +283,12 @@ def test_concentrated_copies_by_hand_and_against_the_counter():
     own, rem = node_pmfs("copies", 2, 1, 8, 4, share=0.5, pairs_per_copy=1.0)
     assert rem[0] == pytest.approx(0.0) and rem[2] == pytest.approx(1.0)
 
+    # nothing crosses at share 0; a layout with fewer than k experts per node has no such router: the share model
+    own, rem = node_pmfs("copies", 2, 2, 8, 4, share=0.0, pairs_per_copy=2.0)
+    assert rem[0] == 1.0 and own[4] == 1.0 and expected_rows("hierarchical", 2, 2, 8, 4, 100, own, rem).inter == 0
+    for got, want in zip(node_pmfs("copies", 4, 1, 16, 8, share=0.3, pairs_per_copy=2.0),
+                         node_pmfs("share", 4, 1, 16, 8, share=0.3)):
+        assert got.tolist() == pytest.approx(want.tolist())
     # a sampled routing of that kind, counted exactly: half the tokens put 2 of 4 experts on the other node
     rng = np.random.default_rng(0)
     s, e, r = 4000, 16, 2  # 2 nodes x 2 ranks, 4 experts per rank, 8 per node

@@ -46,8 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--pairs-per-copy", type=float, default=None,
                    help="for a router that puts a token's remote pairs on one other node (--locmoe-budget-mechanism "
                         "node): its pairs per inter-node copy (cross-node pairs / inter-node rows, from the traffic "
-                        "counter; 2.5 for the node price at top-4 over 2 nodes). Default: the pairs spread as the "
-                        "share implies")
+                        "counter; measured 2.49 for the node price at share 0.285, top-4, 2 nodes x 2: "
+                        "docs/projection.md). Default: the pairs spread as the share implies")
     r.add_argument("--imbalance", type=float, default=1.0, help="busiest rank's rows / mean (>= 1)")
     r.add_argument("--inter-imbalance", type=float, default=None,
                    help="busiest rank's cross-node bytes / mean (>= 1; default: --imbalance)")

@@ -57,10 +57,12 @@ def node_pmfs(model: str, nodes: int, ranks_per_node: int, experts: int, k: int,
         scores carry no locality), then k experts uniformly among their M G experts.
       * ``"copies"``: a router that concentrates a token's remote pairs on one other node (the "node"
         budget mechanism), ``pairs_per_copy`` = mu of them per node it reaches (the two integers around mu,
-        mean mu, clipped to [1, min(k, G)]): a share c = share k / ((N-1) mu) of the (token, other node)
+        mean mu, clipped to [max(1, share k), min(k, G)]): a share c = share k / ((N-1) mu) of the (token, other node)
         combinations carry a copy, each crossing token reaches one other node and its own node keeps the
         rest. Where share k > mu (more remote pairs per token than one copy carries) every token crosses,
-        to one node, with share k pairs. Pair share ``share`` holds in expectation.
+        to one node, with share k pairs. Pair share ``share`` holds in expectation. A layout whose nodes
+        hold fewer than k, or fewer than share k, experts has no such router (the node price is refused
+        there): the ``"share"`` model is used instead, so a sweep over node counts keeps its rows.
     """
     n, g = nodes, experts // nodes
     own, rem = np.zeros(k + 1), np.zeros(k + 1)
@@ -99,11 +101,14 @@ def node_pmfs(model: str, nodes: int, ranks_per_node: int, experts: int, k: int,
 def _concentrated_pmfs(n: int, g: int, k: int, share: float, mu: float | None) -> tuple[np.ndarray, np.ndarray]:
     """The ``"copies"`` model of :func:`node_pmfs`."""
     own, rem = np.zeros(k + 1), np.zeros(k + 1)
+    own[k] = 1.0
     if n == 1 or not share:
-        own[k] = 1.0
+        rem[0] = 1.0  # nothing crosses
         return own, rem
     if mu is None or not mu >= 1.0:
         raise ConfigError(f"pairs_per_copy={mu!r}: a copy carries at least one pair; give a value >= 1")
+    if k > g or share * k > g:  # no such router on this layout (the node price needs k <= G): the spread model
+        return node_pmfs("share", n, 1, n * g, k, share=share)
     mu = min(max(mu, share * k, 1.0), float(min(k, g)))
     c = share * k / ((n - 1) * mu)  # copies per (token, other node); (n - 1) c <= 1 by the clip above
     lo = int(np.floor(mu))
