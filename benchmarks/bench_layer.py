@@ -35,6 +35,9 @@ model's layers before its MoE layer, and times fwd+bwd of one MoE layer on those
   locmoe_unfolded    (a'') the same layer of the first gate with the router's own count all-reduce instead of
                      its counts riding in the dispatcher's count exchange (identical results; an A/B of the
                      fold, which acts on EP groups spanning nodes); not in the default systems
+  locmoe_overlap     (a''') the same layer of the first gate with the dispatcher's overlap on
+                     (DispatcherSettings(overlap=True), Megatron --locmoe-overlap on; a no-op on one node);
+                     not in the default systems
   mcore_alltoall     (b) megatron-core MoELayer, TopKRouter + aux loss, 'alltoall' dispatcher, with the
                      trained TopKRouter model's router and experts, on that model's hidden states
   mcore_allgather    (c) same, 'allgather' dispatcher
@@ -104,6 +107,7 @@ if HERE not in sys.path:  # the benchmark's own modules, also when loaded by fil
 from layer_setup import Ctx, build_megatron_layer, time_it  # noqa: E402
 from layer_training import _budget_mechanism, _budget_warmup, corpus_batch, train  # noqa: E402
 from link_probe import LinkProbe, a2a_time, format_links, layer_probe_mib, take_sample  # noqa: E402
+from locmoe_plugin.comm.settings import DispatcherSettings  # noqa: E402
 from locmoe_plugin.config import BUDGET_MECHANISMS  # noqa: E402
 from locmoe_plugin.megatron.router import dense_routing_map  # noqa: E402
 
@@ -382,7 +386,7 @@ def system_names(args) -> list[tuple[str, str]]:
     for system in args.systems:
         if system == "locmoe":
             rows += [(f"locmoe_{g}", g) for g in args.gates]
-        elif system.startswith("locmoe_ds") or system in ("locmoe_allgather", "locmoe_unfolded"):
+        elif system.startswith("locmoe_ds") or system in ("locmoe_allgather", "locmoe_unfolded", "locmoe_overlap"):
             rows.append((system, args.gates[0]))
         else:  # Megatron and DeepSpeed baselines: the trained TopKRouter model (or the first gate's)
             rows.append((system, "topk" if args.baseline_router == "trained" else args.gates[0]))
@@ -424,13 +428,14 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
     remote_ranks = ctx.world - ctx.gpn
     if name.startswith("locmoe_") and not name.startswith("locmoe_ds"):
         allgather = name == "locmoe_allgather"
-        gate = a.gates[0] if name in ("locmoe_allgather", "locmoe_unfolded") else name[len("locmoe_"):]
+        gate = a.gates[0] if name in ("locmoe_allgather", "locmoe_unfolded", "locmoe_overlap") else name[len("locmoe_"):]
         settings = {"gate": gate, "routing": "locmoe", "locality_loss_coeff": trained[gate]["summary"]["mu"],
                     "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope, "expert_bias_rate": a.expert_bias_rate,
                     "cross_node_budget": a.budget, "budget_mechanism": _budget_mechanism(a),
                     "cross_node_budget_warmup": _budget_warmup(a)}
+        mode = "allgather" if allgather else "hierarchical"
         layer = build_megatron_layer(ctx, "alltoall", ctx.dtype, settings,
-                                     locmoe_dispatcher="allgather" if allgather else "hierarchical")
+                                     locmoe_dispatcher=DispatcherSettings(mode=mode, overlap=name == "locmoe_overlap"))
         if name == "locmoe_unfolded":
             layer.token_dispatcher.fold_router_counts(layer.router, fold=False)
         missing, unexpected = layer.load_state_dict(trained[gate]["state"], strict=False)
@@ -743,9 +748,9 @@ def comparisons(out: dict) -> list[str]:
         if "mcore_allgather" in sy:
             checks.append(f"{name} / mcore_allgather = {_median_ratio(r, sy['mcore_allgather']):.3f}"
                           + _quartiles(r, sy["mcore_allgather"]))
-        if "locmoe_unfolded" in sy and name == f"locmoe_{first_gate}":  # the same gate's layer, fold on / off
-            checks.append(f"{name} / locmoe_unfolded = {_median_ratio(r, sy['locmoe_unfolded']):.3f}"
-                          + _quartiles(r, sy["locmoe_unfolded"]))
+        for variant in ("locmoe_unfolded", "locmoe_overlap"):  # the same gate's layer: fold off / overlap on
+            if variant in sy and name == f"locmoe_{first_gate}":
+                checks.append(f"{name} / {variant} = {_median_ratio(r, sy[variant]):.3f}" + _quartiles(r, sy[variant]))
         if out["meta"]["nodes"] > 1:
             for other in ("mcore_grouplimited", "deepspeed_moe"):
                 if other in sy:

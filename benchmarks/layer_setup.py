@@ -91,9 +91,9 @@ def megatron_config(ctx: Ctx, dispatcher: str, dtype, group_limited: bool = Fals
 
 
 def build_megatron_layer(ctx: Ctx, dispatcher: str, dtype, locmoe: dict | None = None, group_limited=False,
-                         locmoe_dispatcher: str = "hierarchical"):
+                         locmoe_dispatcher="hierarchical"):
     """MoELayer (``locmoe=None``: TopKRouter, Megatron's ``dispatcher``) or LocMoELayer (LocMoE router, the
-    LocMoE dispatcher in mode ``locmoe_dispatcher``)."""
+    LocMoE dispatcher as ``locmoe_dispatcher``: a mode string or a ``DispatcherSettings``, e.g. with the overlap)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.moe import moe_utils

@@ -46,3 +46,17 @@ def test_the_unfolded_layer_is_compared_with_the_first_gates_layer(bench):
     lines = bench.comparisons({"meta": {"nodes": 2, "mu": {"dense": 0.0, "grap": 0.0}}, "systems": systems})
     assert "compare: locmoe_dense / locmoe_unfolded = 1.050 [per-round ratios: quartiles 1.000-1.100]" in lines, lines
     assert not any(line.startswith("compare: locmoe_grap / locmoe_unfolded") for line in lines), lines
+
+
+def test_the_overlapped_layer_is_compared_with_the_first_gates_layer(bench):
+    args = types.SimpleNamespace(systems=["locmoe", "locmoe_overlap", "mcore_alltoall"], gates=["dense"],
+                                 baseline_router="trained")
+    assert bench.system_names(args) == [("locmoe_dense", "dense"), ("locmoe_overlap", "dense"),
+                                        ("mcore_alltoall", "topk")]
+    assert "locmoe_overlap" not in bench.DEFAULT_SYSTEMS
+    rounds = {"mcore_alltoall": [10.0, 10.0, 10.0], "locmoe_dense": [4.0, 4.4, 4.8], "locmoe_overlap": [4.0, 4.0, 4.0]}
+    systems = {n: {"ms": sorted(v)[1], "ms_rounds": v, "cross_node_share": 0.2} for n, v in rounds.items()}
+    lines = bench.comparisons({"meta": {"nodes": 2, "mu": {"dense": 0.0}}, "systems": systems})
+    assert any(line.startswith("compare: locmoe_dense / locmoe_overlap = 1.100 [per-round ratios: quartiles")
+               for line in lines), lines
+    assert any(line.startswith("compare: locmoe_overlap / mcore_alltoall = 0.400") for line in lines), lines
