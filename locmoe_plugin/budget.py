@@ -93,12 +93,6 @@ RATES = {"selection": 0.2, "loss": 0.01, "node": 0.2}
 MAX_STRENGTHS = {"selection": 2.0, "loss": 0.5, "node": 1.0}
 
 
-def unconstrained_share(num_nodes: int) -> float:
-    """``(N-1)/N``: the expected cross-node share of routing that ignores where experts sit, over ``N`` nodes
-    of equally many experts (the start of the budget's warm-up)."""
-    return (num_nodes - 1) / num_nodes
-
-
 class CrossNodeBudget(torch.nn.Module):
     """The controller of one router.
 
@@ -112,7 +106,7 @@ class CrossNodeBudget(torch.nn.Module):
         warmup: ``W``, updates over which the target moves from ``start_share`` down to ``budget`` (0: the
             budget from the first update; validated by :class:`LocMoEConfig`).
         start_share: where the warm-up starts, the unconstrained share ``(N-1)/N`` of the EP group's layout
-            (:func:`unconstrained_share`; the router sets it again when it is bound to another group).
+            (:func:`locmoe_plugin.config.unconstrained_share`; the router sets it again when it is bound to another group).
 
     Buffers (0-d, not in ``state_dict``; saved through :meth:`state_dict_extra`):
         strength: fp32 ``lam``, the multiplier (margin or loss coefficient).

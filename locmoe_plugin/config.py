@@ -47,15 +47,21 @@ DEFAULT_BUDGET_MECHANISM = "selection"
 BUDGET_MECHANISMS = ("loss", "node", "selection")
 
 
+def unconstrained_share(num_nodes: int) -> float:
+    """``(N-1)/N``: the expected cross-node share of routing that ignores where experts sit, over ``N`` nodes
+    of equally many experts (the start of the budget's warm-up; the default budget's scale)."""
+    return (num_nodes - 1) / num_nodes
+
+
 def default_cross_node_budget(num_nodes: int) -> float | None:
     """The default budget on an EP group over ``num_nodes`` nodes: :data:`DEFAULT_CROSS_NODE_BUDGET` (its
-    2-node value) times ``((N-1)/N) / (1/2)``, i.e. the same fraction of the unconstrained cross-node share
-    (N-1)/N on every layout; one node gets the 2-node value (a budget changes nothing there). None when
-    :data:`DEFAULT_CROSS_NODE_BUDGET` is None."""
+    2-node value) times ``unconstrained_share(N) / unconstrained_share(2)``, i.e. the same fraction of the
+    unconstrained cross-node share on every layout; one node gets the 2-node value (a budget changes nothing
+    there). None when :data:`DEFAULT_CROSS_NODE_BUDGET` is None."""
     if DEFAULT_CROSS_NODE_BUDGET is None:
         return None
-    nodes = max(int(num_nodes), 2)
-    return round(min(1.0, DEFAULT_CROSS_NODE_BUDGET * 2.0 * (nodes - 1) / nodes), 12)
+    scale = unconstrained_share(max(int(num_nodes), 2)) / unconstrained_share(2)
+    return round(min(1.0, DEFAULT_CROSS_NODE_BUDGET * scale), 12)
 
 
 #: LocMoEConfig fields whose None means "resolve from the other settings" (see __post_init__)

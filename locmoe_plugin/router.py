@@ -34,9 +34,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .agreement import check_agreement, config_settings, group_active
-from .budget import CrossNodeBudget, unconstrained_share
+from .budget import CrossNodeBudget
 from .capacity import CapacityController
-from .config import ConfigError, LocMoEConfig
+from .config import ConfigError, LocMoEConfig, unconstrained_share
 from .folded_counts import FoldedCounts
 from .gate import build_gate, row_norm
 from .losses import locality_loss, switch_aux_loss, z_loss

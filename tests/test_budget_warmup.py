@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from locmoe_plugin import LocMoEConfig, LocMoERouter
-from locmoe_plugin.budget import CrossNodeBudget, unconstrained_share
+from locmoe_plugin.budget import CrossNodeBudget
+from locmoe_plugin.config import unconstrained_share
 from locmoe_plugin.config import ConfigError
 from locmoe_plugin.topology import Topology
 

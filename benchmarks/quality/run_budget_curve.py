@@ -127,7 +127,7 @@ class Point(NamedTuple):
     warmup: int = 0  # LocMoEConfig.cross_node_budget_warmup, in training steps
     mu: float = 0.0  # LocMoEConfig.locality_loss_coeff (> 0: the learned locality loss and bias beside the budget)
     expert_bias: float = 0.0  # LocMoEConfig.expert_bias_rate (loss-free balancing)
-    mechanism: str | None = None  # LocMoEConfig.budget_mechanism of this point (None: --mechanism)
+    mechanism: str | None = None  # LocMoEConfig.budget_mechanism of this point (parse() sets --mechanism's)
 
 
 POINT_SYNTAX = ("a point is a budget in [0, 1] or 'off', with optional ':' options 'warmup=STEPS' (a whole number, "
@@ -167,7 +167,7 @@ def parse_point(text: str) -> Point:
     return point
 
 
-def job_name(point: Point, seed: int, mechanism: str) -> str:
+def job_name(point: Point, seed: int) -> str:
     """``budget-0.1-loss_seed-1234``; ``budget-0.1-selection-warmup-300_seed-1234`` (with a warm-up);
     ``budget-0.1-selection-mu-0.01-eb-0.001_seed-1234`` (with a locality loss and the expert bias);
     ``budget-off_seed-1234`` (no budget, no mechanism): runs of both mechanisms can share OUT, and "off" is
@@ -178,12 +178,7 @@ def job_name(point: Point, seed: int, mechanism: str) -> str:
     if point.budget is None:
         return f"budget-off{extra}_seed-{seed}"
     warmup = f"-warmup-{point.warmup}" if point.warmup else ""
-    return f"budget-{point.budget:g}-{mechanism}{warmup}{extra}_seed-{seed}"
-
-
-def mechanism_of(point: Point, args) -> str:
-    """The point's own mechanism, else the command's ``--mechanism``."""
-    return point.mechanism or args.mechanism
+    return f"budget-{point.budget:g}-{point.mechanism}{warmup}{extra}_seed-{seed}"
 
 
 def job_command(args, point: Point, seed: int, slot: int, json_path: Path) -> list[str]:
@@ -191,7 +186,7 @@ def job_command(args, point: Point, seed: int, slot: int, json_path: Path) -> li
     flags += ["--gates", "dense", "--mu", f"{point.mu:g}", "--systems", "locmoe", "mcore_alltoall",
               "--gpus-per-node", str(args.gpus_per_node), "--seed", str(seed), "--json", str(json_path)]
     if point.budget is not None:
-        flags += ["--budget", str(point.budget), "--budget-mechanism", mechanism_of(point, args)]
+        flags += ["--budget", str(point.budget), "--budget-mechanism", point.mechanism]
     if point.warmup:
         flags += ["--budget-warmup", str(point.warmup)]
     if point.expert_bias:
@@ -207,7 +202,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     pending = [(b, s) for s in args.seed_list for b in args.points
-               if not (out / "jobs" / f"{job_name(b, s, mechanism_of(b, args))}.json").exists()]
+               if not (out / "jobs" / f"{job_name(b, s)}.json").exists()]
     print(f"budget curve: {len(pending)} job(s) pending of {len(args.points) * len(args.seed_list)} in {out}",
           flush=True)
     env = dict(os.environ, PYTHON=os.environ.get("PYTHON", sys.executable),
@@ -220,7 +215,7 @@ def main(argv=None) -> int:
         env.setdefault("OMP_NUM_THREADS", "1")
     if args.dry_run:
         for i, (b, s) in enumerate(pending):
-            name = job_name(b, s, mechanism_of(b, args))
+            name = job_name(b, s)
             print(name + ": " + shlex.join(job_command(args, b, s, i % args.parallel, out / "jobs" / f"{name}.tmp.json")))
         return 0
     start, durations, running, failed = time.monotonic(), [], {}, []
@@ -230,7 +225,7 @@ def main(argv=None) -> int:
         free = [i for i in range(args.parallel) if i not in running]
         while pending and free and now + estimate <= args.time_limit:
             b, s = pending.pop(0)
-            slot, name = free.pop(0), job_name(b, s, mechanism_of(b, args))
+            slot, name = free.pop(0), job_name(b, s)
             tmp = out / "jobs" / f"{name}.tmp.json"
             log = open(out / "jobs" / f"{name}.log", "w")
             cmd = job_command(args, b, s, slot, tmp)
@@ -259,7 +254,7 @@ def main(argv=None) -> int:
                 print(f"  FAILED {name} (exit {proc.returncode}); see {out / 'jobs' / (name + '.log')}", flush=True)
             log.close()
             del running[slot]
-    left = [job_name(b, s, mechanism_of(b, args)) for b, s in pending]
+    left = [job_name(b, s) for b, s in pending]
     if left:
         print(f"not started (time limit): {', '.join(left)}; rerun the same command to continue")
     budget_report.main([str(out)])

@@ -204,7 +204,7 @@ class LocMoEMegatronRouter(torch.nn.Module):
                 f"(--locmoe / locmoe_spec), whose dispatcher handles drops"
             )
         check_cuda_graph_support(config, self.locmoe_config, with_locmoe_dispatcher)
-        self._graph_captured = bool(captures_router(config))
+        self._graph_captured = captures_router(config)
         recompute = getattr(config, "recompute_granularity", None)
         reruns_router = recompute == "full" or (recompute == "selective" and "moe" in (config.recompute_modules or ()))
         moves_in_forward = self.locmoe_config.expert_bias_rate > 0 or self.locmoe_config.cross_node_budget is not None
