@@ -4,6 +4,10 @@ then a ``torch.profiler`` trace of a few iterations (wall time per iteration, GP
 host time, the top kernels and the top host-side ops).
 
   torchrun --standalone --nproc-per-node 4 benchmarks/profile_layer.py [--gpus-per-node 2] [--profile-dir D]
+      [--systems "megatron alltoall" locmoe "megatron allgather" "locmoe allgather"]
+
+The ``allgather`` pair (Megatron's allgather dispatcher, LocMoE's ``dispatcher="allgather"``) needs an EP
+group inside one node.
 
 A sync stalls the host until the GPU queue drains, so kernels queued after it cannot overlap the host's
 Python work (Megatron's alltoall dispatcher needs one, for the split sizes; so does LocMoE's plan).
@@ -34,6 +38,7 @@ def main() -> None:
     p.add_argument("--profile-dir", default=None, help="write a Chrome trace per layer (rank 0)")
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--topk", type=int, default=4)
+    p.add_argument("--systems", nargs="+", default=["megatron alltoall", "locmoe"], choices=SYSTEMS)
     a = p.parse_args()
     from locmoe_plugin.device import get_accelerator
 
@@ -59,22 +64,29 @@ def main() -> None:
 
     ps.initialize_model_parallel(expert_model_parallel_size=world)
     model_parallel_cuda_manual_seed(0)
-    cfg = TransformerConfig(num_layers=1, hidden_size=a.hidden, num_attention_heads=8, num_moe_experts=a.experts,
-                            moe_router_topk=a.topk, moe_token_dispatcher_type="alltoall",
-                            expert_model_parallel_size=world, moe_aux_loss_coeff=0.01, add_bias_linear=False,
-                            ffn_hidden_size=a.ffn, moe_ffn_hidden_size=a.ffn, bf16=True,
-                            params_dtype=torch.bfloat16, moe_router_load_balancing_type="aux_loss")
+    def config(dispatcher):
+        return TransformerConfig(num_layers=1, hidden_size=a.hidden, num_attention_heads=8,
+                                 num_moe_experts=a.experts, moe_router_topk=a.topk,
+                                 moe_token_dispatcher_type=dispatcher, expert_model_parallel_size=world,
+                                 moe_aux_loss_coeff=0.01, add_bias_linear=False, ffn_hidden_size=a.ffn,
+                                 moe_ffn_hidden_size=a.ffn, bf16=True, params_dtype=torch.bfloat16,
+                                 moe_router_load_balancing_type="aux_loss")
+
     experts = ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                                        linear_fc2=RowParallelLinear))
     pgc = moe_utils.get_default_pg_collection()
-    router = functools.partial(LocMoEMegatronRouter, locmoe={"gpus_per_node": a.gpus_per_node or world},
-                               with_locmoe_dispatcher=True)
-    layers = {
-        "megatron alltoall": MoELayer(cfg, submodules=MoESubmodules(experts=experts, router=TopKRouter),
-                                      layer_number=1, pg_collection=pgc),
-        "locmoe": make_locmoe_layer_class()(cfg, submodules=MoESubmodules(experts=experts, router=router),
-                                            layer_number=1, pg_collection=pgc),
-    }
+
+    def build(name):
+        if name.startswith("megatron"):
+            return MoELayer(config(name.split()[1]), submodules=MoESubmodules(experts=experts, router=TopKRouter),
+                            layer_number=1, pg_collection=pgc)
+        router = functools.partial(LocMoEMegatronRouter, locmoe={"gpus_per_node": a.gpus_per_node or world},
+                                   dispatcher="allgather" if name.endswith("allgather") else "hierarchical",
+                                   with_locmoe_dispatcher=True)
+        return make_locmoe_layer_class()(config("alltoall"), submodules=MoESubmodules(experts=experts, router=router),
+                                         layer_number=1, pg_collection=pgc)
+
+    layers = {name: build(name) for name in a.systems}
     dev = acc.device(acc.current_device())
     x = torch.randn(a.tokens, 1, a.hidden, device=dev, dtype=torch.bfloat16)
     for name, layer in layers.items():
@@ -102,6 +114,9 @@ def main() -> None:
         profile_layer(name, layer, x, a, acc, rank)
     dist.barrier()
     dist.destroy_process_group()
+
+
+SYSTEMS = ("megatron alltoall", "locmoe", "megatron allgather", "locmoe allgather")
 
 
 def profile_layer(name, layer, x, a, acc, rank) -> None:
