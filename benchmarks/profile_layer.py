@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--profile-dir", default=None, help="write a Chrome trace per layer (rank 0)")
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--topk", type=int, default=4)
+    p.add_argument("--with-stack", action="store_true", help="record Python frames in the trace (slower host)")
     p.add_argument("--systems", nargs="+", default=["megatron alltoall", "locmoe"], choices=SYSTEMS)
     a = p.parse_args()
     from locmoe_plugin.device import get_accelerator
@@ -140,7 +141,7 @@ def profile_layer(name, layer, x, a, acc, rank) -> None:
         acc.synchronize()
         walls.append(time.perf_counter() - t0)
     undo = _label_phases(layer)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=a.with_stack) as prof:
         for _ in range(a.iters):
             step()
         acc.synchronize()
