@@ -1,6 +1,7 @@
 """Host time of one MoE layer's forward + backward where the host bounds it (tiny hidden size): LocMoELayer
 against megatron-core's own alltoall MoELayer, built as ``op_count.py --megatron`` builds them, timed in
-interleaved rounds, plus a cProfile top list of where LocMoELayer's host time goes.
+interleaved rounds, plus a cProfile top list of where LocMoELayer's host time goes; ``--allgather`` adds
+megatron-core's allgather layer and LocMoELayer's ``dispatcher="allgather"`` (one node).
 
 On a CPU every op runs on the host, so at hidden 64 the time of a step is its op dispatch and Python work;
 on a GPU at such sizes the kernels are shorter than their launches and the step time is again the host's.
@@ -45,7 +46,15 @@ sys.path.insert(0, HERE)
 
 from op_count import build_megatron_layers  # noqa: E402
 
-NAMES = ("megatron alltoall", "LocMoELayer")
+NAMES = ("megatron alltoall", "LocMoELayer")  # always timed; --allgather adds the names below
+ALLGATHER_NAMES = ("megatron allgather", "LocMoELayer allgather")
+#: the ratios reported: (layer, baseline), where both were timed
+RATIOS = (("LocMoELayer", "megatron alltoall"), ("LocMoELayer", "megatron allgather"),
+          ("LocMoELayer allgather", "megatron allgather"))
+
+
+def layer_names(a: argparse.Namespace) -> tuple[str, ...]:
+    return NAMES + (ALLGATHER_NAMES if a.allgather else ())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--profile-steps", type=int, default=20, help="LocMoELayer steps under cProfile (0: none)")
     p.add_argument("--profile-top", type=int, default=25)
+    p.add_argument("--allgather", action="store_true",
+                   help="also time megatron-core's allgather layer and LocMoELayer with dispatcher='allgather' "
+                        "(an EP group inside one node)")
     p.add_argument("--out", default=None, help="directory for host_time.json")
     a = p.parse_args(argv)
     a.report_flush = True  # as Megatron-LM with --locmoe (op_count's --report-flush)
@@ -100,7 +112,8 @@ def measure(a: argparse.Namespace, topk: int, rank: int, world: int, acc, device
             y.float().square().mean().backward()
         return step
 
-    steps = {n: stepper(layers[n]) for n in NAMES}
+    names = layer_names(a)
+    steps = {n: stepper(layers[n]) for n in names}
 
     def timed(step, iters: int) -> tuple[float, float]:
         """Median wall ms and median main-thread CPU ms of ``iters`` steps. On a GPU the CPU figure is the
@@ -117,15 +130,15 @@ def measure(a: argparse.Namespace, topk: int, rank: int, world: int, acc, device
             wall.append(time.perf_counter() - t0)
         return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
 
-    for n in NAMES:
+    for n in names:
         timed(steps[n], a.warmup)
     gc.collect()
     gc.disable()
-    per_round: dict[str, list[float]] = {n: [] for n in NAMES}
-    cpu_round: dict[str, list[float]] = {n: [] for n in NAMES}
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    cpu_round: dict[str, list[float]] = {n: [] for n in names}
     try:
         for r in range(a.rounds):
-            for n in (NAMES if r % 2 == 0 else NAMES[::-1]):
+            for n in (names if r % 2 == 0 else names[::-1]):
                 timed(steps[n], 1)
                 wall, cpu = timed(steps[n], a.iters)
                 per_round[n].append(_reduce_over_ranks(wall, device, dist.ReduceOp.MAX))
@@ -133,10 +146,10 @@ def measure(a: argparse.Namespace, topk: int, rank: int, world: int, acc, device
     finally:
         gc.enable()
     res = {"topk": topk, "ms_rounds": per_round, "cpu_ms_rounds": cpu_round}
-    res["phase_cpu_ms"] = {n: phase_cpu_ms(layers[n], steps[n], a.iters * 2) for n in NAMES}
+    res["phase_cpu_ms"] = {n: phase_cpu_ms(layers[n], steps[n], a.iters * 2) for n in names}
     if a.profile_steps > 0:
         res["profile_groups"] = {}
-        for n in NAMES:
+        for n in names:
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(a.profile_steps):
@@ -238,16 +251,21 @@ def plugin_top(st: pstats.Stats, top: int, steps: int) -> list[tuple[str, float,
 
 def summary(res: dict) -> dict:
     """Per measure (wall, main-thread CPU): median ms per layer over rounds and the per-round ratio
-    LocMoELayer / Megatron (median, quartiles)."""
+    LocMoELayer / Megatron alltoall (median, quartiles; ``<what>_ratio``), and every timed pair of
+    :data:`RATIOS` as ``<what>_ratios["layer / baseline"] = (median, q1, q3)``."""
     out = {"topk": res["topk"], "rounds": len(res["ms_rounds"]["LocMoELayer"])}
     for key in ("ms_rounds", "cpu_ms_rounds"):
         ms = res[key]
-        ratios = [o / m for o, m in zip(ms["LocMoELayer"], ms["megatron alltoall"])]
         what = key[: -len("_rounds")]
         out[what] = {n: statistics.median(v) for n, v in ms.items()}
         out[what + "_quartiles"] = {n: _quartiles(v) for n, v in ms.items()}
-        out[what + "_ratio"] = statistics.median(ratios)
-        out[what + "_ratio_quartiles"] = _quartiles(ratios)
+        out[what + "_ratios"] = {}
+        for layer, base in RATIOS:
+            if layer in ms and base in ms:
+                ratios = [o / m for o, m in zip(ms[layer], ms[base])]
+                out[what + "_ratios"][f"{layer} / {base}"] = (statistics.median(ratios), *_quartiles(ratios))
+        med, q1, q3 = out[what + "_ratios"]["LocMoELayer / megatron alltoall"]
+        out[what + "_ratio"], out[what + "_ratio_quartiles"] = med, (q1, q3)
     return out
 
 
@@ -280,10 +298,11 @@ def report(a: argparse.Namespace, out: dict) -> None:
             json.dump(out, f, indent=1)
     for r in out["results"]:
         ph = r["phase_cpu_ms"]
+        names = list(ph)
         print(f"== top-{r['topk']}: main-thread CPU ms per step by part, rank 0")
-        print(f"     {'':22s} {'Megatron':>9s} {'LocMoE':>9s}")
+        print(f"     {'':22s} " + " ".join(f"{n:>22s}" for n in names))
         for label in ("router", *PHASES, "experts", "forward", "backward"):
-            print(f"     {label:22s} {ph['megatron alltoall'].get(label, 0.0):9.3f} {ph['LocMoELayer'].get(label, 0.0):9.3f}")
+            print(f"     {label:22s} " + " ".join(f"{ph[n].get(label, 0.0):22.3f}" for n in names))
         if "profile" not in r:
             continue
         print(f"== cProfile of LocMoELayer, top-{r['topk']}, {a.profile_steps} fwd+bwd steps, rank 0")
@@ -292,26 +311,26 @@ def report(a: argparse.Namespace, out: dict) -> None:
         for name, ms, calls in r["profile_locmoe_plugin"]:
             print(f"     {name:70s} {ms:6.3f} {calls:5.0f}")
         print("   own time by where it runs (ms per step under cProfile):")
-        print(f"     {'':45s} {'Megatron':>9s} {'LocMoE':>9s}")
         groups = r["profile_groups"]
+        print(f"     {'':45s} " + " ".join(f"{n:>22s}" for n in groups))
         for g in groups["LocMoELayer"]:
-            print(f"     {g:45s} {groups['megatron alltoall'].get(g, 0.0):9.2f} {groups['LocMoELayer'][g]:9.2f}")
+            print(f"     {g:45s} " + " ".join(f"{groups[n].get(g, 0.0):22.2f}" for n in groups))
         print("   collectives per step: " + "; ".join(
             f"{n}: " + ", ".join(f"{k} {v:g}" for k, v in sorted(c.items())) for n, c in r["collectives"].items()))
     print(f"{out['world']} ranks ({out['device']}), {a.tokens} tokens/rank, hidden {a.hidden}, ffn {a.ffn}, "
           f"{a.experts} experts, gate {a.gate}, routing {a.routing}, {a.dtype}; {a.rounds} interleaved rounds "
           f"x {a.iters} steps of forward + backward")
     print("  wall: median over rounds of each round's median step, max over ranks; CPU: the main thread's CPU "
-          "time per step (no waiting), mean over ranks; ratio: LocMoELayer / Megatron, median of per-round "
+          "time per step (no waiting), mean over ranks; [quartiles over rounds]; ratios: median of per-round "
           "ratios [quartiles]")
-    print(f"  {'top-k':>5s} {'measure':>8s} {'Megatron ms':>18s} {'LocMoE ms':>18s} {'ratio':>6s} {'[q1-q3]':>13s}")
     for s in out["summary"]:
         for what in ("ms", "cpu_ms"):
-            m, o = s[what]["megatron alltoall"], s[what]["LocMoELayer"]
-            (mq1, mq3), (oq1, oq3) = s[what + "_quartiles"]["megatron alltoall"], s[what + "_quartiles"]["LocMoELayer"]
-            q1, q3 = s[what + "_ratio_quartiles"]
-            print(f"  {s['topk']:5d} {'wall' if what == 'ms' else 'CPU':>8s} {m:6.2f} [{mq1:5.2f}-{mq3:5.2f}] "
-                  f"{o:6.2f} [{oq1:5.2f}-{oq3:5.2f}] {s[what + '_ratio']:6.3f} [{q1:.3f}-{q3:.3f}]")
+            label = "wall" if what == "ms" else "CPU"
+            layers = "; ".join(f"{n} {v:.2f} [{s[what + '_quartiles'][n][0]:.2f}-{s[what + '_quartiles'][n][1]:.2f}]"
+                               for n, v in s[what].items())
+            print(f"  top-{s['topk']} {label:>4s} ms: {layers}")
+            for pair, (med, q1, q3) in s[what + "_ratios"].items():
+                print(f"  top-{s['topk']} {label:>4s} ratio {pair}: {med:.3f} [{q1:.3f}-{q3:.3f}]")
 
 
 def main(argv: list[str] | None = None) -> dict | None:

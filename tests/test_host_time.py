@@ -1,4 +1,4 @@
-"""benchmarks/host_time.py at toy size on 2 gloo ranks: both layers timed in interleaved rounds, a
+"""benchmarks/host_time.py at toy size on 2 gloo ranks: the layers (with --allgather: four) timed in interleaved rounds, a
 per-part CPU breakdown and a cProfile summary come back, and the table prints (about 15 s on 2 cores)."""
 
 import os
@@ -20,7 +20,7 @@ def test_host_time_runs_at_toy_size(tmp_path, capsys):
 
         out = host_time.main(["--nproc", "2", "--tokens", "16", "--hidden", "16", "--ffn", "16", "--experts", "8",
                               "--topk", "2", "--rounds", "2", "--iters", "1", "--warmup", "1",
-                              "--profile-steps", "1", "--profile-top", "3", "--out", str(tmp_path)])
+                              "--profile-steps", "1", "--profile-top", "3", "--allgather", "--out", str(tmp_path)])
     finally:
         sys.path.remove(BENCHMARKS)
     (s,) = out["summary"]
@@ -28,7 +28,8 @@ def test_host_time_runs_at_toy_size(tmp_path, capsys):
     for what in ("ms", "cpu_ms"):
         assert all(v > 0 for v in s[what].values()) and s[what + "_ratio"] > 0
     (r,) = out["results"]
-    for name in host_time.NAMES:
+    assert set(s["cpu_ms_ratios"]) == {f"{a} / {b}" for a, b in host_time.RATIOS}
+    for name in host_time.NAMES + host_time.ALLGATHER_NAMES:
         assert {"router", "token_dispatch", "experts", "forward", "backward"} <= set(r["phase_cpu_ms"][name])
         assert r["profile_groups"][name]
     assert any("router.py" in name for name, _, _ in r["profile_locmoe_plugin"])
