@@ -279,7 +279,8 @@ def run_rank(a: argparse.Namespace, rank: int, world: int) -> dict | None:
     results = [measure(a, k, rank, world, acc, device) for k in a.topk]
     if rank == 0:
         out = {"config": {k: v for k, v in vars(a).items() if k not in ("out",)}, "world": world,
-               "device": str(device), "torch": torch.__version__, "results": results,
+               "device": str(device), "commit": os.environ.get("LOCMOE_COMMIT"), "torch": torch.__version__,
+               "results": results,
                "summary": [summary(r) for r in results]}
         return out
     return None
