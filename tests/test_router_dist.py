@@ -25,6 +25,7 @@ def _worker(rank, world):
     out = {}
     # case 1: aux loss over the EP group
     cfg = LocMoEConfig(num_experts=N, hidden_size=D, topk=K, aux_loss_coeff=0.01)
+    torch.manual_seed(5)  # the same gate weights on every rank and every run: the loss gap below is fixed
     r = LocMoERouter(cfg, topo, group=dist.group.WORLD)
     res = r(x)
     out["aux"] = res.losses["aux"].item()
@@ -59,9 +60,9 @@ def test_router_on_four_ranks():
     for r in res:
         expected = 0.01 * N * torch.sum(total.double() / pairs * r["probs_mean"].double()).item()
         assert r["aux"] == pytest.approx(expected, rel=1e-5)
-        # and it differs from the local-only loss (so the reduction really happened)
+        # and the local-only loss lies outside that tolerance (so the check above tells the reduction happened)
         local = 0.01 * N * torch.sum(r["requested"].double() / r["pairs"] * r["probs_mean"].double()).item()
-        assert abs(local - expected) > 1e-6
+        assert abs(local - expected) > 2e-5 * expected, (local, expected)
         assert torch.equal(r["reduced_tokens"], sum(q["local_tokens"] for q in res))
     # expert bias: 0.5 * sign(mean - load) of the group's load, the same on every rank
     load = sum(r["eb_requested"] for r in res).float()
