@@ -115,6 +115,8 @@ from locmoe_plugin.megatron.router import dense_routing_map  # noqa: E402
 DEFAULT_SYSTEMS = ("locmoe", "mcore_alltoall", "mcore_allgather", "mcore_grouplimited", "deepspeed_moe", "locmoe_ds",
                    "locmoe_ds_no_overlap")
 ONE_NODE_SYSTEMS = ("locmoe_allgather",)  # the allgather dispatcher is refused on EP groups spanning nodes
+#: LocMoE layers of the first gate with one dispatcher setting changed (compared with that gate's default layer)
+FIRST_GATE_VARIANTS = ("locmoe_allgather", "locmoe_unfolded", "locmoe_overlap")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -386,7 +388,7 @@ def system_names(args) -> list[tuple[str, str]]:
     for system in args.systems:
         if system == "locmoe":
             rows += [(f"locmoe_{g}", g) for g in args.gates]
-        elif system.startswith("locmoe_ds") or system in ("locmoe_allgather", "locmoe_unfolded", "locmoe_overlap"):
+        elif system.startswith("locmoe_ds") or system in FIRST_GATE_VARIANTS:
             rows.append((system, args.gates[0]))
         else:  # Megatron and DeepSpeed baselines: the trained TopKRouter model (or the first gate's)
             rows.append((system, "topk" if args.baseline_router == "trained" else args.gates[0]))
@@ -428,7 +430,7 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
     remote_ranks = ctx.world - ctx.gpn
     if name.startswith("locmoe_") and not name.startswith("locmoe_ds"):
         allgather = name == "locmoe_allgather"
-        gate = a.gates[0] if name in ("locmoe_allgather", "locmoe_unfolded", "locmoe_overlap") else name[len("locmoe_"):]
+        gate = a.gates[0] if name in FIRST_GATE_VARIANTS else name[len("locmoe_"):]
         settings = {"gate": gate, "routing": "locmoe", "locality_loss_coeff": trained[gate]["summary"]["mu"],
                     "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope, "expert_bias_rate": a.expert_bias_rate,
                     "cross_node_budget": a.budget, "budget_mechanism": _budget_mechanism(a),

@@ -27,6 +27,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+#: the layers --systems picks from (the allgather pair needs an EP group inside one node)
+SYSTEMS = ("megatron alltoall", "locmoe", "megatron allgather", "locmoe allgather")
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -115,9 +118,6 @@ def main() -> None:
         profile_layer(name, layer, x, a, acc, rank)
     dist.barrier()
     dist.destroy_process_group()
-
-
-SYSTEMS = ("megatron alltoall", "locmoe", "megatron allgather", "locmoe allgather")
 
 
 def profile_layer(name, layer, x, a, acc, rank) -> None:
