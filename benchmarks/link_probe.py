@@ -8,7 +8,11 @@ exchanges after 2 warm-ups, slowest rank):
     of the hierarchical dispatcher's rail transfer), ``mib`` MiB to each rail peer, per rank and direction;
     ``latency_us`` = the same exchange with 4 KiB; ``one_way_GBps`` = the rate when only node 0's ranks
     send (a link whose one-way rate is well above the exchange's is read as shared-duplex:
-    :func:`locmoe_plugin.projection.calibration.duplex_of`);
+    :func:`locmoe_plugin.projection.calibration.duplex_of`); ``collective_GBps`` = the inter-node bytes per
+    rank of an all-gather of ``mib`` MiB per rank over the world (Megatron's ``allgather`` dispatcher's
+    pattern: ``(N - 1) x mib`` MiB reach each rank from other nodes) / the mean time of that all-gather and
+    of its reduce-scatter: NCCL runs these as rings whose cross-node rate differs from the all-to-all's (on
+    emulated nodes 0.8-1.6 x in earlier runs), so the model prices the ``allgather`` layer with it;
   * intra-node (more than one rank per node): ``bandwidth_GBps`` of an ``all_to_all`` over the node's
     ranks, ``mib`` MiB to each node peer. Recorded beside the inter-node figure; the calibration keeps its
     intra-node rate from the LocMoE rows' own exchange (the layer's bytes).
@@ -35,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from locmoe_plugin.comm.bandwidth import node_and_rail_groups, time_all_to_all
+from locmoe_plugin.comm.bandwidth import node_and_rail_groups, time_all_to_all, time_collective
 from locmoe_plugin.projection.calibration import link_summary
 
 #: the latency probe's payload per peer (bytes)
@@ -70,9 +74,21 @@ def one_way_time(ctx, per_peer_bytes: float, iters: int) -> float:
     return time_all_to_all(ctx.rail_group, out[: sum(recv)], buf[: sum(send)], ctx.dev, ctx.sync, iters, recv, send)
 
 
+def gather_scatter_time(ctx, bytes_per_rank: float, iters: int) -> float:
+    """Seconds of an all-gather of ``bytes_per_rank`` per rank over the world, and of the reduce-scatter of
+    the gathered tensor, averaged (each a median, max over the world's ranks)."""
+    p = dist.get_world_size()
+    block = torch.ones(max(1, int(bytes_per_rank // 2)), dtype=torch.bfloat16, device=ctx.dev)
+    full = torch.empty(p * block.numel(), dtype=torch.bfloat16, device=ctx.dev)
+    t_ag = time_collective(lambda: dist.all_gather_into_tensor(full, block), ctx.dev, ctx.sync, iters)
+    t_rs = time_collective(lambda: dist.reduce_scatter_tensor(block, full), ctx.dev, ctx.sync, iters)
+    return (t_ag + t_rs) / 2
+
+
 def link_sample(ctx, mib: float, iters: int = 10) -> dict:
-    """One probe of each link the layout has: ``{"inter_node": {bandwidth_GBps, latency_us, one_way_GBps},
-    "intra_node": {bandwidth_GBps}}`` (a key only where the layout has that link). A collective."""
+    """One probe of each link the layout has: ``{"inter_node": {bandwidth_GBps, latency_us, one_way_GBps,
+    collective_GBps}, "intra_node": {bandwidth_GBps}}`` (a key only where the layout has that link). A
+    collective."""
     out = {}
     per_peer = mib * 2**20
     if ctx.nodes > 1:
@@ -80,7 +96,8 @@ def link_sample(ctx, mib: float, iters: int = 10) -> dict:
         out["inter_node"] = {
             "bandwidth_GBps": sent / a2a_time(ctx, ctx.rail_group, sent, iters) / 1e9,
             "latency_us": a2a_time(ctx, ctx.rail_group, LATENCY_BYTES * (ctx.nodes - 1), iters) * 1e6,
-            "one_way_GBps": sent / one_way_time(ctx, per_peer, iters) / 1e9}
+            "one_way_GBps": sent / one_way_time(ctx, per_peer, iters) / 1e9,
+            "collective_GBps": sent / gather_scatter_time(ctx, per_peer, iters) / 1e9}
     if ctx.gpn > 1:
         sent = per_peer * (ctx.gpn - 1)
         out["intra_node"] = {"bandwidth_GBps": sent / a2a_time(ctx, ctx.node_group, sent, iters) / 1e9}
@@ -159,5 +176,7 @@ def format_links(probe: LinkProbe) -> str:
                 f"{min(bws):.2f}-{max(bws):.2f})")
         if "one_way_GBps" in s:
             part += f", one-way {s['one_way_GBps']:.2f} GB/s ({s['duplex']} duplex), latency {s['latency_us']:.0f} us"
+        if "collective_GBps" in s:
+            part += f", all-gather / reduce-scatter {s['collective_GBps']:.2f} GB/s"
         parts.append(part)
     return "; ".join(parts) or "one rank per node on one node: no link to probe"

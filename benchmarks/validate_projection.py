@@ -49,7 +49,9 @@ EMULATED_DUPLEX = "shared"
 
 SYSTEMS = {"mcore_alltoall": "megatron_alltoall", "mcore_allgather": "megatron_allgather",
            "mcore_grouplimited": "megatron_group_limited", "deepspeed_moe": "deepspeed_moe",
-           "locmoe_grap": "locmoe_hier", "locmoe_dense": "locmoe_hier"}
+           "locmoe_grap": "locmoe_hier", "locmoe_dense": "locmoe_hier",
+           # our DeepSpeed layer without its overlap: LocMoE's dispatcher at the router's own share (no budget)
+           "locmoe_ds_no_overlap": "locmoe_hier"}
 # bench_dispatch system -> model system, and whether it runs the two-stage plan across nodes
 DISPATCH_SYSTEMS = {"hierarchical": ("locmoe_hier", True), "overlap": ("locmoe_hier", True),
                     "overlap_phases": ("locmoe_hier", True), "flat": ("locmoe_flat", False)}

@@ -52,14 +52,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def time_all_to_all(group, out: torch.Tensor, inp: torch.Tensor, dev, sync, iters: int,
                     out_splits=None, in_splits=None) -> float:
     """Median seconds of ``all_to_all_single(out, inp, out_splits, in_splits, group=group)`` over ``iters``
-    calls after 2 warm-ups, each between a world barrier and a device ``sync()``; the slowest rank of the
-    world. A collective: every rank calls it (each for its own group, all groups at once)."""
+    calls after 2 warm-ups (:func:`time_collective`). A collective: every rank calls it (each for its own
+    group, all groups at once)."""
+    return time_collective(lambda: dist.all_to_all_single(out, inp, out_splits, in_splits, group=group),
+                           dev, sync, iters)
+
+
+def time_collective(call, dev, sync, iters: int) -> float:
+    """Median seconds of ``call()`` (one collective) over ``iters`` calls after 2 warm-ups, each between a
+    world barrier and a device ``sync()``; the slowest rank of the world. Every rank calls it."""
     samples = []
     for it in range(2 + iters):
         dist.barrier()
         sync()
         t0 = time.perf_counter()
-        dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+        call()
         sync()
         if it >= 2:
             samples.append(time.perf_counter() - t0)

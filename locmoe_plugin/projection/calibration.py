@@ -8,7 +8,13 @@ Schema (``"schema": "locmoe-projection-calibration/1"``; every field but ``schem
      "fixed_ms": {"megatron_alltoall": 4.1, "locmoe": 7.2, ...},   # per layer fwd+bwd, not GEMM nor payload
      "fixed_ms_multi_node": {"locmoe": ...},                        # where the plan differs across nodes
      "intra_node": {"bandwidth_GBps": 235.0, "latency_us": 0.0},
-     "inter_node": {"bandwidth_GBps": 2.48, "latency_us": 0.0, "duplex": "full"}}
+     "inter_node": {"bandwidth_GBps": 2.48, "latency_us": 0.0, "duplex": "full",
+                    "collective_GBps": 3.9}}
+
+``inter_node.collective_GBps`` (optional): the rate of an all-gather / reduce-scatter over the EP group, as
+the inter-node bytes per rank the model gives it ((N - 1) s rows) per second; it prices Megatron's
+``allgather`` layer, whose collectives NCCL runs as rings at another rate than an all-to-all. Absent, that
+layer gets ``bandwidth_GBps`` too.
 
 ``fixed_ms_multi_node["locmoe"]`` from a one-node run: LocMoE runs its single-stage pairs plan on one node
 and its two-stage plan across nodes, so the one-node fixed cost plus the two-stage plan's extra host work,
@@ -33,7 +39,8 @@ SCHEMA = "locmoe-projection-calibration/1"
 _KEYS = {"schema", "source", "expert_gemm_tflops", "fixed_ms", "fixed_ms_multi_node", "intra_node", "inter_node"}
 # bench_layer system -> calibration key
 BENCH_SYSTEMS = {"mcore_alltoall": "megatron_alltoall", "mcore_grouplimited": "megatron_group_limited",
-                 "mcore_allgather": "megatron_allgather", "deepspeed_moe": "deepspeed_moe", "locmoe_grap": "locmoe", "locmoe_dense": "locmoe"}
+                 "mcore_allgather": "megatron_allgather", "deepspeed_moe": "deepspeed_moe", "locmoe_grap": "locmoe", "locmoe_dense": "locmoe",
+                 "locmoe_ds_no_overlap": "locmoe"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,8 +63,10 @@ class Calibration:
             link = getattr(self, name)
             if link is None:
                 continue
-            if not link.get("bandwidth_GBps", 1.0) > 0 or not link.get("latency_us", 0.0) >= 0:
-                raise ConfigError(f"calibration {name}={link!r}: bandwidth_GBps must be > 0 and latency_us >= 0")
+            if (not link.get("bandwidth_GBps", 1.0) > 0 or not link.get("latency_us", 0.0) >= 0
+                    or not link.get("collective_GBps", 1.0) > 0):
+                raise ConfigError(f"calibration {name}={link!r}: bandwidth_GBps and collective_GBps must be > 0 "
+                                  f"and latency_us >= 0")
             if link.get("duplex", "full") not in ("full", "shared"):
                 raise ConfigError(f"calibration {name}={link!r}: duplex must be 'full' or 'shared'")
 
@@ -79,6 +88,8 @@ class Calibration:
                 over[f"{pre}_latency_us"] = float(link["latency_us"])
             if pre == "inter" and link.get("duplex"):
                 over["inter_duplex"] = link["duplex"]
+            if pre == "inter" and "collective_GBps" in link:
+                over["inter_collective_bw_GBps"] = float(link["collective_GBps"])
         return replace(cluster, **over)
 
     def to_dict(self) -> dict:
@@ -133,7 +144,7 @@ def two_stage_extra_ms(dispatch_results: list[dict], topk: int) -> float | None:
 #: (one budget for both directions, as a socket link where every byte either way is a host copy), else "full"
 SHARED_DUPLEX_RATIO = 1.5
 #: the figures of one link probe sample that :func:`link_summary` takes the median of
-LINK_FIGURES = ("bandwidth_GBps", "latency_us", "one_way_GBps")
+LINK_FIGURES = ("bandwidth_GBps", "latency_us", "one_way_GBps", "collective_GBps")
 
 
 def duplex_of(one_way_GBps: float, bandwidth_GBps: float) -> str:
@@ -170,7 +181,7 @@ def inter_link(meta: dict, inter_bw_GBps: float | None = None) -> dict | None:
     if link.get("samples"):
         count = len(link["samples"])
         link = link_summary(link["samples"])
-    link = {k: link[k] for k in ("bandwidth_GBps", "latency_us", "duplex") if k in link}
+    link = {k: link[k] for k in ("bandwidth_GBps", "latency_us", "duplex", "collective_GBps") if k in link}
     bw = inter_bw_GBps or link.get("bandwidth_GBps") or meta.get("inter_node_bw_GBps") or None
     if not bw:
         return None
@@ -191,9 +202,10 @@ def calibration_from_layer_results(out: dict, inter_bw_GBps: float | None = None
     * inter-node link: the run's probe (:func:`inter_link`), or ``inter_bw_GBps``.
     * fixed costs (one-node runs only, or ``fixed_ms_multi_node`` from runs across nodes): each system's
       measured ms minus the model's GEMM and payload terms for that run's layout and routing (floored at 0).
+      The LocMoE rows (``locmoe_grap``, ``locmoe_dense``, ``locmoe_ds_no_overlap``) share the ``"locmoe"`` key.
       From a one-node run with ``two_stage_ms`` (:func:`two_stage_extra_ms`), also
       ``fixed_ms_multi_node["locmoe"]`` = the LocMoE fixed cost + ``two_stage_ms``. Two rows share the
-      ``"locmoe"`` key (``locmoe_grap``, ``locmoe_dense``): the first sets it, or ``fixed_from`` names the row.
+      ``"locmoe"`` key: the first present in that order sets it, or ``fixed_from`` names the row.
     """
     from .cluster import ClusterSpec
     from .cost import predict_layer

@@ -31,6 +31,9 @@ class ClusterSpec:
             socket link, where every byte sent or received is a host copy; the emulated nodes of
             ``launch/emulate_nodes.sh``), so a rank's time is (bytes sent + bytes received) / (2 x bw).
             ``inter_bw_GBps`` is in both cases what a balanced exchange reaches per direction.
+        inter_collective_bw_GBps: the inter-node rate of an all-gather / reduce-scatter over the EP group,
+            as (N - 1) s rows of inter-node bytes per rank per second (Megatron's ``allgather`` layer);
+            None: ``inter_bw_GBps``. A calibration's probe sets it (``collective_GBps``).
     """
 
     nodes: int
@@ -42,6 +45,7 @@ class ClusterSpec:
     peak_tflops: float
     gemm_efficiency: float = 0.6
     inter_duplex: str = "full"
+    inter_collective_bw_GBps: float | None = None
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -56,6 +60,9 @@ class ClusterSpec:
         for f in ("intra_latency_us", "inter_latency_us"):
             if not getattr(self, f) >= 0:
                 raise ConfigError(f"{f}={getattr(self, f)!r}: must be >= 0 microseconds")
+        if self.inter_collective_bw_GBps is not None and not self.inter_collective_bw_GBps > 0:
+            raise ConfigError(f"inter_collective_bw_GBps={self.inter_collective_bw_GBps!r}: must be > 0 or None "
+                              f"(a calibration's inter_node.collective_GBps)")
         if self.inter_duplex not in DUPLEX:
             raise ConfigError(f"inter_duplex={self.inter_duplex!r}: use one of {DUPLEX} (--inter-duplex)")
         if not 0 < self.gemm_efficiency <= 1:

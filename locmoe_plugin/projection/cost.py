@@ -3,7 +3,9 @@
 Per layer: ``fixed + gemm + 4 all-to-alls`` (dispatch and combine, forward and backward, each moving
 the rows of :mod:`.traffic` one way):
   * a pairs all-to-all (Megatron ``alltoall``, DeepSpeed, LocMoE flat) runs its inter- and intra-node
-    parts at once: ``latency + max(inter bytes / inter bw, intra bytes / intra bw)``;
+    parts at once: ``latency + max(inter bytes / inter bw, intra bytes / intra bw)``; Megatron's
+    ``allgather`` layer the same with its all-gather / reduce-scatter rows and, where calibrated, the
+    collectives' own inter-node rate (``ClusterSpec.inter_collective_bw_GBps``);
   * the hierarchical one runs its rail stage, then its node stage:
     ``(inter latency + inter bytes / inter bw) + (intra latency + intra bytes / intra bw)``;
   * with overlap (``chunks`` c): each chunk pays the fixed cost and the latencies, and communication and
@@ -79,9 +81,9 @@ def inter_scale(u: float, duplex: str, ranks: int) -> float:
 
 
 def _a2a_ms(rows: Rows, model: ModelSpec, cl: ClusterSpec, n: int, hierarchical: bool, scale: float,
-            scale_inter: float) -> float:
+            scale_inter: float, inter_bw_GBps: float | None = None) -> float:
     b = model.hidden * model.elt
-    t_inter = rows.inter * b * scale_inter / (cl.inter_bw_GBps * 1e6)  # ms
+    t_inter = rows.inter * b * scale_inter / ((inter_bw_GBps or cl.inter_bw_GBps) * 1e6)  # ms
     t_intra = rows.intra * b * scale / (cl.intra_bw_GBps * 1e6)
     lat_inter, lat_intra = cl.inter_latency_us / 1e3, cl.intra_latency_us / 1e3
     if hierarchical and n > 1:
@@ -123,7 +125,9 @@ def predict_layer(system: str, cluster: ClusterSpec, model: ModelSpec, routing: 
         scale, scale_inter = u, inter_scale(routing.inter_scale, cl.inter_duplex, n * r)
     gemm_scale = u if system == "megatron_allgather" else scale
     gemm = rows_gemm * gemm_scale * model.expert_flops_per_row / (tflops * 1e9)
-    one = _a2a_ms(rows, model, cl, n, hier, scale, scale_inter)
+    # the allgather layer's collectives at their own probed rate where a calibration has one
+    coll_bw = cl.inter_collective_bw_GBps if system == "megatron_allgather" else None
+    one = _a2a_ms(rows, model, cl, n, hier, scale, scale_inter, coll_bw)
     fixed = cal.fixed_for(system, n)
     chunks = routing.chunks if system == "locmoe_hier_overlap" else 1
     if chunks > 1:
