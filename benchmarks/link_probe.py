@@ -13,6 +13,12 @@ exchanges after 2 warm-ups, slowest rank):
     pattern: ``(N - 1) x mib`` MiB reach each rank from other nodes) / the mean time of that all-gather and
     of its reduce-scatter: NCCL runs these as rings whose cross-node rate differs from the all-to-all's (on
     emulated nodes 0.8-1.6 x in earlier runs), so the model prices the ``allgather`` layer with it;
+    ``flat_GBps`` = the inter-node bytes per rank of an ``all_to_all`` over the world with ``mib`` MiB to
+    every other rank (the pairs all-to-all of Megatron's ``alltoall`` layer, DeepSpeed and LocMoE's flat
+    plan: every rank of the other nodes a peer) / its time: on the emulated fast link (8 sockets x 8
+    threads per connection) a rank with two remote peers moved its bytes 1.5-1.6 x faster than over its
+    one rail peer, so the model prices the pairs all-to-alls with this figure and the rail stage with
+    ``bandwidth_GBps``;
   * intra-node (more than one rank per node): ``bandwidth_GBps`` of an ``all_to_all`` over the node's
     ranks, ``mib`` MiB to each node peer. Recorded beside the inter-node figure; the calibration keeps its
     intra-node rate from the LocMoE rows' own exchange (the layer's bytes).
@@ -87,7 +93,7 @@ def gather_scatter_time(ctx, bytes_per_rank: float, iters: int) -> float:
 
 def link_sample(ctx, mib: float, iters: int = 10) -> dict:
     """One probe of each link the layout has: ``{"inter_node": {bandwidth_GBps, latency_us, one_way_GBps,
-    collective_GBps}, "intra_node": {bandwidth_GBps}}`` (a key only where the layout has that link). A
+    collective_GBps, flat_GBps}, "intra_node": {bandwidth_GBps}}`` (a key only where the layout has that link). A
     collective."""
     out = {}
     per_peer = mib * 2**20
@@ -97,7 +103,8 @@ def link_sample(ctx, mib: float, iters: int = 10) -> dict:
             "bandwidth_GBps": sent / a2a_time(ctx, ctx.rail_group, sent, iters) / 1e9,
             "latency_us": a2a_time(ctx, ctx.rail_group, LATENCY_BYTES * (ctx.nodes - 1), iters) * 1e6,
             "one_way_GBps": sent / one_way_time(ctx, per_peer, iters) / 1e9,
-            "collective_GBps": sent / gather_scatter_time(ctx, per_peer, iters) / 1e9}
+            "collective_GBps": sent / gather_scatter_time(ctx, per_peer, iters) / 1e9,
+            "flat_GBps": sent * ctx.gpn / a2a_time(ctx, None, per_peer * (dist.get_world_size() - 1), iters) / 1e9}
     if ctx.gpn > 1:
         sent = per_peer * (ctx.gpn - 1)
         out["intra_node"] = {"bandwidth_GBps": sent / a2a_time(ctx, ctx.node_group, sent, iters) / 1e9}
@@ -176,6 +183,8 @@ def format_links(probe: LinkProbe) -> str:
                 f"{min(bws):.2f}-{max(bws):.2f})")
         if "one_way_GBps" in s:
             part += f", one-way {s['one_way_GBps']:.2f} GB/s ({s['duplex']} duplex), latency {s['latency_us']:.0f} us"
+        if "flat_GBps" in s:
+            part += f", all-to-all over every rank {s['flat_GBps']:.2f} GB/s"
         if "collective_GBps" in s:
             part += f", all-gather / reduce-scatter {s['collective_GBps']:.2f} GB/s"
         parts.append(part)

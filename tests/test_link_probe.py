@@ -90,7 +90,8 @@ def test_repeated_probe_on_gloo_records_every_sample_and_uses_the_median():
     assert [s["when"] for s in inter["samples"]] == ["before timing", "after round 1", "after round 2"]
     assert inter["probe_MiB_per_peer"] == 0.0625 and len(intra["samples"]) == 3
     for link in (inter, intra):
-        for key in ("bandwidth_GBps",) + (("latency_us", "one_way_GBps", "collective_GBps") if link is inter else ()):
+        for key in ("bandwidth_GBps",) + (("latency_us", "one_way_GBps", "collective_GBps", "flat_GBps")
+                                            if link is inter else ()):
             vals = sorted(s[key] for s in link["samples"])
             assert all(v > 0 for v in vals) and link[key] == vals[1]
     assert inter["duplex"] == duplex_of(inter["one_way_GBps"], inter["bandwidth_GBps"])

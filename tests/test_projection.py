@@ -205,26 +205,33 @@ def test_measured_link_reaches_the_model():
     assert inter_link({"inter_node_bw_GBps": 0.0}) is None
 
 
-def test_probed_collective_rate_prices_the_allgather_layer_only():
+def test_probed_rates_price_their_own_transfers():
     from locmoe_plugin.projection.calibration import inter_link
     from locmoe_plugin.projection.cost import predict_layer
 
-    link = inter_link({"inter_node_link": {"bandwidth_GBps": 2.0, "latency_us": 0.0, "collective_GBps": 4.0}})
-    assert link["collective_GBps"] == 4.0
+    link = inter_link({"inter_node_link": {"bandwidth_GBps": 2.0, "latency_us": 0.0, "collective_GBps": 4.0,
+                                           "flat_GBps": 8.0}})
+    assert (link["collective_GBps"], link["flat_GBps"]) == (4.0, 8.0)
     cl = ClusterSpec(nodes=2, gpus_per_node=2, intra_bw_GBps=1e6, intra_latency_us=0, inter_bw_GBps=2.0,
                      inter_latency_us=0, peak_tflops=1e6)
     model = ModelSpec(hidden=1024, ffn=512, experts=8, topk=2, tokens_per_rank=1024, dtype="bf16")
     routing = RoutingSpec(cross_node_share=0.5)
-    with_rate = Calibration(inter_node=link)
-    without = Calibration(inter_node={k: v for k, v in link.items() if k != "collective_GBps"})
-    ag = [predict_layer("megatron_allgather", cl, model, routing, c) for c in (with_rate, without)]
-    # 4 transfers of (N - 1) s rows x 2 KiB at 4 GB/s, against 2 GB/s without the probed figure
-    assert ag[0].comm_ms == pytest.approx(4 * 1024 * 2048 / 4e6) and ag[1].comm_ms == pytest.approx(2 * ag[0].comm_ms)
-    for system in ("megatron_alltoall", "locmoe_hier"):
-        assert (predict_layer(system, cl, model, routing, with_rate).layer_ms
-                == predict_layer(system, cl, model, routing, without).layer_ms)
-    with pytest.raises(ConfigError, match="collective_GBps"):
-        Calibration(inter_node={"bandwidth_GBps": 2.0, "collective_GBps": 0.0})
+    probed = Calibration(inter_node=link)
+    rail_only = Calibration(inter_node={"bandwidth_GBps": 2.0, "latency_us": 0.0})
+
+    def comm(system, cal):
+        return predict_layer(system, cl, model, routing, cal).comm_ms
+
+    # the allgather layer: 4 transfers of (N - 1) s rows x 2 KiB at the collectives' 4 GB/s, not the rail's 2
+    assert comm("megatron_allgather", probed) == pytest.approx(4 * 1024 * 2048 / 4e6)
+    assert comm("megatron_allgather", rail_only) == pytest.approx(2 * comm("megatron_allgather", probed))
+    # the pairs all-to-alls at the all-peers rate (4 x faster than the rail here); the rail stage unchanged
+    for system in ("megatron_alltoall", "deepspeed_moe", "locmoe_flat"):
+        assert comm(system, rail_only) == pytest.approx(4 * comm(system, probed))
+    assert comm("locmoe_hier", probed) == comm("locmoe_hier", rail_only)
+    for bad in ({"collective_GBps": 0.0}, {"flat_GBps": -1.0}):
+        with pytest.raises(ConfigError, match="flat_GBps"):
+            Calibration(inter_node={"bandwidth_GBps": 2.0, **bad})
 
 
 def test_validation_script_predicts_every_measured_pair():

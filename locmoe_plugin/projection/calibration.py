@@ -9,12 +9,15 @@ Schema (``"schema": "locmoe-projection-calibration/1"``; every field but ``schem
      "fixed_ms_multi_node": {"locmoe": ...},                        # where the plan differs across nodes
      "intra_node": {"bandwidth_GBps": 235.0, "latency_us": 0.0},
      "inter_node": {"bandwidth_GBps": 2.48, "latency_us": 0.0, "duplex": "full",
-                    "collective_GBps": 3.9}}
+                    "collective_GBps": 3.9, "flat_GBps": 2.6}}
 
 ``inter_node.collective_GBps`` (optional): the rate of an all-gather / reduce-scatter over the EP group, as
 the inter-node bytes per rank the model gives it ((N - 1) s rows) per second; it prices Megatron's
-``allgather`` layer, whose collectives NCCL runs as rings at another rate than an all-to-all. Absent, that
-layer gets ``bandwidth_GBps`` too.
+``allgather`` layer, whose collectives NCCL runs as rings at another rate than an all-to-all.
+``inter_node.flat_GBps`` (optional): the cross-node rate of an all-to-all over the EP group (every rank of
+the other nodes a peer); it prices the pairs all-to-alls (Megatron ``alltoall`` and group-limited,
+DeepSpeed, LocMoE's flat plan), ``bandwidth_GBps`` (one rail peer per rank) the hierarchical rail stage.
+Absent, those systems get ``bandwidth_GBps``.
 
 ``fixed_ms_multi_node["locmoe"]`` from a one-node run: LocMoE runs its single-stage pairs plan on one node
 and its two-stage plan across nodes, so the one-node fixed cost plus the two-stage plan's extra host work,
@@ -63,10 +66,10 @@ class Calibration:
             link = getattr(self, name)
             if link is None:
                 continue
-            if (not link.get("bandwidth_GBps", 1.0) > 0 or not link.get("latency_us", 0.0) >= 0
-                    or not link.get("collective_GBps", 1.0) > 0):
-                raise ConfigError(f"calibration {name}={link!r}: bandwidth_GBps and collective_GBps must be > 0 "
-                                  f"and latency_us >= 0")
+            if (not all(link.get(k, 1.0) > 0 for k in ("bandwidth_GBps", "collective_GBps", "flat_GBps"))
+                    or not link.get("latency_us", 0.0) >= 0):
+                raise ConfigError(f"calibration {name}={link!r}: bandwidth_GBps, collective_GBps and flat_GBps "
+                                  f"must be > 0 and latency_us >= 0")
             if link.get("duplex", "full") not in ("full", "shared"):
                 raise ConfigError(f"calibration {name}={link!r}: duplex must be 'full' or 'shared'")
 
@@ -90,6 +93,8 @@ class Calibration:
                 over["inter_duplex"] = link["duplex"]
             if pre == "inter" and "collective_GBps" in link:
                 over["inter_collective_bw_GBps"] = float(link["collective_GBps"])
+            if pre == "inter" and "flat_GBps" in link:
+                over["inter_flat_bw_GBps"] = float(link["flat_GBps"])
         return replace(cluster, **over)
 
     def to_dict(self) -> dict:
@@ -144,7 +149,7 @@ def two_stage_extra_ms(dispatch_results: list[dict], topk: int) -> float | None:
 #: (one budget for both directions, as a socket link where every byte either way is a host copy), else "full"
 SHARED_DUPLEX_RATIO = 1.5
 #: the figures of one link probe sample that :func:`link_summary` takes the median of
-LINK_FIGURES = ("bandwidth_GBps", "latency_us", "one_way_GBps", "collective_GBps")
+LINK_FIGURES = ("bandwidth_GBps", "latency_us", "one_way_GBps", "collective_GBps", "flat_GBps")
 
 
 def duplex_of(one_way_GBps: float, bandwidth_GBps: float) -> str:
@@ -181,7 +186,8 @@ def inter_link(meta: dict, inter_bw_GBps: float | None = None) -> dict | None:
     if link.get("samples"):
         count = len(link["samples"])
         link = link_summary(link["samples"])
-    link = {k: link[k] for k in ("bandwidth_GBps", "latency_us", "duplex", "collective_GBps") if k in link}
+    link = {k: link[k] for k in ("bandwidth_GBps", "latency_us", "duplex", "collective_GBps", "flat_GBps")
+            if k in link}
     bw = inter_bw_GBps or link.get("bandwidth_GBps") or meta.get("inter_node_bw_GBps") or None
     if not bw:
         return None

@@ -34,6 +34,10 @@ class ClusterSpec:
         inter_collective_bw_GBps: the inter-node rate of an all-gather / reduce-scatter over the EP group,
             as (N - 1) s rows of inter-node bytes per rank per second (Megatron's ``allgather`` layer);
             None: ``inter_bw_GBps``. A calibration's probe sets it (``collective_GBps``).
+        inter_flat_bw_GBps: the cross-node rate per rank of an all-to-all in which every rank of the other
+            nodes is a peer (the pairs all-to-alls); None: ``inter_bw_GBps``, which then stands for every
+            inter-node transfer (a NIC per GPU caps a rank whatever its peers). A calibration's probe sets
+            it (``flat_GBps``); on emulated socket links the number of peers changes the rate.
     """
 
     nodes: int
@@ -46,6 +50,7 @@ class ClusterSpec:
     gemm_efficiency: float = 0.6
     inter_duplex: str = "full"
     inter_collective_bw_GBps: float | None = None
+    inter_flat_bw_GBps: float | None = None
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -60,9 +65,10 @@ class ClusterSpec:
         for f in ("intra_latency_us", "inter_latency_us"):
             if not getattr(self, f) >= 0:
                 raise ConfigError(f"{f}={getattr(self, f)!r}: must be >= 0 microseconds")
-        if self.inter_collective_bw_GBps is not None and not self.inter_collective_bw_GBps > 0:
-            raise ConfigError(f"inter_collective_bw_GBps={self.inter_collective_bw_GBps!r}: must be > 0 or None "
-                              f"(a calibration's inter_node.collective_GBps)")
+        for f, key in (("inter_collective_bw_GBps", "collective_GBps"), ("inter_flat_bw_GBps", "flat_GBps")):
+            if getattr(self, f) is not None and not getattr(self, f) > 0:
+                raise ConfigError(f"{f}={getattr(self, f)!r}: must be > 0 or None (a calibration's "
+                                  f"inter_node.{key})")
         if self.inter_duplex not in DUPLEX:
             raise ConfigError(f"inter_duplex={self.inter_duplex!r}: use one of {DUPLEX} (--inter-duplex)")
         if not 0 < self.gemm_efficiency <= 1:

@@ -4,8 +4,9 @@ Per layer: ``fixed + gemm + 4 all-to-alls`` (dispatch and combine, forward and b
 the rows of :mod:`.traffic` one way):
   * a pairs all-to-all (Megatron ``alltoall``, DeepSpeed, LocMoE flat) runs its inter- and intra-node
     parts at once: ``latency + max(inter bytes / inter bw, intra bytes / intra bw)``; Megatron's
-    ``allgather`` layer the same with its all-gather / reduce-scatter rows and, where calibrated, the
-    collectives' own inter-node rate (``ClusterSpec.inter_collective_bw_GBps``);
+    ``allgather`` layer the same with its all-gather / reduce-scatter rows. Where a calibration probed
+    them, the pairs all-to-alls run at the all-peers rate (``ClusterSpec.inter_flat_bw_GBps``) and the
+    ``allgather`` layer at its collectives' rate (``inter_collective_bw_GBps``);
   * the hierarchical one runs its rail stage, then its node stage:
     ``(inter latency + inter bytes / inter bw) + (intra latency + intra bytes / intra bw)``;
   * with overlap (``chunks`` c): each chunk pays the fixed cost and the latencies, and communication and
@@ -125,8 +126,10 @@ def predict_layer(system: str, cluster: ClusterSpec, model: ModelSpec, routing: 
         scale, scale_inter = u, inter_scale(routing.inter_scale, cl.inter_duplex, n * r)
     gemm_scale = u if system == "megatron_allgather" else scale
     gemm = rows_gemm * gemm_scale * model.expert_flops_per_row / (tflops * 1e9)
-    # the allgather layer's collectives at their own probed rate where a calibration has one
-    coll_bw = cl.inter_collective_bw_GBps if system == "megatron_allgather" else None
+    # where a calibration probed them: the allgather layer's collectives and the pairs all-to-alls (every
+    # remote rank a peer) at their own rates; the hierarchical rail stage at the rail rate
+    coll_bw = (cl.inter_collective_bw_GBps if system == "megatron_allgather"
+               else None if hier else cl.inter_flat_bw_GBps)
     one = _a2a_ms(rows, model, cl, n, hier, scale, scale_inter, coll_bw)
     fixed = cal.fixed_for(system, n)
     chunks = routing.chunks if system == "locmoe_hier_overlap" else 1
