@@ -224,7 +224,7 @@ def validate(roots) -> list[dict]:
                                       imbalance=u, inter_imbalance=u_x, chunks=1)
                 t = predict_layer(system, cluster, model, routing, cal_v)
                 rows.append({"run": run_name(root, run_dir), "spread": round_spread(v), "commit": m2.get("commit") or m.get("commit"),
-                             "probe": probe_kind(link),
+                             "probe": probe_kind(link, m2["gpus_per_node"]),
                              "layout": f"{m2['nodes']}x{m2['gpus_per_node']}", "latency_us": link["latency_us"],
                              "system": name, "share": v["cross_node_share"], "imbalance": u, "inter_imbalance": u_x,
                              "duplex": dup, "variant": label, "link_GBps": bw,
@@ -234,9 +234,21 @@ def validate(roots) -> list[dict]:
     return rows
 
 
-def probe_kind(link: dict) -> str:
-    """"repeated" where the link figures are the median of several probes, else "one-shot"."""
-    return "repeated" if link.get("probe_samples", 1) > 1 else "one-shot"
+def probe_kind(link: dict, gpus_per_node: int | None = None) -> str:
+    """"per-pattern" where the layer run's repeated probe also measured the rates the model gives the
+    all-gather / reduce-scatter (``collective_GBps``) and, with more than one GPU per node, the all-peers
+    all-to-all (``flat_GBps``; with one GPU per node that is the rail); "repeated" where the link figures
+    are the median of several probes; else "one-shot". ``gpus_per_node`` None (dispatch rows, whose model
+    reads the rail rate only): never "per-pattern"."""
+    if link.get("probe_samples", 1) <= 1:
+        return "one-shot"
+    if gpus_per_node is not None and "collective_GBps" in link and ("flat_GBps" in link or gpus_per_node == 1):
+        return "per-pattern"
+    return "repeated"
+
+
+PROBE_LABELS = {"per-pattern": "runs with the per-pattern probe", "repeated": "runs with a repeated probe",
+                "one-shot": "one-shot probe"}
 
 
 def link_figure(path: str) -> float | None:
@@ -322,16 +334,16 @@ def _summary(rows: list[dict], what: str) -> str:
 
 
 def by_probe(rows: list[dict], what: str) -> list[str]:
-    """The summary of the runs whose link figures are the median of repeated probes, and apart from it,
-    of those with a one-shot probe; each with the runs it covers."""
+    """The summary of each probe kind's runs (:func:`probe_kind`: per-pattern, repeated, one-shot), with the
+    runs it covers; the per-pattern line only where a run has that probe."""
     out = []
-    for kind in ("repeated", "one-shot"):
+    for kind, text in PROBE_LABELS.items():
         got = [r for r in rows if r.get("probe", "one-shot") == kind]
-        label = f"{what}, {'runs with a repeated probe' if kind == 'repeated' else 'one-shot probe'}"
+        label = f"{what}, {text}"
         if got:
             runs = sorted({r["run"] for r in got})
             out.append(f"  {_summary(got, label)} ({len(runs)} run(s))")
-        else:
+        elif kind != "per-pattern":
             out.append(f"  {label}: no run")
     return out
 

@@ -132,3 +132,13 @@ def test_validation_reads_the_median_and_counts_repeated_probes_apart(tmp_path):
     drows = [r for r in val.validate_dispatch([str(run)]) if r["setting"] == "socket"]
     assert drows and all(r["probe"] == "repeated" and r["link_GBps"] == 3.3 and r["latency_us"] == 70.0
                          for r in drows)
+
+
+def test_probe_kind_names_the_runs_whose_probe_measured_every_pattern():
+    val = _load("validate_projection")
+    both = {"probe_samples": 9, "collective_GBps": 2.0, "flat_GBps": 2.5}
+    assert val.probe_kind(both, 2) == "per-pattern"
+    assert val.probe_kind({"probe_samples": 9, "collective_GBps": 2.0}, 2) == "repeated"
+    assert val.probe_kind({"probe_samples": 9, "collective_GBps": 2.0}, 1) == "per-pattern"  # one GPU per node: flat = rail
+    assert val.probe_kind(both) == "repeated"  # dispatch rows: the model reads the rail rate only
+    assert val.probe_kind({**both, "probe_samples": 1}, 2) == "one-shot"
