@@ -5,6 +5,11 @@
 #   NGPU=4 bash benchmarks/run_gpu_layer.sh "$OUT"
 # LAYOUTS="2nodes 1node" (default) picks the layouts; BENCH_ARGS adds bench_layer.py options to both.
 # Each layout writes its own `locmoe project` calibration: calibration_{2nodes,1node}_${NGPU}gpu.json.
+# TWO_STAGE=1 also times, on one node, LocMoE's two-stage plan forced against its one-node pairs plan
+# (bench_dispatch.py hier_tree / hierarchical, top-4, 32 experts, its default 8192 tokens x hidden 2048,
+# the layer's default size; ~1 minute): the two-stage plan's extra host time on this machine, which
+# validate_projection.py adds to the one-node calibration when it predicts this call's 2-node LocMoE rows
+# (dispatch_1node_${NGPU}gpu.json).
 set -uo pipefail
 out=${1:-benchmarks/results}
 NGPU=${NGPU:-4}
@@ -30,6 +35,13 @@ for layout in $LAYOUTS; do
   fi
   echo "$layout: $(( $(date +%s) - start )) s"
 done
+if [ "${TWO_STAGE:-0}" = 1 ]; then
+  start=$(date +%s)
+  python3 -m torch.distributed.run --standalone --nproc-per-node "$NGPU" benchmarks/bench_dispatch.py \
+    --gpus-per-node "$NGPU" --experts 32 --topk 4 --systems hierarchical hier_tree --rounds 5 --iters 5 \
+    --json "$out/dispatch_1node_${NGPU}gpu.json" 2>&1 | filter > "$out/dispatch_1node.log"
+  echo "two-stage (one node): $(( $(date +%s) - start )) s"
+fi
 for layout in $LAYOUTS; do
   echo; sed -n '/^== /,$p' "$out/layer_${layout}.log"
 done

@@ -176,6 +176,18 @@ def dispatch_two_stage_ms(roots, topk: int) -> float | None:
     return got if got is not None else from_(DEFAULT_ROOT)
 
 
+def call_two_stage_ms(run_dir: str, topk: int) -> float | None:
+    """The two-stage plan's extra host time measured in the layer run's own device call: the one-node
+    ``dispatch_1node_*gpu.json`` beside its ``layer_1node`` JSON (``run_gpu_layer.sh`` with
+    ``TWO_STAGE=1``), else None. The host's speed differs between machines, so a call's own figure is
+    preferred to the median over other runs (:func:`dispatch_two_stage_ms`)."""
+    res = []
+    for path in sorted(glob.glob(os.path.join(run_dir, "dispatch_1node_*gpu.json"))):
+        with open(path) as f:
+            res.append(json.load(f))
+    return two_stage_extra_ms(res, topk) if res else None
+
+
 def row_calibration(one: dict, name: str, bw: float, two_stage: float | None):
     """The one-node calibration with ``name``'s own row setting its fixed cost (the GrAP and dense rows share
     the "locmoe" key and differ in router cost)."""
@@ -199,7 +211,8 @@ def validate(roots) -> list[dict]:
             continue
         bw = link["bandwidth_GBps"]
         duplex = link.get("duplex")
-        two_stage = dispatch_two_stage_ms(roots, m["topk"])
+        own_two_stage = call_two_stage_ms(run_dir, m["topk"])
+        two_stage = own_two_stage if own_two_stage is not None else dispatch_two_stage_ms(roots, m["topk"])
         model = ModelSpec(hidden=m["hidden"], ffn=m["ffn"], experts=m["experts"], topk=m["topk"],
                           tokens_per_rank=m["tokens_per_rank"], dtype=m["dtype"], swiglu=False)
         for name, system in SYSTEMS.items():
@@ -229,6 +242,7 @@ def validate(roots) -> list[dict]:
                              "system": name, "share": v["cross_node_share"], "imbalance": u, "inter_imbalance": u_x,
                              "duplex": dup, "variant": label, "link_GBps": bw,
                              "two_stage_ms": two_stage if name.startswith("locmoe") else 0.0,
+                             "two_stage_source": "own call" if own_two_stage is not None else "other runs",
                              "one_node_ms": one["systems"][name]["ms"], "measured_ms": v["ms"],
                              "predicted_ms": t.layer_ms, "error": t.layer_ms / v["ms"] - 1})
     return rows

@@ -142,3 +142,25 @@ def test_probe_kind_names_the_runs_whose_probe_measured_every_pattern():
     assert val.probe_kind({"probe_samples": 9, "collective_GBps": 2.0}, 1) == "per-pattern"  # one GPU per node: flat = rail
     assert val.probe_kind(both) == "repeated"  # dispatch rows: the model reads the rail rate only
     assert val.probe_kind({**both, "probe_samples": 1}, 2) == "one-shot"
+
+
+def test_a_calls_own_two_stage_measurement_is_preferred(tmp_path):
+    import json
+    import shutil
+
+    val = _load("validate_projection")
+    src = os.path.join(HERE, "..", "benchmarks", "results", "2026-11-26_h200x4_c6ae4c6", "slow")
+    run = tmp_path / "call"
+    shutil.copytree(src, run)
+    before = {r["system"]: r for r in val.validate([str(run)]) if r["variant"] == "model"}
+    assert before["locmoe_dense"]["two_stage_source"] == "other runs"
+    # the same call's one-node dispatch run: the forced two-stage plan 5 ms slower than the pairs plan at top-4
+    rows = [{"topk": 4, "systems": {"hierarchical": {"ms": 7.0}, "hier_tree": {"ms": 12.0}}},
+            {"topk": 2, "systems": {"hierarchical": {"ms": 7.0}, "hier_tree": {"ms": 99.0}}}]
+    (run / "dispatch_1node_4gpu.json").write_text(json.dumps({"meta": {"nodes": 1}, "rows": rows}))
+    after = {r["system"]: r for r in val.validate([str(run)]) if r["variant"] == "model"}
+    loc_b, loc_a = before["locmoe_dense"], after["locmoe_dense"]
+    assert loc_a["two_stage_ms"] == 5.0 and loc_a["two_stage_source"] == "own call"
+    assert loc_a["predicted_ms"] == pytest.approx(loc_b["predicted_ms"] + 5.0 - loc_b["two_stage_ms"])
+    # the baselines run no two-stage plan: unchanged
+    assert after["mcore_alltoall"]["predicted_ms"] == before["mcore_alltoall"]["predicted_ms"]
