@@ -161,31 +161,30 @@ def _quantile(xs: list[float], f: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def dispatch_two_stage_ms(roots, topk: int) -> float | None:
-    """The two-stage plan's extra host time on one node from every one-node ``bench_dispatch.py`` JSON
-    under ``roots`` that has ``hier_tree`` rows (:func:`two_stage_extra_ms`); where none has them, from
-    those under the repository's ``benchmarks/results`` (one-node runs only: no held-out layout enters)."""
-    def from_(where):
-        res = []
-        for _, path in find(where, "dispatch_1node_*.json"):
-            with open(path) as f:
-                res.append(json.load(f))
-        return two_stage_extra_ms(res, topk)
+def two_stage_under(roots, topk: int) -> float | None:
+    """:func:`two_stage_extra_ms` over every one-node ``bench_dispatch.py`` JSON (``dispatch_1node_*.json``)
+    under ``roots`` (each searched recursively); None where none has ``hier_tree`` rows at ``topk``."""
+    res = []
+    for _, path in find(roots, "dispatch_1node_*.json"):
+        with open(path) as f:
+            res.append(json.load(f))
+    return two_stage_extra_ms(res, topk)
 
-    got = from_(roots)
-    return got if got is not None else from_(DEFAULT_ROOT)
+
+def dispatch_two_stage_ms(roots, topk: int) -> float | None:
+    """The two-stage plan's extra host time on one node from the one-node dispatch runs under ``roots``
+    (:func:`two_stage_under`); where none has them, from those under the repository's
+    ``benchmarks/results`` (one-node runs only: no held-out layout enters)."""
+    got = two_stage_under(roots, topk)
+    return got if got is not None else two_stage_under(DEFAULT_ROOT, topk)
 
 
 def call_two_stage_ms(run_dir: str, topk: int) -> float | None:
     """The two-stage plan's extra host time measured in the layer run's own device call: the one-node
-    ``dispatch_1node_*gpu.json`` beside its ``layer_1node`` JSON (``run_gpu_layer.sh`` with
-    ``TWO_STAGE=1``), else None. The host's speed differs between machines, so a call's own figure is
-    preferred to the median over other runs (:func:`dispatch_two_stage_ms`)."""
-    res = []
-    for path in sorted(glob.glob(os.path.join(run_dir, "dispatch_1node_*gpu.json"))):
-        with open(path) as f:
-            res.append(json.load(f))
-    return two_stage_extra_ms(res, topk) if res else None
+    dispatch run in the folder of its ``layer_1node`` JSON (``run_gpu_layer.sh`` with ``TWO_STAGE=1``),
+    else None. The host's speed differs between machines, so a call's own figure is preferred to the
+    median over other runs (:func:`dispatch_two_stage_ms`)."""
+    return two_stage_under(run_dir, topk)
 
 
 def row_calibration(one: dict, name: str, bw: float, two_stage: float | None):

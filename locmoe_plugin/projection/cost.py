@@ -128,9 +128,9 @@ def predict_layer(system: str, cluster: ClusterSpec, model: ModelSpec, routing: 
     gemm = rows_gemm * gemm_scale * model.expert_flops_per_row / (tflops * 1e9)
     # where a calibration probed them: the allgather layer's collectives and the pairs all-to-alls (every
     # remote rank a peer) at their own rates; the hierarchical rail stage at the rail rate
-    coll_bw = (cl.inter_collective_bw_GBps if system == "megatron_allgather"
-               else None if hier else cl.inter_flat_bw_GBps)
-    one = _a2a_ms(rows, model, cl, n, hier, scale, scale_inter, coll_bw)
+    pattern_bw = (cl.inter_collective_bw_GBps if system == "megatron_allgather"
+                  else None if hier else cl.inter_flat_bw_GBps)
+    one = _a2a_ms(rows, model, cl, n, hier, scale, scale_inter, pattern_bw)
     fixed = cal.fixed_for(system, n)
     chunks = routing.chunks if system == "locmoe_hier_overlap" else 1
     if chunks > 1:
