@@ -567,7 +567,9 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
                           tr.intra_bytes])
         return {"ms": ms, "cross_node_share": tot[0] / max(tot[1], 1), "inter_node_MiB": tot[2] / 2**20,
                 "intra_node_MiB": tot[3] / 2**20, "max_over_mean_load": (load.max() / load.mean()).item(),
-                "rank_max_over_mean_rows": rank_imbalance(load, ctx.world), "overlap": overlap}
+                "rank_max_over_mean_rows": rank_imbalance(load, ctx.world), "overlap": overlap,
+                "inter_bytes_per_rank": {"dispatch": per_rank(ctx, tr.dispatch_inter_bytes),
+                                         "combine": per_rank(ctx, tr.combine_inter_bytes)}}
     raise ValueError(f"unknown system {name}")
 
 

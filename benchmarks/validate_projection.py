@@ -51,7 +51,10 @@ SYSTEMS = {"mcore_alltoall": "megatron_alltoall", "mcore_allgather": "megatron_a
            "mcore_grouplimited": "megatron_group_limited", "deepspeed_moe": "deepspeed_moe",
            "locmoe_grap": "locmoe_hier", "locmoe_dense": "locmoe_hier",
            # our DeepSpeed layer without its overlap: LocMoE's dispatcher at the router's own share (no budget)
-           "locmoe_ds_no_overlap": "locmoe_hier"}
+           "locmoe_ds_no_overlap": "locmoe_hier",
+           # the same with the split-by-origin overlap (runs that record "overlap": true; earlier ones timed
+           # a chunked overlap that is gone), and LocMoELayer with it inside Megatron's six phases
+           "locmoe_ds": "locmoe_hier_overlap", "locmoe_overlap": "locmoe_hier_overlap_phases"}
 # bench_dispatch system -> model system, and whether it runs the two-stage plan across nodes
 DISPATCH_SYSTEMS = {"hierarchical": ("locmoe_hier", True), "overlap": ("locmoe_hier", True),
                     "overlap_phases": ("locmoe_hier", True), "flat": ("locmoe_flat", False)}
@@ -102,17 +105,25 @@ def busiest_inter_ratio(v: dict, bw_GBps: float, ranks: int) -> float:
     return max(1.0, busiest / mean)
 
 
-def measured_pairs_per_copy(v: dict, model: ModelSpec, topk: int) -> float | None:
+def measured_pairs_per_copy(v: dict, model: ModelSpec, topk: int, ranks: int) -> float | None:
     """A LocMoE row's cross-node pairs per inter-node row of the hierarchical plan (``RoutingSpec.pairs_per_copy``):
     the share's pairs per rank (share x top-k x tokens) over the mean rank's rail rows (its dispatch bytes over
-    hidden x element size); None where the run recorded no per-rank bytes or nothing crossed. On 2 nodes a
-    token's remote pairs all lie on the one other node, so this gives the rail rows exactly."""
+    hidden x element size). The mean dispatch bytes come from the per-rank counts where recorded, else from the
+    run's total (``inter_node_MiB``: every rank's dispatch + combine cross-node bytes of one forward; combine
+    returns the dispatched rows, so half of it is dispatch); None where neither is recorded or nothing crossed.
+    On 2 nodes a token's remote pairs all lie on the one other node, so this gives the rail rows exactly."""
     per = v.get("inter_bytes_per_rank")
     share = v.get("cross_node_share", 0.0)
-    if not per or share <= 0:
+    if share <= 0:
         return None
-    rows = sum(per["dispatch"]) / len(per["dispatch"]) / (model.hidden * model.elt)
-    return max(1.0, share * topk * model.tokens_per_rank / rows) if rows > 0 else None
+    if per:
+        sent = sum(per["dispatch"]) / len(per["dispatch"])
+    elif v.get("inter_node_MiB", 0.0) > 0:
+        sent = v["inter_node_MiB"] * 2**20 / ranks / 2
+    else:
+        return None
+    rows = sent / (model.hidden * model.elt)
+    return max(1.0, share * topk * model.tokens_per_rank / rows)
 
 
 DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -218,6 +229,8 @@ def validate(roots) -> list[dict]:
             v = two["systems"].get(name)
             if v is None or "ms" not in v or "ms" not in one["systems"].get(name, {}):
                 continue
+            if name == "locmoe_ds" and v.get("overlap") is not True:
+                continue
             cal = row_calibration(one, name, bw, two_stage)
             u_x = busiest_inter_ratio(v, bw, m2["ranks"])
             # rows: only where both layouts record them (old one-node runs fold the busiest rank's rows into
@@ -231,9 +244,10 @@ def validate(roots) -> list[dict]:
                                       intra_latency_us=0.0, inter_bw_GBps=bw, inter_latency_us=0.0,
                                       peak_tflops=1000.0, inter_duplex=dup)
                 cal_v = replace(cal, inter_node={**link, "duplex": dup})
-                mu = measured_pairs_per_copy(v, model, m["topk"]) if system == "locmoe_hier" else None
+                mu = (measured_pairs_per_copy(v, model, m["topk"], m2["ranks"]) if system.startswith("locmoe_hier")
+                      else None)
                 routing = RoutingSpec(cross_node_share=min(1.0, v["cross_node_share"]), pairs_per_copy=mu,
-                                      imbalance=u, inter_imbalance=u_x, chunks=1)
+                                      imbalance=u, inter_imbalance=u_x)
                 t = predict_layer(system, cluster, model, routing, cal_v)
                 rows.append({"run": run_name(root, run_dir), "spread": round_spread(v), "commit": m2.get("commit") or m.get("commit"),
                              "probe": probe_kind(link, m2["gpus_per_node"]),
@@ -319,7 +333,7 @@ def validate_dispatch(roots) -> list[dict]:
                 cluster = ClusterSpec(nodes=mt["nodes"], gpus_per_node=ranks_per_node, intra_bw_GBps=200.0,
                                       intra_latency_us=0.0, inter_bw_GBps=bw, inter_latency_us=lat_row,
                                       peak_tflops=1000.0, inter_duplex="full")
-                routing = RoutingSpec(cross_node_share=min(1.0, row["cross_node_pair_share"]), chunks=1)
+                routing = RoutingSpec(cross_node_share=min(1.0, row["cross_node_pair_share"]))
                 for name, v in row["systems"].items():
                     system, two_stage_plan = DISPATCH_SYSTEMS.get(name, (None, False))
                     if system is None or "ms" not in v or "ms" not in one_sys.get(name, {}):

@@ -65,7 +65,7 @@ def test_time_terms_by_hand():
     cl = ClusterSpec(nodes=2, gpus_per_node=2, intra_bw_GBps=100.0, intra_latency_us=10.0, inter_bw_GBps=10.0,
                      inter_latency_us=20.0, peak_tflops=100.0, gemm_efficiency=0.5)
     m = ModelSpec(hidden=1000, ffn=500, experts=8, topk=2, tokens_per_rank=100, swiglu=False, layers=2, seq=10)
-    rt = RoutingSpec(cross_node_share=0.5, chunks=1)
+    rt = RoutingSpec(cross_node_share=0.5)
     t = predict_layer("locmoe_flat", cl, m, rt)
     row = 1000 * 2  # bytes
     # per a2a: 20 us + max(100 rows * 2000 B / 10 GB/s, 50 rows * 2000 B / 100 GB/s) = 0.02 + 0.02 ms
@@ -79,13 +79,33 @@ def test_time_terms_by_hand():
     assert hier.comm_ms == pytest.approx(4 * (0.02 + rows.inter * row / 10e6 + 0.01 + rows.intra * row / 100e6))
     attn = 100 * 3 * (2 * 4 * 1000**2 + 4 * 10 * 1000) / 50e9
     assert hier.step_ms == pytest.approx(2 * (hier.layer_ms + attn))
-    # overlap: c fixed + (comm + gemm)/c + (c-1)/c max(comm, gemm), latencies paid per chunk
+    # overlap (split by origin): each of the 4 rail transfers hides, up to its own time, the local rows'
+    # node hop, plus their experts' forward (dispatch) and backward (gradients' return) in DeepSpeed's layer
     cal = Calibration(fixed_ms={"locmoe": 1.0})
-    ov = predict_layer("locmoe_hier_overlap", cl, m, RoutingSpec(cross_node_share=0.5, chunks=2), cal)
-    comm = hier.comm_ms + 4 * 0.03
-    assert ov.layer_ms == pytest.approx(2 * 1.0 + (comm + ov.gemm_ms) / 2 + 0.5 * max(comm, ov.gemm_ms))
+    plain = predict_layer("locmoe_hier", cl, m, rt, cal)
+    rail, node = 0.02 + rows.inter * row / 10e6, 0.01 + rows.intra * row / 100e6
+    local = 1 - plain.pair_share
+    g = plain.gemm_ms
+    hidden = (2 * min(rail, local * node) + min(rail, local * (node + g / 3))
+              + min(rail, local * (node + 2 * g / 3)))
+    ov = predict_layer("locmoe_hier_overlap", cl, m, rt, cal)
+    assert ov.layer_ms == pytest.approx(plain.layer_ms - hidden) and hidden > 0
+    assert ov.comm_ms == pytest.approx(plain.comm_ms) and ov.inter_bytes == plain.inter_bytes
+    # Megatron's six phases: only the node hops hide
+    ph = predict_layer("locmoe_hier_overlap_phases", cl, m, rt, cal)
+    assert ph.layer_ms == pytest.approx(plain.layer_ms - 4 * min(rail, local * node))
+    assert ov.layer_ms < ph.layer_ms < plain.layer_ms
+    # no pair crosses: nothing to hide; one node: the overlap is a no-op
+    zero = RoutingSpec(cross_node_share=0.0)
+    assert predict_layer("locmoe_hier_overlap", cl, m, zero, cal).layer_ms == pytest.approx(
+        predict_layer("locmoe_hier", cl, m, zero, cal).layer_ms)
+    one = cl.with_nodes(1)
+    assert predict_layer("locmoe_hier_overlap", one, m, rt, cal).layer_ms == pytest.approx(
+        predict_layer("locmoe_hier", one, m, rt, cal).layer_ms)
+    with pytest.raises(ConfigError, match="unknown system"):
+        predict_layer("locmoe_chunked", cl, m, rt, cal)
     # imbalance scales the busiest rank's bytes and rows
-    t2 = predict_layer("locmoe_flat", cl, m, RoutingSpec(cross_node_share=0.5, imbalance=2.0, chunks=1))
+    t2 = predict_layer("locmoe_flat", cl, m, RoutingSpec(cross_node_share=0.5, imbalance=2.0))
     assert t2.gemm_ms == pytest.approx(2 * t.gemm_ms)
 
 
@@ -158,13 +178,13 @@ def test_inter_imbalance_scales_cross_node_bytes_only():
     cl = ClusterSpec(nodes=2, gpus_per_node=2, intra_bw_GBps=100.0, intra_latency_us=0.0, inter_bw_GBps=10.0,
                      inter_latency_us=0.0, peak_tflops=100.0, gemm_efficiency=0.5)
     m = ModelSpec(hidden=1000, ffn=500, experts=8, topk=2, tokens_per_rank=100, swiglu=False)
-    base = predict_layer("locmoe_flat", cl, m, RoutingSpec(cross_node_share=0.5, chunks=1))
-    t = predict_layer("locmoe_flat", cl, m, RoutingSpec(cross_node_share=0.5, inter_imbalance=2.0, chunks=1))
+    base = predict_layer("locmoe_flat", cl, m, RoutingSpec(cross_node_share=0.5))
+    t = predict_layer("locmoe_flat", cl, m, RoutingSpec(cross_node_share=0.5, inter_imbalance=2.0))
     assert t.gemm_ms == pytest.approx(base.gemm_ms)  # expert rows stay balanced
     inter = 100 * 1000 * 2 / 10e6  # ms per all-to-all at balance (it dominates the intra part)
     assert t.comm_ms == pytest.approx(4 * 2 * inter)
     shared = predict_layer("locmoe_flat", replace(cl, inter_duplex="shared"), m,
-                           RoutingSpec(cross_node_share=0.5, inter_imbalance=2.0, chunks=1))
+                           RoutingSpec(cross_node_share=0.5, inter_imbalance=2.0))
     assert shared.comm_ms == pytest.approx(4 * (2 + 2 / 3) / 2 * inter)
     with pytest.raises(ConfigError, match="inter_imbalance"):
         RoutingSpec(cross_node_share=0.5, inter_imbalance=0.5)
@@ -347,11 +367,10 @@ def test_pairs_per_copy_input():
     m = ModelSpec(hidden=2048, ffn=1408, experts=32, topk=4, tokens_per_rank=8192, swiglu=False)
     cl = ClusterSpec(nodes=2, gpus_per_node=2, intra_bw_GBps=200.0, intra_latency_us=0, inter_bw_GBps=2.0,
                      inter_latency_us=0, peak_tflops=1000.0)
-    spread = predict_layer("locmoe_hier", cl, m, RoutingSpec(cross_node_share=0.285, chunks=1))
-    concentrated = predict_layer("locmoe_hier", cl, m, RoutingSpec(cross_node_share=0.285, pairs_per_copy=2.9,
-                                                                    chunks=1))
+    spread = predict_layer("locmoe_hier", cl, m, RoutingSpec(cross_node_share=0.285))
+    concentrated = predict_layer("locmoe_hier", cl, m, RoutingSpec(cross_node_share=0.285, pairs_per_copy=2.9))
     assert concentrated.layer_ms < spread.layer_ms
-    flat = [predict_layer("locmoe_flat", cl, m, RoutingSpec(cross_node_share=0.285, pairs_per_copy=mu, chunks=1))
+    flat = [predict_layer("locmoe_flat", cl, m, RoutingSpec(cross_node_share=0.285, pairs_per_copy=mu))
             for mu in (None, 2.9)]
     assert flat[0].layer_ms == pytest.approx(flat[1].layer_ms)  # the pairs plan sends one row per pair either way
 
@@ -365,6 +384,10 @@ def test_validation_reads_pairs_per_copy_from_the_recorded_bytes():
     m = ModelSpec(hidden=16, ffn=16, experts=8, topk=4, tokens_per_rank=100, dtype="bf16", swiglu=False)
     # 0.25 x 4 x 100 = 100 remote pairs per rank over 50 rail rows (50 x 16 x 2 bytes) = 2 pairs per copy
     v = {"cross_node_share": 0.25, "inter_bytes_per_rank": {"dispatch": [1500.0, 1700.0]}}
-    assert mod.measured_pairs_per_copy(v, m, 4) == pytest.approx(2.0)
-    assert mod.measured_pairs_per_copy({"cross_node_share": 0.25}, m, 4) is None
-    assert mod.measured_pairs_per_copy({**v, "cross_node_share": 0.0}, m, 4) is None
+    assert mod.measured_pairs_per_copy(v, m, 4, ranks=2) == pytest.approx(2.0)
+    assert mod.measured_pairs_per_copy({"cross_node_share": 0.25}, m, 4, ranks=2) is None
+    assert mod.measured_pairs_per_copy({**v, "cross_node_share": 0.0}, m, 4, ranks=2) is None
+    # no per-rank counts: the run's total (2 ranks' dispatch + combine = 4 x 1600 bytes) gives the same mean
+    total = {"cross_node_share": 0.25, "inter_node_MiB": 4 * 1600.0 / 2**20}
+    assert mod.measured_pairs_per_copy(total, m, 4, ranks=2) == pytest.approx(2.0)
+    assert mod.measured_pairs_per_copy(total, m, 4, ranks=4) == pytest.approx(4.0)  # the same bytes over more ranks

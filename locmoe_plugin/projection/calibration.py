@@ -246,7 +246,7 @@ def calibration_from_layer_results(out: dict, inter_bw_GBps: float | None = None
             continue
         routing = RoutingSpec(cross_node_share=min(1.0, v.get("cross_node_share", 0.0)),
                               imbalance=max(1.0, v.get("rank_max_over_mean_rows", 1.0)),
-                              capacity_factor=m.get("ds_capacity_factor", 1.25), chunks=1)
+                              capacity_factor=m.get("ds_capacity_factor", 1.25))
         system = {"locmoe": "locmoe_hier"}.get(key, key)
         t = predict_layer(system, cluster, model, routing, cal)
         fixed[key] = max(0.0, v["ms"] - t.gemm_ms - t.comm_ms)

@@ -53,7 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="busiest rank's cross-node bytes / mean (>= 1; default: --imbalance)")
     r.add_argument("--group-nodes", type=int, default=None, help="nodes per token under group-limited routing")
     r.add_argument("--capacity-factor", type=float, default=1.25, help="DeepSpeed MoE's capacity factor")
-    r.add_argument("--chunks", type=int, default=4, help="chunks of LocMoE's overlapped dispatch")
     o = p.add_argument_group("output")
     o.add_argument("--calibration", default=None, help="JSON from benchmarks/bench_layer.py --calibration")
     o.add_argument("--png", default=None, help="write the speedup-vs-nodes plot here")
@@ -89,7 +88,7 @@ def run(a: argparse.Namespace) -> int:
                       layers=a.layers, seq=a.seq, dtype=a.dtype, swiglu=not a.gelu)
     routing = RoutingSpec(cross_node_share=a.cross_node_share, pairs_per_copy=a.pairs_per_copy, imbalance=a.imbalance,
                           inter_imbalance=a.inter_imbalance, group_nodes=a.group_nodes,
-                          capacity_factor=a.capacity_factor, chunks=a.chunks)
+                          capacity_factor=a.capacity_factor)
     cluster = _cluster(a, a.nodes)
     point = predict(cluster, model, routing, cal)
     sweep = {n: predict(cluster.with_nodes(n), model, routing, cal) for n in SWEEP_NODES}

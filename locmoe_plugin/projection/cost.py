@@ -9,8 +9,15 @@ the rows of :mod:`.traffic` one way):
     ``allgather`` layer at its collectives' rate (``inter_collective_bw_GBps``);
   * the hierarchical one runs its rail stage, then its node stage:
     ``(inter latency + inter bytes / inter bw) + (intra latency + intra bytes / intra bw)``;
-  * with overlap (``chunks`` c): each chunk pays the fixed cost and the latencies, and communication and
-    expert GEMMs pipeline: ``c fixed + (comm + gemm) / c + (c - 1) / c * max(comm, gemm)``.
+  * with the overlap (split by origin, ``docs/overlap.md``): each of the 4 rail transfers of the rows
+    that cross nodes hides the work on this node's own rows that runs beside it, at most the transfer's
+    own time (:func:`overlap_hidden_ms`): their intra-node hop in each transfer, and in DeepSpeed's layer
+    (``locmoe_hier_overlap``, ``TokenDispatcher.forward(expert_fn)``) their experts' forward (beside the
+    dispatch) and backward (beside the gradients' return); Megatron's six phases run the experts on all
+    rows between ``token_dispatch`` and ``token_combine``, so there only the intra-node hop hides
+    (``locmoe_hier_overlap_phases``). The share of a rank's expert rows that come from its own node is
+    ``1 - pair share``. With more than 2 nodes the remote blocks' own overlap (a block's experts while the
+    next block travels) is left out, so the figure is a floor on what is hidden there.
 Bytes and GEMM rows of dropless systems scale by the routing's ``imbalance`` (the busiest rank); the
 cross-node bytes by its ``inter_imbalance`` where given, through :func:`inter_scale` (the link's duplex).
 ``fixed`` is the per-layer time that is neither GEMM nor payload (router, permutes, plan, host launches,
@@ -33,8 +40,9 @@ SYSTEMS = ("megatron_alltoall", "megatron_group_limited", "deepspeed_moe", "locm
            "locmoe_hier_overlap")
 BASELINE = "megatron_alltoall"
 # Also predicted on request (validation against measured runs), not in the default table: Megatron's
-# ``allgather`` dispatcher (the whole EP group's tokens to every rank, a collective rather than pairs).
-EXTRA_SYSTEMS = ("megatron_allgather",)
+# ``allgather`` dispatcher (the whole EP group's tokens to every rank, a collective rather than pairs), and
+# LocMoE's overlap inside Megatron's six phases (only the intra-node hop hides).
+EXTRA_SYSTEMS = ("megatron_allgather", "locmoe_hier_overlap_phases")
 
 
 @dataclass(frozen=True)
@@ -81,20 +89,44 @@ def inter_scale(u: float, duplex: str, ranks: int) -> float:
     return (u + max(0.0, ranks - u) / (ranks - 1)) / 2
 
 
+def _a2a_parts_ms(rows: Rows, model: ModelSpec, cl: ClusterSpec, scale: float, scale_inter: float,
+                  inter_bw_GBps: float | None = None) -> tuple[float, float]:
+    """(inter-node, intra-node) transfer time of one all-to-all's rows, without latencies, in ms."""
+    b = model.hidden * model.elt
+    return (rows.inter * b * scale_inter / ((inter_bw_GBps or cl.inter_bw_GBps) * 1e6),
+            rows.intra * b * scale / (cl.intra_bw_GBps * 1e6))
+
+
 def _a2a_ms(rows: Rows, model: ModelSpec, cl: ClusterSpec, n: int, hierarchical: bool, scale: float,
             scale_inter: float, inter_bw_GBps: float | None = None) -> float:
-    b = model.hidden * model.elt
-    t_inter = rows.inter * b * scale_inter / ((inter_bw_GBps or cl.inter_bw_GBps) * 1e6)  # ms
-    t_intra = rows.intra * b * scale / (cl.intra_bw_GBps * 1e6)
+    t_inter, t_intra = _a2a_parts_ms(rows, model, cl, scale, scale_inter, inter_bw_GBps)
     lat_inter, lat_intra = cl.inter_latency_us / 1e3, cl.intra_latency_us / 1e3
     if hierarchical and n > 1:
         return lat_inter + t_inter + lat_intra + t_intra
     return (lat_inter if n > 1 else lat_intra) + max(t_inter, t_intra)
 
 
+def overlap_hidden_ms(rail_ms: float, node_ms: float, gemm_ms: float, local_share: float, experts: bool) -> float:
+    """Time the split-by-origin overlap hides per layer (forward + backward), in ms.
+
+    Each of the 4 rail transfers (dispatch and combine, forward and backward; ``rail_ms`` each) runs beside
+    the work on this node's own rows (``local_share`` of the rank's rows) and hides at most its own time:
+    that work's intra-node hop (``node_ms`` per transfer) in all four; with ``experts`` also the local
+    experts' forward (a third of ``gemm_ms``) beside the dispatch and their backward (two thirds) beside
+    the gradients' return to their sources."""
+    if rail_ms <= 0 or local_share <= 0:
+        return 0.0
+    e = 1.0 if experts else 0.0
+    node = local_share * node_ms
+    return (2 * min(rail_ms, node) + min(rail_ms, node + local_share * e * gemm_ms / 3)
+            + min(rail_ms, node + local_share * e * 2 * gemm_ms / 3))
+
+
 def predict_layer(system: str, cluster: ClusterSpec, model: ModelSpec, routing: RoutingSpec,
                   calibration: Calibration | None = None) -> LayerTime:
-    """Predicted time and bytes of ``system`` (one of :data:`SYSTEMS`)."""
+    """Predicted time and bytes of ``system`` (one of :data:`SYSTEMS` or :data:`EXTRA_SYSTEMS`)."""
+    if system not in SYSTEMS + EXTRA_SYSTEMS:
+        raise ConfigError(f"unknown system {system!r}: use one of {SYSTEMS + EXTRA_SYSTEMS}")
     cal = calibration or Calibration()
     cl = cal.apply(cluster)
     n = ep_nodes_of(cl, model)
@@ -106,13 +138,11 @@ def predict_layer(system: str, cluster: ClusterSpec, model: ModelSpec, routing: 
         own, rem = node_pmfs("uniform", n, r, e, k)
     elif system == "megatron_group_limited":
         own, rem = node_pmfs("group", n, r, e, k, group_nodes=routing.group_nodes or min(n, 4))
-    elif system.startswith("locmoe_"):
+    else:
         if routing.pairs_per_copy is None:
             own, rem = node_pmfs("share", n, r, e, k, share=routing.share_on(n))
         else:
             own, rem = node_pmfs("copies", n, r, e, k, share=routing.share_on(n), pairs_per_copy=routing.pairs_per_copy)
-    else:
-        raise ConfigError(f"unknown system {system!r}: use one of {SYSTEMS + EXTRA_SYSTEMS}")
     hier = system.startswith("locmoe_hier")
     if system == "deepspeed_moe":
         rows = padded_rows(n, r, e, k, s, routing.capacity_factor)
@@ -132,17 +162,16 @@ def predict_layer(system: str, cluster: ClusterSpec, model: ModelSpec, routing: 
                   else None if hier else cl.inter_flat_bw_GBps)
     one = _a2a_ms(rows, model, cl, n, hier, scale, scale_inter, pattern_bw)
     fixed = cal.fixed_for(system, n)
-    chunks = routing.chunks if system == "locmoe_hier_overlap" else 1
-    if chunks > 1:
-        lat = (cl.inter_latency_us if n > 1 else 0.0) + (cl.intra_latency_us if hier or n == 1 else 0.0)
-        comm = 4 * (one + (chunks - 1) * lat / 1e3)
-        layer = chunks * fixed + (comm + gemm) / chunks + (chunks - 1) / chunks * max(comm, gemm)
-    else:
-        comm = 4 * one
-        layer = fixed + gemm + comm
+    jj_share = (n - 1) * float(sum(j * p for j, p in enumerate(rem))) / k if n > 1 else 0.0
+    comm = 4 * one
+    layer = fixed + gemm + comm
+    if system.startswith("locmoe_hier_overlap"):
+        rail, node = _a2a_parts_ms(rows, model, cl, scale, scale_inter)
+        if n > 1 and rows.inter > 0:  # nothing crosses: the dispatcher runs the unsplit plan
+            rail, node = rail + cl.inter_latency_us / 1e3, node + cl.intra_latency_us / 1e3
+            layer -= overlap_hidden_ms(rail, node, gemm, 1.0 - jj_share, experts=system == "locmoe_hier_overlap")
     attn = s * model.attention_flops_per_token / (tflops * 1e9)
     b = model.hidden * model.elt
-    jj_share = (n - 1) * float(sum(j * p for j, p in enumerate(rem))) / k if n > 1 else 0.0
     return LayerTime(system=system, ep_nodes=n, layer_ms=layer, step_ms=model.layers * (layer + attn),
                      fixed_ms=fixed, gemm_ms=gemm, comm_ms=comm, inter_bytes=4 * rows.inter * b,
                      intra_bytes=4 * rows.intra * b, pair_share=jj_share)

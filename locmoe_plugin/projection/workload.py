@@ -79,7 +79,6 @@ class RoutingSpec:
         group_nodes: nodes a token may use under group-limited routing (Megatron ``--moe-router-num-groups``
             = nodes, ``--moe-router-group-topk`` = this); None = min(nodes, 4).
         capacity_factor: DeepSpeed MoE's capacity factor (its buffers are padded to capacity).
-        chunks: chunks of LocMoE's overlapped dispatch (``TokenDispatcher.forward(chunks=...)``).
     """
 
     cross_node_share: float | None = None
@@ -88,7 +87,6 @@ class RoutingSpec:
     inter_imbalance: float | None = None
     group_nodes: int | None = None
     capacity_factor: float = 1.25
-    chunks: int = 4
 
     def __post_init__(self) -> None:
         if self.cross_node_share is not None and not 0.0 <= self.cross_node_share <= 1.0:
@@ -107,8 +105,6 @@ class RoutingSpec:
             raise ConfigError(f"group_nodes={self.group_nodes!r}: must be >= 1 (--group-nodes)")
         if not self.capacity_factor > 0:
             raise ConfigError(f"capacity_factor={self.capacity_factor!r}: must be > 0 (--capacity-factor)")
-        if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
-            raise ConfigError(f"chunks={self.chunks!r}: must be an integer >= 1 (--chunks)")
 
     def share_on(self, nodes: int) -> float:
         """LocMoE's cross-node pair share on an EP group over ``nodes`` nodes: ``cross_node_share``, or the
