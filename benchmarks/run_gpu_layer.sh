@@ -3,7 +3,8 @@
 # 2 emulated nodes (launch/emulate_nodes.sh) and as one node. Usage (from the repo root, wheels
 # installed, corpus in data/python-doc-corpus):
 #   NGPU=4 bash benchmarks/run_gpu_layer.sh "$OUT"
-# LAYOUTS="2nodes 1node" (default) picks the layouts; BENCH_ARGS adds bench_layer.py options to both.
+# LAYOUTS="2nodes 1node" (default) picks the layouts (also "4nodes": 4 emulated nodes x NGPU/4); BENCH_ARGS
+# adds bench_layer.py options to each.
 # Each layout writes its own `locmoe project` calibration: calibration_{2nodes,1node}_${NGPU}gpu.json.
 # TWO_STAGE=1 also times, on one node, LocMoE's two-stage plan forced against its one-node pairs plan
 # (bench_dispatch.py hier_tree / hierarchical, top-4, 32 experts, its default 8192 tokens x hidden 2048,
@@ -22,7 +23,12 @@ half=$(( NGPU / 2 ))
 filter() { grep -v -E "Warning|warn\(|return func|No existing process group|^\s*$" ; }
 for layout in $LAYOUTS; do
   start=$(date +%s)
-  if [ "$layout" = 2nodes ]; then
+  if [ "$layout" = 4nodes ]; then  # 4 emulated nodes x NGPU/4 (validate_projection.py: held out from 1node)
+    launch/emulate_nodes.sh --nodes 4 --nproc-per-node "$NGPU" -- benchmarks/bench_layer.py \
+      --gpus-per-node $(( NGPU / 4 )) --ablations ${ABLATIONS-nobias mu0} --json "$out/layer_4nodes_${NGPU}gpu.json" \
+      --calibration "$out/calibration_4nodes_${NGPU}gpu.json" \
+      ${BENCH_ARGS:-} 2>&1 | filter > "$out/layer_4nodes.log"
+  elif [ "$layout" = 2nodes ]; then
     launch/emulate_nodes.sh --nodes 2 --nproc-per-node "$NGPU" -- benchmarks/bench_layer.py \
       --gpus-per-node "$half" --ablations ${ABLATIONS-nobias mu0} --json "$out/layer_2nodes_${NGPU}gpu.json" \
       --calibration "$out/calibration_2nodes_${NGPU}gpu.json" \

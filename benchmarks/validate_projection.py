@@ -1,11 +1,11 @@
 """Check ``locmoe project`` against measured runs, leave-one-out.
 
-Layer runs (``bench_layer.py``): each 2-emulated-node run (``layer_2nodes_<G>gpu.json``: 2 x 2 from 4 GPUs,
-2 x 1 from 2) is predicted from the same call's one-node run on the same G GPUs (``layer_1node_<G>gpu.json``;
+Layer runs (``bench_layer.py``): each run across emulated nodes (``layer_2nodes_<G>gpu.json``: 2 x 2 from 4
+GPUs, 2 x 1 from 2; ``layer_4nodes_<G>gpu.json``: 4 x 1 from 4) is predicted from the same call's one-node run on the same G GPUs (``layer_1node_<G>gpu.json``;
 calibration: expert GEMM rate, NVLink bandwidth, fixed per-layer costs) plus that call's measured
 inter-node link (the probe's bandwidth, latency and duplex: the median over its samples where the run
-probed the link repeatedly during its timing, ``meta.inter_node_link.samples``; else its one probe). Nothing else measured on the 2-node layout
-enters, except the routing the run produced (cross-node share, the busiest rank's expert rows and its
+probed the link repeatedly during its timing, ``meta.inter_node_link.samples``; else its one probe). Nothing else measured on the layout
+across nodes enters, except the routing the run produced (cross-node share, the busiest rank's expert rows and its
 cross-node bytes over the mean).
 
 Dispatch runs (``bench_dispatch.py``, ``overlap_2x<R>_socket*.json``): each 2-node row is predicted from the
@@ -212,52 +212,68 @@ def validate(roots) -> list[dict]:
         gpus = int(re.search(r"layer_1node_(\d+)gpu\.json$", one_path).group(1))
         with open(one_path) as f:
             one = json.load(f)
-        two = two_node_results(run_dir, one, gpus)
-        if two is None:
+        for two in multi_node_results(run_dir, one, gpus):
+            rows += predict_run(roots, root, run_dir, one, two)
+    return rows
+
+
+def multi_node_results(run_dir: str, one_node: dict, gpus: int) -> list[dict]:
+    """Every run of the same call across emulated nodes on the same G GPUs: 2 nodes
+    (:func:`two_node_results`), then 4 nodes x G/4 (``layer_4nodes_<G>gpu.json``, ``LAYOUTS=4nodes``)."""
+    runs = [r for r in (two_node_results(run_dir, one_node, gpus),) if r is not None]
+    path = os.path.join(run_dir, f"layer_4nodes_{gpus}gpu.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            runs.append(json.load(f))
+    return runs
+
+
+def predict_run(roots, root: str, run_dir: str, one: dict, two: dict) -> list[dict]:
+    """The layer predictions of one held-out run across nodes (``two``) from its call's one-node run."""
+    rows = []
+    m, m2 = one["meta"], two["meta"]
+    link = inter_link(m2)
+    if link is None:
+        return rows
+    bw = link["bandwidth_GBps"]
+    duplex = link.get("duplex")
+    own_two_stage = call_two_stage_ms(run_dir, m["topk"])
+    two_stage = own_two_stage if own_two_stage is not None else dispatch_two_stage_ms(roots, m["topk"])
+    model = ModelSpec(hidden=m["hidden"], ffn=m["ffn"], experts=m["experts"], topk=m["topk"],
+                      tokens_per_rank=m["tokens_per_rank"], dtype=m["dtype"], swiglu=False)
+    for name, system in SYSTEMS.items():
+        v = two["systems"].get(name)
+        if v is None or "ms" not in v or "ms" not in one["systems"].get(name, {}):
             continue
-        m, m2 = one["meta"], two["meta"]
-        link = inter_link(m2)
-        if link is None:
+        if name == "locmoe_ds" and v.get("overlap") is not True:
             continue
-        bw = link["bandwidth_GBps"]
-        duplex = link.get("duplex")
-        own_two_stage = call_two_stage_ms(run_dir, m["topk"])
-        two_stage = own_two_stage if own_two_stage is not None else dispatch_two_stage_ms(roots, m["topk"])
-        model = ModelSpec(hidden=m["hidden"], ffn=m["ffn"], experts=m["experts"], topk=m["topk"],
-                          tokens_per_rank=m["tokens_per_rank"], dtype=m["dtype"], swiglu=False)
-        for name, system in SYSTEMS.items():
-            v = two["systems"].get(name)
-            if v is None or "ms" not in v or "ms" not in one["systems"].get(name, {}):
-                continue
-            if name == "locmoe_ds" and v.get("overlap") is not True:
-                continue
-            cal = row_calibration(one, name, bw, two_stage)
-            u_x = busiest_inter_ratio(v, bw, m2["ranks"])
-            # rows: only where both layouts record them (old one-node runs fold the busiest rank's rows into
-            # the calibrated GEMM rate)
-            u = max(1.0, v.get("rank_max_over_mean_rows", 1.0)) if "rank_max_over_mean_rows" in one["systems"][name] else 1.0
-            variants = [("model", duplex or EMULATED_DUPLEX)]
-            if duplex is None and u_x > 1.05:
-                variants.append(("full duplex", "full"))
-            for label, dup in variants:
-                cluster = ClusterSpec(nodes=m2["nodes"], gpus_per_node=m2["gpus_per_node"], intra_bw_GBps=200.0,
-                                      intra_latency_us=0.0, inter_bw_GBps=bw, inter_latency_us=0.0,
-                                      peak_tflops=1000.0, inter_duplex=dup)
-                cal_v = replace(cal, inter_node={**link, "duplex": dup})
-                mu = (measured_pairs_per_copy(v, model, m["topk"], m2["ranks"]) if system.startswith("locmoe_hier")
-                      else None)
-                routing = RoutingSpec(cross_node_share=min(1.0, v["cross_node_share"]), pairs_per_copy=mu,
-                                      imbalance=u, inter_imbalance=u_x)
-                t = predict_layer(system, cluster, model, routing, cal_v)
-                rows.append({"run": run_name(root, run_dir), "spread": round_spread(v), "commit": m2.get("commit") or m.get("commit"),
-                             "probe": probe_kind(link, m2["gpus_per_node"]),
-                             "layout": f"{m2['nodes']}x{m2['gpus_per_node']}", "latency_us": link["latency_us"],
-                             "system": name, "share": v["cross_node_share"], "imbalance": u, "inter_imbalance": u_x,
-                             "duplex": dup, "variant": label, "link_GBps": bw,
-                             "two_stage_ms": two_stage if name.startswith("locmoe") else 0.0,
-                             "two_stage_source": "own call" if own_two_stage is not None else "other runs",
-                             "one_node_ms": one["systems"][name]["ms"], "measured_ms": v["ms"],
-                             "predicted_ms": t.layer_ms, "error": t.layer_ms / v["ms"] - 1})
+        cal = row_calibration(one, name, bw, two_stage)
+        u_x = busiest_inter_ratio(v, bw, m2["ranks"])
+        # rows: only where both layouts record them (old one-node runs fold the busiest rank's rows into
+        # the calibrated GEMM rate)
+        u = max(1.0, v.get("rank_max_over_mean_rows", 1.0)) if "rank_max_over_mean_rows" in one["systems"][name] else 1.0
+        variants = [("model", duplex or EMULATED_DUPLEX)]
+        if duplex is None and u_x > 1.05:
+            variants.append(("full duplex", "full"))
+        for label, dup in variants:
+            cluster = ClusterSpec(nodes=m2["nodes"], gpus_per_node=m2["gpus_per_node"], intra_bw_GBps=200.0,
+                                  intra_latency_us=0.0, inter_bw_GBps=bw, inter_latency_us=0.0,
+                                  peak_tflops=1000.0, inter_duplex=dup)
+            cal_v = replace(cal, inter_node={**link, "duplex": dup})
+            mu = (measured_pairs_per_copy(v, model, m["topk"], m2["ranks"]) if system.startswith("locmoe_hier")
+                  else None)
+            routing = RoutingSpec(cross_node_share=min(1.0, v["cross_node_share"]), pairs_per_copy=mu,
+                                  imbalance=u, inter_imbalance=u_x)
+            t = predict_layer(system, cluster, model, routing, cal_v)
+            rows.append({"run": run_name(root, run_dir), "spread": round_spread(v), "commit": m2.get("commit") or m.get("commit"),
+                         "probe": probe_kind(link, m2["gpus_per_node"]),
+                         "layout": f"{m2['nodes']}x{m2['gpus_per_node']}", "latency_us": link["latency_us"],
+                         "system": name, "share": v["cross_node_share"], "imbalance": u, "inter_imbalance": u_x,
+                         "duplex": dup, "variant": label, "link_GBps": bw,
+                         "two_stage_ms": two_stage if name.startswith("locmoe") else 0.0,
+                         "two_stage_source": "own call" if own_two_stage is not None else "other runs",
+                         "one_node_ms": one["systems"][name]["ms"], "measured_ms": v["ms"],
+                         "predicted_ms": t.layer_ms, "error": t.layer_ms / v["ms"] - 1})
     return rows
 
 
@@ -403,7 +419,7 @@ def main() -> int:
     main_rows = [r for r in rows if r["variant"] == "model"]
     print(_summary(main_rows, "layer") + " (first row of each system; the others: the same with a full-duplex link)")
     for layout in sorted({r["layout"] for r in main_rows}):
-        print("  " + _summary([r for r in main_rows if r["layout"] == layout], f"2 nodes x {layout[2:]}"))
+        print("  " + _summary([r for r in main_rows if r["layout"] == layout], "{} nodes x {}".format(*layout.split("x"))))
     for line in by_probe(main_rows, "layer"):
         print(line)
     drows = validate_dispatch(a.roots)
