@@ -331,6 +331,13 @@ def test_concentrated_copies_by_hand_and_against_the_counter():
     # fewer pairs per copy than the share needs: every token crosses, to one node
     own, rem = node_pmfs("copies", 2, 1, 8, 4, share=0.5, pairs_per_copy=1.0)
     assert rem[0] == pytest.approx(0.0) and rem[2] == pytest.approx(1.0)
+    # 4 nodes, more remote pairs per token than one copy carries (3 at 1.3 per copy): every token crosses, to
+    # 3 / 1.3 = 2.31 of its 3 other nodes on average, and keeps 1 pair at home
+    own, rem = node_pmfs("copies", 4, 1, 16, 4, share=0.75, pairs_per_copy=1.3)
+    c = 3 / (3 * 1.3)
+    assert rem.tolist() == pytest.approx([1 - c, 0.7 * c, 0.3 * c, 0, 0]) and own.tolist() == pytest.approx([0, 1, 0, 0, 0])
+    assert float(np.arange(5) @ rem) * 3 == pytest.approx(0.75 * 4)
+    assert expected_rows("hierarchical", 4, 1, 16, 4, 100, own, rem).inter == pytest.approx(100 * 3 * c)
 
     # nothing crosses at share 0; a layout with fewer than k experts per node has no such router: the share model
     own, rem = node_pmfs("copies", 2, 2, 8, 4, share=0.0, pairs_per_copy=2.0)

@@ -55,12 +55,14 @@ def node_pmfs(model: str, nodes: int, ranks_per_node: int, experts: int, k: int,
         the rest renormalised. The pair share is then ``share`` exactly when k <= G.
       * ``"group"``: ``group_nodes`` = M nodes drawn uniformly (what group-limited routing picks when the
         scores carry no locality), then k experts uniformly among their M G experts.
-      * ``"copies"``: a router that concentrates a token's remote pairs on one other node (the "node"
-        budget mechanism), ``pairs_per_copy`` = mu of them per node it reaches (the two integers around mu,
-        mean mu, clipped to [max(1, share k), min(k, G)]): a share c = share k / ((N-1) mu) of the (token, other node)
-        combinations carry a copy, each crossing token reaches one other node and its own node keeps the
-        rest. Where share k > mu (more remote pairs per token than one copy carries) every token crosses,
-        to one node, with share k pairs. Pair share ``share`` holds in expectation. A layout whose nodes
+      * ``"copies"``: a router whose remote pairs travel ``pairs_per_copy`` = mu to a copy (a (token, other
+        node) row of the hierarchical plan; the two integers around mu, mean mu, clipped to
+        [max(1, share k / (N-1)), min(k, G)]): a share c = share k / ((N-1) mu) of the (token, other node)
+        combinations carry a copy. Where (N-1) c <= 1 each crossing token reaches one other node and its
+        own node keeps the rest (the "node" budget mechanism concentrates them so; on 2 nodes this is every
+        router); where (N-1) c > 1 (on N > 2 nodes, more remote pairs per token than one copy carries) every
+        token crosses, to (N-1) c nodes on average, and keeps k - share k pairs. Pair share ``share``
+        holds in expectation. A layout whose nodes
         hold fewer than k, or fewer than share k, experts has no such router (the node price is refused
         there): the ``"share"`` model is used instead, so a sweep over node counts keeps its rows.
     """
@@ -109,17 +111,27 @@ def _concentrated_pmfs(n: int, g: int, k: int, share: float, mu: float | None) -
         raise ConfigError(f"pairs_per_copy={mu!r}: a copy carries at least one pair; give a value >= 1")
     if k > g or share * k > g:  # no such router on this layout (the node price needs k <= G): the spread model
         return node_pmfs("share", n, 1, n * g, k, share=share)
-    mu = min(max(mu, share * k, 1.0), float(min(k, g)))
-    c = share * k / ((n - 1) * mu)  # copies per (token, other node); (n - 1) c <= 1 by the clip above
+    mu = min(max(mu, share * k / (n - 1), 1.0), float(min(k, g)))
+    c = share * k / ((n - 1) * mu)  # copies per (token, other node); c <= 1 by the clip above
     lo = int(np.floor(mu))
     hi_weight = mu - lo
     rem[0] = 1.0 - c
     rem[lo] += c * (1.0 - hi_weight)
     if hi_weight > 0:
         rem[lo + 1] += c * hi_weight
-    own[k] = 1.0 - c * (n - 1)
-    for j in range(1, k + 1):
-        own[k - j] += (n - 1) * rem[j]
+    if c * (n - 1) <= 1.0:  # each crossing token reaches one other node; its own node keeps the rest
+        own[k] = 1.0 - c * (n - 1)
+        for j in range(1, k + 1):
+            own[k - j] += (n - 1) * rem[j]
+        return own, rem
+    # more copies per token than one (N > 2): every token crosses, to (N - 1) c nodes on average, and its
+    # own node keeps k - share k pairs (the two integers around it)
+    own[k] = 0.0
+    t = share * k
+    t_lo = int(np.floor(t))
+    own[k - t_lo] += 1.0 - (t - t_lo)
+    if t > t_lo:
+        own[k - t_lo - 1] += t - t_lo
     return own, rem
 
 
