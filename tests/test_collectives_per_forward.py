@@ -161,10 +161,9 @@ def test_collectives_per_forward_2x2_and_4x1():
         (2, "all_local", True): (3, 1, 0),
         # one rank a node: no node hop; count all-gather and the rail hop each way
         (1, "random", False): (3, 3, 2),
-        # 4 nodes: one rail step per source node (3) each way
-        (1, "random", True): (7, 7, 6),
+        # 4 nodes: every source node's block (3) moves in one rail collective each way, as unsplit
+        (1, "random", True): (3, 3, 2),
         (1, "next_node", False): (3, 3, 2),
-        # only step 1 (to the next node) moves rows on any rank: steps 2 and 3 are skipped everywhere
         (1, "next_node", True): (3, 3, 2),
         "detached_expert_fn": "refused",
         # router + dispatcher, (collectives, all-reduces): the router's all-reduce, then the dispatcher's 5 (2 x 2)

@@ -306,11 +306,11 @@ class TokenDispatcher:
 
         With the overlap active (``overlap=True``, hierarchical plan across nodes) the experts run once per
         origin node: on this node's rows while the other nodes' rows cross the network, then on each other
-        node's block as it arrives (one rail step per other node, :mod:`.rail_steps`; 2 nodes: one)::
+        node's block (one block per other node, all moved by one rail collective, :mod:`.rail_steps`)::
 
-            launch the rail steps of the remote rows | local node hop, local experts
-            per step: wait; that block's node hop, its experts (later steps still travelling)
-            per block: reduce in the node, launch its rail return | local reduce
+            launch the rail transfer of the remote rows | local node hop, local experts
+            wait; per block: its node hop, its experts
+            per block: reduce in the node; launch the rail return | local reduce
             wait; sum every token's node copies in node order
 
         Backward: the rail steps returning the remote rows' gradients are launched before the local

@@ -6,9 +6,9 @@ From the one count table of a hierarchical plan (N > 1 nodes), one route per nod
   * a remote route per other node ``b``: the block of rows node ``b`` sends here over the rail ->
     node hop -> canonical pairs whose source is on node ``b``.
 
-The rail transfer is split per source node (:mod:`.rail_steps`: ``N - 1`` ring-shifted steps, one
-block each way per step; with 2 nodes one step, the unsplit rail transfer), so each remote block is
-fanned out inside the node (and its experts run) as soon as it arrives, while later blocks travel.
+The rail transfer is described per source node (:mod:`.rail_steps`: ``N - 1`` ring-shifted steps, one
+block each way per step; with 2 nodes one step, the unsplit rail transfer) and moves as one collective
+per direction; each remote block is then fanned out inside the node (and its experts run) on its own route.
 
 No metadata all-to-all crosses nodes: the remote rows' routing metadata (expert ids, source key,
 combine-weight bits; ``[rows, 2k + 1]`` int64) rides in the same rail step as their payload, packed
@@ -19,13 +19,13 @@ each route's canonical hop is built when they arrive. Where each route's pairs s
 order is derived on the device from the all-gathered count table (blocks of (local expert, source
 rank) pairs of known sizes).
 
-Dispatch (:mod:`.overlap`): every rail step is launched asynchronously (on the rail process group's
+Dispatch (:mod:`.overlap`): the rail transfer is launched asynchronously (on the rail process group's
 own communication stream under NCCL / HCCL; gloo runs it on its own thread); while they are in flight
 the local rows take their node hop and (in :meth:`TokenDispatcher.forward`) their experts; then each
 block in step order: wait, make its route from the arrived metadata, node hop (and experts). Combine
-mirrors it: each remote block is reduced inside the node and its rail return launched; while they
+mirrors it: each remote block is reduced inside the node and their rail return launched; while they
 travel the local rows are reduced; the rail level then sums every token's copies in node order.
-Backward swaps the two: the rail steps of each direction are launched first and waited last, so they
+Backward swaps the two: the rail transfer of each direction is launched first and waited last, so they
 overlap the local rows' gradient work (with ``forward(expert_fn)``, the local experts' backward too).
 
 Bitwise equality with the unsplit plan: every row of every level has one origin (a rail row's origin
@@ -49,7 +49,7 @@ from .groups import CommGroups
 from .hierarchical_plan import NodeRoute, rail_stage
 from .hops import Hop, true_positions
 from .packed_rows import pack_rows, unpack_rows
-from .rail_steps import RailStep, rail_steps, start_step
+from .rail_steps import RailBatch, RailStep, rail_steps
 from .return_path import ReturnPath
 
 
@@ -96,13 +96,19 @@ class OriginSplit:
         return route
 
     # ------------------------------------------------------------------------------ rail transfers
-    def start_step(self, i: int, rows: torch.Tensor, meta: torch.Tensor | None = None,
-                   back: bool = False) -> tuple[torch.Tensor, object]:
-        """Launch rail step ``i`` (asynchronous; ``back``: the return trip) of ``rows``, with ``meta``
-        packed behind each row where given (:mod:`.packed_rows`); ``-> (receive buffer, work or None)``."""
+    def rail_batch(self, back: bool = False) -> RailBatch:
+        """A fresh record of one direction of the rail transfer (``back``: the return trip), whose steps
+        move in one collective (:class:`.rail_steps.RailBatch`)."""
+        return RailBatch(self.steps, self.rail_hop.group, len(self.rail_hop.blocks), back=back)
+
+    def start_step(self, i: int, rows: torch.Tensor, batch: RailBatch, meta: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, RailBatch]:
+        """Give rail step ``i``'s ``rows`` to ``batch`` (its direction), with ``meta`` packed behind each row
+        where given (:mod:`.packed_rows`); ``-> (receive buffer, batch)``: the buffer is filled once the
+        batch's one collective, launched with its last step, completes (``batch.wait()``)."""
         if meta is not None:
             rows = pack_rows(rows, meta)
-        return start_step(self.steps[i], rows, self.rail_hop.group, len(self.rail_hop.blocks), back=back)
+        return batch.add(i, rows), batch
 
     def send_index(self, i: int) -> torch.Tensor:
         """``[rows sent at step i]`` int64 token of each row this rank sends at step ``i``."""

@@ -3,11 +3,13 @@
 
 Dispatch (:func:`dispatch_blocks`):
     ``_LaunchRail(x)``          -> local pairs, one link per rail step: every step's rows (and their
-                                   metadata) launched, the local rows (and theirs) through the node hop;
+                                   metadata) launched in one collective, the local rows (and theirs)
+                                   through the node hop;
     ``_ArriveBlock(link_i)``    -> the pairs of the block of step ``i``: wait, route made from the
                                    metadata, node hop. One per step, in step order.
 Combine (:func:`combine_blocks`):
-    ``_ReduceBlock(pairs_i)``   -> link_i: the block reduced in the node, its rail return launched.
+    ``_ReduceBlock(pairs_i)``   -> link_i: the block reduced in the node, given to the rail return (one
+                                   collective, launched with the last block).
     ``_FinishReduce(local, links)`` -> ``[s, F]``: local rows reduced, wait, rail level summed in node order.
 
 The ``link`` tensors carry no data of their own to the next step (it reads the receive buffer from
@@ -34,14 +36,24 @@ from .origin_split import OriginSplit
 
 
 class InFlight:
-    """The rail steps in flight between two autograd steps: per step index, ``(receive buffer, work or
-    None)`` of the forward and the work of the backward. One record per dispatch (and one per combine)."""
+    """The rail steps in flight between two autograd steps: per step index, ``(receive buffer, batch)``
+    of the forward and the batch of the backward, each direction's steps moving in one collective
+    (:class:`.rail_steps.RailBatch`). One record per dispatch (and one per combine)."""
 
-    __slots__ = ("forward", "backward")
+    __slots__ = ("forward", "backward", "forward_batch", "backward_batch")
 
     def __init__(self) -> None:
         self.forward: dict[int, tuple] = {}
         self.backward: dict[int, object] = {}
+        self.forward_batch = self.backward_batch = None
+
+    def batch(self, split: OriginSplit, backward: bool, back: bool):
+        """This record's forward (or ``backward``) rail batch, made at its first step (``back``: the
+        return trip's direction)."""
+        name = "backward_batch" if backward else "forward_batch"
+        if getattr(self, name) is None:
+            setattr(self, name, split.rail_batch(back=back))
+        return getattr(self, name)
 
     def wait_forward(self, i: int) -> torch.Tensor:
         buf, work = self.forward.pop(i)
@@ -65,7 +77,8 @@ class _LaunchRail(torch.autograd.Function):
             rows = x.index_select(0, gather)  # [rows for step i's node, F]
             # the payload moves first, its routing metadata packed behind each row; the local rows'
             # work is queued behind the launches
-            flight.forward[i] = split.start_step(i, rows, meta=split.token_meta.index_select(0, gather))
+            flight.forward[i] = split.start_step(i, rows, flight.batch(split, False, back=False),
+                                                 meta=split.token_meta.index_select(0, gather))
             links.append(rows)
         return (split.local.broadcast(x, split.token_meta), x.new_zeros(0), *links)
 
@@ -91,7 +104,7 @@ class _ArriveBlock(torch.autograd.Function):
     def backward(ctx, grad_pairs, grad_chain):
         split, flight, i = ctx.split, ctx.flight, ctx.i
         rail_rows = split.step_route(i).reduce(grad_pairs.contiguous())
-        buf, flight.backward[i] = split.start_step(i, rail_rows, back=True)
+        buf, flight.backward[i] = split.start_step(i, rail_rows, flight.batch(split, True, back=True))
         return buf, grad_chain, None, None, None
 
 
@@ -100,7 +113,7 @@ class _ReduceBlock(torch.autograd.Function):
     def forward(ctx, pairs, chain, split: OriginSplit, flight: InFlight, i: int):
         ctx.split, ctx.flight, ctx.i = split, flight, i
         rail_rows = split.step_route(i).reduce(pairs)  # [block rows, F]
-        flight.forward[i] = split.start_step(i, rail_rows, back=True)
+        flight.forward[i] = split.start_step(i, rail_rows, flight.batch(split, False, back=True))
         return rail_rows, chain.new_zeros(0)
 
     @staticmethod
@@ -122,15 +135,16 @@ class _FinishReduce(torch.autograd.Function):
         grad = grad.contiguous()
         bufs = []
         for i in range(len(split.steps)):
-            buf, flight.backward[i] = split.start_step(i, grad.index_select(0, split.send_index(i)))
+            buf, flight.backward[i] = split.start_step(i, grad.index_select(0, split.send_index(i)),
+                                                       flight.batch(split, True, back=False))
             bufs.append(buf)
         return (split.local.broadcast(grad), grad.new_zeros(0), None, None, *bufs)
 
 
 def dispatch_blocks(x: torch.Tensor, split: OriginSplit) -> Iterator[tuple[int, torch.Tensor]]:
     """``x [s, F]`` -> yields ``(origin node, pairs [pairs of that origin, F])``: this node's first (the
-    rail steps in flight), then each other node's block as it arrives, in step order. Consume it lazily
-    to work on a block while the later ones travel."""
+    rail transfer in flight), then each other node's block, in step order, once the transfer arrived.
+    Consume it lazily to work on the local rows while the remote ones travel."""
     flight = InFlight()
     local_pairs, chain, *links = _LaunchRail.apply(x, split, flight)
     yield split.node, local_pairs
@@ -141,8 +155,8 @@ def dispatch_blocks(x: torch.Tensor, split: OriginSplit) -> Iterator[tuple[int, 
 
 def combine_blocks(pairs_by_node: dict[int, torch.Tensor], split: OriginSplit) -> torch.Tensor:
     """Every route's (weighted) pairs, origin node -> ``[pairs, F]`` -> ``[s, F]``: each remote block
-    reduced in the node and its rail return launched (last step first), the local pairs reduced while
-    they travel, then every token's node copies summed in node order."""
+    reduced in the node (last step first), their rail return launched as one collective, the local pairs
+    reduced while they travel, then every token's node copies summed in node order."""
     flight = InFlight()
     local = pairs_by_node[split.node]
     chain = local.new_zeros(0)
@@ -153,8 +167,8 @@ def combine_blocks(pairs_by_node: dict[int, torch.Tensor], split: OriginSplit) -
 
 
 def broadcast_split(x: torch.Tensor, split: OriginSplit) -> torch.Tensor:
-    """``x [s, F]`` -> ``[num_pairs, F]`` in canonical order (the rail steps overlap the local rows' node
-    hop and each earlier block's)."""
+    """``x [s, F]`` -> ``[num_pairs, F]`` in canonical order (the rail transfer overlaps the local rows'
+    node hop)."""
     return split.merge(dict(dispatch_blocks(x, split)))
 
 
