@@ -27,6 +27,10 @@ def table(point: dict[str, LayerTime], header: str) -> str:
                      f"{v.intra_bytes / 1e6:>13.1f} {v.pair_share:>10.3f}")
     lines.append("bytes: what one rank sends per MoE layer, forward + backward (dispatch + combine); "
                  "speedup: step time of megatron_alltoall / this system's")
+    if "locmoe_hier_overlap" in point:
+        lines.append("locmoe_hier_overlap: DeepSpeed's LocMoE layer with its overlap; the model credits the local rows' "
+                     "work hidden behind the inter-node transfer, not the overlap's extra work per origin node "
+                     "(docs/projection.md)")
     return "\n".join(lines)
 
 
