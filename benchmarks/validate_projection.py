@@ -376,6 +376,23 @@ def _summary(rows: list[dict], what: str) -> str:
     return out
 
 
+def speedup_lean(rows: list[dict], system: str = "locmoe_dense", baseline: str = "mcore_alltoall") -> list[dict]:
+    """Per run holding both rows: the projected speedup of ``system`` over ``baseline`` (predicted baseline /
+    predicted system time) against the measured one, and their ratio (> 1: the projection overstates
+    the gain). ``rows``: :func:`validate` rows of one variant."""
+    runs: dict[str, dict] = {}
+    for r in rows:
+        runs.setdefault(r["run"], {})[r["system"]] = r
+    out = []
+    for run, got in sorted(runs.items()):
+        a, b = got.get(baseline), got.get(system)
+        if a and b:
+            pred, meas = a["predicted_ms"] / b["predicted_ms"], a["measured_ms"] / b["measured_ms"]
+            out.append({"run": run, "layout": b["layout"], "probe": b["probe"], "link_GBps": b["link_GBps"],
+                        "measured": meas, "predicted": pred, "ratio": pred / meas})
+    return out
+
+
 def by_probe(rows: list[dict], what: str) -> list[str]:
     """The summary of each probe kind's runs (:func:`probe_kind`: per-pattern, repeated, one-shot), with the
     runs it covers; the per-pattern line only where a run has that probe."""
@@ -422,6 +439,12 @@ def main() -> int:
         print("  " + _summary([r for r in main_rows if r["layout"] == layout], "{} nodes x {}".format(*layout.split("x"))))
     for line in by_probe(main_rows, "layer"):
         print(line)
+    lean = [x for x in speedup_lean(main_rows) if x["probe"] == "per-pattern"]
+    if lean:
+        ratios = [x["ratio"] for x in lean]
+        print(f"  LocMoE's speedup over Megatron alltoall, projected / measured, runs with the per-pattern probe: "
+              f"{min(ratios):.2f}-{max(ratios):.2f} x over {len(lean)} run(s) ("
+              + ", ".join(f"{x['layout']} {x['link_GBps']:.2f} GB/s {x['ratio']:.2f}" for x in lean) + ")")
     drows = validate_dispatch(a.roots)
     if drows:
         print(f"\n{'dispatch run':<52} {'system':<14} {'share':>5} {'link':>5} {'lat us':>6} {'2-stg':>5} "
@@ -436,7 +459,7 @@ def main() -> int:
             print(line)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"layer": rows, "dispatch": drows}, f, indent=2)
+            json.dump({"layer": rows, "dispatch": drows, "speedup_lean": speedup_lean(main_rows)}, f, indent=2)
     return 0
 
 

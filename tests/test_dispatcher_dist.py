@@ -2,8 +2,8 @@
 
 One spawn per world size runs many cases (imports cost seconds per process):
 4 ranks = 2 nodes x 2 and 4 nodes x 1; 8 ranks = 2 nodes x 4 and 4 nodes x 2. With more than 2 nodes
-the overlapped path moves the remote rows in one rail step per source node and works on each block
-as it arrives (all-local, all-remote, dropped-slot and empty-rank cases included).
+the overlapped path moves the remote rows, one block per source node, in one rail collective each way
+and works on each block in turn (all-local, all-remote, dropped-slot and empty-rank cases included).
 """
 
 import pytest

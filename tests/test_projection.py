@@ -398,3 +398,23 @@ def test_validation_reads_pairs_per_copy_from_the_recorded_bytes():
     total = {"cross_node_share": 0.25, "inter_node_MiB": 4 * 1600.0 / 2**20}
     assert mod.measured_pairs_per_copy(total, m, 4, ranks=2) == pytest.approx(2.0)
     assert mod.measured_pairs_per_copy(total, m, 4, ranks=4) == pytest.approx(4.0)  # the same bytes over more ranks
+
+
+def test_validation_reports_how_far_the_projected_speedup_leans():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("validate_projection", "benchmarks/validate_projection.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def row(run, system, predicted, measured):
+        return {"run": run, "system": system, "predicted_ms": predicted, "measured_ms": measured, "layout": "2x2",
+                "probe": "per-pattern", "link_GBps": 2.0}
+
+    rows = [row("a", "mcore_alltoall", 120.0, 100.0), row("a", "locmoe_dense", 40.0, 50.0),  # 3.0 x vs 2.0 x
+            row("b", "mcore_alltoall", 90.0, 100.0),  # no LocMoE row: no entry
+            row("c", "mcore_alltoall", 100.0, 100.0), row("c", "locmoe_dense", 50.0, 50.0)]
+    got = {x["run"]: x for x in mod.speedup_lean(rows)}
+    assert set(got) == {"a", "c"}
+    assert got["a"]["predicted"] == pytest.approx(3.0) and got["a"]["measured"] == pytest.approx(2.0)
+    assert got["a"]["ratio"] == pytest.approx(1.5) and got["c"]["ratio"] == pytest.approx(1.0)
