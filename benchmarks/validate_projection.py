@@ -174,11 +174,15 @@ def _quantile(xs: list[float], f: float) -> float:
 
 def two_stage_under(roots, topk: int) -> float | None:
     """:func:`two_stage_extra_ms` over every one-node ``bench_dispatch.py`` JSON (``dispatch_1node_*.json``)
-    under ``roots`` (each searched recursively); None where none has ``hier_tree`` rows at ``topk``."""
-    res = []
+    under ``roots`` (each searched recursively), each distinct file once (a call's one-node files are copied
+    beside each of its 2-node runs); None where none has ``hier_tree`` rows at ``topk``."""
+    res, seen = [], set()
     for _, path in find(roots, "dispatch_1node_*.json"):
-        with open(path) as f:
-            res.append(json.load(f))
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw not in seen:
+            seen.add(raw)
+            res.append(json.loads(raw))
     return two_stage_extra_ms(res, topk)
 
 
