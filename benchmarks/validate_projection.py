@@ -194,14 +194,6 @@ def dispatch_two_stage_ms(roots, topk: int) -> float | None:
     return got if got is not None else two_stage_under(DEFAULT_ROOT, topk)
 
 
-def call_two_stage_ms(run_dir: str, topk: int) -> float | None:
-    """The two-stage plan's extra host time measured in the layer run's own device call: the one-node
-    dispatch run in the folder of its ``layer_1node`` JSON (``run_gpu_layer.sh`` with ``TWO_STAGE=1``),
-    else None. The host's speed differs between machines, so a call's own figure is preferred to the
-    median over other runs (:func:`dispatch_two_stage_ms`)."""
-    return two_stage_under(run_dir, topk)
-
-
 def row_calibration(one: dict, name: str, bw: float, two_stage: float | None):
     """The one-node calibration with ``name``'s own row setting its fixed cost (the GrAP and dense rows share
     the "locmoe" key and differ in router cost)."""
@@ -241,7 +233,9 @@ def predict_run(roots, root: str, run_dir: str, one: dict, two: dict) -> list[di
         return rows
     bw = link["bandwidth_GBps"]
     duplex = link.get("duplex")
-    own_two_stage = call_two_stage_ms(run_dir, m["topk"])
+    # the call's own figure where it measured one (run_gpu_layer.sh TWO_STAGE=1, beside its layer_1node JSON):
+    # the host's speed differs between machines, so it is preferred to the median over other runs
+    own_two_stage = two_stage_under(run_dir, m["topk"])
     two_stage = own_two_stage if own_two_stage is not None else dispatch_two_stage_ms(roots, m["topk"])
     model = ModelSpec(hidden=m["hidden"], ffn=m["ffn"], experts=m["experts"], topk=m["topk"],
                       tokens_per_rank=m["tokens_per_rank"], dtype=m["dtype"], swiglu=False)

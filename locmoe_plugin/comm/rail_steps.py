@@ -10,12 +10,13 @@ come back. With 2 nodes there is one step, the same single transfer as the unspl
 
 Every step of one direction moves in **one** ``all_to_all_single`` on the rail group
 (:class:`RailBatch`): it is launched once the last step's rows are given, and each step's receive
-buffer is its peer's slice of the one output. One collective rather than one per step, because on a
-link whose rate grows with the peers served at once (NCCL's socket transport, several NICs per node) the
-ring steps ran one peer at a time: on 4 emulated nodes x 1 the overlapped layer with per-step
-collectives took 1.38-1.59 x the plain layer's time on the faster socket setting. What the single
-collective gives up is working on an early block while later ones travel; the local rows' work still
-runs while the whole transfer is in flight.
+buffer is its peer's slice of the one output. One collective rather than one per step: under NCCL the
+steps of one group run one after another, one peer at a time, which on a link whose rate grows with the
+peers served at once (NCCL's socket transport, several NICs per node) made the overlapped layer much
+slower than the plain one (measured in docs/overlap.md). What the single collective gives up is working
+on an early block while later ones travel; the local rows' work still runs while the whole transfer is
+in flight. With more than one step the steps' rows are concatenated into the send buffer (one copy of
+the remote rows; with 2 nodes the one step's rows are sent as they are).
 
 * NCCL / HCCL run it on the rail group's own communicator and stream, as the unsplit rail hop does;
   gloo runs it on its own thread when launched asynchronously.

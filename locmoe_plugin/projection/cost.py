@@ -16,8 +16,8 @@ the rows of :mod:`.traffic` one way):
     dispatch) and backward (beside the gradients' return); Megatron's six phases run the experts on all
     rows between ``token_dispatch`` and ``token_combine``, so there only the intra-node hop hides
     (``locmoe_hier_overlap_phases``). The share of a rank's expert rows that come from its own node is
-    ``1 - pair share``. With more than 2 nodes the remote blocks' own overlap (a block's experts while the
-    next block travels) is left out, so the figure is a floor on what is hidden there.
+    ``1 - pair share``. What the overlap adds (the experts run once per origin node, one route per
+    origin) is not charged, so the figure is the most the overlap can give.
 Bytes and GEMM rows of dropless systems scale by the routing's ``imbalance`` (the busiest rank); the
 cross-node bytes by its ``inter_imbalance`` where given, through :func:`inter_scale` (the link's duplex).
 ``fixed`` is the per-layer time that is neither GEMM nor payload (router, permutes, plan, host launches,
