@@ -168,10 +168,36 @@ def test_default_share_is_the_default_budget_per_node_count(capsys):
 def test_inter_scale_by_hand():
     from locmoe_plugin.projection.cost import inter_scale
 
-    assert inter_scale(2.0, "full", 4) == 2.0
-    # shared: the busiest sends 2 x the mean, receives the mean of the other three: (4 - 2) / 3
-    assert inter_scale(2.0, "shared", 4) == pytest.approx((2.0 + 2.0 / 3.0) / 2)
-    assert inter_scale(1.0, "shared", 4) == pytest.approx(1.0) and inter_scale(4.0, "shared", 4) == pytest.approx(2.0)
+    assert inter_scale(2.0, 4, one_way_ratio=1.0) == 2.0  # full duplex: the sends decide
+    # shared (one direction alone reaches 2 x the exchange's rate): the busiest sends 2 x the mean and
+    # receives the mean of the other three, (4 - 2) / 3
+    assert inter_scale(2.0, 4, one_way_ratio=2.0) == pytest.approx((2.0 + 2.0 / 3.0) / 2)
+    assert inter_scale(1.0, 4, 2.0) == pytest.approx(1.0) and inter_scale(4.0, 4, 2.0) == pytest.approx(2.0)
+    # in between: one direction alone at 1.2 x; on 2 ranks sending 1.13 x the mean the shared budget
+    # (1.13 + 0.87) / 2 = 1 binds, at 1.37 x the one-way rate does (1.37 / 1.2)
+    assert inter_scale(1.13, 2, 1.2) == pytest.approx(1.0)
+    assert inter_scale(1.37, 2, 1.2) == pytest.approx(1.37 / 1.2)
+    assert inter_scale(1.5, 2, 5.0) == inter_scale(1.5, 2, 2.0)  # clamped to [1, 2]
+
+
+def test_one_way_rate_sets_the_duplex():
+    """A calibration's one-way figure places the link between full duplex and shared."""
+    from locmoe_plugin.projection.calibration import Calibration
+
+    cl = ClusterSpec(nodes=2, gpus_per_node=1, intra_bw_GBps=100.0, intra_latency_us=0.0, inter_bw_GBps=5.0,
+                     inter_latency_us=0.0, peak_tflops=100.0)
+    assert cl.inter_one_way_ratio == 1.0 and replace(cl, inter_duplex="shared").inter_one_way_ratio == 2.0
+    cal = Calibration(inter_node={"bandwidth_GBps": 5.0, "latency_us": 0.0, "duplex": "full", "one_way_GBps": 6.0})
+    assert cal.apply(cl).inter_one_way_ratio == pytest.approx(1.2)
+    m = ModelSpec(hidden=1000, ffn=500, experts=8, topk=2, tokens_per_rank=100, swiglu=False)
+    skew = RoutingSpec(cross_node_share=0.5, inter_imbalance=1.5)
+    full, mid = predict_layer("locmoe_flat", cl, m, skew), predict_layer("locmoe_flat", cl, m, skew, cal)
+    shared = predict_layer("locmoe_flat", replace(cl, inter_duplex="shared"), m, skew)
+    assert shared.comm_ms < mid.comm_ms < full.comm_ms
+    with pytest.raises(ConfigError, match="one_way"):
+        Calibration(inter_node={"bandwidth_GBps": 5.0, "one_way_GBps": 0.0})
+    with pytest.raises(ConfigError, match="inter_one_way_bw_GBps"):
+        replace(cl, inter_one_way_bw_GBps=-1.0)
 
 
 def test_inter_imbalance_scales_cross_node_bytes_only():
@@ -217,11 +243,13 @@ def test_measured_link_reaches_the_model():
     meta = {"inter_node_bw_GBps": 2.0, "inter_node_link": {"bandwidth_GBps": 2.0, "latency_us": 80.0,
                                                            "one_way_GBps": 3.9, "duplex": "shared"}}
     link = inter_link(meta)
-    assert link == {"bandwidth_GBps": 2.0, "latency_us": 80.0, "duplex": "shared", "probe_samples": 1}
+    assert link == {"bandwidth_GBps": 2.0, "latency_us": 80.0, "duplex": "shared", "one_way_GBps": 3.9,
+                    "probe_samples": 1}
     cl = ClusterSpec(nodes=2, gpus_per_node=2, intra_bw_GBps=1.0, intra_latency_us=0, inter_bw_GBps=9.0,
                      inter_latency_us=0, peak_tflops=1.0)
     eff = Calibration(inter_node=link).apply(cl)
     assert (eff.inter_bw_GBps, eff.inter_latency_us, eff.inter_duplex) == (2.0, 80.0, "shared")
+    assert eff.inter_one_way_ratio == pytest.approx(1.95)
     assert inter_link({"inter_node_bw_GBps": 0.0}) is None
 
 

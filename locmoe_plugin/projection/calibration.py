@@ -9,7 +9,7 @@ Schema (``"schema": "locmoe-projection-calibration/1"``; every field but ``schem
      "fixed_ms_multi_node": {"locmoe": ...},                        # where the plan differs across nodes
      "intra_node": {"bandwidth_GBps": 235.0, "latency_us": 0.0},
      "inter_node": {"bandwidth_GBps": 2.48, "latency_us": 0.0, "duplex": "full",
-                    "collective_GBps": 3.9, "flat_GBps": 2.6}}
+                    "collective_GBps": 3.9, "flat_GBps": 2.6, "one_way_GBps": 3.0}}
 
 ``inter_node.collective_GBps`` (optional): the rate of an all-gather / reduce-scatter over the EP group, as
 the inter-node bytes per rank the model gives it ((N - 1) s rows) per second; it prices Megatron's
@@ -17,7 +17,9 @@ the inter-node bytes per rank the model gives it ((N - 1) s rows) per second; it
 ``inter_node.flat_GBps`` (optional): the cross-node rate of an all-to-all over the EP group (every rank of
 the other nodes a peer); it prices the pairs all-to-alls (Megatron ``alltoall`` and group-limited,
 DeepSpeed, LocMoE's flat plan), ``bandwidth_GBps`` (one rail peer per rank) the hierarchical rail stage.
-Absent, those systems get ``bandwidth_GBps``.
+Absent, those systems get ``bandwidth_GBps``. ``inter_node.one_way_GBps`` (optional): the rate when only one
+direction sends; against ``bandwidth_GBps`` it says how much a rank that sends more than it receives pays
+(``ClusterSpec.inter_one_way_bw_GBps``); absent, ``duplex`` decides ("full": nothing shared, "shared": all).
 
 ``fixed_ms_multi_node["locmoe"]`` from a one-node run: LocMoE runs its single-stage pairs plan on one node
 and its two-stage plan across nodes, so the one-node fixed cost plus the two-stage plan's extra host work,
@@ -66,10 +68,11 @@ class Calibration:
             link = getattr(self, name)
             if link is None:
                 continue
-            if (not all(link.get(k, 1.0) > 0 for k in ("bandwidth_GBps", "collective_GBps", "flat_GBps"))
+            if (not all(link.get(k, 1.0) > 0 for k in ("bandwidth_GBps", "collective_GBps", "flat_GBps",
+                                                          "one_way_GBps"))
                     or not link.get("latency_us", 0.0) >= 0):
-                raise ConfigError(f"calibration {name}={link!r}: bandwidth_GBps, collective_GBps and flat_GBps "
-                                  f"must be > 0 and latency_us >= 0")
+                raise ConfigError(f"calibration {name}={link!r}: bandwidth_GBps, collective_GBps, flat_GBps and "
+                                  f"one_way_GBps must be > 0 and latency_us >= 0")
             if link.get("duplex", "full") not in ("full", "shared"):
                 raise ConfigError(f"calibration {name}={link!r}: duplex must be 'full' or 'shared'")
 
@@ -95,6 +98,8 @@ class Calibration:
                 over["inter_collective_bw_GBps"] = float(link["collective_GBps"])
             if pre == "inter" and "flat_GBps" in link:
                 over["inter_flat_bw_GBps"] = float(link["flat_GBps"])
+            if pre == "inter" and "one_way_GBps" in link:
+                over["inter_one_way_bw_GBps"] = float(link["one_way_GBps"])
         return replace(cluster, **over)
 
     def to_dict(self) -> dict:
@@ -176,7 +181,8 @@ def link_summary(samples: list[dict], **extra) -> dict:
 
 def inter_link(meta: dict, inter_bw_GBps: float | None = None) -> dict | None:
     """The inter-node link of a ``bench_layer.py`` (or ``bench_dispatch.py --probe-link``) run, as the model
-    reads it: ``bandwidth_GBps``, ``latency_us``, ``duplex`` and ``probe_samples`` (how many probes the
+    reads it: ``bandwidth_GBps``, ``latency_us``, ``duplex``, the pattern rates (``one_way_GBps``,
+    ``collective_GBps``, ``flat_GBps``, where probed) and ``probe_samples`` (how many probes the
     figures come from). Where the run recorded repeated probes (``inter_node_link.samples``), the median of each
     figure over them and the duplex of the medians (:func:`link_summary`); else its one-shot probe
     (``inter_node_link``), else the one-shot ``inter_node_bw_GBps`` (``probe_samples`` 1). ``inter_bw_GBps`` replaces
@@ -186,8 +192,8 @@ def inter_link(meta: dict, inter_bw_GBps: float | None = None) -> dict | None:
     if link.get("samples"):
         count = len(link["samples"])
         link = link_summary(link["samples"])
-    link = {k: link[k] for k in ("bandwidth_GBps", "latency_us", "duplex", "collective_GBps", "flat_GBps")
-            if k in link}
+    link = {k: link[k] for k in ("bandwidth_GBps", "latency_us", "duplex", "one_way_GBps", "collective_GBps",
+                                 "flat_GBps") if k in link}
     bw = inter_bw_GBps or link.get("bandwidth_GBps") or meta.get("inter_node_bw_GBps") or None
     if not bw:
         return None

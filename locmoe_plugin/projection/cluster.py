@@ -31,6 +31,11 @@ class ClusterSpec:
             socket link, where every byte sent or received is a host copy; the emulated nodes of
             ``launch/emulate_nodes.sh``), so a rank's time is (bytes sent + bytes received) / (2 x bw).
             ``inter_bw_GBps`` is in both cases what a balanced exchange reaches per direction.
+        inter_one_way_bw_GBps: the rate one direction reaches while the other is idle, between
+            ``inter_bw_GBps`` (full duplex) and twice it (one budget for both directions); it sets how much a
+            rank that sends more than it receives pays (:func:`~.cost.inter_scale`). None: from
+            ``inter_duplex``. A calibration's probe sets it (``one_way_GBps``): the emulated links measure
+            in between (1.2 x the exchange's rate on the fast setting, 1.6 x on the default one).
         inter_collective_bw_GBps: the inter-node rate of an all-gather / reduce-scatter over the EP group,
             as (N - 1) s rows of inter-node bytes per rank per second (Megatron's ``allgather`` layer);
             None: ``inter_bw_GBps``. A calibration's probe sets it (``collective_GBps``).
@@ -51,6 +56,7 @@ class ClusterSpec:
     inter_duplex: str = "full"
     inter_collective_bw_GBps: float | None = None
     inter_flat_bw_GBps: float | None = None
+    inter_one_way_bw_GBps: float | None = None
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -65,7 +71,8 @@ class ClusterSpec:
         for f in ("intra_latency_us", "inter_latency_us"):
             if not getattr(self, f) >= 0:
                 raise ConfigError(f"{f}={getattr(self, f)!r}: must be >= 0 microseconds")
-        for f, key in (("inter_collective_bw_GBps", "collective_GBps"), ("inter_flat_bw_GBps", "flat_GBps")):
+        for f, key in (("inter_collective_bw_GBps", "collective_GBps"), ("inter_flat_bw_GBps", "flat_GBps"),
+                       ("inter_one_way_bw_GBps", "one_way_GBps")):
             if getattr(self, f) is not None and not getattr(self, f) > 0:
                 raise ConfigError(f"{f}={getattr(self, f)!r}: must be > 0 or None (a calibration's "
                                   f"inter_node.{key})")
@@ -73,6 +80,14 @@ class ClusterSpec:
             raise ConfigError(f"inter_duplex={self.inter_duplex!r}: use one of {DUPLEX} (--inter-duplex)")
         if not 0 < self.gemm_efficiency <= 1:
             raise ConfigError(f"gemm_efficiency={self.gemm_efficiency!r}: must be in (0, 1]")
+
+    @property
+    def inter_one_way_ratio(self) -> float:
+        """One direction's rate alone over a balanced exchange's per-direction rate, in [1, 2]: 1 for a
+        full-duplex link, 2 for one budget shared by both directions."""
+        if self.inter_one_way_bw_GBps is None:
+            return 1.0 if self.inter_duplex == "full" else 2.0
+        return min(2.0, max(1.0, self.inter_one_way_bw_GBps / self.inter_bw_GBps))
 
     @property
     def gemm_tflops(self) -> float:

@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--inter-duplex", choices=("full", "shared"), default=None,
                    help="full: NICs send and receive at full rate at once (default); shared: one budget for both "
                         "directions (socket links)")
+    c.add_argument("--inter-one-way-bw", type=float, default=None,
+                   help="GB/s one direction reaches while the other is idle, between --inter-bw (full duplex) and 2 x "
+                        "it (shared); overrides --inter-duplex (a calibration's probe gives it)")
     c.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak per GPU")
     c.add_argument("--gemm-efficiency", type=float, default=None, help="achieved share of the peak (default 0.6)")
     m = p.add_argument_group("model")
@@ -62,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _cluster(a, nodes: int) -> ClusterSpec:
     over = dict(gpus_per_node=a.gpus_per_node, intra_bw_GBps=a.intra_bw, intra_latency_us=a.intra_latency_us,
                 inter_bw_GBps=a.inter_bw, inter_latency_us=a.inter_latency_us, inter_duplex=a.inter_duplex,
-                peak_tflops=a.peak_tflops,
+                inter_one_way_bw_GBps=a.inter_one_way_bw, peak_tflops=a.peak_tflops,
                 gemm_efficiency=a.gemm_efficiency)
     if a.preset:
         return preset(a.preset, nodes, **over)

@@ -19,7 +19,8 @@ the rows of :mod:`.traffic` one way):
     ``1 - pair share``. What the overlap adds (the experts run once per origin node, one route per
     origin) is not charged, so the figure is the most the overlap can give.
 Bytes and GEMM rows of dropless systems scale by the routing's ``imbalance`` (the busiest rank); the
-cross-node bytes by its ``inter_imbalance`` where given, through :func:`inter_scale` (the link's duplex).
+cross-node bytes by its ``inter_imbalance`` where given, through :func:`inter_scale` (the link's duplex: what
+one direction reaches alone against both at once).
 ``fixed`` is the per-layer time that is neither GEMM nor payload (router, permutes, plan, host launches,
 kernel gaps): 0 unless a calibration measured it (:mod:`.calibration`).
 Step = layers x (MoE layer + attention block at the same GEMM rate). Left out: data-parallel gradient
@@ -77,16 +78,22 @@ def ep_nodes_of(cluster: ClusterSpec, model: ModelSpec) -> int:
     return n
 
 
-def inter_scale(u: float, duplex: str, ranks: int) -> float:
+def inter_scale(u: float, ranks: int, one_way_ratio: float = 1.0) -> float:
     """The busiest rank's cross-node time over a balanced rank's, when it sends ``u`` x the mean bytes.
 
-    ``"full"`` duplex: ``u`` (its sends decide). ``"shared"``: its link carries what it sends and what it
-    receives, (u + v) / 2, with v = (P - u) / (P - 1) the mean of the other P - 1 ranks' sends, which is
-    what it receives in expectation (dispatch rows it receives are combine rows it sends back, so both
-    directions carry u + v over a layer either way)."""
-    if duplex == "full" or ranks < 2:
+    Its link carries what it sends (``u``) and what it receives (``v = (P - u) / (P - 1)``, the other ranks'
+    mean send, in expectation; dispatch rows it receives are combine rows it sends back, so over a layer both
+    directions carry ``u + v`` either way). With ``b`` the balanced exchange's per-direction rate, one
+    direction alone reaches ``one_way_ratio x b`` (``r`` in [1, 2]) and both together ``2 b``, so the time
+    scales by ``max(u / r, (u + v) / 2)``: ``u`` on a full-duplex link (``r = 1``: IB / RoCE, the sends
+    decide), ``(u + v) / 2`` where both directions share one budget (``r = 2``: a socket link whose every byte
+    either way is a host copy), in between where the probe measured in between
+    (:attr:`~.cluster.ClusterSpec.inter_one_way_ratio`)."""
+    if ranks < 2:
         return u
-    return (u + max(0.0, ranks - u) / (ranks - 1)) / 2
+    r = min(2.0, max(1.0, one_way_ratio))
+    v = max(0.0, ranks - u) / (ranks - 1)
+    return max(u / r, (u + v) / 2)
 
 
 def _a2a_parts_ms(rows: Rows, model: ModelSpec, cl: ClusterSpec, scale: float, scale_inter: float,
@@ -150,10 +157,10 @@ def predict_layer(system: str, cluster: ClusterSpec, model: ModelSpec, routing: 
         scale = scale_inter = 1.0  # padded: every rank moves and computes full buffers whatever the imbalance
     elif system == "megatron_allgather":
         rows = allgather_rows(n, r, s)  # every rank moves the same rows; its experts still get u x the rows
-        scale, scale_inter = 1.0, inter_scale(1.0, cl.inter_duplex, n * r)
+        scale, scale_inter = 1.0, inter_scale(1.0, n * r, cl.inter_one_way_ratio)
     else:
         rows = expected_rows("hierarchical" if hier else "pairs", n, r, e, k, s, own, rem)
-        scale, scale_inter = u, inter_scale(routing.inter_scale, cl.inter_duplex, n * r)
+        scale, scale_inter = u, inter_scale(routing.inter_scale, n * r, cl.inter_one_way_ratio)
     gemm_scale = u if system == "megatron_allgather" else scale
     gemm = rows_gemm * gemm_scale * model.expert_flops_per_row / (tflops * 1e9)
     # where a calibration probed them: the allgather layer's collectives and the pairs all-to-alls (every
