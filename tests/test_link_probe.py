@@ -39,7 +39,8 @@ def test_summary_is_the_median_of_every_sample_and_duplex_follows_the_medians():
         link_summary([])
     # the model reads the median of the samples, not a top-level figure written beside them
     meta = {"inter_node_bw_GBps": 9.0, "inter_node_link": {**s, "bandwidth_GBps": 9.0}}
-    assert inter_link(meta) == {"bandwidth_GBps": 2.0, "latency_us": 70.0, "duplex": "full", "probe_samples": 3}
+    assert inter_link(meta) == {"bandwidth_GBps": 2.0, "latency_us": 70.0, "duplex": "full", "one_way_GBps": 3.0,
+                                "probe_samples": 3}
     # old runs: one figure, one probe
     assert inter_link({"inter_node_bw_GBps": 2.5})["probe_samples"] == 1
 
