@@ -34,8 +34,8 @@ class ClusterSpec:
         inter_one_way_bw_GBps: the rate one direction reaches while the other is idle, between
             ``inter_bw_GBps`` (full duplex) and twice it (one budget for both directions); it sets how much a
             rank that sends more than it receives pays (:func:`~.cost.inter_scale`). None: from
-            ``inter_duplex``. A calibration's probe sets it (``one_way_GBps``): the emulated links measure
-            in between (1.2 x the exchange's rate on the fast setting, 1.6 x on the default one).
+            ``inter_duplex``. A calibration's probe sets it (``one_way_GBps``); a socket link measures in
+            between (``docs/projection.md``).
         inter_collective_bw_GBps: the inter-node rate of an all-gather / reduce-scatter over the EP group,
             as (N - 1) s rows of inter-node bytes per rank per second (Megatron's ``allgather`` layer);
             None: ``inter_bw_GBps``. A calibration's probe sets it (``collective_GBps``).
