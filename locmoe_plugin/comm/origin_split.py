@@ -102,13 +102,13 @@ class OriginSplit:
         return RailBatch(self.steps, self.rail_hop.group, len(self.rail_hop.blocks), back=back)
 
     def start_step(self, i: int, rows: torch.Tensor, batch: RailBatch, meta: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, RailBatch]:
+                   ) -> torch.Tensor:
         """Give rail step ``i``'s ``rows`` to ``batch`` (its direction), with ``meta`` packed behind each row
-        where given (:mod:`.packed_rows`); ``-> (receive buffer, batch)``: the buffer is filled once the
-        batch's one collective, launched with its last step, completes (``batch.wait()``)."""
+        where given (:mod:`.packed_rows`); ``-> receive buffer``, filled once the batch's one collective,
+        launched with its last step, completes (``batch.wait()``)."""
         if meta is not None:
             rows = pack_rows(rows, meta)
-        return batch.add(i, rows), batch
+        return batch.add(i, rows)
 
     def send_index(self, i: int) -> torch.Tensor:
         """``[rows sent at step i]`` int64 token of each row this rank sends at step ``i``."""

@@ -36,15 +36,14 @@ from .origin_split import OriginSplit
 
 
 class InFlight:
-    """The rail steps in flight between two autograd steps: per step index, ``(receive buffer, batch)``
-    of the forward and the batch of the backward, each direction's steps moving in one collective
-    (:class:`.rail_steps.RailBatch`). One record per dispatch (and one per combine)."""
+    """The rail transfer in flight between two autograd steps: the forward's receive buffer per step
+    index, and each direction's batch (:class:`.rail_steps.RailBatch`: its steps move in one collective).
+    One record per dispatch (and one per combine)."""
 
-    __slots__ = ("forward", "backward", "forward_batch", "backward_batch")
+    __slots__ = ("forward", "forward_batch", "backward_batch")
 
     def __init__(self) -> None:
-        self.forward: dict[int, tuple] = {}
-        self.backward: dict[int, object] = {}
+        self.forward: dict[int, torch.Tensor] = {}
         self.forward_batch = self.backward_batch = None
 
     def batch(self, split: OriginSplit, backward: bool, back: bool):
@@ -56,15 +55,15 @@ class InFlight:
         return getattr(self, name)
 
     def wait_forward(self, i: int) -> torch.Tensor:
-        buf, work = self.forward.pop(i)
-        if work is not None:
-            work.wait()
+        """Step ``i``'s forward receive buffer, once the forward batch's collective completed."""
+        buf = self.forward.pop(i)
+        self.forward_batch.wait()
         return buf
 
-    def wait_backward(self, i: int) -> None:
-        work = self.backward.pop(i, None)
-        if work is not None:
-            work.wait()
+    def wait_backward(self) -> None:
+        """Wait for the backward batch's collective (idempotent; nothing if no step was given)."""
+        if self.backward_batch is not None:
+            self.backward_batch.wait()
 
 
 class _LaunchRail(torch.autograd.Function):
@@ -87,7 +86,7 @@ class _LaunchRail(torch.autograd.Function):
         split, flight = ctx.split, ctx.flight
         local_rows = split.local.reduce(grad_local_pairs.contiguous())
         for i in range(len(grad_links)):
-            flight.wait_backward(i)  # grad_links[i] is its receive buffer
+            flight.wait_backward()  # grad_links[i] is its receive buffer
         return split.sum_rail(local_rows, list(grad_links)), None, None
 
 
@@ -104,7 +103,7 @@ class _ArriveBlock(torch.autograd.Function):
     def backward(ctx, grad_pairs, grad_chain):
         split, flight, i = ctx.split, ctx.flight, ctx.i
         rail_rows = split.step_route(i).reduce(grad_pairs.contiguous())
-        buf, flight.backward[i] = split.start_step(i, rail_rows, flight.batch(split, True, back=True))
+        buf = split.start_step(i, rail_rows, flight.batch(split, True, back=True))
         return buf, grad_chain, None, None, None
 
 
@@ -118,7 +117,7 @@ class _ReduceBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_link, grad_chain):
-        ctx.flight.wait_backward(ctx.i)  # grad_link is its receive buffer
+        ctx.flight.wait_backward()  # grad_link is its receive buffer
         return ctx.split.step_route(ctx.i).broadcast(grad_link), grad_chain, None, None, None
 
 
@@ -135,7 +134,7 @@ class _FinishReduce(torch.autograd.Function):
         grad = grad.contiguous()
         bufs = []
         for i in range(len(split.steps)):
-            buf, flight.backward[i] = split.start_step(i, grad.index_select(0, split.send_index(i)),
+            buf = split.start_step(i, grad.index_select(0, split.send_index(i)),
                                                        flight.batch(split, True, back=False))
             bufs.append(buf)
         return (split.local.broadcast(grad), grad.new_zeros(0), None, None, *bufs)

@@ -88,6 +88,10 @@ class RailBatch:
     def __init__(self, steps: tuple[RailStep, ...], group, num_nodes: int, back: bool = False) -> None:
         self.steps, self.group, self.num_nodes, self.back = steps, group, num_nodes, back
         self.moves = any(st.moves for st in steps)
+        out_rows = [self._sizes(st)[:2] for st in steps]  # (rows, peer) each step receives
+        self._total = sum(n for n, _ in out_rows)
+        # each step's slice of the output, which all_to_all_single fills in peer (node) order
+        self._start = [sum(n for n, peer in out_rows if peer < p) for _, p in out_rows]
         self._rows: list[torch.Tensor | None] = [None] * len(steps)
         self._out: torch.Tensor | None = None
         self._work = None
@@ -99,13 +103,11 @@ class RailBatch:
                 else (st.recv_rows, st.recv_node, st.send_rows, st.send_node))
 
     def add(self, i: int, rows: torch.Tensor) -> torch.Tensor:
-        if self._out is None:  # the output in peer (node) order, as all_to_all_single receives it
-            total = sum(self._sizes(st)[0] for st in self.steps)
-            self._out = rows.new_empty((total,) + tuple(rows.shape[1:]))
+        if self._out is None:
+            self._out = rows.new_empty((self._total,) + tuple(rows.shape[1:]))
         self._rows[i] = rows
-        out_rows, out_peer = self._sizes(self.steps[i])[:2]
-        start = sum(self._sizes(st)[0] for st in self.steps if self._sizes(st)[1] < out_peer)
-        buf = self._out[start : start + out_rows]
+        start = self._start[i]
+        buf = self._out[start : start + self._sizes(self.steps[i])[0]]
         if all(r is not None for r in self._rows):
             self._launch()
         return buf
