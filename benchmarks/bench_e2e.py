@@ -2,7 +2,8 @@
 
 Every Megatron system is a megatron-core ``GPTModel`` (local layer spec, RoPE, causal attention through
 torch's ``scaled_dot_product_attention`` unless ``--attention local``) wrapped in Megatron's
-``DistributedDataParallel`` (overlapped, bucketed gradient reduction, fp32 gradient buffers) and trained
+``DistributedDataParallel`` (overlapped, bucketed gradient reduction; fp32 gradient buffers as Megatron-LM
+keeps them in bf16 training, or bf16 ones with ``--grad-reduce bf16``, Megatron-LM's ``--grad-reduce-in-bf16``) and trained
 by ``megatron.core.optimizer.get_megatron_optimizer`` (Adam, bf16 with fp32 main weights, gradient
 clipping 1.0); each step ends with ``finalize_model_grads``, as Megatron-LM's training loop does.
 Data parallelism = expert parallelism = all ranks (TP = PP = 1). Systems:
@@ -78,6 +79,8 @@ MEGATRON_SYSTEMS = {
 }
 SYSTEMS = (*MEGATRON_SYSTEMS, "deepspeed_moe")
 PHASES = ("attention", "router", "dispatch", "experts", "combine")
+#: --grad-reduce dtype -> suffix of the result's variant name (fp32, Megatron-LM's bf16 default, has none)
+GRAD_REDUCE = {"fp32": "", "bf16": "+bf16grad"}
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -108,6 +111,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus", default=None, help="text file or folder (default: the demo corpus)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per CPU rank")
+    p.add_argument("--grad-reduce", default="fp32",
+                   help="dtype of the Megatron systems' gradient buffers and their data-parallel reduction: fp32 "
+                        "(Megatron-LM's bf16 default), bf16 (its --grad-reduce-in-bf16: half the bytes on the "
+                        "link), or a comma-separated list to run every system once per dtype in one launch")
     a = p.parse_args(argv)
     a.systems = [s.strip() for s in a.systems.split(",") if s.strip()]
     for s in a.systems:
@@ -115,6 +122,14 @@ def parse(argv=None) -> argparse.Namespace:
             p.error(f"--systems: unknown system {s!r}; choose from {', '.join(SYSTEMS)}")
     if "deepspeed_moe" in a.systems and len(a.systems) > 1:
         p.error("--systems: deepspeed_moe sets up its own process groups; run it in a launch of its own")
+    a.grad_reduce = [g.strip() for g in a.grad_reduce.split(",") if g.strip()]
+    if not a.grad_reduce or any(g not in GRAD_REDUCE for g in a.grad_reduce) or len(set(a.grad_reduce)) < len(a.grad_reduce):
+        p.error(f"--grad-reduce: give distinct dtypes from {', '.join(GRAD_REDUCE)}, comma-separated")
+    if "bf16" in a.grad_reduce and a.dtype != "bf16":
+        p.error("--grad-reduce bf16 reduces bf16 gradients; it needs --dtype bf16")
+    if "deepspeed_moe" in a.systems and a.grad_reduce != ["fp32"]:
+        p.error("--grad-reduce applies to the Megatron systems; deepspeed_moe keeps DeepSpeed's own reduction "
+                "(leave --grad-reduce at fp32 for it)")
     if not 1 <= a.measure < a.steps:
         p.error(f"--measure {a.measure} must be >= 1 and below --steps {a.steps} (the first steps warm up)")
     return a
@@ -150,7 +165,7 @@ class MegatronE2E:
     """GPTModel + Megatron DDP (overlapped grad reduce) + Megatron optimizer; ``loss`` / ``step`` as the
     demo's training loop expects."""
 
-    def __init__(self, name: str, opts, accel, dev):
+    def __init__(self, name: str, opts, accel, dev, grad_reduce: str = "fp32"):
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.models.gpt import GPTModel
@@ -190,7 +205,8 @@ class MegatronE2E:
             from megatron.core.transformer.module import Float16Module
 
             model = Float16Module(cfg, model)
-        ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=True, grad_reduce_in_fp32=True,
+        ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=True,
+                                                   grad_reduce_in_fp32=grad_reduce == "fp32",
                                                    use_distributed_optimizer=False)
         self.model = DistributedDataParallel(cfg, ddp_config, model)
         self.optimizer = get_megatron_optimizer(
@@ -208,6 +224,10 @@ class MegatronE2E:
 
     def train(self, mode: bool) -> None:
         self.model.train(mode)
+
+    def grad_buffer_dtypes(self) -> list[str]:
+        """dtypes of the data-parallel (dense) gradient buffers, as DDP allocated them."""
+        return sorted({str(b.grad_dtype).removeprefix("torch.") for b in self.model.buffers})
 
     def loss(self, tokens, labels):
         pos = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
@@ -467,11 +487,13 @@ def main(argv=None) -> int:
                          f"{opts.gpus_per_node} and divide --num-experts {opts.num_experts}; --num-heads must "
                          f"divide --hidden-size")
     layout = layout_name(world // opts.gpus_per_node, opts.gpus_per_node)
-    todo = [s for s in opts.systems if not os.path.exists(json_path(opts, layout, s))]
+    variants = [(s, g, s + GRAD_REDUCE[g]) for s in opts.systems for g in opts.grad_reduce]
+    todo = [v for v in variants if not os.path.exists(json_path(opts, layout, v[2]))]
     if int(os.environ.get("RANK", 0)) == 0:
-        for s in opts.systems:
-            if s not in todo:
-                print(f"bench_e2e: {s} on {layout}: {json_path(opts, layout, s)} exists, skipped", flush=True)
+        for _, _, variant in variants:
+            if all(variant != v for _, _, v in todo):
+                print(f"bench_e2e: {variant} on {layout}: {json_path(opts, layout, variant)} exists, skipped",
+                      flush=True)
     if not todo:
         return 0
     os.makedirs(opts.out, exist_ok=True)
@@ -481,7 +503,7 @@ def main(argv=None) -> int:
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     accel, dev = _setup(opts)
     corpus = load_corpus(opts.corpus, seed=opts.seed)
-    deepspeed = todo == ["deepspeed_moe"]
+    deepspeed = opts.systems == ["deepspeed_moe"]
     if deepspeed:
         from locmoe_plugin.testing.deepspeed_init import init_deepspeed_distributed
 
@@ -504,20 +526,22 @@ def main(argv=None) -> int:
 
                 install()
             ps.initialize_model_parallel(expert_model_parallel_size=world)
-        for name in todo:
+        for name, grad_reduce, variant in todo:
             torch.manual_seed(opts.seed)
             if deepspeed:
                 system = DeepSpeedE2E(opts, dev)
             else:
                 model_parallel_cuda_manual_seed(opts.seed)
-                system = MegatronE2E(name, opts, accel, dev)
+                system = MegatronE2E(name, opts, accel, dev, grad_reduce)
             result = run_system(name, system, opts, accel, dev, corpus, bandwidth)
+            result.update(variant=variant, grad_reduce="deepspeed" if deepspeed else grad_reduce,
+                          grad_buffer_dtypes=None if deepspeed else system.grad_buffer_dtypes())
             del system
             if dist.get_rank() == 0:
                 result.update(commit=os.environ.get("LOCMOE_COMMIT", "unknown"),
                               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                               device=_device_name(accel), corpus=corpus.source)
-                path = json_path(opts, layout, name)
+                path = json_path(opts, layout, variant)
                 with open(path + ".tmp", "w") as f:
                     json.dump(result, f, indent=1)
                 os.replace(path + ".tmp", path)  # a run cut short leaves no half-written result
@@ -538,7 +562,7 @@ def _device_name(accel) -> str:
 
 def summary_line(r: dict) -> str:
     t = r["tokens_per_s"]
-    return (f"{r['layout']:<10} {r['system']:<19} {t['median'] / 1e3:8.1f} k tok/s (min {t['min'] / 1e3:.1f}, max "
+    return (f"{r['layout']:<10} {r.get('variant', r['system']):<19} {t['median'] / 1e3:8.1f} k tok/s (min {t['min'] / 1e3:.1f}, max "
             f"{t['max'] / 1e3:.1f})  val {r['val_loss']:.3f}  cross-node {r['cross_node_share']:.3f}  "
             f"link wait {r['breakdown_ms']['inter_node_wait_share'] * 100:.0f} %")
 

@@ -2,8 +2,10 @@
 
   python3 benchmarks/e2e_report.py OUT [--png OUT/e2e.png]
 
-Columns: median tokens/s of the measured steps with their min-max; "x alltoall" = the ratio to
-mcore_alltoall's median on the same layout; "scaling" = the ratio to the same system's median on one node
+One row per variant: the system, suffixed ``+bf16grad`` where its gradients were reduced in bf16
+(``bench_e2e.py --grad-reduce``). Columns: median tokens/s of the measured steps with their min-max; "x a2a" =
+the ratio to mcore_alltoall's median on the same layout with the same gradient reduction; "scaling" = the
+ratio to the same variant's median on one node
 (layout ``1x<ranks>``; scaling efficiency); validation loss after the same tokens; cross-node share of
 routed pairs; inter-node MiB per step and rank; peak memory; the share of the profiling step spent waiting
 on the inter-node link; the profiling step's forward + backward milliseconds per phase (attention A,
@@ -21,10 +23,17 @@ PHASES = (("A", "attention"), ("R", "router"), ("D", "dispatch"), ("E", "experts
 SYSTEM_ORDER = ("mcore_alltoall", "mcore_grouplimited", "deepspeed_moe", "locmoe_topk", "locmoe", "locmoe_plus")
 
 
+def variant(r: dict) -> str:
+    """The system's name, suffixed where its gradient reduction differs from the default (older results
+    carry no variant)."""
+    return r.get("variant", r["system"])
+
+
 def load(folder: str) -> list[dict]:
     rows = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(folder, "e2e_*.json")))]
     order = {s: i for i, s in enumerate(SYSTEM_ORDER)}
-    return sorted(rows, key=lambda r: (r["nodes"], r["layout"], order.get(r["system"], 99)))
+    return sorted(rows, key=lambda r: (r["nodes"], r["layout"], r.get("grad_reduce", "fp32") != "fp32",
+                                       order.get(r["system"], 99), variant(r)))
 
 
 def phase_ms(r: dict, phase: str) -> float:
@@ -33,22 +42,22 @@ def phase_ms(r: dict, phase: str) -> float:
 
 
 def table(rows: list[dict]) -> str:
-    by = {(r["layout"], r["system"]): r for r in rows}
-    one_node = {r["system"]: r for r in rows if r["nodes"] == 1}
-    head = (f"{'layout':<10} {'system':<19} {'k tok/s':>8} {'min-max':>11} {'x a2a':>6} {'scaling':>7} {'val':>6} "
+    by = {(r["layout"], variant(r)): r for r in rows}
+    one_node = {variant(r): r for r in rows if r["nodes"] == 1}
+    head = (f"{'layout':<10} {'system':<22} {'k tok/s':>8} {'min-max':>11} {'x a2a':>6} {'scaling':>7} {'val':>6} "
             f"{'cross':>6} {'inter MiB':>9} {'peak GiB':>8} {'link':>5}  "
             + " ".join(f"{k:>6}" for k, _ in PHASES) + f" {'G':>6} {'O':>6} {'step':>7}")
     lines = [head]
     for r in rows:
         t = r["tokens_per_s"]
-        base = by.get((r["layout"], "mcore_alltoall"))
+        base = by.get((r["layout"], "mcore_alltoall" + variant(r).removeprefix(r["system"])))
         ratio = f"{t['median'] / base['tokens_per_s']['median']:.2f}" if base else "-"
-        own = one_node.get(r["system"])
+        own = one_node.get(variant(r))
         scaling = f"{t['median'] / own['tokens_per_s']['median'] * 100:.0f} %" if own and r["nodes"] > 1 else "-"
         peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
         b = r["breakdown_ms"]
         lines.append(
-            f"{r['layout']:<10} {r['system']:<19} {t['median'] / 1e3:8.1f} {t['min'] / 1e3:5.1f}-{t['max'] / 1e3:<5.1f} "
+            f"{r['layout']:<10} {variant(r):<22} {t['median'] / 1e3:8.1f} {t['min'] / 1e3:5.1f}-{t['max'] / 1e3:<5.1f} "
             f"{ratio:>6} {scaling:>7} {r['val_loss']:6.3f} {r['cross_node_share']:6.3f} "
             f"{r['inter_node_bytes_per_step'] / r['world'] / 2**20:9.1f} {peak:>8} "
             f"{b['inter_node_wait_share'] * 100:4.0f}%  "
@@ -80,8 +89,8 @@ def plot(rows: list[dict], path: str) -> str | None:
     except ImportError:
         return None
     layouts = list(dict.fromkeys(r["layout"] for r in rows))
-    systems = list(dict.fromkeys(r["system"] for r in rows))
-    by = {(r["layout"], r["system"]): r for r in rows}
+    systems = list(dict.fromkeys(variant(r) for r in rows))
+    by = {(r["layout"], variant(r)): r for r in rows}
     fig, ax = plt.subplots(1, 2, figsize=(15, 4.8))
     width = 0.8 / max(len(systems), 1)
     for i, s in enumerate(systems):
@@ -101,7 +110,7 @@ def plot(rows: list[dict], path: str) -> str | None:
     labels, bottoms = [], []
     parts = [p for _, p in PHASES] + ["grad_sync", "optimizer", "other"]
     for r in rows:
-        labels.append(f"{r['layout']}\n{r['system']}")
+        labels.append(f"{r['layout']}\n{variant(r)}")
         b = r["breakdown_ms"]
         vals = [phase_ms(r, p) for _, p in PHASES] + [b["grad_sync"], b["optimizer"]]
         vals.append(max(0.0, b["total"] - sum(vals)))

@@ -37,6 +37,10 @@ def _check(r, system):
     assert 0 < phases <= b["total"] and b["optimizer"] > 0
     assert b["forward"]["attention"] > 0 and b["forward"]["experts"] > 0 and b["backward"]["experts"] > 0
     assert 0 < b["inter_node_wait_share"] < 1
+    if system == "deepspeed_moe":
+        assert r["grad_reduce"] == "deepspeed" and r["grad_buffer_dtypes"] is None
+    else:  # the default reduction: fp32 buffers as DDP allocated them
+        assert r["variant"] == system and r["grad_reduce"] == "fp32" and r["grad_buffer_dtypes"] == ["float32"]
 
 
 @pytest.mark.multiproc
@@ -76,7 +80,39 @@ def test_bench_e2e_deepspeed(tmp_path):
 
 def test_bench_e2e_rejects_mixed_launch_and_bad_measure():
     for extra in (["--systems", "mcore_alltoall,deepspeed_moe"], ["--steps", "4", "--measure", "4"],
-                  ["--systems", "megatron"]):
+                  ["--systems", "megatron"], ["--grad-reduce", "bf16", "--dtype", "fp32"], ["--grad-reduce", "fp16"],
+                  ["--grad-reduce", "fp32,fp32"], ["--systems", "deepspeed_moe", "--grad-reduce", "fp32,bf16"]):
         r = subprocess.run([sys.executable, "benchmarks/bench_e2e.py", "--out", "/nonexistent", *extra], cwd=ROOT,
                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
         assert r.returncode == 2 and "error:" in r.stderr
+
+
+def _row(system, grad, layout, k_tokens):
+    """A result as bench_e2e.py writes it, with only what the report reads."""
+    nodes = 1 if layout == "1x4" else 2
+    phases = {p: 1.0 for p in ("attention", "router", "dispatch", "experts", "combine")}
+    return {"system": system, "variant": system + ("+bf16grad" if grad == "bf16" else ""), "grad_reduce": grad,
+            "layout": layout, "nodes": nodes, "world": 4, "tokens_per_s": {"median": k_tokens * 1e3,
+            "min": k_tokens * 1e3, "max": k_tokens * 1e3}, "val_loss": 3.0, "cross_node_share": 0.2,
+            "inter_node_bytes_per_step": 0.0, "peak_memory_gib": None, "measured_steps": 2, "steps": 5,
+            "tokens_per_step": 256, "bandwidth": {"inter_node_gbps": 1.0, "intra_node_gbps": 2.0},
+            "breakdown_ms": {"forward": phases, "backward": phases, "grad_sync": 0.0, "optimizer": 0.0,
+                             "total": 10.0, "inter_node_wait_share": 0.5}}
+
+
+def test_e2e_report_compares_like_gradient_reductions():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import e2e_report
+
+    rows = [_row("mcore_alltoall", "fp32", "1x4", 100), _row("locmoe", "fp32", "1x4", 120),
+            _row("mcore_alltoall", "bf16", "1x4", 110), _row("locmoe", "bf16", "1x4", 150),
+            _row("mcore_alltoall", "fp32", "2x2_fast", 20), _row("locmoe", "fp32", "2x2_fast", 48),
+            _row("mcore_alltoall", "bf16", "2x2_fast", 25), _row("locmoe", "bf16", "2x2_fast", 75)]
+    lines = {tuple(line.split()[:2]): line.split() for line in e2e_report.table(rows).splitlines()}
+    # x a2a against the alltoall run with the same reduction; scaling against the same variant's one node
+    assert lines[("2x2_fast", "locmoe")][4:6] == ["2.40", "40"]
+    assert lines[("2x2_fast", "locmoe+bf16grad")][4:6] == ["3.00", "50"]
+    assert lines[("1x4", "locmoe+bf16grad")][4] == "1.36"
+    # older results without a variant read as the default reduction
+    old = {k: v for k, v in _row("locmoe", "fp32", "1x4", 120).items() if k not in ("variant", "grad_reduce")}
+    assert e2e_report.variant(old) == "locmoe"
