@@ -114,7 +114,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-reduce", default="fp32",
                    help="dtype of the Megatron systems' gradient buffers and their data-parallel reduction: fp32 "
                         "(Megatron-LM's bf16 default), bf16 (its --grad-reduce-in-bf16: half the bytes on the "
-                        "link), or a comma-separated list to run every system once per dtype in one launch")
+                        "link), or a comma-separated list to run every system once per dtype in one launch; "
+                        "deepspeed_moe runs once, reducing as DeepSpeed's engine does")
     a = p.parse_args(argv)
     a.systems = [s.strip() for s in a.systems.split(",") if s.strip()]
     for s in a.systems:
@@ -127,9 +128,6 @@ def parse(argv=None) -> argparse.Namespace:
         p.error(f"--grad-reduce: give distinct dtypes from {', '.join(GRAD_REDUCE)}, comma-separated")
     if "bf16" in a.grad_reduce and a.dtype != "bf16":
         p.error("--grad-reduce bf16 reduces bf16 gradients; it needs --dtype bf16")
-    if "deepspeed_moe" in a.systems and a.grad_reduce != ["fp32"]:
-        p.error("--grad-reduce applies to the Megatron systems; deepspeed_moe keeps DeepSpeed's own reduction "
-                "(leave --grad-reduce at fp32 for it)")
     if not 1 <= a.measure < a.steps:
         p.error(f"--measure {a.measure} must be >= 1 and below --steps {a.steps} (the first steps warm up)")
     return a
@@ -487,7 +485,10 @@ def main(argv=None) -> int:
                          f"{opts.gpus_per_node} and divide --num-experts {opts.num_experts}; --num-heads must "
                          f"divide --hidden-size")
     layout = layout_name(world // opts.gpus_per_node, opts.gpus_per_node)
-    variants = [(s, g, s + GRAD_REDUCE[g]) for s in opts.systems for g in opts.grad_reduce]
+    if opts.systems == ["deepspeed_moe"]:  # DeepSpeed reduces as its engine does: one run, whatever --grad-reduce
+        variants = [("deepspeed_moe", "deepspeed", "deepspeed_moe")]
+    else:
+        variants = [(s, g, s + GRAD_REDUCE[g]) for s in opts.systems for g in opts.grad_reduce]
     todo = [v for v in variants if not os.path.exists(json_path(opts, layout, v[2]))]
     if int(os.environ.get("RANK", 0)) == 0:
         for _, _, variant in variants:
@@ -526,7 +527,7 @@ def main(argv=None) -> int:
 
                 install()
             ps.initialize_model_parallel(expert_model_parallel_size=world)
-        for name, grad_reduce, variant in todo:
+        for name, grad_reduce, variant in todo:  # grad_reduce: "deepspeed" for deepspeed_moe
             torch.manual_seed(opts.seed)
             if deepspeed:
                 system = DeepSpeedE2E(opts, dev)
@@ -534,7 +535,7 @@ def main(argv=None) -> int:
                 model_parallel_cuda_manual_seed(opts.seed)
                 system = MegatronE2E(name, opts, accel, dev, grad_reduce)
             result = run_system(name, system, opts, accel, dev, corpus, bandwidth)
-            result.update(variant=variant, grad_reduce="deepspeed" if deepspeed else grad_reduce,
+            result.update(variant=variant, grad_reduce=grad_reduce,
                           grad_buffer_dtypes=None if deepspeed else system.grad_buffer_dtypes())
             del system
             if dist.get_rank() == 0:
