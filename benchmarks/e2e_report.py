@@ -32,8 +32,8 @@ def variant(r: dict) -> str:
 def load(folder: str) -> list[dict]:
     rows = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(folder, "e2e_*.json")))]
     order = {s: i for i, s in enumerate(SYSTEM_ORDER)}
-    return sorted(rows, key=lambda r: (r["nodes"], r["layout"], r.get("grad_reduce", "fp32") != "fp32",
-                                       order.get(r["system"], 99), variant(r)))
+    return sorted(rows, key=lambda r: (r["nodes"], r["layout"], variant(r).removeprefix(r["system"]),
+                                       order.get(r["system"], 99)))
 
 
 def phase_ms(r: dict, phase: str) -> float:

@@ -100,7 +100,7 @@ def _row(system, grad, layout, k_tokens):
                              "total": 10.0, "inter_node_wait_share": 0.5}}
 
 
-def test_e2e_report_compares_like_gradient_reductions():
+def test_e2e_report_compares_like_gradient_reductions(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import e2e_report
 
@@ -113,6 +113,13 @@ def test_e2e_report_compares_like_gradient_reductions():
     assert lines[("2x2_fast", "locmoe")][4:6] == ["2.40", "40"]
     assert lines[("2x2_fast", "locmoe+bf16grad")][4:6] == ["3.00", "50"]
     assert lines[("1x4", "locmoe+bf16grad")][4] == "1.36"
+    # load() orders a layout's default-reduction rows (DeepSpeed's own included) before the bf16 ones
+    ds = {**_row("deepspeed_moe", "fp32", "1x4", 90), "variant": "deepspeed_moe", "grad_reduce": "deepspeed"}
+    for i, r in enumerate([*reversed(rows), ds]):
+        (tmp_path / f"e2e_{i}.json").write_text(json.dumps(r))
+    assert [(r["layout"], e2e_report.variant(r)) for r in e2e_report.load(str(tmp_path))][:5] == [
+        ("1x4", "mcore_alltoall"), ("1x4", "deepspeed_moe"), ("1x4", "locmoe"), ("1x4", "mcore_alltoall+bf16grad"),
+        ("1x4", "locmoe+bf16grad")]
     # older results without a variant read as the default reduction
     old = {k: v for k, v in _row("locmoe", "fp32", "1x4", 120).items() if k not in ("variant", "grad_reduce")}
     assert e2e_report.variant(old) == "locmoe"
