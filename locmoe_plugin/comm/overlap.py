@@ -85,8 +85,7 @@ class _LaunchRail(torch.autograd.Function):
     def backward(ctx, grad_local_pairs, grad_chain, *grad_links):
         split, flight = ctx.split, ctx.flight
         local_rows = split.local.reduce(grad_local_pairs.contiguous())
-        for i in range(len(grad_links)):
-            flight.wait_backward()  # grad_links[i] is its receive buffer
+        flight.wait_backward()  # every grad_links[i] is a slice of the backward batch's one receive buffer
         return split.sum_rail(local_rows, list(grad_links)), None, None
 
 
@@ -134,9 +133,8 @@ class _FinishReduce(torch.autograd.Function):
         grad = grad.contiguous()
         bufs = []
         for i in range(len(split.steps)):
-            buf = split.start_step(i, grad.index_select(0, split.send_index(i)),
-                                                       flight.batch(split, True, back=False))
-            bufs.append(buf)
+            bufs.append(split.start_step(i, grad.index_select(0, split.send_index(i)),
+                                         flight.batch(split, True, back=False)))
         return (split.local.broadcast(grad), grad.new_zeros(0), None, None, *bufs)
 
 

@@ -91,7 +91,8 @@ class RailBatch:
         out_rows = [self._sizes(st)[:2] for st in steps]  # (rows, peer) each step receives
         self._total = sum(n for n, _ in out_rows)
         # each step's slice of the output, which all_to_all_single fills in peer (node) order
-        self._start = [sum(n for n, peer in out_rows if peer < p) for _, p in out_rows]
+        starts = [sum(m for m, peer in out_rows if peer < p) for _, p in out_rows]
+        self._slice = [slice(start, start + n) for start, (n, _) in zip(starts, out_rows)]
         self._rows: list[torch.Tensor | None] = [None] * len(steps)
         self._out: torch.Tensor | None = None
         self._work = None
@@ -106,8 +107,7 @@ class RailBatch:
         if self._out is None:
             self._out = rows.new_empty((self._total,) + tuple(rows.shape[1:]))
         self._rows[i] = rows
-        start = self._start[i]
-        buf = self._out[start : start + self._sizes(self.steps[i])[0]]
+        buf = self._out[self._slice[i]]
         if all(r is not None for r in self._rows):
             self._launch()
         return buf
