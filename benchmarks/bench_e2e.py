@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import logging
 import os
@@ -53,6 +54,7 @@ import statistics
 import sys
 import time
 import warnings
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -335,6 +337,20 @@ def _peak_memory_gib(accel, dev) -> float | None:
     return _all_max([accel.module.max_memory_allocated() / 2**30], dev)[0]
 
 
+def _release(model_alive: weakref.ref, accel) -> bool:
+    """Free the finished system before the next one is built (its model, gradient buffers and optimizer
+    state would otherwise count in the next system's peak memory: DDP's and autograd's hooks hold them in
+    reference cycles that only the cycle collector frees). True where the model is gone."""
+    gc.collect()
+    if not accel.is_cpu:
+        accel.module.empty_cache()
+    released = model_alive() is None
+    if not released and dist.get_rank() == 0:
+        print("bench_e2e: the finished system's model is still referenced; the next system's peak memory "
+              "includes it", flush=True)
+    return released
+
+
 def _lr(step: int, opts) -> float:
     warm = max(1, opts.steps // 10)
     return opts.lr * min(1.0, (step + 1) / warm)
@@ -534,10 +550,12 @@ def main(argv=None) -> int:
             else:
                 model_parallel_cuda_manual_seed(opts.seed)
                 system = MegatronE2E(name, opts, accel, dev, grad_reduce)
+            model_alive = weakref.ref(system.engine if deepspeed else system.model)
             result = run_system(name, system, opts, accel, dev, corpus, bandwidth)
             result.update(variant=variant, grad_reduce=grad_reduce,
                           grad_buffer_dtypes=None if deepspeed else system.grad_buffer_dtypes())
             del system
+            result["released"] = _release(model_alive, accel)
             if dist.get_rank() == 0:
                 result.update(commit=os.environ.get("LOCMOE_COMMIT", "unknown"),
                               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
