@@ -395,13 +395,14 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
     nodes = world // gpn
     node_of = lambda r: r // gpn  # noqa: E731 - EP group = world, ranks in node order
     node_of_expert = torch.arange(opts.num_experts) // (opts.num_experts // world) // gpn
-    monitor = RoutingMonitor(system.routers, system.routing_map, node_of_expert, node_of(rank), opts.topk)
+    monitor = RoutingMonitor(system.routers, system.routing_map, node_of_expert, node_of(rank), opts.topk,
+                             ranks=world)
     gen = torch.Generator().manual_seed(opts.seed * 1000 + rank)
     val_gen = torch.Generator().manual_seed(opts.seed * 1000 + 500 + rank)
     tokens_per_step = world * opts.micro_batch * opts.seq_len
     measure_from = opts.steps - opts.measure
     wire = WireCounter(node_of)
-    step_s, losses, cross, dropped = [], [], [], 0
+    step_s, losses, cross, dropped, expert_load, rank_load = [], [], [], 0, [], []
     _peak_memory_reset(accel)
     system.train(True)
     t_run = time.perf_counter()
@@ -429,6 +430,8 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
             losses.append(loss.detach().float())
             cross.append(routing["cross_node_share"])
             dropped += routing["dropped_pairs"]
+            expert_load.append(routing["max_over_mean_load"])
+            rank_load.append(routing["rank_max_over_mean_load"])
         if rank == 0 and (step + 1) % max(1, opts.steps // 8) == 0:
             print(f"  [{name}] step {step + 1}/{opts.steps}  loss {float(loss):.3f}  cross-node "
                   f"{routing['cross_node_share']:.3f}  {dt * 1e3:.0f} ms  ({time.perf_counter() - t_run:.0f} s)",
@@ -441,6 +444,7 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
     dist.all_reduce(train_loss)
     totals = torch.tensor([wire.inter_bytes, wire.intra_bytes], dtype=torch.float64, device=dev)
     dist.all_reduce(totals)
+    inter_max = _all_max([float(wire.inter_bytes)], dev)[0]  # the rank that sends most across nodes
 
     tokens, labels = (t.to(dev) for t in sample_batch(corpus.train, opts.micro_batch, opts.seq_len, gen))
     breakdown = profile_step(system, tokens, labels, nodes, node_of, accel)
@@ -465,6 +469,9 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
         "inter_node_bytes_per_step": float(totals[0]) / opts.measure,
         "intra_node_bytes_per_step": float(totals[1]) / opts.measure,
         "cross_node_share": statistics.mean(cross),
+        "inter_node_bytes_rank_max_over_mean": inter_max * world / float(totals[0]) if float(totals[0]) > 0 else None,
+        "expert_load_max_over_mean": statistics.mean(expert_load),
+        "rank_load_max_over_mean": statistics.mean(rank_load),
         "dropped_pairs_measured": dropped,
         "train_loss_measured": float(train_loss) / world,
         "val_loss": float(val_loss) / world,

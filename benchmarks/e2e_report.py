@@ -7,7 +7,8 @@ One row per variant: the system, suffixed ``+bf16grad`` where its gradients were
 the ratio to mcore_alltoall's median on the same layout with the same gradient reduction; "scaling" = the
 ratio to the same variant's median on one node
 (layout ``1x<ranks>``; scaling efficiency); validation loss after the same tokens; cross-node share of
-routed pairs; inter-node MiB per step and rank; peak memory; the share of the profiling step spent waiting
+routed pairs; inter-node MiB per step and rank; "rows u" = the busiest rank's routed rows over the mean rank's
+(mean over layers and measured steps), "x u" = the busiest rank's inter-node bytes over the mean rank's; peak memory; the share of the profiling step spent waiting
 on the inter-node link; the profiling step's forward + backward milliseconds per phase (attention A,
 router R, dispatch D, experts E, combine C), grad sync G and optimizer O.
 """
@@ -41,11 +42,17 @@ def phase_ms(r: dict, phase: str) -> float:
     return b["forward"].get(phase, 0.0) + b["backward"].get(phase, 0.0)
 
 
+def _ratio(r: dict, key: str) -> str:
+    """A busiest-rank-over-mean figure, "-" where the run did not record it (older results, one node's bytes)."""
+    v = r.get(key)
+    return "-" if v is None else f"{v:.2f}"
+
+
 def table(rows: list[dict]) -> str:
     by = {(r["layout"], variant(r)): r for r in rows}
     one_node = {variant(r): r for r in rows if r["nodes"] == 1}
     head = (f"{'layout':<10} {'system':<22} {'k tok/s':>8} {'min-max':>11} {'x a2a':>6} {'scaling':>7} {'val':>6} "
-            f"{'cross':>6} {'inter MiB':>9} {'peak GiB':>8} {'link':>5}  "
+            f"{'cross':>6} {'inter MiB':>9} {'rows u':>6} {'x u':>5} {'peak GiB':>8} {'link':>5}  "
             + " ".join(f"{k:>6}" for k, _ in PHASES) + f" {'G':>6} {'O':>6} {'step':>7}")
     lines = [head]
     for r in rows:
@@ -59,7 +66,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"{r['layout']:<10} {variant(r):<22} {t['median'] / 1e3:8.1f} {t['min'] / 1e3:5.1f}-{t['max'] / 1e3:<5.1f} "
             f"{ratio:>6} {scaling:>7} {r['val_loss']:6.3f} {r['cross_node_share']:6.3f} "
-            f"{r['inter_node_bytes_per_step'] / r['world'] / 2**20:9.1f} {peak:>8} "
+            f"{r['inter_node_bytes_per_step'] / r['world'] / 2**20:9.1f} {_ratio(r, 'rank_load_max_over_mean'):>6} "
+            f"{_ratio(r, 'inter_node_bytes_rank_max_over_mean'):>5} {peak:>8} "
             f"{b['inter_node_wait_share'] * 100:4.0f}%  "
             + " ".join(f"{phase_ms(r, p):6.1f}" for _, p in PHASES)
             + f" {b['grad_sync']:6.1f} {b['optimizer']:6.1f} {b['total']:7.1f}")

@@ -38,6 +38,9 @@ def _check(r, system):
     assert b["forward"]["attention"] > 0 and b["forward"]["experts"] > 0 and b["backward"]["experts"] > 0
     assert 0 < b["inter_node_wait_share"] < 1
     assert r["released"] is True  # freed before the next system, so it is not in that one's peak memory
+    # busiest over mean: at least 1, at most every row / byte on one of the 4 ranks
+    assert 1.0 <= r["rank_load_max_over_mean"] <= 4.0 and r["expert_load_max_over_mean"] >= 1.0
+    assert 1.0 - 1e-9 <= r["inter_node_bytes_rank_max_over_mean"] <= 4.0
     if system == "deepspeed_moe":
         assert r["grad_reduce"] == "deepspeed" and r["grad_buffer_dtypes"] is None
     else:  # the default reduction: fp32 buffers as DDP allocated them

@@ -21,9 +21,12 @@ from ..megatron.router import routing_hook_targets  # imports no Megatron module
 
 class RoutingMonitor:
     """Counts routing per step over all ranks. ``node_of_expert[e]`` is expert e's node; ``my_node`` the
-    node of this rank's tokens."""
+    node of this rank's tokens; ``ranks``: the expert-parallel ranks, holding contiguous equal blocks of
+    experts (for the busiest rank's rows)."""
 
-    def __init__(self, routers, routing_map, node_of_expert: torch.Tensor, my_node: int, topk: int, group=None):
+    def __init__(self, routers, routing_map, node_of_expert: torch.Tensor, my_node: int, topk: int, group=None,
+                 ranks: int = 1):
+        self.ranks = ranks
         self.num_layers = len(routers)
         self.routing_map = routing_map
         self.remote = node_of_expert != my_node
@@ -54,7 +57,8 @@ class RoutingMonitor:
 
     def end_step(self, device) -> dict:
         """All-reduce this step's counts (one transfer to the host); returns global cross-node share,
-        max/mean expert load (mean over layers), dropped pairs and tokens per expert summed over layers."""
+        max/mean expert load and the busiest rank's rows over the mean rank's (each a mean over layers),
+        dropped pairs and tokens per expert summed over layers."""
         counts = self._step.to(device)
         if dist.is_initialized():
             dist.all_reduce(counts, group=self.group)
@@ -62,9 +66,12 @@ class RoutingMonitor:
         self._step = None
         load = counts[:, :-2]
         routed = load.sum().clamp_min(1)
+        e = load.shape[1]
+        per_rank = load.reshape(load.shape[0], self.ranks, e // self.ranks).sum(2) if e % self.ranks == 0 else load
         return {
             "cross_node_share": float(counts[:, -2].sum() / routed),
             "max_over_mean_load": float((load.max(1).values / load.mean(1).clamp_min(1e-9)).mean()),
+            "rank_max_over_mean_load": float((per_rank.max(1).values / per_rank.mean(1).clamp_min(1e-9)).mean()),
             "dropped_pairs": int(counts[:, -1].sum()),
             "routed_pairs": int(routed),
             "tokens_per_expert": load.sum(0).tolist(),
