@@ -39,6 +39,7 @@ from dataclasses import replace
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from locmoe_plugin.projection import ClusterSpec, ModelSpec, RoutingSpec, predict_layer  # noqa: E402
+from locmoe_plugin.projection.cost import dense_grad_reduce_ms  # noqa: E402
 from locmoe_plugin.projection.calibration import (calibration_from_layer_results, inter_link,  # noqa: E402
                                                    two_stage_extra_ms)
 
@@ -410,6 +411,37 @@ def _spread(r: dict) -> str:
     return f"{100 * r['spread']:>5.1f}%" if r.get("spread") is not None else f"{'-':>6}"
 
 
+def validate_dense_grads(roots) -> list[dict]:
+    """The dense-gradient term against the end-to-end runs that trained a system twice in one launch, with
+    fp32 and with bf16 gradient reduction (``bench_e2e.py --grad-reduce fp32,bf16``): the measured step
+    difference (fp32 - bf16, from the median tokens/s) against the predicted one,
+    ``dense_grad_reduce_ms(fp32) - dense_grad_reduce_ms(bf16)``, at the mean of the two launches' measured
+    inter-node all-to-all rates."""
+    rows = []
+    for root, path in find(roots, "e2e_*+bf16grad.json"):
+        fp32_path = path.replace("+bf16grad", "")
+        if not os.path.exists(fp32_path):
+            continue
+        with open(path) as f:
+            bf16 = json.load(f)
+        with open(fp32_path) as f:
+            fp32 = json.load(f)
+        if fp32["nodes"] < 2:
+            continue
+        m = fp32["model"]
+        rate = (fp32["bandwidth"]["inter_node_gbps"] + bf16["bandwidth"]["inter_node_gbps"]) / 2
+        cluster = ClusterSpec(nodes=fp32["nodes"], gpus_per_node=fp32["gpus_per_node"], intra_bw_GBps=200.0,
+                              intra_latency_us=0.0, inter_bw_GBps=rate, inter_latency_us=0.0, peak_tflops=1000.0)
+        model = ModelSpec(hidden=m["hidden_size"], ffn=m["ffn_hidden_size"], experts=m["num_experts"],
+                          topk=m["topk"], tokens_per_rank=m["seq_len"] * m["micro_batch"], layers=m["num_layers"])
+        predicted = dense_grad_reduce_ms(cluster, model) - dense_grad_reduce_ms(cluster, replace(model, grad_dtype="bf16"))
+        step = lambda r: r["tokens_per_step"] / r["tokens_per_s"]["median"] * 1e3  # noqa: E731
+        rows.append({"run": run_name(root, os.path.dirname(path)), "layout": fp32["layout"], "system": fp32["system"],
+                     "link_GBps": rate, "measured_ms": step(fp32) - step(bf16), "predicted_ms": predicted,
+                     "step_fp32_ms": step(fp32)})
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("roots", nargs="*", default=[DEFAULT_ROOT], metavar="FOLDER",
@@ -455,9 +487,21 @@ def main() -> int:
             print("  " + _summary([r for r in drows if r["system"] == name], f"dispatch {name}"))
         for line in by_probe(drows, "dispatch"):
             print(line)
+    grows = validate_dense_grads(a.roots)
+    if grows:
+        print(f"\n{'dense gradients: end-to-end run':<46} {'layout':<9} {'system':<20} {'link':>5} {'step ms':>8} "
+              f"{'fp32 - bf16 measured':>20} {'predicted':>9}")
+        for r in grows:
+            print(f"{r['run']:<46} {r['layout']:<9} {r['system']:<20} {r['link_GBps']:>5.2f} {r['step_fp32_ms']:>8.1f} "
+                  f"{r['measured_ms']:>20.1f} {r['predicted_ms']:>9.1f}")
+        ratios = sorted(r["measured_ms"] / r["predicted_ms"] for r in grows)
+        print(f"  dense gradients: the fp32 - bf16 step difference measured / predicted, median {_quantile(ratios, 0.5):.2f}, "
+              f"quartiles {_quantile(ratios, 0.25):.2f}-{_quantile(ratios, 0.75):.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f} "
+              f"over {len(ratios)} pairs of runs")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"layer": rows, "dispatch": drows, "speedup_lean": speedup_lean(main_rows)}, f, indent=2)
+            json.dump({"layer": rows, "dispatch": drows, "speedup_lean": speedup_lean(main_rows), "dense_grads": grows},
+                      f, indent=2)
     return 0
 
 

@@ -12,6 +12,7 @@ from locmoe_plugin.cli import main
 from locmoe_plugin.config import ConfigError
 from locmoe_plugin.projection import (Calibration, ClusterSpec, ModelSpec, RoutingSpec, count_rows,
                                       expected_rows, predict_layer)
+from locmoe_plugin.projection.cost import SYSTEMS, dense_grad_reduce_ms
 from locmoe_plugin.projection.traffic import node_pmfs, padded_rows
 
 
@@ -138,6 +139,7 @@ def _run(capsys, *argv):
     (["--preset", "h100", "--cross-node-share", "1.5"], "[0, 1]"),
     (["--preset", "h100", "--cross-node-share", "-0.1"], "[0, 1]"),
     (["--nodes", "2"], "--preset"),
+    (["--preset", "h100", "--grad-dtype", "fp8"], "--grad-dtype"),
 ])
 def test_bad_input(capsys, argv, word):
     rc, out = _run(capsys, *argv)
@@ -152,6 +154,28 @@ def test_cli_table_json_png(capsys, tmp_path):
     d = json.loads(out.out)
     assert d["systems"]["megatron_alltoall"]["speedup_vs_megatron_alltoall"] == 1.0
     assert math.isclose(d["systems"]["locmoe_flat"]["pair_share"], 0.2)
+
+
+def test_dense_gradient_reduction_by_hand(capsys):
+    """The dense gradients' all-reduce across nodes: a ring over all N GPUs, one ring per NIC."""
+    m = ModelSpec(hidden=1000, ffn=500, experts=8, topk=2, tokens_per_rank=100, layers=3)
+    cl = ClusterSpec(nodes=2, gpus_per_node=4, intra_bw_GBps=100.0, intra_latency_us=0.0, inter_bw_GBps=10.0,
+                     inter_latency_us=0.0, peak_tflops=100.0)
+    grad_bytes = 3 * (4 * 1000**2 + 1000 * 8) * 4  # 3 layers x (attention 4 d^2 + router d E) x fp32
+    want = 2 * 7 / 8 * grad_bytes / 4 / 10e6  # ms: 2 (N-1)/N of it over the G NICs of a node at 10 GB/s
+    assert dense_grad_reduce_ms(cl, m) == pytest.approx(want)
+    assert dense_grad_reduce_ms(cl, replace(m, grad_dtype="bf16")) == pytest.approx(want / 2)
+    assert dense_grad_reduce_ms(cl.with_nodes(1), m) == 0.0  # inside one node: hidden beside the backward
+    for system in SYSTEMS:  # the same for every system: added to the step whole in step_dp_ms
+        t = predict_layer(system, cl, m, RoutingSpec(cross_node_share=0.2))
+        assert t.dp_grad_ms == pytest.approx(want) and t.step_dp_ms == pytest.approx(t.step_ms + want)
+    with pytest.raises(ConfigError, match="grad_dtype"):
+        replace(m, grad_dtype="int8")
+    rc, out = _run(capsys, "--preset", "h100", "--json", "--grad-dtype", "bf16")
+    d = json.loads(out.out)["systems"]
+    base, loc = d["megatron_alltoall"], d["locmoe_hier"]
+    assert loc["speedup_with_dp_vs_megatron_alltoall"] == pytest.approx(base["step_dp_ms"] / loc["step_dp_ms"])
+    assert 1.0 < loc["speedup_with_dp_vs_megatron_alltoall"] < loc["speedup_vs_megatron_alltoall"]
 
 
 def test_default_share_is_the_default_budget_per_node_count(capsys):
@@ -342,6 +366,33 @@ def test_validation_takes_a_list_of_result_folders(tmp_path):
     assert new and new[0]["two_stage_ms"] > 0 and new[0]["spread"] is not None
     assert mod.round_spread({"ms_rounds": [1.0, 2.0, 3.0, 4.0, 5.0]}) == (4.0 - 2.0) / 2 / 3.0
     assert mod.round_spread({"ms": 1.0}) is None
+
+
+def test_validation_checks_the_dense_gradient_term_on_fp32_bf16_pairs(tmp_path):
+    """An end-to-end system run with fp32 and with bf16 gradient reduction in one launch: the measured step
+    difference against the predicted one (a ring over the 4 ranks, one ring per rank of a node)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("validate_projection", "benchmarks/validate_projection.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = {"num_layers": 2, "hidden_size": 1000, "num_experts": 8, "topk": 2, "ffn_hidden_size": 500,
+             "seq_len": 100, "micro_batch": 1}
+
+    def result(step_ms, gbps):
+        return {"nodes": 2, "gpus_per_node": 2, "layout": "2x2_fast", "system": "locmoe", "model": model,
+                "tokens_per_step": 400, "tokens_per_s": {"median": 400 / step_ms * 1e3},
+                "bandwidth": {"inter_node_gbps": gbps}}
+
+    run = tmp_path / "call" / "e2e"
+    run.mkdir(parents=True)
+    (run / "e2e_2x2_fast_locmoe.json").write_text(json.dumps(result(500.0, 3.0)))
+    (run / "e2e_2x2_fast_locmoe+bf16grad.json").write_text(json.dumps(result(450.0, 5.0)))
+    (run / "e2e_1x4_locmoe+bf16grad.json").write_text(json.dumps({**result(100.0, 5.0), "nodes": 1}))  # no pair
+    (rows,) = mod.validate_dense_grads([str(tmp_path)])
+    grad_bytes_diff = 2 * (4 * 1000**2 + 1000 * 8) * (4 - 2)  # 2 layers, fp32 - bf16 bytes per parameter
+    assert rows["measured_ms"] == pytest.approx(50.0) and rows["link_GBps"] == pytest.approx(4.0)
+    assert rows["predicted_ms"] == pytest.approx(2 * 3 / 4 * grad_bytes_diff / 2 / 4e6)
 
 
 def test_concentrated_copies_by_hand_and_against_the_counter():

@@ -23,8 +23,10 @@ cross-node bytes by its ``inter_imbalance`` where given, through :func:`inter_sc
 one direction reaches alone against both at once).
 ``fixed`` is the per-layer time that is neither GEMM nor payload (router, permutes, plan, host launches,
 kernel gaps): 0 unless a calibration measured it (:mod:`.calibration`).
-Step = layers x (MoE layer + attention block at the same GEMM rate). Left out: data-parallel gradient
-reduction, pipeline bubbles, optimizer, congestion, stragglers, topology beyond two levels.
+Step = layers x (MoE layer + attention block at the same GEMM rate). ``step_dp_ms`` adds the dense
+parameters' gradient all-reduce across nodes whole (:func:`dense_grad_reduce_ms`); the step with it hidden
+behind the backward is ``step_ms``, so the two bracket the step. Left out: pipeline bubbles, optimizer,
+congestion, stragglers, topology beyond two levels.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from .calibration import Calibration
 from .cluster import ClusterSpec
 from .traffic import Rows, allgather_rows, capacity, expected_rows, node_pmfs, padded_rows
-from .workload import ModelSpec, RoutingSpec
+from .workload import DTYPE_BYTES, ModelSpec, RoutingSpec
 from ..config import ConfigError
 
 SYSTEMS = ("megatron_alltoall", "megatron_group_limited", "deepspeed_moe", "locmoe_flat", "locmoe_hier",
@@ -61,6 +63,8 @@ class LayerTime:
     inter_bytes: float
     intra_bytes: float
     pair_share: float
+    dp_grad_ms: float = 0.0
+    step_dp_ms: float = 0.0
 
 
 def ep_nodes_of(cluster: ClusterSpec, model: ModelSpec) -> int:
@@ -111,6 +115,23 @@ def _a2a_ms(rows: Rows, model: ModelSpec, cl: ClusterSpec, n: int, hierarchical:
     if hierarchical and n > 1:
         return lat_inter + t_inter + lat_intra + t_intra
     return (lat_inter if n > 1 else lat_intra) + max(t_inter, t_intra)
+
+
+def dense_grad_reduce_ms(cluster: ClusterSpec, model: ModelSpec) -> float:
+    """Inter-node time of one step's all-reduce of the dense gradients (:attr:`ModelSpec.dense_params_per_layer`
+    x layers, in ``model.grad_dtype``) over every GPU of the job, in ms.
+
+    The data-parallel group of the dense parameters spans all ``N = nodes x G`` GPUs. A ring all-reduce
+    sends ``2 (N - 1) / N x S`` per GPU; with one ring per NIC (NCCL's channels over the node's G NICs)
+    each NIC carries ``2 (N - 1) / N x S / G`` of it at the inter-node rate. 0 on one node: there the
+    reduction runs over NVLink / HCCS beside the backward. Megatron overlaps it with the backward, where
+    it shares the NICs with the MoE layers' all-to-alls; how much of it hides depends on how long those
+    leave the NICs idle, so :class:`LayerTime` gives the step without it and with it added whole."""
+    if cluster.nodes <= 1:
+        return 0.0
+    n, g = cluster.nodes * cluster.gpus_per_node, cluster.gpus_per_node
+    grad_bytes = model.layers * model.dense_params_per_layer * DTYPE_BYTES[model.grad_dtype]
+    return 2 * (n - 1) / n * grad_bytes / g / (cluster.inter_bw_GBps * 1e6)
 
 
 def overlap_hidden_ms(rail_ms: float, node_ms: float, gemm_ms: float, local_share: float, experts: bool) -> float:
@@ -179,9 +200,11 @@ def predict_layer(system: str, cluster: ClusterSpec, model: ModelSpec, routing: 
             layer -= overlap_hidden_ms(rail, node, gemm, 1.0 - jj_share, experts=system == "locmoe_hier_overlap")
     attn = s * model.attention_flops_per_token / (tflops * 1e9)
     b = model.hidden * model.elt
-    return LayerTime(system=system, ep_nodes=n, layer_ms=layer, step_ms=model.layers * (layer + attn),
+    step = model.layers * (layer + attn)
+    dp = dense_grad_reduce_ms(cl, model)
+    return LayerTime(system=system, ep_nodes=n, layer_ms=layer, step_ms=step,
                      fixed_ms=fixed, gemm_ms=gemm, comm_ms=comm, inter_bytes=4 * rows.inter * b,
-                     intra_bytes=4 * rows.intra * b, pair_share=jj_share)
+                     intra_bytes=4 * rows.intra * b, pair_share=jj_share, dp_grad_ms=dp, step_dp_ms=step + dp)
 
 
 def predict(cluster: ClusterSpec, model: ModelSpec, routing: RoutingSpec, calibration: Calibration | None = None,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..config import ConfigError, default_cross_node_budget
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
+GRAD_DTYPES = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -17,6 +18,8 @@ class ModelSpec:
         topk: experts per token k. tokens_per_rank: tokens s one rank routes per micro-batch.
         layers: MoE layers (each with an attention block before it). dtype: the all-to-all payload dtype.
         swiglu: gated experts (3 matrices; 2 for a GELU MLP). seq: sequence length (attention cost only).
+        grad_dtype: the dtype the dense parameters' gradients are all-reduced in across the data-parallel
+            ranks ("fp32": Megatron-LM's default for bf16 training; "bf16": ``--grad-reduce-in-bf16``).
     """
 
     hidden: int
@@ -28,6 +31,7 @@ class ModelSpec:
     dtype: str = "bf16"
     swiglu: bool = True
     seq: int = 4096
+    grad_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         for f in ("hidden", "ffn", "experts", "topk", "tokens_per_rank", "layers", "seq"):
@@ -39,6 +43,9 @@ class ModelSpec:
                               f"use --topk <= {self.experts}")
         if self.dtype not in DTYPE_BYTES:
             raise ConfigError(f"dtype {self.dtype!r}: use one of {sorted(DTYPE_BYTES)}")
+        if self.grad_dtype not in GRAD_DTYPES:
+            raise ConfigError(f"grad_dtype {self.grad_dtype!r}: the dense gradients are reduced in one of "
+                              f"{', '.join(GRAD_DTYPES)} (--grad-dtype)")
 
     @property
     def elt(self) -> int:
@@ -48,6 +55,13 @@ class ModelSpec:
     def expert_flops_per_row(self) -> float:
         """Forward + backward FLOPs of one (token, expert) row: 2 d F per matrix forward, 3x with backward."""
         return 3 * 2 * self.hidden * self.ffn * (3 if self.swiglu else 2)
+
+    @property
+    def dense_params_per_layer(self) -> int:
+        """Parameters of one layer outside its experts, whose gradients every data-parallel rank all-reduces:
+        the attention block's QKV and output projections (4 d^2; no GQA, no biases) and the router (d E).
+        Norms and the embeddings are left out."""
+        return 4 * self.hidden**2 + self.hidden * self.experts
 
     @property
     def attention_flops_per_token(self) -> float:
