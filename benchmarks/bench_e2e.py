@@ -28,8 +28,11 @@ skipped, so an interrupted run resumes where it stopped):
 - tokens/s of each of the last ``--measure`` steps (steady state: after warm-up and after the locality
   bias has settled), world x micro-batch x seq / the slowest rank's step time; median, mean, min, max,
   standard deviation;
-- peak device memory (max over ranks), inter- and intra-node bytes sent through all_to_all per step
-  (measured at the collective API during the measured steps), cross-node share of routed pairs;
+- peak device memory (max over ranks; the system before is freed first), inter- and intra-node bytes sent
+  through all_to_all per step (measured at the collective API during the measured steps), the busiest
+  rank's share of them, cross-node share of routed pairs (mean and per step), the busiest expert's and
+  rank's routed rows over the mean, and the device allocator's calls during the measured steps (summed
+  over ranks: allocations past the cached blocks synchronise the step);
 - one profiling step after them (``e2e_profile``): forward and backward time per phase (attention,
   router, dispatch, experts, combine), "grad sync" (finalize_model_grads: the part of the gradient
   reduction not hidden behind backward), optimizer, and the inter-node wait share = (all_to_all time on
@@ -326,9 +329,27 @@ def _all_max(values, dev) -> list[float]:
     return t.tolist()
 
 
+def _all_sum(values, dev) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def _peak_memory_reset(accel) -> None:
     if not accel.is_cpu:
         accel.module.reset_peak_memory_stats()
+
+
+ALLOCATOR_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+
+
+def _allocator_counts(accel) -> dict | None:
+    """The caching allocator's device-allocation counters (None on CPU): a step that grows past the cached
+    blocks calls the device allocator, which synchronises; retries free cached blocks first."""
+    if accel.is_cpu:
+        return None
+    stats = accel.module.memory_stats()
+    return {k: int(stats.get(k, 0)) for k in ALLOCATOR_COUNTERS}
 
 
 def _peak_memory_gib(accel, dev) -> float | None:
@@ -411,6 +432,8 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
         for g in system.optimizer.param_groups:
             g["lr"] = _lr(step, opts)
         measured = step >= measure_from
+        if step == measure_from:
+            alloc_before = _allocator_counts(accel)
         monitor.begin_step()
         accel.synchronize()
         dist.barrier()
@@ -437,6 +460,11 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
                   f"{routing['cross_node_share']:.3f}  {dt * 1e3:.0f} ms  ({time.perf_counter() - t_run:.0f} s)",
                   flush=True)
     monitor.remove()
+    alloc_after = _allocator_counts(accel)
+    allocator = None
+    if alloc_after is not None:  # summed over ranks, over the measured steps
+        allocator = dict(zip(ALLOCATOR_COUNTERS, (int(v) for v in _all_sum(
+            [alloc_after[k] - alloc_before[k] for k in ALLOCATOR_COUNTERS], dev))))
     peak = _peak_memory_gib(accel, dev)
     step_s = _all_max(step_s, dev)  # the slowest rank's time of each measured step
     tps = [tokens_per_step / s for s in step_s]
@@ -469,6 +497,8 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
         "inter_node_bytes_per_step": float(totals[0]) / opts.measure,
         "intra_node_bytes_per_step": float(totals[1]) / opts.measure,
         "cross_node_share": statistics.mean(cross),
+        "cross_node_share_steps": cross,
+        "allocator_calls_measured": allocator,
         "inter_node_bytes_rank_max_over_mean": inter_max * world / float(totals[0]) if float(totals[0]) > 0 else None,
         "expert_load_max_over_mean": statistics.mean(expert_load),
         "rank_load_max_over_mean": statistics.mean(rank_load),

@@ -41,6 +41,8 @@ def _check(r, system):
     # busiest over mean: at least 1, at most every row / byte on one of the 4 ranks
     assert 1.0 <= r["rank_load_max_over_mean"] <= 4.0 and r["expert_load_max_over_mean"] >= 1.0
     assert 1.0 - 1e-9 <= r["inter_node_bytes_rank_max_over_mean"] <= 4.0
+    assert len(r["cross_node_share_steps"]) == 2 and r["allocator_calls_measured"] is None  # no device allocator
+    assert sum(r["cross_node_share_steps"]) / 2 == pytest.approx(r["cross_node_share"])
     if system == "deepspeed_moe":
         assert r["grad_reduce"] == "deepspeed" and r["grad_buffer_dtypes"] is None
     else:  # the default reduction: fp32 buffers as DDP allocated them
