@@ -20,8 +20,9 @@ Data parallelism = expert parallelism = all ranks (TP = PP = 1). Systems:
                      capacity factor 1.25) in locmoe_plugin.demo.deepspeed_job's GPT; run it in its own launch
 
 Data: byte-level language modelling on the real English corpus of ``locmoe_plugin.demo.corpus``; every
-system sees the same batches (seeded per rank) and the same schedule (linear warm-up over the first 10 %
-of steps, then constant ``--lr``), so "validation loss after the same tokens" compares like with like.
+system sees the same batches (seeded per rank) and the same schedule (linear warm-up over ``--warmup``
+steps, by default the first 10 % of them, then constant ``--lr``), so "validation loss after the same
+tokens" compares like with like.
 
 Measured per system (rank 0 writes ``OUT/e2e_<layout>_<system>.json``; a system whose JSON exists is
 skipped, so an interrupted run resumes where it stopped):
@@ -110,6 +111,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40, help="training steps per system")
     p.add_argument("--measure", type=int, default=10, help="the last this many steps are timed")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=None,
+                   help="steps of linear learning-rate warm-up (default: --steps // 10, at least 1)")
     p.add_argument("--aux-loss-coeff", type=float, default=0.01)
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--bandwidth-mib", type=float, default=32.0, help="payload per peer of the bandwidth check")
@@ -133,6 +136,9 @@ def parse(argv=None) -> argparse.Namespace:
         p.error(f"--grad-reduce: give distinct dtypes from {', '.join(GRAD_REDUCE)}, comma-separated")
     if "bf16" in a.grad_reduce and a.dtype != "bf16":
         p.error("--grad-reduce bf16 reduces bf16 gradients; it needs --dtype bf16")
+    if a.warmup is not None and not 1 <= a.warmup <= a.steps - a.measure:
+        p.error(f"--warmup {a.warmup} must be >= 1 and at most the {a.steps - a.measure} steps before the "
+                f"measured ones")
     if not 1 <= a.measure < a.steps:
         p.error(f"--measure {a.measure} must be >= 1 and below --steps {a.steps} (the first steps warm up)")
     return a
@@ -372,9 +378,12 @@ def _release(model_alive: weakref.ref, accel) -> bool:
     return released
 
 
+def _warmup_steps(opts) -> int:
+    return opts.warmup if opts.warmup is not None else max(1, opts.steps // 10)
+
+
 def _lr(step: int, opts) -> float:
-    warm = max(1, opts.steps // 10)
-    return opts.lr * min(1.0, (step + 1) / warm)
+    return opts.lr * min(1.0, (step + 1) / _warmup_steps(opts))
 
 
 def profile_step(system, tokens, labels, nodes: int, node_of, accel) -> dict:
@@ -489,7 +498,8 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
         "nodes": nodes, "gpus_per_node": gpn, "world": world,
         "model": {k: getattr(opts, k) for k in ("num_layers", "hidden_size", "num_heads", "num_experts", "topk",
                                                 "ffn_hidden_size", "seq_len", "micro_batch", "dtype", "attention")},
-        "steps": opts.steps, "measured_steps": opts.measure, "tokens_per_step": tokens_per_step,
+        "steps": opts.steps, "measured_steps": opts.measure, "lr": opts.lr, "lr_warmup_steps": _warmup_steps(opts),
+        "tokens_per_step": tokens_per_step,
         "tokens_per_s": {"median": statistics.median(tps), "mean": statistics.mean(tps), "min": min(tps),
                          "max": max(tps), "stdev": statistics.stdev(tps) if len(tps) > 1 else 0.0},
         "step_ms": [s * 1e3 for s in step_s],

@@ -42,6 +42,7 @@ def _check(r, system):
     assert 1.0 <= r["rank_load_max_over_mean"] <= 4.0 and r["expert_load_max_over_mean"] >= 1.0
     assert 1.0 - 1e-9 <= r["inter_node_bytes_rank_max_over_mean"] <= 4.0
     assert len(r["cross_node_share_steps"]) == 2 and r["allocator_calls_measured"] is None  # no device allocator
+    assert r["lr_warmup_steps"] == 1  # --steps 5 // 10, at least 1
     assert sum(r["cross_node_share_steps"]) / 2 == pytest.approx(r["cross_node_share"])
     if system == "deepspeed_moe":
         assert r["grad_reduce"] == "deepspeed" and r["grad_buffer_dtypes"] is None
@@ -87,7 +88,8 @@ def test_bench_e2e_deepspeed(tmp_path):
 def test_bench_e2e_rejects_mixed_launch_and_bad_measure():
     for extra in (["--systems", "mcore_alltoall,deepspeed_moe"], ["--steps", "4", "--measure", "4"],
                   ["--systems", "megatron"], ["--grad-reduce", "bf16", "--dtype", "fp32"], ["--grad-reduce", "fp16"],
-                  ["--grad-reduce", "fp32,fp32"]):
+                  ["--grad-reduce", "fp32,fp32"], ["--steps", "10", "--measure", "4", "--warmup", "7"],
+                  ["--warmup", "0"]):
         r = subprocess.run([sys.executable, "benchmarks/bench_e2e.py", "--out", "/nonexistent", *extra], cwd=ROOT,
                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
         assert r.returncode == 2 and "error:" in r.stderr
