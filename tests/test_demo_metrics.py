@@ -34,3 +34,8 @@ def test_rank_and_expert_load_of_a_hand_routing():
     assert got["max_over_mean_load"] == pytest.approx(2 / (7 / 8))  # expert 0 has 2 of the 7 rows
     assert got["cross_node_share"] == pytest.approx(2 / 7) and got["dropped_pairs"] == 1
     assert got["tokens_per_expert"] == [2, 1, 1, 1, 1, 0, 0, 1]
+
+
+def test_ranks_must_divide_the_experts():
+    with pytest.raises(ValueError, match="must divide the 8 experts"):
+        RoutingMonitor([], lambda out: out, torch.zeros(8, dtype=torch.long), my_node=0, topk=2, ranks=3)

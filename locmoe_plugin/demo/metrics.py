@@ -26,6 +26,9 @@ class RoutingMonitor:
 
     def __init__(self, routers, routing_map, node_of_expert: torch.Tensor, my_node: int, topk: int, group=None,
                  ranks: int = 1):
+        if ranks < 1 or node_of_expert.numel() % ranks:
+            raise ValueError(f"RoutingMonitor: ranks={ranks} must divide the {node_of_expert.numel()} experts "
+                             f"(each rank holds an equal block of them)")
         self.ranks = ranks
         self.num_layers = len(routers)
         self.routing_map = routing_map
@@ -66,8 +69,7 @@ class RoutingMonitor:
         self._step = None
         load = counts[:, :-2]
         routed = load.sum().clamp_min(1)
-        e = load.shape[1]
-        per_rank = load.reshape(load.shape[0], self.ranks, e // self.ranks).sum(2) if e % self.ranks == 0 else load
+        per_rank = load.reshape(load.shape[0], self.ranks, -1).sum(2)  # [layers, ranks]: contiguous expert blocks
         return {
             "cross_node_share": float(counts[:, -2].sum() / routed),
             "max_over_mean_load": float((load.max(1).values / load.mean(1).clamp_min(1e-9)).mean()),
