@@ -329,16 +329,14 @@ class DeepSpeedE2E:
 
 
 # ------------------------------------------------------------------------------------------ one system
+def _all_reduce(values, dev, op=dist.ReduceOp.SUM) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
 def _all_max(values, dev) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def _all_sum(values, dev) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=dev)
-    dist.all_reduce(t)
-    return t.tolist()
+    return _all_reduce(values, dev, dist.ReduceOp.MAX)
 
 
 def _peak_memory_reset(accel) -> None:
@@ -472,7 +470,7 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
     alloc_after = _allocator_counts(accel)
     allocator = None
     if alloc_after is not None:  # summed over ranks, over the measured steps
-        allocator = dict(zip(ALLOCATOR_COUNTERS, (int(v) for v in _all_sum(
+        allocator = dict(zip(ALLOCATOR_COUNTERS, (int(v) for v in _all_reduce(
             [alloc_after[k] - alloc_before[k] for k in ALLOCATOR_COUNTERS], dev))))
     peak = _peak_memory_gib(accel, dev)
     step_s = _all_max(step_s, dev)  # the slowest rank's time of each measured step
