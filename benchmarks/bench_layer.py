@@ -31,7 +31,10 @@ Phase 2, timing: every rank takes --tokens held-out tokens (validation windows),
 model's layers before its MoE layer, and times fwd+bwd of one MoE layer on those hidden states (bf16):
   locmoe_<gate>      (a) LocMoELayer with the trained router and experts (hierarchical dispatcher)
   locmoe_allgather   (a') the same layer of the first gate with dispatcher="allgather" (tokens all-gathered,
-                     results reduce-scattered); one node only: in the default systems on one node
+                     results reduce-scattered; equal token counts, so no count exchange and the router's
+                     counts ride in the routing all-gather); one node only: in the default systems on one node
+  locmoe_allgather_counted  (a'* ) the same with the count exchange and the router's own all-reduce (what the
+                     layer runs under variable_seq_lengths; identical results); not in the default systems
   locmoe_unfolded    (a'') the same layer of the first gate with the router's own count all-reduce instead of
                      its counts riding in the dispatcher's count exchange (identical results; an A/B of the
                      fold, which acts on EP groups spanning nodes); not in the default systems
@@ -107,6 +110,7 @@ if HERE not in sys.path:  # the benchmark's own modules, also when loaded by fil
 from layer_setup import Ctx, build_megatron_layer, time_it  # noqa: E402
 from layer_training import _budget_mechanism, _budget_warmup, corpus_batch, train  # noqa: E402
 from link_probe import LinkProbe, a2a_time, format_links, layer_probe_mib, take_sample  # noqa: E402
+from locmoe_plugin.comm import TokenDispatcher  # noqa: E402
 from locmoe_plugin.comm.settings import DispatcherSettings  # noqa: E402
 from locmoe_plugin.config import BUDGET_MECHANISMS  # noqa: E402
 from locmoe_plugin.megatron.router import dense_routing_map  # noqa: E402
@@ -116,7 +120,7 @@ DEFAULT_SYSTEMS = ("locmoe", "mcore_alltoall", "mcore_allgather", "mcore_groupli
                    "locmoe_ds_no_overlap")
 ONE_NODE_SYSTEMS = ("locmoe_allgather",)  # the allgather dispatcher is refused on EP groups spanning nodes
 #: LocMoE layers of the first gate with one dispatcher setting changed (compared with that gate's default layer)
-FIRST_GATE_VARIANTS = ("locmoe_allgather", "locmoe_unfolded", "locmoe_overlap")
+FIRST_GATE_VARIANTS = ("locmoe_allgather", "locmoe_allgather_counted", "locmoe_unfolded", "locmoe_overlap")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -429,7 +433,7 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
     a = ctx.args
     remote_ranks = ctx.world - ctx.gpn
     if name.startswith("locmoe_") and not name.startswith("locmoe_ds"):
-        allgather = name == "locmoe_allgather"
+        allgather = name in ("locmoe_allgather", "locmoe_allgather_counted")
         gate = a.gates[0] if name in FIRST_GATE_VARIANTS else name[len("locmoe_"):]
         settings = {"gate": gate, "routing": "locmoe", "locality_loss_coeff": trained[gate]["summary"]["mu"],
                     "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope, "expert_bias_rate": a.expert_bias_rate,
@@ -440,6 +444,10 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
                                      locmoe_dispatcher=DispatcherSettings(mode=mode, overlap=name == "locmoe_overlap"))
         if name == "locmoe_unfolded":
             layer.token_dispatcher.fold_router_counts(layer.router, fold=False)
+        if name == "locmoe_allgather_counted":  # the count exchange, as without equal token counts
+            disp = layer.token_dispatcher
+            disp.core = TokenDispatcher(disp.core.groups, "allgather")
+            disp.fold_router_counts(layer.router)  # no count all-gather to ride in on one node: the all-reduce
         missing, unexpected = layer.load_state_dict(trained[gate]["state"], strict=False)
         if [m for m in missing if not m.endswith("_extra_state")] or unexpected:
             raise RuntimeError(f"trained state does not fit: missing {missing}, unexpected {unexpected}")
@@ -755,6 +763,9 @@ def comparisons(out: dict) -> list[str]:
         for variant in ("locmoe_unfolded", "locmoe_overlap"):  # the same gate's layer: fold off / overlap on
             if variant in sy and name == f"locmoe_{first_gate}":
                 checks.append(f"{name} / {variant} = {_median_ratio(r, sy[variant]):.3f}" + _quartiles(r, sy[variant]))
+        if name == "locmoe_allgather" and "locmoe_allgather_counted" in sy:
+            other = sy["locmoe_allgather_counted"]
+            checks.append(f"{name} / locmoe_allgather_counted = {_median_ratio(r, other):.3f}" + _quartiles(r, other))
         if out["meta"]["nodes"] > 1:
             for other in ("mcore_grouplimited", "deepspeed_moe"):
                 if other in sy:

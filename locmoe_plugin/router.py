@@ -301,21 +301,24 @@ class LocMoERouter(nn.Module):
         n = self.config.num_experts
         return packed[:n], (None if bad is None else packed[n]), (packed[-1] if self._budget_acts else None)
 
-    def fold_counts_with(self, dispatcher_group) -> bool:
+    def fold_counts_with(self, dispatcher_group, one_node_too: bool = False) -> bool:
         """Take the EP group's counts from the count exchange of a dispatcher on ``dispatcher_group`` (one
         all-reduce per forward fewer; :mod:`locmoe_plugin.folded_counts`) when the math allows:
         ``aux_loss_scope="ep_group"`` on a group of several ranks, and ``dispatcher_group`` is this router's
-        group (any capacity: the router's own counts ride in the exchange), and the group spans nodes. A
-        decision from settings only, alike on every EP rank. On one node the router keeps its all-reduce: there
-        the fold saves an NVLink all-reduce of ``n`` numbers, and a one-node layer measured no faster with it
-        (docs/overlap.md, "The router's counts ride in the count exchange"); across nodes it saves a collective on
-        the inter-node link.
+        group (any capacity: the router's own counts ride in the exchange), and the group spans nodes or
+        ``one_node_too``. A decision from settings only, alike on every EP rank. On one node the router keeps
+        its all-reduce by default: there the fold saves an NVLink all-reduce of ``n`` numbers, and a one-node
+        layer measured no faster with it (docs/overlap.md, "The router's counts ride in the count exchange");
+        across nodes it saves a collective on the inter-node link. ``one_node_too``: a dispatcher that
+        exchanges no counts on one node but gathers the routing itself
+        (:attr:`~locmoe_plugin.comm.TokenDispatcher.gathers_routing`), where the fold removes the router's
+        all-reduce and adds no collective.
         Then a forward called with ``fold_counts=True`` that needs the counts returns them pending
         (``RouterOutput.pending``), and its caller must hand that to the dispatcher's
         :meth:`~locmoe_plugin.comm.TokenDispatcher.start_counts` (or ``forward(..., folded=...)``) before
         reading the losses; other forwards all-reduce as before. Returns whether it folds."""
         self.folds_counts = (self._sums_over_group() and dispatcher_group is self.group
-                             and self.topology.num_nodes > 1)
+                             and (self.topology.num_nodes > 1 or bool(one_node_too)))
         return self.folds_counts
 
     def _sums_over_group(self) -> bool:

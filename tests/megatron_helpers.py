@@ -9,7 +9,7 @@ import torch
 D = 32
 
 
-def build_layer(layer_cls, tp, ep, locmoe, topk, dispatcher="hierarchical"):
+def build_layer(layer_cls, tp, ep, locmoe, topk, dispatcher="hierarchical", **config):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.mlp import MLPSubmodules
@@ -32,6 +32,7 @@ def build_layer(layer_cls, tp, ep, locmoe, topk, dispatcher="hierarchical"):
         # with a dropping LocMoE capacity, Megatron's own dispatchers (0.19) must be told the token
         # count is dynamic; LocMoE's capacity settings still decide (they override this value)
         moe_expert_capacity_factor=locmoe.get("capacity_factor") if locmoe.get("capacity") == "factor" else None,
+        **config,
     )
     spec = MoESubmodules(
         experts=ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,

@@ -4,10 +4,16 @@ Against the pairs plan (``flat_fast``, what the default builds on one node) and 
 outputs, input gradients and combine-weight gradients allclose (bitwise at top-1, where a token has one
 row); the experts see the same rows in the same order. Cases: uneven token counts, drop-heavy, a rank
 without tokens and ranks without pairs, everything dropped, no tokens anywhere, top-1..4, one and two
-experts per rank. Then the Megatron ``LocMoELayer`` with ``dispatcher="allgather"`` against the default
-one (outputs, input and every weight gradient). One spawn for all of it; the refusal across nodes and
-the settings need none.
+experts per rank. Where every rank holds the same number of tokens, the plan without a count exchange
+(``equal_tokens=True``, :mod:`locmoe_plugin.comm.gathered_routing`) against the one with it: bitwise equal,
+and bad ids or a repeated id on one rank raise on every rank. Then the Megatron ``LocMoELayer`` with
+``dispatcher="allgather"`` against the default one (outputs, input and every weight gradient), and its
+equal-token path (router counts folded into the routing all-gather: one all-gather and no all-reduce
+before the payload moves) against the count-exchange path it keeps under ``variable_seq_lengths``, bitwise. One spawn for
+all of it; the refusal across nodes and the settings need none.
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -18,13 +24,14 @@ from .test_dispatcher_dist import D, _case_inputs, _expert_fn
 MODES = ("flat_fast", "allgather")
 
 
-def _run(groups, x, ids, w, W, mode):
+def _run(groups, x, ids, w, W, mode, equal_tokens=False):
     from locmoe_plugin.comm import TokenDispatcher
 
     t = groups.topology
     xx = x.clone().requires_grad_(True)
     ww = w.clone().requires_grad_(True)
-    disp = TokenDispatcher(groups, mode)
+    disp = TokenDispatcher(groups, mode, equal_tokens=equal_tokens)
+    assert disp.gathers_routing == (equal_tokens and mode == "allgather")
     inp, h = disp.dispatch(xx, ids, ww)
     y = disp.combine(_expert_fn(inp, h.tokens_per_expert, t.ep_rank * t.experts_per_rank, W), h)
     (y * torch.linspace(-1, 1, D)).sum().backward()
@@ -65,9 +72,32 @@ def _core_cases(rank, world):
             for name, (x, ids, w) in cases.items():
                 res = {mode: _run(groups, x, ids, w, W, mode) for mode in MODES}
                 res["again"] = _run(groups, x, ids, w, W, "allgather")
+                if name in ("drops", "all_dropped", "no_tokens"):  # the same token count on every rank
+                    res["equal"] = _run(groups, x, ids, w, W, "allgather", equal_tokens=True)
                 res["ref"] = _reference(x, ids, w, W)
                 res["rows_max"] = max(5 + 7 * q for q in range(world)) if name == "uneven" else x.shape[0] if name != "empty" else 9
                 out.append(((E, k, name), res))
+    return out, _refusals(rank, world)
+
+
+def _refusals(rank, world):
+    """The error each rank raises for bad input to the equal-token plan (None: no error)."""
+    import torch.distributed as dist
+
+    from locmoe_plugin import Topology
+    from locmoe_plugin.comm import TokenDispatcher, build_comm_groups
+
+    groups = build_comm_groups(Topology.from_ranks_per_node(world, world, 8, ep_rank=rank), dist.group.WORLD)
+    out = {}
+    for name, (slot, value) in {"bad_id": ((2, 1), 99), "repeated": ((3, 1), None)}.items():
+        x, ids, w = _case_inputs(rank, 8, 2, 6, 7, 0.0)
+        if rank == 2:  # one rank only: every rank must raise all the same
+            ids[slot] = value if value is not None else ids[slot[0], 0]
+        try:
+            TokenDispatcher(groups, "allgather", equal_tokens=True).dispatch(x, ids, w)
+            out[name] = None
+        except ValueError as err:
+            out[name] = str(err)
     return out
 
 
@@ -88,18 +118,56 @@ def _megatron_cases(rank, world):
         torch.manual_seed(11)
         layers = {m: build_layer(LocMoELayer, 1, world, {"gpus_per_node": world}, topk, dispatcher=m)
                   for m in ("hierarchical", "allgather")}
-        layers["allgather"].load_state_dict(layers["hierarchical"].state_dict())
+        # Megatron's variable sequence lengths: token counts may differ, the count exchange stays
+        layers["varlen"] = build_layer(LocMoELayer, 1, world, {"gpus_per_node": world}, topk,
+                                       dispatcher="allgather", variable_seq_lengths=True)
+        for m in ("allgather", "varlen"):
+            layers[m].load_state_dict(layers["hierarchical"].state_dict())
         torch.manual_seed(400 + rank)
-        x = torch.randn(3 + 2 * rank, 2, MD)
-        cot = torch.randn_like(x)
+        uneven = torch.randn(3 + 2 * rank, 2, MD)
+        equal = torch.randn(5, 2, MD)
         res = {}
         for m, layer in layers.items():
-            y, gx = fwd_bwd(layer, x, cot)
-            res[m] = dict(y=y, gx=gx, plan=layer.token_dispatcher.core.plan_mode,
-                          grads={n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None})
+            core = layer.token_dispatcher.core
+            for shape, x in (("uneven", uneven), ("equal", equal)):
+                if m == "allgather" and shape == "uneven":
+                    continue  # equal token counts are the contract of that path
+                for p in layer.parameters():
+                    p.grad = None
+                with _counted_collectives() as calls:
+                    y, gx = fwd_bwd(layer, x, torch.ones_like(x) * torch.linspace(-1, 1, MD))
+                res[m, shape] = dict(y=y, gx=gx, plan=core.plan_mode, gathers=core.gathers_routing,
+                                     folds=layer.router._folds, calls=calls,
+                                     grads={n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None})
         out[topk] = res
     parallel_state.destroy_model_parallel()
     return out
+
+
+@contextlib.contextmanager
+def _counted_collectives():
+    """Counts the all-gathers and all-reduces issued inside (forward and backward)."""
+    import torch.distributed as dist
+
+    from locmoe_plugin.comm import block_collectives, counts
+
+    calls = {"all_gather": 0, "all_reduce": 0}
+    saved = counts.ALL_GATHER_SINGLE, block_collectives.ALL_GATHER_SINGLE, dist.all_reduce
+
+    def gather(*a, **kw):
+        calls["all_gather"] += 1
+        return saved[0](*a, **kw)
+
+    def reduce(*a, **kw):
+        calls["all_reduce"] += 1
+        return saved[2](*a, **kw)
+
+    counts.ALL_GATHER_SINGLE = block_collectives.ALL_GATHER_SINGLE = gather
+    dist.all_reduce = reduce
+    try:
+        yield calls
+    finally:
+        counts.ALL_GATHER_SINGLE, block_collectives.ALL_GATHER_SINGLE, dist.all_reduce = saved
 
 
 def _worker(rank, world):
@@ -114,7 +182,9 @@ def _close(a, b, msg):
 def test_allgather_matches_the_pairs_plan_on_one_node():
     pytest.importorskip("megatron.core")
     results = run_workers(_worker, 4)
-    for rank, (core, megatron) in enumerate(results):
+    for rank, ((core, refusals), megatron) in enumerate(results):
+        assert "outside [-1, 8) on EP rank(s) [2]" in refusals["bad_id"], (rank, refusals)
+        assert "lists one expert in two of its slots on EP rank(s) [2]" in refusals["repeated"], (rank, refusals)
         for (E, k, name), r in core:
             tag = f"rank {rank} E={E} k={k} {name}"
             a, p = r["allgather"], r["flat_fast"]
@@ -131,14 +201,30 @@ def test_allgather_matches_the_pairs_plan_on_one_node():
             # all-gather: this rank's (padded) block to each of the 3 peers; the combine sends as many back
             assert a["traffic"]["dispatch_intra_bytes"] == 3 * r["rows_max"] * D * 4, tag
             assert a["traffic"]["inter_bytes"] == 0, tag
+            if "equal" in r:  # no count exchange: the same plan, bit for bit
+                q = r["equal"]
+                assert q["tpe"] == a["tpe"] and q["traffic"] == a["traffic"], tag
+                for key in ("y", "gx", "gw", "inp"):
+                    assert torch.equal(q[key], a[key]), f"{tag} {key}: equal-token plan differs"
         for topk, r in megatron.items():
-            a, h = r["allgather"], r["hierarchical"]
-            assert a["plan"] == "allgather" and h["plan"] == "flat_fast"
-            _close(a["y"], h["y"], f"megatron k={topk} y")
-            _close(a["gx"], h["gx"], f"megatron k={topk} gx")
-            assert a["grads"].keys() == h["grads"].keys() and any("router" in n for n in a["grads"])
+            for m, shape in (("allgather", "equal"), ("varlen", "equal"), ("varlen", "uneven")):
+                a, h, tag = r[m, shape], r["hierarchical", shape], f"megatron k={topk} {m} {shape}"
+                assert a["plan"] == "allgather" and h["plan"] == "flat_fast", tag
+                _close(a["y"], h["y"], f"{tag} y")
+                _close(a["gx"], h["gx"], f"{tag} gx")
+                assert a["grads"].keys() == h["grads"].keys() and any("router" in n for n in a["grads"]), tag
+                for n in a["grads"]:
+                    _close(a["grads"][n], h["grads"][n], f"{tag} grad {n}")
+            a, v = r["allgather", "equal"], r["varlen", "equal"]
+            assert a["gathers"] and a["folds"] and not v["gathers"] and not v["folds"]
+            # forward + backward: one all-gather for the routing and the counts, one for the payload, one for the
+            # combine's gradient; the count exchange and the router's all-reduce are gone
+            assert a["calls"] == {"all_gather": 3, "all_reduce": 0}, a["calls"]
+            assert v["calls"]["all_gather"] == 4 and v["calls"]["all_reduce"] >= 1, v["calls"]
+            for key in ("y", "gx"):
+                assert torch.equal(a[key], v[key]), f"megatron k={topk} {key}: equal-token path differs"
             for n in a["grads"]:
-                _close(a["grads"][n], h["grads"][n], f"megatron k={topk} grad {n}")
+                assert torch.equal(a["grads"][n], v["grads"][n]), f"megatron k={topk} grad {n} differs"
 
 
 def test_allgather_is_refused_across_nodes():
@@ -161,3 +247,21 @@ def test_allgather_is_a_dispatcher_setting():
 
     assert DispatcherSettings.of("allgather") == DispatcherSettings(mode="allgather", overlap=False)
     assert DispatcherSettings(mode="hierarchical").mode == "hierarchical"  # the default is unchanged
+
+
+def test_equal_token_checks_name_the_ranks():
+    from locmoe_plugin.comm.gathered_routing import check_gathered
+
+    ids = torch.tensor([[0, 1], [2, -1], [3, 4]]).expand(4, 3, 2).clone()  # [P, s, k]
+    check_gathered([3] * 4, 3, 0, 1, ids, 8)
+    with pytest.raises(ValueError, match=r"passed \[3, 3, 2, 3\] tokens.*equal_tokens=False"):
+        check_gathered([3, 3, 2, 3], 3, 0, 1, ids, 8)
+    bad = ids.clone()
+    bad[1, 2, 0] = -3
+    with pytest.raises(ValueError, match=r"outside \[-1, 8\) on EP rank\(s\) \[1\]"):
+        check_gathered([3] * 4, 3, 1, 1, bad, 8)
+    twice = ids.clone()
+    twice[3, 0, 1] = 0
+    twice[2, 1, 0] = -1  # two dropped slots in one token are fine
+    with pytest.raises(ValueError, match=r"two of its slots on EP rank\(s\) \[3\]"):
+        check_gathered([3] * 4, 3, 0, 2, twice, 8)

@@ -60,3 +60,16 @@ def test_the_overlapped_layer_is_compared_with_the_first_gates_layer(bench):
     assert any(line.startswith("compare: locmoe_dense / locmoe_overlap = 1.100 [per-round ratios: quartiles")
                for line in lines), lines
     assert any(line.startswith("compare: locmoe_overlap / mcore_alltoall = 0.400") for line in lines), lines
+
+
+def test_the_allgather_layer_is_compared_with_its_count_exchange_form(bench):
+    args = types.SimpleNamespace(systems=["locmoe", "locmoe_allgather", "locmoe_allgather_counted"],
+                                 gates=["dense"], baseline_router="trained")
+    assert bench.system_names(args) == [("locmoe_dense", "dense"), ("locmoe_allgather", "dense"),
+                                        ("locmoe_allgather_counted", "dense")]
+    assert "locmoe_allgather_counted" not in bench.DEFAULT_SYSTEMS + bench.ONE_NODE_SYSTEMS
+    rounds = {"mcore_alltoall": [10.0, 10.0, 10.0], "locmoe_dense": [9.0, 9.0, 9.0],
+              "locmoe_allgather": [8.0, 9.0, 9.0], "locmoe_allgather_counted": [10.0, 10.0, 9.0]}
+    systems = {n: {"ms": sorted(v)[1], "ms_rounds": v} for n, v in rounds.items()}
+    lines = bench.comparisons({"meta": {"nodes": 1}, "systems": systems})
+    assert "compare: locmoe_allgather / locmoe_allgather_counted = 0.900 [per-round ratios: quartiles 0.800-1.000]" in lines, lines

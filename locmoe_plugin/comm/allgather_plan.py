@@ -81,26 +81,27 @@ class AllGatherRoute:
         return reduce_scatter_blocks(per_slot, num_tokens, self.group)
 
 
-def pack_routing(expert_ids: torch.Tensor, weights: torch.Tensor, rows_max: int) -> torch.Tensor:
+def pack_routing(expert_ids: torch.Tensor, weights: torch.Tensor, rows_max: int, pad: bool = True) -> torch.Tensor:
     """``expert_ids [s, k]`` int64 and ``weights [s, k]`` -> ``[rows_max, k + ceil(k / 2)]`` int64: the ids,
     then the weights as fp32 bits, two to a column (one tensor, one all-gather; int64 ids need no
-    conversion on either side); padding rows carry id -1 (no pair)."""
+    conversion on either side); padding rows carry id -1 (no pair), or are left uninitialised with
+    ``pad=False`` (a caller that writes them itself)."""
     s, k = expert_ids.shape
     packed = torch.empty(rows_max, k + (k + 1) // 2, dtype=torch.long, device=expert_ids.device)
     packed[:s, :k].copy_(expert_ids)
     routed_weights(packed, k)[:s].copy_(weights.detach())
-    if s < rows_max:
+    if pad and s < rows_max:
         packed[s:, :k].fill_(-1)
     return packed
 
 
 def routed_weights(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``[rows, k]`` fp32 view of the weights in a :func:`pack_routing` tensor."""
-    return packed[:, k:].view(torch.float32)[:, :k]
+    """The ``[..., rows, k]`` fp32 view of the weights in a :func:`pack_routing` tensor ``[..., rows, w]``."""
+    return packed[..., k:].view(torch.float32)[..., :k]
 
 
 @functools.lru_cache(maxsize=8)
-def _row_numbers(rows: int, device: torch.device) -> torch.Tensor:
+def row_numbers(rows: int, device: torch.device) -> torch.Tensor:
     """``[rows, 1]`` int64 ``0 .. rows - 1``, made once per gathered size (the same every step)."""
     return torch.arange(rows, device=device).unsqueeze(1)
 
@@ -129,7 +130,7 @@ def build_allgather_plan(expert_ids: torch.Tensor, weights: torch.Tensor, groups
     tokens_per_expert = tuple(sum(row[me * e_r + e] for row in counts.pairs_to_expert) for e in range(e_r))
     n = sum(tokens_per_expert)
     slot_pos = local_slot_positions(routing[:, :k], me * e_r, e_r, count_layout(t, k, dev)["one"])
-    rows = _row_numbers(routing.shape[0], dev).expand(-1, k)
+    rows = row_numbers(routing.shape[0], dev).expand(-1, k)
     # slots not here all write position n, past the pairs (cut off): which of them lands there is moot
     token_row = torch.empty(n + 1, dtype=torch.long, device=dev).index_put_((slot_pos,), rows)[:n]
     pair_weight = torch.empty(n + 1, dtype=torch.float32, device=dev).index_put_(

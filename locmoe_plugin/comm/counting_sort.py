@@ -25,7 +25,8 @@ def slot_bins(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def count_pairs(bins: torch.Tensor, num_experts: int, one: torch.Tensor | None = None,
-                histogram: bool = True, positions: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                histogram: bool = True, positions: bool = True,
+                pair_bins: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The counting sort's device pass over ``bins [s, k]`` (from :func:`slot_bins`). Returns
 
       * ``before [(E + 3) * s + 1]`` int64: at cell ``bin * s + t``, the number of (expert, token) pairs in
@@ -38,7 +39,9 @@ def count_pairs(bins: torch.Tensor, num_experts: int, one: torch.Tensor | None =
     ``one``: a 0-dim int64 1 on the device (cached by the caller; made here if None). ``histogram=False``:
     ``hist`` is None and its two kernels are skipped (a caller that has its counts from elsewhere);
     ``positions=False``: ``before`` is None and the ``zero_`` and ``cumsum_`` are skipped (the histogram only).
-    Kernels: ``zeros``, ``scatter_add_``, ``sum``, ``amax``, ``zero_``, ``cumsum_``."""
+    ``pair_bins``: only bins ``[0, pair_bins)`` become pairs (default ``E``): the cells of every later bin are
+    cleared before the cumsum like the extra bins', so their slots point at ``n`` too (the histogram still
+    counts every bin). Kernels: ``zeros``, ``scatter_add_``, ``sum``, ``amax``, ``zero_``, ``cumsum_``."""
     s, k = bins.shape
     e, nb = num_experts, num_experts + EXTRA_BINS
     before = torch.zeros(nb * s + 1, dtype=torch.long, device=bins.device)
@@ -51,7 +54,7 @@ def count_pairs(bins: torch.Tensor, num_experts: int, one: torch.Tensor | None =
         hist = _histogram(cells, e)
     if not positions:
         return None, hist
-    cells[e:].zero_()  # the extra bins hold no pairs
+    cells[e if pair_bins is None else pair_bins :].zero_()  # the extra bins (and any after pair_bins) hold no pairs
     before.cumsum_(0)  # before[c] = pairs in cells 0 .. c-1 (before[0] = 0 shifts the sum by one cell)
     return before, hist
 

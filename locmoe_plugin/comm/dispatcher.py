@@ -19,6 +19,7 @@ import torch
 from ..config import ConfigError
 from .build import PLAN_MODES, build_plan, start_counts
 from .counts import RoutingCounts
+from .gathered_routing import GatheredRouting, build_gathered_plan
 from .groups import CommGroups
 from .hierarchical_plan import crosses_nodes, hierarchical_traffic, tokens_per_local_expert
 from .origin_split import build_origin_split
@@ -174,14 +175,21 @@ class TokenDispatcher:
             Only the hierarchical plan on a group spanning nodes has an inter-node stage to hide; elsewhere
             it is a no-op (``overlap_active`` says which); a layer call whose count table shows no row
             crossing nodes runs the unsplit plan too. Results are bitwise equal either way.
+        equal_tokens: the caller guarantees that every EP rank passes the same number of tokens in every
+            call (Megatron does). The ``"allgather"`` plan then sizes its routing all-gather locally and
+            exchanges no counts (:mod:`.gathered_routing`: one collective fewer, bitwise the same results);
+            other modes ignore it. A rank with another count cannot be recovered from (gloo aborts, NCCL
+            may wait forever), so leave it False where token counts may differ.
 
     Attributes:
         plan_mode: the plan actually built (:func:`resolve_mode`).
         overlap_active: whether plans are split by origin (``overlap`` on a hierarchical plan across nodes).
+        gathers_routing: whether the count exchange is the routing all-gather itself (``"allgather"`` with
+            ``equal_tokens``); then :meth:`start_counts` needs the combine weights.
     """
 
     def __init__(self, groups: CommGroups, mode: str = "hierarchical", exact_tree: bool = False,
-                 overlap: bool = False) -> None:
+                 overlap: bool = False, equal_tokens: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"dispatcher mode {mode!r} is not one of {MODES}")
         if not isinstance(overlap, bool):
@@ -195,6 +203,7 @@ class TokenDispatcher:
         self.plan_mode = resolve_mode(mode, groups.topology, exact_tree)
         self.overlap = overlap
         self.overlap_active = overlap and self.plan_mode == "hierarchical" and groups.topology.num_nodes > 1
+        self.gathers_routing = self.plan_mode == "allgather" and bool(equal_tokens)
         self.traffic = TrafficCounter()
         self.order_hook = None  # test-only: permutes the rail-level sum order of split plans
 
@@ -202,21 +211,32 @@ class TokenDispatcher:
     def topology(self):
         return self.groups.topology
 
-    def start_counts(self, expert_ids: torch.Tensor, folded=None) -> RoutingCounts:
+    def start_counts(self, expert_ids: torch.Tensor, folded=None,
+                     weights: torch.Tensor | None = None) -> "RoutingCounts | GatheredRouting":
         """The device half of the count exchange (all-gather and an asynchronous copy to the host, no
         host wait): call early (Megatron: ``dispatch_preprocess``) and pass the result to :meth:`prepare`.
+        With :attr:`gathers_routing` the exchange is the routing all-gather itself
+        (:class:`.gathered_routing.GatheredRouting`), which carries ``weights [s, k]`` (required then).
 
         ``folded``: a router forward's :class:`~locmoe_plugin.folded_counts.FoldedCounts` (its
         ``RouterOutput.pending``): its bins ride in this rank's row of the table and it is completed right
         after the all-gather, on the device (aux loss, expert-bias and budget steps; no host wait), so the
         router needs no all-reduce of its own. Every EP rank passes one or none alike (the router's choice
         depends on settings and the training mode only)."""
-        counts = start_counts(expert_ids, self.groups, self.plan_mode, None if folded is None else folded.extra_bins)
+        extra = None if folded is None else folded.extra_bins
+        if self.gathers_routing:
+            if weights is None:
+                raise ValueError("an allgather dispatcher with equal_tokens=True gathers the combine weights with "
+                                 "the routing: pass start_counts(expert_ids, weights=weights)")
+            counts = GatheredRouting(self.groups, expert_ids.long(), weights, extra)
+        else:
+            counts = start_counts(expert_ids, self.groups, self.plan_mode, extra)
         if folded is not None:
             folded.complete(counts)
         return counts
 
-    def prepare(self, expert_ids: torch.Tensor, weights: torch.Tensor, counts: RoutingCounts | None = None) -> Plan:
+    def prepare(self, expert_ids: torch.Tensor, weights: torch.Tensor,
+                counts: "RoutingCounts | GatheredRouting | None" = None) -> Plan:
         """Build the routing plan (the count exchange's one host wait; the flat plan's metadata exchange)
         without moving payload; pass it to :meth:`dispatch` as ``plan``. ``counts``: from
         :meth:`start_counts`.
@@ -224,7 +244,9 @@ class TokenDispatcher:
         The hierarchical plan, split by origin or not, exchanges no metadata here: each hop's rows carry
         theirs packed behind the payload, and the receive side is built when they arrive."""
         if counts is None:
-            counts = self.start_counts(expert_ids)
+            counts = self.start_counts(expert_ids, weights=weights)
+        if isinstance(counts, GatheredRouting):
+            return build_gathered_plan(counts, self.groups)
         # nothing crosses nodes anywhere in the EP group (every rank reads the same table, so all ranks
         # agree): nothing to hide, the unsplit plan costs less (one expert call, fewer gathers)
         if self.overlap_active and crosses_nodes(counts.wait_host(), self.topology):
@@ -333,7 +355,7 @@ class TokenDispatcher:
         x = hidden.reshape(-1, d)
         plan = None
         if self.overlap_active or folded is not None:
-            plan = self.prepare(expert_ids, weights, self.start_counts(expert_ids, folded))
+            plan = self.prepare(expert_ids, weights, self.start_counts(expert_ids, folded, weights))
         if plan is None or plan.origin_split is None:
             inp, handle = self.dispatch(x, expert_ids, weights, plan)
             out = self.combine(expert_fn(inp, handle.tokens_per_expert), handle)

@@ -8,12 +8,18 @@ count exchange (one all-gather and an asynchronous copy of the table to the host
 dispatcher copies its counts on a side stream); ``token_dispatch`` waits for it (the layer's one host
 sync), exchanges the routing metadata and moves the payload.
 
-Folded router counts: in ``LocMoELayer`` (EP-wide aux loss, an EP group that spans nodes, router not
-captured in a CUDA graph) the router does not all-reduce its per-expert counts; ``dispatch_preprocess`` appends its
-extra bins to this rank's count histogram, completes the router's aux loss, expert-bias and budget steps
-from the all-gathered table on the device, and returns the probs with the router's losses attached
-(``MoEAuxLossAutoScaler``, as the router attaches them otherwise): one collective per layer forward fewer
-(:mod:`locmoe_plugin.folded_counts`).
+Folded router counts: in ``LocMoELayer`` (EP-wide aux loss, an EP group that spans nodes or the one-node
+``allgather`` mode below, router not captured in a CUDA graph) the router does not all-reduce its
+per-expert counts; ``dispatch_preprocess`` appends its extra bins to this rank's count histogram, completes
+the router's aux loss, expert-bias and budget steps from the all-gathered table on the device, and returns
+the probs with the router's losses attached (``MoEAuxLossAutoScaler``, as the router attaches them
+otherwise): one collective per layer forward fewer (:mod:`locmoe_plugin.folded_counts`).
+
+Equal token counts: Megatron hands every EP rank the same ``[seq / TP, micro-batch]`` tokens per call (its
+own allgather dispatcher relies on that), so with ``dispatcher="allgather"`` the layer runs no count
+exchange: ``dispatch_preprocess`` all-gathers the routing (ids, weights, checks and the router's folded
+bins in one tensor) and ``token_dispatch`` reads this rank's pairs per expert from it
+(:mod:`locmoe_plugin.comm.gathered_routing`). With ``variable_seq_lengths`` the count exchange stays.
 
 Overlap (``overlap=True``, off by default; a no-op on a one-node EP group): Megatron's ``MoELayer`` runs the
 experts between ``token_dispatch`` and ``token_combine``, on all rows at once, so the experts cannot
@@ -97,7 +103,10 @@ class LocMoETokenDispatcher:
         self.topk = config.moe_router_topk
         ep_ranks = all_group_ranks(pg_collection.ep) if topology.ep_size > 1 else None
         groups = build_comm_groups(topology, pg_collection.ep, ep_ranks)
-        self.core = TokenDispatcher(groups, settings.mode, overlap=settings.overlap)
+        # Megatron hands every EP rank [seq / TP, micro-batch] tokens per call (its allgather dispatcher relies
+        # on it too); only --variable-seq-lengths lets them differ
+        self.core = TokenDispatcher(groups, settings.mode, overlap=settings.overlap,
+                                    equal_tokens=not getattr(config, "variable_seq_lengths", False))
         self._take_folded = None  # the router's LocMoEMegatronRouter.take_folded when its counts are folded here
         self._plan = None
         self._routing = None  # (ids, weights, counts in flight) between dispatch_preprocess and token_dispatch
@@ -112,7 +121,7 @@ class LocMoETokenDispatcher:
         exchange where the math allows (:meth:`LocMoEMegatronRouter.fold_counts_with`); ``fold=False``: the
         router all-reduces its counts itself (the same results; for A/B timing). Call it alike on every EP
         rank, before the first forward. Returns whether it folds."""
-        folds = router.fold_counts_with(self.core.groups.ep if fold else None)
+        folds = router.fold_counts_with(self.core.groups.ep if fold else None, one_node_too=self.core.gathers_routing)
         self._take_folded = router.take_folded if folds else None
         return folds
 
@@ -128,7 +137,7 @@ class LocMoETokenDispatcher:
         # the count exchange starts here; its host copy lands while the layer does other work. With the router's
         # counts folded into it, the router's losses and steps complete right after its all-gather (device work)
         folded = None if self._take_folded is None else self._take_folded()
-        counts = self.core.start_counts(ids, None if folded is None else folded.counts)
+        counts = self.core.start_counts(ids, None if folded is None else folded.counts, weights)
         self._routing = (ids, weights, counts)
         if folded is not None:
             weights = folded.attach(weights)

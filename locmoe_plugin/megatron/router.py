@@ -326,13 +326,13 @@ class LocMoEMegatronRouter(torch.nn.Module):
         """
         return self._route(hidden, padding_mask, index_form=False)
 
-    def fold_counts_with(self, dispatcher_group) -> bool:
+    def fold_counts_with(self, dispatcher_group, one_node_too: bool = False) -> bool:
         """Leave the EP group's counts to ``LocMoELayer``'s dispatcher on ``dispatcher_group`` (see
         :meth:`LocMoERouter.fold_counts_with`): then a forward's losses are attached to the probs that
         ``dispatch_preprocess`` returns (:meth:`take_folded`), not to the router's. Not under a CUDA graph
         that captures the router (a replay would skip the Python that hands the counts over): there the
-        router keeps its all-reduce. Returns whether it folds."""
-        self._folds = self.core.fold_counts_with(dispatcher_group) and not self._graph_captured
+        router keeps its all-reduce. ``one_node_too``: as there. Returns whether it folds."""
+        self._folds = self.core.fold_counts_with(dispatcher_group, one_node_too) and not self._graph_captured
         return self._folds
 
     def take_folded(self) -> "_FoldedRoute | None":
