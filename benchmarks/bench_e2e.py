@@ -119,6 +119,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus", default=None, help="text file or folder (default: the demo corpus)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per CPU rank")
+    p.add_argument("--manual-gc", action="store_true",
+                   help="as Megatron-LM's --manual-gc: Python's automatic garbage collection off while a system "
+                        "trains, one full collection before its measured steps (untimed); default: automatic, "
+                        "whose passes land in whichever step allocates past its threshold, on each rank at its "
+                        "own time")
     p.add_argument("--grad-reduce", default="fp32",
                    help="dtype of the Megatron systems' gradient buffers and their data-parallel reduction: fp32 "
                         "(Megatron-LM's bf16 default), bf16 (its --grad-reduce-in-bf16: half the bytes on the "
@@ -376,6 +381,11 @@ def _release(model_alive: weakref.ref, accel) -> bool:
     return released
 
 
+def _gc_collections() -> list[int]:
+    """Python's garbage-collection passes so far, per generation (0, 1, 2), on this process."""
+    return [g["collections"] for g in gc.get_stats()]
+
+
 def _warmup_steps(opts) -> int:
     return opts.warmup if opts.warmup is not None else max(1, opts.steps // 10)
 
@@ -430,9 +440,12 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
     tokens_per_step = world * opts.micro_batch * opts.seq_len
     measure_from = opts.steps - opts.measure
     wire = WireCounter(node_of)
-    step_s, losses, cross, dropped, expert_load, rank_load = [], [], [], 0, [], []
+    step_s, losses, cross, dropped, expert_load, rank_load, gc_steps = [], [], [], 0, [], [], []
     _peak_memory_reset(accel)
     system.train(True)
+    gc_was_enabled = gc.isenabled()
+    if opts.manual_gc:
+        gc.disable()
     t_run = time.perf_counter()
     for step in range(opts.steps):
         tokens, labels = (t.to(dev) for t in sample_batch(corpus.train, opts.micro_batch, opts.seq_len, gen))
@@ -440,10 +453,13 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
             g["lr"] = _lr(step, opts)
         measured = step >= measure_from
         if step == measure_from:
+            if opts.manual_gc:
+                gc.collect()
             alloc_before = _allocator_counts(accel)
         monitor.begin_step()
         accel.synchronize()
         dist.barrier()
+        gc_before = _gc_collections()
         t0 = time.perf_counter()
         if measured:
             with wire:
@@ -454,6 +470,7 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
             system.step(loss)
         accel.synchronize()
         dt = time.perf_counter() - t0
+        gc_steps.append([a - b for a, b in zip(_gc_collections(), gc_before)])
         routing = monitor.end_step(dev)
         if measured:
             step_s.append(dt)
@@ -467,6 +484,11 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
                   f"{routing['cross_node_share']:.3f}  {dt * 1e3:.0f} ms  ({time.perf_counter() - t_run:.0f} s)",
                   flush=True)
     monitor.remove()
+    if gc_was_enabled:
+        gc.enable()
+    # each measured step's passes per generation, summed over the ranks
+    gc_flat = _all_reduce([float(v) for c in gc_steps[measure_from:] for v in c], dev)
+    gc_measured = [[int(v) for v in gc_flat[i : i + 3]] for i in range(0, len(gc_flat), 3)]
     alloc_after = _allocator_counts(accel)
     allocator = None
     if alloc_after is not None:  # summed over ranks, over the measured steps
@@ -507,6 +529,8 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
         "cross_node_share": statistics.mean(cross),
         "cross_node_share_steps": cross,
         "allocator_calls_measured": allocator,
+        "manual_gc": bool(opts.manual_gc),
+        "gc_collections_steps": gc_measured,
         "inter_node_bytes_rank_max_over_mean": inter_max * world / float(totals[0]) if float(totals[0]) > 0 else None,
         "expert_load_max_over_mean": statistics.mean(expert_load),
         "rank_load_max_over_mean": statistics.mean(rank_load),

@@ -8,7 +8,9 @@ the ratio to mcore_alltoall's median on the same layout with the same gradient r
 ratio to the same variant's median on one node
 (layout ``1x<ranks>``; scaling efficiency); validation loss after the same tokens; cross-node share of
 routed pairs; inter-node MiB per step and rank; "rows u" = the busiest rank's routed rows over the mean rank's
-(mean over layers and measured steps), "x u" = the busiest rank's inter-node bytes over the mean rank's; peak memory; the share of the profiling step spent waiting
+(mean over layers and measured steps), "x u" = the busiest rank's inter-node bytes over the mean rank's; "gc" =
+Python's garbage-collection passes of generations 0/1/2 during the measured steps, summed over the ranks
+(suffix "m": ``--manual-gc``, automatic collection off); peak memory; the share of the profiling step spent waiting
 on the inter-node link; the profiling step's forward + backward milliseconds per phase (attention A,
 router R, dispatch D, experts E, combine C), grad sync G and optimizer O.
 """
@@ -48,11 +50,20 @@ def _ratio(r: dict, key: str) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def _gc(r: dict) -> str:
+    """The measured steps' collection passes per generation, summed over steps and ranks ("-": not recorded)."""
+    steps = r.get("gc_collections_steps")
+    if steps is None:
+        return "-"
+    total = "/".join(str(sum(step[g] for step in steps)) for g in range(3))
+    return total + ("m" if r.get("manual_gc") else "")
+
+
 def table(rows: list[dict]) -> str:
     by = {(r["layout"], variant(r)): r for r in rows}
     one_node = {variant(r): r for r in rows if r["nodes"] == 1}
     head = (f"{'layout':<10} {'system':<22} {'k tok/s':>8} {'min-max':>11} {'x a2a':>6} {'scaling':>7} {'val':>6} "
-            f"{'cross':>6} {'inter MiB':>9} {'rows u':>6} {'x u':>5} {'peak GiB':>8} {'link':>5}  "
+            f"{'cross':>6} {'inter MiB':>9} {'rows u':>6} {'x u':>5} {'gc':>9} {'peak GiB':>8} {'link':>5}  "
             + " ".join(f"{k:>6}" for k, _ in PHASES) + f" {'G':>6} {'O':>6} {'step':>7}")
     lines = [head]
     for r in rows:
@@ -67,7 +78,7 @@ def table(rows: list[dict]) -> str:
             f"{r['layout']:<10} {variant(r):<22} {t['median'] / 1e3:8.1f} {t['min'] / 1e3:5.1f}-{t['max'] / 1e3:<5.1f} "
             f"{ratio:>6} {scaling:>7} {r['val_loss']:6.3f} {r['cross_node_share']:6.3f} "
             f"{r['inter_node_bytes_per_step'] / r['world'] / 2**20:9.1f} {_ratio(r, 'rank_load_max_over_mean'):>6} "
-            f"{_ratio(r, 'inter_node_bytes_rank_max_over_mean'):>5} {peak:>8} "
+            f"{_ratio(r, 'inter_node_bytes_rank_max_over_mean'):>5} {_gc(r):>9} {peak:>8} "
             f"{b['inter_node_wait_share'] * 100:4.0f}%  "
             + " ".join(f"{phase_ms(r, p):6.1f}" for _, p in PHASES)
             + f" {b['grad_sync']:6.1f} {b['optimizer']:6.1f} {b['total']:7.1f}")

@@ -15,15 +15,15 @@ TOY = ["--num-layers", "2", "--hidden-size", "64", "--num-heads", "4", "--num-ex
        "--measure", "2", "--eval-batches", "1", "--bandwidth-mib", "0.125"]
 
 
-def _run(out, systems, link="fast"):
+def _run(out, systems, link="fast", extra=()):
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"}
     cmd = ["bash", "launch/emulate_nodes.sh", "--nodes", "2", "--nproc-per-node", "4", "--link", link, "--",
            "benchmarks/bench_e2e.py", "--out", str(out), "--systems", systems,
-           "--corpus", os.path.join(ROOT, "README.md"), *TOY]
+           "--corpus", os.path.join(ROOT, "README.md"), *TOY, *extra]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _check(r, system):
+def _check(r, system, manual_gc=False):
     assert r["system"] == system and r["layout"] == "2x2_fast" and r["link"] == "fast"
     assert r["bandwidth"]["env"]["NCCL_NSOCKS_PERTHREAD"] == "8"
     assert r["bandwidth"]["inter_node_gbps"] > 0 and r["bandwidth"]["intra_node_gbps"] > 0
@@ -44,6 +44,11 @@ def _check(r, system):
     assert len(r["cross_node_share_steps"]) == 2 and r["allocator_calls_measured"] is None  # no device allocator
     assert r["lr_warmup_steps"] == 1  # --steps 5 // 10, at least 1
     assert sum(r["cross_node_share_steps"]) / 2 == pytest.approx(r["cross_node_share"])
+    # Python's collection passes per measured step and generation, summed over the 4 ranks
+    gcs = r["gc_collections_steps"]
+    assert r["manual_gc"] is manual_gc and len(gcs) == 2 and all(len(g) == 3 and min(g) >= 0 for g in gcs)
+    if manual_gc:  # automatic collection off: no pass inside a measured step
+        assert gcs == [[0, 0, 0], [0, 0, 0]]
     if system == "deepspeed_moe":
         assert r["grad_reduce"] == "deepspeed" and r["grad_buffer_dtypes"] is None
     else:  # the default reduction: fp32 buffers as DDP allocated them
@@ -80,9 +85,9 @@ def test_bench_e2e_megatron_systems_resume_and_report(tmp_path):
 
 @pytest.mark.multiproc
 def test_bench_e2e_deepspeed(tmp_path):
-    out = _run(tmp_path, "deepspeed_moe")
+    out = _run(tmp_path, "deepspeed_moe", extra=["--manual-gc"])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    _check(json.loads((tmp_path / "e2e_2x2_fast_deepspeed_moe.json").read_text()), "deepspeed_moe")
+    _check(json.loads((tmp_path / "e2e_2x2_fast_deepspeed_moe.json").read_text()), "deepspeed_moe", manual_gc=True)
 
 
 def test_bench_e2e_rejects_mixed_launch_and_bad_measure():
