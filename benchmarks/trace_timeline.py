@@ -14,7 +14,10 @@ the backward). Per trace, per iteration (totals divided by ``--iters``):
   phases it overlaps: the innermost ``phase:`` range of the thread that runs the forward; inside
   ``phase:backward`` the autograd thread's ``autograd::engine::evaluate_function: NAME`` range (the
   backward node whose host work the GPU waited for), else "backward, between nodes"; outside every range
-  "outside phases".
+  "outside phases";
+* the host time of each backward node on the autograd thread (its ``evaluate_function`` ranges), and the
+  ``cudaLaunchKernel`` time of that thread: the same node costing more host time in one layer than in
+  another points at the launch path, not at the node's own code.
 
 The profiler adds host time per op, so idle here is larger than without it; compare layers traced in the
 same call.
@@ -102,12 +105,19 @@ def summarize(events: list[dict], iters: int) -> dict:
                             idle["backward: " + (node or "between nodes")] += us2
             else:
                 idle[label or "outside phases"] += us
+    nodes_host: dict = collections.Counter()
+    for start, end, node in nodes:
+        nodes_host[node] += end - start
+    launch_us = sum(e["dur"] for e in events if e.get("cat") == "cuda_runtime" and e.get("tid") in bwd_tids
+                    and e["name"].startswith("cudaLaunchKernel"))
     per = 1e3 * iters
     return {
         "span_ms": span / per, "busy_ms": total(busy) / per, "nccl_ms": total(union(nccl)) / per,
         "compute_ms": total(union(rest)) / per, "idle_ms": (span - total(busy)) / per,
         "kernels": len(device) / iters,
         "idle_by_phase_ms": {k: v / per for k, v in sorted(idle.items(), key=lambda kv: -kv[1])},
+        "backward_nodes_host_ms": {k: v / per for k, v in sorted(nodes_host.items(), key=lambda kv: -kv[1])},
+        "backward_launch_ms": launch_us / per,
     }
 
 
@@ -116,6 +126,10 @@ def report(name: str, s: dict, top: int) -> str:
              f"{s['nccl_ms']:.2f}), GPU idle {s['idle_ms']:.2f} ms per iteration, {s['kernels']:.0f} kernels"]
     for label, ms in list(s["idle_by_phase_ms"].items())[:top]:
         lines.append(f"    idle {ms:6.3f} ms  while the host ran {label}")
+    lines.append(f"  backward nodes' host time {sum(s['backward_nodes_host_ms'].values()):.2f} ms per iteration "
+                 f"(cudaLaunchKernel on that thread {s['backward_launch_ms']:.2f} ms):")
+    for node, ms in list(s["backward_nodes_host_ms"].items())[:top]:
+        lines.append(f"    host {ms:6.3f} ms  {node}")
     return "\n".join(lines)
 
 

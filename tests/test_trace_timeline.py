@@ -23,6 +23,8 @@ def test_idle_gaps_are_charged_to_the_host_phase_and_backward_node(tmp_path):
         _x("phase:router", 0, 15, "user_annotation", 1), _x("phase:experts", 15, 25, "user_annotation", 1),
         _x("phase:backward", 40, 30, "user_annotation", 1),
         _x("autograd::engine::evaluate_function: FooBackward", 42, 13, "cpu_op", 2),
+        _x("autograd::engine::evaluate_function: FooBackward", 62, 3, "cpu_op", 2),
+        _x("cudaLaunchKernel", 43, 2, "cuda_runtime", 2), _x("cudaLaunchKernel", 5, 7, "cuda_runtime", 1),
         {"ph": "i", "name": "marker", "ts": 1},  # not a complete event: ignored
     ]
     path = tmp_path / "t.json"
@@ -34,6 +36,9 @@ def test_idle_gaps_are_charged_to_the_host_phase_and_backward_node(tmp_path):
     assert s["idle_by_phase_ms"] == pytest.approx({"experts": 0.015, "router": 0.005,
                                                    "backward: FooBackward": 0.008, "backward: between nodes": 0.002})
     assert list(s["idle_by_phase_ms"])[0] == "experts"  # largest first
+    # host time of the backward nodes, and the launches of the autograd thread only
+    assert s["backward_nodes_host_ms"] == pytest.approx({"FooBackward": 0.016})
+    assert s["backward_launch_ms"] == pytest.approx(0.002)
     assert "idle  0.015 ms  while the host ran experts" in trace_timeline.report("t", s, top=2)
 
 
