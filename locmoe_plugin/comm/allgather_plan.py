@@ -12,16 +12,14 @@ Dispatch (``T = P * rows_max`` gathered tokens, :mod:`.block_collectives` for un
                  order = the canonical (local expert, source rank, source token) order of every plan
     x [s, F]  --all-gather-->  [T, F]  --index_select(token_row)-->  expert rows [n, F]
 
-Combine (the adjoint): expert rows ``[n, F]`` (already weighted) are put in token order (one
-``index_select`` by a stable sort of the pairs' token rows, made once per plan) and summed per gathered
-token by one ``segment_reduce`` into ``[T, F]`` (a token without a pair here gets 0), then
-reduce-scattered to ``[s, F]``. Backward runs the adjoint collectives: the dispatch's gradient is that
-reduce, the combine's gradient that gather.
+Combine (the adjoint): expert rows ``[n, F]`` (already weighted) are added into a zeroed ``[T, F]``
+buffer with ``index_put_(accumulate=True)``, then reduce-scattered to ``[s, F]``. Backward runs the
+adjoint collectives: the dispatch's gradient is that reduce, the combine's gradient that gather.
 
-Numerics: a token's rows on one rank are added in canonical order (local expert order), from 0, one after
-another (``segment_reduce`` loops over a segment's rows in order, on CPU and CUDA alike); then the
-reduce-scatter sums the ranks' partial sums in the collective's order. (An ``index_put_`` with
-``accumulate=True`` sums the same rows in the same order, at several times the host time per call.) So results repeat run to run, but the sums are not
+Numerics: a token's rows on one rank are added in canonical order (local expert order): on CUDA
+``index_put_`` with ``accumulate=True`` is torch's deterministic index-add (it sorts the indices
+stably, then adds each index's rows in order), on CPU it adds sequentially; then the reduce-scatter sums
+the ranks' partial sums in the collective's order. So results repeat run to run, but the sums are not
 the pairs plan's (one sum over a token's slots) nor the tree plans' order: ``allclose``, not bitwise,
 to the other plans. At top-1 every token has one row: the results equal the pairs plan's bit for bit.
 In bf16 each rank's partial sum is rounded before the cross-rank sum (as in Megatron's allgather
@@ -56,17 +54,13 @@ class AllGatherRoute:
     Attributes: ``token_row [n]`` int64 the gathered row ``[0, P * rows_max)`` of each local pair, in
     canonical order; ``slot_pos [P * rows_max, k]`` int64 the pair position of each gathered slot, ``n``
     where the slot's expert is elsewhere, not routed, or the row is padding; ``num_tokens`` ``s``;
-    ``rows_max`` the largest token count of the group; ``group`` the EP group (None: one rank);
-    ``token_order [n]`` int64 the pairs sorted by gathered row, stably (canonical order within a row);
-    ``pairs_per_row [P * rows_max]`` int64 each gathered row's pairs here (:func:`token_segments`)."""
+    ``rows_max`` the largest token count of the group; ``group`` the EP group (None: one rank)."""
 
     token_row: torch.Tensor
     slot_pos: torch.Tensor
     num_tokens: int
     rows_max: int
     group: object | None
-    token_order: torch.Tensor
-    pairs_per_row: torch.Tensor
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """``x [s, F]`` -> ``[n, F]`` rows of the local pairs (all-gather, one ``index_select``)."""
@@ -75,8 +69,8 @@ class AllGatherRoute:
     def reduce(self, y: torch.Tensor) -> torch.Tensor:
         """``y [n, F]`` -> ``[s, F]``: each token's rows added in canonical order into a zeroed ``[T, F]``,
         then summed over the ranks by one reduce-scatter (module doc: numerics)."""
-        full = torch.segment_reduce(y.index_select(0, self.token_order), "sum", lengths=self.pairs_per_row,
-                                    axis=0, unsafe=True, initial=0)  # lengths sum to n by construction
+        full = y.new_zeros((self.slot_pos.shape[0],) + tuple(y.shape[1:]))
+        full.index_put_((self.token_row,), y, accumulate=True)
         return reduce_scatter_blocks(full, self.num_tokens, self.group)
 
     def values_to_slots(self, v: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
@@ -85,13 +79,6 @@ class AllGatherRoute:
         ext = torch.nn.functional.pad(v.float(), (0, 1))  # [n + 1]: a zero for the slots not here
         per_slot = ext.index_select(0, self.slot_pos.view(-1)).view(self.slot_pos.shape)
         return reduce_scatter_blocks(per_slot, num_tokens, self.group)
-
-
-def token_segments(token_row: torch.Tensor, slot_pos: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``token_row [n]`` and ``slot_pos [T, k]`` -> ``(token_order [n], pairs_per_row [T])`` for the reduce:
-    the pairs stably sorted by gathered row (so a row's pairs stay in canonical order), and each gathered
-    row's pairs here (its slots whose position is below ``n``). Device work only (a sort, a compare, a sum)."""
-    return torch.sort(token_row, stable=True).indices, (slot_pos < n).sum(1)
 
 
 def pack_routing(expert_ids: torch.Tensor, weights: torch.Tensor, rows_max: int, pad: bool = True) -> torch.Tensor:
@@ -148,6 +135,6 @@ def build_allgather_plan(expert_ids: torch.Tensor, weights: torch.Tensor, groups
     token_row = torch.empty(n + 1, dtype=torch.long, device=dev).index_put_((slot_pos,), rows)[:n]
     pair_weight = torch.empty(n + 1, dtype=torch.float32, device=dev).index_put_(
         (slot_pos,), routed_weights(routing, k))[:n]
-    route = AllGatherRoute(token_row, slot_pos, s, rows_max, group, *token_segments(token_row, slot_pos, n))
+    route = AllGatherRoute(token_row, slot_pos, s, rows_max, group)
     return Plan(hops=(), num_tokens=s, pair_weight=pair_weight, tokens_per_expert=tokens_per_expert,
                 traffic=Traffic(intra_rows=(p - 1) * rows_max), mode="allgather", gather_route=route)

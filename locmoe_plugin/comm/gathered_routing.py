@@ -36,7 +36,7 @@ import functools
 
 import torch
 
-from .allgather_plan import AllGatherRoute, pack_routing, routed_weights, row_numbers, token_segments
+from .allgather_plan import AllGatherRoute, pack_routing, routed_weights, row_numbers
 from .block_collectives import gather_blocks
 from .counting_sort import EXTRA_BINS, count_pairs, slot_bins, slot_positions
 from .counts import count_layout
@@ -157,6 +157,6 @@ def build_gathered_plan(routing: GatheredRouting, groups: CommGroups) -> Plan:
     token_row = torch.empty(n + 1, dtype=torch.long, device=dev).index_put_((slot_pos,), rows)[:n]
     pair_weight = torch.empty(n + 1, dtype=torch.float32, device=dev).index_put_(
         (slot_pos.view(p, s, k),), routed_weights(blocks[:, :s], k))[:n]
-    route = AllGatherRoute(token_row, slot_pos, s, s, routing.group, *token_segments(token_row, slot_pos, n))
+    route = AllGatherRoute(token_row, slot_pos, s, s, routing.group)
     return Plan(hops=(), num_tokens=s, pair_weight=pair_weight, tokens_per_expert=tokens_per_expert,
                 traffic=Traffic(intra_rows=(p - 1) * s), mode="allgather", gather_route=route)
