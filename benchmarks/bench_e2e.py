@@ -49,6 +49,7 @@ skipped, so an interrupted run resumes where it stopped):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -381,6 +382,20 @@ def _release(model_alive: weakref.ref, accel) -> bool:
     return released
 
 
+@contextlib.contextmanager
+def _automatic_collection(off: bool):
+    """Python's automatic garbage collection off inside when ``off`` (``--manual-gc``), restored after, also
+    when a step raises."""
+    was_enabled = gc.isenabled()
+    if off:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _gc_collections() -> list[int]:
     """Python's garbage-collection passes so far, per generation (0, 1, 2), on this process."""
     return [g["collections"] for g in gc.get_stats()]
@@ -443,49 +458,45 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
     step_s, losses, cross, dropped, expert_load, rank_load, gc_steps = [], [], [], 0, [], [], []
     _peak_memory_reset(accel)
     system.train(True)
-    gc_was_enabled = gc.isenabled()
-    if opts.manual_gc:
-        gc.disable()
-    t_run = time.perf_counter()
-    for step in range(opts.steps):
-        tokens, labels = (t.to(dev) for t in sample_batch(corpus.train, opts.micro_batch, opts.seq_len, gen))
-        for g in system.optimizer.param_groups:
-            g["lr"] = _lr(step, opts)
-        measured = step >= measure_from
-        if step == measure_from:
-            if opts.manual_gc:
-                gc.collect()
-            alloc_before = _allocator_counts(accel)
-        monitor.begin_step()
-        accel.synchronize()
-        dist.barrier()
-        gc_before = _gc_collections()
-        t0 = time.perf_counter()
-        if measured:
-            with wire:
+    with _automatic_collection(off=opts.manual_gc):
+        t_run = time.perf_counter()
+        for step in range(opts.steps):
+            tokens, labels = (t.to(dev) for t in sample_batch(corpus.train, opts.micro_batch, opts.seq_len, gen))
+            for g in system.optimizer.param_groups:
+                g["lr"] = _lr(step, opts)
+            measured = step >= measure_from
+            if step == measure_from:
+                if opts.manual_gc:
+                    gc.collect()
+                alloc_before = _allocator_counts(accel)
+            monitor.begin_step()
+            accel.synchronize()
+            dist.barrier()
+            gc_before = _gc_collections()
+            t0 = time.perf_counter()
+            if measured:
+                with wire:
+                    loss = system.loss(tokens, labels)
+                    system.step(loss)
+            else:
                 loss = system.loss(tokens, labels)
                 system.step(loss)
-        else:
-            loss = system.loss(tokens, labels)
-            system.step(loss)
-        accel.synchronize()
-        dt = time.perf_counter() - t0
-        gc_steps.append([a - b for a, b in zip(_gc_collections(), gc_before)])
-        routing = monitor.end_step(dev)
-        if measured:
-            step_s.append(dt)
-            losses.append(loss.detach().float())
-            cross.append(routing["cross_node_share"])
-            dropped += routing["dropped_pairs"]
-            expert_load.append(routing["max_over_mean_load"])
-            rank_load.append(routing["rank_max_over_mean_load"])
-        if rank == 0 and (step + 1) % max(1, opts.steps // 8) == 0:
-            print(f"  [{name}] step {step + 1}/{opts.steps}  loss {float(loss):.3f}  cross-node "
-                  f"{routing['cross_node_share']:.3f}  {dt * 1e3:.0f} ms  ({time.perf_counter() - t_run:.0f} s)",
-                  flush=True)
+            accel.synchronize()
+            dt = time.perf_counter() - t0
+            gc_steps.append([a - b for a, b in zip(_gc_collections(), gc_before)])
+            routing = monitor.end_step(dev)
+            if measured:
+                step_s.append(dt)
+                losses.append(loss.detach().float())
+                cross.append(routing["cross_node_share"])
+                dropped += routing["dropped_pairs"]
+                expert_load.append(routing["max_over_mean_load"])
+                rank_load.append(routing["rank_max_over_mean_load"])
+            if rank == 0 and (step + 1) % max(1, opts.steps // 8) == 0:
+                print(f"  [{name}] step {step + 1}/{opts.steps}  loss {float(loss):.3f}  cross-node "
+                      f"{routing['cross_node_share']:.3f}  {dt * 1e3:.0f} ms  ({time.perf_counter() - t_run:.0f} s)",
+                      flush=True)
     monitor.remove()
-    if gc_was_enabled:
-        gc.enable()
     # each measured step's passes per generation, summed over the ranks
     gc_flat = _all_reduce([float(v) for c in gc_steps[measure_from:] for v in c], dev)
     gc_measured = [[int(v) for v in gc_flat[i : i + 3]] for i in range(0, len(gc_flat), 3)]

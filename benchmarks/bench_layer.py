@@ -110,7 +110,6 @@ if HERE not in sys.path:  # the benchmark's own modules, also when loaded by fil
 from layer_setup import Ctx, build_megatron_layer, time_it  # noqa: E402
 from layer_training import _budget_mechanism, _budget_warmup, corpus_batch, train  # noqa: E402
 from link_probe import LinkProbe, a2a_time, format_links, layer_probe_mib, take_sample  # noqa: E402
-from locmoe_plugin.comm import TokenDispatcher  # noqa: E402
 from locmoe_plugin.comm.settings import DispatcherSettings  # noqa: E402
 from locmoe_plugin.config import BUDGET_MECHANISMS  # noqa: E402
 from locmoe_plugin.megatron.router import dense_routing_map  # noqa: E402
@@ -441,13 +440,12 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
                     "cross_node_budget_warmup": _budget_warmup(a)}
         mode = "allgather" if allgather else "hierarchical"
         layer = build_megatron_layer(ctx, "alltoall", ctx.dtype, settings,
-                                     locmoe_dispatcher=DispatcherSettings(mode=mode, overlap=name == "locmoe_overlap"))
+                                     locmoe_dispatcher=DispatcherSettings(
+                                         mode=mode, overlap=name == "locmoe_overlap",
+                                         # the count exchange, as without equal token counts
+                                         equal_tokens=False if name == "locmoe_allgather_counted" else None))
         if name == "locmoe_unfolded":
             layer.token_dispatcher.fold_router_counts(layer.router, fold=False)
-        if name == "locmoe_allgather_counted":  # the count exchange, as without equal token counts
-            disp = layer.token_dispatcher
-            disp.core = TokenDispatcher(disp.core.groups, "allgather")
-            disp.fold_router_counts(layer.router)  # no count all-gather to ride in on one node: the all-reduce
         missing, unexpected = layer.load_state_dict(trained[gate]["state"], strict=False)
         if [m for m in missing if not m.endswith("_extra_state")] or unexpected:
             raise RuntimeError(f"trained state does not fit: missing {missing}, unexpected {unexpected}")

@@ -1,7 +1,7 @@
 """Where the GPU waits for the host in a layer's profiled steps: the idle gaps between kernels of a
 ``torch.profiler`` Chrome trace, each charged to what the host was doing meanwhile.
 
-  python3 benchmarks/trace_timeline.py TRACE.json [TRACE.json ...] [--iters 5] [--top 12]
+  python3 benchmarks/trace_timeline.py TRACE.json[.gz] [...] [--iters 5] [--top 12]
 
 For the traces ``benchmarks/profile_layer.py --profile-dir D`` writes (rank 0, ``--iters`` profiled
 forward + backward steps; its phase ranges label the router, the six dispatcher phases, the experts and
@@ -27,15 +27,18 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gzip
 import json
 import os
+import statistics
 
 EVALUATE = "autograd::engine::evaluate_function: "
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 def load_events(path: str) -> list[dict]:
-    with open(path) as f:
+    """The complete ("X") events of a Chrome trace, plain or gzipped (``.gz``)."""
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
     return [e for e in events if e.get("ph") == "X" and "ts" in e and "dur" in e]
@@ -63,19 +66,26 @@ def gaps(busy: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def _ranges(events: list[dict], tid, prefix: str) -> list[tuple[float, float, str]]:
     return [(e["ts"], e["ts"] + e["dur"], e["name"][len(prefix):]) for e in events
-            if e.get("tid") == tid and e["name"].startswith(prefix)]
+            if e.get("tid") == tid and e["name"].startswith(prefix) and e.get("cat") != "gpu_user_annotation"]
 
 
-def charge(gap: tuple[float, float], ranges: list[tuple[float, float, str]]) -> dict[str, float]:
-    """Split ``gap`` over ``ranges`` (innermost range wins where they nest: the shortest one containing
-    each piece); the rest under None."""
+def innermost(gap: tuple[float, float], ranges: list[tuple[float, float, str]]):
+    """``gap`` cut where ``ranges`` start or end: ``[((lo, hi), label)]``, each piece labelled by the
+    innermost range containing it (the shortest; where ranges nest) or None."""
     a, b = gap
     cuts = sorted({a, b, *(x for r in ranges for x in r[:2] if a < x < b)})
-    out: dict = collections.Counter()
+    pieces = []
     for lo, hi in zip(cuts, cuts[1:]):
         mid = (lo + hi) / 2
         inside = [r for r in ranges if r[0] <= mid < r[1]]
-        label = min(inside, key=lambda r: r[1] - r[0])[2] if inside else None
+        pieces.append(((lo, hi), min(inside, key=lambda r: r[1] - r[0])[2] if inside else None))
+    return pieces
+
+
+def charge(gap: tuple[float, float], ranges: list[tuple[float, float, str]]) -> dict[str, float]:
+    """Split ``gap`` over ``ranges`` (innermost range wins where they nest); the rest under None."""
+    out: dict = collections.Counter()
+    for (lo, hi), label in innermost(gap, ranges):
         out[label] += hi - lo
     return out
 
@@ -89,27 +99,26 @@ def summarize(events: list[dict], iters: int) -> dict:
     rest = [(e["ts"], e["ts"] + e["dur"]) for e in device if "nccl" not in e["name"].lower()]
     busy = union(nccl + rest)
     span = busy[-1][1] - busy[0][0]
-    phase_events = [e for e in events if e["name"].startswith("phase:")]
+    # the host's phase ranges (the GPU stream carries copies of them as gpu_user_annotation events)
+    phase_events = [e for e in events if e["name"].startswith("phase:") and e.get("cat") != "gpu_user_annotation"]
     main_tid = collections.Counter(e.get("tid") for e in phase_events).most_common(1)[0][0] if phase_events else None
     phases = _ranges(events, main_tid, "phase:")
     bwd_tids = collections.Counter(e.get("tid") for e in events if e["name"].startswith(EVALUATE))
     nodes = [r for tid in bwd_tids for r in _ranges(events, tid, EVALUATE)]
     idle: dict = collections.Counter()
     for gap in gaps(busy):
-        for label, us in charge(gap, phases).items():
+        for (lo, hi), label in innermost(gap, phases):
             if label == "backward":  # which backward node the GPU waited for
-                pieces = [(max(s, gap[0]), min(e, gap[1]), n) for s, e, n in phases if n == "backward"]
-                for lo, hi, _ in pieces:
-                    if hi > lo:
-                        for node, us2 in charge((lo, hi), nodes).items():
-                            idle["backward: " + (node or "between nodes")] += us2
+                for node, us in charge((lo, hi), nodes).items():
+                    idle["backward: " + (node or "between nodes")] += us
             else:
-                idle[label or "outside phases"] += us
+                idle[label or "outside phases"] += hi - lo
     nodes_host: dict = collections.Counter()
     for start, end, node in nodes:
         nodes_host[node] += end - start
-    launch_us = sum(e["dur"] for e in events if e.get("cat") == "cuda_runtime" and e.get("tid") in bwd_tids
-                    and e["name"].startswith("cudaLaunchKernel"))
+    launches = {thread: [e["dur"] for e in events if e.get("cat") == "cuda_runtime" and e.get("tid") in tids
+                         and e["name"].startswith("cudaLaunchKernel")]
+                for thread, tids in (("backward", set(bwd_tids)), ("forward", {main_tid}))}
     per = 1e3 * iters
     return {
         "span_ms": span / per, "busy_ms": total(busy) / per, "nccl_ms": total(union(nccl)) / per,
@@ -117,7 +126,9 @@ def summarize(events: list[dict], iters: int) -> dict:
         "kernels": len(device) / iters,
         "idle_by_phase_ms": {k: v / per for k, v in sorted(idle.items(), key=lambda kv: -kv[1])},
         "backward_nodes_host_ms": {k: v / per for k, v in sorted(nodes_host.items(), key=lambda kv: -kv[1])},
-        "backward_launch_ms": launch_us / per,
+        "backward_launch_ms": sum(launches["backward"]) / per,
+        # median cudaLaunchKernel time (us) on the autograd thread and on the thread running the forward
+        "launch_median_us": {k: statistics.median(v) if v else None for k, v in launches.items()},
     }
 
 
@@ -126,8 +137,10 @@ def report(name: str, s: dict, top: int) -> str:
              f"{s['nccl_ms']:.2f}), GPU idle {s['idle_ms']:.2f} ms per iteration, {s['kernels']:.0f} kernels"]
     for label, ms in list(s["idle_by_phase_ms"].items())[:top]:
         lines.append(f"    idle {ms:6.3f} ms  while the host ran {label}")
+    med = {k: "-" if v is None else f"{v:.2f}" for k, v in s["launch_median_us"].items()}
     lines.append(f"  backward nodes' host time {sum(s['backward_nodes_host_ms'].values()):.2f} ms per iteration "
-                 f"(cudaLaunchKernel on that thread {s['backward_launch_ms']:.2f} ms):")
+                 f"(cudaLaunchKernel on that thread {s['backward_launch_ms']:.2f} ms, median {med['backward']} us per "
+                 f"launch; forward thread {med['forward']} us):")
     for node, ms in list(s["backward_nodes_host_ms"].items())[:top]:
         lines.append(f"    host {ms:6.3f} ms  {node}")
     return "\n".join(lines)
@@ -140,7 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=12, help="host phases listed per trace")
     a = p.parse_args(argv)
     for path in a.traces:
-        name = os.path.splitext(os.path.basename(path))[0]
+        name = os.path.basename(path).removesuffix(".gz").removesuffix(".json")
         print(report(name, summarize(load_events(path), a.iters), a.top))
     return 0
 

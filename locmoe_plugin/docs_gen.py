@@ -107,8 +107,11 @@ def render() -> str:
         "",
         "The Megatron-LM flags also include `--locmoe` (turn LocMoE on), `--locmoe-dispatcher` "
         "(`hierarchical`, `flat` or, for an EP group inside one node, `allgather`: see "
-        "[dispatcher.md](dispatcher.md#allgather-one-node)) and `--locmoe-overlap {on,off}` (default off; see [overlap.md](overlap.md)); "
-        "the DeepSpeed section also takes `\"dispatcher\"` and `\"overlap\"` (`false` by default, or `true`) "
+        "[dispatcher.md](dispatcher.md#allgather-one-node)), `--locmoe-equal-tokens {auto,on,off}` (whether every EP "
+        "rank passes the same number of tokens per layer call, which lets `allgather` skip its count exchange; auto: "
+        "on unless `--variable-seq-lengths`) and `--locmoe-overlap {on,off}` (default off; see [overlap.md](overlap.md)); "
+        "the DeepSpeed section also takes `\"dispatcher\"`, `\"equal_tokens\"` (`false` by default) and `\"overlap\"` "
+        "(`false` by default, or `true`) "
         "(see [megatron.md](megatron.md), [deepspeed.md](deepspeed.md)).",
         "",
     ]

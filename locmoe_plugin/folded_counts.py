@@ -10,8 +10,11 @@ completes it right after the all-gather, on the device: one collective per layer
 sync added.
 
 When (:meth:`~locmoe_plugin.router.LocMoERouter.fold_counts_with` decides once, from settings, alike on
-every EP rank): ``aux_loss_scope="ep_group"`` on a group that spans nodes, and the dispatcher's EP group
-is the router's group; per forward, the caller says that the dispatcher follows (``fold_counts=True``).
+every EP rank): ``aux_loss_scope="ep_group"`` on a group that spans nodes, or on one node where the
+dispatcher gathers the routing itself (``one_node_too``: the ``allgather`` mode with equal token counts,
+whose :class:`~locmoe_plugin.comm.gathered_routing.GatheredRouting` offers the same table interface), and
+the dispatcher's EP group is the router's group; per forward, the caller says that the dispatcher follows
+(``fold_counts=True``).
 
 What rides: this rank's own numbers, the ones the all-reduce would sum (``[n + 1]`` or ``[n]`` int64,
 the same size on every rank): ``[0, n)`` the pairs per expert it requested (before capacity; padding

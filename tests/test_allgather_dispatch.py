@@ -107,6 +107,7 @@ def _megatron_cases(rank, world):
     cpu_shims.install()
     from megatron.core import parallel_state
 
+    from locmoe_plugin.comm.settings import DispatcherSettings
     from locmoe_plugin.megatron.dispatcher import make_locmoe_layer_class
 
     from .megatron_helpers import D as MD, build_layer, fwd_bwd
@@ -121,7 +122,10 @@ def _megatron_cases(rank, world):
         # Megatron's variable sequence lengths: token counts may differ, the count exchange stays
         layers["varlen"] = build_layer(LocMoELayer, 1, world, {"gpus_per_node": world}, topk,
                                        dispatcher="allgather", variable_seq_lengths=True)
-        for m in ("allgather", "varlen"):
+        # the same, withdrawn by the settings (--locmoe-equal-tokens off): uneven calls work
+        layers["settings_off"] = build_layer(LocMoELayer, 1, world, {"gpus_per_node": world}, topk,
+                                             dispatcher=DispatcherSettings(mode="allgather", equal_tokens=False))
+        for m in ("allgather", "varlen", "settings_off"):
             layers[m].load_state_dict(layers["hierarchical"].state_dict())
         torch.manual_seed(400 + rank)
         uneven = torch.randn(3 + 2 * rank, 2, MD)
@@ -207,7 +211,8 @@ def test_allgather_matches_the_pairs_plan_on_one_node():
                 for key in ("y", "gx", "gw", "inp"):
                     assert torch.equal(q[key], a[key]), f"{tag} {key}: equal-token plan differs"
         for topk, r in megatron.items():
-            for m, shape in (("allgather", "equal"), ("varlen", "equal"), ("varlen", "uneven")):
+            for m, shape in (("allgather", "equal"), ("varlen", "equal"), ("varlen", "uneven"),
+                             ("settings_off", "uneven")):
                 a, h, tag = r[m, shape], r["hierarchical", shape], f"megatron k={topk} {m} {shape}"
                 assert a["plan"] == "allgather" and h["plan"] == "flat_fast", tag
                 _close(a["y"], h["y"], f"{tag} y")
@@ -217,6 +222,9 @@ def test_allgather_matches_the_pairs_plan_on_one_node():
                     _close(a["grads"][n], h["grads"][n], f"{tag} grad {n}")
             a, v = r["allgather", "equal"], r["varlen", "equal"]
             assert a["gathers"] and a["folds"] and not v["gathers"] and not v["folds"]
+            assert not r["settings_off", "uneven"]["gathers"] and not r["settings_off", "uneven"]["folds"]
+            for key in ("y", "gx"):  # the settings' way and the config's way to the count exchange agree
+                assert torch.equal(r["settings_off", "uneven"][key], r["varlen", "uneven"][key])
             # forward + backward: one all-gather for the routing and the counts, one for the payload, one for the
             # combine's gradient; the count exchange and the router's all-reduce are gone
             assert a["calls"] == {"all_gather": 3, "all_reduce": 0}, a["calls"]

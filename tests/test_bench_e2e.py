@@ -136,3 +136,24 @@ def test_e2e_report_compares_like_gradient_reductions(tmp_path):
     # older results without a variant read as the default reduction
     old = {k: v for k, v in _row("locmoe", "fp32", "1x4", 120).items() if k not in ("variant", "grad_reduce")}
     assert e2e_report.variant(old) == "locmoe"
+
+
+def test_manual_collection_is_restored_after_an_error_and_the_report_sums_passes():
+    import gc
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_e2e
+    import e2e_report
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError, match="step failed"):
+        with bench_e2e._automatic_collection(off=True):
+            assert not gc.isenabled()
+            raise RuntimeError("step failed")
+    assert gc.isenabled()  # restored: the next system's steps collect automatically again
+    with bench_e2e._automatic_collection(off=False):
+        assert gc.isenabled()
+    row = {**_row("locmoe", "fp32", "1x4", 100), "gc_collections_steps": [[4, 0, 0], [0, 4, 1]]}
+    assert e2e_report._gc(row) == "4/4/1"
+    assert e2e_report._gc({**row, "manual_gc": True}) == "4/4/1m"
+    assert e2e_report._gc(_row("locmoe", "fp32", "1x4", 100)) == "-"  # older results: not recorded

@@ -38,6 +38,8 @@ def _worker(rank, world):
         ("dense_k4_no_overlap", {"gpus_per_node": 2, "gate": "dense", "locality_loss_coeff": 0.01, "overlap": False}, 4),
         ("dense_k4_overlap", {"gpus_per_node": 2, "gate": "dense", "locality_loss_coeff": 0.01, "overlap": True}, 4),
         ("one_node", {"gpus_per_node": 4}, 4),  # one node: the layer uses the pairs plan (flat_fast)
+        # one node, allgather with equal token counts: no count exchange, the router's counts in the routing
+        ("one_node_allgather", {"gpus_per_node": 4, "dispatcher": "allgather", "equal_tokens": True}, 4),
     ]:
         torch.manual_seed(11)
         layer = LocMoE(D, _expert(), num_experts=E, ep_size=world, k=k, locmoe=settings)
@@ -45,8 +47,9 @@ def _worker(rank, world):
         expert_params = [p for p in layer.deepspeed_moe.experts.parameters()]
         assert all(getattr(p, "allreduce", True) is False for p in expert_params)
         torch.manual_seed(40 + rank)
-        x = torch.randn(6 + rank, 2, D, requires_grad=True)
-        cot = torch.randn(6 + rank, 2, D)
+        s = 6 if settings.get("equal_tokens") else 6 + rank
+        x = torch.randn(s, 2, D, requires_grad=True)
+        cot = torch.randn(s, 2, D)
         y, l_aux, counts = layer(x)
         ((y * cot).sum() + l_aux).backward()
         # dense reference: all experts' weights, the same router, the same losses
@@ -69,7 +72,9 @@ def _worker(rank, world):
         out[name] = dict(y=y.detach(), ref=ref.detach().reshape(x.shape), gx=x.grad, gref=xr.grad,
                          l_aux=float(l_aux), counts=counts.clone(), traffic=layer.traffic.to_dict(),
                          nodes=layer.router.topology.num_nodes, plan=layer.deepspeed_moe.dispatcher.plan_mode,
-                         overlap_active=layer.deepspeed_moe.dispatcher.overlap_active)
+                         overlap_active=layer.deepspeed_moe.dispatcher.overlap_active,
+                         gathers=layer.deepspeed_moe.dispatcher.gathers_routing,
+                         folds=layer.deepspeed_moe.router.folds_counts)
     return out
 
 
@@ -79,8 +84,11 @@ def test_locmoe_layer_on_deepspeed_groups_matches_dense_reference():
         for name, r in res.items():
             torch.testing.assert_close(r["y"], r["ref"], rtol=1e-5, atol=1e-6, msg=name)
             torch.testing.assert_close(r["gx"], r["gref"], rtol=1e-5, atol=1e-6, msg=name)
-            if name == "one_node":
-                assert r["nodes"] == 1 and r["plan"] == "flat_fast" and r["l_aux"] > 0
+            if name.startswith("one_node"):
+                plan = "allgather" if name == "one_node_allgather" else "flat_fast"
+                assert r["nodes"] == 1 and r["plan"] == plan and r["l_aux"] > 0
+                # only the gathered routing carries the router's counts on one node
+                assert r["gathers"] == r["folds"] == (name == "one_node_allgather"), name
             else:
                 assert r["nodes"] == 2 and r["l_aux"] > 0 and r["counts"].shape == (E,)
             assert r["traffic"]["calls"] >= 1
@@ -120,6 +128,8 @@ def test_config_section_and_errors(tmp_path):
         LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"overlap_chunks": 2})
     with pytest.raises(ConfigError, match="overlap=1 must be True or False"):
         LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"overlap": 1})
+    with pytest.raises(ConfigError, match="equal_tokens='yes' must be True, False or None"):
+        LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"equal_tokens": "yes"})
     with pytest.raises(ConfigError, match="routing='hash' needs token ids"):
         LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"routing": "hash"})
     layer = LocMoE(D, _expert(), num_experts=E, k=2)

@@ -48,6 +48,10 @@ def test_flags_parse_and_reach_the_settings():
     overrides, dispatcher = settings_from_args(ns)
     assert dispatcher == DispatcherSettings(mode="flat", overlap=False)  # overlap off by default
     assert settings_from_args(_args("--locmoe", "--locmoe-overlap", "on"))[1].overlap
+    # equal token counts: the framework decides by default (None), or the flag promises / withdraws it
+    assert dispatcher.equal_tokens is None
+    for flag, value in (("on", True), ("off", False), ("auto", None)):
+        assert settings_from_args(_args("--locmoe", "--locmoe-equal-tokens", flag))[1].equal_tokens is value
     # Megatron's 1F1B overlap with ours off: accepted here (the layer then runs the unsplit plan)
     assert settings_from_args(_args("--locmoe", "--locmoe-overlap", "off", overlap_moe_expert_parallel_comm=True))
     assert overrides == {"routing": "hybrid", "locality_loss_coeff": 0.05, "capacity": "bound", "gpus_per_node": 2}

@@ -1,6 +1,7 @@
 """benchmarks/trace_timeline.py on a hand-made Chrome trace: GPU idle gaps charged to the host phase and
 backward node that ran meanwhile."""
 
+import gzip
 import json
 import os
 import sys
@@ -26,9 +27,15 @@ def test_idle_gaps_are_charged_to_the_host_phase_and_backward_node(tmp_path):
         _x("autograd::engine::evaluate_function: FooBackward", 62, 3, "cpu_op", 2),
         _x("cudaLaunchKernel", 43, 2, "cuda_runtime", 2), _x("cudaLaunchKernel", 5, 7, "cuda_runtime", 1),
         {"ph": "i", "name": "marker", "ts": 1},  # not a complete event: ignored
+        # the GPU stream's copies of the phase ranges: not host phases (on the kernels' thread)
+        _x("phase:router", 0, 60, "gpu_user_annotation", 7), _x("phase:experts", 0, 60, "gpu_user_annotation", 7),
+        _x("phase:backward", 0, 60, "gpu_user_annotation", 7),
     ]
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"traceEvents": events}))
+    zipped = tmp_path / "t.json.gz"
+    zipped.write_bytes(gzip.compress(path.read_bytes()))
+    assert trace_timeline.load_events(str(zipped)) == trace_timeline.load_events(str(path))
     s = trace_timeline.summarize(trace_timeline.load_events(str(path)), iters=1)
     assert s["span_ms"] == pytest.approx(0.060) and s["busy_ms"] == pytest.approx(0.030)
     assert s["nccl_ms"] == pytest.approx(0.010) and s["compute_ms"] == pytest.approx(0.023)
@@ -39,9 +46,22 @@ def test_idle_gaps_are_charged_to_the_host_phase_and_backward_node(tmp_path):
     # host time of the backward nodes, and the launches of the autograd thread only
     assert s["backward_nodes_host_ms"] == pytest.approx({"FooBackward": 0.016})
     assert s["backward_launch_ms"] == pytest.approx(0.002)
+    assert s["launch_median_us"] == {"backward": 2, "forward": 7}
     assert "idle  0.015 ms  while the host ran experts" in trace_timeline.report("t", s, top=2)
 
 
 def test_a_trace_without_kernels_is_refused():
     with pytest.raises(ValueError, match="no GPU kernels"):
         trace_timeline.summarize([_x("phase:router", 0, 15, "user_annotation", 1)], iters=1)
+
+
+def test_a_phase_nested_in_the_backward_takes_its_own_share():
+    events = [
+        _x("gemm", 0, 10, "kernel", 7), _x("gemm", 50, 10, "kernel", 7),
+        _x("phase:backward", 5, 60, "user_annotation", 1), _x("phase:inner", 20, 10, "user_annotation", 1),
+        _x("autograd::engine::evaluate_function: FooBackward", 15, 30, "cpu_op", 2),
+    ]
+    s = trace_timeline.summarize(events, iters=1)
+    # the gap [10, 50): inner [20, 30), the rest under the backward node FooBackward [15, 45) or between nodes
+    assert s["idle_by_phase_ms"] == pytest.approx({"backward: FooBackward": 0.020, "inner": 0.010,
+                                                   "backward: between nodes": 0.010})

@@ -20,10 +20,12 @@ Block of EP rank ``q`` in the gather, ``[s + h, w]`` int64 with ``w = k + ceil(k
     rows [0, s)      expert ids [k], then the combine weights as fp32 bits (:func:`.allgather_plan.pack_routing`)
     rows [s, s + h)  the header, flattened: [0] s; [1, 1 + m) the extra bins
 
-Contract: every EP rank passes the same ``s`` in every call. A collective of unequal sizes cannot be
-recovered from (gloo aborts the process, NCCL may wait forever), so the dispatcher takes this path only
-where the caller guarantees it (``TokenDispatcher(..., equal_tokens=True)``; the Megatron adapter, except
-with ``variable_seq_lengths``); a mismatch that gets through raises on every rank from the headers.
+Contract: every EP rank passes the same ``s`` in every call. It is a promise, not a check: a rank with
+another ``s`` makes the gather itself fail, which aborts the process (gloo) or may wait forever (NCCL)
+before any header is read. So the dispatcher takes this path only where the caller promises it
+(``TokenDispatcher(..., equal_tokens=True)``, ``DispatcherSettings.equal_tokens``; the Megatron adapter by
+default, except with ``variable_seq_lengths``). The headers' token counts are compared after the gather, a
+last guard for backends whose gather returns.
 
 Numerics: the experts see the same rows in the same order (canonical: local expert, source rank, source
 token), and the plan's sums are the count-exchange ``allgather`` plan's (:mod:`.allgather_plan`): results

@@ -1,6 +1,6 @@
 """The token dispatcher's settings, one frozen object shared by the Megatron and DeepSpeed adapters.
 
-``DispatcherSettings(mode="hierarchical", overlap=False)``:
+``DispatcherSettings(mode="hierarchical", overlap=False, equal_tokens=None)``:
 
 * ``mode``: ``"hierarchical"`` (inter-node once per node, then the intra-node fan-out; on one node the
   pairs plan), ``"flat"`` (one all-to-all over the expert-parallel group) or ``"allgather"`` (EP groups
@@ -12,8 +12,15 @@
   this node's rows' work; a no-op on one node or with ``mode="flat"`` / ``"allgather"``. Off by default: it hides at most
   the local experts' compute, and where measured the split cost more than that (docs/overlap.md).
   Results are bitwise equal either way.
+* ``equal_tokens``: whether every EP rank passes the same number of tokens in every layer call. Then the
+  ``"allgather"`` mode sizes its routing all-gather locally and runs no count exchange
+  (:mod:`locmoe_plugin.comm.gathered_routing`; bitwise the same results, one collective fewer). A rank with
+  another count cannot be recovered from (gloo aborts the process, NCCL may wait forever), so it is a
+  promise the caller makes. ``None`` (default): the framework decides - the Megatron adapter promises it
+  (Megatron hands every rank ``[seq / TP, micro-batch]`` tokens) unless ``variable_seq_lengths`` is set, the
+  DeepSpeed layer and the core ``TokenDispatcher`` do not. Other modes ignore it.
 
-Both settings shape collectives, so every rank must hold the same: :meth:`DispatcherSettings.agreement`
+All three settings shape collectives, so every rank must hold the same: :meth:`DispatcherSettings.agreement`
 gives them, by name, to :func:`locmoe_plugin.agreement.check_agreement`. The public entry points keep
 taking a plain mode string (``locmoe_spec(..., dispatcher="flat")``, DeepSpeed's ``"dispatcher"`` /
 ``"overlap"`` keys); :meth:`DispatcherSettings.of` turns what they were given into this object.
@@ -36,6 +43,7 @@ class DispatcherSettings:
 
     mode: str = "hierarchical"
     overlap: bool = False
+    equal_tokens: bool | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in DISPATCHER_MODES:
@@ -44,6 +52,9 @@ class DispatcherSettings:
             )
         if not isinstance(self.overlap, bool):
             raise ConfigError(f"overlap={self.overlap!r} must be True or False (off by default)")
+        if self.equal_tokens is not None and not isinstance(self.equal_tokens, bool):
+            raise ConfigError(f"equal_tokens={self.equal_tokens!r} must be True, False or None (the framework "
+                              f"decides)")
 
     @classmethod
     def of(cls, value: "DispatcherSettings | str | None" = None, *, overlap: bool | None = None) -> "DispatcherSettings":
@@ -58,8 +69,8 @@ class DispatcherSettings:
                 f"dispatcher={value!r} is neither a mode ({', '.join(map(repr, DISPATCHER_MODES))}) nor "
                 f"DispatcherSettings(mode=..., overlap=...)"
             )
-        return value if overlap is None else cls(mode=value.mode, overlap=overlap)
+        return value if overlap is None else cls(mode=value.mode, overlap=overlap, equal_tokens=value.equal_tokens)
 
     def agreement(self) -> dict[str, Any]:
-        """The settings by name, for the rank-agreement check (both shape collectives)."""
-        return {"dispatcher": self.mode, "overlap": self.overlap}
+        """The settings by name, for the rank-agreement check (all three shape collectives)."""
+        return {"dispatcher": self.mode, "overlap": self.overlap, "equal_tokens": self.equal_tokens}

@@ -35,6 +35,7 @@ from ..config import LocMoEConfig
 from ..router import LocMoERouter
 from ..routing import count_ids
 from ..topology import Topology
+from .layer import LAYER_KEYS
 
 
 def buffer_locations(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -63,7 +64,7 @@ class LocMoEGate(nn.Module):
     def __init__(self, model_dim: int, num_experts: int, k: int = 1, locmoe: Mapping[str, Any] | None = None,
                  ep_group=None) -> None:
         super().__init__()
-        settings = {key: v for key, v in dict(locmoe or {}).items() if key not in ("dispatcher", "overlap", "overlap_chunks")}
+        settings = {key: v for key, v in dict(locmoe or {}).items() if key not in LAYER_KEYS}  # the layer's keys
         config = LocMoEConfig.from_dict({"num_experts": num_experts, "hidden_size": model_dim, "topk": k, **settings})
         self.router = LocMoERouter(config)
         self.k = k

@@ -46,7 +46,8 @@ from ..router import LocMoERouter
 from ..topology import Topology
 
 #: keys of the ``"locmoe"`` config section that are not LocMoEConfig fields
-LAYER_KEYS = ("dispatcher", "overlap", "overlap_chunks")
+#: keys of the DeepSpeed config's "locmoe" section that set the layer's dispatcher, not LocMoEConfig fields
+LAYER_KEYS = ("dispatcher", "overlap", "equal_tokens", "overlap_chunks")
 
 
 def locmoe_settings_from_ds_config(ds_config: Mapping | str | None) -> dict:
@@ -90,9 +91,10 @@ class _LocMoELayer(nn.Module):
         self.router.bind(topo, ep_group if topo.ep_size > 1 else None)
         groups = build_comm_groups(topo, ep_group, all_group_ranks(ep_group))
         d = self.dispatcher_settings
-        self.dispatcher = TokenDispatcher(groups, d.mode, overlap=d.overlap)
-        # EP-wide aux loss across nodes: the router's counts come from the dispatcher's count exchange
-        self.router.fold_counts_with(groups.ep)
+        self.dispatcher = TokenDispatcher(groups, d.mode, overlap=d.overlap, equal_tokens=bool(d.equal_tokens))
+        # EP-wide aux loss across nodes (or gathered with the routing): the router's counts come from the
+        # dispatcher's count exchange
+        self.router.fold_counts_with(groups.ep, one_node_too=self.dispatcher.gathers_routing)
 
     def _run_experts(self, inp: torch.Tensor, tokens_per_expert) -> torch.Tensor:
         outs, start = [], 0
@@ -128,7 +130,9 @@ class LocMoE(_DeepSpeedMoE):
     Args:
         hidden_size, expert, num_experts, ep_size, k: as DeepSpeed's MoE (``k`` is LocMoE's top-k / l).
         locmoe: LocMoE settings: a :class:`LocMoEConfig`, or a dict of its fields plus ``"dispatcher"``
-            (``"hierarchical"`` | ``"flat"`` | ``"allgather"``, the last one node only) and ``"overlap"`` (false by default; true: the inter-node
+            (``"hierarchical"`` | ``"flat"`` | ``"allgather"``, the last one node only), ``"equal_tokens"`` (true:
+            every rank passes the same number of tokens per call, and ``"allgather"`` runs no count exchange;
+            default false) and ``"overlap"`` (false by default; true: the inter-node
             transfer of other nodes' rows runs while this node's rows go through the experts; a no-op on one node)
             - e.g. the ``"locmoe"`` section of the DeepSpeed config (:func:`locmoe_settings_from_ds_config`).
         **moe_kwargs: passed to DeepSpeed's MoE (``use_residual``, ``enable_expert_tensor_parallelism``...);
@@ -144,7 +148,8 @@ class LocMoE(_DeepSpeedMoE):
         else:
             settings = dict(settings)
             dispatcher = DispatcherSettings(mode=settings.pop("dispatcher", "hierarchical"),
-                                            overlap=settings.pop("overlap", False))
+                                            overlap=settings.pop("overlap", False),
+                                            equal_tokens=settings.pop("equal_tokens", None))
             if "overlap_chunks" in settings:
                 raise ConfigError(
                     f'"overlap_chunks": {settings["overlap_chunks"]!r} is removed: use "overlap": true (the '

@@ -61,6 +61,7 @@ FIELD_FLAGS = {
     "z_loss_coeff": "--moe-z-loss-coeff",
     "dispatcher": "--locmoe-dispatcher",
     "overlap": "--locmoe-overlap",
+    "equal_tokens": "--locmoe-equal-tokens",
     "capacity_factor_max": "capacity_factor_max (no flag)",
 }
 _FIELD_PATTERN = re.compile(
@@ -186,6 +187,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="split the hierarchical dispatch by origin so the inter-node transfer of other nodes' "
                         "rows runs while this node's rows move (default off: it measured slower than it hid at our sizes, see "
                         "docs/overlap.md; no-op on one node; results bitwise equal)")
+    g.add_argument("--locmoe-equal-tokens", choices=("auto", "on", "off"), default="auto",
+                   help="whether every EP rank passes the same number of tokens per MoE layer call; with "
+                        "--locmoe-dispatcher allgather the layer then runs no count exchange. auto (default): on, "
+                        "unless --variable-seq-lengths; off: keep the count exchange (a layer called with other "
+                        "token counts per rank would abort or hang the gather otherwise)")
     g.add_argument("--locmoe-overlap-chunks", type=int, default=None,
                    help="removed: the chunked overlap is replaced by --locmoe-overlap {on,off}")
     return parser
@@ -254,4 +260,5 @@ def settings_from_args(args: Any) -> tuple[dict, DispatcherSettings]:
             Topology.from_global_ranks(range(ep), gpn, args.num_experts)
         except ConfigError as exc:
             raise ConfigError(f"--locmoe-gpus-per-node {gpn} with --expert-model-parallel-size {ep}: {exc}") from None
-    return overrides, DispatcherSettings(mode=args.locmoe_dispatcher, overlap=overlap)
+    equal_tokens = {"auto": None, "on": True, "off": False}[getattr(args, "locmoe_equal_tokens", "auto")]
+    return overrides, DispatcherSettings(mode=args.locmoe_dispatcher, overlap=overlap, equal_tokens=equal_tokens)

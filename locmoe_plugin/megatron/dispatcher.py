@@ -19,7 +19,9 @@ Equal token counts: Megatron hands every EP rank the same ``[seq / TP, micro-bat
 own allgather dispatcher relies on that), so with ``dispatcher="allgather"`` the layer runs no count
 exchange: ``dispatch_preprocess`` all-gathers the routing (ids, weights, checks and the router's folded
 bins in one tensor) and ``token_dispatch`` reads this rank's pairs per expert from it
-(:mod:`locmoe_plugin.comm.gathered_routing`). With ``variable_seq_lengths`` the count exchange stays.
+(:mod:`locmoe_plugin.comm.gathered_routing`). With ``variable_seq_lengths``, or
+``DispatcherSettings(equal_tokens=False)`` (``--locmoe-equal-tokens off``: a layer called outside Megatron's
+training loop with other token counts per rank), the count exchange stays.
 
 Overlap (``overlap=True``, off by default; a no-op on a one-node EP group): Megatron's ``MoELayer`` runs the
 experts between ``token_dispatch`` and ``token_combine``, on all rows at once, so the experts cannot
@@ -104,9 +106,11 @@ class LocMoETokenDispatcher:
         ep_ranks = all_group_ranks(pg_collection.ep) if topology.ep_size > 1 else None
         groups = build_comm_groups(topology, pg_collection.ep, ep_ranks)
         # Megatron hands every EP rank [seq / TP, micro-batch] tokens per call (its allgather dispatcher relies
-        # on it too); only --variable-seq-lengths lets them differ
-        self.core = TokenDispatcher(groups, settings.mode, overlap=settings.overlap,
-                                    equal_tokens=not getattr(config, "variable_seq_lengths", False))
+        # on it too); only --variable-seq-lengths lets them differ, unless the settings say otherwise
+        equal = settings.equal_tokens
+        if equal is None:
+            equal = not getattr(config, "variable_seq_lengths", False)
+        self.core = TokenDispatcher(groups, settings.mode, overlap=settings.overlap, equal_tokens=equal)
         self._take_folded = None  # the router's LocMoEMegatronRouter.take_folded when its counts are folded here
         self._plan = None
         self._routing = None  # (ids, weights, counts in flight) between dispatch_preprocess and token_dispatch
