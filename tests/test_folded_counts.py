@@ -1,7 +1,8 @@
 """The router's EP-wide counts folded into the dispatcher's count exchange (locmoe_plugin/folded_counts.py):
 bitwise the same aux loss, router-weight gradients, expert bias and budget state as the router's own
 all-reduce, on 4 gloo ranks (2 nodes x 2) over a few training steps, with padding masks, a capacity that
-drops pairs, a non-finite batch on one rank (every rank skips its steps) and an evaluation forward. One
+drops pairs, a non-finite batch on one rank (every rank skips its steps) and an evaluation forward; and on
+one node x 4 through the allgather mode's routing all-gather (equal token counts, a step without tokens). One
 spawn."""
 
 import gc
@@ -29,6 +30,10 @@ CONFIGS = {
                             aux_loss_coeff=0.01, expert_bias_rate=0.01, padding=True),
     # plain top-k, aux loss only, the flat_fast (pairs) count layout
     "topk_flat_fast": dict(routing="topk", aux_loss_coeff=0.01, mode="flat_fast"),
+    # one node x 4, the allgather mode with equal token counts: the counts ride in the routing all-gather
+    # (comm.gathered_routing); expert bias, padding, and a step in which no rank holds a token
+    "allgather_equal_one_node": dict(routing="topk", aux_loss_coeff=0.01, expert_bias_rate=0.01, padding=True,
+                                     mode="allgather"),
 }
 
 
@@ -45,16 +50,20 @@ def _run(rank, world, name, settings, folded_path):
 
     settings = dict(settings)
     padding, mode = settings.pop("padding", False), settings.pop("mode", "hierarchical")
-    topo = Topology.from_ranks_per_node(world, 2, E, ep_rank=rank)
+    equal = mode == "allgather"  # one node, every rank the same token count
+    topo = Topology.from_ranks_per_node(world, world if equal else 2, E, ep_rank=rank)
     cfg = LocMoEConfig(num_experts=E, hidden_size=D, topk=K, **settings)
     torch.manual_seed(0)  # the same gate on every rank and in both paths
     router = LocMoERouter(cfg, topo, group=dist.group.WORLD).train()
-    disp = TokenDispatcher(build_comm_groups(topo, dist.group.WORLD), mode)
-    folds = router.fold_counts_with(disp.groups.ep) if folded_path else False
+    disp = TokenDispatcher(build_comm_groups(topo, dist.group.WORLD), mode, equal_tokens=equal)
+    assert disp.gathers_routing == equal
+    folds = router.fold_counts_with(disp.groups.ep, one_node_too=disp.gathers_routing) if folded_path else False
     g = torch.Generator().manual_seed(10 + rank)
     steps = []
     for step in range(4):
-        x = torch.randn(S + 4 * rank, D, generator=g)
+        x = torch.randn(S if equal else S + 4 * rank, D, generator=g)
+        if equal and step == 3:
+            x = x[:0]  # no rank holds a token
         if step == 2 and rank == 1:
             x[3] = float("inf")  # non-finite logits on one rank: no expert-bias or budget step anywhere
         valid = (torch.rand(x.shape[0], generator=g) > 0.3) if padding else None
