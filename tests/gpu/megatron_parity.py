@@ -1,9 +1,12 @@
 """GPU version of the Megatron parity tests (run with torchrun on the GPU machine, NCCL):
 LocMoELayer (router + hierarchical / flat dispatcher) against megatron-core's MoELayer with its alltoall
-dispatcher and against a dense reference from the gathered expert weights; prints one line per case
-and exits 1 on any mismatch.
+dispatcher and against a dense reference from the gathered expert weights; on one node (``--gpus-per-node``
+= the world size) also LocMoELayer's ``allgather`` mode, without the count exchange (equal token counts)
+against the same mode with it (``equal_tokens=False``: bitwise equal) and against the reference. Prints one
+line per case and exits 1 on any mismatch.
 
   torchrun --standalone --nproc-per-node 4 tests/gpu/megatron_parity.py --gpus-per-node 2
+  torchrun --standalone --nproc-per-node 4 tests/gpu/megatron_parity.py --gpus-per-node 4
 """
 
 from __future__ import annotations
@@ -70,8 +73,44 @@ def main() -> int:
                 print(f"megatron-core {mver} k={topk} {routing}: max|y-ref| {e[0]:.2e} max|grad-ref| {e[1]:.2e} "
                       f"hier-vs-flat y {e[2]:.1e} grad {e[3]:.1e} hier-vs-megatron y {e[4]:.1e} -> "
                       f"{'OK' if good else 'MISMATCH'}", flush=True)
+    if args.gpus_per_node == world:
+        ok &= _allgather_modes(rank, world, ep, LocMoELayer, mver)
     dist.destroy_process_group()
     return 0 if ok else 1
+
+
+def _allgather_modes(rank, world, ep, LocMoELayer, mver) -> bool:
+    """One node: the allgather mode with and without the count exchange, bitwise equal to each other."""
+    from locmoe_plugin.comm.settings import DispatcherSettings
+
+    ok = True
+    for topk in (2, 4):
+        locmoe = {"gpus_per_node": world}
+        torch.manual_seed(7)
+        layers = {eq: _build(LocMoELayer, 1, world, locmoe, topk,
+                             dispatcher=DispatcherSettings(mode="allgather", equal_tokens=eq)).cuda()
+                  for eq in (True, False)}
+        layers[False].load_state_dict(layers[True].state_dict())
+        gathers = [layers[eq].token_dispatcher.core.gathers_routing for eq in (True, False)]
+        torch.manual_seed(200 + rank)
+        x = torch.randn(96, 2, D, device="cuda")  # the same token count on every rank
+        cot = torch.randn_like(x)
+        res = {eq: fwd_bwd(layer, x, cot) for eq, layer in layers.items()}
+        grads = {eq: [p.grad for p in layer.parameters() if p.grad is not None] for eq, layer in layers.items()}
+        ref = dense_reference(layers[True], x, cot, ep)
+        same = all(torch.equal(a, b) for a, b in zip(res[True], res[False])) and len(grads[True]) == len(grads[False]) \
+            and all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
+        errs = torch.tensor([(res[True][i] - ref[i]).abs().max().item() for i in (0, 1)] + [0.0 if same else 1.0],
+                            device="cuda")
+        dist.all_reduce(errs, op=dist.ReduceOp.MAX)
+        e = errs.tolist()
+        good = gathers == [True, False] and e[0] < 1e-4 and e[1] < 1e-4 and e[2] == 0
+        ok &= good
+        if rank == 0:
+            print(f"megatron-core {mver} k={topk} allgather, no count exchange: max|y-ref| {e[0]:.2e} max|grad-ref| "
+                  f"{e[1]:.2e} vs the count exchange {'bitwise equal' if e[2] == 0 else 'DIFFERENT'} -> "
+                  f"{'OK' if good else 'MISMATCH'}", flush=True)
+    return ok
 
 
 if __name__ == "__main__":
