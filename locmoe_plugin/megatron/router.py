@@ -240,7 +240,9 @@ class LocMoEMegatronRouter(torch.nn.Module):
         settings = {**config_settings(self.locmoe_config), **dispatcher.agreement(),
                     "with the LocMoE dispatcher": with_locmoe_dispatcher,
                     "overlap (--overlap-moe-expert-parallel-comm)":
-                        bool(getattr(config, "overlap_moe_expert_parallel_comm", False))}
+                        bool(getattr(config, "overlap_moe_expert_parallel_comm", False)),
+                    # decides equal_tokens=None (whether the allgather mode runs a count exchange)
+                    "--variable-seq-lengths": bool(getattr(config, "variable_seq_lengths", False))}
         topology = Topology.for_group(ep_group, config.num_moe_experts, self.locmoe_config.gpus_per_node,
                                       settings=flag_named(settings), where="LocMoE router (Megatron)")
         if topology.ep_size == 1:
