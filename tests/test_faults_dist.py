@@ -31,6 +31,7 @@ def _disagreement_cases(rank, world):
     import torch.distributed as dist
 
     from locmoe_plugin.comm.groups import build_comm_groups
+    from locmoe_plugin.comm.settings import DispatcherSettings
     from locmoe_plugin.config import LocMoEConfig
     from locmoe_plugin.router import LocMoERouter
     from locmoe_plugin.topology import Topology
@@ -55,6 +56,9 @@ def _disagreement_cases(rank, world):
         "gpus_per_node (topology)": lambda: Topology.for_group(W, 8, 1 if last else 2).num_nodes,
         "gpus_per_node (dispatcher groups)": lambda: build_comm_groups(
             Topology.from_ranks_per_node(world, 4 if last else 2, 8, rank), W).topology.num_nodes,
+        # whether the allgather mode gathers the routing without a count exchange (it sizes the gather)
+        "equal_tokens": lambda: Topology.for_group(W, 8, 4, settings=DispatcherSettings(
+            mode="allgather", equal_tokens=not last).agreement()).num_nodes,
     }
     os.environ["LOCMOE_GPUS_PER_NODE"] = "1" if rank == 0 else "2"
     cases["LOCMOE_GPUS_PER_NODE"] = lambda: Topology.for_group(W, 8).num_nodes
@@ -120,6 +124,7 @@ def test_disagreeing_ranks_fail_together_naming_the_setting():
         "gpus_per_node (topology)": "gpus_per_node: rank 0: '2', rank 1: '2', rank 2: '2', rank 3: '1'",
         "gpus_per_node (dispatcher groups)": "ranks per node (gpus_per_node): rank 0: 2",
         "LOCMOE_GPUS_PER_NODE": "gpus_per_node: rank 0: '1', rank 1: '2'",
+        "equal_tokens": "equal_tokens: rank 0: True, rank 1: True, rank 2: True, rank 3: False",
     }
     for rank_out in results:
         assert rank_out["agree"] == ("ok", 32)
