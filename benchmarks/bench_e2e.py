@@ -14,6 +14,8 @@ Data parallelism = expert parallelism = all ranks (TP = PP = 1). Systems:
   locmoe_topk        LocMoE's hierarchical dispatcher with TopK-like routing (dense gate, softmax top-k, aux
                      loss, no locality loss)
   locmoe             LocMoE at its defaults (dense gate, cross-node budget 0.2 on 2 nodes), hierarchical dispatcher
+  locmoe_allgather   the same with the allgather dispatcher (one node only: every token all-gathered, no count
+                     exchange, as Megatron's equal token counts allow)
   locmoe_plus        LocMoE+ at its defaults (hybrid token/expert choice, dense gate, cross-node budget 0.2 on 2 nodes,
                      adaptive capacity, resonance_mass 0.9), hierarchical dispatcher
   deepspeed_moe      the same sizes through ``deepspeed.initialize`` (bf16, ZeRO 0): DeepSpeed's MoE (TopKGate,
@@ -82,9 +84,12 @@ MEGATRON_SYSTEMS = {
     "mcore_grouplimited": None,
     "locmoe_topk": {"routing": "topk", "gate": "dense"},
     "locmoe": {"routing": "locmoe"},  # LocMoEConfig defaults (dense gate, cross-node budget)
+    "locmoe_allgather": {"routing": "locmoe"},  # the same, allgather dispatcher (DISPATCHER below)
     "locmoe_plus": {"routing": "hybrid"},  # LocMoEConfig defaults (dense gate, budget, adaptive, resonance)
 }
 SYSTEMS = (*MEGATRON_SYSTEMS, "deepspeed_moe")
+#: system -> LocMoE dispatcher mode where it is not the default hierarchical one (EP groups inside one node only)
+DISPATCHER = {"locmoe_allgather": "allgather"}
 PHASES = ("attention", "router", "dispatch", "experts", "combine")
 #: --grad-reduce dtype -> suffix of the result's variant name (fp32, Megatron-LM's bf16 default, has none)
 GRAD_REDUCE = {"fp32": "", "bf16": "+bf16grad"}
@@ -213,7 +218,7 @@ class MegatronE2E:
         settings = MEGATRON_SYSTEMS[name]
         if settings is not None:
             settings = {**settings, "gpus_per_node": opts.gpus_per_node, "aux_loss_coeff": opts.aux_loss_coeff}
-            spec = locmoe_spec(spec, settings, dispatcher="hierarchical")
+            spec = locmoe_spec(spec, settings, dispatcher=DISPATCHER.get(name, "hierarchical"))
         model = GPTModel(cfg, spec, vocab_size=VOCAB_SIZE, max_sequence_length=opts.seq_len,
                          position_embedding_type="rope").to(dev)
         if bf16:
@@ -581,6 +586,10 @@ def main(argv=None) -> int:
                          f"{opts.gpus_per_node} and divide --num-experts {opts.num_experts}; --num-heads must "
                          f"divide --hidden-size")
     layout = layout_name(world // opts.gpus_per_node, opts.gpus_per_node)
+    one_node_only = [s for s in opts.systems if s in DISPATCHER]
+    if one_node_only and world > opts.gpus_per_node:
+        raise SystemExit(f"bench_e2e: {', '.join(one_node_only)} needs an EP group inside one node ({layout} spans "
+                         f"{world // opts.gpus_per_node}); run it on one node or drop it from --systems")
     if opts.systems == ["deepspeed_moe"]:  # DeepSpeed reduces as its engine does: one run, whatever --grad-reduce
         variants = [("deepspeed_moe", "deepspeed", "deepspeed_moe")]
     else:

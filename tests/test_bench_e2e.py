@@ -100,6 +100,26 @@ def test_bench_e2e_rejects_mixed_launch_and_bad_measure():
         assert r.returncode == 2 and "error:" in r.stderr
 
 
+@pytest.mark.multiproc
+def test_bench_e2e_allgather_system_on_one_node_only(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+           "benchmarks/bench_e2e.py", "--out", str(tmp_path), "--systems", "locmoe,locmoe_allgather",
+           "--corpus", os.path.join(ROOT, "README.md"), *TOY]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    res = {s: json.loads((tmp_path / f"e2e_1x4_{s}.json").read_text()) for s in ("locmoe", "locmoe_allgather")}
+    for r in res.values():
+        assert r["layout"] == "1x4" and math.isfinite(r["val_loss"]) and r["inter_node_bytes_per_step"] == 0
+    # the same model, routing and batches: the dispatchers differ only in the sums' order
+    assert res["locmoe_allgather"]["val_loss"] == pytest.approx(res["locmoe"]["val_loss"], rel=1e-3)
+    # across nodes it is refused before any process group, naming the fix
+    env.update(RANK="0", WORLD_SIZE="4", LOCMOE_GPUS_PER_NODE="2", LOCMOE_LINK="fast")
+    r = subprocess.run([sys.executable, "benchmarks/bench_e2e.py", "--out", str(tmp_path), "--systems",
+                        "locmoe_allgather", *TOY], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "locmoe_allgather needs an EP group inside one node (2x2_fast spans 2)" in r.stderr
+
+
 def _row(system, grad, layout, k_tokens):
     """A result as bench_e2e.py writes it, with only what the report reads."""
     nodes = 1 if layout == "1x4" else 2
