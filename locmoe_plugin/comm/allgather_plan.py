@@ -101,7 +101,7 @@ def routed_weights(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def row_numbers(rows: int, device: torch.device) -> torch.Tensor:
+def _row_numbers(rows: int, device: torch.device) -> torch.Tensor:
     """``[rows, 1]`` int64 ``0 .. rows - 1``, made once per gathered size (the same every step)."""
     return torch.arange(rows, device=device).unsqueeze(1)
 
@@ -128,13 +128,23 @@ def build_allgather_plan(expert_ids: torch.Tensor, weights: torch.Tensor, groups
     group = groups.ep if p > 1 else None
     routing = gather_blocks(pack_routing(expert_ids, weights, rows_max), rows_max, group)  # [T, k + ceil(k/2)]
     tokens_per_expert = tuple(sum(row[me * e_r + e] for row in counts.pairs_to_expert) for e in range(e_r))
-    n = sum(tokens_per_expert)
     slot_pos = local_slot_positions(routing[:, :k], me * e_r, e_r, count_layout(t, k, dev)["one"])
-    rows = row_numbers(routing.shape[0], dev).expand(-1, k)
+    return plan_from_slot_positions(slot_pos, routed_weights(routing, k), tokens_per_expert, s, rows_max, group, p)
+
+
+def plan_from_slot_positions(slot_pos: torch.Tensor, slot_weights: torch.Tensor, tokens_per_expert: tuple[int, ...],
+                             num_tokens: int, rows_max: int, group, ranks: int) -> Plan:
+    """The ``allgather`` plan from each gathered slot's pair position ``slot_pos [P * rows_max, k]`` int64
+    (``n`` where the slot has no pair here) and its combine weight ``slot_weights`` (fp32, the same slots in
+    the same order; ``[P * rows_max, k]`` or with the rank as a leading dimension), ``tokens_per_expert``
+    this rank's pairs per local expert (host ints). Two ``index_put_``: each pair's gathered row and weight."""
+    n = sum(tokens_per_expert)
+    dev, k = slot_pos.device, slot_pos.shape[1]
+    rows = _row_numbers(slot_pos.shape[0], dev).expand(-1, k)
     # slots not here all write position n, past the pairs (cut off): which of them lands there is moot
     token_row = torch.empty(n + 1, dtype=torch.long, device=dev).index_put_((slot_pos,), rows)[:n]
     pair_weight = torch.empty(n + 1, dtype=torch.float32, device=dev).index_put_(
-        (slot_pos,), routed_weights(routing, k))[:n]
-    route = AllGatherRoute(token_row, slot_pos, s, rows_max, group)
-    return Plan(hops=(), num_tokens=s, pair_weight=pair_weight, tokens_per_expert=tokens_per_expert,
-                traffic=Traffic(intra_rows=(p - 1) * rows_max), mode="allgather", gather_route=route)
+        (slot_pos.view(slot_weights.shape),), slot_weights)[:n]
+    route = AllGatherRoute(token_row, slot_pos, num_tokens, rows_max, group)
+    return Plan(hops=(), num_tokens=num_tokens, pair_weight=pair_weight, tokens_per_expert=tokens_per_expert,
+                traffic=Traffic(intra_rows=(ranks - 1) * rows_max), mode="allgather", gather_route=route)

@@ -38,12 +38,12 @@ import functools
 
 import torch
 
-from .allgather_plan import AllGatherRoute, pack_routing, routed_weights, row_numbers
+from .allgather_plan import pack_routing, plan_from_slot_positions, routed_weights
 from .block_collectives import gather_blocks
 from .counting_sort import EXTRA_BINS, count_pairs, slot_bins, slot_positions
 from .counts import count_layout
 from .groups import CommGroups
-from .plan import Plan, Traffic
+from .plan import Plan
 from ..topology import Topology
 
 HEADER = 1  # the token count, then the extra bins
@@ -152,13 +152,5 @@ def build_gathered_plan(routing: GatheredRouting, groups: CommGroups) -> Plan:
     slot_pos = slot_positions(bins, before)  # [T, k]
     host = torch.cat([hist, blocks[:, s, 0]]).tolist()  # device-to-host sync: split sizes
     check_gathered(host[e + EXTRA_BINS + 1 :], s, host[e] + host[e + 1], host[e + EXTRA_BINS], ids, e)
-    tokens_per_expert = tuple(host[:e_r])
-    n = sum(tokens_per_expert)
-    rows = row_numbers(p * s, dev).expand(-1, k)
-    # slots not here all write position n, past the pairs (cut off): which of them lands there is moot
-    token_row = torch.empty(n + 1, dtype=torch.long, device=dev).index_put_((slot_pos,), rows)[:n]
-    pair_weight = torch.empty(n + 1, dtype=torch.float32, device=dev).index_put_(
-        (slot_pos.view(p, s, k),), routed_weights(blocks[:, :s], k))[:n]
-    route = AllGatherRoute(token_row, slot_pos, s, s, routing.group)
-    return Plan(hops=(), num_tokens=s, pair_weight=pair_weight, tokens_per_expert=tokens_per_expert,
-                traffic=Traffic(intra_rows=(p - 1) * s), mode="allgather", gather_route=route)
+    return plan_from_slot_positions(slot_pos, routed_weights(blocks[:, :s], k), tuple(host[:e_r]), s, s,
+                                    routing.group, p)

@@ -45,7 +45,6 @@ from ..config import ConfigError, LocMoEConfig
 from ..router import LocMoERouter
 from ..topology import Topology
 
-#: keys of the ``"locmoe"`` config section that are not LocMoEConfig fields
 #: keys of the DeepSpeed config's "locmoe" section that set the layer's dispatcher, not LocMoEConfig fields
 LAYER_KEYS = ("dispatcher", "overlap", "equal_tokens", "overlap_chunks")
 
