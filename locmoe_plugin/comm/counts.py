@@ -110,6 +110,18 @@ def host_ints_to_device(values, device: torch.device) -> torch.Tensor:
     return table.pin_memory().to(device, non_blocking=True)
 
 
+def invalid_ids_error(num_experts: int, ranks: list[int]) -> ValueError:
+    """The error every rank raises alike for expert ids outside ``[-1, E)`` on ``ranks``."""
+    return ValueError(f"expert ids outside [-1, {num_experts}) on EP rank(s) {ranks}: ids must be expert indices "
+                      f"or -1 (dropped)")
+
+
+def repeated_ids_error(ranks: list[int]) -> ValueError:
+    """The error every rank raises alike for a token listing one expert twice on ``ranks``."""
+    return ValueError(f"a token lists one expert in two of its slots on EP rank(s) {ranks}: the k expert ids of a "
+                      f"token must be distinct (mark an unused slot -1)")
+
+
 def node_major_ranks(t: Topology) -> list[int]:
     return [r for n in range(t.num_nodes) for r in t.ranks_of_node(n)]
 
@@ -248,17 +260,11 @@ class RoutingCounts:
         bad = [r[expert_at + e] + r[expert_at + e + 1] for r in rows]
         if any(bad):
             # every rank saw the same table: all raise together, nobody hangs in a later collective
-            raise ValueError(
-                f"expert ids outside [-1, {e}) on EP rank(s) "
-                f"{[i for i, b in enumerate(bad) if b]}: ids must be expert indices or -1 (dropped)"
-            )
+            raise invalid_ids_error(e, [i for i, b in enumerate(bad) if b])
         if not self._per_token:
             repeated = [i for i, r in enumerate(rows) if r[expert_at + e + EXTRA_BINS] > 1]
             if repeated:
-                raise ValueError(
-                    f"a token lists one expert in two of its slots on EP rank(s) {repeated}: the k expert ids "
-                    f"of a token must be distinct (mark an unused slot -1)"
-                )
+                raise repeated_ids_error(repeated)
         return self
 
     @property

@@ -41,7 +41,7 @@ import torch
 from .allgather_plan import pack_routing, plan_from_slot_positions, routed_weights
 from .block_collectives import gather_blocks
 from .counting_sort import EXTRA_BINS, count_pairs, slot_bins, slot_positions
-from .counts import count_layout
+from .counts import count_layout, invalid_ids_error, repeated_ids_error
 from .groups import CommGroups
 from .plan import Plan
 from ..topology import Topology
@@ -121,16 +121,12 @@ def check_gathered(sizes: list[int], tokens: int, invalid: int, fullest_cell: in
         )
     if invalid:
         ranks = ((ids < -1) | (ids >= num_experts)).flatten(1).any(1).nonzero().flatten().tolist()
-        raise ValueError(f"expert ids outside [-1, {num_experts}) on EP rank(s) {ranks}: ids must be expert "
-                         f"indices or -1 (dropped)")
+        raise invalid_ids_error(num_experts, ranks)
     if fullest_cell > 1:
         ordered = ids.sort(-1).values
         twice = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
         ranks = twice.flatten(1).any(1).nonzero().flatten().tolist()
-        raise ValueError(
-            f"a token lists one expert in two of its slots on EP rank(s) {ranks}: the k expert ids "
-            f"of a token must be distinct (mark an unused slot -1)"
-        )
+        raise repeated_ids_error(ranks)
 
 
 def build_gathered_plan(routing: GatheredRouting, groups: CommGroups) -> Plan:
