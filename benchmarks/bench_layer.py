@@ -60,7 +60,10 @@ every system runs its --warmup iterations (untimed); each round runs the systems
 per round (seeded, the same on every rank), each with one warm-up iteration before its --iters, so no
 system always opens a round or always follows the same one. --manual-gc collects once before the timing
 and keeps Python's garbage collector off during it (as Megatron-LM's --manual-gc does in training), so
-collector pauses land on no system.
+collector pauses land on no system. With rounds, each system's row of "host:" lines gives the host's
+time in the step's forward and backward calls (perf_counter around each, no device sync between them:
+the host's issue work plus any host wait inside the call; the autograd thread's, for backward) and the
+device tail (wall less both), medians over rounds, max over ranks; they are in the JSON as host_ms_rounds.
 
 Per system: cross-node share of routed (kept) pairs, inter-node MiB (one forward dispatch + combine,
 summed over ranks; backward moves the same again): LocMoE from its dispatcher's TrafficCounter;
@@ -107,7 +110,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:  # the benchmark's own modules, also when loaded by file path (tests)
     sys.path.insert(0, HERE)
 
-from layer_setup import Ctx, build_megatron_layer, time_it  # noqa: E402
+from layer_setup import Ctx, build_megatron_layer, host_calls_of, time_it  # noqa: E402
 from layer_training import _budget_mechanism, _budget_warmup, corpus_batch, train  # noqa: E402
 from link_probe import LinkProbe, a2a_time, format_links, layer_probe_mib, take_sample  # noqa: E402
 from locmoe_plugin.comm.settings import DispatcherSettings  # noqa: E402
@@ -318,6 +321,7 @@ def time_rounds(ctx: Ctx, results: dict) -> None:
     (``ctx.link_probe``) a sample of the links is taken before the first round and after every round."""
     a = ctx.args
     per = {name: [] for name in ctx.deferred}
+    host = {name: [] for name in ctx.deferred}  # per round: (forward, backward) host ms, see time_it
     with _ManualGC(a.manual_gc):
         for name, step in ctx.deferred.items():  # warm-up pass (--warmup iterations each), not recorded
             time_it(ctx, step, a.warmup, 1)
@@ -325,12 +329,15 @@ def time_rounds(ctx: Ctx, results: dict) -> None:
         for r in range(a.rounds):  # each system: one warm-up iteration, then --iters timed
             for name in round_order(list(ctx.deferred), r):
                 per[name].append(time_it(ctx, ctx.deferred[name], 1, a.iters))
+                host[name].append(ctx.last_host_ms)
             take_sample(ctx, f"after round {r + 1}")
             ctx.log(f"  round {r + 1}/{a.rounds}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in per.items()))
     base = per.get("mcore_alltoall")
     for name, ms in per.items():
         results[name]["ms"] = statistics.median(ms)
         results[name]["ms_rounds"] = ms
+        if all(h is not None for h in host[name]):
+            results[name]["host_ms_rounds"] = host[name]
         if base:
             ratios = [x / b for x, b in zip(ms, base)]
             results[name]["ratio_rounds"] = ratios
@@ -343,27 +350,29 @@ def time_rounds(ctx: Ctx, results: dict) -> None:
 def time_megatron(ctx: Ctx, layer, x, cot) -> float:
     params = list(layer.parameters())
 
-    def step():
+    def forward():
         for p in params:
             p.grad = None
-        xx = x.clone().requires_grad_(True)
-        y, _ = layer(xx)
-        y.backward(cot)
+        y, _ = layer(x.clone().requires_grad_(True))
+        return y
 
-    return time_system(ctx, step)
+    return time_system(ctx, host_calls_of(ctx, forward, lambda y: y.backward(cot)))
 
 
 def time_deepspeed(ctx: Ctx, layer, x, cot) -> float:
     params = list(layer.parameters())
 
-    def step():
+    def forward():
         for p in params:
             p.grad = None
-        xx = x.clone().requires_grad_(True)
-        y, l_aux, _ = layer(xx)
+        y, l_aux, _ = layer(x.clone().requires_grad_(True))
+        return y, l_aux
+
+    def backward(out):
+        y, l_aux = out
         torch.autograd.backward([y, l_aux], [cot, torch.ones_like(l_aux)])
 
-    return time_system(ctx, step)
+    return time_system(ctx, host_calls_of(ctx, forward, backward))
 
 
 _DS_READY = False
@@ -720,8 +729,24 @@ def print_table(out: dict) -> None:
         print(f"{name:<22} {r['ms']:>8.2f} {ratio:>6.2f} {r.get('cross_node_share', float('nan')):>6.3f} "
               f"{r.get('inter_node_MiB', float('nan')):>10.1f} {r.get('max_over_mean_load', float('nan')):>13.2f} "
               f"{r.get('rank_max_over_mean_rows', float('nan')):>9.3f} {fl}")
-    for line in comparisons(out):
+    for line in comparisons(out) + host_lines(out):
         print(line)
+
+
+def host_lines(out: dict) -> list[str]:
+    """Per system timed in rounds: the host's time in the step's forward and backward calls (medians over
+    rounds of each round's median, max over ranks; see ``layer_setup.host_calls_of``) and the rest of the
+    step's wall time, which the device still needed after the host was done."""
+    rows = {k: v for k, v in out["systems"].items() if "host_ms_rounds" in v}
+    if not rows:
+        return []
+    lines = [f"host: {'system':<26} {'wall ms':>8} {'forward call':>12} {'backward call':>13} {'device tail':>11}"]
+    for name, r in rows.items():
+        f = statistics.median(h[0] for h in r["host_ms_rounds"])
+        b = statistics.median(h[1] for h in r["host_ms_rounds"])
+        tail = statistics.median(w - h[0] - h[1] for w, h in zip(r["ms_rounds"], r["host_ms_rounds"]))
+        lines.append(f"host: {name:<26} {r['ms']:>8.2f} {f:>12.2f} {b:>13.2f} {tail:>11.2f}")
+    return lines
 
 
 def _median_ratio(r: dict, other: dict) -> float:

@@ -35,6 +35,8 @@ class Ctx:
         self.gpn = args.gpus_per_node or self.world
         self.current = None  # the system being built (run_systems)
         self.deferred = {}  # system -> fwd+bwd step, timed in rounds when --rounds > 1
+        self.host_calls: list[tuple[float, float]] = []  # (forward s, backward s) per step, see host_calls_of
+        self.last_host_ms: tuple[float, float] | None = None  # time_it's host split of the steps it timed
         if self.world % self.gpn:
             raise SystemExit(f"world {self.world} is not divisible by --gpus-per-node {self.gpn}")
         self.nodes = self.world // self.gpn
@@ -60,8 +62,11 @@ class Ctx:
 
 
 def time_it(ctx: Ctx, step, warmup: int, iters: int) -> float:
-    """Median ms of ``step()`` over ``iters`` after ``warmup``, max over ranks."""
+    """Median ms of ``step()`` over ``iters`` after ``warmup``, max over ranks. Where ``step`` records its
+    calls' host time (:func:`host_calls_of`), ``ctx.last_host_ms`` is set to the medians over the timed
+    steps of its forward and backward calls, in ms, each the max over ranks; else to None."""
     samples = []
+    ctx.host_calls.clear()
     for it in range(warmup + iters):
         dist.barrier()
         ctx.sync()
@@ -70,7 +75,30 @@ def time_it(ctx: Ctx, step, warmup: int, iters: int) -> float:
         ctx.sync()
         if it >= warmup:
             samples.append(time.perf_counter() - t0)
+        else:
+            ctx.host_calls.clear()
+    ctx.last_host_ms = None
+    if ctx.host_calls:  # the same step on every rank, so every rank takes this branch
+        ctx.last_host_ms = tuple(ctx.allmax(statistics.median(c[i] for c in ctx.host_calls) * 1e3) for i in (0, 1))
     return ctx.allmax(statistics.median(samples) * 1e3)
+
+
+def host_calls_of(ctx: Ctx, forward, backward):
+    """A fwd+bwd step that records how long its ``forward()`` and ``backward(out)`` calls take on the host
+    (``time.perf_counter`` around each call, no device sync between them). On a GPU the kernels run
+    asynchronously, so a call's time is the host's work to issue its kernels plus any host wait inside it
+    (a dispatcher's count read in the forward); backward's is the autograd thread's issue time (the caller
+    blocks until the engine has run every node). The step's wall time less both is the tail the device
+    still needs after the host is done."""
+
+    def step():
+        t0 = time.perf_counter()
+        out = forward()
+        t1 = time.perf_counter()
+        backward(out)
+        ctx.host_calls.append((t1 - t0, time.perf_counter() - t1))
+
+    return step
 
 
 def megatron_config(ctx: Ctx, dispatcher: str, dtype, group_limited: bool = False):

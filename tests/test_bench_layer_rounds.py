@@ -20,7 +20,7 @@ def bench():
 
 def _ctx(rounds):
     return types.SimpleNamespace(args=types.SimpleNamespace(rounds=rounds, warmup=3, iters=10, manual_gc=False), deferred={},
-                                 current=None, log=lambda *a: None)
+                                 current=None, log=lambda *a: None, last_host_ms=None)
 
 
 def test_time_system_defers_only_with_rounds(bench, monkeypatch):
@@ -80,3 +80,50 @@ def test_round_order_is_a_seeded_shuffle(bench):
     assert len({o[0] for o in orders}) > 1  # not always the same system first
     # who precedes s0 changes between rounds
     assert len({o[o.index("s0") - 1] for o in orders if o.index("s0") > 0}) > 1
+
+
+def test_host_calls_split_the_step_into_its_forward_and_backward_calls(bench, monkeypatch):
+    import layer_setup  # on the path once bench_layer is loaded (it imports it)
+
+    clock = [100.0]
+    monkeypatch.setattr(layer_setup.time, "perf_counter", lambda: clock[0])
+
+    def forward():
+        clock[0] += 0.004
+        return "y"
+
+    def backward(y):
+        assert y == "y"
+        clock[0] += 0.007
+
+    ctx = types.SimpleNamespace(host_calls=[])
+    step = bench.host_calls_of(ctx, forward, backward)
+    step()
+    step()
+    assert ctx.host_calls == [pytest.approx((0.004, 0.007))] * 2
+
+
+def test_rounds_keep_each_rounds_host_split_and_report_the_device_tail(bench, monkeypatch):
+    def fake_time_it(ctx, step, warmup, iters):
+        name = step()
+        ctx.last_host_ms = {"a": (3.0, 5.0), "b": (2.0, 4.0)}[name]
+        return {"a": 10.0, "b": 9.0}[name]
+
+    monkeypatch.setattr(bench, "time_it", fake_time_it)
+    ctx = _ctx(3)
+    ctx.deferred = {"a": lambda: "a", "b": lambda: "b"}
+    results = {"a": {}, "b": {}}
+    bench.time_rounds(ctx, results)
+    assert results["a"]["host_ms_rounds"] == [(3.0, 5.0)] * 3
+    lines = bench.host_lines({"systems": results})
+    row = next(line for line in lines if line.split()[1] == "a").split()
+    assert [float(v) for v in row[2:]] == [10.0, 3.0, 5.0, 2.0]  # wall, forward, backward, tail
+    row = next(line for line in lines if line.split()[1] == "b").split()
+    assert [float(v) for v in row[2:]] == [9.0, 2.0, 4.0, 3.0]
+    # a step that records no split (time_it leaves last_host_ms None) gets no host row
+    monkeypatch.setattr(bench, "time_it", lambda ctx, step, warmup, iters: 5.0)
+    ctx = _ctx(2)
+    ctx.deferred = {"c": lambda: None}
+    results = {"c": {}}
+    bench.time_rounds(ctx, results)
+    assert "host_ms_rounds" not in results["c"] and bench.host_lines({"systems": results}) == []
