@@ -7,7 +7,9 @@ host time, the top kernels and the top host-side ops).
       [--systems "megatron alltoall" locmoe "megatron allgather" "locmoe allgather"]
 
 The ``allgather`` pair (Megatron's allgather dispatcher, LocMoE's ``dispatcher="allgather"``) needs an EP
-group inside one node.
+group inside one node. A system named twice is built once and profiled at each place it is named (its
+second trace is ``NAME_2.json``): profiling A B A B shows which differences follow the layer and which the
+place in the run.
 
 A sync stalls the host until the GPU queue drains, so kernels queued after it cannot overlap the host's
 Python work (Megatron's alltoall dispatcher needs one, for the split sizes; so does LocMoE's plan).
@@ -90,11 +92,13 @@ def main() -> None:
         return make_locmoe_layer_class()(config("alltoall"), submodules=MoESubmodules(experts=experts, router=router),
                                          layer_number=1, pg_collection=pgc)
 
-    layers = {name: build(name) for name in a.systems}
     dev = acc.device(acc.current_device())
+    layers = {name: build(name).to(dev) for name in dict.fromkeys(a.systems)}
     x = torch.randn(a.tokens, 1, a.hidden, device=dev, dtype=torch.bfloat16)
-    for name, layer in layers.items():
-        layer = layer.to(dev)
+    seen: collections.Counter = collections.Counter()
+    for name in a.systems:
+        layer = layers[name]
+        seen[name] += 1
         layer.set_layer_number(1)
         for _ in range(2):  # warm-up: lazy inits and caches
             y, _ = layer(x.clone().requires_grad_())
@@ -115,7 +119,7 @@ def main() -> None:
             print(f"== {name}: {sum(sites.values())} device-to-host syncs in one forward + backward")
             for site, n in sites.most_common():
                 print(f"   {n} x {site}")
-        profile_layer(name, layer, x, a, acc, rank)
+        profile_layer(name if seen[name] == 1 else f"{name}_{seen[name]}", layer, x, a, acc, rank)
     dist.barrier()
     dist.destroy_process_group()
 
