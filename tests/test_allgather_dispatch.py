@@ -273,28 +273,3 @@ def test_equal_token_checks_name_the_ranks():
     twice[2, 1, 0] = -1  # two dropped slots in one token are fine
     with pytest.raises(ValueError, match=r"two of its slots on EP rank\(s\) \[3\]"):
         check_gathered([3] * 4, 3, 0, 2, twice, 8)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_allgather_reduce_sums_each_tokens_slots_and_does_not_depend_on_the_chunking(dtype, monkeypatch):
-    from locmoe_plugin.comm import allgather_plan
-    from locmoe_plugin.comm.allgather_plan import AllGatherRoute
-
-    g = torch.Generator().manual_seed(3)
-    rows, k, n, f = 37, 4, 50, 6
-    slot_pos = torch.randint(0, n + 1, (rows, k), generator=g)  # n: the pair is not on this rank
-    y = torch.randn(n, f, generator=g).to(dtype)
-    route = AllGatherRoute(token_row=torch.zeros(n, dtype=torch.long), slot_pos=slot_pos, num_tokens=rows,
-                           rows_max=rows, group=None)
-    whole = route.reduce(y)
-    ref = torch.cat([y.double(), torch.zeros(1, f, dtype=torch.float64)])[slot_pos].sum(1)
-    torch.testing.assert_close(whole.double(), ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
-    monkeypatch.setattr(allgather_plan, "SLOT_GATHER_BYTES", 3 * k * f * y.element_size())  # chunks of 3 rows
-    assert torch.equal(route.reduce(y), whole)
-    # a slot read from the wrong pair changes the sum
-    wrong = slot_pos.clone()
-    wrong[5, 0] = (wrong[5, 0] + 1) % n
-    assert not torch.equal(AllGatherRoute(route.token_row, wrong, rows, rows, None).reduce(y), whole)
-    # no pair on this rank: zeros, no NaN
-    empty = AllGatherRoute(torch.zeros(0, dtype=torch.long), torch.full((rows, k), 0), rows, rows, None)
-    assert torch.equal(empty.reduce(y[:0]), torch.zeros(rows, f, dtype=dtype))

@@ -12,22 +12,18 @@ Dispatch (``T = P * rows_max`` gathered tokens, :mod:`.block_collectives` for un
                  order = the canonical (local expert, source rank, source token) order of every plan
     x [s, F]  --all-gather-->  [T, F]  --index_select(token_row)-->  expert rows [n, F]
 
-Combine (the adjoint): expert rows ``[n, F]`` (already weighted) are read back per gathered slot
-(``index_select`` by ``slot_pos``, a zero row for the slots whose pair is not here) and summed over the
-``k`` slots of each gathered token, giving ``[T, F]``, which is reduce-scattered to ``[s, F]``. Backward
-runs the adjoint collectives: the dispatch's gradient is that reduce, the combine's gradient that gather.
-A gather and a sum replace a scatter-add: no atomics and no index sort (the deterministic
-``index_put_(accumulate=True)`` sorts its indices on every call), three kernels per chunk of rows;
-the ``[rows, k, F]`` gather is made in chunks of at most :data:`SLOT_GATHER_BYTES`.
+Combine (the adjoint): expert rows ``[n, F]`` (already weighted) are added into a zeroed ``[T, F]``
+buffer with ``index_put_(accumulate=True)``, then reduce-scattered to ``[s, F]``. Backward runs the
+adjoint collectives: the dispatch's gradient is that reduce, the combine's gradient that gather.
 
-Numerics: a token's rows on one rank are summed over its slots in slot order by one ``sum`` (fp32
-accumulation for bf16 rows, rounded once; slots without a pair here add an exact zero); then the
-reduce-scatter sums the ranks' partial sums in the collective's order. So results repeat run to run and
-do not depend on the chunking, but the sums are not the pairs plan's (one sum over a token's slots, in
-the dtype) nor the tree plans' order: ``allclose``, not bitwise, to the other plans. At top-1 every token
-has one row: the results equal the pairs plan's bit for bit. In bf16 each rank's partial sum is rounded
-before the cross-rank sum (as in Megatron's allgather dispatcher). Expert inputs are identical to every
-other plan's (same rows, same order).
+Numerics: a token's rows on one rank are added in canonical order (local expert order): on CUDA
+``index_put_`` with ``accumulate=True`` is torch's deterministic index-add (it sorts the indices
+stably, then adds each index's rows in order), on CPU it adds sequentially; then the reduce-scatter sums
+the ranks' partial sums in the collective's order. So results repeat run to run, but the sums are not
+the pairs plan's (one sum over a token's slots) nor the tree plans' order: ``allclose``, not bitwise,
+to the other plans. At top-1 every token has one row: the results equal the pairs plan's bit for bit.
+In bf16 each rank's partial sum is rounded before the cross-rank sum (as in Megatron's allgather
+dispatcher). Expert inputs are identical to every other plan's (same rows, same order).
 
 Combine weights travel as fp32 bits in the routing all-gather; their gradient goes back by one fp32
 reduce-scatter of ``[T, k]`` in which each slot is non-zero on at most one rank (its expert's), so the
@@ -51,10 +47,6 @@ from .groups import CommGroups
 from .plan import Plan, Traffic
 
 
-#: the most bytes of gathered slot rows (``[rows, k, F]``) the reduce holds at once; larger gathers go in chunks
-SLOT_GATHER_BYTES = 256 << 20
-
-
 @dataclass(frozen=True)
 class AllGatherRoute:
     """This rank's route of the ``allgather`` plan.
@@ -75,17 +67,10 @@ class AllGatherRoute:
         return gather_blocks(x, self.rows_max, self.group).index_select(0, self.token_row)
 
     def reduce(self, y: torch.Tensor) -> torch.Tensor:
-        """``y [n, F]`` -> ``[s, F]``: each gathered token's ``k`` slots read their pair's row of ``y`` (a zero
-        row where the pair is not here) and are summed, ``[T, F]``, then summed over the ranks by one
-        reduce-scatter (module doc: numerics)."""
-        rows, k = self.slot_pos.shape
-        f = tuple(y.shape[1:])
-        ext = torch.cat([y, y.new_zeros((1,) + f)])  # [n + 1, F]: row n is the zero of the slots not here
-        full = y.new_empty((rows,) + f)
-        chunk = max(1, SLOT_GATHER_BYTES // max(1, k * ext[0].numel() * ext.element_size()))
-        for lo in range(0, rows, chunk):
-            slots = ext.index_select(0, self.slot_pos[lo : lo + chunk].reshape(-1))  # [rows_c * k, F]
-            torch.sum(slots.view((-1, k) + f), dim=1, out=full[lo : lo + chunk])
+        """``y [n, F]`` -> ``[s, F]``: each token's rows added in canonical order into a zeroed ``[T, F]``,
+        then summed over the ranks by one reduce-scatter (module doc: numerics)."""
+        full = y.new_zeros((self.slot_pos.shape[0],) + tuple(y.shape[1:]))
+        full.index_put_((self.token_row,), y, accumulate=True)
         return reduce_scatter_blocks(full, self.num_tokens, self.group)
 
     def values_to_slots(self, v: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
