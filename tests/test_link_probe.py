@@ -58,7 +58,7 @@ def test_rounds_are_bracketed_by_link_samples(monkeypatch):
     taken = []
     ctx = types.SimpleNamespace(args=types.SimpleNamespace(rounds=3, warmup=1, iters=2, manual_gc=False),
                                 deferred={"a": lambda: None}, current=None, log=lambda *a: None,
-                                link_probe=types.SimpleNamespace(take=taken.append))
+                                link_probe=types.SimpleNamespace(take=taken.append), last_host_ms=None)
     bench.time_rounds(ctx, {"a": {}})
     assert taken == ["before round 1", "after round 1", "after round 2", "after round 3"]
     # the LocMoE floors built at the first sample's rate are restated at the final median rate
