@@ -17,7 +17,8 @@ collective waits for the slowest rank), and the main thread's CPU time per step 
 the host's own work, without the time spent blocked on peers, which on an oversubscribed CPU machine is
 most of the wall time), the mean over ranks. Reported: each layer's median over rounds, the median and
 quartiles of the per-round ratio LocMoELayer / Megatron for both measures; rank 0's main-thread CPU time
-per part of each layer (router, the six dispatcher phases, experts, forward, backward); and
+and wall time per part of each layer (router, the six dispatcher phases, experts, forward, backward; the
+wall beyond the CPU is where the thread waited); and
 (``--profile-steps`` > 0) rank 0's cProfile: LocMoELayer's top functions by own time, locmoe_plugin's own
 functions, both layers' own time grouped by where it runs, and the collectives per step. Python's garbage
 collector is off while timing (as Megatron-LM's ``--manual-gc``), so its pauses land on neither layer.
@@ -146,7 +147,9 @@ def measure(a: argparse.Namespace, topk: int, rank: int, world: int, acc, device
     finally:
         gc.enable()
     res = {"topk": topk, "ms_rounds": per_round, "cpu_ms_rounds": cpu_round}
-    res["phase_cpu_ms"] = {n: phase_cpu_ms(layers[n], steps[n], a.iters * 2) for n in names}
+    parts = {n: phase_host_ms(layers[n], steps[n], a.iters * 2) for n in names}
+    res["phase_cpu_ms"] = {n: p[0] for n, p in parts.items()}
+    res["phase_wall_ms"] = {n: p[1] for n, p in parts.items()}
     if a.profile_steps > 0:
         res["profile_groups"] = {}
         for n in names:
@@ -172,19 +175,24 @@ PHASES = ("dispatch_preprocess", "token_dispatch", "dispatch_postprocess", "comb
           "combine_postprocess")
 
 
-def phase_cpu_ms(layer, step, iters: int) -> dict[str, float]:
-    """Main-thread CPU ms per step in each part of ``layer``'s forward (router, the six dispatcher phases,
-    experts), the whole forward and the backward (the step less its forward), mean over ``iters`` steps
-    (after one untimed). The wrappers are removed afterwards."""
-    spent: dict[str, float] = {}
+def phase_host_ms(layer, step, iters: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Main-thread CPU ms and wall ms per step in each part of ``layer``'s forward (router, the six
+    dispatcher phases, experts), the whole forward and the backward (the step less its forward), means over
+    ``iters`` steps (after one untimed), with no device sync between the steps. Wall less CPU is the time
+    the thread was blocked (on a GPU: a host read waiting for the device, unless the driver spins, which
+    counts as CPU); on a GPU the backward's wall is the autograd thread's issue time. The wrappers are
+    removed afterwards."""
+    cpu: dict[str, float] = {}
+    wall: dict[str, float] = {}
 
     def timed(fn, label):
         def run(*args, **kwargs):
-            c0 = time.thread_time()
+            c0, w0 = time.thread_time(), time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                spent[label] = spent.get(label, 0.0) + time.thread_time() - c0
+                cpu[label] = cpu.get(label, 0.0) + time.thread_time() - c0
+                wall[label] = wall.get(label, 0.0) + time.perf_counter() - w0
         return run
 
     td = layer.token_dispatcher
@@ -194,17 +202,21 @@ def phase_cpu_ms(layer, step, iters: int) -> dict[str, float]:
         setattr(obj, attr, timed(getattr(obj, attr), label))
     try:
         step()
-        spent.clear()
-        c0 = time.thread_time()
+        cpu.clear()
+        wall.clear()
+        c0, w0 = time.thread_time(), time.perf_counter()
         for _ in range(iters):
             step()
-        total = time.thread_time() - c0
+        totals = (time.thread_time() - c0, time.perf_counter() - w0)
     finally:
         for obj, attr, _ in targets:
             del obj.__dict__[attr]  # the instance attribute set above; the class's method shows again
-    out = {k: v * 1e3 / iters for k, v in spent.items()}
-    out["backward"] = total * 1e3 / iters - out["forward"]
-    return out
+    out = []
+    for spent, total in zip((cpu, wall), totals):
+        ms = {k: v * 1e3 / iters for k, v in spent.items()}
+        ms["backward"] = total * 1e3 / iters - ms["forward"]
+        out.append(ms)
+    return out[0], out[1]
 
 
 def own_time_groups(st: pstats.Stats) -> dict[str, float]:
@@ -298,12 +310,13 @@ def report(a: argparse.Namespace, out: dict) -> None:
         with open(os.path.join(a.out, "host_time.json"), "w") as f:
             json.dump(out, f, indent=1)
     for r in out["results"]:
-        ph = r["phase_cpu_ms"]
-        names = list(ph)
-        print(f"== top-{r['topk']}: main-thread CPU ms per step by part, rank 0")
-        print(f"     {'':22s} " + " ".join(f"{n:>22s}" for n in names))
-        for label in ("router", *PHASES, "experts", "forward", "backward"):
-            print(f"     {label:22s} " + " ".join(f"{ph[n].get(label, 0.0):22.3f}" for n in names))
+        for key, what in (("phase_cpu_ms", "main-thread CPU ms"), ("phase_wall_ms", "wall ms (CPU and waits)")):
+            ph = r[key]
+            names = list(ph)
+            print(f"== top-{r['topk']}: {what} per step by part, rank 0")
+            print(f"     {'':22s} " + " ".join(f"{n:>22s}" for n in names))
+            for label in ("router", *PHASES, "experts", "forward", "backward"):
+                print(f"     {label:22s} " + " ".join(f"{ph[n].get(label, 0.0):22.3f}" for n in names))
         if "profile" not in r:
             continue
         print(f"== cProfile of LocMoELayer, top-{r['topk']}, {a.profile_steps} fwd+bwd steps, rank 0")

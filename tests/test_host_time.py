@@ -30,7 +30,9 @@ def test_host_time_runs_at_toy_size(tmp_path, capsys):
     (r,) = out["results"]
     assert set(s["cpu_ms_ratios"]) == {f"{a} / {b}" for a, b in host_time.RATIOS}
     for name in host_time.NAMES + host_time.ALLGATHER_NAMES:
-        assert {"router", "token_dispatch", "experts", "forward", "backward"} <= set(r["phase_cpu_ms"][name])
+        for key in ("phase_cpu_ms", "phase_wall_ms"):
+            assert {"router", "token_dispatch", "experts", "forward", "backward"} <= set(r[key][name])
+        assert r["phase_wall_ms"][name]["forward"] >= r["phase_cpu_ms"][name]["forward"] - 0.01  # a thread runs within its wall time
         assert r["profile_groups"][name]
     assert any("router.py" in name for name, _, _ in r["profile_locmoe_plugin"])
     assert (tmp_path / "host_time.json").exists()
