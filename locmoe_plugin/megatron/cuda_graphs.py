@@ -9,8 +9,11 @@ the data. Not capturable, refused with one message:
     Python step counter at estimation steps);
   * routing ``hash``: the token ids come from a Python hook; a replay would reuse the captured ids;
   * ``LocMoELayer`` with the dispatch preprocess (``moe_preprocess``, which the ``local`` implementation
-    adds to ``moe_router`` by itself), the whole MoE (``moe``) or the whole layer: its preprocess reads the
-    split sizes back to the host (one sync, as Megatron's own ``alltoall`` dispatcher with a capacity).
+    adds to ``moe_router`` by itself), the whole MoE (``moe``) or the whole layer: its preprocess starts
+    the count exchange (an all-gather and an asynchronous copy of the table to the host, which
+    ``token_dispatch`` waits for: the layer's one host sync; in the ``allgather`` mode the routing
+    all-gather, read back in ``token_dispatch``) and hands it over as Python state, which a replay does
+    not rebuild.
 
 A captured router keeps its own count all-reduce instead of folding it into ``LocMoELayer``'s count
 exchange (:func:`captures_router`): a replay runs no Python, so nothing could hand its counts over to the
@@ -60,9 +63,11 @@ def check_cuda_graph_support(config, locmoe: LocMoEConfig, with_locmoe_dispatche
         problems.append("routing 'hash' reads the token ids from a Python hook, which a replay skips; "
                         "change --locmoe-routing")
     if with_locmoe_dispatcher and scopes - {"moe_router", "attn", "mlp", "mamba"}:
-        problems.append("LocMoELayer's dispatch preprocess reads the split sizes back to the host; capture only "
-                        "the router: --cuda-graph-impl transformer_engine --cuda-graph-scope moe_router (the "
-                        "'local' implementation always adds moe_preprocess)")
+        problems.append("LocMoELayer's dispatch preprocess starts the count exchange (an asynchronous copy to "
+                        "the host; in the allgather mode the routing all-gather) and hands it to token_dispatch "
+                        "as Python state that a graph replay does not rebuild; capture only the router: "
+                        "--cuda-graph-impl transformer_engine --cuda-graph-scope moe_router (the 'local' "
+                        "implementation always adds moe_preprocess)")
     if problems:
         impl = getattr(config, "cuda_graph_impl", None)
         raise ConfigError(f"CUDA graphs (cuda_graph_impl={impl!r}, scopes {sorted(scopes)}) would capture the "
