@@ -395,13 +395,22 @@ def ds_expert(ctx: Ctx):
 
 
 def system_names(args) -> list[tuple[str, str]]:
-    """``(row name, gate whose model's hidden states it runs on)`` for every requested system."""
+    """``(row name, gate whose model's hidden states it runs on)`` for every requested system. A LocMoE row runs
+    on the hidden states of the model its router was trained in: ``locmoe`` (every gate) or ``locmoe_<gate>``
+    (one of ``--gates``) on that gate's model; the LocMoE variants and our DeepSpeed layer on the first gate's."""
     rows = []
     for system in args.systems:
         if system == "locmoe":
             rows += [(f"locmoe_{g}", g) for g in args.gates]
         elif system.startswith("locmoe_ds") or system in FIRST_GATE_VARIANTS:
             rows.append((system, args.gates[0]))
+        elif system.startswith("locmoe_"):
+            gate = system[len("locmoe_"):]
+            if gate not in args.gates:
+                raise SystemExit(f"--systems {system}: no such LocMoE row; name a trained gate's layer "
+                                 f"(locmoe_{'|locmoe_'.join(args.gates)}, or locmoe for all of --gates), "
+                                 f"or one of {', '.join(FIRST_GATE_VARIANTS)}, locmoe_ds, locmoe_ds_no_overlap")
+            rows.append((system, gate))
         else:  # Megatron and DeepSpeed baselines: the trained TopKRouter model (or the first gate's)
             rows.append((system, "topk" if args.baseline_router == "trained" else args.gates[0]))
     return rows

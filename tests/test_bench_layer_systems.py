@@ -73,3 +73,15 @@ def test_the_allgather_layer_is_compared_with_its_count_exchange_form(bench):
     systems = {n: {"ms": sorted(v)[1], "ms_rounds": v} for n, v in rounds.items()}
     lines = bench.comparisons({"meta": {"nodes": 1}, "systems": systems})
     assert "compare: locmoe_allgather / locmoe_allgather_counted = 0.900 [per-round ratios: quartiles 0.800-1.000]" in lines, lines
+
+
+def test_a_gates_row_named_alone_runs_on_its_own_models_hidden_states(bench):
+    import pytest
+
+    args = types.SimpleNamespace(systems=["locmoe_dense", "locmoe_allgather", "mcore_alltoall"], gates=["dense"],
+                                 baseline_router="trained")
+    assert bench.system_names(args) == [("locmoe_dense", "dense"), ("locmoe_allgather", "dense"),
+                                        ("mcore_alltoall", "topk")]
+    args.systems = ["locmoe_grap"]  # a gate that was not trained: refused, not run on another model's states
+    with pytest.raises(SystemExit, match="locmoe_grap: no such LocMoE row"):
+        bench.system_names(args)
