@@ -51,7 +51,6 @@ skipped, so an interrupted run resumes where it stopped):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import json
@@ -73,6 +72,7 @@ for path in (REPO, HERE):
         sys.path.insert(0, path)
 
 from e2e_profile import LinkTimer, PhaseTimer  # noqa: E402
+from manual_gc import automatic_collection  # noqa: E402
 from locmoe_plugin.comm.bandwidth import measure_bandwidth  # noqa: E402
 from locmoe_plugin.demo.corpus import VOCAB_SIZE, load_corpus, sample_batch  # noqa: E402
 from locmoe_plugin.demo.metrics import RoutingMonitor, WireCounter  # noqa: E402
@@ -387,20 +387,6 @@ def _release(model_alive: weakref.ref, accel) -> bool:
     return released
 
 
-@contextlib.contextmanager
-def _automatic_collection(off: bool):
-    """Python's automatic garbage collection off inside when ``off`` (``--manual-gc``), restored after, also
-    when a step raises."""
-    was_enabled = gc.isenabled()
-    if off:
-        gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def _gc_collections() -> list[int]:
     """Python's garbage-collection passes so far, per generation (0, 1, 2), on this process."""
     return [g["collections"] for g in gc.get_stats()]
@@ -463,7 +449,7 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
     step_s, losses, cross, dropped, expert_load, rank_load, gc_steps = [], [], [], 0, [], [], []
     _peak_memory_reset(accel)
     system.train(True)
-    with _automatic_collection(off=opts.manual_gc):
+    with automatic_collection(off=opts.manual_gc):
         t_run = time.perf_counter()
         for step in range(opts.steps):
             tokens, labels = (t.to(dev) for t in sample_batch(corpus.train, opts.micro_batch, opts.seq_len, gen))

@@ -90,7 +90,6 @@ rail message (one row per token: 32 MiB at 8192 tokens x hidden 2048 bf16).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import random
@@ -113,6 +112,7 @@ if HERE not in sys.path:  # the benchmark's own modules, also when loaded by fil
 from layer_setup import Ctx, build_megatron_layer, host_calls_of, time_it  # noqa: E402
 from layer_training import _budget_mechanism, _budget_warmup, corpus_batch, train  # noqa: E402
 from link_probe import LinkProbe, a2a_time, format_links, layer_probe_mib, take_sample  # noqa: E402
+from manual_gc import automatic_collection  # noqa: E402
 from locmoe_plugin.comm.settings import DispatcherSettings  # noqa: E402
 from locmoe_plugin.config import BUDGET_MECHANISMS  # noqa: E402
 from locmoe_plugin.megatron.router import dense_routing_map  # noqa: E402
@@ -282,28 +282,12 @@ def gemm_time(ctx: Ctx, layer, tokens_per_expert: list[int], dtype) -> float:
 
 
 # ------------------------------------------------------------------------------------------ systems
-class _ManualGC:
-    """With ``--manual-gc``: one collection before, Python's collector off inside (restored after)."""
-
-    def __init__(self, on: bool) -> None:
-        self.on = on
-
-    def __enter__(self):
-        if self.on:
-            gc.collect()
-            gc.disable()
-
-    def __exit__(self, *exc):
-        if self.on:
-            gc.enable()
-
-
 def time_system(ctx: Ctx, step) -> float:
     """Time ``step`` now, or (``--rounds`` > 1) keep it for the interleaved rounds and return NaN."""
     if ctx.args.rounds > 1:
         ctx.deferred[ctx.current] = step
         return float("nan")
-    with _ManualGC(ctx.args.manual_gc):
+    with automatic_collection(ctx.args.manual_gc, collect_first=True):
         return time_it(ctx, step, ctx.args.warmup, ctx.args.iters)
 
 
@@ -322,7 +306,7 @@ def time_rounds(ctx: Ctx, results: dict) -> None:
     a = ctx.args
     per = {name: [] for name in ctx.deferred}
     host = {name: [] for name in ctx.deferred}  # per round: (forward, backward) host ms, see time_it
-    with _ManualGC(a.manual_gc):
+    with automatic_collection(a.manual_gc, collect_first=True):
         for name, step in ctx.deferred.items():  # warm-up pass (--warmup iterations each), not recorded
             time_it(ctx, step, a.warmup, 1)
         take_sample(ctx, "before round 1")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import gc
 import io
 import json
 import os
@@ -45,6 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+from manual_gc import automatic_collection  # noqa: E402
 from op_count import build_megatron_layers  # noqa: E402
 
 NAMES = ("megatron alltoall", "LocMoELayer")  # always timed; --allgather adds the names below
@@ -133,19 +133,15 @@ def measure(a: argparse.Namespace, topk: int, rank: int, world: int, acc, device
 
     for n in names:
         timed(steps[n], a.warmup)
-    gc.collect()
-    gc.disable()
     per_round: dict[str, list[float]] = {n: [] for n in names}
     cpu_round: dict[str, list[float]] = {n: [] for n in names}
-    try:
+    with automatic_collection(off=True, collect_first=True):
         for r in range(a.rounds):
             for n in (names if r % 2 == 0 else names[::-1]):
                 timed(steps[n], 1)
                 wall, cpu = timed(steps[n], a.iters)
                 per_round[n].append(_reduce_over_ranks(wall, device, dist.ReduceOp.MAX))
                 cpu_round[n].append(_reduce_over_ranks(cpu, device, dist.ReduceOp.SUM) / world)
-    finally:
-        gc.enable()
     res = {"topk": topk, "ms_rounds": per_round, "cpu_ms_rounds": cpu_round}
     parts = {n: phase_host_ms(layers[n], steps[n], a.iters * 2) for n in names}
     res["phase_cpu_ms"] = {n: p[0] for n, p in parts.items()}

@@ -162,16 +162,16 @@ def test_manual_collection_is_restored_after_an_error_and_the_report_sums_passes
     import gc
 
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import bench_e2e
     import e2e_report
+    from manual_gc import automatic_collection
 
     assert gc.isenabled()
     with pytest.raises(RuntimeError, match="step failed"):
-        with bench_e2e._automatic_collection(off=True):
+        with automatic_collection(off=True):
             assert not gc.isenabled()
             raise RuntimeError("step failed")
     assert gc.isenabled()  # restored: the next system's steps collect automatically again
-    with bench_e2e._automatic_collection(off=False):
+    with automatic_collection(off=False):
         assert gc.isenabled()
     row = {**_row("locmoe", "fp32", "1x4", 100), "gc_collections_steps": [[4, 0, 0], [0, 4, 1]]}
     assert e2e_report._gc(row) == "4/4/1"
