@@ -41,6 +41,11 @@ model's layers before its MoE layer, and times fwd+bwd of one MoE layer on those
   locmoe_overlap     (a''') the same layer of the first gate with the dispatcher's overlap on
                      (DispatcherSettings(overlap=True), Megatron --locmoe-overlap on; a no-op on one node);
                      not in the default systems
+  locmoe_grouped     (g) the layer of the first gate with LocMoE's grouped experts (LocMoEGroupedMLP:
+                     SequentialMLP's parameters, every local expert in two grouped GEMMs; Megatron
+                     --locmoe-grouped-experts on); locmoe_allgather_grouped the same in allgather mode;
+                     mcore_alltoall_grouped / mcore_allgather_grouped Megatron's layers (b) / (c) with them
+                     (same weights): which part of a difference is the experts'. Not in the default systems
   mcore_alltoall     (b) megatron-core MoELayer, TopKRouter + aux loss, 'alltoall' dispatcher, with the
                      trained TopKRouter model's router and experts, on that model's hidden states
   mcore_allgather    (c) same, 'allgather' dispatcher
@@ -122,7 +127,9 @@ DEFAULT_SYSTEMS = ("locmoe", "mcore_alltoall", "mcore_allgather", "mcore_groupli
                    "locmoe_ds_no_overlap")
 ONE_NODE_SYSTEMS = ("locmoe_allgather",)  # the allgather dispatcher is refused on EP groups spanning nodes
 #: LocMoE layers of the first gate with one dispatcher setting changed (compared with that gate's default layer)
-FIRST_GATE_VARIANTS = ("locmoe_allgather", "locmoe_allgather_counted", "locmoe_unfolded", "locmoe_overlap")
+FIRST_GATE_VARIANTS = ("locmoe_allgather", "locmoe_allgather_counted", "locmoe_unfolded", "locmoe_overlap",
+                       "locmoe_grouped", "locmoe_allgather_grouped")
+GROUPED = "_grouped"  # a Megatron-built row's suffix: LocMoEGroupedMLP experts instead of SequentialMLP
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -433,8 +440,10 @@ def run_systems(ctx: Ctx, trained: dict, hidden: dict, cot, results: dict):
 def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
     a = ctx.args
     remote_ranks = ctx.world - ctx.gpn
+    grouped = name.endswith(GROUPED) and name.startswith(("locmoe_", "mcore_"))
+    base = name[: -len(GROUPED)] if grouped else name
     if name.startswith("locmoe_") and not name.startswith("locmoe_ds"):
-        allgather = name in ("locmoe_allgather", "locmoe_allgather_counted")
+        allgather = base in ("locmoe_allgather", "locmoe_allgather_counted")
         gate = a.gates[0] if name in FIRST_GATE_VARIANTS else name[len("locmoe_"):]
         settings = {"gate": gate, "routing": "locmoe", "locality_loss_coeff": trained[gate]["summary"]["mu"],
                     "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope, "expert_bias_rate": a.expert_bias_rate,
@@ -445,7 +454,8 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
                                      locmoe_dispatcher=DispatcherSettings(
                                          mode=mode, overlap=name == "locmoe_overlap",
                                          # the count exchange, as without equal token counts
-                                         equal_tokens=False if name == "locmoe_allgather_counted" else None))
+                                         equal_tokens=False if name == "locmoe_allgather_counted" else None),
+                                     grouped_experts=grouped)
         if name == "locmoe_unfolded":
             layer.token_dispatcher.fold_router_counts(layer.router, fold=False)
         missing, unexpected = layer.load_state_dict(trained[gate]["state"], strict=False)
@@ -489,9 +499,10 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
                    trained=trained[gate]["summary"])
         return res
     if name.startswith("mcore_"):
-        dispatcher = "allgather" if name == "mcore_allgather" else "alltoall"
+        dispatcher = "allgather" if base == "mcore_allgather" else "alltoall"
         torch.manual_seed(a.seed + 5)
-        layer = build_megatron_layer(ctx, dispatcher, ctx.dtype, None, group_limited=name == "mcore_grouplimited")
+        layer = build_megatron_layer(ctx, dispatcher, ctx.dtype, None, group_limited=base == "mcore_grouplimited",
+                                     grouped_experts=grouped)
         missing, unexpected = layer.load_state_dict(expert_state, strict=False)
         if unexpected or any(k.split(".")[0] in {p.split(".")[0] for p in expert_state}
                              and not k.endswith("_extra_state") for k in missing):
@@ -773,9 +784,9 @@ def comparisons(out: dict) -> list[str]:
         if "ratio_quartiles" in r:
             q1, q3 = r["ratio_quartiles"]
             checks[0] += f" [per-round ratios: quartiles {q1:.3f}-{q3:.3f} over {len(r['ratio_rounds'])} rounds]"
-        if "mcore_allgather" in sy:
-            checks.append(f"{name} / mcore_allgather = {_median_ratio(r, sy['mcore_allgather']):.3f}"
-                          + _quartiles(r, sy["mcore_allgather"]))
+        for other in ("mcore_allgather", "mcore_alltoall_grouped", "mcore_allgather_grouped"):
+            if other in sy:
+                checks.append(f"{name} / {other} = {_median_ratio(r, sy[other]):.3f}" + _quartiles(r, sy[other]))
         for variant in ("locmoe_unfolded", "locmoe_overlap"):  # the same gate's layer: fold off / overlap on
             if variant in sy and name == f"locmoe_{first_gate}":
                 checks.append(f"{name} / {variant} = {_median_ratio(r, sy[variant]):.3f}" + _quartiles(r, sy[variant]))

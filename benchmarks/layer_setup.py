@@ -119,9 +119,11 @@ def megatron_config(ctx: Ctx, dispatcher: str, dtype, group_limited: bool = Fals
 
 
 def build_megatron_layer(ctx: Ctx, dispatcher: str, dtype, locmoe: dict | None = None, group_limited=False,
-                         locmoe_dispatcher="hierarchical"):
+                         locmoe_dispatcher="hierarchical", grouped_experts=False):
     """MoELayer (``locmoe=None``: TopKRouter, Megatron's ``dispatcher``) or LocMoELayer (LocMoE router, the
-    LocMoE dispatcher as ``locmoe_dispatcher``: a mode string or a ``DispatcherSettings``, e.g. with the overlap)."""
+    LocMoE dispatcher as ``locmoe_dispatcher``: a mode string or a ``DispatcherSettings``, e.g. with the overlap);
+    experts: megatron-core's ``SequentialMLP``, or with ``grouped_experts`` LocMoE's ``LocMoEGroupedMLP`` (the
+    same parameters, two grouped GEMMs)."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.moe import moe_utils
@@ -145,7 +147,12 @@ def build_megatron_layer(ctx: Ctx, dispatcher: str, dtype, locmoe: dict | None =
         cls = make_locmoe_layer_class()
         router = functools.partial(LocMoEMegatronRouter, locmoe=locmoe, dispatcher=locmoe_dispatcher,
                                    with_locmoe_dispatcher=True)
-    layer = cls(cfg, submodules=MoESubmodules(experts=experts, router=router), layer_number=1,
+    submodules = MoESubmodules(experts=experts, router=router)
+    if grouped_experts:
+        from locmoe_plugin.megatron.grouped_mlp import with_grouped_experts
+
+        submodules = with_grouped_experts(submodules)
+    layer = cls(cfg, submodules=submodules, layer_number=1,
                 pg_collection=moe_utils.get_default_pg_collection())
     layer.set_layer_number(1)
     return layer.to(ctx.dev)

@@ -147,6 +147,15 @@ class _CpuStream:
         return True
 
 
+def grouped_mm(device: torch.device):
+    """torch's grouped matmul (``grouped_mm`` in torch >= 2.10, ``_grouped_mm`` before) where ``device`` runs it:
+    CUDA (its grouped kernels) and CPU (one matmul per group); None elsewhere (Ascend NPU: callers loop
+    over the groups with plain matmuls)."""
+    if device.type not in (CUDA, "cpu"):
+        return None
+    return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
 @dataclass(frozen=True)
 class Accelerator:
     """A resolved device kind plus its collective backend; methods forward to the torch module.

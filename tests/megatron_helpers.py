@@ -9,7 +9,7 @@ import torch
 D = 32
 
 
-def build_layer(layer_cls, tp, ep, locmoe, topk, dispatcher="hierarchical", **config):
+def build_layer(layer_cls, tp, ep, locmoe, topk, dispatcher="hierarchical", grouped=False, **config):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.mlp import MLPSubmodules
@@ -40,6 +40,10 @@ def build_layer(layer_cls, tp, ep, locmoe, topk, dispatcher="hierarchical", **co
         router=functools.partial(LocMoEMegatronRouter, locmoe=locmoe, dispatcher=dispatcher,
                                  with_locmoe_dispatcher=layer_cls.__name__ == "LocMoELayer"),
     )
+    if grouped:  # SequentialMLP -> LocMoEGroupedMLP
+        from locmoe_plugin.megatron.grouped_mlp import with_grouped_experts
+
+        spec = with_grouped_experts(spec)
     layer = layer_cls(cfg, submodules=spec, layer_number=1, pg_collection=moe_utils.get_default_pg_collection())
     layer.set_layer_number(1)
     return layer

@@ -85,3 +85,18 @@ def test_a_gates_row_named_alone_runs_on_its_own_models_hidden_states(bench):
     args.systems = ["locmoe_grap"]  # a gate that was not trained: refused, not run on another model's states
     with pytest.raises(SystemExit, match="locmoe_grap: no such LocMoE row"):
         bench.system_names(args)
+
+
+def test_grouped_expert_rows_and_their_comparisons(bench):
+    args = types.SimpleNamespace(systems=["locmoe_grouped", "locmoe_allgather_grouped", "mcore_alltoall",
+                                          "mcore_alltoall_grouped", "mcore_allgather_grouped"],
+                                 gates=["dense"], baseline_router="trained")
+    assert bench.system_names(args) == [("locmoe_grouped", "dense"), ("locmoe_allgather_grouped", "dense"),
+                                        ("mcore_alltoall", "topk"), ("mcore_alltoall_grouped", "topk"),
+                                        ("mcore_allgather_grouped", "topk")]
+    rounds = {"mcore_alltoall": [10.0, 10.0, 10.0], "mcore_alltoall_grouped": [8.0, 8.0, 8.0],
+              "mcore_allgather_grouped": [9.0, 9.0, 9.0], "locmoe_grouped": [7.2, 7.2, 7.2]}
+    systems = {n: {"ms": sorted(v)[1], "ms_rounds": v} for n, v in rounds.items()}
+    lines = bench.comparisons({"meta": {"nodes": 1}, "systems": systems})
+    assert "compare: locmoe_grouped / mcore_alltoall_grouped = 0.900 [per-round ratios: quartiles 0.900-0.900]" in lines
+    assert "compare: locmoe_grouped / mcore_allgather_grouped = 0.800 [per-round ratios: quartiles 0.800-0.800]" in lines

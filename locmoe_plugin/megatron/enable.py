@@ -120,6 +120,17 @@ def _current_settings():
     return settings_from_args(args)
 
 
+def _grouped_experts() -> bool:
+    """``enable(grouped_experts=...)``, else Megatron-LM's ``--locmoe-grouped-experts`` (read with the settings)."""
+    if _explicit:
+        return _explicit["grouped_experts"]
+    from megatron.training import get_args
+
+    from .args import grouped_experts_from_args
+
+    return grouped_experts_from_args(get_args())
+
+
 def _wrap_args(original):
     def add_megatron_arguments(parser):
         from .args import add_arguments
@@ -141,7 +152,7 @@ def _wrap_moe_spec(original):
         from .spec import locmoe_spec
 
         overrides, dispatcher = settings
-        return locmoe_spec(spec, overrides, dispatcher)
+        return locmoe_spec(spec, overrides, dispatcher, grouped_experts=_grouped_experts())
 
     return get_moe_module_spec_for_backend
 
@@ -223,13 +234,16 @@ for _patch in METRICS_PATCHES:  # while one is applied, the routers defer their 
     register_report_flusher(_patch)
 
 
-def enable(settings: dict | None = None, dispatcher: DispatcherSettings | str = "hierarchical") -> list[str]:
+def enable(settings: dict | None = None, dispatcher: DispatcherSettings | str = "hierarchical",
+           grouped_experts: bool = False) -> list[str]:
     """Apply the patches (idempotent). ``settings``: LocMoE overrides to use without Megatron-LM's
-    argument parser (megatron-core scripts); without it, ``--locmoe`` on the command line decides.
+    argument parser (megatron-core scripts), with ``dispatcher`` and ``grouped_experts`` (see
+    :func:`~locmoe_plugin.megatron.spec.locmoe_spec`); without it, ``--locmoe`` on the command line decides.
     Returns the names of the patches applied by this call."""
     check_supported()
     if settings is not None:
-        _explicit.update(locmoe=dict(settings), dispatcher=DispatcherSettings.of(dispatcher))
+        _explicit.update(locmoe=dict(settings), dispatcher=DispatcherSettings.of(dispatcher),
+                         grouped_experts=bool(grouped_experts))
     if get_accelerator().device_type == "npu":
         apply_transfer_to_npu()
     return _apply(PATCHES)

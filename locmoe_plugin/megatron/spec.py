@@ -19,21 +19,29 @@ from typing import Any, Mapping
 from ..comm.settings import DispatcherSettings
 
 
-def locmoe_spec(spec: Any, locmoe: Mapping | None = None, dispatcher: DispatcherSettings | str = "hierarchical") -> Any:
+def locmoe_spec(spec: Any, locmoe: Mapping | None = None, dispatcher: DispatcherSettings | str = "hierarchical",
+                grouped_experts: bool = False) -> Any:
     """A copy of ``spec`` with every ``MoELayer`` replaced by ``LocMoELayer`` + ``LocMoEMegatronRouter``.
     ``dispatcher``: a mode (``"hierarchical"`` | ``"flat"`` | ``"allgather"``, overlap off) or
-    ``DispatcherSettings(mode=..., overlap=...)``."""
+    ``DispatcherSettings(mode=..., overlap=...)``. ``grouped_experts``: their ``SequentialMLP`` experts
+    become ``LocMoEGroupedMLP`` (same parameters and checkpoints, two grouped GEMMs instead of a loop over
+    experts; :mod:`.grouped_mlp`)."""
     dispatcher = DispatcherSettings.of(dispatcher)  # a bad value fails here, not at model build
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     from .dispatcher import make_locmoe_layer_class
+    from .grouped_mlp import with_grouped_experts
     from .router import LocMoEMegatronRouter
 
     layer_cls = make_locmoe_layer_class()
     router = functools.partial(
         LocMoEMegatronRouter, locmoe=dict(locmoe or {}), dispatcher=dispatcher, with_locmoe_dispatcher=True
     )
+
+    def moe_submodules(sub):
+        sub = dataclasses.replace(sub, router=router)
+        return with_grouped_experts(sub) if grouped_experts else sub
 
     def walk(node):
         if isinstance(node, functools.partial):
@@ -44,7 +52,7 @@ def locmoe_spec(spec: Any, locmoe: Mapping | None = None, dispatcher: Dispatcher
                     from megatron.core.transformer.moe.moe_layer import MoESubmodules
 
                     sub = MoESubmodules()
-                kwargs["submodules"] = dataclasses.replace(sub, router=router)
+                kwargs["submodules"] = moe_submodules(sub)
                 return functools.partial(layer_cls, *node.args, **kwargs)
             if any(kwargs[k] is not v for k, v in node.keywords.items()):
                 return functools.partial(node.func, *node.args, **kwargs)
@@ -52,8 +60,7 @@ def locmoe_spec(spec: Any, locmoe: Mapping | None = None, dispatcher: Dispatcher
         if isinstance(node, ModuleSpec):
             sub = walk(node.submodules)
             if isinstance(node.module, type) and issubclass(node.module, MoELayer):
-                sub = dataclasses.replace(sub, router=router)
-                return dataclasses.replace(node, module=layer_cls, submodules=sub)
+                return dataclasses.replace(node, module=layer_cls, submodules=moe_submodules(sub))
             return dataclasses.replace(node, submodules=sub) if sub is not node.submodules else node
         if isinstance(node, (list, tuple)):
             items = [walk(x) for x in node]

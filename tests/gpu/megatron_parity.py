@@ -2,8 +2,9 @@
 LocMoELayer (router + hierarchical / flat dispatcher) against megatron-core's MoELayer with its alltoall
 dispatcher and against a dense reference from the gathered expert weights; on one node (``--gpus-per-node``
 = the world size) also LocMoELayer's ``allgather`` mode, without the count exchange (equal token counts)
-against the same mode with it (``equal_tokens=False``: bitwise equal) and against the reference. Prints one
-line per case and exits 1 on any mismatch.
+against the same mode with it (``equal_tokens=False``: bitwise equal) and against the reference; and LocMoE's grouped
+experts (``LocMoEGroupedMLP``) against megatron-core's ``SequentialMLP`` in both layers, fp32 and bf16 (the
+same weights; outputs, input and weight gradients). Prints one line per case and exits 1 on any mismatch.
 
   torchrun --standalone --nproc-per-node 4 tests/gpu/megatron_parity.py --gpus-per-node 2
   torchrun --standalone --nproc-per-node 4 tests/gpu/megatron_parity.py --gpus-per-node 4
@@ -77,6 +78,7 @@ def main() -> int:
                       f"{'OK' if good else 'MISMATCH'}", flush=True)
     if args.gpus_per_node == world:
         ok &= _allgather_modes(rank, world, ep, LocMoELayer, mver)
+    ok &= _grouped_experts(rank, world, args.gpus_per_node, MoELayer, LocMoELayer, mver)
     dist.destroy_process_group()
     return 0 if ok else 1
 
@@ -117,6 +119,37 @@ def _allgather_modes(rank, world, ep, LocMoELayer, mver) -> bool:
                   f"{e[1]:.2e} vs the count exchange: "
                   f"{'bitwise equal' if not differ else 'differ in ' + str({k: f'{v:.1e}' for k, v in differ.items()})} "
                   f"-> {'OK' if good else 'MISMATCH'}", flush=True)
+    return ok
+
+
+def _grouped_experts(rank, world, gpn, MoELayer, LocMoELayer, mver) -> bool:
+    """LocMoEGroupedMLP against SequentialMLP with the same weights: max differences over the ranks of the
+    output, the input gradient and the experts' weight gradients, each relative to the largest value."""
+    ok = True
+    for cls in (MoELayer, LocMoELayer):
+        for dtype in (torch.float32, torch.bfloat16):
+            extra = {"params_dtype": dtype, "bf16": dtype == torch.bfloat16}
+            torch.manual_seed(7)
+            layers = {g: _build(cls, 1, world, {"gpus_per_node": gpn}, 4, grouped=g, **extra).cuda() for g in (False, True)}
+            layers[True].load_state_dict(layers[False].state_dict())
+            torch.manual_seed(300 + rank)
+            x = torch.randn(64 + 8 * rank, 2, D, device="cuda", dtype=dtype)
+            cot = torch.randn_like(x)
+            res = {}
+            for g, layer in layers.items():
+                y, gx = fwd_bwd(layer, x, cot)
+                res[g] = [y, gx] + [p.grad for p in layer.experts.parameters()]
+            rel = torch.stack([((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+                               for a, b in zip(res[True], res[False])])
+            dist.all_reduce(rel, op=dist.ReduceOp.MAX)
+            e = rel.tolist()
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            good = max(e) <= tol
+            ok &= good
+            if rank == 0:
+                print(f"megatron-core {mver} {cls.__name__} grouped experts vs SequentialMLP {dtype}: max rel diff "
+                      f"y {e[0]:.1e} input grad {e[1]:.1e} weight grads {max(e[2:]):.1e} -> {'OK' if good else 'MISMATCH'}",
+                      flush=True)
     return ok
 
 
