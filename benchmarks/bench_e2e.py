@@ -130,6 +130,11 @@ def parse(argv=None) -> argparse.Namespace:
                         "trains, one full collection before its measured steps (untimed); default: automatic, "
                         "whose passes land in whichever step allocates past its threshold, on each rank at its "
                         "own time")
+    p.add_argument("--grouped-experts", choices=("off", "locmoe", "all"), default="off",
+                   help="experts of the Megatron-built systems: off (default) megatron-core's SequentialMLP in "
+                        "every system, so rows differ by router and dispatcher only; locmoe: LocMoE's systems with "
+                        "LocMoEGroupedMLP (the plugin's default, --locmoe-grouped-experts auto), Megatron's with "
+                        "SequentialMLP (each as shipped); all: LocMoEGroupedMLP in every Megatron-built system")
     p.add_argument("--grad-reduce", default="fp32",
                    help="dtype of the Megatron systems' gradient buffers and their data-parallel reduction: fp32 "
                         "(Megatron-LM's bf16 default), bf16 (its --grad-reduce-in-bf16: half the bytes on the "
@@ -194,7 +199,7 @@ class MegatronE2E:
         from megatron.core.transformer import TransformerConfig
 
         from locmoe_plugin.megatron.router import dense_routing_map
-        from locmoe_plugin.megatron.spec import locmoe_spec
+        from locmoe_plugin.megatron.spec import grouped_experts_spec, locmoe_spec
 
         bf16 = opts.dtype == "bf16"
         world = dist.get_world_size()
@@ -216,9 +221,13 @@ class MegatronE2E:
         if opts.attention == "sdpa":
             spec.submodules.self_attention.submodules.core_attention = sdpa_attention_class()
         settings = MEGATRON_SYSTEMS[name]
+        grouped = opts.grouped_experts == "all" or (opts.grouped_experts == "locmoe" and settings is not None)
         if settings is not None:
             settings = {**settings, "gpus_per_node": opts.gpus_per_node, "aux_loss_coeff": opts.aux_loss_coeff}
-            spec = locmoe_spec(spec, settings, dispatcher=DISPATCHER.get(name, "hierarchical"))
+            spec = locmoe_spec(spec, settings, dispatcher=DISPATCHER.get(name, "hierarchical"),
+                               grouped_experts="on" if grouped else "off")
+        elif grouped:
+            spec = grouped_experts_spec(spec, "on")
         model = GPTModel(cfg, spec, vocab_size=VOCAB_SIZE, max_sequence_length=opts.seq_len,
                          position_embedding_type="rope").to(dev)
         if bf16:
@@ -532,6 +541,8 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
         "cross_node_share_steps": cross,
         "allocator_calls_measured": allocator,
         "manual_gc": bool(opts.manual_gc),
+        "grouped_experts": name in MEGATRON_SYSTEMS and (opts.grouped_experts == "all" or (
+            opts.grouped_experts == "locmoe" and MEGATRON_SYSTEMS[name] is not None)),
         "gc_collections_steps": gc_measured,
         "inter_node_bytes_rank_max_over_mean": inter_max * world / float(totals[0]) if float(totals[0]) > 0 else None,
         "expert_load_max_over_mean": statistics.mean(expert_load),

@@ -86,3 +86,21 @@ def _loop(rows, tokens_per_expert, fc1, fc2, activation, probs) -> torch.Tensor:
             h = (h * p.unsqueeze(-1)).to(rows.dtype)
         outs.append(F.linear(h, w2))
     return torch.cat(outs) if outs else rows.new_zeros(0, fc2.shape[1])
+
+
+#: elementwise activation modules a two-layer expert may have between its projections
+ELEMENTWISE_ACTIVATIONS = (torch.nn.GELU, torch.nn.SiLU, torch.nn.ReLU, torch.nn.Tanh, torch.nn.Sigmoid)
+TWO_LAYER_FORM = ("nn.Sequential(nn.Linear(H, F, bias=False), an elementwise activation module "
+                  f"({', '.join(a.__name__ for a in ELEMENTWISE_ACTIVATIONS)}), nn.Linear(F, H, bias=False))")
+
+
+def two_layer_parts(expert: torch.nn.Module):
+    """``(fc1 Linear, activation module, fc2 Linear)`` of an expert of :data:`TWO_LAYER_FORM`, else None."""
+    if not isinstance(expert, torch.nn.Sequential) or len(expert) != 3:
+        return None
+    fc1, act, fc2 = expert
+    if not (isinstance(fc1, torch.nn.Linear) and isinstance(fc2, torch.nn.Linear)
+            and type(act) in ELEMENTWISE_ACTIVATIONS and fc1.bias is None and fc2.bias is None
+            and fc1.out_features == fc2.in_features):
+        return None
+    return fc1, act, fc2

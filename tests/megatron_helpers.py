@@ -24,7 +24,7 @@ def build_layer(layer_cls, tp, ep, locmoe, topk, dispatcher="hierarchical", grou
         # the learned locality loss, not the default cross-node budget: the budget's controller moves in every
         # training forward, so a reference that routes again would route differently
         locmoe = {"locality_loss_coeff": 0.01, **locmoe}
-    cfg = TransformerConfig(
+    cfg = TransformerConfig(**{**dict(
         num_layers=1, hidden_size=D, num_attention_heads=4, num_moe_experts=8, moe_router_topk=topk,
         moe_token_dispatcher_type="alltoall", tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
         expert_tensor_parallel_size=1, sequence_parallel=tp > 1, use_cpu_initialization=True,
@@ -32,18 +32,17 @@ def build_layer(layer_cls, tp, ep, locmoe, topk, dispatcher="hierarchical", grou
         # with a dropping LocMoE capacity, Megatron's own dispatchers (0.19) must be told the token
         # count is dynamic; LocMoE's capacity settings still decide (they override this value)
         moe_expert_capacity_factor=locmoe.get("capacity_factor") if locmoe.get("capacity") == "factor" else None,
-        **config,
-    )
+    ), **config})
     spec = MoESubmodules(
         experts=ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                                            linear_fc2=RowParallelLinear)),
         router=functools.partial(LocMoEMegatronRouter, locmoe=locmoe, dispatcher=dispatcher,
                                  with_locmoe_dispatcher=layer_cls.__name__ == "LocMoELayer"),
     )
-    if grouped:  # SequentialMLP -> LocMoEGroupedMLP
+    if grouped:  # SequentialMLP -> LocMoEGroupedMLP (True: mode "on"; or a mode)
         from locmoe_plugin.megatron.grouped_mlp import with_grouped_experts
 
-        spec = with_grouped_experts(spec)
+        spec = with_grouped_experts(spec, "on" if grouped is True else grouped)
     layer = layer_cls(cfg, submodules=spec, layer_number=1, pg_collection=moe_utils.get_default_pg_collection())
     layer.set_layer_number(1)
     return layer

@@ -43,6 +43,7 @@ def _check(r, system, manual_gc=False):
     assert 1.0 - 1e-9 <= r["inter_node_bytes_rank_max_over_mean"] <= 4.0
     assert len(r["cross_node_share_steps"]) == 2 and r["allocator_calls_measured"] is None  # no device allocator
     assert r["lr_warmup_steps"] == 1  # --steps 5 // 10, at least 1
+    assert r["grouped_experts"] is False  # the default: SequentialMLP in every system
     assert sum(r["cross_node_share_steps"]) / 2 == pytest.approx(r["cross_node_share"])
     # Python's collection passes per measured step and generation, summed over the 4 ranks
     gcs = r["gc_collections_steps"]
@@ -105,12 +106,13 @@ def test_bench_e2e_allgather_system_on_one_node_only(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
            "benchmarks/bench_e2e.py", "--out", str(tmp_path), "--systems", "locmoe,locmoe_allgather",
-           "--corpus", os.path.join(ROOT, "README.md"), *TOY]
+           "--corpus", os.path.join(ROOT, "README.md"), "--grouped-experts", "locmoe", *TOY]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     res = {s: json.loads((tmp_path / f"e2e_1x4_{s}.json").read_text()) for s in ("locmoe", "locmoe_allgather")}
     for r in res.values():
         assert r["layout"] == "1x4" and math.isfinite(r["val_loss"]) and r["inter_node_bytes_per_step"] == 0
+        assert r["grouped_experts"] is True  # LocMoEGroupedMLP experts
     # the same model, routing and batches: the dispatchers differ only in the sums' order
     assert res["locmoe_allgather"]["val_loss"] == pytest.approx(res["locmoe"]["val_loss"], rel=1e-3)
     # across nodes it is refused before any process group, naming the fix

@@ -38,6 +38,8 @@ def _worker(rank, world):
         ("dense_k4_no_overlap", {"gpus_per_node": 2, "gate": "dense", "locality_loss_coeff": 0.01, "overlap": False}, 4),
         ("dense_k4_overlap", {"gpus_per_node": 2, "gate": "dense", "locality_loss_coeff": 0.01, "overlap": True}, 4),
         ("one_node", {"gpus_per_node": 4}, 4),  # one node: the layer uses the pairs plan (flat_fast)
+        # the same with each expert module run on its rows, not as grouped GEMMs
+        ("one_node_modules", {"gpus_per_node": 4, "grouped_experts": "off"}, 4),
         # one node, allgather with equal token counts: no count exchange, the router's counts in the routing
         ("one_node_allgather", {"gpus_per_node": 4, "dispatcher": "allgather", "equal_tokens": True}, 4),
     ]:
@@ -74,7 +76,8 @@ def _worker(rank, world):
                          nodes=layer.router.topology.num_nodes, plan=layer.deepspeed_moe.dispatcher.plan_mode,
                          overlap_active=layer.deepspeed_moe.dispatcher.overlap_active,
                          gathers=layer.deepspeed_moe.dispatcher.gathers_routing,
-                         folds=layer.deepspeed_moe.router.folds_counts)
+                         folds=layer.deepspeed_moe.router.folds_counts,
+                         grouped=layer.deepspeed_moe.grouped_parts is not None)
     return out
 
 
@@ -98,6 +101,10 @@ def test_locmoe_layer_on_deepspeed_groups_matches_dense_reference():
         for key in ("y", "gx"):
             torch.testing.assert_close(res["dense_k4_overlap"][key], res["dense_k4_no_overlap"][key], rtol=1e-6, atol=1e-7)
         assert res["dense_k4_overlap"]["traffic"] == res["dense_k4_no_overlap"]["traffic"]
+        # grouped experts (the default for two-layer experts) against the expert modules: bitwise on CPU
+        assert {n: r["grouped"] for n, r in res.items()} == {n: n != "one_node_modules" for n in res}
+        for key in ("y", "gx"):
+            assert torch.equal(res["one_node"][key], res["one_node_modules"][key])
 
 
 def test_config_section_and_errors(tmp_path):
@@ -132,6 +139,13 @@ def test_config_section_and_errors(tmp_path):
         LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"equal_tokens": "yes"})
     with pytest.raises(ConfigError, match="routing='hash' needs token ids"):
         LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"routing": "hash"})
+    with pytest.raises(ConfigError, match='"grouped_experts": "on" needs experts of the form nn.Sequential'):
+        LocMoE(D, torch.nn.Linear(D, D), num_experts=E, k=2, locmoe={"grouped_experts": "on"})
+    with pytest.raises(ConfigError, match="expected one of auto, on, off"):
+        LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"grouped_experts": True})
+    # "auto": experts of another form run as their own modules
+    assert LocMoE(D, torch.nn.Linear(D, D), num_experts=E, k=2).deepspeed_moe.grouped_parts is None
     layer = LocMoE(D, _expert(), num_experts=E, k=2)
+    assert len(layer.deepspeed_moe.grouped_parts) == E
     with pytest.raises(RuntimeError, match="set_deepspeed_parallelism"):
         layer(torch.randn(3, D))

@@ -123,6 +123,18 @@ def _layer_worker(rank, world):
             res["keys"] = (sorted(seq.state_dict()), sorted(grouped.state_dict()),
                            sorted(seq.sharded_state_dict()), sorted(grouped.sharded_state_dict()))
             out[(cls.__name__, gated)] = res
+    # "auto" with a config the grouped form does not run (expert bias): SequentialMLP's loop, same results
+    torch.manual_seed(6)
+    seq = build_layer(MoELayer, 1, world, {"gpus_per_node": world}, 2, add_bias_linear=True)
+    auto = build_layer(MoELayer, 1, world, {"gpus_per_node": world}, 2, grouped="auto", add_bias_linear=True)
+    auto.load_state_dict(seq.state_dict())
+    x = torch.randn(5, 2, D)
+    out["auto_with_bias"] = (auto.experts.grouped, torch.equal(fwd_bwd(seq, x, x)[0], fwd_bwd(auto, x, x)[0]))
+    try:
+        build_layer(MoELayer, 1, world, {"gpus_per_node": world}, 2, grouped="on", add_bias_linear=True)
+        out["on_with_bias"] = None
+    except Exception as exc:  # noqa: BLE001 - the message is the result
+        out["on_with_bias"] = str(exc)
     parallel_state.destroy_model_parallel()
     return out
 
@@ -132,6 +144,8 @@ def test_grouped_mlp_matches_sequential_mlp_in_megatron_and_locmoe_layers():
     from ._dist import run_workers
 
     for res in run_workers(_layer_worker, 2):
+        assert res.pop("auto_with_bias") == (False, True)
+        assert "--disable-bias-linear" in res.pop("on_with_bias")
         assert len(res) == 4
         for case, r in res.items():
             y, gx, gw = r["seq"]
@@ -179,11 +193,18 @@ def test_spec_swap_both_forms():
     assert with_grouped_experts(as_partial).experts.func is grouped
     other = MoESubmodules(experts=ModuleSpec(module=torch.nn.Identity))
     assert with_grouped_experts(other) is other  # TEGroupedMLP and others are kept
+    assert with_grouped_experts(as_spec, "off") is as_spec
     layer_spec = ModuleSpec(module=MoELayer, submodules=as_spec)
-    assert locmoe_spec(layer_spec, {}, grouped_experts=True).submodules.experts.module is grouped
-    assert locmoe_spec(layer_spec, {}).submodules.experts.module is SequentialMLP
-    swapped = locmoe_spec(functools.partial(MoELayer, submodules=as_partial), {}, grouped_experts=True)
+    default = locmoe_spec(layer_spec, {}).submodules.experts  # "auto"
+    assert default.module is grouped and default.params["grouped"] == "auto"
+    assert locmoe_spec(layer_spec, {}, grouped_experts="on").submodules.experts.params["grouped"] == "on"
+    assert locmoe_spec(layer_spec, {}, grouped_experts="off").submodules.experts.module is SequentialMLP
+    swapped = locmoe_spec(functools.partial(MoELayer, submodules=as_partial), {}, grouped_experts="on")
     assert swapped.keywords["submodules"].experts.func is grouped
+    from locmoe_plugin.config import ConfigError
+
+    with pytest.raises(ConfigError, match="expected one of auto, on, off"):
+        locmoe_spec(layer_spec, {}, grouped_experts=True)
 
 
 def test_megatron_flag():
@@ -192,6 +213,6 @@ def test_megatron_flag():
     from locmoe_plugin.megatron.args import add_arguments, grouped_experts_from_args
 
     parser = add_arguments(argparse.ArgumentParser())
-    assert grouped_experts_from_args(parser.parse_args(["--locmoe-grouped-experts", "on"]))
-    assert not grouped_experts_from_args(parser.parse_args([]))
-    assert not grouped_experts_from_args(argparse.Namespace())
+    assert grouped_experts_from_args(parser.parse_args(["--locmoe-grouped-experts", "off"])) == "off"
+    assert grouped_experts_from_args(parser.parse_args([])) == "auto"
+    assert grouped_experts_from_args(argparse.Namespace()) == "auto"

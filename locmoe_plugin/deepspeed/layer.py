@@ -42,11 +42,13 @@ from ..comm.groups import all_group_ranks
 from ..comm.settings import DispatcherSettings
 from ..agreement import config_settings
 from ..config import ConfigError, LocMoEConfig
+from ..grouped_experts import TWO_LAYER_FORM, expert_mlp, two_layer_parts
 from ..router import LocMoERouter
 from ..topology import Topology
 
 #: keys of the DeepSpeed config's "locmoe" section that set the layer's dispatcher, not LocMoEConfig fields
-LAYER_KEYS = ("dispatcher", "overlap", "equal_tokens", "overlap_chunks")
+LAYER_KEYS = ("dispatcher", "overlap", "equal_tokens", "overlap_chunks", "grouped_experts")
+GROUPED_EXPERTS_MODES = ("auto", "on", "off")
 
 
 def locmoe_settings_from_ds_config(ds_config: Mapping | str | None) -> dict:
@@ -64,16 +66,32 @@ def locmoe_settings_from_ds_config(ds_config: Mapping | str | None) -> dict:
     return dict(section)
 
 
+def _grouped_parts(experts: nn.Module, mode: str):
+    """Each local expert's ``(fc1, activation, fc2)`` where its experts run as grouped GEMMs: ``mode`` "on" (refused
+    unless every expert is of :data:`TWO_LAYER_FORM` with one activation type) or "auto" (where they are); else
+    None (each expert module runs on its rows)."""
+    if mode not in GROUPED_EXPERTS_MODES:
+        raise ConfigError(f'"grouped_experts": {mode!r}: expected one of {", ".join(GROUPED_EXPERTS_MODES)}')
+    parts = [two_layer_parts(e) for e in experts.deepspeed_experts]
+    fits = bool(parts) and all(p is not None for p in parts) and len({type(p[1]) for p in parts}) == 1
+    if mode == "on" and not fits:
+        raise ConfigError(f'"grouped_experts": "on" needs experts of the form {TWO_LAYER_FORM}; '
+                          f'set "auto" or "off" to run other experts as their own modules')
+    return parts if fits and mode != "off" else None
+
+
 class _LocMoELayer(nn.Module):
     """Replaces DeepSpeed's ``MOELayer`` inside :class:`LocMoE` (router + dispatcher + DeepSpeed's experts)."""
 
-    def __init__(self, config: LocMoEConfig, experts: nn.Module, ep_size: int, dispatcher: DispatcherSettings) -> None:
+    def __init__(self, config: LocMoEConfig, experts: nn.Module, ep_size: int, dispatcher: DispatcherSettings,
+                 grouped_experts: str = "auto") -> None:
         super().__init__()
         self.config = config
         # placeholder topology of the final EP size until DeepSpeed's EP group exists (bind() then places
         # it); the locality bias, one row per EP rank, is thus created before the optimizer is built
         self.router = LocMoERouter(config, Topology.single_node(ep_size, config.num_experts))
         self.experts = experts
+        self.grouped_parts = _grouped_parts(experts, grouped_experts)
         self.ep_size = ep_size
         self.dispatcher_settings = dispatcher
         self.dispatcher: TokenDispatcher | None = None
@@ -96,6 +114,12 @@ class _LocMoELayer(nn.Module):
         self.router.fold_counts_with(groups.ep, one_node_too=self.dispatcher.gathers_routing)
 
     def _run_experts(self, inp: torch.Tensor, tokens_per_expert) -> torch.Tensor:
+        """``inp [n, H]`` rows sorted by local expert -> ``[n, H]``: two grouped GEMMs where the experts are of
+        :data:`~locmoe_plugin.grouped_experts.TWO_LAYER_FORM` and grouping is on, else each expert module."""
+        if self.grouped_parts is not None:
+            fc1 = torch.stack([p[0].weight for p in self.grouped_parts])  # [E, F, H]
+            fc2 = torch.stack([p[2].weight for p in self.grouped_parts])  # [E, H, F]
+            return expert_mlp(inp, tokens_per_expert, fc1, fc2, self.grouped_parts[0][1])
         outs, start = [], 0
         for expert, count in zip(self.experts.deepspeed_experts, tokens_per_expert):
             out = expert(inp[start : start + count])
@@ -131,8 +155,11 @@ class LocMoE(_DeepSpeedMoE):
         locmoe: LocMoE settings: a :class:`LocMoEConfig`, or a dict of its fields plus ``"dispatcher"``
             (``"hierarchical"`` | ``"flat"`` | ``"allgather"``, the last one node only), ``"equal_tokens"`` (true:
             every rank passes the same number of tokens per call, and ``"allgather"`` runs no count exchange;
-            default false) and ``"overlap"`` (false by default; true: the inter-node
+            default false), ``"overlap"`` (false by default; true: the inter-node
             transfer of other nodes' rows runs while this node's rows go through the experts; a no-op on one node)
+            and ``"grouped_experts"`` (``"auto"``, default: experts of the form ``nn.Sequential(nn.Linear(bias=False),
+            activation, nn.Linear(bias=False))`` run as two grouped GEMMs, no loop over experts, as Megatron's
+            ``LocMoEGroupedMLP``; ``"on"``: refuse other experts; ``"off"``: each expert module on its rows)
             - e.g. the ``"locmoe"`` section of the DeepSpeed config (:func:`locmoe_settings_from_ds_config`).
         **moe_kwargs: passed to DeepSpeed's MoE (``use_residual``, ``enable_expert_tensor_parallelism``...);
             its gate options (``capacity_factor``, ``drop_tokens``, ``use_rts``...) do not apply.
@@ -143,12 +170,13 @@ class LocMoE(_DeepSpeedMoE):
         super().__init__(hidden_size, expert, num_experts=num_experts, ep_size=ep_size, k=k, **moe_kwargs)
         settings = {} if locmoe is None else locmoe
         if isinstance(settings, LocMoEConfig):
-            config, dispatcher = settings, DispatcherSettings()
+            config, dispatcher, grouped = settings, DispatcherSettings(), "auto"
         else:
             settings = dict(settings)
             dispatcher = DispatcherSettings(mode=settings.pop("dispatcher", "hierarchical"),
                                             overlap=settings.pop("overlap", False),
                                             equal_tokens=settings.pop("equal_tokens", None))
+            grouped = settings.pop("grouped_experts", "auto")
             if "overlap_chunks" in settings:
                 raise ConfigError(
                     f'"overlap_chunks": {settings["overlap_chunks"]!r} is removed: use "overlap": true (the '
@@ -166,7 +194,7 @@ class LocMoE(_DeepSpeedMoE):
                 f"disagrees with the layer (num_experts {num_experts}, hidden_size {hidden_size}, k {k})"
             )
         # keep DeepSpeed's Experts (allreduce=False, group name); drop its TopKGate and MOELayer
-        self.deepspeed_moe = _LocMoELayer(config, self.deepspeed_moe.experts, ep_size, dispatcher)
+        self.deepspeed_moe = _LocMoELayer(config, self.deepspeed_moe.experts, ep_size, dispatcher, grouped)
 
     @property
     def router(self) -> LocMoERouter:

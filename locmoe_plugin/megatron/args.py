@@ -192,11 +192,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "--locmoe-dispatcher allgather the layer then runs no count exchange. auto (default): on, "
                         "unless --variable-seq-lengths; off: keep the count exchange (a layer called with other "
                         "token counts per rank would abort or hang the gather otherwise)")
-    g.add_argument("--locmoe-grouped-experts", choices=("on", "off"), default="off",
+    g.add_argument("--locmoe-grouped-experts", choices=("auto", "on", "off"), default="auto",
                    help="run megatron-core's SequentialMLP experts of every LocMoE layer as two grouped GEMMs "
                         "(same parameters and checkpoints; no loop over experts: fewer launches, see "
-                        "docs/one_node.md); TEGroupedMLP experts (--moe-grouped-gemm with TransformerEngine) are "
-                        "kept. Needs --disable-bias-linear and --expert-tensor-parallel-size 1")
+                        "docs/one_node.md). auto (default): where the expert config allows it (no bias, no "
+                        "fp8/fp4, --expert-tensor-parallel-size 1, no --delay-wgrad-compute), SequentialMLP's loop "
+                        "otherwise; on: refuse such a config; off: SequentialMLP. TEGroupedMLP experts "
+                        "(--moe-grouped-gemm with TransformerEngine) are kept")
     g.add_argument("--locmoe-overlap-chunks", type=int, default=None,
                    help="removed: the chunked overlap is replaced by --locmoe-overlap {on,off}")
     return parser
@@ -218,9 +220,9 @@ def _require_parsed_flags(args: Any) -> None:
         )
 
 
-def grouped_experts_from_args(args: Any) -> bool:
-    """Whether ``--locmoe-grouped-experts on`` was given (False on a namespace without the flag)."""
-    return getattr(args, "locmoe_grouped_experts", "off") == "on"
+def grouped_experts_from_args(args: Any) -> str:
+    """``--locmoe-grouped-experts`` (``"auto"`` on a namespace without the flag)."""
+    return getattr(args, "locmoe_grouped_experts", "auto")
 
 
 def settings_from_args(args: Any) -> tuple[dict, DispatcherSettings]:

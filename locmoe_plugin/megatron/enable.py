@@ -120,7 +120,7 @@ def _current_settings():
     return settings_from_args(args)
 
 
-def _grouped_experts() -> bool:
+def _grouped_experts() -> str:
     """``enable(grouped_experts=...)``, else Megatron-LM's ``--locmoe-grouped-experts`` (read with the settings)."""
     if _explicit:
         return _explicit["grouped_experts"]
@@ -235,15 +235,17 @@ for _patch in METRICS_PATCHES:  # while one is applied, the routers defer their 
 
 
 def enable(settings: dict | None = None, dispatcher: DispatcherSettings | str = "hierarchical",
-           grouped_experts: bool = False) -> list[str]:
+           grouped_experts: str = "auto") -> list[str]:
     """Apply the patches (idempotent). ``settings``: LocMoE overrides to use without Megatron-LM's
     argument parser (megatron-core scripts), with ``dispatcher`` and ``grouped_experts`` (see
     :func:`~locmoe_plugin.megatron.spec.locmoe_spec`); without it, ``--locmoe`` on the command line decides.
     Returns the names of the patches applied by this call."""
     check_supported()
     if settings is not None:
+        from .grouped_mlp import check_grouped_experts_mode
+
         _explicit.update(locmoe=dict(settings), dispatcher=DispatcherSettings.of(dispatcher),
-                         grouped_experts=bool(grouped_experts))
+                         grouped_experts=check_grouped_experts_mode(grouped_experts))
     if get_accelerator().device_type == "npu":
         apply_transfer_to_npu()
     return _apply(PATCHES)

@@ -11,9 +11,11 @@ bf16, 92 MB), against about a dozen launches per expert it saves. Math: megatron
 bias (fc1, the activation or gated unit, the combine weight, fc2); see :func:`check_grouped_experts`
 for what is refused.
 
-``locmoe_spec(..., grouped_experts=True)`` and Megatron-LM's ``--locmoe-grouped-experts`` put it in
-place of ``SequentialMLP`` in every LocMoE layer; :func:`with_grouped_experts` does it for any
-``MoESubmodules``.
+``locmoe_spec`` and Megatron-LM's ``--locmoe-grouped-experts`` put it in place of ``SequentialMLP`` in
+every LocMoE layer (:func:`with_grouped_experts` does it for any ``MoESubmodules``), in one of three
+modes: ``"auto"`` (the default) runs the grouped form where the config allows it and ``SequentialMLP``'s
+own loop otherwise (:func:`grouped_experts_refusal` says why; logged once per layer build), ``"on"``
+refuses such a config with that message, ``"off"`` keeps ``SequentialMLP``.
 """
 
 from __future__ import annotations
@@ -23,26 +25,43 @@ import functools
 
 import torch
 
+import logging
+
 from ..config import ConfigError
 from ..grouped_experts import expert_mlp
 
+GROUPED_EXPERTS_MODES = ("auto", "on", "off")
+_log = logging.getLogger(__name__)
+
+
+def grouped_experts_refusal(config) -> str | None:
+    """Why the grouped form cannot run this config's expert MLP, naming the fix; None where it can."""
+    fix = "or set --locmoe-grouped-experts off (megatron-core's SequentialMLP runs it)"
+    if config.add_bias_linear:
+        return f"LocMoE's grouped experts have no bias: add --disable-bias-linear, {fix}"
+    if getattr(config, "fp8", None) or getattr(config, "fp4", None):
+        return f"LocMoE's grouped experts run in the parameters' dtype, not fp8/fp4: {fix}"
+    if (getattr(config, "expert_tensor_parallel_size", 1) or 1) > 1:
+        return f"LocMoE's grouped experts need whole experts per rank: set --expert-tensor-parallel-size 1, {fix}"
+    if getattr(config, "delay_wgrad_compute", False):
+        return f"LocMoE's grouped experts compute weight gradients in the backward: drop --delay-wgrad-compute, {fix}"
+    if getattr(config, "use_te_activation_func", False):
+        return f"LocMoE's grouped experts apply the activation themselves: drop --use-te-activation-func, {fix}"
+    return None
+
+
+def check_grouped_experts_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`GROUPED_EXPERTS_MODES`, else a :class:`ConfigError` naming them."""
+    if mode not in GROUPED_EXPERTS_MODES:
+        raise ConfigError(f"grouped experts {mode!r}: expected one of {', '.join(GROUPED_EXPERTS_MODES)}")
+    return mode
+
 
 def check_grouped_experts(config) -> None:
-    """Refuse, with one message naming the fix, a config whose expert MLP the grouped form does not run."""
-    fix = "or leave --locmoe-grouped-experts off (megatron-core's SequentialMLP runs it)"
-    if config.add_bias_linear:
-        raise ConfigError(f"LocMoE's grouped experts have no bias: add --disable-bias-linear, {fix}")
-    if getattr(config, "fp8", None) or getattr(config, "fp4", None):
-        raise ConfigError(f"LocMoE's grouped experts run in the parameters' dtype, not fp8/fp4: {fix}")
-    if (getattr(config, "expert_tensor_parallel_size", 1) or 1) > 1:
-        raise ConfigError("LocMoE's grouped experts need whole experts per rank: set "
-                          f"--expert-tensor-parallel-size 1, {fix}")
-    if getattr(config, "delay_wgrad_compute", False):
-        raise ConfigError(f"LocMoE's grouped experts compute weight gradients in the backward: drop "
-                          f"--delay-wgrad-compute, {fix}")
-    if getattr(config, "use_te_activation_func", False):
-        raise ConfigError(f"LocMoE's grouped experts apply the activation themselves: drop "
-                          f"--use-te-activation-func, {fix}")
+    """Raise :class:`ConfigError` with :func:`grouped_experts_refusal`'s message where there is one."""
+    why = grouped_experts_refusal(config)
+    if why is not None:
+        raise ConfigError(why)
 
 
 def activation_of(config):
@@ -70,16 +89,27 @@ def make_grouped_mlp_class():
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     class LocMoEGroupedMLP(SequentialMLP):
-        """``SequentialMLP``'s parameters and checkpoints; forward: every local expert in two grouped GEMMs."""
+        """``SequentialMLP``'s parameters and checkpoints; forward: every local expert in two grouped GEMMs
+        (``grouped="on"``), or where the config allows it (``"auto"``; else ``SequentialMLP``'s loop)."""
 
-        def __init__(self, num_local_experts, config, submodules, *args, **kwargs):
-            check_grouped_experts(config)
+        def __init__(self, num_local_experts, config, submodules, *args, grouped: str = "on", **kwargs):
+            if grouped not in ("auto", "on"):
+                raise ConfigError(f"LocMoEGroupedMLP(grouped={grouped!r}): expected 'auto' or 'on' "
+                                  f"(for 'off' build megatron-core's SequentialMLP)")
+            why = grouped_experts_refusal(config)
+            if why is not None and grouped == "on":
+                raise ConfigError(why)
             super().__init__(num_local_experts, config, submodules, *args, **kwargs)
+            self.grouped = why is None
+            if why is not None:
+                _log.info("--locmoe-grouped-experts auto: SequentialMLP's loop over experts (%s)", why)
             self._activation = activation_of(self.config)
 
         def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert, permuted_probs: torch.Tensor):
             """``[n, H]`` rows sorted by local expert, ``tokens_per_expert [E]`` (a host or device tensor),
             ``permuted_probs [n]`` -> ``([n, H], None)``."""
+            if not self.grouped:
+                return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
             x, probs = permuted_local_hidden_states, permuted_probs
             if self.config.moe_apply_probs_on_input:
                 if self.config.moe_router_topk != 1:
@@ -92,17 +122,21 @@ def make_grouped_mlp_class():
     return LocMoEGroupedMLP
 
 
-def with_grouped_experts(submodules):
+def with_grouped_experts(submodules, mode: str = "on"):
     """``MoESubmodules`` whose ``SequentialMLP`` experts (a ``ModuleSpec`` or a ``functools.partial``, the
-    two forms megatron-core's specs use) are ``LocMoEGroupedMLP``; other experts are returned as given."""
+    two forms megatron-core's specs use) are ``LocMoEGroupedMLP`` in ``mode`` (``"auto"`` | ``"on"``;
+    ``"off"`` returns ``submodules``); other experts are returned as given."""
     from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.spec_utils import ModuleSpec
 
+    check_grouped_experts_mode(mode)
     experts, grouped = submodules.experts, make_grouped_mlp_class()
+    if mode == "off":
+        return submodules
     if isinstance(experts, ModuleSpec) and experts.module is SequentialMLP:
-        experts = dataclasses.replace(experts, module=grouped)
+        experts = dataclasses.replace(experts, module=grouped, params={**(experts.params or {}), "grouped": mode})
     elif isinstance(experts, functools.partial) and experts.func is SequentialMLP:
-        experts = functools.partial(grouped, *experts.args, **experts.keywords)
+        experts = functools.partial(grouped, *experts.args, **{**experts.keywords, "grouped": mode})
     else:
         return submodules
     return dataclasses.replace(submodules, experts=experts)

@@ -2,7 +2,8 @@
 
 ``locmoe_spec(spec, locmoe, dispatcher)`` walks a ``ModuleSpec`` tree (transformer layer specs, block
 specs with their per-layer lists) and replaces every ``MoELayer`` spec by ``LocMoELayer`` with the LocMoE
-router; everything else (attention, experts, shared experts, norms) is kept. An MoE layer is found in
+router; everything else (attention, shared experts, norms) is kept, and ``SequentialMLP`` experts run as
+grouped GEMMs where the config allows it (``grouped_experts``, :mod:`.grouped_mlp`). An MoE layer is found in
 both forms megatron-core uses: ``ModuleSpec(module=MoELayer, submodules=MoESubmodules(...))`` (0.16)
 and ``functools.partial(MoELayer, submodules=MoESubmodules(...))`` (0.19's
 ``get_moe_module_spec_for_backend``). Users with their own
@@ -20,18 +21,18 @@ from ..comm.settings import DispatcherSettings
 
 
 def locmoe_spec(spec: Any, locmoe: Mapping | None = None, dispatcher: DispatcherSettings | str = "hierarchical",
-                grouped_experts: bool = False) -> Any:
+                grouped_experts: str = "auto") -> Any:
     """A copy of ``spec`` with every ``MoELayer`` replaced by ``LocMoELayer`` + ``LocMoEMegatronRouter``.
     ``dispatcher``: a mode (``"hierarchical"`` | ``"flat"`` | ``"allgather"``, overlap off) or
-    ``DispatcherSettings(mode=..., overlap=...)``. ``grouped_experts``: their ``SequentialMLP`` experts
-    become ``LocMoEGroupedMLP`` (same parameters and checkpoints, two grouped GEMMs instead of a loop over
-    experts; :mod:`.grouped_mlp`)."""
+    ``DispatcherSettings(mode=..., overlap=...)``. ``grouped_experts`` (``"auto"`` | ``"on"`` | ``"off"``): their
+    ``SequentialMLP`` experts become ``LocMoEGroupedMLP`` (same parameters and checkpoints, two grouped GEMMs
+    instead of a loop over experts, where the config allows it with ``"auto"``; :mod:`.grouped_mlp`)."""
     dispatcher = DispatcherSettings.of(dispatcher)  # a bad value fails here, not at model build
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-    from megatron.core.transformer.spec_utils import ModuleSpec
+    from .grouped_mlp import check_grouped_experts_mode, with_grouped_experts
+
+    check_grouped_experts_mode(grouped_experts)
 
     from .dispatcher import make_locmoe_layer_class
-    from .grouped_mlp import with_grouped_experts
     from .router import LocMoEMegatronRouter
 
     layer_cls = make_locmoe_layer_class()
@@ -39,9 +40,28 @@ def locmoe_spec(spec: Any, locmoe: Mapping | None = None, dispatcher: Dispatcher
         LocMoEMegatronRouter, locmoe=dict(locmoe or {}), dispatcher=dispatcher, with_locmoe_dispatcher=True
     )
 
-    def moe_submodules(sub):
-        sub = dataclasses.replace(sub, router=router)
-        return with_grouped_experts(sub) if grouped_experts else sub
+    def replace(sub):
+        return layer_cls, with_grouped_experts(dataclasses.replace(sub, router=router), grouped_experts)
+
+    return map_moe_layers(spec, replace)
+
+
+def grouped_experts_spec(spec: Any, mode: str = "on") -> Any:
+    """A copy of ``spec`` whose MoE layers (Megatron's own or LocMoE's) have ``LocMoEGroupedMLP`` experts
+    in ``mode`` where they had ``SequentialMLP`` (:func:`~.grouped_mlp.with_grouped_experts`)."""
+    from .grouped_mlp import check_grouped_experts_mode, with_grouped_experts
+
+    check_grouped_experts_mode(mode)
+    return map_moe_layers(spec, lambda sub: (None, with_grouped_experts(sub, mode)))
+
+
+def map_moe_layers(spec: Any, replace) -> Any:
+    """A copy of the ``ModuleSpec`` tree ``spec`` (layer and block specs, per-layer lists) in which every
+    ``MoELayer`` spec, in both forms megatron-core uses (``ModuleSpec(module=MoELayer, submodules=...)``,
+    0.16; ``functools.partial(MoELayer, submodules=...)``, 0.19), becomes ``replace(submodules) ->
+    (layer class or None to keep it, new submodules)``; nodes without one are returned as they are."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.spec_utils import ModuleSpec
 
     def walk(node):
         if isinstance(node, functools.partial):
@@ -52,15 +72,16 @@ def locmoe_spec(spec: Any, locmoe: Mapping | None = None, dispatcher: Dispatcher
                     from megatron.core.transformer.moe.moe_layer import MoESubmodules
 
                     sub = MoESubmodules()
-                kwargs["submodules"] = moe_submodules(sub)
-                return functools.partial(layer_cls, *node.args, **kwargs)
+                cls, kwargs["submodules"] = replace(sub)
+                return functools.partial(cls or node.func, *node.args, **kwargs)
             if any(kwargs[k] is not v for k, v in node.keywords.items()):
                 return functools.partial(node.func, *node.args, **kwargs)
             return node
         if isinstance(node, ModuleSpec):
             sub = walk(node.submodules)
             if isinstance(node.module, type) and issubclass(node.module, MoELayer):
-                return dataclasses.replace(node, module=layer_cls, submodules=moe_submodules(sub))
+                cls, sub = replace(sub)
+                return dataclasses.replace(node, module=cls or node.module, submodules=sub)
             return dataclasses.replace(node, submodules=sub) if sub is not node.submodules else node
         if isinstance(node, (list, tuple)):
             items = [walk(x) for x in node]
