@@ -182,6 +182,12 @@ def build_megatron_layers(a: argparse.Namespace, world: int, device: torch.devic
                                                 layer_number=1, pg_collection=pgc)
         layers["LocMoELayer allgather"] = make_locmoe_layer_class()(
             cfg, submodules=MoESubmodules(experts=experts, router=gather_router), layer_number=1, pg_collection=pgc)
+    if getattr(a, "grouped_experts", False):
+        from locmoe_plugin.megatron.grouped_mlp import with_grouped_experts
+
+        layers["LocMoELayer grouped experts"] = make_locmoe_layer_class()(
+            cfg, submodules=with_grouped_experts(MoESubmodules(experts=experts, router=router)), layer_number=1,
+            pg_collection=pgc)
     for layer in layers.values():
         layer.set_layer_number(1)
         if not on_cpu:
@@ -240,6 +246,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allgather", action="store_true",
                    help="with --megatron: also count megatron-core's allgather layer and LocMoELayer with "
                         "dispatcher='allgather' (one node)")
+    p.add_argument("--grouped-experts", action="store_true",
+                   help="with --megatron: also count LocMoELayer with LocMoEGroupedMLP experts (two grouped GEMMs "
+                        "instead of SequentialMLP's loop over experts)")
     p.add_argument("--detail", action="store_true", help="list the kernels of each phase")
     p.add_argument("--report-flush", action="store_true",
                    help="with --megatron: apply enable()'s metrics-report patch (as Megatron-LM with --locmoe), "
@@ -284,7 +293,8 @@ def main() -> None:
         print(f"  {'total':40s} {sum(counts.values()):5d} {sum(kernels.values()):8d}")
     print("ops: top-level aten ops; kernels: aten ops that compute or copy, without such an op inside "
           "(views and allocations left out)")
-    for line in (comparison(counted), comparison(counted, "LocMoELayer allgather", "megatron allgather")):
+    for line in (comparison(counted), comparison(counted, "LocMoELayer allgather", "megatron allgather"),
+                 comparison(counted, "LocMoELayer grouped experts")):
         if line:
             print(line)
 

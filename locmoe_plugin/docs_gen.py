@@ -109,9 +109,13 @@ def render() -> str:
         "(`hierarchical`, `flat` or, for an EP group inside one node, `allgather`: see "
         "[dispatcher.md](dispatcher.md#allgather-one-node)), `--locmoe-equal-tokens {auto,on,off}` (whether every EP "
         "rank passes the same number of tokens per layer call, which lets `allgather` skip its count exchange; auto: "
-        "on unless `--variable-seq-lengths`) and `--locmoe-overlap {on,off}` (default off; see [overlap.md](overlap.md)); "
-        "the DeepSpeed section also takes `\"dispatcher\"`, `\"equal_tokens\"` (`false` by default) and `\"overlap\"` "
-        "(`false` by default, or `true`) "
+        "on unless `--variable-seq-lengths`), `--locmoe-overlap {on,off}` (default off; see [overlap.md](overlap.md)) "
+        "and `--locmoe-grouped-experts {auto,on,off}` (megatron-core's `SequentialMLP` experts as two grouped GEMMs; "
+        "auto: where the expert config allows it; see [one_node.md](one_node.md#grouped-experts)); "
+        "the DeepSpeed section also takes `\"dispatcher\"`, `\"equal_tokens\"` (`false` by default), `\"overlap\"` "
+        "(`false` by default, or `true`) and `\"grouped_experts\"` (`\"auto\"` by default: experts of the form "
+        "`nn.Sequential(nn.Linear(bias=False), activation, nn.Linear(bias=False))` as two grouped GEMMs; `\"on\"`, "
+        "`\"off\"`) "
         "(see [megatron.md](megatron.md), [deepspeed.md](deepspeed.md)).",
         "",
     ]
