@@ -130,12 +130,6 @@ def parse(argv=None) -> argparse.Namespace:
                         "trains, one full collection before its measured steps (untimed); default: automatic, "
                         "whose passes land in whichever step allocates past its threshold, on each rank at its "
                         "own time")
-    p.add_argument("--grad-sync", choices=("flat", "per-node"), default="flat",
-                   help="the Megatron systems' data-parallel gradient reduction: flat (default) one all-reduce over "
-                        "every rank; per-node Megatron's distributed optimizer with one instance per node "
-                        "(num_distributed_optimizer_instances = nodes): gradients reduce-scattered inside each node, "
-                        "then all-reduced across nodes on 1/GPUs-per-node of the bytes, optimizer state sharded inside "
-                        "the node (GPU only: megatron-core runs it on CUDA streams)")
     p.add_argument("--grouped-experts", choices=("off", "locmoe", "all"), default="off",
                    help="experts of the Megatron-built systems: off (default) megatron-core's SequentialMLP in "
                         "every system, so rows differ by router and dispatcher only; locmoe: LocMoE's systems with "
@@ -161,8 +155,6 @@ def parse(argv=None) -> argparse.Namespace:
     if a.warmup is not None and not 1 <= a.warmup <= a.steps - a.measure:
         p.error(f"--warmup {a.warmup} must be >= 1 and at most the {a.steps - a.measure} steps before the "
                 f"measured ones")
-    if a.grad_sync == "per-node" and "deepspeed_moe" in a.systems:
-        p.error("--grad-sync per-node sets Megatron's distributed optimizer; deepspeed_moe reduces as DeepSpeed does")
     if not 1 <= a.measure < a.steps:
         p.error(f"--measure {a.measure} must be >= 1 and below --steps {a.steps} (the first steps warm up)")
     return a
@@ -242,16 +234,13 @@ class MegatronE2E:
             from megatron.core.transformer.module import Float16Module
 
             model = Float16Module(cfg, model)
-        per_node = opts.grad_sync == "per-node"  # distributed optimizer, one instance per node
         ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=True,
                                                    grad_reduce_in_fp32=grad_reduce == "fp32",
-                                                   use_distributed_optimizer=per_node,
-                                                   num_distributed_optimizer_instances=world // opts.gpus_per_node
-                                                   if per_node else 1)
+                                                   use_distributed_optimizer=False)
         self.model = DistributedDataParallel(cfg, ddp_config, model)
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=opts.lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95,
-                            bf16=bf16, clip_grad=1.0, use_distributed_optimizer=per_node),
+                            bf16=bf16, clip_grad=1.0, use_distributed_optimizer=False),
             [self.model])
         self.dp_group = ps.get_data_parallel_group()
         inner = self.model.module.module if bf16 else self.model.module
@@ -552,7 +541,6 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
         "cross_node_share_steps": cross,
         "allocator_calls_measured": allocator,
         "manual_gc": bool(opts.manual_gc),
-        "grad_sync": None if name == "deepspeed_moe" else opts.grad_sync,
         "grouped_experts": name in MEGATRON_SYSTEMS and (opts.grouped_experts == "all" or (
             opts.grouped_experts == "locmoe" and MEGATRON_SYSTEMS[name] is not None)),
         "gc_collections_steps": gc_measured,
@@ -640,11 +628,7 @@ def main(argv=None) -> int:
                 from locmoe_plugin.demo.cpu_shims import install
 
                 install()
-            if opts.grad_sync == "per-node" and accel.is_cpu:
-                raise SystemExit("--grad-sync per-node: megatron-core runs the per-node gradient reduction on CUDA "
-                                 "streams; on CPU use --grad-sync flat")
-            ps.initialize_model_parallel(expert_model_parallel_size=world, num_distributed_optimizer_instances=(
-                world // opts.gpus_per_node if opts.grad_sync == "per-node" else 1))
+            ps.initialize_model_parallel(expert_model_parallel_size=world)
         for name, grad_reduce, variant in todo:  # grad_reduce: "deepspeed" for deepspeed_moe
             torch.manual_seed(opts.seed)
             if deepspeed:
