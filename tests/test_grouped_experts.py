@@ -72,6 +72,17 @@ def test_no_rows_and_odd_sizes_fall_back_to_the_loop():
         expert_mlp(torch.randn(5, 7), [5, 0, 0], fc1, fc2, F.gelu)
 
 
+def test_a_device_without_grouped_mm_loops_over_experts(monkeypatch):
+    """Ascend NPU: the device module offers no grouped matmul; the same math runs as a loop (bit for bit)."""
+    torch.manual_seed(3)
+    rows, fc1, fc2 = torch.randn(9, 16), torch.randn(3, 8, 16), torch.randn(3, 16, 8)
+    grouped = expert_mlp(rows, [4, 0, 5], fc1, fc2, F.silu)
+    calls = []
+    monkeypatch.setattr(grouped_experts, "grouped_mm", lambda device: calls.append(device.type))  # returns None
+    looped = expert_mlp(rows, [4, 0, 5], fc1, fc2, F.silu)
+    assert calls == ["cpu"] and torch.equal(grouped, looped)
+
+
 def test_group_offsets():
     assert group_offsets([3, 0, 4], torch.device("cpu")).tolist() == [3, 3, 7]
     offs = group_offsets(torch.tensor([1, 2]), torch.device("cpu"))

@@ -3,7 +3,8 @@
 The same module as ``SequentialMLP`` (its parameters, initialisation, state dict and distributed
 checkpoint: one ``MLP`` per local expert), with a forward that stacks the local experts' weights and
 runs every expert at once (:mod:`locmoe_plugin.grouped_experts`) instead of a Python loop over them.
-Checkpoints move between the two unchanged. For megatron-core without TransformerEngine, whose only
+Checkpoints move between the two unchanged. The per-expert ``MLP`` modules hold the parameters but their
+``forward`` is not called, so forward hooks registered on them do not run (``off`` where a hook matters). For megatron-core without TransformerEngine, whose only
 training experts are ``SequentialMLP``; ``TEGroupedMLP`` is grouped already and is kept as it is.
 
 Cost: one copy of the local experts' weights per forward (the stack; at 8 experts of 2048 x 1408 in
