@@ -57,6 +57,8 @@ model's layers before its MoE layer, and times fwd+bwd of one MoE layer on those
                      first trained gate, its own experts
   locmoe_ds_no_overlap the same with "overlap": false (locmoe_ds runs the default, overlap on: across
                      nodes the local experts compute while other nodes' rows cross the network)
+  locmoe_ds_modules  locmoe_ds with "grouped_experts": "off" (each expert module on its rows; locmoe_ds runs its
+                     two-layer experts as two grouped GEMMs, the default); not in the default systems
 Median of --iters after --warmup, max over ranks. With --rounds R > 1 every system is built first and the
 systems are then timed in R rounds, so that a machine's drift during the run (measured: the same
 one-node command 1.000 x and 1.265 x Megatron's time in consecutive calls) hits all of them alike; the
@@ -558,7 +560,8 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
         torch.manual_seed(a.seed + 6)
         settings = {"gate": gate, "routing": "locmoe", "locality_loss_coeff": trained[gate]["summary"]["mu"],
                     "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope, "overlap": overlap,
-                    "expert_bias_rate": a.expert_bias_rate}
+                    "expert_bias_rate": a.expert_bias_rate,
+                    "grouped_experts": "off" if name == "locmoe_ds_modules" else "auto"}
         layer = LocMoE(a.hidden, ds_expert(ctx), num_experts=a.experts, ep_size=ctx.world, k=a.topk,
                        locmoe=settings)
         layer.set_deepspeed_parallelism()
@@ -799,6 +802,11 @@ def comparisons(out: dict) -> list[str]:
                     checks.append(f"{name} / {other} = {_median_ratio(r, sy[other]):.3f}")
             checks.append(f"{name} cross-node share = {r['cross_node_share']:.3f}")
         lines += ["compare: " + c for c in checks]
+    if "locmoe_ds" in sy:  # our DeepSpeed layer: grouped experts against its expert modules, and DeepSpeed's MoE
+        for other in ("locmoe_ds_modules", "deepspeed_moe"):
+            if other in sy:
+                lines.append(f"compare: locmoe_ds / {other} = {_median_ratio(sy['locmoe_ds'], sy[other]):.3f}"
+                             + _quartiles(sy["locmoe_ds"], sy[other]))
     return lines
 
 if __name__ == "__main__":

@@ -100,3 +100,15 @@ def test_grouped_expert_rows_and_their_comparisons(bench):
     lines = bench.comparisons({"meta": {"nodes": 1}, "systems": systems})
     assert "compare: locmoe_grouped / mcore_alltoall_grouped = 0.900 [per-round ratios: quartiles 0.900-0.900]" in lines
     assert "compare: locmoe_grouped / mcore_allgather_grouped = 0.800 [per-round ratios: quartiles 0.800-0.800]" in lines
+
+
+def test_our_deepspeed_layer_is_compared_with_its_expert_modules(bench):
+    args = types.SimpleNamespace(systems=["locmoe_ds", "locmoe_ds_modules", "deepspeed_moe"], gates=["dense"],
+                                 baseline_router="trained")
+    assert bench.system_names(args) == [("locmoe_ds", "dense"), ("locmoe_ds_modules", "dense"),
+                                        ("deepspeed_moe", "topk")]
+    rounds = {"locmoe_ds": [8.0, 8.0, 8.0], "locmoe_ds_modules": [10.0, 10.0, 10.0], "deepspeed_moe": [16.0, 16.0, 16.0]}
+    systems = {n: {"ms": sorted(v)[1], "ms_rounds": v} for n, v in rounds.items()}
+    lines = bench.comparisons({"meta": {"nodes": 1}, "systems": systems})
+    assert "compare: locmoe_ds / locmoe_ds_modules = 0.800 [per-round ratios: quartiles 0.800-0.800]" in lines
+    assert "compare: locmoe_ds / deepspeed_moe = 0.500 [per-round ratios: quartiles 0.500-0.500]" in lines

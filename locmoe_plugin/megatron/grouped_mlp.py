@@ -4,8 +4,9 @@ The same module as ``SequentialMLP`` (its parameters, initialisation, state dict
 checkpoint: one ``MLP`` per local expert), with a forward that stacks the local experts' weights and
 runs every expert at once (:mod:`locmoe_plugin.grouped_experts`) instead of a Python loop over them.
 Checkpoints move between the two unchanged. The per-expert ``MLP`` modules hold the parameters but their
-``forward`` is not called, so forward hooks registered on them do not run (``off`` where a hook matters). For megatron-core without TransformerEngine, whose only
-training experts are ``SequentialMLP``; ``TEGroupedMLP`` is grouped already and is kept as it is.
+``forward`` is not called, so forward hooks registered on them do not run (``off`` where a hook matters).
+For megatron-core without TransformerEngine, whose only training experts are ``SequentialMLP``;
+``TEGroupedMLP`` is grouped already and is kept as it is.
 
 Cost: one copy of the local experts' weights per forward (the stack; at 8 experts of 2048 x 1408 in
 bf16, 92 MB), against about a dozen launches per expert it saves. Math: megatron-core's ``MLP`` without
@@ -23,10 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import torch
-
-import logging
 
 from ..config import ConfigError
 from ..grouped_experts import expert_mlp
