@@ -221,7 +221,7 @@ class MegatronE2E:
         if opts.attention == "sdpa":
             spec.submodules.self_attention.submodules.core_attention = sdpa_attention_class()
         settings = MEGATRON_SYSTEMS[name]
-        grouped = opts.grouped_experts == "all" or (opts.grouped_experts == "locmoe" and settings is not None)
+        grouped = uses_grouped_experts(name, opts)
         if settings is not None:
             settings = {**settings, "gpus_per_node": opts.gpus_per_node, "aux_loss_coeff": opts.aux_loss_coeff}
             spec = locmoe_spec(spec, settings, dispatcher=DISPATCHER.get(name, "hierarchical"),
@@ -396,6 +396,13 @@ def _release(model_alive: weakref.ref, accel) -> bool:
     return released
 
 
+def uses_grouped_experts(name: str, opts) -> bool:
+    """Whether ``--grouped-experts`` gives system ``name`` LocMoEGroupedMLP experts (Megatron-built systems only)."""
+    if name not in MEGATRON_SYSTEMS or opts.grouped_experts == "off":
+        return False
+    return opts.grouped_experts == "all" or MEGATRON_SYSTEMS[name] is not None
+
+
 def _gc_collections() -> list[int]:
     """Python's garbage-collection passes so far, per generation (0, 1, 2), on this process."""
     return [g["collections"] for g in gc.get_stats()]
@@ -541,8 +548,7 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
         "cross_node_share_steps": cross,
         "allocator_calls_measured": allocator,
         "manual_gc": bool(opts.manual_gc),
-        "grouped_experts": name in MEGATRON_SYSTEMS and (opts.grouped_experts == "all" or (
-            opts.grouped_experts == "locmoe" and MEGATRON_SYSTEMS[name] is not None)),
+        "grouped_experts": uses_grouped_experts(name, opts),
         "gc_collections_steps": gc_measured,
         "inter_node_bytes_rank_max_over_mean": inter_max * world / float(totals[0]) if float(totals[0]) > 0 else None,
         "expert_load_max_over_mean": statistics.mean(expert_load),

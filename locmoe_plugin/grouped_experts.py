@@ -29,9 +29,20 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import ConfigError
 from .device import grouped_mm
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
+#: the grouped-experts setting of both adapters: "auto" where the experts allow it, "on" (refuse others), "off"
+GROUPED_EXPERTS_MODES = ("auto", "on", "off")
+
+
+def check_grouped_experts_mode(mode: str, setting: str = "grouped experts") -> str:
+    """``mode`` if it is one of :data:`GROUPED_EXPERTS_MODES`, else a :class:`ConfigError` naming ``setting`` and
+    the modes."""
+    if mode not in GROUPED_EXPERTS_MODES:
+        raise ConfigError(f"{setting} {mode!r}: expected one of {', '.join(GROUPED_EXPERTS_MODES)}")
+    return mode
 
 
 def expert_mlp(rows: torch.Tensor, tokens_per_expert: torch.Tensor | Sequence[int], fc1: torch.Tensor,

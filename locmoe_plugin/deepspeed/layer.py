@@ -42,13 +42,12 @@ from ..comm.groups import all_group_ranks
 from ..comm.settings import DispatcherSettings
 from ..agreement import config_settings
 from ..config import ConfigError, LocMoEConfig
-from ..grouped_experts import TWO_LAYER_FORM, expert_mlp, two_layer_parts
+from ..grouped_experts import TWO_LAYER_FORM, check_grouped_experts_mode, expert_mlp, two_layer_parts
 from ..router import LocMoERouter
 from ..topology import Topology
 
 #: keys of the DeepSpeed config's "locmoe" section that set the layer's dispatcher, not LocMoEConfig fields
 LAYER_KEYS = ("dispatcher", "overlap", "equal_tokens", "overlap_chunks", "grouped_experts")
-GROUPED_EXPERTS_MODES = ("auto", "on", "off")
 
 
 def locmoe_settings_from_ds_config(ds_config: Mapping | str | None) -> dict:
@@ -70,8 +69,7 @@ def _grouped_parts(experts: nn.Module, mode: str):
     """Each local expert's ``(fc1, activation, fc2)`` where its experts run as grouped GEMMs: ``mode`` "on" (refused
     unless every expert is of :data:`TWO_LAYER_FORM` with one activation type) or "auto" (where they are); else
     None (each expert module runs on its rows)."""
-    if mode not in GROUPED_EXPERTS_MODES:
-        raise ConfigError(f'"grouped_experts": {mode!r}: expected one of {", ".join(GROUPED_EXPERTS_MODES)}')
+    check_grouped_experts_mode(mode, '"grouped_experts":')
     parts = [two_layer_parts(e) for e in experts.deepspeed_experts]
     fits = bool(parts) and all(p is not None for p in parts) and len({type(p[1]) for p in parts}) == 1
     if mode == "on" and not fits:

@@ -242,7 +242,7 @@ def enable(settings: dict | None = None, dispatcher: DispatcherSettings | str = 
     Returns the names of the patches applied by this call."""
     check_supported()
     if settings is not None:
-        from .grouped_mlp import check_grouped_experts_mode
+        from ..grouped_experts import check_grouped_experts_mode
 
         _explicit.update(locmoe=dict(settings), dispatcher=DispatcherSettings.of(dispatcher),
                          grouped_experts=check_grouped_experts_mode(grouped_experts))

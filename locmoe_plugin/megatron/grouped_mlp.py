@@ -29,9 +29,8 @@ import logging
 import torch
 
 from ..config import ConfigError
-from ..grouped_experts import expert_mlp
+from ..grouped_experts import check_grouped_experts_mode, expert_mlp
 
-GROUPED_EXPERTS_MODES = ("auto", "on", "off")
 _log = logging.getLogger(__name__)
 
 
@@ -49,13 +48,6 @@ def grouped_experts_refusal(config) -> str | None:
     if getattr(config, "use_te_activation_func", False):
         return f"LocMoE's grouped experts apply the activation themselves: drop --use-te-activation-func, {fix}"
     return None
-
-
-def check_grouped_experts_mode(mode: str) -> str:
-    """``mode`` if it is one of :data:`GROUPED_EXPERTS_MODES`, else a :class:`ConfigError` naming them."""
-    if mode not in GROUPED_EXPERTS_MODES:
-        raise ConfigError(f"grouped experts {mode!r}: expected one of {', '.join(GROUPED_EXPERTS_MODES)}")
-    return mode
 
 
 def check_grouped_experts(config) -> None:
@@ -97,9 +89,9 @@ def make_grouped_mlp_class():
             if grouped not in ("auto", "on"):
                 raise ConfigError(f"LocMoEGroupedMLP(grouped={grouped!r}): expected 'auto' or 'on' "
                                   f"(for 'off' build megatron-core's SequentialMLP)")
+            if grouped == "on":
+                check_grouped_experts(config)
             why = grouped_experts_refusal(config)
-            if why is not None and grouped == "on":
-                raise ConfigError(why)
             super().__init__(num_local_experts, config, submodules, *args, **kwargs)
             self.grouped = why is None
             if why is not None:

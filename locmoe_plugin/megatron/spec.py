@@ -28,7 +28,8 @@ def locmoe_spec(spec: Any, locmoe: Mapping | None = None, dispatcher: Dispatcher
     ``SequentialMLP`` experts become ``LocMoEGroupedMLP`` (same parameters and checkpoints, two grouped GEMMs
     instead of a loop over experts, where the config allows it with ``"auto"``; :mod:`.grouped_mlp`)."""
     dispatcher = DispatcherSettings.of(dispatcher)  # a bad value fails here, not at model build
-    from .grouped_mlp import check_grouped_experts_mode, with_grouped_experts
+    from ..grouped_experts import check_grouped_experts_mode
+    from .grouped_mlp import with_grouped_experts
 
     check_grouped_experts_mode(grouped_experts)
 
@@ -49,7 +50,8 @@ def locmoe_spec(spec: Any, locmoe: Mapping | None = None, dispatcher: Dispatcher
 def grouped_experts_spec(spec: Any, mode: str = "on") -> Any:
     """A copy of ``spec`` whose MoE layers (Megatron's own or LocMoE's) have ``LocMoEGroupedMLP`` experts
     in ``mode`` where they had ``SequentialMLP`` (:func:`~.grouped_mlp.with_grouped_experts`)."""
-    from .grouped_mlp import check_grouped_experts_mode, with_grouped_experts
+    from ..grouped_experts import check_grouped_experts_mode
+    from .grouped_mlp import with_grouped_experts
 
     check_grouped_experts_mode(mode)
     return map_moe_layers(spec, lambda sub: (None, with_grouped_experts(sub, mode)))
