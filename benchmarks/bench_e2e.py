@@ -93,6 +93,10 @@ DISPATCHER = {"locmoe_allgather": "allgather"}
 PHASES = ("attention", "router", "dispatch", "experts", "combine")
 #: --grad-reduce dtype -> suffix of the result's variant name (fp32, Megatron-LM's bf16 default, has none)
 GRAD_REDUCE = {"fp32": "", "bf16": "+bf16grad"}
+# Megatron's optimizer: replicated (every rank all-reduces the dense gradients and steps all of them) or
+# distributed (Megatron-LM's --use-distributed-optimizer with --overlap-param-gather: gradients
+# reduce-scattered, each rank steps its 1/DP shard, parameters all-gathered during the next forward)
+OPTIMIZER = {"replicated": "", "distributed": "+distopt"}
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -140,6 +144,13 @@ def parse(argv=None) -> argparse.Namespace:
                         "(Megatron-LM's bf16 default), bf16 (its --grad-reduce-in-bf16: half the bytes on the "
                         "link), or a comma-separated list to run every system once per dtype in one launch; "
                         "deepspeed_moe runs once, reducing as DeepSpeed's engine does")
+    p.add_argument("--optimizer", default="replicated",
+                   help="the Megatron systems' optimizer: replicated (default; dense gradients all-reduced, every "
+                        "rank steps every parameter), distributed (Megatron-LM's --use-distributed-optimizer "
+                        "--overlap-param-gather: the dense gradients reduce-scattered, each rank steps its "
+                        "1/data-parallel shard and the bf16 parameters are all-gathered bucket by bucket during the "
+                        "next forward), or both comma-separated to run every system once per optimizer in one "
+                        "launch; deepspeed_moe runs once, with DeepSpeed's engine")
     a = p.parse_args(argv)
     a.systems = [s.strip() for s in a.systems.split(",") if s.strip()]
     for s in a.systems:
@@ -150,6 +161,9 @@ def parse(argv=None) -> argparse.Namespace:
     a.grad_reduce = [g.strip() for g in a.grad_reduce.split(",") if g.strip()]
     if not a.grad_reduce or any(g not in GRAD_REDUCE for g in a.grad_reduce) or len(set(a.grad_reduce)) < len(a.grad_reduce):
         p.error(f"--grad-reduce: give distinct dtypes from {', '.join(GRAD_REDUCE)}, comma-separated")
+    a.optimizer = [o.strip() for o in a.optimizer.split(",") if o.strip()]
+    if not a.optimizer or any(o not in OPTIMIZER for o in a.optimizer) or len(set(a.optimizer)) < len(a.optimizer):
+        p.error(f"--optimizer: give distinct kinds from {', '.join(OPTIMIZER)}, comma-separated")
     if "bf16" in a.grad_reduce and a.dtype != "bf16":
         p.error("--grad-reduce bf16 reduces bf16 gradients; it needs --dtype bf16")
     if a.warmup is not None and not 1 <= a.warmup <= a.steps - a.measure:
@@ -190,7 +204,7 @@ class MegatronE2E:
     """GPTModel + Megatron DDP (overlapped grad reduce) + Megatron optimizer; ``loss`` / ``step`` as the
     demo's training loop expects."""
 
-    def __init__(self, name: str, opts, accel, dev, grad_reduce: str = "fp32"):
+    def __init__(self, name: str, opts, accel, dev, grad_reduce: str = "fp32", optimizer: str = "replicated"):
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.models.gpt import GPTModel
@@ -234,13 +248,14 @@ class MegatronE2E:
             from megatron.core.transformer.module import Float16Module
 
             model = Float16Module(cfg, model)
+        sharded = optimizer == "distributed"
         ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=True,
                                                    grad_reduce_in_fp32=grad_reduce == "fp32",
-                                                   use_distributed_optimizer=False)
+                                                   use_distributed_optimizer=sharded, overlap_param_gather=sharded)
         self.model = DistributedDataParallel(cfg, ddp_config, model)
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=opts.lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95,
-                            bf16=bf16, clip_grad=1.0, use_distributed_optimizer=False),
+                            bf16=bf16, clip_grad=1.0, use_distributed_optimizer=sharded),
             [self.model])
         self.dp_group = ps.get_data_parallel_group()
         inner = self.model.module.module if bf16 else self.model.module
@@ -593,14 +608,15 @@ def main(argv=None) -> int:
     if one_node_only and world > opts.gpus_per_node:
         raise SystemExit(f"bench_e2e: {', '.join(one_node_only)} needs an EP group inside one node ({layout} spans "
                          f"{world // opts.gpus_per_node}); run it on one node or drop it from --systems")
-    if opts.systems == ["deepspeed_moe"]:  # DeepSpeed reduces as its engine does: one run, whatever --grad-reduce
-        variants = [("deepspeed_moe", "deepspeed", "deepspeed_moe")]
+    if opts.systems == ["deepspeed_moe"]:  # DeepSpeed's engine reduces and steps: one run, whatever the options
+        variants = [("deepspeed_moe", "deepspeed", "deepspeed", "deepspeed_moe")]
     else:
-        variants = [(s, g, s + GRAD_REDUCE[g]) for s in opts.systems for g in opts.grad_reduce]
-    todo = [v for v in variants if not os.path.exists(json_path(opts, layout, v[2]))]
+        variants = [(s, g, o, s + GRAD_REDUCE[g] + OPTIMIZER[o])
+                    for s in opts.systems for g in opts.grad_reduce for o in opts.optimizer]
+    todo = [v for v in variants if not os.path.exists(json_path(opts, layout, v[-1]))]
     if int(os.environ.get("RANK", 0)) == 0:
-        for _, _, variant in variants:
-            if all(variant != v for _, _, v in todo):
+        for *_, variant in variants:
+            if all(variant != v[-1] for v in todo):
                 print(f"bench_e2e: {variant} on {layout}: {json_path(opts, layout, variant)} exists, skipped",
                       flush=True)
     if not todo:
@@ -611,6 +627,9 @@ def main(argv=None) -> int:
     logging.getLogger("megatron").setLevel(logging.ERROR)
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     accel, dev = _setup(opts)
+    if accel.is_cpu and "distributed" in opts.optimizer and opts.systems != ["deepspeed_moe"]:
+        raise SystemExit("bench_e2e: --optimizer distributed: megatron-core's distributed optimizer takes device "
+                         "(CUDA) parameters only; on CPU use --optimizer replicated")
     corpus = load_corpus(opts.corpus, seed=opts.seed)
     deepspeed = opts.systems == ["deepspeed_moe"]
     if deepspeed:
@@ -635,16 +654,16 @@ def main(argv=None) -> int:
 
                 install()
             ps.initialize_model_parallel(expert_model_parallel_size=world)
-        for name, grad_reduce, variant in todo:  # grad_reduce: "deepspeed" for deepspeed_moe
+        for name, grad_reduce, optimizer, variant in todo:  # "deepspeed" for deepspeed_moe
             torch.manual_seed(opts.seed)
             if deepspeed:
                 system = DeepSpeedE2E(opts, dev)
             else:
                 model_parallel_cuda_manual_seed(opts.seed)
-                system = MegatronE2E(name, opts, accel, dev, grad_reduce)
+                system = MegatronE2E(name, opts, accel, dev, grad_reduce, optimizer)
             model_alive = weakref.ref(system.engine if deepspeed else system.model)
             result = run_system(name, system, opts, accel, dev, corpus, bandwidth)
-            result.update(variant=variant, grad_reduce=grad_reduce,
+            result.update(variant=variant, grad_reduce=grad_reduce, optimizer=optimizer,
                           grad_buffer_dtypes=None if deepspeed else system.grad_buffer_dtypes())
             del system
             result["released"] = _release(model_alive, accel)

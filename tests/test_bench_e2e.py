@@ -54,6 +54,7 @@ def _check(r, system, manual_gc=False):
         assert r["grad_reduce"] == "deepspeed" and r["grad_buffer_dtypes"] is None
     else:  # the default reduction: fp32 buffers as DDP allocated them
         assert r["variant"] == system and r["grad_reduce"] == "fp32" and r["grad_buffer_dtypes"] == ["float32"]
+        assert r["optimizer"] == "replicated"  # the default: Megatron's optimizer unsharded
 
 
 @pytest.mark.multiproc
@@ -95,7 +96,8 @@ def test_bench_e2e_rejects_mixed_launch_and_bad_measure():
     for extra in (["--systems", "mcore_alltoall,deepspeed_moe"], ["--steps", "4", "--measure", "4"],
                   ["--systems", "megatron"], ["--grad-reduce", "bf16", "--dtype", "fp32"], ["--grad-reduce", "fp16"],
                   ["--grad-reduce", "fp32,fp32"], ["--steps", "10", "--measure", "4", "--warmup", "7"],
-                  ["--warmup", "0"]):
+                  ["--warmup", "0"], ["--optimizer", "zero1"], ["--optimizer", "distributed,distributed"],
+                  ["--optimizer", ","]):
         r = subprocess.run([sys.executable, "benchmarks/bench_e2e.py", "--out", "/nonexistent", *extra], cwd=ROOT,
                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
         assert r.returncode == 2 and "error:" in r.stderr
@@ -120,6 +122,16 @@ def test_bench_e2e_allgather_system_on_one_node_only(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/bench_e2e.py", "--out", str(tmp_path), "--systems",
                         "locmoe_allgather", *TOY], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "locmoe_allgather needs an EP group inside one node (2x2_fast spans 2)" in r.stderr
+
+
+def test_bench_e2e_refuses_the_distributed_optimizer_on_cpu(tmp_path):
+    """megatron-core's distributed optimizer takes CUDA parameters: refused on CPU before any process group."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "RANK": "0", "WORLD_SIZE": "1"}
+    r = subprocess.run([sys.executable, "benchmarks/bench_e2e.py", "--out", str(tmp_path), "--systems", "locmoe",
+                        "--optimizer", "replicated,distributed", *TOY], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and "on CPU use --optimizer replicated" in r.stderr
+    assert not list(tmp_path.iterdir())  # nothing ran, not even the replicated variant
 
 
 def _row(system, grad, layout, k_tokens):
