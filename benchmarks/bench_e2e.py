@@ -85,11 +85,14 @@ MEGATRON_SYSTEMS = {
     "locmoe_topk": {"routing": "topk", "gate": "dense"},
     "locmoe": {"routing": "locmoe"},  # LocMoEConfig defaults (dense gate, cross-node budget)
     "locmoe_allgather": {"routing": "locmoe"},  # the same, allgather dispatcher (DISPATCHER below)
+    "locmoe_flat": {"routing": "locmoe"},  # the same, flat dispatcher: one all-to-all over the EP group
     "locmoe_plus": {"routing": "hybrid"},  # LocMoEConfig defaults (dense gate, budget, adaptive, resonance)
 }
 SYSTEMS = (*MEGATRON_SYSTEMS, "deepspeed_moe")
-#: system -> LocMoE dispatcher mode where it is not the default hierarchical one (EP groups inside one node only)
-DISPATCHER = {"locmoe_allgather": "allgather"}
+#: system -> LocMoE dispatcher mode where it is not the default hierarchical one
+DISPATCHER = {"locmoe_allgather": "allgather", "locmoe_flat": "flat"}
+#: systems whose EP group must sit inside one node
+ONE_NODE_ONLY = ("locmoe_allgather",)
 PHASES = ("attention", "router", "dispatch", "experts", "combine")
 #: --grad-reduce dtype -> suffix of the result's variant name (fp32, Megatron-LM's bf16 default, has none)
 GRAD_REDUCE = {"fp32": "", "bf16": "+bf16grad"}
@@ -604,7 +607,7 @@ def main(argv=None) -> int:
                          f"{opts.gpus_per_node} and divide --num-experts {opts.num_experts}; --num-heads must "
                          f"divide --hidden-size")
     layout = layout_name(world // opts.gpus_per_node, opts.gpus_per_node)
-    one_node_only = [s for s in opts.systems if s in DISPATCHER]
+    one_node_only = [s for s in opts.systems if s in ONE_NODE_ONLY]
     if one_node_only and world > opts.gpus_per_node:
         raise SystemExit(f"bench_e2e: {', '.join(one_node_only)} needs an EP group inside one node ({layout} spans "
                          f"{world // opts.gpus_per_node}); run it on one node or drop it from --systems")

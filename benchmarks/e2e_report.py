@@ -24,8 +24,8 @@ import json
 import os
 
 PHASES = (("A", "attention"), ("R", "router"), ("D", "dispatch"), ("E", "experts"), ("C", "combine"))
-SYSTEM_ORDER = ("mcore_alltoall", "mcore_grouplimited", "deepspeed_moe", "locmoe_topk", "locmoe", "locmoe_allgather",
-                "locmoe_plus")
+SYSTEM_ORDER = ("mcore_alltoall", "mcore_grouplimited", "deepspeed_moe", "locmoe_topk", "locmoe", "locmoe_flat",
+                "locmoe_allgather", "locmoe_plus")
 
 
 def variant(r: dict) -> str:

@@ -59,7 +59,7 @@ def _check(r, system, manual_gc=False):
 
 @pytest.mark.multiproc
 def test_bench_e2e_megatron_systems_resume_and_report(tmp_path):
-    systems = ["mcore_alltoall", "mcore_grouplimited", "locmoe_topk", "locmoe", "locmoe_plus"]
+    systems = ["mcore_alltoall", "mcore_grouplimited", "locmoe_topk", "locmoe", "locmoe_flat", "locmoe_plus"]
     out = _run(tmp_path, ",".join(systems))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = {s: json.loads((tmp_path / f"e2e_2x2_fast_{s}.json").read_text()) for s in systems}
@@ -70,6 +70,11 @@ def test_bench_e2e_megatron_systems_resume_and_report(tmp_path):
     base = results["mcore_alltoall"]
     pairs = 4 * 2 * 32 * 2 * 2  # ranks x micro-batch x seq x top-2 x layers
     assert base["inter_node_bytes_per_step"] == pytest.approx(base["cross_node_share"] * pairs * 64 * 4 * 4, rel=0.05)
+    # LocMoE's flat and hierarchical dispatchers sum in the same order (bitwise equal in fp32): the same training;
+    # the flat one sends each remote (token, expert) pair, the hierarchical one each token once per remote node
+    flat, hier = results["locmoe_flat"], results["locmoe"]
+    assert flat["val_loss"] == hier["val_loss"] and flat["cross_node_share"] == hier["cross_node_share"]
+    assert flat["inter_node_bytes_per_step"] >= hier["inter_node_bytes_per_step"] > 0
     # resumable: present results are skipped before any process group (rank 0 of the same layout, alone)
     env = {**os.environ, "PYTHONPATH": ROOT, "RANK": "0", "WORLD_SIZE": "4", "LOCMOE_GPUS_PER_NODE": "2",
            "LOCMOE_LINK": "fast"}
