@@ -94,6 +94,12 @@ DISPATCHER = {"locmoe_allgather": "allgather", "locmoe_flat": "flat"}
 #: systems whose EP group must sit inside one node
 ONE_NODE_ONLY = ("locmoe_allgather",)
 PHASES = ("attention", "router", "dispatch", "experts", "combine")
+
+
+def has_budget(system: str) -> bool:
+    """Whether ``system`` routes with LocMoE's cross-node budget (``--locmoe-budget`` applies to it)."""
+    settings = MEGATRON_SYSTEMS.get(system)
+    return settings is not None and settings["routing"] != "topk"
 #: --grad-reduce dtype -> suffix of the result's variant name (fp32, Megatron-LM's bf16 default, has none)
 GRAD_REDUCE = {"fp32": "", "bf16": "+bf16grad"}
 # Megatron's optimizer: replicated (every rank all-reduces the dense gradients and steps all of them) or
@@ -154,7 +160,13 @@ def parse(argv=None) -> argparse.Namespace:
                         "1/data-parallel shard and the bf16 parameters are all-gathered bucket by bucket during the "
                         "next forward), or both comma-separated to run every system once per optimizer in one "
                         "launch; deepspeed_moe runs once, with DeepSpeed's engine")
+    p.add_argument("--locmoe-budget", type=float, default=None,
+                   help="cross-node budget of the systems with LocMoE's routing (locmoe, locmoe_flat, "
+                        "locmoe_allgather, locmoe_plus): the largest share of routed pairs that cross nodes, in "
+                        "[0, 1]; default: LocMoEConfig's (0.2 on 2 nodes)")
     a = p.parse_args(argv)
+    if a.locmoe_budget is not None and not 0.0 <= a.locmoe_budget <= 1.0:
+        p.error(f"--locmoe-budget {a.locmoe_budget} must be a share in [0, 1] (e.g. 0.1)")
     a.systems = [s.strip() for s in a.systems.split(",") if s.strip()]
     for s in a.systems:
         if s not in SYSTEMS:
@@ -241,6 +253,8 @@ class MegatronE2E:
         grouped = uses_grouped_experts(name, opts)
         if settings is not None:
             settings = {**settings, "gpus_per_node": opts.gpus_per_node, "aux_loss_coeff": opts.aux_loss_coeff}
+            if opts.locmoe_budget is not None and has_budget(name):
+                settings["cross_node_budget"] = opts.locmoe_budget
             spec = locmoe_spec(spec, settings, dispatcher=DISPATCHER.get(name, "hierarchical"),
                                grouped_experts="on" if grouped else "off")
         elif grouped:
@@ -566,6 +580,7 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
         "cross_node_share_steps": cross,
         "allocator_calls_measured": allocator,
         "manual_gc": bool(opts.manual_gc),
+        "locmoe_budget": opts.locmoe_budget if has_budget(name) else None,  # None: LocMoEConfig's default
         "grouped_experts": uses_grouped_experts(name, opts),
         "gc_collections_steps": gc_measured,
         "inter_node_bytes_rank_max_over_mean": inter_max * world / float(totals[0]) if float(totals[0]) > 0 else None,

@@ -55,6 +55,7 @@ def _check(r, system, manual_gc=False):
     else:  # the default reduction: fp32 buffers as DDP allocated them
         assert r["variant"] == system and r["grad_reduce"] == "fp32" and r["grad_buffer_dtypes"] == ["float32"]
         assert r["optimizer"] == "replicated"  # the default: Megatron's optimizer unsharded
+        assert r["locmoe_budget"] is None  # LocMoEConfig's own budget where the system routes with one
 
 
 @pytest.mark.multiproc
@@ -91,6 +92,18 @@ def test_bench_e2e_megatron_systems_resume_and_report(tmp_path):
 
 
 @pytest.mark.multiproc
+def test_bench_e2e_locmoe_budget_override(tmp_path):
+    """--locmoe-budget sets the cross-node budget of LocMoE's routing and is recorded; TopK routing ignores it."""
+    out = _run(tmp_path, "locmoe,locmoe_topk", extra=["--locmoe-budget", "0.05"])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    r = json.loads((tmp_path / "e2e_2x2_fast_locmoe.json").read_text())
+    topk = json.loads((tmp_path / "e2e_2x2_fast_locmoe_topk.json").read_text())
+    assert r["locmoe_budget"] == 0.05 and topk["locmoe_budget"] is None
+    # at the default budget (0.2) this toy run crosses at about 0.2; TopK routing, blind to placement, at about 0.5
+    assert r["cross_node_share"] <= 0.1 < topk["cross_node_share"]
+
+
+@pytest.mark.multiproc
 def test_bench_e2e_deepspeed(tmp_path):
     out = _run(tmp_path, "deepspeed_moe", extra=["--manual-gc"])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -102,7 +115,7 @@ def test_bench_e2e_rejects_mixed_launch_and_bad_measure():
                   ["--systems", "megatron"], ["--grad-reduce", "bf16", "--dtype", "fp32"], ["--grad-reduce", "fp16"],
                   ["--grad-reduce", "fp32,fp32"], ["--steps", "10", "--measure", "4", "--warmup", "7"],
                   ["--warmup", "0"], ["--optimizer", "zero1"], ["--optimizer", "distributed,distributed"],
-                  ["--optimizer", ","]):
+                  ["--optimizer", ","], ["--locmoe-budget", "1.5"], ["--locmoe-budget", "-0.1"]):
         r = subprocess.run([sys.executable, "benchmarks/bench_e2e.py", "--out", "/nonexistent", *extra], cwd=ROOT,
                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
         assert r.returncode == 2 and "error:" in r.stderr
