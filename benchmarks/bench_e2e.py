@@ -5,7 +5,8 @@ torch's ``scaled_dot_product_attention`` unless ``--attention local``) wrapped i
 ``DistributedDataParallel`` (overlapped, bucketed gradient reduction; fp32 gradient buffers as Megatron-LM
 keeps them in bf16 training, or bf16 ones with ``--grad-reduce bf16``, Megatron-LM's ``--grad-reduce-in-bf16``) and trained
 by ``megatron.core.optimizer.get_megatron_optimizer`` (Adam, bf16 with fp32 main weights, gradient
-clipping 1.0); each step ends with ``finalize_model_grads``, as Megatron-LM's training loop does.
+clipping 1.0; ``--optimizer distributed``: Megatron's distributed optimizer with overlapped parameter
+all-gather); each step ends with ``finalize_model_grads``, as Megatron-LM's training loop does.
 Data parallelism = expert parallelism = all ranks (TP = PP = 1). Systems:
 
   mcore_alltoall     MoELayer + TopKRouter (softmax top-k, aux loss) + 'alltoall' dispatcher, SequentialMLP
@@ -16,6 +17,8 @@ Data parallelism = expert parallelism = all ranks (TP = PP = 1). Systems:
   locmoe             LocMoE at its defaults (dense gate, cross-node budget 0.2 on 2 nodes), hierarchical dispatcher
   locmoe_allgather   the same with the allgather dispatcher (one node only: every token all-gathered, no count
                      exchange, as Megatron's equal token counts allow)
+  locmoe_flat        the same with the flat dispatcher (every remote (token, expert) pair on one all-to-all over
+                     the EP group, summed in the hierarchical plan's order); across nodes too
   locmoe_plus        LocMoE+ at its defaults (hybrid token/expert choice, dense gate, cross-node budget 0.2 on 2 nodes,
                      adaptive capacity, resonance_mass 0.9), hierarchical dispatcher
   deepspeed_moe      the same sizes through ``deepspeed.initialize`` (bf16, ZeRO 0): DeepSpeed's MoE (TopKGate,
@@ -100,11 +103,13 @@ def has_budget(system: str) -> bool:
     """Whether ``system`` routes with LocMoE's cross-node budget (``--locmoe-budget`` applies to it)."""
     settings = MEGATRON_SYSTEMS.get(system)
     return settings is not None and settings["routing"] != "topk"
+
+
 #: --grad-reduce dtype -> suffix of the result's variant name (fp32, Megatron-LM's bf16 default, has none)
 GRAD_REDUCE = {"fp32": "", "bf16": "+bf16grad"}
-# Megatron's optimizer: replicated (every rank all-reduces the dense gradients and steps all of them) or
-# distributed (Megatron-LM's --use-distributed-optimizer with --overlap-param-gather: gradients
-# reduce-scattered, each rank steps its 1/DP shard, parameters all-gathered during the next forward)
+#: --optimizer -> suffix of the variant name: replicated (every rank all-reduces the dense gradients and steps
+#: all of them) or distributed (Megatron-LM's --use-distributed-optimizer --overlap-param-gather: gradients
+#: reduce-scattered, each rank steps its 1/DP shard, parameters all-gathered during the next forward)
 OPTIMIZER = {"replicated": "", "distributed": "+distopt"}
 
 
