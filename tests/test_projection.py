@@ -140,6 +140,7 @@ def _run(capsys, *argv):
     (["--preset", "h100", "--cross-node-share", "-0.1"], "[0, 1]"),
     (["--nodes", "2"], "--preset"),
     (["--preset", "h100", "--grad-dtype", "fp8"], "--grad-dtype"),
+    (["--preset", "h100", "--optimizer", "zero1"], "--optimizer"),
 ])
 def test_bad_input(capsys, argv, word):
     rc, out = _run(capsys, *argv)
@@ -169,13 +170,30 @@ def test_dense_gradient_reduction_by_hand(capsys):
     for system in SYSTEMS:  # the same for every system: added to the step whole in step_dp_ms
         t = predict_layer(system, cl, m, RoutingSpec(cross_node_share=0.2))
         assert t.dp_grad_ms == pytest.approx(want) and t.step_dp_ms == pytest.approx(t.step_ms + want)
+    # the distributed optimizer: a reduce-scatter of the fp32 gradients and an all-gather of the bf16 parameters,
+    # (N-1)/N of each, instead of 2 (N-1)/N of the gradients
+    params = 3 * (4 * 1000**2 + 1000 * 8)
+    dist_want = 7 / 8 * (params * 4 + params * 2) / 4 / 10e6
+    assert dense_grad_reduce_ms(cl, replace(m, optimizer="distributed")) == pytest.approx(dist_want)
+    assert dist_want == pytest.approx(0.75 * want)  # 6 bytes per parameter against 8
+    bf16_both = replace(m, optimizer="distributed", grad_dtype="bf16")  # 2 + 2 bytes: as the bf16 all-reduce
+    assert dense_grad_reduce_ms(cl, bf16_both) == pytest.approx(want / 2)
     with pytest.raises(ConfigError, match="grad_dtype"):
         replace(m, grad_dtype="int8")
+    with pytest.raises(ConfigError, match="--optimizer"):
+        replace(m, optimizer="zero3")
     rc, out = _run(capsys, "--preset", "h100", "--json", "--grad-dtype", "bf16")
     d = json.loads(out.out)["systems"]
     base, loc = d["megatron_alltoall"], d["locmoe_hier"]
     assert loc["speedup_with_dp_vs_megatron_alltoall"] == pytest.approx(base["step_dp_ms"] / loc["step_dp_ms"])
     assert 1.0 < loc["speedup_with_dp_vs_megatron_alltoall"] < loc["speedup_vs_megatron_alltoall"]
+    rc, out = _run(capsys, "--preset", "h100", "--json", "--optimizer", "distributed")
+    sharded = json.loads(out.out)
+    rc, out = _run(capsys, "--preset", "h100", "--json")
+    replicated = json.loads(out.out)
+    assert sharded["inputs"]["model"]["optimizer"] == "distributed"
+    assert (sharded["systems"]["locmoe_hier"]["dp_grad_ms"]
+            == pytest.approx(0.75 * replicated["systems"]["locmoe_hier"]["dp_grad_ms"]))
 
 
 def test_default_share_is_the_default_budget_per_node_count(capsys):

@@ -45,6 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--grad-dtype", default="fp32",
                    help="dtype of the dense gradients' all-reduce: fp32 (Megatron-LM's default for bf16 training) "
                         "or bf16 (--grad-reduce-in-bf16)")
+    m.add_argument("--optimizer", default="replicated",
+                   help="how the dense parameters are stepped: replicated (default; gradients all-reduced) or "
+                        "distributed (Megatron-LM's --use-distributed-optimizer: gradients reduce-scattered, "
+                        "parameters all-gathered in --dtype)")
     r = p.add_argument_group("routing")
     r.add_argument("--cross-node-share", type=float, default=None,
                    help="LocMoE's share of pairs crossing nodes (measured, or the budget it is held to). Default: "
@@ -91,7 +95,8 @@ def _share_text(routing: RoutingSpec) -> str:
 def run(a: argparse.Namespace) -> int:
     cal = load_calibration(a.calibration) if a.calibration else None
     model = ModelSpec(hidden=a.hidden, ffn=a.ffn, experts=a.experts, topk=a.topk, tokens_per_rank=a.tokens_per_rank,
-                      layers=a.layers, seq=a.seq, dtype=a.dtype, swiglu=not a.gelu, grad_dtype=a.grad_dtype)
+                      layers=a.layers, seq=a.seq, dtype=a.dtype, swiglu=not a.gelu, grad_dtype=a.grad_dtype,
+                      optimizer=a.optimizer)
     routing = RoutingSpec(cross_node_share=a.cross_node_share, pairs_per_copy=a.pairs_per_copy, imbalance=a.imbalance,
                           inter_imbalance=a.inter_imbalance, group_nodes=a.group_nodes,
                           capacity_factor=a.capacity_factor)
@@ -115,7 +120,7 @@ def run(a: argparse.Namespace) -> int:
           f"{'; calibrated: ' + a.calibration if cal else '; uncalibrated: fixed per-layer costs 0'}")
     print(table(point, f"model: d {model.hidden}, F {model.ffn} ({'SwiGLU' if model.swiglu else 'GELU'}), "
                        f"E {model.experts}, top-{model.topk}, {model.tokens_per_rank} tokens/rank, {model.layers} "
-                       f"layers, {model.dtype}, {model.grad_dtype} dense gradients; LocMoE cross-node share {_share_text(routing)}, imbalance "
+                       f"layers, {model.dtype}, {model.grad_dtype} dense gradients ({model.optimizer} optimizer); LocMoE cross-node share {_share_text(routing)}, imbalance "
                        f"{routing.imbalance}"))
     print()
     print(sweep_table(sweep))

@@ -118,20 +118,25 @@ def _a2a_ms(rows: Rows, model: ModelSpec, cl: ClusterSpec, n: int, hierarchical:
 
 
 def dense_grad_reduce_ms(cluster: ClusterSpec, model: ModelSpec) -> float:
-    """Inter-node time of one step's all-reduce of the dense gradients (:attr:`ModelSpec.dense_params_per_layer`
-    x layers, in ``model.grad_dtype``) over every GPU of the job, in ms.
+    """Inter-node time of one step's data-parallel synchronisation of the dense parameters
+    (:attr:`ModelSpec.dense_params_per_layer` x layers) over every GPU of the job, in ms.
 
-    The data-parallel group of the dense parameters spans all ``N = nodes x G`` GPUs. A ring all-reduce
-    sends ``2 (N - 1) / N x S`` per GPU; with one ring per NIC (NCCL's channels over the node's G NICs)
-    each NIC carries ``2 (N - 1) / N x S / G`` of it at the inter-node rate. 0 on one node: there the
-    reduction runs over NVLink / HCCS beside the backward. Megatron overlaps it with the backward, where
-    it shares the NICs with the MoE layers' all-to-alls; how much of it hides depends on how long those
-    leave the NICs idle, so :class:`LayerTime` gives the step without it and with it added whole."""
+    The data-parallel group of the dense parameters spans all ``N = nodes x G`` GPUs. With the replicated
+    optimizer a ring all-reduce of the gradients (``S_g`` bytes in ``model.grad_dtype``) sends
+    ``2 (N - 1) / N x S_g`` per GPU; with the distributed one a reduce-scatter of the gradients and an
+    all-gather of the updated parameters (``S_p`` bytes in ``model.dtype``) send ``(N - 1) / N x (S_g +
+    S_p)``. With one ring per NIC (NCCL's channels over the node's G NICs) each NIC carries 1 / G of it at
+    the inter-node rate. 0 on one node: there it runs over NVLink / HCCS beside the backward. Megatron
+    overlaps it with the backward (and the parameters' all-gather with the next forward), where it shares
+    the NICs with the MoE layers' all-to-alls; how much of it hides depends on how long those leave the
+    NICs idle, so :class:`LayerTime` gives the step without it and with it added whole."""
     if cluster.nodes <= 1:
         return 0.0
     n, g = cluster.nodes * cluster.gpus_per_node, cluster.gpus_per_node
-    grad_bytes = model.layers * model.dense_params_per_layer * DTYPE_BYTES[model.grad_dtype]
-    return 2 * (n - 1) / n * grad_bytes / g / (cluster.inter_bw_GBps * 1e6)
+    params = model.layers * model.dense_params_per_layer
+    grad_bytes = params * DTYPE_BYTES[model.grad_dtype]
+    sent = (grad_bytes + params * model.elt if model.optimizer == "distributed" else 2 * grad_bytes)
+    return (n - 1) / n * sent / g / (cluster.inter_bw_GBps * 1e6)
 
 
 def overlap_hidden_ms(rail_ms: float, node_ms: float, gemm_ms: float, local_share: float, experts: bool) -> float:

@@ -9,6 +9,9 @@ from ..config import ConfigError, default_cross_node_budget
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
 GRAD_DTYPES = ("fp32", "bf16", "fp16")
+#: how the dense parameters are stepped: "replicated" (gradients all-reduced, every rank steps all of them) or
+#: "distributed" (Megatron's distributed optimizer: gradients reduce-scattered, parameters all-gathered)
+OPTIMIZERS = ("replicated", "distributed")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,6 +23,9 @@ class ModelSpec:
         swiglu: gated experts (3 matrices; 2 for a GELU MLP). seq: sequence length (attention cost only).
         grad_dtype: the dtype the dense parameters' gradients are all-reduced in across the data-parallel
             ranks ("fp32": Megatron-LM's default for bf16 training; "bf16": ``--grad-reduce-in-bf16``).
+        optimizer: "replicated" (the dense gradients all-reduced) or "distributed" (Megatron-LM's
+            ``--use-distributed-optimizer``: the gradients reduce-scattered in ``grad_dtype``, the updated
+            parameters all-gathered in ``dtype``).
     """
 
     hidden: int
@@ -32,6 +38,7 @@ class ModelSpec:
     swiglu: bool = True
     seq: int = 4096
     grad_dtype: str = "fp32"
+    optimizer: str = "replicated"
 
     def __post_init__(self) -> None:
         for f in ("hidden", "ffn", "experts", "topk", "tokens_per_rank", "layers", "seq"):
@@ -46,6 +53,8 @@ class ModelSpec:
         if self.grad_dtype not in GRAD_DTYPES:
             raise ConfigError(f"grad_dtype {self.grad_dtype!r}: the dense gradients are reduced in one of "
                               f"{', '.join(GRAD_DTYPES)} (--grad-dtype)")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)} (--optimizer)")
 
     @property
     def elt(self) -> int:
