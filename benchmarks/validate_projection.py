@@ -411,34 +411,48 @@ def _spread(r: dict) -> str:
     return f"{100 * r['spread']:>5.1f}%" if r.get("spread") is not None else f"{'-':>6}"
 
 
+#: result-name suffix of an end-to-end variant -> the ModelSpec field it changes (bench_e2e.py --grad-reduce,
+#: --optimizer); a result without the suffix in the same folder is its pair
+DENSE_VARIANTS = {"+bf16grad": ("grad_dtype", "fp32", "bf16"), "+distopt": ("optimizer", "replicated", "distributed")}
+
+
+def _dense_settings(path: str) -> dict:
+    """The ModelSpec fields a result's name sets (its variant suffixes)."""
+    name = os.path.basename(path)
+    return {field: (changed if suffix in name else default) for suffix, (field, default, changed) in DENSE_VARIANTS.items()}
+
+
 def validate_dense_grads(roots) -> list[dict]:
-    """The dense-gradient term against the end-to-end runs that trained a system twice in one launch, with
-    fp32 and with bf16 gradient reduction (``bench_e2e.py --grad-reduce fp32,bf16``): the measured step
-    difference (fp32 - bf16, from the median tokens/s) against the predicted one,
-    ``dense_grad_reduce_ms(fp32) - dense_grad_reduce_ms(bf16)``, at the mean of the two launches' measured
-    inter-node all-to-all rates."""
+    """The dense-gradient term against the end-to-end runs that trained a system twice in one launch, once per
+    dense synchronisation: fp32 and bf16 gradient reduction (``bench_e2e.py --grad-reduce fp32,bf16``), or the
+    replicated and the distributed optimizer (``--optimizer replicated,distributed``). The measured step
+    difference (from the median tokens/s) against the predicted one, ``dense_grad_reduce_ms`` of the first
+    minus that of the second, at the mean of the two launches' measured inter-node all-to-all rates."""
     rows = []
-    for root, path in find(roots, "e2e_*+bf16grad.json"):
-        fp32_path = path.replace("+bf16grad", "")
-        if not os.path.exists(fp32_path):
-            continue
-        with open(path) as f:
-            bf16 = json.load(f)
-        with open(fp32_path) as f:
-            fp32 = json.load(f)
-        if fp32["nodes"] < 2:
-            continue
-        m = fp32["model"]
-        rate = (fp32["bandwidth"]["inter_node_gbps"] + bf16["bandwidth"]["inter_node_gbps"]) / 2
-        cluster = ClusterSpec(nodes=fp32["nodes"], gpus_per_node=fp32["gpus_per_node"], intra_bw_GBps=200.0,
-                              intra_latency_us=0.0, inter_bw_GBps=rate, inter_latency_us=0.0, peak_tflops=1000.0)
-        model = ModelSpec(hidden=m["hidden_size"], ffn=m["ffn_hidden_size"], experts=m["num_experts"],
-                          topk=m["topk"], tokens_per_rank=m["seq_len"] * m["micro_batch"], layers=m["num_layers"])
-        predicted = dense_grad_reduce_ms(cluster, model) - dense_grad_reduce_ms(cluster, replace(model, grad_dtype="bf16"))
-        step = lambda r: r["tokens_per_step"] / r["tokens_per_s"]["median"] * 1e3  # noqa: E731
-        rows.append({"run": run_name(root, os.path.dirname(path)), "layout": fp32["layout"], "system": fp32["system"],
-                     "link_GBps": rate, "measured_ms": step(fp32) - step(bf16), "predicted_ms": predicted,
-                     "step_fp32_ms": step(fp32)})
+    for suffix, (field, default, changed) in DENSE_VARIANTS.items():
+        for root, path in find(roots, f"e2e_*{suffix}*.json"):
+            base_path = path.replace(suffix, "")
+            if not os.path.exists(base_path):
+                continue
+            with open(path) as f:
+                var = json.load(f)
+            with open(base_path) as f:
+                base = json.load(f)
+            if base["nodes"] < 2:
+                continue
+            m = base["model"]
+            rate = (base["bandwidth"]["inter_node_gbps"] + var["bandwidth"]["inter_node_gbps"]) / 2
+            cluster = ClusterSpec(nodes=base["nodes"], gpus_per_node=base["gpus_per_node"], intra_bw_GBps=200.0,
+                                  intra_latency_us=0.0, inter_bw_GBps=rate, inter_latency_us=0.0, peak_tflops=1000.0)
+            model = ModelSpec(hidden=m["hidden_size"], ffn=m["ffn_hidden_size"], experts=m["num_experts"],
+                              topk=m["topk"], tokens_per_rank=m["seq_len"] * m["micro_batch"], layers=m["num_layers"],
+                              **_dense_settings(base_path))
+            predicted = dense_grad_reduce_ms(cluster, model) - dense_grad_reduce_ms(cluster, replace(model, **{field: changed}))
+            step = lambda r: r["tokens_per_step"] / r["tokens_per_s"]["median"] * 1e3  # noqa: E731
+            rows.append({"run": run_name(root, os.path.dirname(path)), "layout": base["layout"],
+                         "system": base.get("variant", base["system"]), "pair": f"{default} - {changed}",
+                         "link_GBps": rate, "measured_ms": step(base) - step(var), "predicted_ms": predicted,
+                         "step_first_ms": step(base)})
     return rows
 
 
@@ -489,15 +503,16 @@ def main() -> int:
             print(line)
     grows = validate_dense_grads(a.roots)
     if grows:
-        print(f"\n{'dense gradients: end-to-end run':<46} {'layout':<9} {'system':<20} {'link':>5} {'step ms':>8} "
-              f"{'fp32 - bf16 measured':>20} {'predicted':>9}")
+        print(f"\n{'dense gradients: end-to-end run':<46} {'layout':<9} {'system':<20} {'pair':<24} {'link':>5} "
+              f"{'step ms':>8} {'measured':>9} {'predicted':>9}")
         for r in grows:
-            print(f"{r['run']:<46} {r['layout']:<9} {r['system']:<20} {r['link_GBps']:>5.2f} {r['step_fp32_ms']:>8.1f} "
-                  f"{r['measured_ms']:>20.1f} {r['predicted_ms']:>9.1f}")
-        ratios = sorted(r["measured_ms"] / r["predicted_ms"] for r in grows)
-        print(f"  dense gradients: the fp32 - bf16 step difference measured / predicted, median {_quantile(ratios, 0.5):.2f}, "
-              f"quartiles {_quantile(ratios, 0.25):.2f}-{_quantile(ratios, 0.75):.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f} "
-              f"over {len(ratios)} pairs of runs")
+            print(f"{r['run']:<46} {r['layout']:<9} {r['system']:<20} {r['pair']:<24} {r['link_GBps']:>5.2f} "
+                  f"{r['step_first_ms']:>8.1f} {r['measured_ms']:>9.1f} {r['predicted_ms']:>9.1f}")
+        for pair in dict.fromkeys(r["pair"] for r in grows):
+            ratios = sorted(r["measured_ms"] / r["predicted_ms"] for r in grows if r["pair"] == pair)
+            print(f"  dense gradients: the {pair} step difference measured / predicted, median "
+                  f"{_quantile(ratios, 0.5):.2f}, quartiles {_quantile(ratios, 0.25):.2f}-{_quantile(ratios, 0.75):.2f}, "
+                  f"range {ratios[0]:.2f}-{ratios[-1]:.2f} over {len(ratios)} pairs of runs")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"layer": rows, "dispatch": drows, "speedup_lean": speedup_lean(main_rows), "dense_grads": grows},

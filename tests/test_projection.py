@@ -408,9 +408,17 @@ def test_validation_checks_the_dense_gradient_term_on_fp32_bf16_pairs(tmp_path):
     (run / "e2e_2x2_fast_locmoe+bf16grad.json").write_text(json.dumps(result(450.0, 5.0)))
     (run / "e2e_1x4_locmoe+bf16grad.json").write_text(json.dumps({**result(100.0, 5.0), "nodes": 1}))  # no pair
     (rows,) = mod.validate_dense_grads([str(tmp_path)])
-    grad_bytes_diff = 2 * (4 * 1000**2 + 1000 * 8) * (4 - 2)  # 2 layers, fp32 - bf16 bytes per parameter
+    params = 2 * (4 * 1000**2 + 1000 * 8)  # 2 layers x (attention 4 d^2 + router d E)
+    assert rows["pair"] == "fp32 - bf16" and rows["system"] == "locmoe"
     assert rows["measured_ms"] == pytest.approx(50.0) and rows["link_GBps"] == pytest.approx(4.0)
-    assert rows["predicted_ms"] == pytest.approx(2 * 3 / 4 * grad_bytes_diff / 2 / 4e6)
+    assert rows["predicted_ms"] == pytest.approx(2 * 3 / 4 * params * (4 - 2) / 2 / 4e6)
+    # the distributed optimizer's run beside the replicated one: an fp32 all-reduce (8 bytes per parameter on the
+    # ring) against a reduce-scatter of fp32 gradients and an all-gather of bf16 parameters (4 + 2)
+    (run / "e2e_2x2_fast_locmoe+distopt.json").write_text(json.dumps(result(480.0, 5.0)))
+    rows = {r["pair"]: r for r in mod.validate_dense_grads([str(tmp_path)])}
+    d = rows["replicated - distributed"]
+    assert d["measured_ms"] == pytest.approx(20.0) and d["system"] == "locmoe"
+    assert d["predicted_ms"] == pytest.approx(3 / 4 * params * (8 - 6) / 2 / 4e6)
 
 
 def test_concentrated_copies_by_hand_and_against_the_counter():
