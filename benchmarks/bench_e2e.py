@@ -176,6 +176,9 @@ def parse(argv=None) -> argparse.Namespace:
     for s in a.systems:
         if s not in SYSTEMS:
             p.error(f"--systems: unknown system {s!r}; choose from {', '.join(SYSTEMS)}")
+    if a.locmoe_budget is not None and not any(has_budget(s) for s in a.systems):
+        p.error(f"--locmoe-budget applies to {', '.join(s for s in MEGATRON_SYSTEMS if has_budget(s))}; none is in "
+                f"--systems")
     if "deepspeed_moe" in a.systems and len(a.systems) > 1:
         p.error("--systems: deepspeed_moe sets up its own process groups; run it in a launch of its own")
     a.grad_reduce = [g.strip() for g in a.grad_reduce.split(",") if g.strip()]
@@ -637,6 +640,14 @@ def main(argv=None) -> int:
         variants = [(s, g, o, s + GRAD_REDUCE[g] + OPTIMIZER[o])
                     for s in opts.systems for g in opts.grad_reduce for o in opts.optimizer]
     todo = [v for v in variants if not os.path.exists(json_path(opts, layout, v[-1]))]
+    for name, *_, variant in variants:  # a result kept for resuming must be of the budget asked for now
+        path = json_path(opts, layout, variant)
+        if has_budget(name) and os.path.exists(path):
+            with open(path) as f:
+                kept = json.load(f).get("locmoe_budget")
+            if kept != opts.locmoe_budget:
+                raise SystemExit(f"bench_e2e: {path} holds a run at --locmoe-budget {kept} (None: the default), this "
+                                 f"launch asks for {opts.locmoe_budget}: give another --out")
     if int(os.environ.get("RANK", 0)) == 0:
         for *_, variant in variants:
             if all(variant != v[-1] for v in todo):
@@ -650,7 +661,7 @@ def main(argv=None) -> int:
     logging.getLogger("megatron").setLevel(logging.ERROR)
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     accel, dev = _setup(opts)
-    if accel.is_cpu and "distributed" in opts.optimizer and opts.systems != ["deepspeed_moe"]:
+    if accel.is_cpu and any(v[2] == "distributed" for v in todo):
         raise SystemExit("bench_e2e: --optimizer distributed: megatron-core's distributed optimizer takes device "
                          "(CUDA) parameters only; on CPU use --optimizer replicated")
     corpus = load_corpus(opts.corpus, seed=opts.seed)

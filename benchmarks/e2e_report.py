@@ -64,7 +64,8 @@ def _gc(r: dict) -> str:
 def table(rows: list[dict]) -> str:
     by = {(r["layout"], variant(r)): r for r in rows}
     one_node = {variant(r): r for r in rows if r["nodes"] == 1}
-    head = (f"{'layout':<10} {'system':<22} {'k tok/s':>8} {'min-max':>11} {'x a2a':>6} {'scaling':>7} {'val':>6} "
+    w = max([22, *(len(variant(r)) for r in rows)])  # the system column fits its longest variant name
+    head = (f"{'layout':<10} {'system':<{w}} {'k tok/s':>8} {'min-max':>11} {'x a2a':>6} {'scaling':>7} {'val':>6} "
             f"{'cross':>6} {'inter MiB':>9} {'rows u':>6} {'x u':>5} {'gc':>9} {'peak GiB':>8} {'link':>5}  "
             + " ".join(f"{k:>6}" for k, _ in PHASES) + f" {'G':>6} {'O':>6} {'step':>7}")
     lines = [head]
@@ -77,7 +78,7 @@ def table(rows: list[dict]) -> str:
         peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
         b = r["breakdown_ms"]
         lines.append(
-            f"{r['layout']:<10} {variant(r):<22} {t['median'] / 1e3:8.1f} {t['min'] / 1e3:5.1f}-{t['max'] / 1e3:<5.1f} "
+            f"{r['layout']:<10} {variant(r):<{w}} {t['median'] / 1e3:8.1f} {t['min'] / 1e3:5.1f}-{t['max'] / 1e3:<5.1f} "
             f"{ratio:>6} {scaling:>7} {r['val_loss']:6.3f} {r['cross_node_share']:6.3f} "
             f"{r['inter_node_bytes_per_step'] / r['world'] / 2**20:9.1f} {_ratio(r, 'rank_load_max_over_mean'):>6} "
             f"{_ratio(r, 'inter_node_bytes_rank_max_over_mean'):>5} {_gc(r):>9} {peak:>8} "

@@ -423,15 +423,16 @@ def _dense_settings(path: str) -> dict:
 
 
 def validate_dense_grads(roots) -> list[dict]:
-    """The dense-gradient term against the end-to-end runs that trained a system twice in one launch, once per
-    dense synchronisation: fp32 and bf16 gradient reduction (``bench_e2e.py --grad-reduce fp32,bf16``), or the
-    replicated and the distributed optimizer (``--optimizer replicated,distributed``). The measured step
-    difference (from the median tokens/s) against the predicted one, ``dense_grad_reduce_ms`` of the first
-    minus that of the second, at the mean of the two launches' measured inter-node all-to-all rates."""
+    """The dense-gradient term against pairs of end-to-end results of one system, layout and folder that differ
+    in one dense synchronisation setting: fp32 and bf16 gradient reduction (``bench_e2e.py --grad-reduce
+    fp32,bf16``), or the replicated and the distributed optimizer (``--optimizer replicated,distributed``);
+    one launch writes both unless a resumed run wrote them apart. The measured step difference (from the median
+    tokens/s) against the predicted one, ``dense_grad_reduce_ms`` of the first minus that of the second, at the
+    mean of the two results' measured inter-node all-to-all rates. Pairs of more than one node only."""
     rows = []
     for suffix, (field, default, changed) in DENSE_VARIANTS.items():
         for root, path in find(roots, f"e2e_*{suffix}*.json"):
-            base_path = path.replace(suffix, "")
+            base_path = os.path.join(os.path.dirname(path), os.path.basename(path).replace(suffix, ""))
             if not os.path.exists(base_path):
                 continue
             with open(path) as f:
@@ -446,7 +447,7 @@ def validate_dense_grads(roots) -> list[dict]:
                                   intra_latency_us=0.0, inter_bw_GBps=rate, inter_latency_us=0.0, peak_tflops=1000.0)
             model = ModelSpec(hidden=m["hidden_size"], ffn=m["ffn_hidden_size"], experts=m["num_experts"],
                               topk=m["topk"], tokens_per_rank=m["seq_len"] * m["micro_batch"], layers=m["num_layers"],
-                              **_dense_settings(base_path))
+                              dtype=m.get("dtype", "bf16"), **_dense_settings(base_path))
             predicted = dense_grad_reduce_ms(cluster, model) - dense_grad_reduce_ms(cluster, replace(model, **{field: changed}))
             step = lambda r: r["tokens_per_step"] / r["tokens_per_s"]["median"] * 1e3  # noqa: E731
             rows.append({"run": run_name(root, os.path.dirname(path)), "layout": base["layout"],
@@ -503,13 +504,18 @@ def main() -> int:
             print(line)
     grows = validate_dense_grads(a.roots)
     if grows:
-        print(f"\n{'dense gradients: end-to-end run':<46} {'layout':<9} {'system':<20} {'pair':<24} {'link':>5} "
+        print(f"\n{'dense gradients: end-to-end run':<46} {'layout':<9} {'system':<36} {'pair':<24} {'link':>5} "
               f"{'step ms':>8} {'measured':>9} {'predicted':>9}")
         for r in grows:
-            print(f"{r['run']:<46} {r['layout']:<9} {r['system']:<20} {r['pair']:<24} {r['link_GBps']:>5.2f} "
+            print(f"{r['run']:<46} {r['layout']:<9} {r['system']:<36} {r['pair']:<24} {r['link_GBps']:>5.2f} "
                   f"{r['step_first_ms']:>8.1f} {r['measured_ms']:>9.1f} {r['predicted_ms']:>9.1f}")
         for pair in dict.fromkeys(r["pair"] for r in grows):
-            ratios = sorted(r["measured_ms"] / r["predicted_ms"] for r in grows if r["pair"] == pair)
+            # a pair the model prices alike (e.g. bf16 gradients under both optimizers: 4 bytes per parameter
+            # either way) has no ratio
+            ratios = sorted(r["measured_ms"] / r["predicted_ms"] for r in grows if r["pair"] == pair and r["predicted_ms"])
+            if not ratios:
+                print(f"  dense gradients: the {pair} pairs are predicted alike (no step difference)")
+                continue
             print(f"  dense gradients: the {pair} step difference measured / predicted, median "
                   f"{_quantile(ratios, 0.5):.2f}, quartiles {_quantile(ratios, 0.25):.2f}-{_quantile(ratios, 0.75):.2f}, "
                   f"range {ratios[0]:.2f}-{ratios[-1]:.2f} over {len(ratios)} pairs of runs")

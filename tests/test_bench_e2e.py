@@ -82,6 +82,11 @@ def test_bench_e2e_megatron_systems_resume_and_report(tmp_path):
     again = subprocess.run([sys.executable, "benchmarks/bench_e2e.py", "--out", str(tmp_path), "--systems",
                             "mcore_alltoall,locmoe", *TOY], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("exists, skipped") == 2, again.stdout + again.stderr
+    # a kept result of another budget is not taken for this one: refused, naming the fix
+    other = subprocess.run([sys.executable, "benchmarks/bench_e2e.py", "--out", str(tmp_path), "--systems", "locmoe",
+                            "--locmoe-budget", "0.1", *TOY], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert other.returncode == 1 and "--locmoe-budget None" in other.stderr and "give another --out" in other.stderr
     rep = subprocess.run([sys.executable, "benchmarks/e2e_report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert rep.returncode == 0, rep.stderr
@@ -115,7 +120,8 @@ def test_bench_e2e_rejects_mixed_launch_and_bad_measure():
                   ["--systems", "megatron"], ["--grad-reduce", "bf16", "--dtype", "fp32"], ["--grad-reduce", "fp16"],
                   ["--grad-reduce", "fp32,fp32"], ["--steps", "10", "--measure", "4", "--warmup", "7"],
                   ["--warmup", "0"], ["--optimizer", "zero1"], ["--optimizer", "distributed,distributed"],
-                  ["--optimizer", ","], ["--locmoe-budget", "1.5"], ["--locmoe-budget", "-0.1"]):
+                  ["--optimizer", ","], ["--locmoe-budget", "1.5"], ["--locmoe-budget", "-0.1"],
+                  ["--systems", "mcore_alltoall,locmoe_topk", "--locmoe-budget", "0.1"]):
         r = subprocess.run([sys.executable, "benchmarks/bench_e2e.py", "--out", "/nonexistent", *extra], cwd=ROOT,
                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
         assert r.returncode == 2 and "error:" in r.stderr
@@ -144,7 +150,7 @@ def test_bench_e2e_allgather_system_on_one_node_only(tmp_path):
 
 def test_bench_e2e_refuses_the_distributed_optimizer_on_cpu(tmp_path):
     """megatron-core's distributed optimizer takes CUDA parameters: refused on CPU before any process group."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "RANK": "0", "WORLD_SIZE": "1"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "RANK": "0", "WORLD_SIZE": "1", "LOCMOE_DEVICE": "cpu"}
     r = subprocess.run([sys.executable, "benchmarks/bench_e2e.py", "--out", str(tmp_path), "--systems", "locmoe",
                         "--optimizer", "replicated,distributed", *TOY], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)

@@ -406,7 +406,8 @@ def test_validation_checks_the_dense_gradient_term_on_fp32_bf16_pairs(tmp_path):
     run.mkdir(parents=True)
     (run / "e2e_2x2_fast_locmoe.json").write_text(json.dumps(result(500.0, 3.0)))
     (run / "e2e_2x2_fast_locmoe+bf16grad.json").write_text(json.dumps(result(450.0, 5.0)))
-    (run / "e2e_1x4_locmoe+bf16grad.json").write_text(json.dumps({**result(100.0, 5.0), "nodes": 1}))  # no pair
+    for name in ("e2e_1x4_locmoe.json", "e2e_1x4_locmoe+bf16grad.json"):  # one node: no inter-node term, no row
+        (run / name).write_text(json.dumps({**result(100.0, 5.0), "nodes": 1, "layout": "1x4"}))
     (rows,) = mod.validate_dense_grads([str(tmp_path)])
     params = 2 * (4 * 1000**2 + 1000 * 8)  # 2 layers x (attention 4 d^2 + router d E)
     assert rows["pair"] == "fp32 - bf16" and rows["system"] == "locmoe"
@@ -419,6 +420,18 @@ def test_validation_checks_the_dense_gradient_term_on_fp32_bf16_pairs(tmp_path):
     d = rows["replicated - distributed"]
     assert d["measured_ms"] == pytest.approx(20.0) and d["system"] == "locmoe"
     assert d["predicted_ms"] == pytest.approx(3 / 4 * params * (8 - 6) / 2 / 4e6)
+    # both settings changed: each file pairs with the one that differs in one setting only; with bf16 gradients
+    # the two optimizers move 4 bytes per parameter alike (predicted 0, left out of the ratios)
+    (run / "e2e_2x2_fast_locmoe+bf16grad+distopt.json").write_text(json.dumps(result(440.0, 5.0)))
+    for f in run.glob("e2e_2x2_fast_*.json"):  # each result names its variant, as bench_e2e writes it
+        f.write_text(json.dumps({**json.loads(f.read_text()), "variant": f.stem.removeprefix("e2e_2x2_fast_")}))
+    rows = mod.validate_dense_grads([str(tmp_path)])
+    got = sorted((r["system"], r["pair"], round(r["measured_ms"], 6)) for r in rows)
+    assert got == [("locmoe", "fp32 - bf16", 50.0), ("locmoe", "replicated - distributed", 20.0),
+                   ("locmoe+bf16grad", "replicated - distributed", 10.0),
+                   ("locmoe+distopt", "fp32 - bf16", 40.0)]
+    alike = next(r for r in rows if r["system"] == "locmoe+bf16grad")
+    assert alike["predicted_ms"] == 0.0
 
 
 def test_concentrated_copies_by_hand_and_against_the_counter():

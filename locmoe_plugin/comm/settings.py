@@ -5,8 +5,8 @@
 * ``mode``: ``"hierarchical"`` (inter-node once per node, then the intra-node fan-out; on one node the
   pairs plan), ``"flat"`` (one all-to-all over the expert-parallel group, every remote (token, expert) pair
   sent; it builds the node / rank / expert tree at the source so its sums equal the hierarchical plan's bit
-  for bit, which costs host work: a reference for checks, 0.69-0.70 x the default's tokens/s on one node x 4
-  end to end, ``benchmarks/RESULTS.md``) or ``"allgather"`` (EP groups
+  for bit, which costs host work the default's one-node pairs plan does not do: a reference for checks,
+  slower than the default on one node, ``benchmarks/RESULTS.md``) or ``"allgather"`` (EP groups
   inside one node only: every token all-gathered, each rank keeps its experts' pairs, combine by a
   reduce-scatter, as Megatron's allgather dispatcher; refused at the dispatcher's construction on a group
   spanning nodes. Sums in another order than the pairs plan's: allclose, not bitwise, to it;

@@ -126,7 +126,8 @@ def dense_grad_reduce_ms(cluster: ClusterSpec, model: ModelSpec) -> float:
     ``2 (N - 1) / N x S_g`` per GPU; with the distributed one a reduce-scatter of the gradients and an
     all-gather of the updated parameters (``S_p`` bytes in ``model.dtype``) send ``(N - 1) / N x (S_g +
     S_p)``. With one ring per NIC (NCCL's channels over the node's G NICs) each NIC carries 1 / G of it at
-    the inter-node rate. 0 on one node: there it runs over NVLink / HCCS beside the backward. Megatron
+    the inter-node rate. 0 on one node: there it runs over NVLink / HCCS beside the backward (and the
+    forward, for the distributed optimizer's all-gather). Megatron
     overlaps it with the backward (and the parameters' all-gather with the next forward), where it shares
     the NICs with the MoE layers' all-to-alls; how much of it hides depends on how long those leave the
     NICs idle, so :class:`LayerTime` gives the step without it and with it added whole."""

@@ -67,7 +67,7 @@ class ModelSpec:
 
     @property
     def dense_params_per_layer(self) -> int:
-        """Parameters of one layer outside its experts, whose gradients every data-parallel rank all-reduces:
+        """Parameters of one layer outside its experts, which every data-parallel rank synchronises:
         the attention block's QKV and output projections (4 d^2; no GQA, no biases) and the router (d E).
         Norms and the embeddings are left out."""
         return 4 * self.hidden**2 + self.hidden * self.experts
