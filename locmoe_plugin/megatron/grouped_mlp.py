@@ -89,9 +89,11 @@ def make_grouped_mlp_class():
             if grouped not in ("auto", "on"):
                 raise ConfigError(f"LocMoEGroupedMLP(grouped={grouped!r}): expected 'auto' or 'on' "
                                   f"(for 'off' build megatron-core's SequentialMLP)")
-            if grouped == "on":
-                check_grouped_experts(config)
+            if config.moe_apply_probs_on_input and config.moe_router_topk != 1:
+                raise ConfigError("--moe-apply-probs-on-input needs --moe-router-topk 1")
             why = grouped_experts_refusal(config)
+            if grouped == "on" and why is not None:
+                raise ConfigError(why)
             super().__init__(num_local_experts, config, submodules, *args, **kwargs)
             self.grouped = why is None
             if why is not None:
@@ -104,9 +106,7 @@ def make_grouped_mlp_class():
             if not self.grouped:
                 return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
             x, probs = permuted_local_hidden_states, permuted_probs
-            if self.config.moe_apply_probs_on_input:
-                if self.config.moe_router_topk != 1:
-                    raise ConfigError("--moe-apply-probs-on-input needs --moe-router-topk 1")
+            if self.config.moe_apply_probs_on_input:  # top-1 only, checked at construction
                 x, probs = (probs.unsqueeze(-1) * x).to(x.dtype), None
             fc1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, F1, H]
             fc2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, H, F]
