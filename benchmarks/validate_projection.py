@@ -37,11 +37,13 @@ import sys
 from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from locmoe_plugin.projection import ClusterSpec, ModelSpec, RoutingSpec, predict_layer  # noqa: E402
 from locmoe_plugin.projection.cost import dense_grad_reduce_ms  # noqa: E402
 from locmoe_plugin.projection.calibration import (calibration_from_layer_results, inter_link,  # noqa: E402
                                                    two_stage_extra_ms)
+from bench_e2e import GRAD_REDUCE, OPTIMIZER  # noqa: E402  (the end-to-end results' variant suffixes)
 
 # The emulated nodes' link (launch/emulate_nodes.sh: NCCL's socket transport over loopback) where a run
 # did not measure its duplex: every byte sent or received is a copy by the same host, one budget for both
@@ -413,7 +415,8 @@ def _spread(r: dict) -> str:
 
 #: result-name suffix of an end-to-end variant -> the ModelSpec field it changes (bench_e2e.py --grad-reduce,
 #: --optimizer); a result without the suffix in the same folder is its pair
-DENSE_VARIANTS = {"+bf16grad": ("grad_dtype", "fp32", "bf16"), "+distopt": ("optimizer", "replicated", "distributed")}
+DENSE_VARIANTS = {GRAD_REDUCE["bf16"]: ("grad_dtype", "fp32", "bf16"),
+                  OPTIMIZER["distributed"]: ("optimizer", "replicated", "distributed")}
 
 
 def _dense_settings(path: str) -> dict:
