@@ -19,6 +19,8 @@ Data parallelism = expert parallelism = all ranks (TP = PP = 1). Systems:
                      exchange, as Megatron's equal token counts allow)
   locmoe_flat        the same with the flat dispatcher (every remote (token, expert) pair on one all-to-all over
                      the EP group, summed in the hierarchical plan's order); across nodes too
+  locmoe_fp8         the same with token rows and output gradients sent as FP8 (E4M3, one fp32 scale per 128
+                     features; DispatcherSettings.dispatch_format="fp8", Megatron --locmoe-dispatch-format fp8)
   locmoe_plus        LocMoE+ at its defaults (hybrid token/expert choice, dense gate, cross-node budget 0.2 on 2 nodes,
                      adaptive capacity, resonance_mass 0.9), hierarchical dispatcher
   deepspeed_moe      the same sizes through ``deepspeed.initialize`` (bf16, ZeRO 0): DeepSpeed's MoE (TopKGate,
@@ -77,6 +79,7 @@ for path in (REPO, HERE):
 from e2e_profile import LinkTimer, PhaseTimer  # noqa: E402
 from manual_gc import automatic_collection  # noqa: E402
 from locmoe_plugin.comm.bandwidth import measure_bandwidth  # noqa: E402
+from locmoe_plugin.comm.settings import DispatcherSettings  # noqa: E402
 from locmoe_plugin.demo.corpus import VOCAB_SIZE, load_corpus, sample_batch  # noqa: E402
 from locmoe_plugin.demo.metrics import RoutingMonitor, WireCounter  # noqa: E402
 from locmoe_plugin.device import get_accelerator  # noqa: E402
@@ -89,11 +92,14 @@ MEGATRON_SYSTEMS = {
     "locmoe": {"routing": "locmoe"},  # LocMoEConfig defaults (dense gate, cross-node budget)
     "locmoe_allgather": {"routing": "locmoe"},  # the same, allgather dispatcher (DISPATCHER below)
     "locmoe_flat": {"routing": "locmoe"},  # the same, flat dispatcher: one all-to-all over the EP group
+    "locmoe_fp8": {"routing": "locmoe"},  # the same, rows in the dispatch direction as fp8 (DISPATCH_FORMAT below)
     "locmoe_plus": {"routing": "hybrid"},  # LocMoEConfig defaults (dense gate, budget, adaptive, resonance)
 }
 SYSTEMS = (*MEGATRON_SYSTEMS, "deepspeed_moe")
 #: system -> LocMoE dispatcher mode where it is not the default hierarchical one
 DISPATCHER = {"locmoe_allgather": "allgather", "locmoe_flat": "flat"}
+#: system -> DispatcherSettings.dispatch_format where it is not "native"
+DISPATCH_FORMAT = {"locmoe_fp8": "fp8"}
 #: systems whose EP group must sit inside one node
 ONE_NODE_ONLY = ("locmoe_allgather",)
 PHASES = ("attention", "router", "dispatch", "experts", "combine")
@@ -166,7 +172,7 @@ def parse(argv=None) -> argparse.Namespace:
                         "next forward), or both comma-separated to run every system once per optimizer in one "
                         "launch; deepspeed_moe runs once, with DeepSpeed's engine")
     p.add_argument("--locmoe-budget", type=float, default=None,
-                   help="cross-node budget of the systems with LocMoE's routing (locmoe, locmoe_flat, "
+                   help="cross-node budget of the systems with LocMoE's routing (locmoe, locmoe_flat, locmoe_fp8, "
                         "locmoe_allgather, locmoe_plus): the largest share of routed pairs that cross nodes, in "
                         "[0, 1]; default: LocMoEConfig's (0.2 on 2 nodes)")
     a = p.parse_args(argv)
@@ -263,8 +269,9 @@ class MegatronE2E:
             settings = {**settings, "gpus_per_node": opts.gpus_per_node, "aux_loss_coeff": opts.aux_loss_coeff}
             if opts.locmoe_budget is not None and has_budget(name):
                 settings["cross_node_budget"] = opts.locmoe_budget
-            spec = locmoe_spec(spec, settings, dispatcher=DISPATCHER.get(name, "hierarchical"),
-                               grouped_experts="on" if grouped else "off")
+            dispatcher = DispatcherSettings(mode=DISPATCHER.get(name, "hierarchical"),
+                                            dispatch_format=DISPATCH_FORMAT.get(name, "native"))
+            spec = locmoe_spec(spec, settings, dispatcher=dispatcher, grouped_experts="on" if grouped else "off")
         elif grouped:
             spec = grouped_experts_spec(spec, "on")
         model = GPTModel(cfg, spec, vocab_size=VOCAB_SIZE, max_sequence_length=opts.seq_len,
@@ -589,6 +596,8 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
         "allocator_calls_measured": allocator,
         "manual_gc": bool(opts.manual_gc),
         "locmoe_budget": opts.locmoe_budget if has_budget(name) else None,  # None: LocMoEConfig's default
+        # how LocMoE's dispatcher sent token rows (None: not LocMoE's dispatcher)
+        "dispatch_format": DISPATCH_FORMAT.get(name, "native") if MEGATRON_SYSTEMS.get(name) is not None else None,
         "grouped_experts": uses_grouped_experts(name, opts),
         "gc_collections_steps": gc_measured,
         "inter_node_bytes_rank_max_over_mean": inter_max * world / float(totals[0]) if float(totals[0]) > 0 else None,

@@ -120,6 +120,7 @@ from layer_setup import Ctx, build_megatron_layer, host_calls_of, time_it  # noq
 from layer_training import _budget_mechanism, _budget_warmup, corpus_batch, train  # noqa: E402
 from link_probe import LinkProbe, a2a_time, format_links, layer_probe_mib, take_sample  # noqa: E402
 from manual_gc import automatic_collection  # noqa: E402
+from locmoe_plugin.comm.row_codec import DISPATCH_FORMATS  # noqa: E402
 from locmoe_plugin.comm.settings import DispatcherSettings  # noqa: E402
 from locmoe_plugin.config import BUDGET_MECHANISMS  # noqa: E402
 from locmoe_plugin.megatron.router import dense_routing_map  # noqa: E402
@@ -182,6 +183,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--expert-bias-rate", type=float, default=0.0,
                    help="LocMoE routers: loss-free balancing rate (LocMoEConfig.expert_bias_rate), in training "
                         "and in the timed training steps; 0 = off")
+    p.add_argument("--dispatch-format", default="native", choices=list(DISPATCH_FORMATS),
+                   help="LocMoE layers (trained and timed, Megatron's and DeepSpeed's): how token rows and output "
+                        "gradients travel to the experts (DispatcherSettings.dispatch_format: native, fp8 or int8 "
+                        "with one fp32 scale per 128 features). Default: %(default)s")
     p.add_argument("--aux-scope", default="ep_group", choices=["ep_group", "local"],
                    help="LocMoE routers' aux_loss_scope: counts summed over the EP group (one all-reduce per "
                         "layer forward) or this rank's tokens only, as Megatron's 'aux_loss' type")
@@ -455,6 +460,7 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
         layer = build_megatron_layer(ctx, "alltoall", ctx.dtype, settings,
                                      locmoe_dispatcher=DispatcherSettings(
                                          mode=mode, overlap=name == "locmoe_overlap",
+                                         dispatch_format=a.dispatch_format,
                                          # the count exchange, as without equal token counts
                                          equal_tokens=False if name == "locmoe_allgather_counted" else None),
                                      grouped_experts=grouped)
@@ -560,7 +566,7 @@ def run_one(ctx, name, trained, expert_state, x, cot, d, elt, s) -> dict:
         torch.manual_seed(a.seed + 6)
         settings = {"gate": gate, "routing": "locmoe", "locality_loss_coeff": trained[gate]["summary"]["mu"],
                     "gpus_per_node": ctx.gpn, "aux_loss_scope": a.aux_scope, "overlap": overlap,
-                    "expert_bias_rate": a.expert_bias_rate,
+                    "expert_bias_rate": a.expert_bias_rate, "dispatch_format": a.dispatch_format,
                     "grouped_experts": "off" if name == "locmoe_ds_modules" else "auto"}
         layer = LocMoE(a.hidden, ds_expert(ctx), num_experts=a.experts, ep_size=ctx.world, k=a.topk,
                        locmoe=settings)
@@ -689,7 +695,7 @@ def main() -> None:
             "intra_node_link": ctx.link_probe.summary("intra_node"), "mu": mus, "sync": args.sync,
             "train_steps": args.train_steps, "ds_capacity_factor": args.ds_capacity_factor,
             "aux_scope": args.aux_scope, "expert_bias_rate": args.expert_bias_rate, "budget": args.budget,
-            "budget_mechanism": _budget_mechanism(args), "budget_warmup": _budget_warmup(args), "seed": args.seed, "eval_seed": args.eval_seed, "eval_batches": args.eval_batches, "lr_schedule": args.lr_schedule}
+            "budget_mechanism": _budget_mechanism(args), "budget_warmup": _budget_warmup(args), "dispatch_format": args.dispatch_format, "seed": args.seed, "eval_seed": args.eval_seed, "eval_batches": args.eval_batches, "lr_schedule": args.lr_schedule}
     try:
         import deepspeed
 

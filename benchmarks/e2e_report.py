@@ -25,7 +25,7 @@ import os
 
 PHASES = (("A", "attention"), ("R", "router"), ("D", "dispatch"), ("E", "experts"), ("C", "combine"))
 SYSTEM_ORDER = ("mcore_alltoall", "mcore_grouplimited", "deepspeed_moe", "locmoe_topk", "locmoe", "locmoe_flat",
-                "locmoe_allgather", "locmoe_plus")
+                "locmoe_fp8", "locmoe_allgather", "locmoe_plus")
 
 
 def variant(r: dict) -> str:

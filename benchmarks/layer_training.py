@@ -17,6 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from locmoe_plugin.comm.settings import DispatcherSettings  # noqa: E402
 from locmoe_plugin.megatron.router import dense_routing_map, routing_hook_targets  # noqa: E402
 
 from layer_setup import Ctx, build_megatron_layer  # noqa: E402
@@ -86,7 +87,8 @@ def train(ctx: Ctx, corpus, gate: str, mu: float, sync: str, tag: str, bias: boo
                                           "expert_bias_rate": a.expert_bias_rate,
                                           "cross_node_budget": a.budget, "budget_mechanism": _budget_mechanism(a),
                                           "cross_node_budget_warmup": _budget_warmup(a)}
-    moe = build_megatron_layer(ctx, "alltoall", torch.float32, locmoe)
+    dispatcher = DispatcherSettings(dispatch_format=a.dispatch_format)  # LocMoE layers only
+    moe = build_megatron_layer(ctx, "alltoall", torch.float32, locmoe, locmoe_dispatcher=dispatcher)
     model = ByteLM(a.hidden, moe).to(ctx.dev)
     expert_params = list(model.moe.experts.parameters())
     eids = {id(p) for p in expert_params}

@@ -60,7 +60,8 @@ def _check(r, system, manual_gc=False):
 
 @pytest.mark.multiproc
 def test_bench_e2e_megatron_systems_resume_and_report(tmp_path):
-    systems = ["mcore_alltoall", "mcore_grouplimited", "locmoe_topk", "locmoe", "locmoe_flat", "locmoe_plus"]
+    systems = ["mcore_alltoall", "mcore_grouplimited", "locmoe_topk", "locmoe", "locmoe_flat", "locmoe_fp8",
+               "locmoe_plus"]
     out = _run(tmp_path, ",".join(systems))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = {s: json.loads((tmp_path / f"e2e_2x2_fast_{s}.json").read_text()) for s in systems}
@@ -76,6 +77,13 @@ def test_bench_e2e_megatron_systems_resume_and_report(tmp_path):
     flat, hier = results["locmoe_flat"], results["locmoe"]
     assert flat["val_loss"] == hier["val_loss"] and flat["cross_node_share"] == hier["cross_node_share"]
     assert flat["inter_node_bytes_per_step"] >= hier["inter_node_bytes_per_step"] > 0
+    # the same routing with rows in the dispatch direction as fp8: fewer bytes on the link (hidden 64 in fp32:
+    # 68-byte rows for 256 in two of the four transfers), a nearby loss, and the format recorded
+    fp8 = results["locmoe_fp8"]
+    assert fp8["dispatch_format"] == "fp8" and hier["dispatch_format"] == "native"
+    assert results["mcore_alltoall"]["dispatch_format"] is None
+    assert 0 < fp8["inter_node_bytes_per_step"] < 0.8 * hier["inter_node_bytes_per_step"]
+    assert fp8["val_loss"] == pytest.approx(hier["val_loss"], rel=0.02) and fp8["val_loss"] != hier["val_loss"]
     # resumable: present results are skipped before any process group (rank 0 of the same layout, alone)
     env = {**os.environ, "PYTHONPATH": ROOT, "RANK": "0", "WORLD_SIZE": "4", "LOCMOE_GPUS_PER_NODE": "2",
            "LOCMOE_LINK": "fast"}

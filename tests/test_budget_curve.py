@@ -24,8 +24,10 @@ def _load(name):
 
 
 def _job(base, loc, cross, ms_loc, ms_a2a, budget, seed, mib_loc=10.0, mib_a2a=100.0, lam=0.5, mechanism=None,
-         warmup=None, mu=None, expert_bias=None):
+         warmup=None, mu=None, expert_bias=None, dispatch_format=None):
     meta = {"seed": seed, "budget": budget, "device": "test", "ranks": 4, "nodes": 2, "gpus_per_node": 2}
+    if dispatch_format is not None:
+        meta["dispatch_format"] = dispatch_format
     if mu is not None:
         meta["mu"] = {"dense": mu}
     if expert_bias is not None:
@@ -67,9 +69,10 @@ def test_dry_run_lists_pending_jobs_with_own_ports(tmp_path, capsys):
 
 def test_points_with_a_warmup(tmp_path, capsys):
     run = _load("run_budget_curve")
-    assert run.parse_point("0.1") == (0.1, 0, 0, 0, None) and run.parse_point(" off ") == (None, 0, 0, 0, None)
-    assert run.parse_point("0.1:warmup=300") == (0.1, 300, 0, 0, None)
-    assert run.parse_point("0:warmup=0") == (0.0, 0, 0, 0, None)
+    assert run.parse_point("0.1") == (0.1, 0, 0, 0, None, "native")
+    assert run.parse_point(" off ") == (None, 0, 0, 0, None, "native")
+    assert run.parse_point("0.1:warmup=300") == (0.1, 300, 0, 0, None, "native")
+    assert run.parse_point("0:warmup=0") == (0.0, 0, 0, 0, None, "native")
     for bad in ("0.1:warmup=-3", "0.1:warmup=1.5", "0.1:ramp=300", "0.1:warmup", "off:warmup=300", "2:warmup=3",
                 "0.1:mu=-1", "0.1:mu=nan", "0.1:expert_bias=x", "0.1:mu"):
         with pytest.raises(SystemExit):
@@ -140,6 +143,30 @@ def test_report_rows_for_the_locality_loss_and_the_expert_bias(tmp_path):
                       "0.1 selection mu0.01 eb0.001": pytest.approx([0.5])}
     table = (tmp_path / "table.txt").read_text()
     assert "0.1 selection mu0.01 eb0.001" in table and "ebR: loss-free balancing" in table
+
+
+def test_points_with_a_dispatch_format(tmp_path, capsys):
+    run, rep = _load("run_budget_curve"), _load("budget_report")
+    assert run.parse_point("0.2:format=fp8") == run.Point(0.2, dispatch_format="fp8")
+    assert run.parse_point("0.2:format=native") == run.Point(0.2)
+    with pytest.raises(SystemExit):
+        run.parse_point("0.2:format=fp4")
+    assert run.main([str(tmp_path), "--budgets", "0.2,0.2:format=fp8,0.2:format=int8", "--seeds", "1",
+                     "--parallel", "3", "--dry-run"]) == 0
+    cmds = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines()[1:])
+    assert sorted(cmds) == ["budget-0.2-selection-fmt-fp8_seed-1", "budget-0.2-selection-fmt-int8_seed-1",
+                            "budget-0.2-selection_seed-1"]
+    assert "--dispatch-format fp8" in cmds["budget-0.2-selection-fmt-fp8_seed-1"]
+    assert "--dispatch-format" not in cmds["budget-0.2-selection_seed-1"]
+    jobs = tmp_path / "jobs"  # made by the dry run
+    for name, loc, fmt in (("budget-0.2-selection_seed-1", 2.02, None),  # a job from before formats: native
+                           ("budget-0.2-selection-fmt-fp8_seed-1", 2.03, "fp8")):
+        (jobs / f"{name}.json").write_text(json.dumps(_job(2.00, loc, 0.2, 2.0, 10.0, 0.2, 1, dispatch_format=fmt)))
+    assert rep.main([str(tmp_path)]) == 0
+    s = json.loads((tmp_path / "curve.json").read_text())
+    assert {rep.row_label(r): r["dval_pct"] for r in s["rows"]} == {"0.2 selection": pytest.approx([1.0]),
+                                                                   "0.2 selection fp8": pytest.approx([1.5])}
+    assert "fp8 / int8: the LocMoE layer sent token rows" in (tmp_path / "table.txt").read_text()
 
 
 def test_report_pairs_by_job_and_reports_the_spread(tmp_path):

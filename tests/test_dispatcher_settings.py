@@ -16,7 +16,8 @@ def test_defaults_strings_and_validation():
     off = DispatcherSettings(mode="hierarchical", overlap=False)
     assert DispatcherSettings.of(off) is off
     assert DispatcherSettings.of("flat", overlap=False) == DispatcherSettings(mode="flat", overlap=False)
-    assert off.agreement() == {"dispatcher": "hierarchical", "overlap": False, "equal_tokens": None}
+    assert off.agreement() == {"dispatcher": "hierarchical", "overlap": False, "equal_tokens": None,
+                               "dispatch_format": "native"}
     equal = DispatcherSettings(mode="allgather", equal_tokens=True)
     assert DispatcherSettings.of(equal, overlap=True) == DispatcherSettings(mode="allgather", overlap=True, equal_tokens=True)
     with pytest.raises(ConfigError, match=r"equal_tokens='yes' must be True, False or None"):

@@ -5,8 +5,8 @@
 Reads ``OUT/jobs/*.json`` (one ``bench_layer.py --json`` per budget and seed) and writes ``OUT/table.txt``,
 ``OUT/curve.json`` and ``OUT/curve.png`` (the PNG needs matplotlib). One row per budget, mechanism,
 warm-up of the budget's target (``w300``: over the first 300 training steps; jobs from before warm-ups were
-recorded had none), fixed locality-loss coefficient beside the budget (``mu0.01``) and expert-bias rate
-(``eb0.001``), over seeds:
+recorded had none), fixed locality-loss coefficient beside the budget (``mu0.01``), expert-bias rate
+(``eb0.001``) and dispatch format of the LocMoE layer (``fp8``, ``int8``; none written for native rows), over seeds:
   * dval %: the paired validation-loss difference, (LocMoE - baseline) / baseline of the same job (same
     seed, data and held-out windows), mean, sample std and worst seed;
   * cross: the LocMoE model's cross-node share of routed pairs on the held-out windows (the budget's
@@ -54,6 +54,7 @@ def load_jobs(out: Path) -> list[dict]:
             # were options ran neither)
             "mu": float((data["meta"].get("mu") or {}).get(gate) or 0.0),
             "expert_bias": float(data["meta"].get("expert_bias_rate") or 0.0),
+            "dispatch_format": data["meta"].get("dispatch_format") or "native",
             "base_val": train["topk"]["val_lm_loss"], "loc_val": train[gate]["val_lm_loss"],
             "val_cross": train[gate]["val_cross_node_share"],
             "train_cross": train[gate]["cross_node_share_last10"],
@@ -72,18 +73,20 @@ def _mean(xs):
 
 
 def summarize(jobs: list[dict]) -> dict:
-    by_budget: dict = {}  # (budget, mechanism, warm-up, mu, expert bias) -> jobs
+    by_budget: dict = {}  # (budget, mechanism, warm-up, mu, expert bias, dispatch format) -> jobs
     for j in jobs:
-        key = (j["budget"], j["mechanism"], j["warmup"], j.get("mu", 0.0), j.get("expert_bias", 0.0))
+        key = (j["budget"], j["mechanism"], j["warmup"], j.get("mu", 0.0), j.get("expert_bias", 0.0),
+               j.get("dispatch_format", "native"))
         by_budget.setdefault(key, []).append(j)
     rows = []
     for key in sorted(by_budget, key=lambda k: (k[0] is not None, -(k[0] or 0), k[1] or "", *k[2:])):
-        budget, mechanism, warmup, mu, expert_bias = key
+        budget, mechanism, warmup, mu, expert_bias, dispatch_format = key
         js = sorted(by_budget[key], key=lambda j: j["seed"])
         d = [100.0 * (j["loc_val"] - j["base_val"]) / j["base_val"] for j in js]
         ratios = [j["time_ratio"] for j in js if j["time_ratio"] is not None]
         rows.append({
             "budget": budget, "mechanism": mechanism, "warmup": warmup, "mu": mu, "expert_bias": expert_bias,
+            "dispatch_format": dispatch_format,
             "seeds": [j["seed"] for j in js], "dval_pct": d, "dval_mean": statistics.fmean(d),
             "dval_std": statistics.stdev(d) if len(d) > 1 else 0.0, "dval_worst": max(d),
             "val_cross": _mean(j["val_cross"] for j in js), "train_cross": _mean(j["train_cross"] for j in js),
@@ -106,9 +109,12 @@ def summarize(jobs: list[dict]) -> dict:
 
 def row_label(row: dict) -> str:
     """``off``, or the budget and its mechanism, then its options if any: ``0.1 loss``, ``0.1 selection w300``,
-    ``0.1 selection mu0.01 eb0.001`` (warm-up steps, fixed locality-loss coefficient, expert-bias rate)."""
+    ``0.1 selection mu0.01 eb0.001``, ``0.2 selection fp8`` (warm-up steps, fixed locality-loss coefficient,
+    expert-bias rate, dispatch format)."""
     options = "".join(f" {tag}{row[key]:g}" for key, tag in (("warmup", "w"), ("mu", "mu"), ("expert_bias", "eb"))
                       if row.get(key))
+    if row.get("dispatch_format", "native") != "native":
+        options += " " + row["dispatch_format"]
     if row["budget"] is None:
         return "off" + options
     return f"{row['budget']:g} {row.get('mechanism') or ''}".strip() + options
@@ -146,7 +152,10 @@ def format_table(summary: dict) -> str:
                  + ("; muC: a fixed locality loss of coefficient C with its learned locality bias beside the budget"
                     if any(r.get("mu") for r in summary["rows"]) else "")
                  + ("; ebR: loss-free balancing (expert bias) at rate R"
-                    if any(r.get("expert_bias") for r in summary["rows"]) else ""))
+                    if any(r.get("expert_bias") for r in summary["rows"]) else "")
+                 + ("; fp8 / int8: the LocMoE layer sent token rows and output gradients as one byte per feature "
+                    "and an fp32 scale per 128 (dispatch_format), in training and timing"
+                    if any(r.get("dispatch_format", "native") != "native" for r in summary["rows"]) else ""))
     return "\n".join(lines)
 
 

@@ -7,8 +7,9 @@ A point of ``--budgets`` is a budget, optionally with a warm-up of its target (`
 ``LocMoEConfig.cross_node_budget_warmup``: over the first W of the training steps the target falls from
 (N-1)/N to the budget), a fixed locality loss beside it (``:mu=C``, ``LocMoEConfig.locality_loss_coeff``,
 with its learned locality bias) and loss-free balancing (``:expert_bias=R``,
-``LocMoEConfig.expert_bias_rate``) and its own mechanism (``:mechanism=node``, else ``--mechanism``), e.g.
-``--budgets 0.1,0.1:warmup=300,0.1:mu=0.01,expert_bias=0.001,0.3:mechanism=node,expert_bias=0.001``
+``LocMoEConfig.expert_bias_rate``), its own mechanism (``:mechanism=node``, else ``--mechanism``) and how
+the LocMoE layer's token rows travel (``:format=fp8`` or ``int8``, ``DispatcherSettings.dispatch_format``), e.g.
+``--budgets 0.1,0.1:warmup=300,0.1:mu=0.01,expert_bias=0.001,0.3:mechanism=node,expert_bias=0.001,0.2:format=fp8``
 (a point's options follow its colon, separated by commas: an item ``key=value`` belongs to the point
 before it).
 
@@ -49,6 +50,7 @@ sys.path.insert(0, str(HERE))
 import budget_report  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
+from locmoe_plugin.comm.row_codec import DISPATCH_FORMATS  # noqa: E402
 from locmoe_plugin.config import BUDGET_MECHANISMS, DEFAULT_BUDGET_MECHANISM  # noqa: E402
 
 #: model and schedule of one job on the GPU machine (bench_layer.py flags). 32 experts top-4 over
@@ -128,12 +130,14 @@ class Point(NamedTuple):
     mu: float = 0.0  # LocMoEConfig.locality_loss_coeff (> 0: the learned locality loss and bias beside the budget)
     expert_bias: float = 0.0  # LocMoEConfig.expert_bias_rate (loss-free balancing)
     mechanism: str | None = None  # LocMoEConfig.budget_mechanism of this point (parse() sets --mechanism's)
+    dispatch_format: str = "native"  # DispatcherSettings.dispatch_format of the LocMoE layer (trained and timed)
 
 
 POINT_SYNTAX = ("a point is a budget in [0, 1] or 'off', with optional ':' options 'warmup=STEPS' (a whole number, "
                 "needs a budget), 'mu=COEFF' and 'expert_bias=RATE' (numbers >= 0) and 'mechanism=" +
-                "|".join(BUDGET_MECHANISMS) + "' (needs a budget; default --mechanism), e.g. 0.1:warmup=300 or "
-                "0.1:mu=0.01,expert_bias=0.001 or 0.3:mechanism=node,expert_bias=0.001")
+                "|".join(BUDGET_MECHANISMS) + "' (needs a budget; default --mechanism) and 'format=" +
+                "|".join(DISPATCH_FORMATS) + "', e.g. 0.1:warmup=300 or "
+                "0.1:mu=0.01,expert_bias=0.001 or 0.3:mechanism=node,expert_bias=0.001 or 0.2:format=fp8")
 
 
 def parse_point(text: str) -> Point:
@@ -144,9 +148,13 @@ def parse_point(text: str) -> Point:
     point = Point(parse_budget(budget_text))
     for item in filter(None, options.split(",")):
         key, eq, value = (part.strip() for part in item.partition("="))
-        if not eq or key not in ("warmup", "mu", "expert_bias", "mechanism"):
+        if not eq or key not in ("warmup", "mu", "expert_bias", "mechanism", "format"):
             raise SystemExit(f"--budgets: {text!r}: {POINT_SYNTAX}")
-        if key == "mechanism":
+        if key == "format":
+            if value not in DISPATCH_FORMATS:
+                raise SystemExit(f"--budgets: {text!r}: {POINT_SYNTAX}")
+            point = point._replace(dispatch_format=value)
+        elif key == "mechanism":
             if value not in BUDGET_MECHANISMS or point.budget is None:
                 raise SystemExit(f"--budgets: {text!r}: {POINT_SYNTAX}")
             point = point._replace(mechanism=value)
@@ -170,11 +178,13 @@ def parse_point(text: str) -> Point:
 def job_name(point: Point, seed: int) -> str:
     """``budget-0.1-loss_seed-1234``; ``budget-0.1-selection-warmup-300_seed-1234`` (with a warm-up);
     ``budget-0.1-selection-mu-0.01-eb-0.001_seed-1234`` (with a locality loss and the expert bias);
+    ``budget-0.2-selection-fmt-fp8_seed-1234`` (token rows sent as fp8);
     ``budget-off_seed-1234`` (no budget, no mechanism): runs of both mechanisms can share OUT, and "off" is
     run once for both. Points without options keep the names they had before options existed, so an
     earlier OUT resumes."""
     extra = (f"{f'-mu-{point.mu:g}' if point.mu else ''}"
-             f"{f'-eb-{point.expert_bias:g}' if point.expert_bias else ''}")
+             f"{f'-eb-{point.expert_bias:g}' if point.expert_bias else ''}"
+             f"{f'-fmt-{point.dispatch_format}' if point.dispatch_format != 'native' else ''}")
     if point.budget is None:
         return f"budget-off{extra}_seed-{seed}"
     warmup = f"-warmup-{point.warmup}" if point.warmup else ""
@@ -191,6 +201,8 @@ def job_command(args, point: Point, seed: int, slot: int, json_path: Path) -> li
         flags += ["--budget-warmup", str(point.warmup)]
     if point.expert_bias:
         flags += ["--expert-bias-rate", f"{point.expert_bias:g}"]
+    if point.dispatch_format != "native":
+        flags += ["--dispatch-format", point.dispatch_format]
     return ["bash", str(ROOT / "launch" / "emulate_nodes.sh"), "--nodes", str(args.nproc // args.gpus_per_node),
             "--nproc-per-node", str(args.nproc), "--master-port", str(args.port + slot),
             "--hostid-prefix", f"slot{slot}-", "--", str(ROOT / "benchmarks" / "bench_layer.py"),

@@ -25,6 +25,7 @@ from .hierarchical_plan import crosses_nodes, hierarchical_traffic, tokens_per_l
 from .origin_split import build_origin_split
 from .overlap import broadcast_split, combine_blocks, dispatch_blocks, reduce_split
 from .plan import Plan
+from .row_codec import RowCodec, row_codec
 
 MODES = PLAN_MODES
 
@@ -75,15 +76,35 @@ class _Broadcast(torch.autograd.Function):
         return ctx.plan.reduce(grad.contiguous()), None
 
 
-class _Reduce(torch.autograd.Function):
+class _EncodedBroadcast(torch.autograd.Function):
+    """:class:`_Broadcast` with the rows encoded on the way (:mod:`.row_codec`): ``x [s, d]`` -> decoded
+    ``[num_pairs, d]``; the backward is the plain reduce (the codec passes gradients straight through)."""
+
     @staticmethod
-    def forward(ctx, y, plan: Plan):
+    def forward(ctx, x, plan: Plan, codec: RowCodec):
         ctx.plan = plan
+        return codec.decode(plan.broadcast(codec.encode(x)), x.shape[1], x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.plan.reduce(grad.contiguous()), None, None
+
+
+class _Reduce(torch.autograd.Function):
+    """The plan's reduce; its backward broadcasts the output gradient, encoded by ``codec`` if one is given
+    (the dispatch direction)."""
+
+    @staticmethod
+    def forward(ctx, y, plan: Plan, codec: RowCodec | None):
+        ctx.plan, ctx.codec = plan, codec
         return plan.reduce(y)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.plan.broadcast(grad.contiguous()), None
+        grad = grad.contiguous()
+        if ctx.codec is None:
+            return ctx.plan.broadcast(grad), None, None
+        return ctx.codec.decode(ctx.plan.broadcast(ctx.codec.encode(grad)), grad.shape[1], grad.dtype), None, None
 
 
 class _PairWeights(torch.autograd.Function):
@@ -121,7 +142,8 @@ class DispatchHandle:
 @dataclass
 class TrafficCounter:
     """Bytes this rank sent, summed since the last :meth:`reset` (per layer: one counter per
-    dispatcher). ``dispatch_*`` count token rows out, ``combine_*`` count result rows back."""
+    dispatcher). ``dispatch_*`` count token rows out (encoded bytes under a ``dispatch_format`` codec),
+    ``combine_*`` count result rows back."""
 
     dispatch_inter_bytes: int = 0
     dispatch_intra_bytes: int = 0
@@ -180,20 +202,27 @@ class TokenDispatcher:
             exchanges no counts (:mod:`.gathered_routing`: one collective fewer, bitwise the same results);
             other modes ignore it. A rank with another count cannot be recovered from (gloo aborts, NCCL
             may wait forever), so leave it False where token counts may differ.
+        dispatch_format: ``"native"``, ``"fp8"`` or ``"int8"``: how rows travel in the dispatch direction
+            (:mod:`.row_codec`; not with ``overlap``).
 
     Attributes:
         plan_mode: the plan actually built (:func:`resolve_mode`).
         overlap_active: whether plans are split by origin (``overlap`` on a hierarchical plan across nodes).
         gathers_routing: whether the count exchange is the routing all-gather itself (``"allgather"`` with
             ``equal_tokens``); then :meth:`start_counts` needs the combine weights.
+        codec: the :class:`.row_codec.RowCodec` of ``dispatch_format`` (None for ``"native"``).
     """
 
     def __init__(self, groups: CommGroups, mode: str = "hierarchical", exact_tree: bool = False,
-                 overlap: bool = False, equal_tokens: bool = False) -> None:
+                 overlap: bool = False, equal_tokens: bool = False, dispatch_format: str = "native") -> None:
         if mode not in MODES:
             raise ValueError(f"dispatcher mode {mode!r} is not one of {MODES}")
         if not isinstance(overlap, bool):
             raise ValueError(f"overlap={overlap!r} must be True or False")
+        codec = row_codec(dispatch_format)
+        if overlap and codec is not None:
+            raise ConfigError(f"dispatch_format={dispatch_format!r} with overlap=True: the overlapped path sends "
+                              f"rows native; pass overlap=False or dispatch_format='native'")
         if mode == "allgather" and groups.topology.num_nodes > 1:
             # refused, not replaced by the default: the user asked for one collective pattern by name, and
             # a plan that silently differs across nodes would make timings and numerics compare other things
@@ -204,6 +233,7 @@ class TokenDispatcher:
         self.overlap = overlap
         self.overlap_active = overlap and self.plan_mode == "hierarchical" and groups.topology.num_nodes > 1
         self.gathers_routing = self.plan_mode == "allgather" and bool(equal_tokens)
+        self.codec = codec
         self.traffic = TrafficCounter()
         self.order_hook = None  # test-only: permutes the rail-level sum order of split plans
 
@@ -289,6 +319,8 @@ class TokenDispatcher:
         pairs' combine weights ``[num_pairs]`` fp32 (autograd to ``weights [s, k]``)."""
         if plan.origin_split is not None:
             expert_input = broadcast_split(x, plan.origin_split)
+        elif self.codec is not None:
+            expert_input = _EncodedBroadcast.apply(x, plan, self.codec)
         else:
             expert_input = _Broadcast.apply(x, plan)
         pair_w = _PairWeights.apply(weights.float(), plan)
@@ -300,7 +332,7 @@ class TokenDispatcher:
         if plan.origin_split is not None:
             out = reduce_split(rows, plan.origin_split)
         else:
-            out = _Reduce.apply(rows, plan)
+            out = _Reduce.apply(rows, plan, self.codec)
         self._count_traffic(plan, rows, dispatch=False)
         return out
 
@@ -380,7 +412,10 @@ class TokenDispatcher:
         return out.reshape(hidden.shape[:-1] + (out.shape[-1],))
 
     def _count_traffic(self, plan: Plan, rows: torch.Tensor, dispatch: bool) -> None:
-        inter, intra = plan.traffic.bytes(rows.shape[-1], rows.element_size())
+        if dispatch and self.codec is not None:
+            inter, intra = plan.traffic.bytes(self.codec.row_bytes(rows.shape[-1]), 1)
+        else:
+            inter, intra = plan.traffic.bytes(rows.shape[-1], rows.element_size())
         if dispatch:
             self.traffic.dispatch_inter_bytes += inter
             self.traffic.dispatch_intra_bytes += intra

@@ -1,6 +1,6 @@
 """The token dispatcher's settings, one frozen object shared by the Megatron and DeepSpeed adapters.
 
-``DispatcherSettings(mode="hierarchical", overlap=False, equal_tokens=None)``:
+``DispatcherSettings(mode="hierarchical", overlap=False, equal_tokens=None, dispatch_format="native")``:
 
 * ``mode``: ``"hierarchical"`` (inter-node once per node, then the intra-node fan-out; on one node the
   pairs plan), ``"flat"`` (one all-to-all over the expert-parallel group, every remote (token, expert) pair
@@ -22,8 +22,15 @@
   promise the caller makes. ``None`` (default): the framework decides - the Megatron adapter promises it
   (Megatron hands every rank ``[seq / TP, micro-batch]`` tokens) unless ``variable_seq_lengths`` is set, the
   DeepSpeed layer and the core ``TokenDispatcher`` do not. Other modes ignore it.
+* ``dispatch_format``: how rows travel in the dispatch direction (the dispatch's forward and the combine's
+  backward; :mod:`locmoe_plugin.comm.row_codec`): ``"native"`` (default: the hidden states' dtype), ``"fp8"``
+  (E4M3 with one fp32 scale per 128 features, DeepSeek-V3's and DeepEP's FP8 dispatch; 0.52 x the bytes of
+  bf16 rows at hidden 2048) or ``"int8"`` (the same blocks in int8, for devices without an FP8 dtype). The
+  experts still compute in the hidden states' dtype on the decoded rows; combine results and input
+  gradients travel native. Not with ``overlap`` (refused here). The quality cost is measured in
+  ``benchmarks/RESULTS.md``.
 
-All three settings shape collectives, so every rank must hold the same: :meth:`DispatcherSettings.agreement`
+All four settings shape collectives, so every rank must hold the same: :meth:`DispatcherSettings.agreement`
 gives them, by name, to :func:`locmoe_plugin.agreement.check_agreement`. The public entry points keep
 taking a plain mode string (``locmoe_spec(..., dispatcher="flat")``, DeepSpeed's ``"dispatcher"`` /
 ``"overlap"`` keys); :meth:`DispatcherSettings.of` turns what they were given into this object.
@@ -31,10 +38,11 @@ taking a plain mode string (``locmoe_spec(..., dispatcher="flat")``, DeepSpeed's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..config import ConfigError
+from .row_codec import DISPATCH_FORMATS
 
 #: the dispatcher modes a user chooses between
 DISPATCHER_MODES = ("hierarchical", "flat", "allgather")
@@ -47,6 +55,7 @@ class DispatcherSettings:
     mode: str = "hierarchical"
     overlap: bool = False
     equal_tokens: bool | None = None
+    dispatch_format: str = "native"
 
     def __post_init__(self) -> None:
         if self.mode not in DISPATCHER_MODES:
@@ -58,6 +67,12 @@ class DispatcherSettings:
         if self.equal_tokens is not None and not isinstance(self.equal_tokens, bool):
             raise ConfigError(f"equal_tokens={self.equal_tokens!r} must be True, False or None (the framework "
                               f"decides)")
+        if self.dispatch_format not in DISPATCH_FORMATS:
+            raise ConfigError(f"dispatch_format={self.dispatch_format!r} is not one of "
+                              f"{', '.join(map(repr, DISPATCH_FORMATS))}: pick one of them")
+        if self.overlap and self.dispatch_format != "native":
+            raise ConfigError(f"dispatch_format={self.dispatch_format!r} with overlap on: the overlapped path "
+                              f"sends rows native; turn the overlap off or use dispatch_format='native'")
 
     @classmethod
     def of(cls, value: "DispatcherSettings | str | None" = None, *, overlap: bool | None = None) -> "DispatcherSettings":
@@ -72,8 +87,9 @@ class DispatcherSettings:
                 f"dispatcher={value!r} is neither a mode ({', '.join(map(repr, DISPATCHER_MODES))}) nor "
                 f"DispatcherSettings(mode=..., overlap=...)"
             )
-        return value if overlap is None else cls(mode=value.mode, overlap=overlap, equal_tokens=value.equal_tokens)
+        return value if overlap is None else replace(value, overlap=overlap)
 
     def agreement(self) -> dict[str, Any]:
-        """The settings by name, for the rank-agreement check (all three shape collectives)."""
-        return {"dispatcher": self.mode, "overlap": self.overlap, "equal_tokens": self.equal_tokens}
+        """The settings by name, for the rank-agreement check (all four shape collectives)."""
+        return {"dispatcher": self.mode, "overlap": self.overlap, "equal_tokens": self.equal_tokens,
+                "dispatch_format": self.dispatch_format}

@@ -47,7 +47,7 @@ from ..router import LocMoERouter
 from ..topology import Topology
 
 #: keys of the DeepSpeed config's "locmoe" section that set the layer's dispatcher, not LocMoEConfig fields
-LAYER_KEYS = ("dispatcher", "overlap", "equal_tokens", "overlap_chunks", "grouped_experts")
+LAYER_KEYS = ("dispatcher", "overlap", "equal_tokens", "dispatch_format", "overlap_chunks", "grouped_experts")
 
 
 def locmoe_settings_from_ds_config(ds_config: Mapping | str | None) -> dict:
@@ -106,7 +106,8 @@ class _LocMoELayer(nn.Module):
         self.router.bind(topo, ep_group if topo.ep_size > 1 else None)
         groups = build_comm_groups(topo, ep_group, all_group_ranks(ep_group))
         d = self.dispatcher_settings
-        self.dispatcher = TokenDispatcher(groups, d.mode, overlap=d.overlap, equal_tokens=bool(d.equal_tokens))
+        self.dispatcher = TokenDispatcher(groups, d.mode, overlap=d.overlap, equal_tokens=bool(d.equal_tokens),
+                                          dispatch_format=d.dispatch_format)
         # EP-wide aux loss across nodes (or gathered with the routing): the router's counts come from the
         # dispatcher's count exchange
         self.router.fold_counts_with(groups.ep, one_node_too=self.dispatcher.gathers_routing)
@@ -154,7 +155,9 @@ class LocMoE(_DeepSpeedMoE):
             (``"hierarchical"`` | ``"flat"`` | ``"allgather"``, the last one node only), ``"equal_tokens"`` (true:
             every rank passes the same number of tokens per call, and ``"allgather"`` runs no count exchange;
             default false), ``"overlap"`` (false by default; true: the inter-node
-            transfer of other nodes' rows runs while this node's rows go through the experts; a no-op on one node)
+            transfer of other nodes' rows runs while this node's rows go through the experts; a no-op on one node),
+            ``"dispatch_format"`` (``"native"``, default; ``"fp8"`` or ``"int8"``: token rows and output gradients
+            travel as one byte per feature plus a scale per 128, see :mod:`locmoe_plugin.comm.row_codec`)
             and ``"grouped_experts"`` (``"auto"``, default: experts of the form ``nn.Sequential(nn.Linear(bias=False),
             activation, nn.Linear(bias=False))`` run as two grouped GEMMs, no loop over experts, as Megatron's
             ``LocMoEGroupedMLP``; ``"on"``: refuse other experts; ``"off"``: each expert module on its rows)
@@ -173,7 +176,8 @@ class LocMoE(_DeepSpeedMoE):
             settings = dict(settings)
             dispatcher = DispatcherSettings(mode=settings.pop("dispatcher", "hierarchical"),
                                             overlap=settings.pop("overlap", False),
-                                            equal_tokens=settings.pop("equal_tokens", None))
+                                            equal_tokens=settings.pop("equal_tokens", None),
+                                            dispatch_format=settings.pop("dispatch_format", "native"))
             grouped = settings.pop("grouped_experts", "auto")
             if "overlap_chunks" in settings:
                 raise ConfigError(

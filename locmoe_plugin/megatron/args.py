@@ -11,6 +11,7 @@ import math
 import re
 from typing import Any
 
+from ..comm.row_codec import DISPATCH_FORMATS
 from ..comm.settings import DISPATCHER_MODES, DispatcherSettings
 from .compat import capacity_from_megatron
 from ..config import (AUX_SCOPES, BUDGET_MECHANISMS, CAPACITIES, DEFAULT_BUDGET_MECHANISM, DEFAULT_CROSS_NODE_BUDGET,
@@ -62,6 +63,7 @@ FIELD_FLAGS = {
     "dispatcher": "--locmoe-dispatcher",
     "overlap": "--locmoe-overlap",
     "equal_tokens": "--locmoe-equal-tokens",
+    "dispatch_format": "--locmoe-dispatch-format",
     "capacity_factor_max": "capacity_factor_max (no flag)",
 }
 _FIELD_PATTERN = re.compile(
@@ -192,6 +194,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "--locmoe-dispatcher allgather the layer then runs no count exchange. auto (default): on, "
                         "unless --variable-seq-lengths; off: keep the count exchange (a layer called with other "
                         "token counts per rank would abort or hang the gather otherwise)")
+    g.add_argument("--locmoe-dispatch-format", choices=DISPATCH_FORMATS, default="native",
+                   help="how token rows (and, in backward, the output gradients) travel to the experts: native "
+                        "(default: the hidden states' dtype), fp8 (E4M3 with one fp32 scale per 128 features, as "
+                        "DeepEP's FP8 dispatch: about half the bytes of bf16) or int8 (the same blocks in int8). "
+                        "The experts compute in the hidden states' dtype on the decoded rows; results travel "
+                        "back native. Not with --locmoe-overlap on. Quality cost: benchmarks/RESULTS.md")
     g.add_argument("--locmoe-grouped-experts", choices=("auto", "on", "off"), default="auto",
                    help="run megatron-core's SequentialMLP experts of every LocMoE layer as two grouped GEMMs "
                         "(same parameters and checkpoints; no loop over experts: fewer launches, see "
@@ -273,4 +281,9 @@ def settings_from_args(args: Any) -> tuple[dict, DispatcherSettings]:
         except ConfigError as exc:
             raise ConfigError(f"--locmoe-gpus-per-node {gpn} with --expert-model-parallel-size {ep}: {exc}") from None
     equal_tokens = {"auto": None, "on": True, "off": False}[getattr(args, "locmoe_equal_tokens", "auto")]
-    return overrides, DispatcherSettings(mode=args.locmoe_dispatcher, overlap=overlap, equal_tokens=equal_tokens)
+    try:
+        dispatcher = DispatcherSettings(mode=args.locmoe_dispatcher, overlap=overlap, equal_tokens=equal_tokens,
+                                        dispatch_format=getattr(args, "locmoe_dispatch_format", "native"))
+    except ConfigError as exc:
+        raise ConfigError(with_flag_names(str(exc))) from None
+    return overrides, dispatcher

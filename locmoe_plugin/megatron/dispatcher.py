@@ -110,7 +110,8 @@ class LocMoETokenDispatcher:
         equal = settings.equal_tokens
         if equal is None:
             equal = not getattr(config, "variable_seq_lengths", False)
-        self.core = TokenDispatcher(groups, settings.mode, overlap=settings.overlap, equal_tokens=equal)
+        self.core = TokenDispatcher(groups, settings.mode, overlap=settings.overlap, equal_tokens=equal,
+                                    dispatch_format=settings.dispatch_format)
         self._take_folded = None  # the router's LocMoEMegatronRouter.take_folded when its counts are folded here
         self._plan = None
         self._routing = None  # (ids, weights, counts in flight) between dispatch_preprocess and token_dispatch
