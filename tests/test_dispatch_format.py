@@ -155,7 +155,6 @@ def _codec_worker(rank, world):
         ids[1, 0] = -1  # a dropped slot
         w = torch.where(ids >= 0, torch.rand(s, k, generator=g), 0.0)
         cot = torch.randn(s, D, generator=g)  # the combine's output gradient
-        up = None  # the gradient at the expert input, set from the native run's row count
         for mode in modes:
             for fmt in ("fp8", "int8"):
                 codec = row_codec(fmt)
