@@ -134,7 +134,8 @@ def _bytes_sent(fn):
     return result, sent[0]
 
 
-def _codec_worker(rank, world):
+def _codec_worker(rank, world, device="cpu"):
+    """The cases of one rank on ``device`` (``tests/gpu/codec_parity.py`` runs them on CUDA with NCCL)."""
     import torch.distributed as dist
 
     from locmoe_plugin import Topology
@@ -145,7 +146,7 @@ def _codec_worker(rank, world):
     for rpn, modes in ((2, ("hierarchical", "flat")), (4, ("hierarchical", "allgather"))):
         topo = Topology.from_ranks_per_node(world, rpn, E, ep_rank=rank)
         groups = build_comm_groups(topo, dist.group.WORLD)
-        W = torch.randn(E, D, D, generator=torch.Generator().manual_seed(5)) / 8
+        W = (torch.randn(E, D, D, generator=torch.Generator().manual_seed(5)) / 8).to(device)
         first = topo.ep_rank * topo.experts_per_rank
         g = torch.Generator().manual_seed(17 + rank)
         s = 6 + 3 * rank
@@ -155,6 +156,7 @@ def _codec_worker(rank, world):
         ids[1, 0] = -1  # a dropped slot
         w = torch.where(ids >= 0, torch.rand(s, k, generator=g), 0.0)
         cot = torch.randn(s, D, generator=g)  # the combine's output gradient
+        x, ids, w, cot = x.to(device), ids.to(device), w.to(device), cot.to(device)
         for mode in modes:
             for fmt in ("fp8", "int8"):
                 codec = row_codec(fmt)
@@ -166,7 +168,7 @@ def _codec_worker(rank, world):
                     rows = inp.detach().requires_grad_(True)
                     y = disp.combine(_expert_fn(rows, h.tokens_per_expert, first, W), h)
                     y.backward(grad_out)
-                    g_in = torch.linspace(-1, 1, inp.numel()).view_as(inp)  # a fixed gradient at the expert input
+                    g_in = torch.linspace(-1, 1, inp.numel(), device=inp.device).view_as(inp)  # a fixed gradient at the expert input
                     inp.backward(g_in)
                     return dict(inp=inp.detach(), y=y.detach(), g_rows=rows.grad, gx=xx.grad, gw=ww.grad,
                                 traffic=disp.traffic.to_dict())
@@ -182,9 +184,9 @@ def _codec_worker(rank, world):
     return out
 
 
-@pytest.mark.multiproc
-def test_codec_dispatcher_is_the_native_one_on_decoded_rows_2x2_and_one_node():
-    for rank, res in enumerate(run_workers(_codec_worker, 4)):
+def check_codec_results(results) -> None:
+    """Assert the codec properties on every rank's :func:`_codec_worker` result."""
+    for rank, res in enumerate(results):
         for key, r in res.items():
             c, nd, n = r["coded"], r["native_dec"], r["native"]
             # forward: the experts saw decode(encode(x)), bit for bit; the combine's backward broadcast
@@ -204,3 +206,8 @@ def test_codec_dispatcher_is_the_native_one_on_decoded_rows_2x2_and_one_node():
             # what the collectives moved: fewer bytes where this rank sent rows to another rank
             if tn["inter_bytes"] + tn["intra_bytes"]:
                 assert r["coded_bytes"] < r["native_bytes"], (key, rank)
+
+
+@pytest.mark.multiproc
+def test_codec_dispatcher_is_the_native_one_on_decoded_rows_2x2_and_one_node():
+    check_codec_results(run_workers(_codec_worker, 4))
