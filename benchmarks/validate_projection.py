@@ -43,7 +43,7 @@ from locmoe_plugin.projection import ClusterSpec, ModelSpec, RoutingSpec, predic
 from locmoe_plugin.projection.cost import dense_grad_reduce_ms  # noqa: E402
 from locmoe_plugin.projection.calibration import (calibration_from_layer_results, inter_link,  # noqa: E402
                                                    two_stage_extra_ms)
-from bench_e2e import GRAD_REDUCE, OPTIMIZER  # noqa: E402  (the end-to-end results' variant suffixes)
+from bench_e2e import DISPATCH_FORMAT, GRAD_REDUCE, OPTIMIZER  # noqa: E402  (the end-to-end results' variant suffixes)
 
 # The emulated nodes' link (launch/emulate_nodes.sh: NCCL's socket transport over loopback) where a run
 # did not measure its duplex: every byte sent or received is a copy by the same host, one budget for both
@@ -460,6 +460,42 @@ def validate_dense_grads(roots) -> list[dict]:
     return rows
 
 
+def validate_dispatch_format(roots) -> list[dict]:
+    """The dispatch-format term against pairs of end-to-end results of one layout and folder: LocMoE with native
+    rows (``e2e_<layout>_locmoe.json``) and the same with a codec (``bench_e2e.py`` systems of
+    ``DISPATCH_FORMAT``, e.g. ``locmoe_fp8``). The measured step difference (from the median tokens/s) against the
+    predicted one, ``locmoe_hier``'s step time native minus with the format, at the native run's cross-node share
+    and the mean of the two runs' measured inter-node all-to-all rates. The encoding's own time is not priced,
+    so the prediction is the most the format can save. Pairs of more than one node only."""
+    rows = []
+    for system, fmt in DISPATCH_FORMAT.items():
+        for root, path in find(roots, f"e2e_*_{system}.json"):
+            base_path = path[: -len(f"_{system}.json")] + "_locmoe.json"
+            if not os.path.exists(base_path):
+                continue
+            with open(path) as f:
+                var = json.load(f)
+            with open(base_path) as f:
+                base = json.load(f)
+            if base["nodes"] < 2:
+                continue
+            m = base["model"]
+            rate = (base["bandwidth"]["inter_node_gbps"] + var["bandwidth"]["inter_node_gbps"]) / 2
+            cluster = ClusterSpec(nodes=base["nodes"], gpus_per_node=base["gpus_per_node"], intra_bw_GBps=200.0,
+                                  intra_latency_us=0.0, inter_bw_GBps=rate, inter_latency_us=0.0, peak_tflops=1000.0)
+            model = ModelSpec(hidden=m["hidden_size"], ffn=m["ffn_hidden_size"], experts=m["num_experts"],
+                              topk=m["topk"], tokens_per_rank=m["seq_len"] * m["micro_batch"], layers=m["num_layers"],
+                              dtype=m.get("dtype", "bf16"))
+            routing = RoutingSpec(cross_node_share=base["cross_node_share"])
+            predicted = (predict_layer("locmoe_hier", cluster, model, routing).step_ms
+                         - predict_layer("locmoe_hier", cluster, replace(model, dispatch_format=fmt), routing).step_ms)
+            step = lambda r: r["tokens_per_step"] / r["tokens_per_s"]["median"] * 1e3  # noqa: E731
+            rows.append({"run": run_name(root, os.path.dirname(path)), "layout": base["layout"], "format": fmt,
+                         "link_GBps": rate, "share": base["cross_node_share"], "step_native_ms": step(base),
+                         "measured_ms": step(base) - step(var), "predicted_ms": predicted})
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("roots", nargs="*", default=[DEFAULT_ROOT], metavar="FOLDER",
@@ -522,10 +558,23 @@ def main() -> int:
             print(f"  dense gradients: the {pair} step difference measured / predicted, median "
                   f"{_quantile(ratios, 0.5):.2f}, quartiles {_quantile(ratios, 0.25):.2f}-{_quantile(ratios, 0.75):.2f}, "
                   f"range {ratios[0]:.2f}-{ratios[-1]:.2f} over {len(ratios)} pairs of runs")
+    frows = validate_dispatch_format(a.roots)
+    if frows:
+        print(f"\n{'dispatch format: end-to-end run':<52} {'layout':<9} {'format':<6} {'share':>5} {'link':>5} "
+              f"{'step ms':>8} {'measured':>9} {'predicted':>9}")
+        for r in frows:
+            print(f"{r['run']:<52} {r['layout']:<9} {r['format']:<6} {r['share']:>5.3f} {r['link_GBps']:>5.2f} "
+                  f"{r['step_native_ms']:>8.1f} {r['measured_ms']:>9.1f} {r['predicted_ms']:>9.1f}")
+        ratios = sorted(r["measured_ms"] / r["predicted_ms"] for r in frows if r["predicted_ms"])
+        if ratios:
+            print(f"  dispatch format: the native - coded step difference measured / predicted, median "
+                  f"{_quantile(ratios, 0.5):.2f}, quartiles {_quantile(ratios, 0.25):.2f}-{_quantile(ratios, 0.75):.2f}, "
+                  f"range {ratios[0]:.2f}-{ratios[-1]:.2f} over {len(ratios)} pairs of runs (the encoding's time "
+                  f"is not predicted)")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"layer": rows, "dispatch": drows, "speedup_lean": speedup_lean(main_rows), "dense_grads": grows},
-                      f, indent=2)
+            json.dump({"layer": rows, "dispatch": drows, "speedup_lean": speedup_lean(main_rows), "dense_grads": grows,
+                       "dispatch_format": frows}, f, indent=2)
     return 0
 
 

@@ -141,6 +141,7 @@ def _run(capsys, *argv):
     (["--nodes", "2"], "--preset"),
     (["--preset", "h100", "--grad-dtype", "fp8"], "--grad-dtype"),
     (["--preset", "h100", "--optimizer", "zero1"], "--optimizer"),
+    (["--preset", "h100", "--dispatch-format", "fp4"], "--dispatch-format"),
 ])
 def test_bad_input(capsys, argv, word):
     rc, out = _run(capsys, *argv)
@@ -194,6 +195,35 @@ def test_dense_gradient_reduction_by_hand(capsys):
     assert sharded["inputs"]["model"]["optimizer"] == "distributed"
     assert (sharded["systems"]["locmoe_hier"]["dp_grad_ms"]
             == pytest.approx(0.75 * replicated["systems"]["locmoe_hier"]["dp_grad_ms"]))
+
+
+def test_dispatch_format_prices_two_of_four_transfers_by_hand(capsys):
+    """fp8 / int8 rows: the dispatch's forward and the combine's backward move hidden + 4 x ceil(hidden / 128)
+    bytes per row instead of hidden x elt, in LocMoE's flat and hierarchical systems only."""
+    m = ModelSpec(hidden=2048, ffn=1408, experts=32, topk=4, tokens_per_rank=8192, layers=8)
+    cl = ClusterSpec(nodes=2, gpus_per_node=2, intra_bw_GBps=200.0, intra_latency_us=0.0, inter_bw_GBps=3.0,
+                     inter_latency_us=0.0, peak_tflops=900.0)
+    r = RoutingSpec(cross_node_share=0.2)
+    fp8 = replace(m, dispatch_format="fp8")
+    assert fp8.dispatch_row_bytes == 2048 + 4 * 16 == replace(m, dispatch_format="int8").dispatch_row_bytes
+    for system in SYSTEMS:
+        native, coded = predict_layer(system, cl, m, r), predict_layer(system, cl, fp8, r)
+        if system in ("locmoe_flat", "locmoe_hier"):
+            assert coded.inter_bytes == pytest.approx(native.inter_bytes * (4096 + 2112) / (2 * 4096))
+            assert coded.intra_bytes == pytest.approx(native.intra_bytes * (4096 + 2112) / (2 * 4096))
+            # the link-bound part shrinks by the same share; GEMM and fixed costs stay
+            assert coded.comm_ms == pytest.approx(native.comm_ms * (4096 + 2112) / (2 * 4096))
+            assert coded.gemm_ms == native.gemm_ms
+        else:  # the overlapped systems stay native (the dispatcher refuses the combination), others too
+            assert coded == native, system
+    with pytest.raises(ConfigError, match="--dispatch-format"):
+        replace(m, dispatch_format="bf8")
+    rc, out = _run(capsys, "--preset", "h100", "--json", "--dispatch-format", "fp8")
+    d = json.loads(out.out)
+    assert rc == 0 and d["inputs"]["model"]["dispatch_format"] == "fp8"
+    rc, out = _run(capsys, "--preset", "h100", "--json")
+    native = json.loads(out.out)["systems"]["locmoe_hier"]
+    assert d["systems"]["locmoe_hier"]["inter_bytes"] < native["inter_bytes"]
 
 
 def test_default_share_is_the_default_budget_per_node_count(capsys):
@@ -536,3 +566,37 @@ def test_validation_reports_how_far_the_projected_speedup_leans():
     assert set(got) == {"a", "c"}
     assert got["a"]["predicted"] == pytest.approx(3.0) and got["a"]["measured"] == pytest.approx(2.0)
     assert got["a"]["ratio"] == pytest.approx(1.5) and got["c"]["ratio"] == pytest.approx(1.0)
+
+
+def test_validation_checks_the_dispatch_format_term_on_native_fp8_pairs(tmp_path):
+    """LocMoE with native rows and with fp8 rows in one folder: the measured step difference against the
+    projection's locmoe_hier step native minus fp8 at the native run's share and the mean measured rate."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("validate_projection", "benchmarks/validate_projection.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = {"num_layers": 2, "hidden_size": 1024, "num_experts": 8, "topk": 2, "ffn_hidden_size": 512,
+             "seq_len": 100, "micro_batch": 1}
+
+    def result(step_ms, gbps, nodes=2, layout="2x2_fast"):
+        return {"nodes": nodes, "gpus_per_node": 2, "layout": layout, "model": model, "cross_node_share": 0.2,
+                "tokens_per_step": 400, "tokens_per_s": {"median": 400 / step_ms * 1e3},
+                "bandwidth": {"inter_node_gbps": gbps}}
+
+    run = tmp_path / "call" / "e2e"
+    run.mkdir(parents=True)
+    (run / "e2e_2x2_fast_locmoe.json").write_text(json.dumps(result(500.0, 3.0)))
+    (run / "e2e_2x2_fast_locmoe_fp8.json").write_text(json.dumps(result(480.0, 5.0)))
+    (run / "e2e_2x2_slow_locmoe_fp8.json").write_text(json.dumps(result(480.0, 5.0, layout="2x2_slow")))  # no pair
+    for name in ("e2e_1x4_locmoe.json", "e2e_1x4_locmoe_fp8.json"):  # one node: no row
+        (run / name).write_text(json.dumps(result(100.0, 5.0, nodes=1, layout="1x4")))
+    rows = mod.validate_dispatch_format([str(tmp_path)])
+    assert len(rows) == 1 and rows[0]["format"] == "fp8" and rows[0]["layout"] == "2x2_fast"
+    assert rows[0]["measured_ms"] == pytest.approx(20.0) and rows[0]["link_GBps"] == pytest.approx(4.0)
+    cl = ClusterSpec(nodes=2, gpus_per_node=2, intra_bw_GBps=200.0, intra_latency_us=0.0, inter_bw_GBps=4.0,
+                     inter_latency_us=0.0, peak_tflops=1000.0)
+    m = ModelSpec(hidden=1024, ffn=512, experts=8, topk=2, tokens_per_rank=100, layers=2)
+    r = RoutingSpec(cross_node_share=0.2)
+    native, coded = predict_layer("locmoe_hier", cl, m, r), predict_layer("locmoe_hier", cl, replace(m, dispatch_format="fp8"), r)
+    assert rows[0]["predicted_ms"] == pytest.approx(native.step_ms - coded.step_ms) and rows[0]["predicted_ms"] > 0

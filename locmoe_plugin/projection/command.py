@@ -9,7 +9,7 @@ from .calibration import load_calibration
 from .cluster import PRESETS, preset, ClusterSpec
 from .cost import predict
 from .report import as_json, plot, sweep_table, table
-from .workload import ModelSpec, RoutingSpec
+from .workload import DISPATCH_FORMATS, ModelSpec, RoutingSpec
 
 SWEEP_NODES = (2, 4, 8, 16, 32, 64, 128)
 
@@ -49,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the dense parameters are stepped: replicated (default; gradients all-reduced) or "
                         "distributed (Megatron-LM's --use-distributed-optimizer: gradients reduce-scattered, "
                         "parameters all-gathered in --dtype)")
+    m.add_argument("--dispatch-format", default="native",
+                   help=f"LocMoE's rows in the dispatch direction (locmoe_flat, locmoe_hier), one of "
+                        f"{', '.join(DISPATCH_FORMATS)}: native, or fp8 / int8 "
+                        "codes with an fp32 scale per 128 features (--locmoe-dispatch-format; the encoding's own "
+                        "time is not priced)")
     r = p.add_argument_group("routing")
     r.add_argument("--cross-node-share", type=float, default=None,
                    help="LocMoE's share of pairs crossing nodes (measured, or the budget it is held to). Default: "
@@ -96,7 +101,7 @@ def run(a: argparse.Namespace) -> int:
     cal = load_calibration(a.calibration) if a.calibration else None
     model = ModelSpec(hidden=a.hidden, ffn=a.ffn, experts=a.experts, topk=a.topk, tokens_per_rank=a.tokens_per_rank,
                       layers=a.layers, seq=a.seq, dtype=a.dtype, swiglu=not a.gelu, grad_dtype=a.grad_dtype,
-                      optimizer=a.optimizer)
+                      optimizer=a.optimizer, dispatch_format=a.dispatch_format)
     routing = RoutingSpec(cross_node_share=a.cross_node_share, pairs_per_copy=a.pairs_per_copy, imbalance=a.imbalance,
                           inter_imbalance=a.inter_imbalance, group_nodes=a.group_nodes,
                           capacity_factor=a.capacity_factor)
@@ -120,7 +125,7 @@ def run(a: argparse.Namespace) -> int:
           f"{'; calibrated: ' + a.calibration if cal else '; uncalibrated: fixed per-layer costs 0'}")
     print(table(point, f"model: d {model.hidden}, F {model.ffn} ({'SwiGLU' if model.swiglu else 'GELU'}), "
                        f"E {model.experts}, top-{model.topk}, {model.tokens_per_rank} tokens/rank, {model.layers} "
-                       f"layers, {model.dtype}, {model.grad_dtype} dense gradients ({model.optimizer} optimizer); LocMoE cross-node share {_share_text(routing)}, imbalance "
+                       f"layers, {model.dtype}, {model.grad_dtype} dense gradients ({model.optimizer} optimizer), LocMoE rows {model.dispatch_format}; LocMoE cross-node share {_share_text(routing)}, imbalance "
                        f"{routing.imbalance}"))
     print()
     print(sweep_table(sweep))

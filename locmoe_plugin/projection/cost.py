@@ -1,7 +1,8 @@
 """Time of one MoE layer (forward + backward, the busiest rank) and of a training step, per system.
 
 Per layer: ``fixed + gemm + 4 all-to-alls`` (dispatch and combine, forward and backward, each moving
-the rows of :mod:`.traffic` one way):
+the rows of :mod:`.traffic` one way; under ``ModelSpec.dispatch_format`` the two in the dispatch direction of
+``locmoe_flat`` / ``locmoe_hier`` move encoded rows, and the encoding's own passes are not charged):
   * a pairs all-to-all (Megatron ``alltoall``, DeepSpeed, LocMoE flat) runs its inter- and intra-node
     parts at once: ``latency + max(inter bytes / inter bw, intra bytes / intra bw)``; Megatron's
     ``allgather`` layer the same with its all-gather / reduce-scatter rows. Where a calibration probed
@@ -46,6 +47,9 @@ BASELINE = "megatron_alltoall"
 # ``allgather`` dispatcher (the whole EP group's tokens to every rank, a collective rather than pairs), and
 # LocMoE's overlap inside Megatron's six phases (only the intra-node hop hides).
 EXTRA_SYSTEMS = ("megatron_allgather", "locmoe_hier_overlap_phases")
+#: the systems whose dispatch direction takes ``ModelSpec.dispatch_format`` (LocMoE's dispatcher without the
+#: overlap, which refuses a codec)
+CODEC_SYSTEMS = ("locmoe_flat", "locmoe_hier")
 
 
 @dataclass(frozen=True)
@@ -101,16 +105,17 @@ def inter_scale(u: float, ranks: int, one_way_ratio: float = 1.0) -> float:
 
 
 def _a2a_parts_ms(rows: Rows, model: ModelSpec, cl: ClusterSpec, scale: float, scale_inter: float,
-                  inter_bw_GBps: float | None = None) -> tuple[float, float]:
-    """(inter-node, intra-node) transfer time of one all-to-all's rows, without latencies, in ms."""
-    b = model.hidden * model.elt
+                  inter_bw_GBps: float | None = None, row_bytes: int | None = None) -> tuple[float, float]:
+    """(inter-node, intra-node) transfer time of one all-to-all's rows (``row_bytes`` each, default
+    ``hidden x elt``), without latencies, in ms."""
+    b = row_bytes or model.hidden * model.elt
     return (rows.inter * b * scale_inter / ((inter_bw_GBps or cl.inter_bw_GBps) * 1e6),
             rows.intra * b * scale / (cl.intra_bw_GBps * 1e6))
 
 
 def _a2a_ms(rows: Rows, model: ModelSpec, cl: ClusterSpec, n: int, hierarchical: bool, scale: float,
-            scale_inter: float, inter_bw_GBps: float | None = None) -> float:
-    t_inter, t_intra = _a2a_parts_ms(rows, model, cl, scale, scale_inter, inter_bw_GBps)
+            scale_inter: float, inter_bw_GBps: float | None = None, row_bytes: int | None = None) -> float:
+    t_inter, t_intra = _a2a_parts_ms(rows, model, cl, scale, scale_inter, inter_bw_GBps, row_bytes)
     lat_inter, lat_intra = cl.inter_latency_us / 1e3, cl.intra_latency_us / 1e3
     if hierarchical and n > 1:
         return lat_inter + t_inter + lat_intra + t_intra
@@ -195,9 +200,13 @@ def predict_layer(system: str, cluster: ClusterSpec, model: ModelSpec, routing: 
     pattern_bw = (cl.inter_collective_bw_GBps if system == "megatron_allgather"
                   else None if hier else cl.inter_flat_bw_GBps)
     one = _a2a_ms(rows, model, cl, n, hier, scale, scale_inter, pattern_bw)
+    b = model.hidden * model.elt
+    # LocMoE's dispatch direction (dispatch forward, combine backward) in the dispatch format
+    b_disp = model.dispatch_row_bytes if system in CODEC_SYSTEMS else b
+    one_disp = one if b_disp == b else _a2a_ms(rows, model, cl, n, hier, scale, scale_inter, pattern_bw, b_disp)
     fixed = cal.fixed_for(system, n)
     jj_share = (n - 1) * float(sum(j * p for j, p in enumerate(rem))) / k if n > 1 else 0.0
-    comm = 4 * one
+    comm = 2 * one + 2 * one_disp
     layer = fixed + gemm + comm
     if system.startswith("locmoe_hier_overlap"):
         rail, node = _a2a_parts_ms(rows, model, cl, scale, scale_inter)
@@ -205,12 +214,11 @@ def predict_layer(system: str, cluster: ClusterSpec, model: ModelSpec, routing: 
             rail, node = rail + cl.inter_latency_us / 1e3, node + cl.intra_latency_us / 1e3
             layer -= overlap_hidden_ms(rail, node, gemm, 1.0 - jj_share, experts=system == "locmoe_hier_overlap")
     attn = s * model.attention_flops_per_token / (tflops * 1e9)
-    b = model.hidden * model.elt
     step = model.layers * (layer + attn)
     dp = dense_grad_reduce_ms(cl, model)
     return LayerTime(system=system, ep_nodes=n, layer_ms=layer, step_ms=step,
-                     fixed_ms=fixed, gemm_ms=gemm, comm_ms=comm, inter_bytes=4 * rows.inter * b,
-                     intra_bytes=4 * rows.intra * b, pair_share=jj_share, dp_grad_ms=dp, step_dp_ms=step + dp)
+                     fixed_ms=fixed, gemm_ms=gemm, comm_ms=comm, inter_bytes=2 * rows.inter * (b + b_disp),
+                     intra_bytes=2 * rows.intra * (b + b_disp), pair_share=jj_share, dp_grad_ms=dp, step_dp_ms=step + dp)
 
 
 def predict(cluster: ClusterSpec, model: ModelSpec, routing: RoutingSpec, calibration: Calibration | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..comm.row_codec import DISPATCH_FORMATS, RowCodec
 from ..config import ConfigError, default_cross_node_budget
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
@@ -26,6 +27,11 @@ class ModelSpec:
         optimizer: "replicated" (the dense gradients all-reduced) or "distributed" (Megatron-LM's
             ``--use-distributed-optimizer``: the gradients reduce-scattered in ``grad_dtype``, the updated
             parameters all-gathered in ``dtype``).
+        dispatch_format: how LocMoE's dispatcher sends rows in the dispatch direction (``"native"``, ``"fp8"``,
+            ``"int8"``; :mod:`locmoe_plugin.comm.row_codec`): two of a layer's four transfers (the dispatch's
+            forward, the combine's backward) move :attr:`dispatch_row_bytes` per row. Applies to
+            ``locmoe_flat`` and ``locmoe_hier``; the overlapped systems stay native (the dispatcher refuses a
+            codec with the overlap), the other frameworks' systems too.
     """
 
     hidden: int
@@ -39,6 +45,7 @@ class ModelSpec:
     seq: int = 4096
     grad_dtype: str = "fp32"
     optimizer: str = "replicated"
+    dispatch_format: str = "native"
 
     def __post_init__(self) -> None:
         for f in ("hidden", "ffn", "experts", "topk", "tokens_per_rank", "layers", "seq"):
@@ -55,10 +62,21 @@ class ModelSpec:
                               f"{', '.join(GRAD_DTYPES)} (--grad-dtype)")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)} (--optimizer)")
+        if self.dispatch_format not in DISPATCH_FORMATS:
+            raise ConfigError(f"dispatch_format {self.dispatch_format!r}: use one of {', '.join(DISPATCH_FORMATS)} "
+                              f"(--dispatch-format)")
 
     @property
     def elt(self) -> int:
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def dispatch_row_bytes(self) -> int:
+        """Bytes of one row in LocMoE's dispatch direction: ``hidden x elt`` native, else the codec's
+        encoded row (``hidden`` codes + 4 bytes per 128 features)."""
+        if self.dispatch_format == "native":
+            return self.hidden * self.elt
+        return RowCodec(self.dispatch_format).row_bytes(self.hidden)
 
     @property
     def expert_flops_per_row(self) -> float:
