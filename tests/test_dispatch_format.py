@@ -47,6 +47,51 @@ def test_round_trip_within_the_documented_bound(fmt, d):
     assert codec.decode(enc, d, torch.bfloat16).dtype == torch.bfloat16
 
 
+def _reference_encode(codec, x):
+    """The codec's encoding written plainly (every pass in fp32, the bytes concatenated at the end)."""
+    n, d = x.shape
+    nb = codec.blocks(d)
+    xf = torch.nn.functional.pad(x.float(), (0, nb * BLOCK - d)).view(n, nb, BLOCK)
+    amax = xf.abs().amax(dim=2, keepdim=True)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / codec.max_code)
+    q = xf / scale
+    if codec.fmt == "int8":
+        q = q.round()
+    q = q.clamp(-codec.max_code, codec.max_code).to(codec.code_dtype).view(n, nb * BLOCK)[:, :d].view(torch.uint8)
+    return torch.cat([q, scale.view(n, nb).view(torch.uint8).view(n, 4 * nb)], dim=1)
+
+
+def _reference_decode(codec, packed, d, dtype):
+    n = packed.shape[0]
+    nb = codec.blocks(d)
+    codes = packed[:, :d].contiguous().view(codec.code_dtype).float()
+    scale = packed[:, d:].contiguous().view(torch.float32).view(n, nb, 1)
+    vals = torch.nn.functional.pad(codes, (0, nb * BLOCK - d)).view(n, nb, BLOCK)
+    return (vals * scale).view(n, nb * BLOCK)[:, :d].to(dtype)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_encoding_and_decoding_bitwise_as_the_plain_formula(fmt):
+    """The codec's fused passes give the same bytes and values as the plain fp32 formula, for bf16, fp16 and
+    fp32 rows, widths with and without a partial block, zero rows and non-finite values; decoding also from
+    rows that start at an odd byte offset (a slice of a received buffer)."""
+    codec = RowCodec(fmt)
+    g = torch.Generator().manual_seed(11)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for d in (256, D, 36):
+            x = (torch.randn(40, d, generator=g) * torch.logspace(-4, 2, 40).unsqueeze(1)).to(dtype)
+            x[3] = 0
+            x[7, 1] = float("inf")
+            x[8, 0] = float("nan")
+            enc = codec.encode(x)
+            assert torch.equal(enc, _reference_encode(codec, x)), (dtype, d)
+            same = dict(rtol=0, atol=0, equal_nan=True)  # bit for bit, NaN where the reference has NaN
+            for out in (dtype, torch.float32):
+                torch.testing.assert_close(codec.decode(enc, d, out), _reference_decode(codec, enc, d, out), **same)
+            shifted = torch.cat([torch.zeros(40, 1, dtype=torch.uint8), enc], 1)[:, 1:]  # odd offset, row stride + 1
+            torch.testing.assert_close(codec.decode(shifted, d, dtype), _reference_decode(codec, enc, d, dtype), **same)
+
+
 def test_representable_rows_survive_exactly_and_non_finite_values_stay_visible():
     fp8 = RowCodec("fp8")
     codes = torch.tensor([448.0, -448.0, 0.0, 1.0, -0.5, 2**-9, 240.0, 3.5])  # E4M3 values
@@ -211,3 +256,16 @@ def check_codec_results(results) -> None:
 @pytest.mark.multiproc
 def test_codec_dispatcher_is_the_native_one_on_decoded_rows_2x2_and_one_node():
     check_codec_results(run_workers(_codec_worker, 4))
+
+
+def test_codec_benchmark_runs_and_checks_the_bits(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_codec.py"
+    spec = importlib.util.spec_from_file_location("bench_codec", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--tokens", "32", "--hidden", "256", "--topk", "2", "--iters", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("bits equal: True") == 4 and "fp8   encode" in out and "int8  decode" in out

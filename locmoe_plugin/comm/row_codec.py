@@ -74,38 +74,45 @@ class RowCodec:
         return d + 4 * self.blocks(d)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [n, d]`` (any float dtype) -> ``uint8 [n, row_bytes(d)]``."""
+        """``x [n, d]`` (any float dtype) -> ``uint8 [n, row_bytes(d)]``.
+
+        Passes over the rows: ``|x|`` and its block maxima in ``x``'s dtype (exact), ``x / scale`` in fp32 (type
+        promotion: the same values as ``x.float() / scale``), the clamp in place, and the cast written straight
+        into the codes' bytes of the output."""
         n, d = x.shape
         nb = self.blocks(d)
-        xf = x.float()
         if nb * BLOCK != d:
-            xf = torch.nn.functional.pad(xf, (0, nb * BLOCK - d))
-        xb = xf.view(n, nb, BLOCK)
-        amax = xb.abs().amax(dim=2, keepdim=True)  # [n, nb, 1]
+            x = torch.nn.functional.pad(x, (0, nb * BLOCK - d))
+        xb = x.view(n, nb, BLOCK)
+        amax = xb.abs().amax(dim=2, keepdim=True).float()  # [n, nb, 1]
         scale = torch.where(amax == 0, torch.ones_like(amax), amax / self.max_code)  # NaN amax: NaN scale
-        q = xb / scale
+        q = xb / scale  # fp32 [n, nb, BLOCK]
         if self.code_dtype == torch.int8:
             q = q.round_().clamp_(-self.max_code, self.max_code)
         else:
             q = q.clamp_(-self.max_code, self.max_code)  # saturate, never round past the largest code
-        codes = q.to(self.code_dtype).view(n, nb * BLOCK)[:, :d].view(torch.uint8)
-        return torch.cat([codes, scale.view(n, nb).view(torch.uint8).view(n, 4 * nb)], dim=1)
+        out = torch.empty((n, self.row_bytes(d)), dtype=torch.uint8, device=x.device)
+        out[:, :d].view(self.code_dtype).copy_(q.view(n, nb * BLOCK)[:, :d])
+        out[:, d:].copy_(scale.view(n, nb).view(torch.uint8).view(n, 4 * nb))
+        return out
 
     def decode(self, packed: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
-        """``uint8 [n, row_bytes(d)]`` -> ``[n, d]`` of ``dtype``."""
+        """``uint8 [n, row_bytes(d)]`` -> ``[n, d]`` of ``dtype``: ``code * scale`` in fp32, rounded once to
+        ``dtype`` (written there by the multiply)."""
         n = packed.shape[0]
         nb = self.blocks(d)
         if packed.shape[1] != self.row_bytes(d):
             raise ValueError(f"encoded rows of {packed.shape[1]} bytes cannot hold {d} features "
                              f"({self.row_bytes(d)} bytes in {self.fmt})")
-        # fresh buffers: the received rows' byte offsets need not suit the wider views
-        codes = packed.new_empty((n, d)).copy_(packed[:, :d]).view(self.code_dtype)
-        scale = packed.new_empty((n, 4 * nb)).copy_(packed[:, d:]).view(torch.float32).view(n, nb)
-        vals = codes.float()
+        vals = packed[:, :d].view(self.code_dtype).float()  # one-byte codes: viewable at any offset
+        # the scales' bytes copied out: the received rows' offsets need not suit an fp32 view
+        scale = packed.new_empty((n, 4 * nb)).copy_(packed[:, d:]).view(torch.float32).view(n, nb, 1)
         if nb * BLOCK != d:
             vals = torch.nn.functional.pad(vals, (0, nb * BLOCK - d))
-        out = vals.view(n, nb, BLOCK).mul_(scale.unsqueeze(2)).view(n, nb * BLOCK)[:, :d]
-        return out.to(dtype)
+            return (vals.view(n, nb, BLOCK) * scale).view(n, nb * BLOCK)[:, :d].to(dtype)
+        out = torch.empty((n, d), dtype=dtype, device=packed.device)
+        torch.mul(vals.view(n, nb, BLOCK), scale, out=out.view(n, nb, BLOCK))
+        return out
 
 
 def row_codec(fmt: str) -> RowCodec | None:
