@@ -9,7 +9,7 @@ Formats (:data:`DISPATCH_FORMATS`):
 
 * ``"native"``: rows as they are (no codec).
 * ``"fp8"``: FP8 E4M3 values, one fp32 scale per block of 128 features (DeepSeek-V3's 1 x 128 tiles).
-* ``"int8"``: int8 values with the same blocks, for devices without an FP8 dtype (Ascend 910B).
+* ``"int8"``: int8 values with the same blocks, for devices whose FP8 casts are missing or untested (Ascend NPUs).
 
 Encoded row ``[d]`` -> ``uint8 [d + 4 * ceil(d / 128)]``: ``d`` one-byte codes, then the block scales'
 fp32 bytes. At hidden 2048 in bf16 that is 2112 bytes instead of 4096 (0.52 x).
