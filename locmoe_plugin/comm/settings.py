@@ -25,9 +25,9 @@
 * ``dispatch_format``: how rows travel in the dispatch direction (the dispatch's forward and the combine's
   backward; :mod:`locmoe_plugin.comm.row_codec`): ``"native"`` (default: the hidden states' dtype), ``"fp8"``
   (E4M3 with one fp32 scale per 128 features, DeepSeek-V3's and DeepEP's FP8 dispatch; 0.52 x the bytes of
-  bf16 rows at hidden 2048) or ``"int8"`` (the same blocks in int8, for devices whose FP8 casts are missing or untested). The
-  experts still compute in the hidden states' dtype on the decoded rows; combine results and input
-  gradients travel native. Not with ``overlap`` (refused here). The quality cost is measured in
+  bf16 rows at hidden 2048) or ``"int8"`` (the same blocks in int8, for devices whose FP8 casts are missing
+  or untested). The experts still compute in the hidden states' dtype on the decoded rows; combine results
+  and input gradients travel native. Not with ``overlap`` (refused here). The quality cost is measured in
   ``benchmarks/RESULTS.md``.
 
 All four settings shape collectives, so every rank must hold the same: :meth:`DispatcherSettings.agreement`
