@@ -465,8 +465,8 @@ def validate_dispatch_format(roots) -> list[dict]:
     rows (``e2e_<layout>_locmoe.json``) and the same with a codec (``bench_e2e.py`` systems of
     ``DISPATCH_FORMAT``, e.g. ``locmoe_fp8``). The measured step difference (from the median tokens/s) against the
     predicted one, ``locmoe_hier``'s step time native minus with the format, at the native run's cross-node share
-    and the mean of the two runs' measured inter-node all-to-all rates. The encoding's own time is not priced,
-    so the prediction is the most the format can save. Pairs of more than one node only."""
+    and the mean of the two runs' measured inter-node all-to-all rates. The encoding's own time is not priced
+    (a cost the prediction leaves out). Pairs of more than one node only."""
     rows = []
     for system, fmt in DISPATCH_FORMAT.items():
         for root, path in find(roots, f"e2e_*_{system}.json"):

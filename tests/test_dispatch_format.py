@@ -53,7 +53,8 @@ def _reference_encode(codec, x):
     nb = codec.blocks(d)
     xf = torch.nn.functional.pad(x.float(), (0, nb * BLOCK - d)).view(n, nb, BLOCK)
     amax = xf.abs().amax(dim=2, keepdim=True)
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / codec.max_code)
+    scale = amax / codec.max_code
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = xf / scale
     if codec.fmt == "int8":
         q = q.round()
@@ -102,6 +103,11 @@ def test_representable_rows_survive_exactly_and_non_finite_values_stay_visible()
     x[0, BLOCK] = 127.0  # each block's amax 127 -> scale 1
     assert torch.equal(int8.decode(int8.encode(x), D, torch.float32), x)
     for codec in (fp8, int8):
+        tiny = torch.zeros(2, D)
+        tiny[0, 5] = 1e-43  # amax / max_code underflows to 0 in fp32: no 0 / 0, the block decodes to zeros
+        tiny[1, 130] = -3e-38
+        y = codec.decode(codec.encode(tiny), D, torch.float32)
+        assert torch.isfinite(y).all() and y[0].abs().max() <= 1e-43 and y.is_contiguous()
         bad = torch.randn(3, D)
         bad[1, 3] = float("inf")
         bad[2, 140] = float("nan")
@@ -137,8 +143,8 @@ def test_megatron_flag():
     args.num_experts, args.hidden_size, args.moe_router_topk = 8, 64, 2
     assert settings_from_args(args)[1].dispatch_format == "fp8"
     args.locmoe_overlap = "on"
-    with pytest.raises(ConfigError, match=r"--locmoe-dispatch-format fp8 with overlap on: .* use "
-                                          r"--locmoe-dispatch-format native"):
+    with pytest.raises(ConfigError, match=r"--locmoe-dispatch-format fp8 with --locmoe-overlap on: .* pass "
+                                          r"--locmoe-overlap off or --locmoe-dispatch-format native"):
         settings_from_args(args)
     with pytest.raises(SystemExit):
         parser.parse_args(["--locmoe-dispatch-format", "fp4"])

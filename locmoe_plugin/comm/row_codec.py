@@ -17,7 +17,8 @@ fp32 bytes. At hidden 2048 in bf16 that is 2112 bytes instead of 4096 (0.52 x).
 Numerics (fp32 throughout): ``scale = amax(|block|) / max_code`` (448 for E4M3, 127 for int8); codes
 ``round(x / scale)`` (E4M3: the cast's round-to-nearest-even; int8: ``torch.round``, clamped to
 +-127); decoded ``code * scale``, cast to the caller's dtype. An all-zero block gets scale 1, so zeros
-decode to exact zeros and nothing divides by 0. A non-finite value makes its block's scale non-finite,
+decode to exact zeros and nothing divides by 0 (so does an fp32 block below ``max_code`` x the smallest
+float, whose quotient underflows; its values decode to 0). A non-finite value makes its block's scale non-finite,
 so the whole block decodes non-finite: the step's non-finite guard still sees it. Error of one element
 before the final cast: E4M3 ``<= max(2**-4 * |x|, 2**-10 * scale)`` (3 mantissa bits; subnormals below
 ``2**-6 * scale``), int8 ``<= scale / 2``.
@@ -85,7 +86,10 @@ class RowCodec:
             x = torch.nn.functional.pad(x, (0, nb * BLOCK - d))
         xb = x.view(n, nb, BLOCK)
         amax = xb.abs().amax(dim=2, keepdim=True).float()  # [n, nb, 1]
-        scale = torch.where(amax == 0, torch.ones_like(amax), amax / self.max_code)  # NaN amax: NaN scale
+        scale = amax / self.max_code
+        # an all-zero block, or an fp32 one whose largest value is below max_code x the smallest float (the
+        # quotient underflows to 0): scale 1, so nothing divides by 0 (a NaN amax keeps its NaN scale)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         q = xb / scale  # fp32 [n, nb, BLOCK]
         if self.code_dtype == torch.int8:
             q = q.round_().clamp_(-self.max_code, self.max_code)
@@ -109,7 +113,7 @@ class RowCodec:
         scale = packed.new_empty((n, 4 * nb)).copy_(packed[:, d:]).view(torch.float32).view(n, nb, 1)
         if nb * BLOCK != d:
             vals = torch.nn.functional.pad(vals, (0, nb * BLOCK - d))
-            return (vals.view(n, nb, BLOCK) * scale).view(n, nb * BLOCK)[:, :d].to(dtype)
+            return (vals.view(n, nb, BLOCK) * scale).view(n, nb * BLOCK)[:, :d].to(dtype).contiguous()
         out = torch.empty((n, d), dtype=dtype, device=packed.device)
         torch.mul(vals.view(n, nb, BLOCK), scale, out=out.view(n, nb, BLOCK))
         return out

@@ -281,9 +281,13 @@ def settings_from_args(args: Any) -> tuple[dict, DispatcherSettings]:
         except ConfigError as exc:
             raise ConfigError(f"--locmoe-gpus-per-node {gpn} with --expert-model-parallel-size {ep}: {exc}") from None
     equal_tokens = {"auto": None, "on": True, "off": False}[getattr(args, "locmoe_equal_tokens", "auto")]
+    fmt = getattr(args, "locmoe_dispatch_format", "native")
+    if overlap and fmt != "native":
+        raise ConfigError(f"--locmoe-dispatch-format {fmt} with --locmoe-overlap on: the overlapped path sends rows "
+                          f"native; pass --locmoe-overlap off or --locmoe-dispatch-format native")
     try:
         dispatcher = DispatcherSettings(mode=args.locmoe_dispatcher, overlap=overlap, equal_tokens=equal_tokens,
-                                        dispatch_format=getattr(args, "locmoe_dispatch_format", "native"))
+                                        dispatch_format=fmt)
     except ConfigError as exc:
         raise ConfigError(with_flag_names(str(exc))) from None
     return overrides, dispatcher
