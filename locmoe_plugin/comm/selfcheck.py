@@ -7,6 +7,12 @@ largest absolute difference of outputs, input gradients and combine-weight gradi
 hierarchical mode (must be exactly 0 in fp32), bytes that cross nodes in each, and the median time of
 each. Exit status 1 on any mismatch.
 
+With ``--dispatch-format fp8`` (or ``int8``) the hierarchical and flat modes send their rows encoded
+(:mod:`.row_codec`; the overlap refuses a codec, so it is not run) and the third run is the native
+hierarchical mode on the decoded tokens and output gradient (``decode(encode(x))``): the codec's runs must
+equal it bit for bit too, which checks the encoding, the transfer of one-byte rows and the decoding on this
+machine's devices and collectives.
+
 Run it standalone (``--nproc P`` spawns P local processes) or under a launcher that sets RANK /
 WORLD_SIZE / LOCAL_RANK (torchrun, ``launch/emulate_nodes.sh``); then ``--nproc`` is ignored.
 """
@@ -25,9 +31,16 @@ import torch.distributed as dist
 
 from ..device import backend_for, device_type_for_backend, get_accelerator
 from .launch import accelerator_for, add_launch_arguments, init_process_group, launched, set_spawned_rank, spawn_local
+from .row_codec import DISPATCH_FORMATS, row_codec
 
 
 SYSTEMS = ("hierarchical", "flat", "overlap")
+#: the runs with a dispatch format: the third is the native hierarchical mode on decoded inputs
+CODEC_SYSTEMS = ("hierarchical", "flat", "native_decoded")
+
+
+def systems_for(dispatch_format: str) -> tuple[str, ...]:
+    return SYSTEMS if dispatch_format == "native" else CODEC_SYSTEMS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=5, help="timed iterations per mode (after 1 warm-up)")
+    p.add_argument("--dispatch-format", choices=DISPATCH_FORMATS, default="native",
+                   help="rows in the dispatch direction: native, or fp8 / int8 codes with an fp32 scale per 128 "
+                        "features, checked against the native plan on the decoded rows (default native)")
 
 
 def _expert(inp: torch.Tensor, tpe, first: int, W: torch.Tensor) -> torch.Tensor:
@@ -68,21 +84,27 @@ def _check_worker(args: argparse.Namespace, result_path: str | None) -> int:
     w = torch.where(drop, 0.0, torch.rand(s, k, generator=g)).to(dev)
     W = (torch.randn(e, d, d, generator=torch.Generator().manual_seed(args.seed)) / d**0.5).to(dev)
     cot = torch.randn(s, d, generator=g).to(dev)  # fixed upstream gradient
+    fmt = getattr(args, "dispatch_format", "native")
+    codec = row_codec(fmt)
+    systems = systems_for(fmt)
 
     results, times, traffic = {}, {}, {}
-    for mode in SYSTEMS:
+    for mode in systems:
         # the two-stage plan even on one node
-        disp = TokenDispatcher(groups, "hierarchical" if mode == "overlap" else mode, exact_tree=True,
-                               overlap=mode == "overlap")
+        decoded = mode == "native_decoded"
+        disp = TokenDispatcher(groups, "hierarchical" if mode in ("overlap", "native_decoded") else mode,
+                               exact_tree=True, overlap=mode == "overlap", dispatch_format="native" if decoded else fmt)
+        x_in = codec.decode(codec.encode(x), d, x.dtype) if decoded else x
+        cot_in = codec.decode(codec.encode(cot), d, cot.dtype) if decoded else cot
         samples = []
         for it in range(args.iters + 1):
-            xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            xx, ww = x_in.clone().requires_grad_(True), w.clone().requires_grad_(True)
             dist.barrier()
             acc.synchronize()
             t0 = time.perf_counter()
             inp, h = disp.dispatch(xx, ids, ww)
             y = disp.combine(_expert(inp, h.tokens_per_expert, rank * topo.experts_per_rank, W), h)
-            y.backward(cot)
+            y.backward(cot_in)
             acc.synchronize()
             if it:
                 samples.append(time.perf_counter() - t0)
@@ -91,27 +113,29 @@ def _check_worker(args: argparse.Namespace, result_path: str | None) -> int:
         per_call = {k2: v // disp.traffic.calls for k2, v in disp.traffic.to_dict().items() if k2 != "calls"}
         traffic[mode] = per_call
 
+    third = systems[2]
     diffs = torch.stack([
         (results["hierarchical"][i].float() - results[other][i].float()).abs().max()
         if results[other][i].numel() else torch.zeros((), device=dev)
-        for other in ("flat", "overlap")
+        for other in ("flat", third)
         for i in range(3)
     ])
     dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
-    sums = torch.tensor([traffic[m][key] for m in SYSTEMS for key in ("inter_bytes", "intra_bytes")],
+    sums = torch.tensor([traffic[m][key] for m in systems for key in ("inter_bytes", "intra_bytes")],
                         dtype=torch.float64, device=dev)
     dist.all_reduce(sums)
-    tms = torch.tensor([times[m] for m in SYSTEMS], dtype=torch.float64, device=dev)
+    tms = torch.tensor([times[m] for m in systems], dtype=torch.float64, device=dev)
     dist.all_reduce(tms, op=dist.ReduceOp.MAX)
     d_out, d_gx, d_gw, o_out, o_gx, o_gw = diffs.tolist()
     report = {
         "ranks": world, "nodes": topo.num_nodes, "ranks_per_node": topo.ranks_per_node,
         "backend": args.backend, "tokens_per_rank": s, "hidden": d, "experts": e, "topk": k,
+        "dispatch_format": fmt, "systems": list(systems),
         "max_abs_diff": {"output": d_out, "grad_input": d_gx, "grad_weights": d_gw},
-        "max_abs_diff_overlap": {"output": o_out, "grad_input": o_gx, "grad_weights": o_gw},
-        "inter_node_bytes": {m: int(sums[2 * i]) for i, m in enumerate(SYSTEMS)},
-        "intra_node_bytes": {m: int(sums[2 * i + 1]) for i, m in enumerate(SYSTEMS)},
-        "time_ms": {m: tms[i].item() for i, m in enumerate(SYSTEMS)},
+        f"max_abs_diff_{third}": {"output": o_out, "grad_input": o_gx, "grad_weights": o_gw},
+        "inter_node_bytes": {m: int(sums[2 * i]) for i, m in enumerate(systems)},
+        "intra_node_bytes": {m: int(sums[2 * i + 1]) for i, m in enumerate(systems)},
+        "time_ms": {m: tms[i].item() for i, m in enumerate(systems)},
         "ok": d_out == 0 and d_gx == 0 and d_gw == 0 and o_out == 0 and o_gx == 0 and o_gw == 0,
     }
     if rank == 0:
@@ -125,17 +149,20 @@ def _check_worker(args: argparse.Namespace, result_path: str | None) -> int:
 
 def _print_report(r: dict) -> None:
     mb = 1 / 2**20
+    systems = r["systems"]
+    fmt = r["dispatch_format"]
     print(f"check-comm: {r['ranks']} ranks = {r['nodes']} node(s) x {r['ranks_per_node']}, backend {r['backend']}, "
-          f"{r['tokens_per_rank']} tokens/rank, hidden {r['hidden']}, {r['experts']} experts, top-{r['topk']}")
-    print(f"{'mode':<13} {'inter-node MiB':>15} {'intra-node MiB':>15} {'fwd+bwd ms':>11}")
-    for m in SYSTEMS:
-        print(f"{m:<13} {r['inter_node_bytes'][m] * mb:>15.3f} {r['intra_node_bytes'][m] * mb:>15.3f} "
+          f"{r['tokens_per_rank']} tokens/rank, hidden {r['hidden']}, {r['experts']} experts, top-{r['topk']}"
+          + ("" if fmt == "native" else f", rows in {fmt} (native_decoded: native rows of the decoded tokens)"))
+    print(f"{'mode':<15} {'inter-node MiB':>15} {'intra-node MiB':>15} {'fwd+bwd ms':>11}")
+    for m in systems:
+        print(f"{m:<15} {r['inter_node_bytes'][m] * mb:>15.3f} {r['intra_node_bytes'][m] * mb:>15.3f} "
               f"{r['time_ms'][m]:>11.2f}")
-    for other, key in (("flat", "max_abs_diff"), ("overlap", "max_abs_diff_overlap")):
+    for other, key in (("flat", "max_abs_diff"), (systems[2], f"max_abs_diff_{systems[2]}")):
         dd = r[key]
         print(f"max |hierarchical - {other}|: output {dd['output']:.3g}, input grad {dd['grad_input']:.3g}, "
               f"weight grad {dd['grad_weights']:.3g}")
-    print(f"hierarchical == flat == overlap, bit for bit  ->  {'OK' if r['ok'] else 'MISMATCH'}")
+    print(f"{' == '.join(systems)}, bit for bit  ->  {'OK' if r['ok'] else 'MISMATCH'}")
 
 
 def _spawn_entry(local_rank: int, args: argparse.Namespace, port: int, result_path: str) -> None:
