@@ -89,6 +89,8 @@ def test_encoding_and_decoding_bitwise_as_the_plain_formula(fmt):
             same = dict(rtol=0, atol=0, equal_nan=True)  # bit for bit, NaN where the reference has NaN
             for out in (dtype, torch.float32):
                 torch.testing.assert_close(codec.decode(enc, d, out), _reference_decode(codec, enc, d, out), **same)
+            assert torch.equal(codec.encode(x.t().contiguous().t()), enc)  # a transposed (non-contiguous) input
+            assert codec.decode(codec.encode(x[:0]), d, dtype).shape == (0, d)  # a rank without rows
             shifted = torch.cat([torch.zeros(40, 1, dtype=torch.uint8), enc], 1)[:, 1:]  # odd offset, row stride + 1
             torch.testing.assert_close(codec.decode(shifted, d, dtype), _reference_decode(codec, enc, d, dtype), **same)
 

@@ -18,8 +18,8 @@ Numerics (fp32 throughout): ``scale = amax(|block|) / max_code`` (448 for E4M3, 
 ``round(x / scale)`` (E4M3: the cast's round-to-nearest-even; int8: ``torch.round``, clamped to
 +-127); decoded ``code * scale``, cast to the caller's dtype. An all-zero block gets scale 1, so zeros
 decode to exact zeros and nothing divides by 0 (so does an fp32 block below ``max_code`` x the smallest
-float, whose quotient underflows; its values decode to 0). A non-finite value makes its block's scale non-finite,
-so the whole block decodes non-finite: the step's non-finite guard still sees it. Error of one element
+float, whose quotient underflows; its values decode to 0). A non-finite value makes its block's scale
+non-finite, so the whole block decodes non-finite: the step's non-finite guard still sees it. Error of one element
 before the final cast: E4M3 ``<= max(2**-4 * |x|, 2**-10 * scale)`` (3 mantissa bits; subnormals below
 ``2**-6 * scale``), int8 ``<= scale / 2``.
 
@@ -84,7 +84,7 @@ class RowCodec:
         nb = self.blocks(d)
         if nb * BLOCK != d:
             x = torch.nn.functional.pad(x, (0, nb * BLOCK - d))
-        xb = x.view(n, nb, BLOCK)
+        xb = x.reshape(n, nb, BLOCK)  # a copy only where x is not contiguous
         amax = xb.abs().amax(dim=2, keepdim=True).float()  # [n, nb, 1]
         scale = amax / self.max_code
         # an all-zero block, or an fp32 one whose largest value is below max_code x the smallest float (the
