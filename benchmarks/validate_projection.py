@@ -425,6 +425,39 @@ def _dense_settings(path: str) -> dict:
     return {field: (changed if suffix in name else default) for suffix, (field, default, changed) in DENSE_VARIANTS.items()}
 
 
+def _step_ms(r: dict) -> float:
+    """An end-to-end result's step time from its median tokens/s, in ms."""
+    return r["tokens_per_step"] / r["tokens_per_s"]["median"] * 1e3
+
+
+def e2e_pairs(roots, pattern: str, base_of):
+    """``(root, path, base path, base result, variant result)`` for every end-to-end result matching ``pattern``
+    whose pair ``base_of(path)`` exists beside it, of more than one node."""
+    for root, path in find(roots, pattern):
+        base_path = base_of(path)
+        if not os.path.exists(base_path):
+            continue
+        with open(path) as f:
+            var = json.load(f)
+        with open(base_path) as f:
+            base = json.load(f)
+        if base["nodes"] >= 2:
+            yield root, path, base_path, base, var
+
+
+def pair_specs(base: dict, var: dict, **model_fields) -> tuple[float, ClusterSpec, ModelSpec]:
+    """``(link GB/s, cluster, model)`` of a pair of end-to-end results: the mean of their measured inter-node
+    all-to-all rates, their layout, and the model the base trained (``model_fields``: further ModelSpec fields)."""
+    m = base["model"]
+    rate = (base["bandwidth"]["inter_node_gbps"] + var["bandwidth"]["inter_node_gbps"]) / 2
+    cluster = ClusterSpec(nodes=base["nodes"], gpus_per_node=base["gpus_per_node"], intra_bw_GBps=200.0,
+                          intra_latency_us=0.0, inter_bw_GBps=rate, inter_latency_us=0.0, peak_tflops=1000.0)
+    model = ModelSpec(hidden=m["hidden_size"], ffn=m["ffn_hidden_size"], experts=m["num_experts"], topk=m["topk"],
+                      tokens_per_rank=m["seq_len"] * m["micro_batch"], layers=m["num_layers"],
+                      dtype=m.get("dtype", "bf16"), **model_fields)
+    return rate, cluster, model
+
+
 def validate_dense_grads(roots) -> list[dict]:
     """The dense-gradient term against pairs of end-to-end results of one system, layout and folder that differ
     in one dense synchronisation setting: fp32 and bf16 gradient reduction (``bench_e2e.py --grad-reduce
@@ -434,29 +467,14 @@ def validate_dense_grads(roots) -> list[dict]:
     mean of the two results' measured inter-node all-to-all rates. Pairs of more than one node only."""
     rows = []
     for suffix, (field, default, changed) in DENSE_VARIANTS.items():
-        for root, path in find(roots, f"e2e_*{suffix}*.json"):
-            base_path = os.path.join(os.path.dirname(path), os.path.basename(path).replace(suffix, ""))
-            if not os.path.exists(base_path):
-                continue
-            with open(path) as f:
-                var = json.load(f)
-            with open(base_path) as f:
-                base = json.load(f)
-            if base["nodes"] < 2:
-                continue
-            m = base["model"]
-            rate = (base["bandwidth"]["inter_node_gbps"] + var["bandwidth"]["inter_node_gbps"]) / 2
-            cluster = ClusterSpec(nodes=base["nodes"], gpus_per_node=base["gpus_per_node"], intra_bw_GBps=200.0,
-                                  intra_latency_us=0.0, inter_bw_GBps=rate, inter_latency_us=0.0, peak_tflops=1000.0)
-            model = ModelSpec(hidden=m["hidden_size"], ffn=m["ffn_hidden_size"], experts=m["num_experts"],
-                              topk=m["topk"], tokens_per_rank=m["seq_len"] * m["micro_batch"], layers=m["num_layers"],
-                              dtype=m.get("dtype", "bf16"), **_dense_settings(base_path))
+        base_of = lambda path: os.path.join(os.path.dirname(path), os.path.basename(path).replace(suffix, ""))  # noqa: E731
+        for root, path, base_path, base, var in e2e_pairs(roots, f"e2e_*{suffix}*.json", base_of):
+            rate, cluster, model = pair_specs(base, var, **_dense_settings(base_path))
             predicted = dense_grad_reduce_ms(cluster, model) - dense_grad_reduce_ms(cluster, replace(model, **{field: changed}))
-            step = lambda r: r["tokens_per_step"] / r["tokens_per_s"]["median"] * 1e3  # noqa: E731
             rows.append({"run": run_name(root, os.path.dirname(path)), "layout": base["layout"],
                          "system": base.get("variant", base["system"]), "pair": f"{default} - {changed}",
-                         "link_GBps": rate, "measured_ms": step(base) - step(var), "predicted_ms": predicted,
-                         "step_first_ms": step(base)})
+                         "link_GBps": rate, "measured_ms": _step_ms(base) - _step_ms(var), "predicted_ms": predicted,
+                         "step_first_ms": _step_ms(base)})
     return rows
 
 
@@ -469,30 +487,15 @@ def validate_dispatch_format(roots) -> list[dict]:
     (a cost the prediction leaves out). Pairs of more than one node only."""
     rows = []
     for system, fmt in DISPATCH_FORMAT.items():
-        for root, path in find(roots, f"e2e_*_{system}.json"):
-            base_path = path[: -len(f"_{system}.json")] + "_locmoe.json"
-            if not os.path.exists(base_path):
-                continue
-            with open(path) as f:
-                var = json.load(f)
-            with open(base_path) as f:
-                base = json.load(f)
-            if base["nodes"] < 2:
-                continue
-            m = base["model"]
-            rate = (base["bandwidth"]["inter_node_gbps"] + var["bandwidth"]["inter_node_gbps"]) / 2
-            cluster = ClusterSpec(nodes=base["nodes"], gpus_per_node=base["gpus_per_node"], intra_bw_GBps=200.0,
-                                  intra_latency_us=0.0, inter_bw_GBps=rate, inter_latency_us=0.0, peak_tflops=1000.0)
-            model = ModelSpec(hidden=m["hidden_size"], ffn=m["ffn_hidden_size"], experts=m["num_experts"],
-                              topk=m["topk"], tokens_per_rank=m["seq_len"] * m["micro_batch"], layers=m["num_layers"],
-                              dtype=m.get("dtype", "bf16"))
+        base_of = lambda path: path[: -len(f"_{system}.json")] + "_locmoe.json"  # noqa: E731
+        for root, path, _, base, var in e2e_pairs(roots, f"e2e_*_{system}.json", base_of):
+            rate, cluster, model = pair_specs(base, var)
             routing = RoutingSpec(cross_node_share=base["cross_node_share"])
             predicted = (predict_layer("locmoe_hier", cluster, model, routing).step_ms
                          - predict_layer("locmoe_hier", cluster, replace(model, dispatch_format=fmt), routing).step_ms)
-            step = lambda r: r["tokens_per_step"] / r["tokens_per_s"]["median"] * 1e3  # noqa: E731
             rows.append({"run": run_name(root, os.path.dirname(path)), "layout": base["layout"], "format": fmt,
-                         "link_GBps": rate, "share": base["cross_node_share"], "step_native_ms": step(base),
-                         "measured_ms": step(base) - step(var), "predicted_ms": predicted})
+                         "link_GBps": rate, "share": base["cross_node_share"], "step_native_ms": _step_ms(base),
+                         "measured_ms": _step_ms(base) - _step_ms(var), "predicted_ms": predicted})
     return rows
 
 

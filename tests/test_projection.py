@@ -354,12 +354,18 @@ def test_probed_rates_price_their_own_transfers():
             Calibration(inter_node={"bandwidth_GBps": 2.0, **bad})
 
 
-def test_validation_script_predicts_every_measured_pair():
+def _validate_projection():
+    """``benchmarks/validate_projection.py`` as a module."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("validate_projection", "benchmarks/validate_projection.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_validation_script_predicts_every_measured_pair():
+    mod = _validate_projection()
     rows = [r for r in mod.validate("benchmarks/results") if r["variant"] == "model"]
     assert len(rows) >= 8 and {"mcore_alltoall", "locmoe_grap", "locmoe_dense"} <= {r["system"] for r in rows}
     for r in rows:
@@ -395,12 +401,9 @@ def test_allgather_rows_follow_the_layout():
 
 
 def test_validation_takes_a_list_of_result_folders(tmp_path):
-    import importlib.util
     import shutil
 
-    spec = importlib.util.spec_from_file_location("validate_projection", "benchmarks/validate_projection.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _validate_projection()
     a = "benchmarks/results/2026-11-22_h200x4_layer"
     b = tmp_path / "new_4gpu_run"  # a run folder of its own, as a new measurement arrives
     shutil.copytree("benchmarks/results/2026-11-26_h200x2_overlap_layer/layer", b)
@@ -419,11 +422,7 @@ def test_validation_takes_a_list_of_result_folders(tmp_path):
 def test_validation_checks_the_dense_gradient_term_on_fp32_bf16_pairs(tmp_path):
     """An end-to-end system run with fp32 and with bf16 gradient reduction in one launch: the measured step
     difference against the predicted one (a ring over the 4 ranks, one ring per rank of a node)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("validate_projection", "benchmarks/validate_projection.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _validate_projection()
     model = {"num_layers": 2, "hidden_size": 1000, "num_experts": 8, "topk": 2, "ffn_hidden_size": 500,
              "seq_len": 100, "micro_batch": 1}
 
@@ -531,11 +530,7 @@ def test_pairs_per_copy_input():
 
 
 def test_validation_reads_pairs_per_copy_from_the_recorded_bytes():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("validate_projection", "benchmarks/validate_projection.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _validate_projection()
     m = ModelSpec(hidden=16, ffn=16, experts=8, topk=4, tokens_per_rank=100, dtype="bf16", swiglu=False)
     # 0.25 x 4 x 100 = 100 remote pairs per rank over 50 rail rows (50 x 16 x 2 bytes) = 2 pairs per copy
     v = {"cross_node_share": 0.25, "inter_bytes_per_rank": {"dispatch": [1500.0, 1700.0]}}
@@ -549,11 +544,7 @@ def test_validation_reads_pairs_per_copy_from_the_recorded_bytes():
 
 
 def test_validation_reports_how_far_the_projected_speedup_leans():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("validate_projection", "benchmarks/validate_projection.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _validate_projection()
 
     def row(run, system, predicted, measured):
         return {"run": run, "system": system, "predicted_ms": predicted, "measured_ms": measured, "layout": "2x2",
@@ -571,11 +562,7 @@ def test_validation_reports_how_far_the_projected_speedup_leans():
 def test_validation_checks_the_dispatch_format_term_on_native_fp8_pairs(tmp_path):
     """LocMoE with native rows and with fp8 rows in one folder: the measured step difference against the
     projection's locmoe_hier step native minus fp8 at the native run's share and the mean measured rate."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("validate_projection", "benchmarks/validate_projection.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _validate_projection()
     model = {"num_layers": 2, "hidden_size": 1024, "num_experts": 8, "topk": 2, "ffn_hidden_size": 512,
              "seq_len": 100, "micro_batch": 1}
 
