@@ -25,7 +25,7 @@ from .hierarchical_plan import crosses_nodes, hierarchical_traffic, tokens_per_l
 from .origin_split import build_origin_split
 from .overlap import broadcast_split, combine_blocks, dispatch_blocks, reduce_split
 from .plan import Plan
-from .row_codec import RowCodec, row_codec
+from .row_codec import RowCodec, refuse_with_overlap, row_codec
 
 MODES = PLAN_MODES
 
@@ -220,9 +220,7 @@ class TokenDispatcher:
         if not isinstance(overlap, bool):
             raise ValueError(f"overlap={overlap!r} must be True or False")
         codec = row_codec(dispatch_format)
-        if overlap and codec is not None:
-            raise ConfigError(f"dispatch_format={dispatch_format!r} with overlap=True: the overlapped path sends "
-                              f"rows native; pass overlap=False or dispatch_format='native'")
+        refuse_with_overlap(dispatch_format, overlap)
         if mode == "allgather" and groups.topology.num_nodes > 1:
             # refused, not replaced by the default: the user asked for one collective pattern by name, and
             # a plan that silently differs across nodes would make timings and numerics compare other things

@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..config import ConfigError
-from .row_codec import DISPATCH_FORMATS
+from .row_codec import DISPATCH_FORMATS, refuse_with_overlap
 
 #: the dispatcher modes a user chooses between
 DISPATCHER_MODES = ("hierarchical", "flat", "allgather")
@@ -70,9 +70,7 @@ class DispatcherSettings:
         if self.dispatch_format not in DISPATCH_FORMATS:
             raise ConfigError(f"dispatch_format={self.dispatch_format!r} is not one of "
                               f"{', '.join(map(repr, DISPATCH_FORMATS))}: pick one of them")
-        if self.overlap and self.dispatch_format != "native":
-            raise ConfigError(f"dispatch_format={self.dispatch_format!r} with overlap on: the overlapped path "
-                              f"sends rows native; turn the overlap off or use dispatch_format='native'")
+        refuse_with_overlap(self.dispatch_format, self.overlap)
 
     @classmethod
     def of(cls, value: "DispatcherSettings | str | None" = None, *, overlap: bool | None = None) -> "DispatcherSettings":
