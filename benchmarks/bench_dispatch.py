@@ -23,6 +23,9 @@ Systems:
                 the local experts run while the other nodes' rows cross the network (DeepSpeed's layer)
   overlap_phases  the same split through dispatch()/combine() with the experts on all rows in between
                 (Megatron's six phases: the rail transfer overlaps only the local rows' intra-node hop)
+  SYSTEM_fp8, SYSTEM_int8  (SYSTEM: hierarchical, flat, overlap, overlap_phases) the same with the rows of
+                the dispatch direction encoded (dispatch_format, locmoe_plugin/comm/row_codec.py); their
+                max_abs_diff_vs_hierarchical is the codec's rounding
 Per system and configuration also: collectives per layer forward (counted by wrapping
 torch.distributed's calls) and host syncs per layer forward (CUDA's sync debug mode; '-' on CPU), and
 for 'overlap' a timeline from device events: local expert GEMMs vs the inter-node transfer's window.
@@ -50,6 +53,7 @@ import torch.distributed as dist
 
 from locmoe_plugin import Topology
 from locmoe_plugin.comm import TokenDispatcher, build_comm_groups
+from locmoe_plugin.comm.row_codec import DISPATCH_FORMATS
 from locmoe_plugin.device import get_accelerator
 from locmoe_plugin.routing import index_to_dense
 
@@ -228,6 +232,14 @@ def run_megatron(disp, x, routing_map, probs, experts=None):
     return disp.combine_postprocess(out)
 
 
+def split_format(system: str) -> tuple[str, str]:
+    """``"overlap_fp8"`` -> ``("overlap", "fp8")``; a name without a format suffix -> ``(name, "native")``."""
+    base, _, fmt = system.rpartition("_")
+    if base in ("hierarchical", "flat", "overlap", "overlap_phases") and fmt in DISPATCH_FORMATS[1:]:
+        return base, fmt
+    return system, "native"
+
+
 def main() -> None:
     args = parse()
     if args.rounds < 1 or args.iters < 1 or args.warmup < 0:
@@ -261,6 +273,7 @@ def main() -> None:
             experts = make_experts(E // world, d, args.expert_ffn, dev, dtype, seed=E * 100 + rank)
             outs, res, built = {}, {}, {}
             for system in args.systems:
+                base, fmt = split_format(system)
                 if system == "megatron":
                     try:
                         mdisp = megatron_dispatcher(E, k, d, dtype)
@@ -275,8 +288,8 @@ def main() -> None:
                         if backward:
                             y.backward(cot)
                         return y
-                elif system == "overlap":
-                    disp = TokenDispatcher(groups, "hierarchical", overlap=True)
+                elif base == "overlap":
+                    disp = TokenDispatcher(groups, "hierarchical", overlap=True, dispatch_format=fmt)
 
                     def step(disp=disp, mark=None, backward=True):
                         xx = x.clone().requires_grad_(True)
@@ -289,8 +302,8 @@ def main() -> None:
                     continue  # across nodes "hierarchical" already is the two-stage plan
                 else:
                     disp = TokenDispatcher(
-                        groups, "flat_fast" if system == "flat" else "hierarchical", exact_tree=system == "hier_tree",
-                        overlap=system == "overlap_phases",
+                        groups, "flat_fast" if base == "flat" else "hierarchical", exact_tree=system == "hier_tree",
+                        overlap=base == "overlap_phases", dispatch_format=fmt,
                     )
 
                     def step(disp=disp, mark=None, backward=True):
@@ -353,7 +366,7 @@ def main() -> None:
                 dist.all_reduce(calls, op=dist.ReduceOp.MAX)
                 res[system]["collectives_per_forward"] = int(calls[0])
                 res[system]["host_syncs_per_forward"] = None if calls[1] < 0 else int(calls[1])
-                if system == "overlap" and disp is not None and disp.overlap_active:
+                if split_format(system)[0] == "overlap" and disp is not None and disp.overlap_active:
                     res[system]["timeline"] = timeline(step, acc, dev)
                 if disp is not None:
                     tr = disp.traffic
@@ -455,6 +468,18 @@ def print_table(meta, rows) -> None:
               f"{str(get('hierarchical', 'collectives_per_forward')) + ',' + str(get('overlap', 'collectives_per_forward')):>17} "
               f"{str(syncs):>9} {tl.get('local_experts_ms', float('nan')):>7.2f} "
               f"{tl.get('rail_window_ms', float('nan')):>7.2f} {tl.get('overlap_share', float('nan')):>6.2f}")
+        for fmt in DISPATCH_FORMATS[1:]:
+            if f"hierarchical_{fmt}" not in s:
+                continue
+            tl = s.get(f"overlap_{fmt}", {}).get("timeline", {})
+            print(f"{'':>3} {'':>2} {fmt:>6} {ms(f'hierarchical_{fmt}'):>8.2f} {ms(f'flat_{fmt}'):>8.2f} {'':>9} "
+                  f"{ms(f'overlap_{fmt}'):>8.2f} {ms(f'overlap_phases_{fmt}'):>8.2f} "
+                  f"{ratio(s, f'overlap_{fmt}', f'hierarchical_{fmt}'):>8.3f} "
+                  f"{ratio(s, f'overlap_phases_{fmt}', f'hierarchical_{fmt}'):>9.3f} "
+                  f"{ratio(s, f'flat_{fmt}', f'hierarchical_{fmt}'):>9.2f} "
+                  f"{'x native: ' + format(ratio(s, f'hierarchical_{fmt}', 'hierarchical'), '.3f'):>17} {'':>9} "
+                  f"{tl.get('local_experts_ms', float('nan')):>7.2f} {tl.get('rail_window_ms', float('nan')):>7.2f} "
+                  f"{tl.get('overlap_share', float('nan')):>6.2f}")
 
 
 if __name__ == "__main__":

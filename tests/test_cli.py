@@ -42,11 +42,14 @@ def test_check_comm_checks_a_dispatch_format_against_native_rows_of_the_decoded_
     out = _run("check-comm", "--nproc", "4", "--gpus-per-node", "2", "--dispatch-format", "int8", "--tokens", "64",
                "--iters", "1", "--json", str(tmp_path / "r.json"))
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.rstrip().endswith("hierarchical == flat == native_decoded, bit for bit  ->  OK")
+    assert out.stdout.rstrip().endswith("hierarchical == flat == overlap == native_decoded, bit for bit  ->  OK")
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["dispatch_format"] == "int8" and report["systems"] == ["hierarchical", "flat", "native_decoded"]
+    assert report["dispatch_format"] == "int8" and report["systems"] == ["hierarchical", "flat", "overlap",
+                                                                                  "native_decoded"]
     zeros = {"output": 0.0, "grad_input": 0.0, "grad_weights": 0.0}
     assert report["max_abs_diff"] == zeros and report["max_abs_diff_native_decoded"] == zeros
+    assert report["max_abs_diff_overlap"] == zeros
+    assert report["inter_node_bytes"]["overlap"] == report["inter_node_bytes"]["hierarchical"]
     # the codec's rows are one byte per feature plus scales: fewer bytes than the native rows
     assert 0 < report["inter_node_bytes"]["hierarchical"] < report["inter_node_bytes"]["native_decoded"]
 

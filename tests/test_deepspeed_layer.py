@@ -40,6 +40,8 @@ def _worker(rank, world):
         # token rows and output gradients sent as int8 with block scales: close to the reference, fewer bytes
         ("dense_k4_int8", {"gpus_per_node": 2, "gate": "dense", "locality_loss_coeff": 0.01,
                            "dispatch_format": "int8"}, 4),
+        ("dense_k4_int8_overlap", {"gpus_per_node": 2, "gate": "dense", "locality_loss_coeff": 0.01,
+                                   "dispatch_format": "int8", "overlap": True}, 4),
         ("one_node", {"gpus_per_node": 4}, 4),  # one node: the layer uses the pairs plan (flat_fast)
         # the same with each expert module run on its rows, not as grouped GEMMs
         ("one_node_modules", {"gpus_per_node": 4, "grouped_experts": "off"}, 4),
@@ -88,7 +90,7 @@ def _worker(rank, world):
 def test_locmoe_layer_on_deepspeed_groups_matches_dense_reference():
     for res in run_workers(_worker, 4):
         for name, r in res.items():
-            tol = dict(rtol=0.05, atol=0.01) if name.endswith("int8") else dict(rtol=1e-5, atol=1e-6)
+            tol = dict(rtol=0.05, atol=0.01) if "int8" in name else dict(rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(r["y"], r["ref"], **tol, msg=name)
             torch.testing.assert_close(r["gx"], r["gref"], **tol, msg=name)
             if name.startswith("one_node"):
@@ -99,7 +101,7 @@ def test_locmoe_layer_on_deepspeed_groups_matches_dense_reference():
             else:
                 assert r["nodes"] == 2 and r["l_aux"] > 0 and r["counts"].shape == (E,)
             assert r["traffic"]["calls"] >= 1
-            assert r["overlap_active"] == (name in ("locmoe", "dense_k4_overlap")), name
+            assert r["overlap_active"] == (name in ("locmoe", "dense_k4_overlap", "dense_k4_int8_overlap")), name
         # the same layer with and without the overlap (the experts then run per origin: equal up to the
         # GEMM's dependence on its row count, bitwise with row-exact experts: see test_dispatcher_dist)
         for key in ("y", "gx"):
@@ -110,6 +112,10 @@ def test_locmoe_layer_on_deepspeed_groups_matches_dense_reference():
         assert coded["dispatch_inter_bytes"] * D * 4 == native["dispatch_inter_bytes"] * (D + 4)
         assert coded["combine_inter_bytes"] == native["combine_inter_bytes"]
         assert not torch.equal(res["dense_k4_int8"]["y"], res["dense_k4_no_overlap"]["y"])
+        # with the overlap the routes move the same encoded rows (experts per origin: equal up to the GEMM)
+        for key in ("y", "gx"):
+            torch.testing.assert_close(res["dense_k4_int8_overlap"][key], res["dense_k4_int8"][key], rtol=1e-6, atol=1e-7)
+        assert res["dense_k4_int8_overlap"]["traffic"] == res["dense_k4_int8"]["traffic"]
         # grouped experts (the default for two-layer experts) against the expert modules: bitwise on CPU
         assert {n: r["grouped"] for n, r in res.items()} == {n: n != "one_node_modules" for n in res}
         for key in ("y", "gx"):
@@ -140,8 +146,8 @@ def test_config_section_and_errors(tmp_path):
         LocMoE(D, _expert(), num_experts=3, k=1, locmoe={"gate": "grap"})
     with pytest.raises(ConfigError, match="dispatcher='ring'"):
         LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"dispatcher": "ring"})
-    with pytest.raises(ConfigError, match="dispatch_format='fp8' with overlap on"):
-        LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"overlap": True, "dispatch_format": "fp8"})
+    both = LocMoE(D, _expert(), num_experts=E, k=2, locmoe={"overlap": True, "dispatch_format": "fp8"})
+    assert (both.deepspeed_moe.dispatcher_settings.overlap, both.deepspeed_moe.dispatcher_settings.dispatch_format) == (True, "fp8")
     assert LocMoE(D, _expert(), num_experts=E, k=2,
                   locmoe={"dispatch_format": "int8"}).deepspeed_moe.dispatcher_settings.dispatch_format == "int8"
     with pytest.raises(ConfigError, match='"overlap_chunks": 2 is removed: use "overlap": true'):

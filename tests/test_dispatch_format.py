@@ -124,8 +124,8 @@ def test_formats_and_settings_are_checked_where_they_enter():
         row_codec("fp4")
     with pytest.raises(ConfigError, match=r"dispatch_format='bf8' is not one of 'native', 'fp8', 'int8': pick"):
         DispatcherSettings(dispatch_format="bf8")
-    with pytest.raises(ConfigError, match=r"dispatch_format='fp8' with overlap on: .* turn the overlap off"):
-        DispatcherSettings(overlap=True, dispatch_format="fp8")
+    both = DispatcherSettings(overlap=True, dispatch_format="fp8")  # the overlapped routes move encoded rows
+    assert both.agreement()["overlap"] and both.agreement()["dispatch_format"] == "fp8"
     s = DispatcherSettings(mode="flat", dispatch_format="int8")
     assert s.agreement()["dispatch_format"] == "int8"
     assert DispatcherSettings.of(s, overlap=False) == s  # overlap replaced, the format kept
@@ -145,9 +145,8 @@ def test_megatron_flag():
     args.num_experts, args.hidden_size, args.moe_router_topk = 8, 64, 2
     assert settings_from_args(args)[1].dispatch_format == "fp8"
     args.locmoe_overlap = "on"
-    with pytest.raises(ConfigError, match=r"--locmoe-dispatch-format fp8 with --locmoe-overlap on: .* pass "
-                                          r"--locmoe-overlap off or --locmoe-dispatch-format native"):
-        settings_from_args(args)
+    both = settings_from_args(args)[1]
+    assert (both.overlap, both.dispatch_format) == (True, "fp8")
     with pytest.raises(SystemExit):
         parser.parse_args(["--locmoe-dispatch-format", "fp4"])
 
@@ -264,6 +263,85 @@ def check_codec_results(results) -> None:
 @pytest.mark.multiproc
 def test_codec_dispatcher_is_the_native_one_on_decoded_rows_2x2_and_one_node():
     check_codec_results(run_workers(_codec_worker, 4))
+
+
+def _codec_overlap_worker(rank, world, device="cpu"):
+    """The overlapped path with a codec against the unsplit path with the same codec, on 2 nodes x 2 and
+    4 nodes x 1 (several rail steps), through dispatch / combine and through ``forward(expert_fn)``."""
+    import torch.distributed as dist
+
+    from locmoe_plugin import Topology
+    from locmoe_plugin.comm import TokenDispatcher, build_comm_groups
+
+    from .test_dispatcher_dist import D as DD, _case_inputs, _expert_fn as row_exact_expert
+
+    out = []
+    for rpn, E, k in ((2, 8, 3), (1, 8, 3)):
+        topo = Topology.from_ranks_per_node(world, rpn, E, ep_rank=rank)
+        groups = build_comm_groups(topo, dist.group.WORLD)
+        W = (torch.randn(E, DD, DD, generator=torch.Generator().manual_seed(5)) / 4).to(device)
+        first = topo.ep_rank * topo.experts_per_rank
+        e_r = topo.experts_per_rank
+        own = [e for q in topo.ranks_of_node(topo.node) for e in range(q * e_r, (q + 1) * e_r)]
+        cases = {
+            "uneven": _case_inputs(rank, E, k, 5 + 7 * rank, 1, 0.0),
+            "drops": _case_inputs(rank, E, k, 12, 2, 0.3),
+            "empty": _case_inputs(rank, E, min(k, 2), 0 if rank == 1 else 9, 3, 0.1,
+                                  only_experts=list(range(E // world)) + list(range(E - E // world, E))),
+            "all_remote": _case_inputs(rank, E, k, 8, 8, 0.1, only_experts=[e for e in range(E) if e not in own]),
+        }
+        for name, (x, ids, w) in cases.items():
+            x = 3 * x
+            if x.shape[0]:
+                x[0] = 0  # a zero-norm token
+            x, ids, w = x.to(device), ids.to(device), w.to(device)
+            cot = torch.linspace(-1, 1, x.numel(), device=device).view_as(x)  # the output gradient
+            for fmt in ("fp8", "int8"):
+                def run(overlap, through_forward, dispatch_format=fmt):
+                    disp = TokenDispatcher(groups, "hierarchical", overlap=overlap, dispatch_format=dispatch_format)
+                    xx = x.clone().requires_grad_(True)
+                    ww = w.clone().requires_grad_(True)
+                    split = None
+                    if through_forward:
+                        y = disp.forward(xx, ids, ww, lambda inp, tpe: row_exact_expert(inp, tpe, first, W))
+                    else:
+                        inp, h = disp.dispatch(xx, ids, ww)
+                        split = h.plan.origin_split is not None
+                        y = disp.combine(row_exact_expert(inp, h.tokens_per_expert, first, W), h)
+                    y.backward(cot)
+                    return dict(y=y.detach(), gx=xx.grad, gw=ww.grad, traffic=disp.traffic.to_dict(), split=split)
+
+                res = {"hierarchical": run(False, False), "hierarchical_fwd": run(False, True)}
+                res["overlap"], res["overlap_bytes"] = _bytes_sent(lambda: run(True, False))
+                res["overlap_fwd"] = run(True, True)
+                res["overlap_native"], res["overlap_native_bytes"] = _bytes_sent(lambda: run(True, False, "native"))
+                out.append(((rpn, name, fmt), res))
+    return out
+
+
+def check_codec_overlap_results(results) -> None:
+    """Assert :func:`_codec_overlap_worker`'s properties on every rank's result."""
+    saw_split = saw_fewer = False
+    for rank, res in enumerate(results):
+        for key, r in res:
+            h = r["hierarchical"]
+            for other in ("hierarchical_fwd", "overlap", "overlap_fwd"):
+                for name in ("y", "gx", "gw"):
+                    assert torch.equal(h[name], r[other][name]), (key, other, name, rank)
+                assert r[other]["traffic"] == h["traffic"], (key, other, rank)
+            saw_split |= bool(r["overlap"]["split"])
+            if r["overlap"]["split"] and h["y"].abs().sum() > 0:
+                # the codec is really applied on the overlapped routes
+                assert not torch.equal(r["overlap"]["y"], r["overlap_native"]["y"]), (key, rank)
+            if r["overlap_native_bytes"]:
+                assert r["overlap_bytes"] < r["overlap_native_bytes"], (key, rank)
+                saw_fewer = True
+    assert saw_split and saw_fewer
+
+
+@pytest.mark.multiproc
+def test_overlap_with_a_codec_equals_the_unsplit_codec_path_2x2_and_4x1():
+    check_codec_overlap_results(run_workers(_codec_overlap_worker, 4))
 
 
 def test_codec_benchmark_runs_and_checks_the_bits(capsys):

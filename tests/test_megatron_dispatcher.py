@@ -37,7 +37,8 @@ def _worker(rank, world):
         # "hierarchical": the overlap switched on (2 nodes: split by origin); "no_overlap": the default unsplit plan
         modes = {"hierarchical": DispatcherSettings(mode="hierarchical", overlap=True), "flat": "flat",
                  "no_overlap": "hierarchical",  # a plain mode string: overlap off (the default)
-                 "int8": DispatcherSettings(mode="hierarchical", dispatch_format="int8")}
+                 "int8": DispatcherSettings(mode="hierarchical", dispatch_format="int8"),
+                 "int8_overlap": DispatcherSettings(mode="hierarchical", overlap=True, dispatch_format="int8")}
         ours = {m: _build(LocMoELayer, 1, 4, locmoe, topk, dispatcher=d) for m, d in modes.items()}
         out[("overlap_active", topk)] = {m: layer.token_dispatcher.core.overlap_active for m, layer in ours.items()}
         for layer in ours.values():
@@ -146,11 +147,14 @@ def test_locmoe_dispatcher_in_megatron_moe_layer():
             assert torch.equal(r["hierarchical"][0], r["no_overlap"][0])
             assert torch.equal(r["hierarchical"][1], r["no_overlap"][1])
             assert res[("overlap_active", topk)] == {"hierarchical": True, "flat": False, "no_overlap": False,
-                                                     "int8": False}
+                                                     "int8": False, "int8_overlap": True}
             # rows and output gradients sent as int8 with block scales: close, not equal; fewer dispatch bytes
             torch.testing.assert_close(r["int8"][0], y_ref, rtol=0.05, atol=0.01, msg=f"int8 k={topk}")
             torch.testing.assert_close(r["int8"][1], g_ref, rtol=0.05, atol=0.01, msg=f"int8 k={topk}")
             assert not torch.equal(r["int8"][0], r["no_overlap"][0])
+            # the overlapped routes move the same encoded rows: bitwise the unsplit int8 layer
+            assert torch.equal(r["int8_overlap"][0], r["int8"][0]) and torch.equal(r["int8_overlap"][1], r["int8"][1])
+            assert r["int8_overlap_traffic"] == r["int8_traffic"]
             coded, native = r["int8_traffic"], r["no_overlap_traffic"]
             assert 0 < coded["dispatch_inter_bytes"] < native["dispatch_inter_bytes"]
             assert coded["combine_inter_bytes"] == native["combine_inter_bytes"]

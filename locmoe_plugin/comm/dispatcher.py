@@ -25,7 +25,7 @@ from .hierarchical_plan import crosses_nodes, hierarchical_traffic, tokens_per_l
 from .origin_split import build_origin_split
 from .overlap import broadcast_split, combine_blocks, dispatch_blocks, reduce_split
 from .plan import Plan
-from .row_codec import RowCodec, refuse_with_overlap, row_codec
+from .row_codec import RowCodec, row_codec
 
 MODES = PLAN_MODES
 
@@ -203,7 +203,8 @@ class TokenDispatcher:
             other modes ignore it. A rank with another count cannot be recovered from (gloo aborts, NCCL
             may wait forever), so leave it False where token counts may differ.
         dispatch_format: ``"native"``, ``"fp8"`` or ``"int8"``: how rows travel in the dispatch direction
-            (:mod:`.row_codec`; not with ``overlap``).
+            (:mod:`.row_codec`; with ``overlap`` too: the overlapped routes move encoded rows,
+            :mod:`.overlap`).
 
     Attributes:
         plan_mode: the plan actually built (:func:`resolve_mode`).
@@ -220,7 +221,6 @@ class TokenDispatcher:
         if not isinstance(overlap, bool):
             raise ValueError(f"overlap={overlap!r} must be True or False")
         codec = row_codec(dispatch_format)
-        refuse_with_overlap(dispatch_format, overlap)
         if mode == "allgather" and groups.topology.num_nodes > 1:
             # refused, not replaced by the default: the user asked for one collective pattern by name, and
             # a plan that silently differs across nodes would make timings and numerics compare other things
@@ -316,7 +316,7 @@ class TokenDispatcher:
         """The payload half of :meth:`dispatch`: ``x [s, d]`` -> ``expert_input [num_pairs, d]`` and the
         pairs' combine weights ``[num_pairs]`` fp32 (autograd to ``weights [s, k]``)."""
         if plan.origin_split is not None:
-            expert_input = broadcast_split(x, plan.origin_split)
+            expert_input = broadcast_split(x, plan.origin_split, self.codec)
         elif self.codec is not None:
             expert_input = _EncodedBroadcast.apply(x, plan, self.codec)
         else:
@@ -328,7 +328,7 @@ class TokenDispatcher:
     def reduce(self, rows: torch.Tensor, plan: Plan) -> torch.Tensor:
         """The payload half of :meth:`combine`, without weights: ``rows [num_pairs, d]`` -> ``[s, d]``."""
         if plan.origin_split is not None:
-            out = reduce_split(rows, plan.origin_split)
+            out = reduce_split(rows, plan.origin_split, self.codec)
         else:
             out = _Reduce.apply(rows, plan, self.codec)
         self._count_traffic(plan, rows, dispatch=False)
@@ -393,7 +393,7 @@ class TokenDispatcher:
         split = plan.origin_split
         self._count_traffic(plan, x, dispatch=True)
         mark = mark or (lambda name: None)
-        blocks = dispatch_blocks(x, split)  # consumed lazily: a block's experts run before the next wait
+        blocks = dispatch_blocks(x, split, self.codec)  # consumed lazily: a block's experts run before the next wait
         node, local_in = next(blocks)
         mark("rail_launched")
         mark("local_experts_start")
@@ -405,7 +405,7 @@ class TokenDispatcher:
             outs[origin] = _connected(expert_fn(pairs, split.routes[origin].tokens_per_expert), pairs)
         pair_w = _PairWeights.apply(weights.float(), plan)  # the remote pairs' weights arrived with their rows
         weighted = {b: y * pair_w.index_select(0, split.positions[b]).unsqueeze(1).to(y.dtype) for b, y in outs.items()}
-        out = combine_blocks(weighted, split)
+        out = combine_blocks(weighted, split, self.codec)
         self._count_traffic(plan, out, dispatch=False)
         return out.reshape(hidden.shape[:-1] + (out.shape[-1],))
 

@@ -24,6 +24,15 @@ independent branches (e.g. experts of different sizes): each backward step runs 
 which all members of the node must enter in the same order. Dispatch blocks go forward in step order
 (their backward runs last step first); combine blocks go forward last step first (so their backward
 takes the blocks in arrival order of the backward's own rail steps).
+
+With a row codec (:mod:`.row_codec`, ``dispatch_format`` fp8 / int8) the dispatch direction moves encoded
+rows: the dispatch's forward encodes the tokens once, every hop (rail and node) moves the encoded bytes
+(with the metadata packed behind them), and each route decodes its pairs; the combine's backward does the
+same with the output gradient. Since decoding is row by row and the hops only copy rows, each route's
+pairs are bit for bit the unsplit codec path's (``decode(broadcast(encode(x)))``). In the combine's
+backward the rail receive buffer holds encoded rows, which cannot be a link's gradient (dtype and width
+differ): the record keeps it (``InFlight.backward_encoded``) and the link gets a zero-size stand-in of
+the link's shape (a broadcast scalar, no memory), read by nothing. The reduce direction stays native.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from typing import Iterator
 import torch
 
 from .origin_split import OriginSplit
+from .row_codec import RowCodec
 
 
 class InFlight:
@@ -40,10 +50,11 @@ class InFlight:
     index, and each direction's batch (:class:`.rail_steps.RailBatch`: its steps move in one collective).
     One record per dispatch (and one per combine)."""
 
-    __slots__ = ("forward", "forward_batch", "backward_batch")
+    __slots__ = ("forward", "forward_batch", "backward_batch", "backward_encoded")
 
     def __init__(self) -> None:
         self.forward: dict[int, torch.Tensor] = {}
+        self.backward_encoded: dict[int, torch.Tensor] = {}  # step -> encoded receive buffer (combine's backward)
         self.forward_batch = self.backward_batch = None
 
     def batch(self, split: OriginSplit, backward: bool, back: bool):
@@ -68,107 +79,139 @@ class InFlight:
 
 class _LaunchRail(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, split: OriginSplit, flight: InFlight):
+    def forward(ctx, x, split: OriginSplit, flight: InFlight, codec: RowCodec | None):
         ctx.split, ctx.flight = split, flight
+        payload = x if codec is None else codec.encode(x)  # [s, F], or uint8 [s, row_bytes(F)]
         links = []
         for i in range(len(split.steps)):
             gather = split.send_index(i)
-            rows = x.index_select(0, gather)  # [rows for step i's node, F]
+            rows = payload.index_select(0, gather)  # [rows for step i's node, F or row bytes]
             # the payload moves first, its routing metadata packed behind each row; the local rows'
             # work is queued behind the launches
             flight.forward[i] = split.start_step(i, rows, flight.batch(split, False, back=False),
                                                  meta=split.token_meta.index_select(0, gather))
-            links.append(rows)
-        return (split.local.broadcast(x, split.token_meta), x.new_zeros(0), *links)
+            # the link: shape and dtype of the step's rows as the caller sees them (its gradient is the
+            # backward's receive buffer)
+            links.append(rows if codec is None else x.new_empty((rows.shape[0], x.shape[1])))
+        local = split.local.broadcast(payload, split.token_meta)
+        if codec is not None:
+            local = codec.decode(local, x.shape[1], x.dtype)
+        return (local, x.new_zeros(0), *links)
 
     @staticmethod
     def backward(ctx, grad_local_pairs, grad_chain, *grad_links):
         split, flight = ctx.split, ctx.flight
         local_rows = split.local.reduce(grad_local_pairs.contiguous())
         flight.wait_backward()  # every grad_links[i] is a slice of the backward batch's one receive buffer
-        return split.sum_rail(local_rows, list(grad_links)), None, None
+        return split.sum_rail(local_rows, list(grad_links)), None, None, None
 
 
 class _ArriveBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, link, chain, split: OriginSplit, flight: InFlight, i: int):
+    def forward(ctx, link, chain, split: OriginSplit, flight: InFlight, i: int, codec: RowCodec | None):
         ctx.split, ctx.flight, ctx.i = split, flight, i
         packed = flight.wait_forward(i)
-        rows, meta = split.arrived(i, packed, link.dtype, link.shape[1])
+        d = link.shape[1]
+        if codec is None:
+            rows, meta = split.arrived(i, packed, link.dtype, d)
+        else:
+            rows, meta = split.arrived(i, packed, torch.uint8, codec.row_bytes(d))
         # the block arrived packed (payload and metadata per row): its node hop gathers those rows as they are
-        return split.step_route(i).broadcast(rows, meta, packed), chain.new_zeros(0)
+        pairs = split.step_route(i).broadcast(rows, meta, packed)
+        if codec is not None:
+            pairs = codec.decode(pairs, d, link.dtype)
+        return pairs, chain.new_zeros(0)
 
     @staticmethod
     def backward(ctx, grad_pairs, grad_chain):
         split, flight, i = ctx.split, ctx.flight, ctx.i
         rail_rows = split.step_route(i).reduce(grad_pairs.contiguous())
         buf = split.start_step(i, rail_rows, flight.batch(split, True, back=True))
-        return buf, grad_chain, None, None, None
+        return buf, grad_chain, None, None, None, None
 
 
 class _ReduceBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pairs, chain, split: OriginSplit, flight: InFlight, i: int):
-        ctx.split, ctx.flight, ctx.i = split, flight, i
+    def forward(ctx, pairs, chain, split: OriginSplit, flight: InFlight, i: int, codec: RowCodec | None):
+        ctx.split, ctx.flight, ctx.i, ctx.codec = split, flight, i, codec
         rail_rows = split.step_route(i).reduce(pairs)  # [block rows, F]
         flight.forward[i] = split.start_step(i, rail_rows, flight.batch(split, False, back=True))
         return rail_rows, chain.new_zeros(0)
 
     @staticmethod
     def backward(ctx, grad_link, grad_chain):
-        ctx.flight.wait_backward()  # grad_link is its receive buffer
-        return ctx.split.step_route(ctx.i).broadcast(grad_link), grad_chain, None, None, None
+        flight, codec, route = ctx.flight, ctx.codec, ctx.split.step_route(ctx.i)
+        flight.wait_backward()  # grad_link is its receive buffer (with a codec: a stand-in; the record has it)
+        if codec is None:
+            grad_pairs = route.broadcast(grad_link)
+        else:
+            grad_pairs = codec.decode(route.broadcast(flight.backward_encoded.pop(ctx.i)), grad_link.shape[1],
+                                      grad_link.dtype)
+        return grad_pairs, grad_chain, None, None, None, None
 
 
 class _FinishReduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, local_pairs, chain, split: OriginSplit, flight: InFlight, *links):
-        ctx.split, ctx.flight = split, flight
+    def forward(ctx, local_pairs, chain, split: OriginSplit, flight: InFlight, codec: RowCodec | None, *links):
+        ctx.split, ctx.flight, ctx.codec = split, flight, codec
         local_rows = split.local.reduce(local_pairs)
         return split.sum_rail(local_rows, [flight.wait_forward(i) for i in range(len(links))])
 
     @staticmethod
     def backward(ctx, grad):
-        split, flight = ctx.split, ctx.flight
+        split, flight, codec = ctx.split, ctx.flight, ctx.codec
         grad = grad.contiguous()
+        payload = grad if codec is None else codec.encode(grad)  # [s, F], or uint8 [s, row_bytes(F)]
         bufs = []
         for i in range(len(split.steps)):
-            bufs.append(split.start_step(i, grad.index_select(0, split.send_index(i)),
-                                         flight.batch(split, True, back=False)))
-        return (split.local.broadcast(grad), grad.new_zeros(0), None, None, *bufs)
+            buf = split.start_step(i, payload.index_select(0, split.send_index(i)),
+                                   flight.batch(split, True, back=False))
+            if codec is not None:
+                flight.backward_encoded[i] = buf
+                buf = grad.new_zeros(()).expand(buf.shape[0], grad.shape[1])  # the stand-in (module doc)
+            bufs.append(buf)
+        local = split.local.broadcast(payload)
+        if codec is not None:
+            local = codec.decode(local, grad.shape[1], grad.dtype)
+        return (local, grad.new_zeros(0), None, None, None, *bufs)
 
 
-def dispatch_blocks(x: torch.Tensor, split: OriginSplit) -> Iterator[tuple[int, torch.Tensor]]:
+def dispatch_blocks(x: torch.Tensor, split: OriginSplit, codec: RowCodec | None = None
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
     """``x [s, F]`` -> yields ``(origin node, pairs [pairs of that origin, F])``: this node's first (the
     rail transfer in flight), then each other node's block, in step order, once the transfer arrived.
-    Consume it lazily to work on the local rows while the remote ones travel."""
+    Consume it lazily to work on the local rows while the remote ones travel. ``codec``: rows travel
+    encoded and arrive decoded (module doc)."""
     flight = InFlight()
-    local_pairs, chain, *links = _LaunchRail.apply(x, split, flight)
+    local_pairs, chain, *links = _LaunchRail.apply(x, split, flight, codec)
     yield split.node, local_pairs
     for i, link in enumerate(links):
-        pairs, chain = _ArriveBlock.apply(link, chain, split, flight, i)
+        pairs, chain = _ArriveBlock.apply(link, chain, split, flight, i, codec)
         yield split.steps[i].recv_node, pairs
 
 
-def combine_blocks(pairs_by_node: dict[int, torch.Tensor], split: OriginSplit) -> torch.Tensor:
+def combine_blocks(pairs_by_node: dict[int, torch.Tensor], split: OriginSplit,
+                   codec: RowCodec | None = None) -> torch.Tensor:
     """Every route's (weighted) pairs, origin node -> ``[pairs, F]`` -> ``[s, F]``: each remote block
     reduced in the node (last step first), their rail return launched as one collective, the local pairs
-    reduced while they travel, then every token's node copies summed in node order."""
+    reduced while they travel, then every token's node copies summed in node order. ``codec``: the
+    backward's output gradient travels encoded (module doc); the forward is native."""
     flight = InFlight()
     local = pairs_by_node[split.node]
     chain = local.new_zeros(0)
     links = [None] * len(split.steps)
     for i in reversed(range(len(split.steps))):
-        links[i], chain = _ReduceBlock.apply(pairs_by_node[split.steps[i].recv_node], chain, split, flight, i)
-    return _FinishReduce.apply(local, chain, split, flight, *links)
+        links[i], chain = _ReduceBlock.apply(pairs_by_node[split.steps[i].recv_node], chain, split, flight, i,
+                                             codec)
+    return _FinishReduce.apply(local, chain, split, flight, codec, *links)
 
 
-def broadcast_split(x: torch.Tensor, split: OriginSplit) -> torch.Tensor:
+def broadcast_split(x: torch.Tensor, split: OriginSplit, codec: RowCodec | None = None) -> torch.Tensor:
     """``x [s, F]`` -> ``[num_pairs, F]`` in canonical order (the rail transfer overlaps the local rows'
     node hop)."""
-    return split.merge(dict(dispatch_blocks(x, split)))
+    return split.merge(dict(dispatch_blocks(x, split, codec)))
 
 
-def reduce_split(y: torch.Tensor, split: OriginSplit) -> torch.Tensor:
+def reduce_split(y: torch.Tensor, split: OriginSplit, codec: RowCodec | None = None) -> torch.Tensor:
     """``y [num_pairs, F]`` canonical -> ``[s, F]`` (the rail returns overlap the later reduces)."""
-    return combine_blocks({b: y.index_select(0, pos) for b, pos in split.positions.items()}, split)
+    return combine_blocks({b: y.index_select(0, pos) for b, pos in split.positions.items()}, split, codec)

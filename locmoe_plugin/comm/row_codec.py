@@ -119,14 +119,6 @@ class RowCodec:
         return out
 
 
-def refuse_with_overlap(fmt: str, overlap: bool) -> None:
-    """The one refusal of a codec together with the overlap (the overlapped path sends rows native), for the
-    settings object and the core dispatcher alike."""
-    if overlap and fmt != "native":
-        raise ConfigError(f"dispatch_format={fmt!r} with overlap on: the overlapped path sends rows native; turn "
-                          f"the overlap off or use dispatch_format='native'")
-
-
 def row_codec(fmt: str) -> RowCodec | None:
     """The codec of a dispatch format; None for ``"native"``."""
     if fmt not in DISPATCH_FORMATS:

@@ -7,11 +7,10 @@ largest absolute difference of outputs, input gradients and combine-weight gradi
 hierarchical mode (must be exactly 0 in fp32), bytes that cross nodes in each, and the median time of
 each. Exit status 1 on any mismatch.
 
-With ``--dispatch-format fp8`` (or ``int8``) the hierarchical and flat modes send their rows encoded
-(:mod:`.row_codec`; the overlap refuses a codec, so it is not run) and the third run is the native
-hierarchical mode on the decoded tokens and output gradient (``decode(encode(x))``): the codec's runs must
-equal it bit for bit too, which checks the encoding, the transfer of one-byte rows and the decoding on this
-machine's devices and collectives.
+With ``--dispatch-format fp8`` (or ``int8``) the hierarchical, flat and overlapped modes send their rows
+encoded (:mod:`.row_codec`) and a fourth run is the native hierarchical mode on the decoded tokens and output
+gradient (``decode(encode(x))``): the codec's runs must equal it bit for bit too, which checks the encoding,
+the transfer of one-byte rows and the decoding on this machine's devices and collectives.
 
 Run it standalone (``--nproc P`` spawns P local processes) or under a launcher that sets RANK /
 WORLD_SIZE / LOCAL_RANK (torchrun, ``launch/emulate_nodes.sh``); then ``--nproc`` is ignored.
@@ -35,8 +34,8 @@ from .row_codec import DISPATCH_FORMATS, row_codec
 
 
 SYSTEMS = ("hierarchical", "flat", "overlap")
-#: the runs with a dispatch format: the third is the native hierarchical mode on decoded inputs
-CODEC_SYSTEMS = ("hierarchical", "flat", "native_decoded")
+#: the runs with a dispatch format: the last is the native hierarchical mode on decoded inputs
+CODEC_SYSTEMS = ("hierarchical", "flat", "overlap", "native_decoded")
 
 
 def systems_for(dispatch_format: str) -> tuple[str, ...]:
@@ -113,11 +112,11 @@ def _check_worker(args: argparse.Namespace, result_path: str | None) -> int:
         per_call = {k2: v // disp.traffic.calls for k2, v in disp.traffic.to_dict().items() if k2 != "calls"}
         traffic[mode] = per_call
 
-    third = systems[2]
+    others = systems[1:]  # each compared with the hierarchical mode
     diffs = torch.stack([
         (results["hierarchical"][i].float() - results[other][i].float()).abs().max()
         if results[other][i].numel() else torch.zeros((), device=dev)
-        for other in ("flat", third)
+        for other in others
         for i in range(3)
     ])
     dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
@@ -126,17 +125,18 @@ def _check_worker(args: argparse.Namespace, result_path: str | None) -> int:
     dist.all_reduce(sums)
     tms = torch.tensor([times[m] for m in systems], dtype=torch.float64, device=dev)
     dist.all_reduce(tms, op=dist.ReduceOp.MAX)
-    d_out, d_gx, d_gw, o_out, o_gx, o_gw = diffs.tolist()
+    diff_of = {m: dict(zip(("output", "grad_input", "grad_weights"), diffs[3 * j : 3 * j + 3].tolist()))
+               for j, m in enumerate(others)}
     report = {
         "ranks": world, "nodes": topo.num_nodes, "ranks_per_node": topo.ranks_per_node,
         "backend": args.backend, "tokens_per_rank": s, "hidden": d, "experts": e, "topk": k,
         "dispatch_format": fmt, "systems": list(systems),
-        "max_abs_diff": {"output": d_out, "grad_input": d_gx, "grad_weights": d_gw},
-        f"max_abs_diff_{third}": {"output": o_out, "grad_input": o_gx, "grad_weights": o_gw},
+        "max_abs_diff": diff_of["flat"],
+        **{f"max_abs_diff_{m}": diff_of[m] for m in others[1:]},
         "inter_node_bytes": {m: int(sums[2 * i]) for i, m in enumerate(systems)},
         "intra_node_bytes": {m: int(sums[2 * i + 1]) for i, m in enumerate(systems)},
         "time_ms": {m: tms[i].item() for i, m in enumerate(systems)},
-        "ok": d_out == 0 and d_gx == 0 and d_gw == 0 and o_out == 0 and o_gx == 0 and o_gw == 0,
+        "ok": all(v == 0 for dd in diff_of.values() for v in dd.values()),
     }
     if rank == 0:
         _print_report(report)
@@ -158,7 +158,8 @@ def _print_report(r: dict) -> None:
     for m in systems:
         print(f"{m:<15} {r['inter_node_bytes'][m] * mb:>15.3f} {r['intra_node_bytes'][m] * mb:>15.3f} "
               f"{r['time_ms'][m]:>11.2f}")
-    for other, key in (("flat", "max_abs_diff"), (systems[2], f"max_abs_diff_{systems[2]}")):
+    for other in systems[1:]:
+        key = "max_abs_diff" if other == "flat" else f"max_abs_diff_{other}"
         dd = r[key]
         print(f"max |hierarchical - {other}|: output {dd['output']:.3g}, input grad {dd['grad_input']:.3g}, "
               f"weight grad {dd['grad_weights']:.3g}")

@@ -27,7 +27,8 @@
   (E4M3 with one fp32 scale per 128 features, DeepSeek-V3's and DeepEP's FP8 dispatch; 0.52 x the bytes of
   bf16 rows at hidden 2048) or ``"int8"`` (the same blocks in int8, for devices whose FP8 casts are missing
   or untested). The experts still compute in the hidden states' dtype on the decoded rows; combine results
-  and input gradients travel native. Not with ``overlap`` (refused here). The quality cost is measured in
+  and input gradients travel native. With ``overlap`` the overlapped routes move the encoded rows
+  alike. The quality cost is measured in
   ``benchmarks/RESULTS.md``.
 
 All four settings shape collectives, so every rank must hold the same: :meth:`DispatcherSettings.agreement`
@@ -42,7 +43,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..config import ConfigError
-from .row_codec import DISPATCH_FORMATS, refuse_with_overlap
+from .row_codec import DISPATCH_FORMATS
 
 #: the dispatcher modes a user chooses between
 DISPATCHER_MODES = ("hierarchical", "flat", "allgather")
@@ -70,7 +71,6 @@ class DispatcherSettings:
         if self.dispatch_format not in DISPATCH_FORMATS:
             raise ConfigError(f"dispatch_format={self.dispatch_format!r} is not one of "
                               f"{', '.join(map(repr, DISPATCH_FORMATS))}: pick one of them")
-        refuse_with_overlap(self.dispatch_format, self.overlap)
 
     @classmethod
     def of(cls, value: "DispatcherSettings | str | None" = None, *, overlap: bool | None = None) -> "DispatcherSettings":

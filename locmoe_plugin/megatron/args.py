@@ -199,7 +199,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(default: the hidden states' dtype), fp8 (E4M3 with one fp32 scale per 128 features, as "
                         "DeepEP's FP8 dispatch: about half the bytes of bf16) or int8 (the same blocks in int8). "
                         "The experts compute in the hidden states' dtype on the decoded rows; results travel "
-                        "back native. Not with --locmoe-overlap on. Quality cost: benchmarks/RESULTS.md")
+                        "back native. Works with --locmoe-overlap on. Quality cost: benchmarks/RESULTS.md")
     g.add_argument("--locmoe-grouped-experts", choices=("auto", "on", "off"), default="auto",
                    help="run megatron-core's SequentialMLP experts of every LocMoE layer as two grouped GEMMs "
                         "(same parameters and checkpoints; no loop over experts: fewer launches, see "
@@ -282,9 +282,6 @@ def settings_from_args(args: Any) -> tuple[dict, DispatcherSettings]:
             raise ConfigError(f"--locmoe-gpus-per-node {gpn} with --expert-model-parallel-size {ep}: {exc}") from None
     equal_tokens = {"auto": None, "on": True, "off": False}[getattr(args, "locmoe_equal_tokens", "auto")]
     fmt = getattr(args, "locmoe_dispatch_format", "native")
-    if overlap and fmt != "native":
-        raise ConfigError(f"--locmoe-dispatch-format {fmt} with --locmoe-overlap on: the overlapped path sends rows "
-                          f"native; pass --locmoe-overlap off or --locmoe-dispatch-format native")
     try:
         dispatcher = DispatcherSettings(mode=args.locmoe_dispatcher, overlap=overlap, equal_tokens=equal_tokens,
                                         dispatch_format=fmt)
