@@ -111,7 +111,7 @@ def render() -> str:
         "rank passes the same number of tokens per layer call, which lets `allgather` skip its count exchange; auto: "
         "on unless `--variable-seq-lengths`), `--locmoe-overlap {on,off}` (default off; see [overlap.md](overlap.md)), "
         "`--locmoe-dispatch-format {native,fp8,int8}` (how token rows and, in backward, output gradients travel to the "
-        "experts: native by default, or one byte per feature plus an fp32 scale per 128; see "
+        "experts: native by default, or one byte per feature plus an fp32 scale per 128 across nodes; see "
         "[dispatcher.md](dispatcher.md#dispatch-format)) "
         "and `--locmoe-grouped-experts {auto,on,off}` (megatron-core's `SequentialMLP` experts as two grouped GEMMs; "
         "auto: where the expert config allows it; see [one_node.md](one_node.md#grouped-experts)); "

@@ -12,7 +12,7 @@ from locmoe_plugin.cli import main
 from locmoe_plugin.config import ConfigError
 from locmoe_plugin.projection import (Calibration, ClusterSpec, ModelSpec, RoutingSpec, count_rows,
                                       expected_rows, predict_layer)
-from locmoe_plugin.projection.cost import SYSTEMS, dense_grad_reduce_ms
+from locmoe_plugin.projection.cost import EXTRA_SYSTEMS, SYSTEMS, dense_grad_reduce_ms
 from locmoe_plugin.projection.traffic import node_pmfs, padded_rows
 
 
@@ -199,23 +199,31 @@ def test_dense_gradient_reduction_by_hand(capsys):
 
 def test_dispatch_format_prices_two_of_four_transfers_by_hand(capsys):
     """fp8 / int8 rows: the dispatch's forward and the combine's backward move hidden + 4 x ceil(hidden / 128)
-    bytes per row instead of hidden x elt, in LocMoE's flat and hierarchical systems only."""
+    bytes per row instead of hidden x elt, in LocMoE's systems (overlapped too) across nodes only."""
     m = ModelSpec(hidden=2048, ffn=1408, experts=32, topk=4, tokens_per_rank=8192, layers=8)
     cl = ClusterSpec(nodes=2, gpus_per_node=2, intra_bw_GBps=200.0, intra_latency_us=0.0, inter_bw_GBps=3.0,
                      inter_latency_us=0.0, peak_tflops=900.0)
     r = RoutingSpec(cross_node_share=0.2)
     fp8 = replace(m, dispatch_format="fp8")
     assert fp8.dispatch_row_bytes == 2048 + 4 * 16 == replace(m, dispatch_format="int8").dispatch_row_bytes
-    for system in SYSTEMS:
+    for system in SYSTEMS + EXTRA_SYSTEMS:
         native, coded = predict_layer(system, cl, m, r), predict_layer(system, cl, fp8, r)
-        if system in ("locmoe_flat", "locmoe_hier"):
+        if system.startswith("locmoe_") and system != "locmoe_allgather":
             assert coded.inter_bytes == pytest.approx(native.inter_bytes * (4096 + 2112) / (2 * 4096))
             assert coded.intra_bytes == pytest.approx(native.intra_bytes * (4096 + 2112) / (2 * 4096))
             # the link-bound part shrinks by the same share; GEMM and fixed costs stay
             assert coded.comm_ms == pytest.approx(native.comm_ms * (4096 + 2112) / (2 * 4096))
             assert coded.gemm_ms == native.gemm_ms
-        else:  # the overlapped systems stay native (the dispatcher refuses the combination), others too
+            hidden = [t.fixed_ms + t.gemm_ms + t.comm_ms - t.layer_ms for t in (native, coded)]
+            if "overlap" in system:  # shorter dispatch-direction transfers hide less, never more
+                assert 0 < hidden[1] <= hidden[0], system
+            else:
+                assert hidden == pytest.approx([0, 0], abs=1e-9), system
+        else:  # the other frameworks' systems stay native
             assert coded == native, system
+        # on one node the dispatcher sends rows native whatever the format
+        one = replace(cl, nodes=1)
+        assert predict_layer(system, one, fp8, r) == predict_layer(system, one, m, r), system
     with pytest.raises(ConfigError, match="--dispatch-format"):
         replace(m, dispatch_format="bf8")
     rc, out = _run(capsys, "--preset", "h100", "--json", "--dispatch-format", "fp8")

@@ -204,14 +204,16 @@ class TokenDispatcher:
             may wait forever), so leave it False where token counts may differ.
         dispatch_format: ``"native"``, ``"fp8"`` or ``"int8"``: how rows travel in the dispatch direction
             (:mod:`.row_codec`; with ``overlap`` too: the overlapped routes move encoded rows,
-            :mod:`.overlap`).
+            :mod:`.overlap`). Only on an EP group spanning nodes: inside one node every row moves over
+            NVLink / HCCS, where encoding and decoding cost more than the bytes they save (measured in
+            ``benchmarks/RESULTS.md``), so there the rows travel native.
 
     Attributes:
         plan_mode: the plan actually built (:func:`resolve_mode`).
         overlap_active: whether plans are split by origin (``overlap`` on a hierarchical plan across nodes).
         gathers_routing: whether the count exchange is the routing all-gather itself (``"allgather"`` with
             ``equal_tokens``); then :meth:`start_counts` needs the combine weights.
-        codec: the :class:`.row_codec.RowCodec` of ``dispatch_format`` (None for ``"native"``).
+        codec: the :class:`.row_codec.RowCodec` in use (None for ``"native"`` and on one node).
     """
 
     def __init__(self, groups: CommGroups, mode: str = "hierarchical", exact_tree: bool = False,
@@ -231,7 +233,8 @@ class TokenDispatcher:
         self.overlap = overlap
         self.overlap_active = overlap and self.plan_mode == "hierarchical" and groups.topology.num_nodes > 1
         self.gathers_routing = self.plan_mode == "allgather" and bool(equal_tokens)
-        self.codec = codec
+        self.dispatch_format = dispatch_format
+        self.codec = codec if groups.topology.num_nodes > 1 else None
         self.traffic = TrafficCounter()
         self.order_hook = None  # test-only: permutes the rail-level sum order of split plans
 

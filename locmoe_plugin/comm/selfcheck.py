@@ -10,7 +10,8 @@ each. Exit status 1 on any mismatch.
 With ``--dispatch-format fp8`` (or ``int8``) the hierarchical, flat and overlapped modes send their rows
 encoded (:mod:`.row_codec`) and a fourth run is the native hierarchical mode on the decoded tokens and output
 gradient (``decode(encode(x))``): the codec's runs must equal it bit for bit too, which checks the encoding,
-the transfer of one-byte rows and the decoding on this machine's devices and collectives.
+the transfer of one-byte rows and the decoding on this machine's devices and collectives. On one node the
+format is a no-op (rows stay native inside a node), so there the fourth run takes the raw rows.
 
 Run it standalone (``--nproc P`` spawns P local processes) or under a launcher that sets RANK /
 WORLD_SIZE / LOCAL_RANK (torchrun, ``launch/emulate_nodes.sh``); then ``--nproc`` is ignored.
@@ -90,9 +91,11 @@ def _check_worker(args: argparse.Namespace, result_path: str | None) -> int:
     results, times, traffic = {}, {}, {}
     for mode in systems:
         # the two-stage plan even on one node
-        decoded = mode == "native_decoded"
+        # on one node the format is a no-op (TokenDispatcher): the codec's runs equal the native plan on raw rows
+        decoded = mode == "native_decoded" and topo.num_nodes > 1
         disp = TokenDispatcher(groups, "hierarchical" if mode in ("overlap", "native_decoded") else mode,
-                               exact_tree=True, overlap=mode == "overlap", dispatch_format="native" if decoded else fmt)
+                               exact_tree=True, overlap=mode == "overlap",
+                               dispatch_format="native" if mode == "native_decoded" else fmt)
         x_in = codec.decode(codec.encode(x), d, x.dtype) if decoded else x
         cot_in = codec.decode(codec.encode(cot), d, cot.dtype) if decoded else cot
         samples = []

@@ -199,7 +199,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(default: the hidden states' dtype), fp8 (E4M3 with one fp32 scale per 128 features, as "
                         "DeepEP's FP8 dispatch: about half the bytes of bf16) or int8 (the same blocks in int8). "
                         "The experts compute in the hidden states' dtype on the decoded rows; results travel "
-                        "back native. Works with --locmoe-overlap on. Quality cost: benchmarks/RESULTS.md")
+                        "back native. Across nodes only (inside one node rows travel native); works with --locmoe-overlap on. Quality cost: benchmarks/RESULTS.md")
     g.add_argument("--locmoe-grouped-experts", choices=("auto", "on", "off"), default="auto",
                    help="run megatron-core's SequentialMLP experts of every LocMoE layer as two grouped GEMMs "
                         "(same parameters and checkpoints; no loop over experts: fewer launches, see "

@@ -47,9 +47,9 @@ BASELINE = "megatron_alltoall"
 # ``allgather`` dispatcher (the whole EP group's tokens to every rank, a collective rather than pairs), and
 # LocMoE's overlap inside Megatron's six phases (only the intra-node hop hides).
 EXTRA_SYSTEMS = ("megatron_allgather", "locmoe_hier_overlap_phases")
-#: the systems whose dispatch direction takes ``ModelSpec.dispatch_format`` (LocMoE's dispatcher without the
-#: overlap, which refuses a codec)
-CODEC_SYSTEMS = ("locmoe_flat", "locmoe_hier")
+#: the systems whose dispatch direction takes ``ModelSpec.dispatch_format`` across nodes (LocMoE's dispatcher,
+#: with and without the overlap; on one node the format is a no-op)
+CODEC_SYSTEMS = ("locmoe_flat", "locmoe_hier", "locmoe_hier_overlap", "locmoe_hier_overlap_phases")
 
 
 @dataclass(frozen=True)
@@ -145,20 +145,25 @@ def dense_grad_reduce_ms(cluster: ClusterSpec, model: ModelSpec) -> float:
     return (n - 1) / n * sent / g / (cluster.inter_bw_GBps * 1e6)
 
 
-def overlap_hidden_ms(rail_ms: float, node_ms: float, gemm_ms: float, local_share: float, experts: bool) -> float:
+def overlap_hidden_ms(rail_ms: float, node_ms: float, gemm_ms: float, local_share: float, experts: bool,
+                      dispatch: tuple[float, float] | None = None) -> float:
     """Time the split-by-origin overlap hides per layer (forward + backward), in ms.
 
     Each of the 4 rail transfers (dispatch and combine, forward and backward; ``rail_ms`` each) runs beside
     the work on this node's own rows (``local_share`` of the rank's rows) and hides at most its own time:
     that work's intra-node hop (``node_ms`` per transfer) in all four; with ``experts`` also the local
     experts' forward (a third of ``gemm_ms``) beside the dispatch and their backward (two thirds) beside
-    the gradients' return to their sources."""
+    the gradients' return to their sources. ``dispatch``: ``(rail_ms, node_ms)`` of the two transfers in
+    the dispatch direction (the dispatch's forward, the combine's backward) where a dispatch format
+    shrinks their rows; default the same as the others."""
     if rail_ms <= 0 or local_share <= 0:
         return 0.0
     e = 1.0 if experts else 0.0
-    node = local_share * node_ms
-    return (2 * min(rail_ms, node) + min(rail_ms, node + local_share * e * gemm_ms / 3)
-            + min(rail_ms, node + local_share * e * 2 * gemm_ms / 3))
+    rail_d, node_d = dispatch or (rail_ms, node_ms)
+    node, node_d = local_share * node_ms, local_share * node_d
+    return (min(rail_ms, node) + min(rail_d, node_d)  # the combine's forward and backward
+            + min(rail_d, node_d + local_share * e * gemm_ms / 3)  # the dispatch's forward
+            + min(rail_ms, node + local_share * e * 2 * gemm_ms / 3))  # the dispatch's backward
 
 
 def predict_layer(system: str, cluster: ClusterSpec, model: ModelSpec, routing: RoutingSpec,
@@ -202,7 +207,7 @@ def predict_layer(system: str, cluster: ClusterSpec, model: ModelSpec, routing: 
     one = _a2a_ms(rows, model, cl, n, hier, scale, scale_inter, pattern_bw)
     b = model.hidden * model.elt
     # LocMoE's dispatch direction (dispatch forward, combine backward) in the dispatch format
-    b_disp = model.dispatch_row_bytes if system in CODEC_SYSTEMS else b
+    b_disp = model.dispatch_row_bytes if system in CODEC_SYSTEMS and n > 1 else b
     one_disp = one if b_disp == b else _a2a_ms(rows, model, cl, n, hier, scale, scale_inter, pattern_bw, b_disp)
     fixed = cal.fixed_for(system, n)
     jj_share = (n - 1) * float(sum(j * p for j, p in enumerate(rem))) / k if n > 1 else 0.0
@@ -210,9 +215,12 @@ def predict_layer(system: str, cluster: ClusterSpec, model: ModelSpec, routing: 
     layer = fixed + gemm + comm
     if system.startswith("locmoe_hier_overlap"):
         rail, node = _a2a_parts_ms(rows, model, cl, scale, scale_inter)
+        rail_d, node_d = _a2a_parts_ms(rows, model, cl, scale, scale_inter, row_bytes=b_disp)
         if n > 1 and rows.inter > 0:  # nothing crosses: the dispatcher runs the unsplit plan
-            rail, node = rail + cl.inter_latency_us / 1e3, node + cl.intra_latency_us / 1e3
-            layer -= overlap_hidden_ms(rail, node, gemm, 1.0 - jj_share, experts=system == "locmoe_hier_overlap")
+            lat_inter, lat_intra = cl.inter_latency_us / 1e3, cl.intra_latency_us / 1e3
+            layer -= overlap_hidden_ms(rail + lat_inter, node + lat_intra, gemm, 1.0 - jj_share,
+                                       experts=system == "locmoe_hier_overlap",
+                                       dispatch=(rail_d + lat_inter, node_d + lat_intra))
     attn = s * model.attention_flops_per_token / (tflops * 1e9)
     step = model.layers * (layer + attn)
     dp = dense_grad_reduce_ms(cl, model)

@@ -30,8 +30,8 @@ class ModelSpec:
         dispatch_format: how LocMoE's dispatcher sends rows in the dispatch direction (``"native"``, ``"fp8"``,
             ``"int8"``; :mod:`locmoe_plugin.comm.row_codec`): two of a layer's four transfers (the dispatch's
             forward, the combine's backward) move :attr:`dispatch_row_bytes` per row. Applies to
-            ``locmoe_flat`` and ``locmoe_hier``; the overlapped systems stay native (the dispatcher refuses a
-            codec with the overlap), the other frameworks' systems too.
+            LocMoE's systems (``locmoe_flat``, ``locmoe_hier`` and the overlapped ones) on more than one node
+            (on one node the dispatcher sends rows native); the other frameworks' systems stay native.
     """
 
     hidden: int
