@@ -31,8 +31,9 @@ rows: the dispatch's forward encodes the tokens once, every hop (rail and node) 
 same with the output gradient. Since decoding is row by row and the hops only copy rows, each route's
 pairs are bit for bit the unsplit codec path's (``decode(broadcast(encode(x)))``). In the combine's
 backward the rail receive buffer holds encoded rows, which cannot be a link's gradient (dtype and width
-differ): the record keeps it (``InFlight.backward_encoded``) and the link gets a zero-size stand-in of
-the link's shape (a broadcast scalar, no memory), read by nothing. The reduce direction stays native.
+differ): the record keeps it (``InFlight.backward_encoded``) and the link gets a stand-in of the link's
+shape that takes no memory (an expanded scalar), read by nothing. The forward's links are such stand-ins
+too. The reduce direction stays native.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class _LaunchRail(torch.autograd.Function):
                                                  meta=split.token_meta.index_select(0, gather))
             # the link: shape and dtype of the step's rows as the caller sees them (its gradient is the
             # backward's receive buffer)
-            links.append(rows if codec is None else x.new_empty((rows.shape[0], x.shape[1])))
+            links.append(rows if codec is None else x.new_zeros(()).expand(rows.shape[0], x.shape[1]))
         local = split.local.broadcast(payload, split.token_meta)
         if codec is not None:
             local = codec.decode(local, x.shape[1], x.dtype)

@@ -2,7 +2,8 @@
 
 Per layer: ``fixed + gemm + 4 all-to-alls`` (dispatch and combine, forward and backward, each moving
 the rows of :mod:`.traffic` one way; under ``ModelSpec.dispatch_format`` the two in the dispatch direction of
-``locmoe_flat`` / ``locmoe_hier`` move encoded rows, and the encoding's own passes are not charged):
+LocMoE's systems, overlapped ones included, move encoded rows on more than one node, and the encoding's own
+passes are not charged):
   * a pairs all-to-all (Megatron ``alltoall``, DeepSpeed, LocMoE flat) runs its inter- and intra-node
     parts at once: ``latency + max(inter bytes / inter bw, intra bytes / intra bw)``; Megatron's
     ``allgather`` layer the same with its all-gather / reduce-scatter rows. Where a calibration probed
