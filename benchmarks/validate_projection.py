@@ -13,7 +13,9 @@ one-node run's time of the same system (``overlap_1x<G>.json``), the two-stage p
 run's own link probe where it has one (``bench_dispatch.py --probe-link``: median bandwidth and latency
 over its samples), else the link figure of ``locmoe bandwidth`` at that link setting
 (``bandwidth_slow.txt`` for ``_socket``, ``bandwidth_fast.txt`` for ``_socket8``) with the layer probe's
-latency.
+latency. Systems with a dispatch format (``hierarchical_fp8``, ...) are priced with that format from the
+one-node row of the same system; the encoding's time is in that row only where the one-node dispatcher
+encoded (commit ``b5f15df``; later the format is a no-op on one node and the encoding goes unpriced).
 
 The summary counts runs with a repeated probe apart from those with a one-shot probe: a one-shot probe
 can be off from what the timed layers saw (every baseline of such a call misses in the same direction).
@@ -58,9 +60,20 @@ SYSTEMS = {"mcore_alltoall": "megatron_alltoall", "mcore_allgather": "megatron_a
            # the same with the split-by-origin overlap (runs that record "overlap": true; earlier ones timed
            # a chunked overlap that is gone), and LocMoELayer with it inside Megatron's six phases
            "locmoe_ds": "locmoe_hier_overlap", "locmoe_overlap": "locmoe_hier_overlap_phases"}
-# bench_dispatch system -> model system, and whether it runs the two-stage plan across nodes
+# bench_dispatch system -> model system, and whether it runs the two-stage plan across nodes; a system with a
+# format suffix (bench_dispatch's ``hierarchical_fp8``) is its base system with ModelSpec.dispatch_format set
 DISPATCH_SYSTEMS = {"hierarchical": ("locmoe_hier", True), "overlap": ("locmoe_hier", True),
                     "overlap_phases": ("locmoe_hier", True), "flat": ("locmoe_flat", False)}
+
+
+def dispatch_system(name: str) -> tuple[str | None, bool, str]:
+    """bench_dispatch system name -> (model system or None, two-stage plan, dispatch format)."""
+    base, fmt = name, "native"
+    for f in ("fp8", "int8"):
+        if name.endswith("_" + f):
+            base, fmt = name[: -len(f) - 1], f
+    system, two_stage = DISPATCH_SYSTEMS.get(base, (None, False))
+    return system, two_stage, fmt
 # overlap run name suffix -> `locmoe bandwidth` file of the same link setting (run_gpu_overlap.sh)
 LINK_FILES = {"socket": "bandwidth_slow.txt", "socket8": "bandwidth_fast.txt"}
 
@@ -352,10 +365,10 @@ def validate_dispatch(roots) -> list[dict]:
                                       peak_tflops=1000.0, inter_duplex="full")
                 routing = RoutingSpec(cross_node_share=min(1.0, row["cross_node_pair_share"]))
                 for name, v in row["systems"].items():
-                    system, two_stage_plan = DISPATCH_SYSTEMS.get(name, (None, False))
+                    system, two_stage_plan, fmt = dispatch_system(name)
                     if system is None or "ms" not in v or "ms" not in one_sys.get(name, {}):
                         continue
-                    t = predict_layer(system, cluster, model, routing)
+                    t = predict_layer(system, cluster, replace(model, dispatch_format=fmt), routing)
                     extra = two_stage if two_stage_plan else 0.0
                     pred = one_sys[name]["ms"] + extra + t.comm_ms
                     out.append({"run": run_name(root, two_path), "spread": round_spread(v), "setting": setting, "system": name,
@@ -534,10 +547,10 @@ def main() -> int:
               + ", ".join(f"{x['layout']} {x['link_GBps']:.2f} GB/s {x['ratio']:.2f}" for x in lean) + ")")
     drows = validate_dispatch(a.roots)
     if drows:
-        print(f"\n{'dispatch run':<52} {'system':<14} {'share':>5} {'link':>5} {'lat us':>6} {'2-stg':>5} "
+        print(f"\n{'dispatch run':<52} {'system':<18} {'share':>5} {'link':>5} {'lat us':>6} {'2-stg':>5} "
               f"{'1-node':>6} {'measured':>8} {'predicted':>9} {'error':>7} {'spread':>6}")
         for r in drows:
-            print(f"{r['run']:<52} {r['system']:<14} {r['share']:>5.3f} {r['link_GBps']:>5.2f} {r['latency_us']:>6.1f} "
+            print(f"{r['run']:<52} {r['system']:<18} {r['share']:>5.3f} {r['link_GBps']:>5.2f} {r['latency_us']:>6.1f} "
                   f"{r['two_stage_ms']:>5.2f} {r['one_node_ms']:>6.2f} {r['measured_ms']:>8.2f} "
                   f"{r['predicted_ms']:>9.2f} {100 * r['error']:>+6.1f}% {_spread(r)}")
         for name in sorted({r["system"] for r in drows}):

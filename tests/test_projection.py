@@ -398,6 +398,17 @@ def test_validation_script_predicts_every_measured_pair():
                   and q["link_GBps"] <= r["link_GBps"] and q["latency_us"] >= r["latency_us"]
                   and os.path.dirname(q["run"]) == os.path.dirname(r["run"])]
         assert all(q["predicted_ms"] >= r["predicted_ms"] - 1e-9 for q in slower)
+    # systems with a dispatch format: priced in that format from the one-node row of the same system, so at one
+    # run's link and share the fp8 row's modelled transfer time is below the native row's
+    assert mod.dispatch_system("overlap_phases_fp8") == ("locmoe_hier", True, "fp8")
+    assert mod.dispatch_system("flat_int8") == ("locmoe_flat", False, "int8")
+    assert mod.dispatch_system("megatron") == (None, False, "native")
+    coded = [r for r in dis if r["system"] == "hierarchical_fp8" and r["share"] > 0.1]
+    assert coded
+    for r in coded:
+        native = next(q for q in dis if q["run"] == r["run"] and q["system"] == "hierarchical"
+                      and q["share"] == r["share"])
+        assert 0 < r["predicted_ms"] - r["one_node_ms"] < native["predicted_ms"] - native["one_node_ms"]
 
 
 def test_allgather_rows_follow_the_layout():
