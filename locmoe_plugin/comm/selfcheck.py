@@ -156,7 +156,8 @@ def _print_report(r: dict) -> None:
     fmt = r["dispatch_format"]
     print(f"check-comm: {r['ranks']} ranks = {r['nodes']} node(s) x {r['ranks_per_node']}, backend {r['backend']}, "
           f"{r['tokens_per_rank']} tokens/rank, hidden {r['hidden']}, {r['experts']} experts, top-{r['topk']}"
-          + ("" if fmt == "native" else f", rows in {fmt} (native_decoded: native rows of the decoded tokens)"))
+          + ("" if fmt == "native" else f", rows in {fmt} (native_decoded: native rows of the decoded tokens)"
+             if r["nodes"] > 1 else f", {fmt} a no-op on one node (native_decoded: native rows of the raw tokens)"))
     print(f"{'mode':<15} {'inter-node MiB':>15} {'intra-node MiB':>15} {'fwd+bwd ms':>11}")
     for m in systems:
         print(f"{m:<15} {r['inter_node_bytes'][m] * mb:>15.3f} {r['intra_node_bytes'][m] * mb:>15.3f} "
