@@ -45,6 +45,7 @@ from locmoe_plugin.projection import ClusterSpec, ModelSpec, RoutingSpec, predic
 from locmoe_plugin.projection.cost import dense_grad_reduce_ms  # noqa: E402
 from locmoe_plugin.projection.calibration import (calibration_from_layer_results, inter_link,  # noqa: E402
                                                    two_stage_extra_ms)
+from bench_dispatch import split_format  # noqa: E402  (bench_dispatch's system names with a format suffix)
 from bench_e2e import DISPATCH_FORMAT, GRAD_REDUCE, OPTIMIZER  # noqa: E402  (the end-to-end results' variant suffixes)
 
 # The emulated nodes' link (launch/emulate_nodes.sh: NCCL's socket transport over loopback) where a run
@@ -64,18 +65,15 @@ SYSTEMS = {"mcore_alltoall": "megatron_alltoall", "mcore_allgather": "megatron_a
 # format suffix (bench_dispatch's ``hierarchical_fp8``) is its base system with ModelSpec.dispatch_format set
 DISPATCH_SYSTEMS = {"hierarchical": ("locmoe_hier", True), "overlap": ("locmoe_hier", True),
                     "overlap_phases": ("locmoe_hier", True), "flat": ("locmoe_flat", False)}
+# overlap run name suffix -> `locmoe bandwidth` file of the same link setting (run_gpu_overlap.sh)
+LINK_FILES = {"socket": "bandwidth_slow.txt", "socket8": "bandwidth_fast.txt"}
 
 
 def dispatch_system(name: str) -> tuple[str | None, bool, str]:
     """bench_dispatch system name -> (model system or None, two-stage plan, dispatch format)."""
-    base, fmt = name, "native"
-    for f in ("fp8", "int8"):
-        if name.endswith("_" + f):
-            base, fmt = name[: -len(f) - 1], f
+    base, fmt = split_format(name)
     system, two_stage = DISPATCH_SYSTEMS.get(base, (None, False))
     return system, two_stage, fmt
-# overlap run name suffix -> `locmoe bandwidth` file of the same link setting (run_gpu_overlap.sh)
-LINK_FILES = {"socket": "bandwidth_slow.txt", "socket8": "bandwidth_fast.txt"}
 
 
 def two_node_results(run_dir: str, one_node: dict, gpus: int) -> dict | None:
@@ -512,6 +510,13 @@ def validate_dispatch_format(roots) -> list[dict]:
     return rows
 
 
+def _ratio_line(what: str, ratios: list[float]) -> str:
+    """One summary line of sorted measured / predicted ratios of pairs of runs."""
+    return (f"  {what} measured / predicted, median {_quantile(ratios, 0.5):.2f}, quartiles "
+            f"{_quantile(ratios, 0.25):.2f}-{_quantile(ratios, 0.75):.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f} "
+            f"over {len(ratios)} pairs of runs")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("roots", nargs="*", default=[DEFAULT_ROOT], metavar="FOLDER",
@@ -571,9 +576,7 @@ def main() -> int:
             if not ratios:
                 print(f"  dense gradients: the {pair} pairs are predicted alike (no step difference)")
                 continue
-            print(f"  dense gradients: the {pair} step difference measured / predicted, median "
-                  f"{_quantile(ratios, 0.5):.2f}, quartiles {_quantile(ratios, 0.25):.2f}-{_quantile(ratios, 0.75):.2f}, "
-                  f"range {ratios[0]:.2f}-{ratios[-1]:.2f} over {len(ratios)} pairs of runs")
+            print(_ratio_line(f"dense gradients: the {pair} step difference", ratios))
     frows = validate_dispatch_format(a.roots)
     if frows:
         print(f"\n{'dispatch format: end-to-end run':<52} {'layout':<9} {'format':<6} {'share':>5} {'link':>5} "
@@ -583,10 +586,8 @@ def main() -> int:
                   f"{r['step_native_ms']:>8.1f} {r['measured_ms']:>9.1f} {r['predicted_ms']:>9.1f}")
         ratios = sorted(r["measured_ms"] / r["predicted_ms"] for r in frows if r["predicted_ms"])
         if ratios:
-            print(f"  dispatch format: the native - coded step difference measured / predicted, median "
-                  f"{_quantile(ratios, 0.5):.2f}, quartiles {_quantile(ratios, 0.25):.2f}-{_quantile(ratios, 0.75):.2f}, "
-                  f"range {ratios[0]:.2f}-{ratios[-1]:.2f} over {len(ratios)} pairs of runs (the encoding's time "
-                  f"is not predicted)")
+            print(_ratio_line("dispatch format: the native - coded step difference", ratios)
+                  + " (the encoding's time is not predicted)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"layer": rows, "dispatch": drows, "speedup_lean": speedup_lean(main_rows), "dense_grads": grows,

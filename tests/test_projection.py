@@ -438,6 +438,12 @@ def test_validation_takes_a_list_of_result_folders(tmp_path):
     assert mod.round_spread({"ms": 1.0}) is None
 
 
+def _e2e_result(model: dict, step_ms: float, gbps: float, **fields) -> dict:
+    """A ``bench_e2e.py`` result of 400 tokens per step on 2 nodes x 2 (``fields`` replace or add keys)."""
+    return {"nodes": 2, "gpus_per_node": 2, "layout": "2x2_fast", "model": model, "tokens_per_step": 400,
+            "tokens_per_s": {"median": 400 / step_ms * 1e3}, "bandwidth": {"inter_node_gbps": gbps}, **fields}
+
+
 def test_validation_checks_the_dense_gradient_term_on_fp32_bf16_pairs(tmp_path):
     """An end-to-end system run with fp32 and with bf16 gradient reduction in one launch: the measured step
     difference against the predicted one (a ring over the 4 ranks, one ring per rank of a node)."""
@@ -446,9 +452,7 @@ def test_validation_checks_the_dense_gradient_term_on_fp32_bf16_pairs(tmp_path):
              "seq_len": 100, "micro_batch": 1}
 
     def result(step_ms, gbps):
-        return {"nodes": 2, "gpus_per_node": 2, "layout": "2x2_fast", "system": "locmoe", "model": model,
-                "tokens_per_step": 400, "tokens_per_s": {"median": 400 / step_ms * 1e3},
-                "bandwidth": {"inter_node_gbps": gbps}}
+        return _e2e_result(model, step_ms, gbps, system="locmoe")
 
     run = tmp_path / "call" / "e2e"
     run.mkdir(parents=True)
@@ -586,9 +590,7 @@ def test_validation_checks_the_dispatch_format_term_on_native_fp8_pairs(tmp_path
              "seq_len": 100, "micro_batch": 1}
 
     def result(step_ms, gbps, nodes=2, layout="2x2_fast"):
-        return {"nodes": nodes, "gpus_per_node": 2, "layout": layout, "model": model, "cross_node_share": 0.2,
-                "tokens_per_step": 400, "tokens_per_s": {"median": 400 / step_ms * 1e3},
-                "bandwidth": {"inter_node_gbps": gbps}}
+        return _e2e_result(model, step_ms, gbps, nodes=nodes, layout=layout, cross_node_share=0.2)
 
     run = tmp_path / "call" / "e2e"
     run.mkdir(parents=True)

@@ -46,6 +46,16 @@ from .origin_split import OriginSplit
 from .row_codec import RowCodec
 
 
+def _encoded(codec: RowCodec | None, rows: torch.Tensor) -> torch.Tensor:
+    """``rows [n, F]`` as they travel: themselves, or ``uint8 [n, row_bytes(F)]`` under a codec."""
+    return rows if codec is None else codec.encode(rows)
+
+
+def _decoded(codec: RowCodec | None, rows: torch.Tensor, features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of :func:`_encoded` on rows that travelled: ``[n, features]`` of ``dtype``."""
+    return rows if codec is None else codec.decode(rows, features, dtype)
+
+
 class InFlight:
     """The rail transfer in flight between two autograd steps: the forward's receive buffer per step
     index, and each direction's batch (:class:`.rail_steps.RailBatch`: its steps move in one collective).
@@ -82,7 +92,7 @@ class _LaunchRail(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, split: OriginSplit, flight: InFlight, codec: RowCodec | None):
         ctx.split, ctx.flight = split, flight
-        payload = x if codec is None else codec.encode(x)  # [s, F], or uint8 [s, row_bytes(F)]
+        payload = _encoded(codec, x)
         links = []
         for i in range(len(split.steps)):
             gather = split.send_index(i)
@@ -94,9 +104,7 @@ class _LaunchRail(torch.autograd.Function):
             # the link: shape and dtype of the step's rows as the caller sees them (its gradient is the
             # backward's receive buffer)
             links.append(rows if codec is None else x.new_zeros(()).expand(rows.shape[0], x.shape[1]))
-        local = split.local.broadcast(payload, split.token_meta)
-        if codec is not None:
-            local = codec.decode(local, x.shape[1], x.dtype)
+        local = _decoded(codec, split.local.broadcast(payload, split.token_meta), x.shape[1], x.dtype)
         return (local, x.new_zeros(0), *links)
 
     @staticmethod
@@ -118,9 +126,7 @@ class _ArriveBlock(torch.autograd.Function):
         else:
             rows, meta = split.arrived(i, packed, torch.uint8, codec.row_bytes(d))
         # the block arrived packed (payload and metadata per row): its node hop gathers those rows as they are
-        pairs = split.step_route(i).broadcast(rows, meta, packed)
-        if codec is not None:
-            pairs = codec.decode(pairs, d, link.dtype)
+        pairs = _decoded(codec, split.step_route(i).broadcast(rows, meta, packed), d, link.dtype)
         return pairs, chain.new_zeros(0)
 
     @staticmethod
@@ -143,11 +149,8 @@ class _ReduceBlock(torch.autograd.Function):
     def backward(ctx, grad_link, grad_chain):
         flight, codec, route = ctx.flight, ctx.codec, ctx.split.step_route(ctx.i)
         flight.wait_backward()  # grad_link is its receive buffer (with a codec: a stand-in; the record has it)
-        if codec is None:
-            grad_pairs = route.broadcast(grad_link)
-        else:
-            grad_pairs = codec.decode(route.broadcast(flight.backward_encoded.pop(ctx.i)), grad_link.shape[1],
-                                      grad_link.dtype)
+        received = grad_link if codec is None else flight.backward_encoded.pop(ctx.i)
+        grad_pairs = _decoded(codec, route.broadcast(received), grad_link.shape[1], grad_link.dtype)
         return grad_pairs, grad_chain, None, None, None, None
 
 
@@ -162,7 +165,7 @@ class _FinishReduce(torch.autograd.Function):
     def backward(ctx, grad):
         split, flight, codec = ctx.split, ctx.flight, ctx.codec
         grad = grad.contiguous()
-        payload = grad if codec is None else codec.encode(grad)  # [s, F], or uint8 [s, row_bytes(F)]
+        payload = _encoded(codec, grad)
         bufs = []
         for i in range(len(split.steps)):
             buf = split.start_step(i, payload.index_select(0, split.send_index(i)),
@@ -171,9 +174,7 @@ class _FinishReduce(torch.autograd.Function):
                 flight.backward_encoded[i] = buf
                 buf = grad.new_zeros(()).expand(buf.shape[0], grad.shape[1])  # the stand-in (module doc)
             bufs.append(buf)
-        local = split.local.broadcast(payload)
-        if codec is not None:
-            local = codec.decode(local, grad.shape[1], grad.dtype)
+        local = _decoded(codec, split.local.broadcast(payload), grad.shape[1], grad.dtype)
         return (local, grad.new_zeros(0), None, None, None, *bufs)
 
 

@@ -89,13 +89,14 @@ def _check_worker(args: argparse.Namespace, result_path: str | None) -> int:
     systems = systems_for(fmt)
 
     results, times, traffic = {}, {}, {}
+    format_active = False  # whether the codec's runs encode (the dispatcher sends rows native on one node)
     for mode in systems:
         # the two-stage plan even on one node
-        # on one node the format is a no-op (TokenDispatcher): the codec's runs equal the native plan on raw rows
-        decoded = mode == "native_decoded" and topo.num_nodes > 1
         disp = TokenDispatcher(groups, "hierarchical" if mode in ("overlap", "native_decoded") else mode,
                                exact_tree=True, overlap=mode == "overlap",
                                dispatch_format="native" if mode == "native_decoded" else fmt)
+        format_active |= disp.codec is not None
+        decoded = mode == "native_decoded" and format_active
         x_in = codec.decode(codec.encode(x), d, x.dtype) if decoded else x
         cot_in = codec.decode(codec.encode(cot), d, cot.dtype) if decoded else cot
         samples = []
@@ -133,7 +134,7 @@ def _check_worker(args: argparse.Namespace, result_path: str | None) -> int:
     report = {
         "ranks": world, "nodes": topo.num_nodes, "ranks_per_node": topo.ranks_per_node,
         "backend": args.backend, "tokens_per_rank": s, "hidden": d, "experts": e, "topk": k,
-        "dispatch_format": fmt, "systems": list(systems),
+        "dispatch_format": fmt, "format_active": format_active, "systems": list(systems),
         "max_abs_diff": diff_of["flat"],
         **{f"max_abs_diff_{m}": diff_of[m] for m in others[1:]},
         "inter_node_bytes": {m: int(sums[2 * i]) for i, m in enumerate(systems)},
@@ -157,7 +158,7 @@ def _print_report(r: dict) -> None:
     print(f"check-comm: {r['ranks']} ranks = {r['nodes']} node(s) x {r['ranks_per_node']}, backend {r['backend']}, "
           f"{r['tokens_per_rank']} tokens/rank, hidden {r['hidden']}, {r['experts']} experts, top-{r['topk']}"
           + ("" if fmt == "native" else f", rows in {fmt} (native_decoded: native rows of the decoded tokens)"
-             if r["nodes"] > 1 else f", {fmt} a no-op on one node (native_decoded: native rows of the raw tokens)"))
+             if r["format_active"] else f", {fmt} a no-op on one node (native_decoded: native rows of the raw tokens)"))
     print(f"{'mode':<15} {'inter-node MiB':>15} {'intra-node MiB':>15} {'fwd+bwd ms':>11}")
     for m in systems:
         print(f"{m:<15} {r['inter_node_bytes'][m] * mb:>15.3f} {r['intra_node_bytes'][m] * mb:>15.3f} "

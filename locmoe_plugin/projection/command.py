@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "distributed (Megatron-LM's --use-distributed-optimizer: gradients reduce-scattered, "
                         "parameters all-gathered in --dtype)")
     m.add_argument("--dispatch-format", default="native",
-                   help=f"LocMoE's rows in the dispatch direction (locmoe_flat, locmoe_hier), one of "
+                   help=f"LocMoE's rows in the dispatch direction across nodes (its flat, hierarchical and overlapped systems), one of "
                         f"{', '.join(DISPATCH_FORMATS)}: native, or fp8 / int8 "
                         "codes with an fp32 scale per 128 features (--locmoe-dispatch-format; the encoding's own "
                         "time is not priced)")
