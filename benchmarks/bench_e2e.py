@@ -117,6 +117,16 @@ GRAD_REDUCE = {"fp32": "", "bf16": "+bf16grad"}
 #: all of them) or distributed (Megatron-LM's --use-distributed-optimizer --overlap-param-gather: gradients
 #: reduce-scattered, each rank steps its 1/DP shard, parameters all-gathered during the next forward)
 OPTIMIZER = {"replicated": "", "distributed": "+distopt"}
+#: --ep-overlap -> suffix of the variant name: off, or Megatron's 1F1B all-to-all overlap (megatron-core's
+#: overlap_moe_expert_parallel_comm, Megatron-LM's --overlap-moe-expert-parallel-comm: the forward of one
+#: micro-batch runs beside the backward of the one before, each one's all-to-alls on a communication stream
+#: while the other computes)
+EP_OVERLAP = {"off": "", "1f1b": "+1f1b"}
+
+
+def microbatch_suffix(microbatches: int) -> str:
+    """Suffix of the variant name for a step split into ``microbatches`` micro-batches (none for one)."""
+    return f"+mb{microbatches}" if microbatches > 1 else ""
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -171,6 +181,16 @@ def parse(argv=None) -> argparse.Namespace:
                         "1/data-parallel shard and the bf16 parameters are all-gathered bucket by bucket during the "
                         "next forward), or both comma-separated to run every system once per optimizer in one "
                         "launch; deepspeed_moe runs once, with DeepSpeed's engine")
+    p.add_argument("--microbatches", type=int, default=1,
+                   help="micro-batches per step: the step's --micro-batch sequences per rank split into this many, "
+                        "run by megatron-core's schedule (forward_backward_func: gradients accumulated, the "
+                        "data-parallel reduction during the last backward); 1 (default): one forward and backward "
+                        "over the step's batch. Megatron-built systems only")
+    p.add_argument("--ep-overlap", default="off",
+                   help="off (default), 1f1b (megatron-core's overlap_moe_expert_parallel_comm, Megatron-LM's "
+                        "--overlap-moe-expert-parallel-comm: micro-batch i+1's forward beside micro-batch i's "
+                        "backward, their all-to-alls on a communication stream; needs --microbatches >= 2, bf16 and "
+                        "a GPU), or off,1f1b to run every system both ways in one launch")
     p.add_argument("--locmoe-budget", type=float, default=None,
                    help="cross-node budget of the systems with LocMoE's routing (locmoe, locmoe_flat, locmoe_fp8, "
                         "locmoe_allgather, locmoe_plus): the largest share of routed pairs that cross nodes, in "
@@ -193,6 +213,17 @@ def parse(argv=None) -> argparse.Namespace:
     a.optimizer = [o.strip() for o in a.optimizer.split(",") if o.strip()]
     if not a.optimizer or any(o not in OPTIMIZER for o in a.optimizer) or len(set(a.optimizer)) < len(a.optimizer):
         p.error(f"--optimizer: give distinct kinds from {', '.join(OPTIMIZER)}, comma-separated")
+    a.ep_overlap = [e.strip() for e in a.ep_overlap.split(",") if e.strip()]
+    if not a.ep_overlap or any(e not in EP_OVERLAP for e in a.ep_overlap) or len(set(a.ep_overlap)) < len(a.ep_overlap):
+        p.error(f"--ep-overlap: give distinct settings from {', '.join(EP_OVERLAP)}, comma-separated")
+    if a.microbatches < 1 or a.micro_batch % a.microbatches:
+        p.error(f"--microbatches {a.microbatches} must be >= 1 and divide --micro-batch {a.micro_batch} (the step's "
+                f"sequences per rank)")
+    if "1f1b" in a.ep_overlap and (a.microbatches < 2 or a.dtype != "bf16"):
+        p.error("--ep-overlap 1f1b overlaps one micro-batch's all-to-alls with another's compute: it needs "
+                "--microbatches >= 2 (and --micro-batch a multiple of it) and --dtype bf16")
+    if (a.microbatches > 1 or a.ep_overlap != ["off"]) and "deepspeed_moe" in a.systems:
+        p.error("--microbatches and --ep-overlap apply to the Megatron-built systems; run deepspeed_moe without them")
     if "bf16" in a.grad_reduce and a.dtype != "bf16":
         p.error("--grad-reduce bf16 reduces bf16 gradients; it needs --dtype bf16")
     if a.warmup is not None and not 1 <= a.warmup <= a.steps - a.measure:
@@ -233,7 +264,8 @@ class MegatronE2E:
     """GPTModel + Megatron DDP (overlapped grad reduce) + Megatron optimizer; ``loss`` / ``step`` as the
     demo's training loop expects."""
 
-    def __init__(self, name: str, opts, accel, dev, grad_reduce: str = "fp32", optimizer: str = "replicated"):
+    def __init__(self, name: str, opts, accel, dev, grad_reduce: str = "fp32", optimizer: str = "replicated",
+                 ep_overlap: str = "off"):
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.models.gpt import GPTModel
@@ -256,6 +288,7 @@ class MegatronE2E:
             attention_dropout=0.0, bias_dropout_fusion=False, masked_softmax_fusion=False,
             gradient_accumulation_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
             moe_permute_fusion=False, moe_grouped_gemm=False,
+            overlap_moe_expert_parallel_comm=ep_overlap == "1f1b",
         )
         if name == "mcore_grouplimited":
             kw.update(moe_router_num_groups=world // opts.gpus_per_node, moe_router_group_topk=1)
@@ -289,6 +322,10 @@ class MegatronE2E:
             OptimizerConfig(optimizer="adam", lr=opts.lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95,
                             bf16=bf16, clip_grad=1.0, use_distributed_optimizer=sharded),
             [self.model])
+        self.microbatches = opts.microbatches
+        self.scheduled = opts.microbatches > 1  # training steps run through megatron-core's schedule
+        if self.scheduled:  # as Megatron-LM's training loop: no reduction until the last micro-batch's backward
+            cfg.no_sync_func = self.model.no_sync
         self.dp_group = ps.get_data_parallel_group()
         inner = self.model.module.module if bf16 else self.model.module
         self.moe_layers = [layer.mlp for layer in inner.decoder.layers]
@@ -305,16 +342,47 @@ class MegatronE2E:
         """dtypes of the data-parallel (dense) gradient buffers, as DDP allocated them."""
         return sorted({str(b.grad_dtype).removeprefix("torch.") for b in self.model.buffers})
 
-    def loss(self, tokens, labels):
+    def profile_loss(self, tokens, labels):
+        """The mean loss of one forward over the whole ``[sequences, seq]`` batch, for :meth:`backward_only`."""
         pos = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         return self.model(tokens, pos, self.mask, labels=labels).float().mean()
+
+    def loss(self, tokens, labels):
+        """The step's mean loss. With one micro-batch, or outside training, the forward only (:meth:`step`
+        runs the backward); with several, in training, megatron-core's schedule runs every micro-batch's forward
+        and backward here (the 1F1B overlap where configured) and :meth:`step` reduces and steps."""
+        if not (self.scheduled and self.model.training and torch.is_grad_enabled()):
+            return self.profile_loss(tokens, labels)
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        batches = iter(list(zip(tokens.chunk(self.microbatches), labels.chunk(self.microbatches))))
+
+        def loss_func(output):
+            loss = output.float().mean()
+            return loss, {"loss": loss.detach().clone()}  # the schedule divides the first in place
+
+        def forward_step(data_iterator, model, return_schedule_plan=False):
+            t, lab = next(data_iterator)
+            pos = torch.arange(t.shape[1], device=t.device).expand_as(t)
+            if return_schedule_plan:  # the 1F1B overlap: the model's layers as separately scheduled nodes
+                return model.build_schedule_plan(t, pos, self.mask, labels=lab), loss_func
+            return model(t, pos, self.mask, labels=lab), loss_func
+
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=batches, model=[self.model],
+            num_microbatches=self.microbatches, seq_length=tokens.shape[1],
+            micro_batch_size=tokens.shape[0] // self.microbatches, forward_only=False)
+        return torch.stack([o["loss"] for o in out]).mean()
 
     def step(self, loss, sync=None) -> None:
         from megatron.core.distributed import finalize_model_grads
 
-        self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        loss.backward()
+        if not self.scheduled:  # the schedule ran the backward in loss()
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            loss.backward()
         if sync is not None:
             sync()
             t0 = time.perf_counter()
@@ -464,7 +532,9 @@ def _lr(step: int, opts) -> float:
 
 
 def profile_step(system, tokens, labels, nodes: int, node_of, accel) -> dict:
-    """One training step with synchronised phase timing (see :mod:`e2e_profile`); milliseconds."""
+    """One training step with synchronised phase timing (see :mod:`e2e_profile`); milliseconds. One forward
+    and backward over the whole batch, also for a system trained in micro-batches (``--microbatches``,
+    ``--ep-overlap``): the breakdown shows where the model's work goes, not how a schedule overlaps it."""
     sync = accel.synchronize
     timer = PhaseTimer(sync)
     system.wrap_phases(timer)
@@ -472,7 +542,7 @@ def profile_step(system, tokens, labels, nodes: int, node_of, accel) -> dict:
         with LinkTimer(node_of, sync) as link:
             sync()
             t0 = time.perf_counter()
-            loss = system.loss(tokens, labels)
+            loss = getattr(system, "profile_loss", system.loss)(tokens, labels)
             sync()
             fwd = time.perf_counter() - t0
             bwd = timer.backward(lambda: system.backward_only(loss))
@@ -583,6 +653,7 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
         "nodes": nodes, "gpus_per_node": gpn, "world": world,
         "model": {k: getattr(opts, k) for k in ("num_layers", "hidden_size", "num_heads", "num_experts", "topk",
                                                 "ffn_hidden_size", "seq_len", "micro_batch", "dtype", "attention")},
+        "microbatches": opts.microbatches,
         "steps": opts.steps, "measured_steps": opts.measure, "lr": opts.lr, "lr_warmup_steps": _warmup_steps(opts),
         "tokens_per_step": tokens_per_step,
         "tokens_per_s": {"median": statistics.median(tps), "mean": statistics.mean(tps), "min": min(tps),
@@ -644,10 +715,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"bench_e2e: {', '.join(one_node_only)} needs an EP group inside one node ({layout} spans "
                          f"{world // opts.gpus_per_node}); run it on one node or drop it from --systems")
     if opts.systems == ["deepspeed_moe"]:  # DeepSpeed's engine reduces and steps: one run, whatever the options
-        variants = [("deepspeed_moe", "deepspeed", "deepspeed", "deepspeed_moe")]
+        variants = [("deepspeed_moe", "deepspeed", "deepspeed", "off", "deepspeed_moe")]
     else:
-        variants = [(s, g, o, s + GRAD_REDUCE[g] + OPTIMIZER[o])
-                    for s in opts.systems for g in opts.grad_reduce for o in opts.optimizer]
+        mb = microbatch_suffix(opts.microbatches)
+        variants = [(s, g, o, e, s + GRAD_REDUCE[g] + OPTIMIZER[o] + mb + EP_OVERLAP[e])
+                    for s in opts.systems for g in opts.grad_reduce for o in opts.optimizer for e in opts.ep_overlap]
     todo = [v for v in variants if not os.path.exists(json_path(opts, layout, v[-1]))]
     for name, *_, variant in variants:  # a result kept for resuming must be of the budget asked for now
         path = json_path(opts, layout, variant)
@@ -673,6 +745,9 @@ def main(argv=None) -> int:
     if accel.is_cpu and any(v[2] == "distributed" for v in todo):
         raise SystemExit("bench_e2e: --optimizer distributed: megatron-core's distributed optimizer takes device "
                          "(CUDA) parameters only; on CPU use --optimizer replicated")
+    if accel.is_cpu and opts.dtype == "bf16" and not opts.systems == ["deepspeed_moe"]:
+        raise SystemExit("bench_e2e: --dtype bf16: megatron-core's bf16 optimizer takes device (CUDA) parameters "
+                         "only, and --ep-overlap 1f1b needs bf16; on CPU use --dtype fp32 and --ep-overlap off")
     corpus = load_corpus(opts.corpus, seed=opts.seed)
     deepspeed = opts.systems == ["deepspeed_moe"]
     if deepspeed:
@@ -697,16 +772,16 @@ def main(argv=None) -> int:
 
                 install()
             ps.initialize_model_parallel(expert_model_parallel_size=world)
-        for name, grad_reduce, optimizer, variant in todo:  # "deepspeed" for deepspeed_moe
+        for name, grad_reduce, optimizer, ep_overlap, variant in todo:  # "deepspeed" for deepspeed_moe
             torch.manual_seed(opts.seed)
             if deepspeed:
                 system = DeepSpeedE2E(opts, dev)
             else:
                 model_parallel_cuda_manual_seed(opts.seed)
-                system = MegatronE2E(name, opts, accel, dev, grad_reduce, optimizer)
+                system = MegatronE2E(name, opts, accel, dev, grad_reduce, optimizer, ep_overlap)
             model_alive = weakref.ref(system.engine if deepspeed else system.model)
             result = run_system(name, system, opts, accel, dev, corpus, bandwidth)
-            result.update(variant=variant, grad_reduce=grad_reduce, optimizer=optimizer,
+            result.update(variant=variant, grad_reduce=grad_reduce, optimizer=optimizer, ep_overlap=ep_overlap,
                           grad_buffer_dtypes=None if deepspeed else system.grad_buffer_dtypes())
             del system
             result["released"] = _release(model_alive, accel)
