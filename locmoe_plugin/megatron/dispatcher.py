@@ -116,6 +116,10 @@ class LocMoETokenDispatcher:
         self._plan = None
         self._routing = None  # (ids, weights, counts in flight) between dispatch_preprocess and token_dispatch
         self._hidden_shape = None
+        # Megatron's 1F1B all-to-all overlap frees the inputs of its dispatch node, and those of its expert node,
+        # right after their forward (its own dispatcher hands both nodes fresh permuted tensors): rows that a
+        # backward keeps (the router's input and weights, the experts' input) must then be copies
+        self._copies_node_inputs = bool(getattr(config, "overlap_moe_expert_parallel_comm", False))
 
     @property
     def traffic(self):
@@ -146,6 +150,8 @@ class LocMoETokenDispatcher:
         self._routing = (ids, weights, counts)
         if folded is not None:
             weights = folded.attach(weights)
+        if self._copies_node_inputs:  # the router's backward keeps x (its gate's input) and the weights
+            x, weights = x.clone(), weights.clone()
         return x, weights
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
@@ -161,6 +167,8 @@ class LocMoETokenDispatcher:
             # probs of that dtype, not by fp32 probs that would promote [tokens, ffn] to fp32 and back. The
             # routing itself stays fp32; --moe-router-dtype fp32 keeps fp32 probs here too.
             probs = probs.to(hidden_states.dtype)
+        if self._copies_node_inputs:  # the experts' backward keeps their input rows
+            hidden_states = hidden_states.clone()
         return hidden_states, tokens_per_expert, probs
 
     # ---------------------------------------------------------------------------- combine

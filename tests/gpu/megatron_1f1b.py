@@ -83,6 +83,8 @@ def main() -> int:
     for name in a.systems.split(","):
         off = train(name, "off", opts, accel, dev, corpus, a.steps)
         on = train(name, "1f1b", opts, accel, dev, corpus, a.steps)
+        if rank == 0:
+            print(f"{name}: trained with the overlap off and on", flush=True)
         diff = torch.stack([(x - y).abs().max() for x, y in zip(on[1], off[1])]).max()
         scale = torch.stack([y.abs().max() for y in off[1]]).max()
         stats = torch.stack([diff, scale])
