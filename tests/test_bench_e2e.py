@@ -117,6 +117,23 @@ def test_bench_e2e_locmoe_budget_override(tmp_path):
 
 
 @pytest.mark.multiproc
+def test_bench_e2e_microbatches(tmp_path):
+    """--microbatches 2: the step's two sequences per rank as two micro-batches through megatron-core's schedule
+    (gradients accumulated, reduced after the last): the same training as one batch of both (equal halves, so the
+    same mean gradient up to the aux loss's per-micro-batch terms), under its own variant name."""
+    for extra in (["--microbatches", "2"], []):
+        out = _run(tmp_path, "mcore_alltoall", extra=extra)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    two = json.loads((tmp_path / "e2e_2x2_fast_mcore_alltoall+mb2.json").read_text())
+    one = json.loads((tmp_path / "e2e_2x2_fast_mcore_alltoall.json").read_text())
+    _check(one, "mcore_alltoall")
+    assert two["variant"] == "mcore_alltoall+mb2" and (two["microbatches"], one["microbatches"]) == (2, 1)
+    assert two["ep_overlap"] == one["ep_overlap"] == "off" and two["tokens_per_step"] == one["tokens_per_step"]
+    assert two["train_loss_measured"] == pytest.approx(one["train_loss_measured"], rel=2e-3)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=2e-3)
+
+
+@pytest.mark.multiproc
 def test_bench_e2e_deepspeed(tmp_path):
     out = _run(tmp_path, "deepspeed_moe", extra=["--manual-gc"])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -129,7 +146,10 @@ def test_bench_e2e_rejects_mixed_launch_and_bad_measure():
                   ["--grad-reduce", "fp32,fp32"], ["--steps", "10", "--measure", "4", "--warmup", "7"],
                   ["--warmup", "0"], ["--optimizer", "zero1"], ["--optimizer", "distributed,distributed"],
                   ["--optimizer", ","], ["--locmoe-budget", "1.5"], ["--locmoe-budget", "-0.1"],
-                  ["--systems", "mcore_alltoall,locmoe_topk", "--locmoe-budget", "0.1"]):
+                  ["--systems", "mcore_alltoall,locmoe_topk", "--locmoe-budget", "0.1"],
+                  ["--ep-overlap", "1f1b"], ["--ep-overlap", "1f1b", "--microbatches", "2", "--dtype", "fp32"],
+                  ["--ep-overlap", "on"], ["--microbatches", "3"], ["--microbatches", "0"],
+                  ["--systems", "deepspeed_moe", "--microbatches", "2"]):
         r = subprocess.run([sys.executable, "benchmarks/bench_e2e.py", "--out", "/nonexistent", *extra], cwd=ROOT,
                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
         assert r.returncode == 2 and "error:" in r.stderr

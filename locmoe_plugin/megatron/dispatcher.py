@@ -29,7 +29,11 @@ hide the inter-node transfer here. What overlaps: in ``token_dispatch`` the rail
 of other nodes' rows with this node's rows' intra-node hop; in ``token_combine`` the rail return of the
 other nodes' rows with the reduce of this node's rows; in backward the same pairs in reverse. (The
 DeepSpeed layer calls ``TokenDispatcher.forward`` and also overlaps the local experts.) Megatron's own
-``--overlap-moe-expert-parallel-comm`` is refused together with it (:func:`validate_parallel_config`).
+``--overlap-moe-expert-parallel-comm`` (its 1F1B all-to-all overlap across micro-batches) is refused together
+with it (:func:`validate_parallel_config`); with this overlap off it works: that schedule frees the inputs of
+its dispatch and expert nodes after their forward, so under it ``dispatch_preprocess`` returns copies of the
+tokens and weights (the router's backward keeps them) and ``dispatch_postprocess`` a copy of the dispatched
+rows (the experts' backward keeps them).
 
 Megatron's dispatchers keep the current micro-batch's routing on ``self`` between phases (MoELayer
 calls the phases in order on one instance); this adapter does the same with the core dispatcher's
