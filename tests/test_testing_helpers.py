@@ -108,10 +108,11 @@ def test_cpu_shims_context_restores_torch_cuda():
 
     if cpu_shims.installed():
         pytest.skip("the shims were installed for the whole process by an earlier test")
-    before = (torch.cuda.current_device, torch.cuda.Stream)
+    before = (torch.cuda.current_device, torch.cuda.Stream, torch.Tensor.record_stream, torch.cuda.nvtx.range_push)
     with cpu_shims.megatron_cpu_shims():
         assert torch.cuda.current_device() == torch.device("cpu")
         with cpu_shims.megatron_cpu_shims():  # nesting: the inner exit keeps them
             pass
         assert torch.cuda.current_device() == torch.device("cpu")
-    assert (torch.cuda.current_device, torch.cuda.Stream) == before
+    assert (torch.cuda.current_device, torch.cuda.Stream, torch.Tensor.record_stream,
+            torch.cuda.nvtx.range_push) == before

@@ -1,7 +1,8 @@
 """Run megatron-core's ``MoELayer`` / ``GPTModel`` forward and backward on a CPU-only machine (gloo).
 
 Megatron places weights on CUDA's current device, creates CUDA streams and events in its ``alltoall``
-dispatcher, keeps its dropout RNG states with CUDA RNG calls, moves split sizes to the host only when
+dispatcher and its 1F1B all-to-all overlap schedule (which also marks NVTX ranges and records tensors on
+streams), keeps its dropout RNG states with CUDA RNG calls, moves split sizes to the host only when
 they are CUDA tensors, references ``moe_utils.te_general_gemm`` without TransformerEngine, and creates
 the pipeline schedules' token counter on the CUDA device by name.
 Each shim makes one of those work on the CPU (RNG states map to the CPU generator).
@@ -121,6 +122,10 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         (cuda, "current_stream", lambda *a, **k: _Stream()),
         (cuda, "stream", lambda s=None: contextlib.nullcontext()),
         (cuda, "synchronize", lambda *a, **k: None),
+        # the 1F1B schedule's nodes mark NVTX ranges and tie freed inputs to their streams
+        (cuda.nvtx, "range_push", lambda *a, **k: None),
+        (cuda.nvtx, "range_pop", lambda *a, **k: None),
+        (torch.Tensor, "record_stream", lambda self, stream: None),
         (cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state()),
         (cuda, "manual_seed", lambda seed: torch.manual_seed(seed)),
         (mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state()),
