@@ -31,7 +31,8 @@ system sees the same batches (seeded per rank) and the same schedule (linear war
 steps, by default the first 10 % of them, then constant ``--lr``), so "validation loss after the same
 tokens" compares like with like.
 
-Measured per system (rank 0 writes ``OUT/e2e_<layout>_<system>.json``; a system whose JSON exists is
+Measured per system (rank 0 writes ``OUT/e2e_<layout>_<variant>.json``, the variant being the system's name with
+the suffixes of its options, e.g. ``locmoe+bf16grad``, ``mcore_alltoall+mb2+1f1b``; a variant whose JSON exists is
 skipped, so an interrupted run resumes where it stopped):
 - tokens/s of each of the last ``--measure`` steps (steady state: after warm-up and after the locality
   bias has settled), world x micro-batch x seq / the slowest rank's step time; median, mean, min, max,
@@ -143,7 +144,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=4)
     p.add_argument("--ffn-hidden-size", type=int, default=1408, help="hidden size of each expert")
     p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--micro-batch", type=int, default=2, help="sequences per rank per step")
+    p.add_argument("--micro-batch", type=int, default=2,
+                   help="sequences per rank per step (Megatron's micro-batch size is this over --microbatches)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--attention", choices=("sdpa", "local"), default="sdpa",
                    help="sdpa: torch's scaled_dot_product_attention (flash kernel on GPUs); local: megatron-core's "
@@ -324,6 +326,7 @@ class MegatronE2E:
             [self.model])
         self.microbatches = opts.microbatches
         self.scheduled = opts.microbatches > 1  # training steps run through megatron-core's schedule
+        self._backward_done = False  # loss() ran the schedule: the gradients of its loss are in place
         if self.scheduled:  # as Megatron-LM's training loop: no reduction until the last micro-batch's backward
             cfg.no_sync_func = self.model.no_sync
         self.dp_group = ps.get_data_parallel_group()
@@ -351,9 +354,11 @@ class MegatronE2E:
         """The step's mean loss. With one micro-batch, or outside training, the forward only (:meth:`step`
         runs the backward); with several, in training, megatron-core's schedule runs every micro-batch's forward
         and backward here (the 1F1B overlap where configured) and :meth:`step` reduces and steps."""
+        self._backward_done = False
         if not (self.scheduled and self.model.training and torch.is_grad_enabled()):
             return self.profile_loss(tokens, labels)
         from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -374,12 +379,16 @@ class MegatronE2E:
             forward_step_func=forward_step, data_iterator=batches, model=[self.model],
             num_microbatches=self.microbatches, seq_length=tokens.shape[1],
             micro_batch_size=tokens.shape[0] // self.microbatches, forward_only=False)
+        # the schedule scales the MoE losses' gradients by 1 / micro-batches for the whole process; a later
+        # backward of one forward over the whole batch (the profiling step) takes them whole
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=tokens.device))
+        self._backward_done = True
         return torch.stack([o["loss"] for o in out]).mean()
 
     def step(self, loss, sync=None) -> None:
         from megatron.core.distributed import finalize_model_grads
 
-        if not self.scheduled:  # the schedule ran the backward in loss()
+        if not self._backward_done:  # else the schedule ran the backward in loss()
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             loss.backward()
@@ -653,7 +662,7 @@ def run_system(name: str, system, opts, accel, dev, corpus, bandwidth: dict) -> 
         "nodes": nodes, "gpus_per_node": gpn, "world": world,
         "model": {k: getattr(opts, k) for k in ("num_layers", "hidden_size", "num_heads", "num_experts", "topk",
                                                 "ffn_hidden_size", "seq_len", "micro_batch", "dtype", "attention")},
-        "microbatches": opts.microbatches,
+        "microbatches": opts.microbatches, "micro_batch_size": opts.micro_batch // opts.microbatches,
         "steps": opts.steps, "measured_steps": opts.measure, "lr": opts.lr, "lr_warmup_steps": _warmup_steps(opts),
         "tokens_per_step": tokens_per_step,
         "tokens_per_s": {"median": statistics.median(tps), "mean": statistics.mean(tps), "min": min(tps),
@@ -709,6 +718,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"bench_e2e: the world size {world} must be a multiple of --gpus-per-node "
                          f"{opts.gpus_per_node} and divide --num-experts {opts.num_experts}; --num-heads must "
                          f"divide --hidden-size")
+    if "1f1b" in opts.ep_overlap and world < 2:
+        raise SystemExit("bench_e2e: --ep-overlap 1f1b overlaps expert-parallel all-to-alls; it needs 2 or more ranks")
     layout = layout_name(world // opts.gpus_per_node, opts.gpus_per_node)
     one_node_only = [s for s in opts.systems if s in ONE_NODE_ONLY]
     if one_node_only and world > opts.gpus_per_node:

@@ -3,8 +3,9 @@
   python3 benchmarks/e2e_report.py OUT [--png OUT/e2e.png]
 
 One row per variant: the system, suffixed ``+bf16grad`` where its gradients were reduced in bf16
-(``bench_e2e.py --grad-reduce``) and ``+distopt`` where Megatron's distributed optimizer stepped it
-(``--optimizer``). Columns: median tokens/s of the measured steps with their min-max; "x a2a" =
+(``bench_e2e.py --grad-reduce``), ``+distopt`` where Megatron's distributed optimizer stepped it
+(``--optimizer``), ``+mb<M>`` where each step ran as M micro-batches (``--microbatches``) and ``+1f1b`` under
+Megatron's 1F1B all-to-all overlap (``--ep-overlap``). Columns: median tokens/s of the measured steps with their min-max; "x a2a" =
 the ratio to mcore_alltoall's median on the same layout with the same gradient reduction and optimizer; "scaling" = the
 ratio to the same variant's median on one node
 (layout ``1x<ranks>``; scaling efficiency); validation loss after the same tokens; cross-node share of
@@ -29,8 +30,8 @@ SYSTEM_ORDER = ("mcore_alltoall", "mcore_grouplimited", "deepspeed_moe", "locmoe
 
 
 def variant(r: dict) -> str:
-    """The system's name, suffixed where its gradient reduction or optimizer differs from the default (older
-    results carry no variant)."""
+    """The system's name, suffixed where its gradient reduction, optimizer, micro-batches or all-to-all overlap
+    differ from the default (older results carry no variant)."""
     return r.get("variant", r["system"])
 
 

@@ -23,7 +23,7 @@ def _run(out, systems, link="fast", extra=()):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _check(r, system, manual_gc=False):
+def _check(r, system, manual_gc=False, variant=None):
     assert r["system"] == system and r["layout"] == "2x2_fast" and r["link"] == "fast"
     assert r["bandwidth"]["env"]["NCCL_NSOCKS_PERTHREAD"] == "8"
     assert r["bandwidth"]["inter_node_gbps"] > 0 and r["bandwidth"]["intra_node_gbps"] > 0
@@ -53,7 +53,8 @@ def _check(r, system, manual_gc=False):
     if system == "deepspeed_moe":
         assert r["grad_reduce"] == "deepspeed" and r["grad_buffer_dtypes"] is None
     else:  # the default reduction: fp32 buffers as DDP allocated them
-        assert r["variant"] == system and r["grad_reduce"] == "fp32" and r["grad_buffer_dtypes"] == ["float32"]
+        assert r["variant"] == (variant or system) and r["grad_reduce"] == "fp32"
+        assert r["grad_buffer_dtypes"] == ["float32"]
         assert r["optimizer"] == "replicated"  # the default: Megatron's optimizer unsharded
         assert r["locmoe_budget"] is None  # LocMoEConfig's own budget where the system routes with one
 
@@ -121,16 +122,19 @@ def test_bench_e2e_microbatches(tmp_path):
     """--microbatches 2: the step's two sequences per rank as two micro-batches through megatron-core's schedule
     (gradients accumulated, reduced after the last): the same training as one batch of both (equal halves, so the
     same mean gradient up to the aux loss's per-micro-batch terms), under its own variant name."""
+    systems = ("mcore_alltoall", "locmoe_topk")  # routings that do not adapt per forward (no budget controller)
     for extra in (["--microbatches", "2"], []):
-        out = _run(tmp_path, "mcore_alltoall", extra=extra)
+        out = _run(tmp_path, ",".join(systems), extra=extra)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    two = json.loads((tmp_path / "e2e_2x2_fast_mcore_alltoall+mb2.json").read_text())
-    one = json.loads((tmp_path / "e2e_2x2_fast_mcore_alltoall.json").read_text())
-    _check(one, "mcore_alltoall")
-    assert two["variant"] == "mcore_alltoall+mb2" and (two["microbatches"], one["microbatches"]) == (2, 1)
-    assert two["ep_overlap"] == one["ep_overlap"] == "off" and two["tokens_per_step"] == one["tokens_per_step"]
-    assert two["train_loss_measured"] == pytest.approx(one["train_loss_measured"], rel=2e-3)
-    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=2e-3)
+    for system in systems:
+        two = json.loads((tmp_path / f"e2e_2x2_fast_{system}+mb2.json").read_text())
+        one = json.loads((tmp_path / f"e2e_2x2_fast_{system}.json").read_text())
+        _check(one, system)
+        _check(two, system, variant=f"{system}+mb2")
+        assert (two["microbatches"], two["micro_batch_size"], one["microbatches"], one["micro_batch_size"]) == (2, 1, 1, 2)
+        assert two["ep_overlap"] == one["ep_overlap"] == "off" and two["tokens_per_step"] == one["tokens_per_step"]
+        assert two["train_loss_measured"] == pytest.approx(one["train_loss_measured"], rel=2e-3), system
+        assert two["val_loss"] == pytest.approx(one["val_loss"], rel=2e-3), system
 
 
 @pytest.mark.multiproc

@@ -7,6 +7,7 @@ micro-batches give the losses and gradients of the plain schedule bit for bit, w
 the backward reads freed rows and fails. (On GPUs, with real streams: ``tests/gpu/megatron_1f1b.py``.)"""
 
 import os
+import re
 import sys
 
 import pytest
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.multiproc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ, VOCAB = 16, 64
+FREED = r"storage of size 0|data is not allocated|call mutable_data"
 
 
 def _train_step(overlap: bool, grouped: str, copies: bool = True):
@@ -49,9 +51,10 @@ def _train_step(overlap: bool, grouped: str, copies: bool = True):
     spec = locmoe_spec(base, {"gpus_per_node": 2, "locality_loss_coeff": 0.01}, grouped_experts=grouped)
     model = GPTModel(cfg, spec, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope")
     dispatchers = [layer.mlp.token_dispatcher for layer in model.decoder.layers]
-    flags = [d._copies_node_inputs for d in dispatchers]
+    flags = [(d._copies_dispatch_inputs, d._copies_expert_inputs) for d in dispatchers]
     for d in dispatchers:
-        d._copies_node_inputs = copies and d._copies_node_inputs
+        d._copies_dispatch_inputs &= copies
+        d._copies_expert_inputs &= copies
     gen = torch.Generator().manual_seed(torch.distributed.get_rank())
     tokens, labels = (torch.randint(0, VOCAB, (2, SEQ), generator=gen) for _ in range(2))
     batches = iter(list(zip(tokens.chunk(2), labels.chunk(2))))
@@ -94,7 +97,7 @@ def _worker(rank, world):
             _train_step(True, grouped, copies=False)
             out[grouped]["uncopied"] = "ran"
         except RuntimeError as exc:
-            out[grouped]["uncopied"] = str(exc)[:60]
+            out[grouped]["uncopied"] = str(exc)
     parallel_state.destroy_model_parallel()
     return out
 
@@ -103,6 +106,8 @@ def test_1f1b_overlap_schedule_matches_the_plain_one_bitwise():
     for rank, res in enumerate(run_workers(_worker, 4)):
         for grouped in ("off", "on"):
             r = res[grouped]
-            assert r["flags"] == ([False, False], [True, True]), (rank, grouped)
+            # megatron-core 0.16 frees both nodes' inputs under the schedule
+            assert r["flags"] == ([(False, False)] * 2, [(True, True)] * 2), (rank, grouped)
             assert r["losses equal"] and r["grads equal"] and r["grads"] > 10, (rank, grouped, r)
-            assert r["uncopied"] != "ran", (rank, grouped)
+            # a read of a freed input (torch words it by the op that reads it)
+            assert re.search(FREED, r["uncopied"]), (rank, grouped, r["uncopied"][-200:])

@@ -195,3 +195,5 @@ def test_unsupported_layouts_are_refused():
     validate_parallel_config(SimpleNamespace(overlap_moe_expert_parallel_comm=True), overlap=False)
     with pytest.raises(ConfigError, match="drop-and-pad"):
         validate_parallel_config(SimpleNamespace(moe_pad_expert_input_to_capacity=True))
+    with pytest.raises(ConfigError, match="drop the flag"):  # the shared experts' output would be lost
+        validate_parallel_config(SimpleNamespace(moe_shared_expert_overlap=True))

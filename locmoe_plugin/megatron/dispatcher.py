@@ -30,10 +30,12 @@ of other nodes' rows with this node's rows' intra-node hop; in ``token_combine``
 other nodes' rows with the reduce of this node's rows; in backward the same pairs in reverse. (The
 DeepSpeed layer calls ``TokenDispatcher.forward`` and also overlaps the local experts.) Megatron's own
 ``--overlap-moe-expert-parallel-comm`` (its 1F1B all-to-all overlap across micro-batches) is refused together
-with it (:func:`validate_parallel_config`); with this overlap off it works: that schedule frees the inputs of
-its dispatch and expert nodes after their forward, so under it ``dispatch_preprocess`` returns copies of the
-tokens and weights (the router's backward keeps them) and ``dispatch_postprocess`` a copy of the dispatched
-rows (the experts' backward keeps them).
+with it (:func:`validate_parallel_config`); with LocMoE's overlap off (``--locmoe-overlap off``) it works. That
+schedule frees the inputs of its dispatch node, and of its expert node (megatron-core 0.16 always; 0.19 with more
+than one local expert), after their forward: where it does, ``dispatch_preprocess`` returns copies of the tokens
+and weights (the router's backward keeps them) and ``dispatch_postprocess`` a copy of the dispatched rows (the
+experts' backward keeps them) (:func:`schedule_frees_inputs`). It also frees the combine node's input, the
+experts' output, which nothing here keeps (the combine's backward keeps only its plan).
 
 Megatron's dispatchers keep the current micro-batch's routing on ``self`` between phases (MoELayer
 calls the phases in order on one instance); this adapter does the same with the core dispatcher's
@@ -42,7 +44,8 @@ unweighted rows; they get the probabilities in the activations' dtype unless ``m
 set (Megatron's own behaviour: its router returns probs in that dtype by default).
 
 Limits (refused with a clear error at construction): expert tensor parallelism > 1, tensor
-parallelism without sequence parallelism, drop-and-pad capacity (``moe_pad_expert_input_to_capacity``).
+parallelism without sequence parallelism, drop-and-pad capacity (``moe_pad_expert_input_to_capacity``), the
+shared experts run inside Megatron's own dispatcher (``moe_shared_expert_overlap``).
 """
 
 from __future__ import annotations
@@ -65,6 +68,26 @@ OVERLAP_CONFLICT_ERROR = (
 )
 
 
+def schedule_frees_inputs(config, node: str, num_local_experts: int) -> bool:
+    """Whether Megatron's 1F1B all-to-all overlap schedule frees the inputs of its ``node`` ("moe_dispatch" or
+    "mlp") right after that node's forward, by megatron-core's own policy (``should_free_input``: 0.19 asks the
+    local expert count, 0.16 does not). False without the overlap; True where the policy cannot be asked."""
+    if not getattr(config, "overlap_moe_expert_parallel_comm", False):
+        return False
+    try:
+        from megatron.core.models.common.utils import should_free_input
+
+        return bool(should_free_input(node, True, config, num_local_experts))
+    except ImportError:
+        pass
+    try:
+        from megatron.core.models.gpt.fine_grained_callables import should_free_input
+
+        return bool(should_free_input(node, True, config))
+    except ImportError:
+        return True
+
+
 def validate_parallel_config(config, overlap: bool = False) -> None:
     """Layouts the LocMoE dispatcher does not handle; raise before any collective."""
     etp = getattr(config, "expert_tensor_parallel_size", None) or 1
@@ -81,6 +104,12 @@ def validate_parallel_config(config, overlap: bool = False) -> None:
         )
     if overlap and getattr(config, "overlap_moe_expert_parallel_comm", False):
         raise ConfigError(OVERLAP_CONFLICT_ERROR)
+    if getattr(config, "moe_shared_expert_overlap", False):
+        raise ConfigError(
+            "moe_shared_expert_overlap (--moe-shared-expert-overlap) runs the shared experts inside Megatron's own "
+            "alltoall dispatcher, which the LocMoE dispatcher replaces, so their output would be lost; drop the flag "
+            "(the shared experts then run beside the routed ones)"
+        )
     if getattr(config, "moe_pad_expert_input_to_capacity", False):
         raise ConfigError(
             "moe_pad_expert_input_to_capacity (drop-and-pad) is not supported by the LocMoE dispatcher; "
@@ -120,10 +149,11 @@ class LocMoETokenDispatcher:
         self._plan = None
         self._routing = None  # (ids, weights, counts in flight) between dispatch_preprocess and token_dispatch
         self._hidden_shape = None
-        # Megatron's 1F1B all-to-all overlap frees the inputs of its dispatch node, and those of its expert node,
-        # right after their forward (its own dispatcher hands both nodes fresh permuted tensors): rows that a
-        # backward keeps (the router's input and weights, the experts' input) must then be copies
-        self._copies_node_inputs = bool(getattr(config, "overlap_moe_expert_parallel_comm", False))
+        # Megatron's 1F1B all-to-all overlap may free the inputs of its dispatch node and of its expert node right
+        # after their forward (its own dispatcher hands them permuted tensors): rows that a backward keeps (the
+        # router's input and weights, the experts' input) are then handed over as copies
+        self._copies_dispatch_inputs = schedule_frees_inputs(config, "moe_dispatch", num_local_experts)
+        self._copies_expert_inputs = schedule_frees_inputs(config, "mlp", num_local_experts)
 
     @property
     def traffic(self):
@@ -154,7 +184,7 @@ class LocMoETokenDispatcher:
         self._routing = (ids, weights, counts)
         if folded is not None:
             weights = folded.attach(weights)
-        if self._copies_node_inputs:  # the router's backward keeps x (its gate's input) and the weights
+        if self._copies_dispatch_inputs and torch.is_grad_enabled():  # the router's backward keeps x and the weights
             x, weights = x.clone(), weights.clone()
         return x, weights
 
@@ -171,7 +201,7 @@ class LocMoETokenDispatcher:
             # probs of that dtype, not by fp32 probs that would promote [tokens, ffn] to fp32 and back. The
             # routing itself stays fp32; --moe-router-dtype fp32 keeps fp32 probs here too.
             probs = probs.to(hidden_states.dtype)
-        if self._copies_node_inputs:  # the experts' backward keeps their input rows
+        if self._copies_expert_inputs and torch.is_grad_enabled():  # the experts' backward keeps their input rows
             hidden_states = hidden_states.clone()
         return hidden_states, tokens_per_expert, probs
 
