@@ -32,7 +32,8 @@ from ..device import backend_for, get_accelerator
 from .launch import add_launch_arguments, init_process_group, launched, set_spawned_rank, spawn_local
 
 #: environment variables that shape the link between (emulated) nodes, recorded with each measurement
-LINK_ENV = ("LOCMOE_LINK", "NCCL_NSOCKS_PERTHREAD", "NCCL_SOCKET_NTHREADS", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE",
+LINK_ENV = ("LOCMOE_LINK", "NCCL_NSOCKS_PERTHREAD", "NCCL_SOCKET_NTHREADS", "NCCL_NCHANNELS_PER_NET_PEER",
+            "NCCL_P2P_NET_CHUNKSIZE", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE",
             "NCCL_NET")
 
 
