@@ -1,6 +1,10 @@
 """Table and PNG of the end-to-end benchmark's JSON files (``bench_e2e.py``), one row per system and layout.
 
-  python3 benchmarks/e2e_report.py OUT [--png OUT/e2e.png]
+  python3 benchmarks/e2e_report.py OUT [--png OUT/e2e.png] [--calibration DIR [--two-stage-ms MS]]
+
+``--calibration DIR`` also writes ``DIR/calibration_<layout>.json`` per layout, the calibration of
+``locmoe project --calibration`` (:mod:`locmoe_plugin.projection.e2e_calibration`: the expert GEMM rate and
+each system's fixed per-layer cost from the profiling step, the links from the run's bandwidth check).
 
 One row per variant: the system, suffixed ``+bf16grad`` where its gradients were reduced in bf16
 (``bench_e2e.py --grad-reduce``), ``+distopt`` where Megatron's distributed optimizer stepped it
@@ -14,7 +18,9 @@ routed pairs; inter-node MiB per step and rank; "rows u" = the busiest rank's ro
 Python's garbage-collection passes of generations 0/1/2 during the measured steps, summed over the ranks
 (suffix "m": ``--manual-gc``, automatic collection off); peak memory; the share of the profiling step spent waiting
 on the inter-node link; the profiling step's forward + backward milliseconds per phase (attention A,
-router R, dispatch D, experts E, combine C), grad sync G and optimizer O.
+router R, dispatch D, experts E, combine C), grad sync G and optimizer O; "a2a GB/s" = the inter-node bytes per
+rank and step over the profiling step's time in the all-to-alls that cross nodes (the rate those transfers
+reached in the step, beside the link's probe on the "link" line).
 """
 
 from __future__ import annotations
@@ -62,13 +68,22 @@ def _gc(r: dict) -> str:
     return total + ("m" if r.get("manual_gc") else "")
 
 
+def _a2a_rate(r: dict) -> str:
+    """GB/s per rank of the inter-node all-to-alls: the measured steps' mean inter-node bytes per rank over the
+    profiling step's synchronised time in the all-to-alls that cross nodes ("-" on one node)."""
+    ms = r["breakdown_ms"].get("inter_node_all_to_all", 0.0)
+    if r["nodes"] < 2 or not ms > 0:
+        return "-"
+    return f"{r['inter_node_bytes_per_step'] / r['world'] / (ms * 1e6):.2f}"
+
+
 def table(rows: list[dict]) -> str:
     by = {(r["layout"], variant(r)): r for r in rows}
     one_node = {variant(r): r for r in rows if r["nodes"] == 1}
     w = max([22, *(len(variant(r)) for r in rows)])  # the system column fits its longest variant name
     head = (f"{'layout':<10} {'system':<{w}} {'k tok/s':>8} {'min-max':>11} {'x a2a':>6} {'scaling':>7} {'val':>6} "
             f"{'cross':>6} {'inter MiB':>9} {'rows u':>6} {'x u':>5} {'gc':>9} {'peak GiB':>8} {'link':>5}  "
-            + " ".join(f"{k:>6}" for k, _ in PHASES) + f" {'G':>6} {'O':>6} {'step':>7}")
+            + " ".join(f"{k:>6}" for k, _ in PHASES) + f" {'G':>6} {'O':>6} {'step':>7} {'a2a GB/s':>8}")
     lines = [head]
     for r in rows:
         t = r["tokens_per_s"]
@@ -85,14 +100,16 @@ def table(rows: list[dict]) -> str:
             f"{_ratio(r, 'inter_node_bytes_rank_max_over_mean'):>5} {_gc(r):>9} {peak:>8} "
             f"{b['inter_node_wait_share'] * 100:4.0f}%  "
             + " ".join(f"{phase_ms(r, p):6.1f}" for _, p in PHASES)
-            + f" {b['grad_sync']:6.1f} {b['optimizer']:6.1f} {b['total']:7.1f}")
-    links = sorted({(r["layout"], r["bandwidth"]["inter_node_gbps"], r["bandwidth"]["intra_node_gbps"])
+            + f" {b['grad_sync']:6.1f} {b['optimizer']:6.1f} {b['total']:7.1f} {_a2a_rate(r):>8}")
+    links = sorted({(r["layout"], r["bandwidth"]["inter_node_gbps"], r["bandwidth"]["intra_node_gbps"],
+                     r["bandwidth"].get("inter_node_all_peers_gbps"))  # absent in results before it was measured
                     for r in rows if r["nodes"] > 1}, key=str)
     def gbps(value):  # None: no such link in the layout (e.g. one rank per node has no intra-node peer)
         return "-" if value is None else f"{value:.2f} GB/s"
 
-    for layout, inter, intra in links:
-        lines.append(f"link {layout}: all-to-all inter-node {gbps(inter)}, intra-node {gbps(intra)} per rank")
+    for layout, inter, intra, all_peers in links:
+        peers = "" if all_peers is None else f" ({gbps(all_peers)} with every remote rank a peer)"
+        lines.append(f"link {layout}: all-to-all inter-node {gbps(inter)}{peers}, intra-node {gbps(intra)} per rank")
     if rows:
         r = rows[0]
         lines.append(f"commit {r.get('commit')}, {r.get('device')}, {r.get('date')}; {r['measured_steps']} measured "
@@ -153,15 +170,44 @@ def plot(rows: list[dict], path: str) -> str | None:
     return path
 
 
+def write_calibrations(rows: list[dict], folder: str, two_stage_ms: float | None = None) -> list[str]:
+    """``folder/calibration_<layout>.json`` for every layout with a plain run of a calibrated system."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+    from locmoe_plugin.projection.e2e_calibration import E2E_SYSTEMS, calibration_from_e2e_results
+
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for layout in dict.fromkeys(r["layout"] for r in rows):
+        mine = [r for r in rows if r["layout"] == layout and variant(r) == r["system"] and r["system"] in E2E_SYSTEMS]
+        if not mine:
+            continue
+        cal = calibration_from_e2e_results(mine, two_stage_ms=two_stage_ms)
+        path = os.path.join(folder, f"calibration_{layout}.json")
+        with open(path, "w") as f:
+            json.dump(cal.to_dict(), f, indent=2)
+        paths.append(path)
+    return paths
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder")
     p.add_argument("--png", default=None, help="default: FOLDER/e2e.png")
+    p.add_argument("--calibration", default=None, metavar="DIR",
+                   help="write DIR/calibration_<layout>.json per layout for locmoe project --calibration")
+    p.add_argument("--two-stage-ms", type=float, default=None,
+                   help="with --calibration: the two-stage plan's extra ms per layer on one node (bench_dispatch.py's "
+                        "hier_tree rows), added to the one-node file's LocMoE cost for layouts across nodes")
     a = p.parse_args(argv)
     rows = load(a.folder)
     if not rows:
         print(f"e2e_report: no e2e_*.json in {a.folder}")
         return 1
+    if a.calibration:
+        for path in write_calibrations(rows, a.calibration, a.two_stage_ms):
+            print(f"calibration: {path}")
     png = plot(rows, a.png or os.path.join(a.folder, "e2e.png"))
     print(f"plot: {png}" if png else "plot: skipped (install matplotlib for the PNG)")
     print(table(rows))

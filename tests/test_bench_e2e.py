@@ -27,6 +27,7 @@ def _check(r, system, manual_gc=False, variant=None):
     assert r["system"] == system and r["layout"] == "2x2_fast" and r["link"] == "fast"
     assert r["bandwidth"]["env"]["NCCL_NSOCKS_PERTHREAD"] == "8"
     assert r["bandwidth"]["inter_node_gbps"] > 0 and r["bandwidth"]["intra_node_gbps"] > 0
+    assert r["bandwidth"]["inter_node_all_peers_gbps"] > 0
     t = r["tokens_per_s"]
     assert 0 < t["min"] <= t["median"] <= t["max"] and len(r["step_ms"]) == 2
     assert r["tokens_per_step"] == 4 * 2 * 32 and r["trained_tokens"] == 5 * 256
@@ -96,12 +97,16 @@ def test_bench_e2e_megatron_systems_resume_and_report(tmp_path):
                             "--locmoe-budget", "0.1", *TOY], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=120)
     assert other.returncode == 1 and "--locmoe-budget None" in other.stderr and "give another --out" in other.stderr
-    rep = subprocess.run([sys.executable, "benchmarks/e2e_report.py", str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    rep = subprocess.run([sys.executable, "benchmarks/e2e_report.py", str(tmp_path),
+                          "--calibration", str(tmp_path / "cal")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0, rep.stderr
+    from locmoe_plugin.projection.calibration import load_calibration
+
+    cal = load_calibration(str(tmp_path / "cal" / "calibration_2x2_fast.json"))  # what locmoe project reads
+    assert cal.inter_node["bandwidth_GBps"] > 0 and cal.inter_node["flat_GBps"] > 0 and cal.fixed_ms_multi_node
     for s in systems:
         assert f"2x2_fast   {s} " in rep.stdout
-    assert "link 2x2_fast: all-to-all inter-node" in rep.stdout
+    assert "link 2x2_fast: all-to-all inter-node" in rep.stdout and "with every remote rank a peer" in rep.stdout
     assert (tmp_path / "e2e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -226,6 +231,16 @@ def test_e2e_report_compares_like_gradient_reductions(tmp_path):
     # older results without a variant read as the default reduction
     old = {k: v for k, v in _row("locmoe", "fp32", "1x4", 120).items() if k not in ("variant", "grad_reduce")}
     assert e2e_report.variant(old) == "locmoe"
+    # the link line: the rail's rate, and the all-peers rate where the run measured it
+    peers = {**rows[5], "bandwidth": {**rows[5]["bandwidth"], "inter_node_all_peers_gbps": 1.6}}
+    assert ("link 2x2_fast: all-to-all inter-node 1.00 GB/s (1.60 GB/s with every remote rank a peer), "
+            "intra-node 2.00 GB/s per rank") in e2e_report.table([peers])
+    assert "link 2x2_fast: all-to-all inter-node 1.00 GB/s, intra-node" in e2e_report.table(rows)
+    # the rate the step's cross-node all-to-alls reached: bytes per rank and step over their time in the profile
+    moved = {**rows[5], "inter_node_bytes_per_step": 4 * 3e9,
+             "breakdown_ms": {**rows[5]["breakdown_ms"], "inter_node_all_to_all": 1500.0}}
+    assert e2e_report.table([moved]).splitlines()[1].split()[-1] == "2.00"
+    assert lines[("1x4", "locmoe")][-1] == "-" and lines[("2x2_fast", "locmoe")][-1] == "-"  # one node; not timed
 
 
 def test_manual_collection_is_restored_after_an_error_and_the_report_sums_passes():

@@ -107,7 +107,15 @@ def measure_bandwidth(gpus_per_node: int, dev, sync, mib: float = 32.0, iters: i
     """Intra- and inter-node all-to-all bandwidth of the current world (a collective: every rank calls
     it with the same arguments). Creates its node and rail groups once per call (every rank creates
     every group, in the same order). Returns GB/s per rank (None where the layout has no such link:
-    one rank per node has no intra-node peer, one node has no inter-node one) plus the link settings."""
+    one rank per node has no intra-node peer, one node has no inter-node one) plus the link settings.
+
+    Two inter-node figures: ``inter_node_gbps`` over the rail group (one peer on each other node: the
+    hierarchical plan's inter-node hop) and ``inter_node_all_peers_gbps``, the bytes one rank sends to the
+    other nodes' ranks over the time of an all-to-all over the whole world with ``mib`` MiB to every rank
+    (every remote rank a peer: the pairs all-to-all of Megatron's ``alltoall`` dispatcher, DeepSpeed and
+    LocMoE's flat plan; its intra-node part runs beside it). A link whose all-peers figure is well above
+    the rail figure gives a rank more rate the more remote peers it has (NCCL's socket transport does:
+    each peer gets its own connection), which favours the flat pattern over the rail hop."""
     world = dist.get_world_size()
     if gpus_per_node < 1 or world % gpus_per_node:
         raise ValueError(f"--gpus-per-node {gpus_per_node} must divide the world size {world}")
@@ -124,6 +132,12 @@ def measure_bandwidth(gpus_per_node: int, dev, sync, mib: float = 32.0, iters: i
         sec = _a2a_seconds(group, per_peer, dev, sync, iters)
         out[f"{name}_ms"] = sec * 1e3
         out[f"{name}_gbps"] = per_peer * peers / sec / 1e9
+    remote = world - gpus_per_node  # ranks on the other nodes
+    out["inter_node_all_peers_gbps"] = out["inter_node_all_peers_ms"] = None
+    if nodes > 1:
+        sec = _a2a_seconds(None, per_peer, dev, sync, iters)
+        out["inter_node_all_peers_ms"] = sec * 1e3
+        out["inter_node_all_peers_gbps"] = per_peer * remote / sec / 1e9
     return out
 
 
@@ -136,7 +150,15 @@ def format_bandwidth(r: dict) -> str:
     env = " ".join(f"{k}={v}" for k, v in r["env"].items()) or "NCCL defaults"
     return (f"bandwidth: {r['ranks']} ranks = {r['nodes']} node(s) x {r['ranks_per_node']}, link {r['link']} ({env}), "
             f"all-to-all {r['mib_per_peer']:g} MiB per peer: intra-node {gb(r['intra_node_gbps'])}, "
-            f"inter-node {gb(r['inter_node_gbps'])} per rank{ratio}")
+            f"inter-node {gb(r['inter_node_gbps'])} per rank{ratio}" + _all_peers(r))
+
+
+def _all_peers(r: dict) -> str:
+    """The all-peers inter-node figure beside the rail one, where measured (more than one node)."""
+    if not r.get("inter_node_all_peers_gbps") or not r.get("inter_node_gbps"):
+        return ""
+    return (f"; with every remote rank a peer {r['inter_node_all_peers_gbps']:.2f} GB/s per rank "
+            f"({r['inter_node_all_peers_gbps'] / r['inter_node_gbps']:.2f} x the rail's one peer per node)")
 
 
 def _worker(args: argparse.Namespace, result_path: str | None) -> None:

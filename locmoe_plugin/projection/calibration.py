@@ -112,7 +112,8 @@ class Calibration:
 def calibration_from_dict(d: dict) -> Calibration:
     if not isinstance(d, dict) or d.get("schema") != SCHEMA:
         raise ConfigError(f"not a calibration file: expected \"schema\": \"{SCHEMA}\" (write one with "
-                          f"benchmarks/bench_layer.py --calibration FILE)")
+                          "benchmarks/bench_layer.py --calibration FILE or "
+                          "benchmarks/e2e_report.py --calibration DIR)")
     unknown = set(d) - _KEYS
     if unknown:
         raise ConfigError(f"calibration has unknown keys {sorted(unknown)}; allowed: {sorted(_KEYS)}")

@@ -69,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--group-nodes", type=int, default=None, help="nodes per token under group-limited routing")
     r.add_argument("--capacity-factor", type=float, default=1.25, help="DeepSpeed MoE's capacity factor")
     o = p.add_argument_group("output")
-    o.add_argument("--calibration", default=None, help="JSON from benchmarks/bench_layer.py --calibration")
+    o.add_argument("--calibration", default=None, help="JSON from benchmarks/bench_layer.py --calibration or "
+                   "benchmarks/e2e_report.py --calibration")
     o.add_argument("--png", default=None, help="write the speedup-vs-nodes plot here")
     o.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
