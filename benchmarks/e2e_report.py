@@ -19,8 +19,8 @@ Python's garbage-collection passes of generations 0/1/2 during the measured step
 (suffix "m": ``--manual-gc``, automatic collection off); peak memory; the share of the profiling step spent waiting
 on the inter-node link; the profiling step's forward + backward milliseconds per phase (attention A,
 router R, dispatch D, experts E, combine C), grad sync G and optimizer O; "a2a GB/s" = the inter-node bytes per
-rank and step over the profiling step's time in the all-to-alls that cross nodes (the rate those transfers
-reached in the step, beside the link's probe on the "link" line).
+rank and step over the profiling step's time in the all-to-alls that cross nodes, waits for the slowest rank
+included (a lower bound on the transfers' rate, to read beside the link's probe on the "link" line).
 """
 
 from __future__ import annotations
@@ -69,8 +69,10 @@ def _gc(r: dict) -> str:
 
 
 def _a2a_rate(r: dict) -> str:
-    """GB/s per rank of the inter-node all-to-alls: the measured steps' mean inter-node bytes per rank over the
-    profiling step's synchronised time in the all-to-alls that cross nodes ("-" on one node)."""
+    """GB/s per rank of the inter-node all-to-alls: the measured steps' mean inter-node bytes per rank over
+    rank 0's time in the profiling step's all-to-alls that cross nodes ("-" on one node). That time starts
+    after a local device sync, not a barrier, so it includes waiting for the slowest rank to reach each
+    all-to-all: a lower bound on the transfers' own rate."""
     ms = r["breakdown_ms"].get("inter_node_all_to_all", 0.0)
     if r["nodes"] < 2 or not ms > 0:
         return "-"
@@ -201,6 +203,8 @@ def main(argv=None) -> int:
                    help="with --calibration: the two-stage plan's extra ms per layer on one node (bench_dispatch.py's "
                         "hier_tree rows), added to the one-node file's LocMoE cost for layouts across nodes")
     a = p.parse_args(argv)
+    if a.two_stage_ms is not None and not a.calibration:
+        p.error("--two-stage-ms goes with --calibration DIR (it sets the calibration's LocMoE cost across nodes)")
     rows = load(a.folder)
     if not rows:
         print(f"e2e_report: no e2e_*.json in {a.folder}")

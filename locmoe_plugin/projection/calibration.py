@@ -126,7 +126,7 @@ def load_calibration(path: str) -> Calibration:
             d = json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read calibration {path!r}: {exc}; pass a JSON file written by "
-                          f"benchmarks/bench_layer.py --calibration") from exc
+                          "benchmarks/bench_layer.py --calibration or benchmarks/e2e_report.py --calibration") from exc
     return calibration_from_dict(d)
 
 
