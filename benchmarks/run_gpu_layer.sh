@@ -11,6 +11,11 @@
 # the layer's default size; ~1 minute): the two-stage plan's extra host time on this machine, which
 # validate_projection.py adds to the one-node calibration when it predicts this call's 2-node LocMoE rows
 # (dispatch_1node_${NGPU}gpu.json).
+# LAYOUTS="plan2nodes" times the layer with the 2-node topology (--gpus-per-node NGPU/2) on this one node's
+# links, without the socket emulation (layer_plan2nodes_${NGPU}gpu.json): every cross-node code path (the
+# router's budget and locality work, the two-stage plan, the count exchange) at NVLink rates. Where a call
+# has it, validate_projection.py takes LocMoE's cost across 2 nodes from it instead of the one-node run plus
+# the two-stage figure.
 set -uo pipefail
 out=${1:-benchmarks/results}
 NGPU=${NGPU:-4}
@@ -28,6 +33,10 @@ for layout in $LAYOUTS; do
       --gpus-per-node $(( NGPU / 4 )) --ablations ${ABLATIONS-nobias mu0} --json "$out/layer_4nodes_${NGPU}gpu.json" \
       --calibration "$out/calibration_4nodes_${NGPU}gpu.json" \
       ${BENCH_ARGS:-} 2>&1 | filter > "$out/layer_4nodes.log"
+  elif [ "$layout" = plan2nodes ]; then  # the 2-node plan on one node's links: its host work, with no slow link
+    python3 -m torch.distributed.run --standalone --nproc-per-node "$NGPU" benchmarks/bench_layer.py \
+      --gpus-per-node "$half" --ablations ${ABLATIONS-nobias mu0} --json "$out/layer_plan2nodes_${NGPU}gpu.json" \
+      ${BENCH_ARGS:-} 2>&1 | filter > "$out/layer_plan2nodes.log"
   elif [ "$layout" = 2nodes ]; then
     launch/emulate_nodes.sh --nodes 2 --nproc-per-node "$NGPU" -- benchmarks/bench_layer.py \
       --gpus-per-node "$half" --ablations ${ABLATIONS-nobias mu0} --json "$out/layer_2nodes_${NGPU}gpu.json" \

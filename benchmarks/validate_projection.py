@@ -6,7 +6,9 @@ calibration: expert GEMM rate, NVLink bandwidth, fixed per-layer costs) plus tha
 inter-node link (the probe's bandwidth, latency and duplex: the median over its samples where the run
 probed the link repeatedly during its timing, ``meta.inter_node_link.samples``; else its one probe). Nothing else measured on the layout
 across nodes enters, except the routing the run produced (cross-node share, the busiest rank's expert rows and its
-cross-node bytes over the mean).
+cross-node bytes over the mean). Where the call also timed the 2-node plan on its one node's links
+(``layer_plan2nodes_<G>gpu.json``, ``run_gpu_layer.sh`` ``LAYOUTS=plan2nodes``), LocMoE's cost across 2 nodes
+comes from that run instead of the one-node run plus the two-stage plan's host figure.
 
 Dispatch runs (``bench_dispatch.py``, ``overlap_2x<R>_socket*.json``): each 2-node row is predicted from the
 one-node run's time of the same system (``overlap_1x<G>.json``), the two-stage plan's host cost, and the
@@ -208,6 +210,24 @@ def dispatch_two_stage_ms(roots, topk: int) -> float | None:
     return got if got is not None else two_stage_under(DEFAULT_ROOT, topk)
 
 
+def plan2nodes_results(run_dir: str, gpus: int) -> dict | None:
+    """The call's run of the 2-node plan on one node's links (``run_gpu_layer.sh`` ``LAYOUTS=plan2nodes``:
+    ``layer_plan2nodes_<G>gpu.json``), or None."""
+    path = os.path.join(run_dir, f"layer_plan2nodes_{gpus}gpu.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def plan2nodes_fixed_ms(plan2: dict, name: str) -> float | None:
+    """LocMoE's fixed cost per layer across 2 nodes from the 2-node plan timed on one node's links: the row
+    ``name`` (or the first LocMoE row, as :func:`calibration_from_layer_results` picks it) less the model's GEMM
+    and payload terms at that run's own links; None where that run has no LocMoE row."""
+    got = calibration_from_layer_results(plan2, fixed_from=name).fixed_ms_multi_node.get("locmoe")
+    return None if got is None else float(got)
+
+
 def row_calibration(one: dict, name: str, bw: float, two_stage: float | None):
     """The one-node calibration with ``name``'s own row setting its fixed cost (the GrAP and dense rows share
     the "locmoe" key and differ in router cost)."""
@@ -253,6 +273,9 @@ def predict_run(roots, root: str, run_dir: str, one: dict, two: dict) -> list[di
     two_stage = own_two_stage if own_two_stage is not None else dispatch_two_stage_ms(roots, m["topk"])
     model = ModelSpec(hidden=m["hidden"], ffn=m["ffn"], experts=m["experts"], topk=m["topk"],
                       tokens_per_rank=m["tokens_per_rank"], dtype=m["dtype"], swiglu=False)
+    plan2 = plan2nodes_results(run_dir, m2["ranks"]) if m2["nodes"] == 2 else None
+    if plan2 is not None and plan2["meta"].get("gpus_per_node") != m2["gpus_per_node"]:
+        plan2 = None  # another split of the GPUs: not this layout's plan
     for name, system in SYSTEMS.items():
         v = two["systems"].get(name)
         if v is None or "ms" not in v or "ms" not in one["systems"].get(name, {}):
@@ -260,6 +283,11 @@ def predict_run(roots, root: str, run_dir: str, one: dict, two: dict) -> list[di
         if name == "locmoe_ds" and v.get("overlap") is not True:
             continue
         cal = row_calibration(one, name, bw, two_stage)
+        source, extra = ("own call" if own_two_stage is not None else "other runs"), two_stage
+        multi = plan2nodes_fixed_ms(plan2, name) if plan2 is not None and name.startswith("locmoe") else None
+        if multi is not None:  # LocMoE across 2 nodes: its plan's own cost on this call's one-node links
+            cal = replace(cal, fixed_ms_multi_node={**cal.fixed_ms_multi_node, "locmoe": multi})
+            source, extra = "2-node plan on one node", multi - cal.fixed_ms.get("locmoe", 0.0)
         u_x = busiest_inter_ratio(v, bw, m2["ranks"])
         # rows: only where both layouts record them (old one-node runs fold the busiest rank's rows into
         # the calibrated GEMM rate)
@@ -282,8 +310,8 @@ def predict_run(roots, root: str, run_dir: str, one: dict, two: dict) -> list[di
                          "layout": f"{m2['nodes']}x{m2['gpus_per_node']}", "latency_us": link["latency_us"],
                          "system": name, "share": v["cross_node_share"], "imbalance": u, "inter_imbalance": u_x,
                          "duplex": dup, "variant": label, "link_GBps": bw,
-                         "two_stage_ms": two_stage if name.startswith("locmoe") else 0.0,
-                         "two_stage_source": "own call" if own_two_stage is not None else "other runs",
+                         "two_stage_ms": extra if name.startswith("locmoe") else 0.0,
+                         "two_stage_source": source,
                          "one_node_ms": one["systems"][name]["ms"], "measured_ms": v["ms"],
                          "predicted_ms": t.layer_ms, "error": t.layer_ms / v["ms"] - 1})
     return rows

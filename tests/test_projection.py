@@ -608,3 +608,33 @@ def test_validation_checks_the_dispatch_format_term_on_native_fp8_pairs(tmp_path
     r = RoutingSpec(cross_node_share=0.2)
     native, coded = predict_layer("locmoe_hier", cl, m, r), predict_layer("locmoe_hier", cl, replace(m, dispatch_format="fp8"), r)
     assert rows[0]["predicted_ms"] == pytest.approx(native.step_ms - coded.step_ms) and rows[0]["predicted_ms"] > 0
+
+
+def test_validation_takes_locmoe_across_2_nodes_from_its_2_node_plan_on_one_node(tmp_path):
+    """Where a call timed the 2-node plan on its one node's links (run_gpu_layer.sh LAYOUTS=plan2nodes), LocMoE's
+    cost across 2 nodes comes from that run, not from the one-node run plus the two-stage figure."""
+    import shutil
+
+    mod = _validate_projection()
+    run = tmp_path / "call"
+    shutil.copytree("benchmarks/results/2026-11-28_h100x4_3df8f58_validation/fast", run)
+    before = {r["system"]: r for r in mod.validate([str(run)]) if r["variant"] == "model"}
+    assert before["locmoe_dense"]["two_stage_source"] == "own call"
+    plan2 = json.loads((run / "layer_1node_4gpu.json").read_text())  # stands for a run with 5 ms more host work
+    plan2["meta"].update(nodes=2, gpus_per_node=2, inter_node_bw_GBps=150.0)
+    plan2["meta"].pop("inter_node_link", None)
+    plan2["systems"]["locmoe_dense"]["ms"] += 5.0
+    (run / "layer_plan2nodes_4gpu.json").write_text(json.dumps(plan2))
+    after = {r["system"]: r for r in mod.validate([str(run)]) if r["variant"] == "model"}
+    dense = after["locmoe_dense"]
+    assert dense["two_stage_source"] == "2-node plan on one node"
+    assert dense["predicted_ms"] - before["locmoe_dense"]["predicted_ms"] == pytest.approx(
+        dense["two_stage_ms"] - before["locmoe_dense"]["two_stage_ms"])
+    assert after["mcore_alltoall"] == before["mcore_alltoall"]  # only LocMoE's plan differs across nodes
+    plan2["systems"]["locmoe_dense"]["ms"] += 3.0  # 3 ms more in that run: 3 ms more across nodes
+    (run / "layer_plan2nodes_4gpu.json").write_text(json.dumps(plan2))
+    more = {r["system"]: r for r in mod.validate([str(run)]) if r["variant"] == "model"}["locmoe_dense"]
+    assert more["predicted_ms"] - dense["predicted_ms"] == pytest.approx(3.0)
+    plan2["meta"]["gpus_per_node"] = 1  # another split of the GPUs is not this layout's plan
+    (run / "layer_plan2nodes_4gpu.json").write_text(json.dumps(plan2))
+    assert [r for r in mod.validate([str(run)]) if r["variant"] == "model"] == list(before.values())
