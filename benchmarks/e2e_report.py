@@ -177,15 +177,13 @@ def write_calibrations(rows: list[dict], folder: str, two_stage_ms: float | None
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-    from locmoe_plugin.projection.e2e_calibration import E2E_SYSTEMS, calibration_from_e2e_results
+    from locmoe_plugin.projection.e2e_calibration import calibrated_rows, calibration_from_e2e_results
 
     os.makedirs(folder, exist_ok=True)
     paths = []
-    for layout in dict.fromkeys(r["layout"] for r in rows):
-        mine = [r for r in rows if r["layout"] == layout and variant(r) == r["system"] and r["system"] in E2E_SYSTEMS]
-        if not mine:
-            continue
-        cal = calibration_from_e2e_results(mine, two_stage_ms=two_stage_ms)
+    usable = calibrated_rows(rows)
+    for layout in dict.fromkeys(r["layout"] for r in usable):
+        cal = calibration_from_e2e_results([r for r in usable if r["layout"] == layout], two_stage_ms=two_stage_ms)
         path = os.path.join(folder, f"calibration_{layout}.json")
         with open(path, "w") as f:
             json.dump(cal.to_dict(), f, indent=2)

@@ -45,6 +45,11 @@ PAIRS_SYSTEMS = ("mcore_alltoall", "mcore_grouplimited", "deepspeed_moe")
 MOE_PHASES = ("router", "dispatch", "experts", "combine")
 
 
+def calibrated_rows(rows: list[dict]) -> list[dict]:
+    """The results a calibration reads: plain variants (``variant == system``) of :data:`E2E_SYSTEMS`."""
+    return [r for r in rows if r.get("variant", r["system"]) == r["system"] and r["system"] in E2E_SYSTEMS]
+
+
 def _per_layer(row: dict, phases) -> float:
     b, layers = row["breakdown_ms"], row["model"]["num_layers"]
     return sum(b["forward"].get(p, 0.0) + b["backward"].get(p, 0.0) for p in phases) / layers
@@ -69,7 +74,7 @@ def calibration_from_e2e_results(rows: list[dict], two_stage_ms: float | None = 
     from .cost import predict_layer
     from .workload import ModelSpec, RoutingSpec
 
-    rows = [r for r in rows if r.get("variant", r["system"]) == r["system"] and r["system"] in E2E_SYSTEMS]
+    rows = calibrated_rows(rows)
     layouts = {r["layout"] for r in rows}
     if len(layouts) != 1:
         raise ConfigError(f"an end-to-end calibration takes one layout's results, got {sorted(layouts) or 'none'}: "
